@@ -1,0 +1,195 @@
+"""Load checkpoints into meta-built modules one tensor at a time, cast straight to the target dtype.
+
+An upstream expert is ~57 GB of fp32 on disk. Reading a whole shard and casting afterwards would hold
+fp32 copies in RAM; here each tensor is read, converted and placed before the next one is read, so the
+peak stays near the model's size in the target dtype (see bench/ for the measured figures).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .convert import FP8_MARKER, FP8_SCALE_SUFFIX, KeyMap, dequantize_fp8
+from .errors import CheckpointError
+
+TensorGetter = Callable[[], torch.Tensor]
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build modules with parameters on the meta device (no allocation, no random init of 14B weights).
+
+    Buffers stay real: diffusers computes RoPE tables as non-persistent buffers in __init__.
+    """
+    original = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def safetensors_files(folder_or_file: Path) -> List[Path]:
+    """The shards of a checkpoint: one file, or every *.safetensors in a folder (index order if present)."""
+    path = Path(folder_or_file)
+    if path.is_file():
+        return [path]
+    index = sorted(path.glob("*.safetensors.index.json"))
+    if index:
+        try:
+            weight_map = json.loads(index[0].read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{index[0]}: unreadable shard index ({exc})") from exc
+        shards = [path / name for name in dict.fromkeys(weight_map.values())]
+        missing = [str(s) for s in shards if not s.is_file()]
+        if missing:
+            raise CheckpointError(f"{index[0]} names shards that are missing: {', '.join(missing)}")
+        return shards
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{path}: no .safetensors files")
+    return shards
+
+
+def iter_safetensors(files: List[Path]) -> Iterator[Tuple[str, TensorGetter]]:
+    """Yield (key, lazy getter) for every tensor, shard by shard; only one tensor is read at a time."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+            keys = list(handle.keys())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
+        with handle:
+            for key in keys:
+                def get(key=key, handle=handle, file=file):
+                    try:
+                        return handle.get_tensor(key)
+                    except Exception as exc:  # truncated data surfaces here on some versions
+                        raise CheckpointError(f"{file}: tensor {key} unreadable ({exc})") from exc
+                yield key, get
+
+
+def safetensors_keys(files: List[Path]) -> List[str]:
+    from safetensors import SafetensorError, safe_open
+
+    keys = []
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                keys.extend(handle.keys())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
+    return keys
+
+
+def load_pth_state_dict(file: Path) -> Dict[str, torch.Tensor]:
+    """torch.load with mmap (pages come in on demand) and weights_only (no code from the file)."""
+    try:
+        state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not a loadable torch checkpoint ({exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: not a state dict (expected a mapping of names to tensors, got {type(state).__name__})")
+    return state
+
+
+def iter_state_dict(state: Dict[str, torch.Tensor]) -> Iterator[Tuple[str, TensorGetter]]:
+    for key in list(state):
+        yield key, (lambda key=key: state[key])
+
+
+def _parameter_owners(model: nn.Module) -> Dict[str, List[Tuple[nn.Module, str]]]:
+    """Every (module, attribute) holding each parameter: tied weights are set in all their owners."""
+    by_identity: Dict[int, List[Tuple[nn.Module, str]]] = collections.defaultdict(list)
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                by_identity[id(param)].append((module, name))
+        for name, buf in module._buffers.items():
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                by_identity[id(buf)].append((module, name))
+    owners = {}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(tensor) in by_identity:
+            owners[name] = by_identity[id(tensor)]
+    return owners
+
+
+def fill_module(
+    model: nn.Module,
+    tensors: Iterator[Tuple[str, TensorGetter]],
+    key_map: KeyMap,
+    dtype: Optional[torch.dtype],
+    device: torch.device | str,
+    source: str,
+    ignore: Callable[[str], bool] = lambda key: False,
+    fp8_scales: Optional[Dict[str, TensorGetter]] = None,
+) -> nn.Module:
+    """Place every tensor of `tensors` into the meta-built `model` under its mapped name.
+
+    Raises CheckpointError naming `source` when a tensor has the wrong shape or a parameter stays unfilled.
+    `dtype=None` keeps each tensor's stored dtype (fp8 weights are always dequantized).
+    """
+    owners = _parameter_owners(model)
+    filled = set()
+    unexpected = []
+    for key, get in tensors:
+        if ignore(key):
+            continue
+        target = key_map(key)
+        if target is None or target not in owners:
+            unexpected.append(key)
+            continue
+        module, attr = owners[target][0]
+        current = getattr(module, attr)
+        tensor = get()
+        if tuple(tensor.shape) != tuple(current.shape):
+            raise CheckpointError(
+                f"{source}: tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(current.shape)} for {target}"
+            )
+        if tensor.dtype == torch.float8_e4m3fn or tensor.dtype == torch.float8_e5m2:
+            scale = fp8_scales.get(key[: -len(".weight")] + FP8_SCALE_SUFFIX) if fp8_scales and key.endswith(".weight") else None
+            tensor = dequantize_fp8(tensor, scale() if scale else None)
+        target_dtype = dtype if (dtype is not None and tensor.is_floating_point()) else None
+        if target_dtype is None and tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            target_dtype = torch.float32
+        value = tensor.to(device=device, dtype=target_dtype) if target_dtype else tensor.to(device=device)
+        del tensor
+        for owner, name in owners[target]:
+            if isinstance(getattr(owner, name), nn.Parameter):
+                owner._parameters[name] = nn.Parameter(value, requires_grad=False)
+            else:
+                owner._buffers[name] = value
+        filled.add(target)
+    missing = sorted(set(owners) - filled)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        extra = f"; it holds unexpected keys such as {', '.join(unexpected[:5])}" if unexpected else ""
+        raise CheckpointError(f"{source}: {len(missing)} model tensors not found in the checkpoint: {shown}{extra}")
+    return model.eval().requires_grad_(False)
+
+
+def fp8_scale_getters(tensors: Dict[str, TensorGetter]) -> Dict[str, TensorGetter]:
+    return {k: g for k, g in tensors.items() if k.endswith(FP8_SCALE_SUFFIX)}
+
+
+def is_fp8_aux_key(key: str) -> bool:
+    return key == FP8_MARKER or key.endswith(FP8_SCALE_SUFFIX) or key.endswith(".scale_input")
