@@ -1,0 +1,311 @@
+"""Getting the reference image from an untrusted request, safely.
+
+- URL: http/https only; the host must resolve to public addresses (loopback, private, link-local such as the
+  169.254.169.254 metadata service are refused unless listed in WAN_URL_ALLOW_HOSTS); the connection is pinned
+  to the checked address (no DNS rebinding, via the runpod SDK's PinnedIPAdapter); redirects are followed by
+  hand, at most WAN_URL_MAX_REDIRECTS, each target checked again; the body is capped at WAN_MAX_IMAGE_MB and
+  the whole download at WAN_URL_TIMEOUT_S seconds.
+- base64 (optionally a data: URI): the encoded length is capped before decoding.
+- path: only under WAN_INPUT_ROOTS, after resolving symlinks and `..` (realpath), a regular file, capped size.
+Whatever the source, the bytes must decode as an image of an allowed format (PNG, JPEG, WEBP, BMP, GIF,
+TIFF: never EPS and the like, which PIL would hand to external programs) with at most WAN_MAX_IMAGE_PIXELS
+pixels. The worker then sends ComfyUI a PNG it encoded itself.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import ipaddress
+import os
+import re
+import socket
+import stat
+import threading
+import time
+from typing import List, Optional, Sequence
+from urllib.parse import urljoin, urlparse
+
+from .errors import RequestError
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+REDIRECTS = (301, 302, 303, 307, 308)
+_EXTRA_BLOCKED = [ipaddress.ip_network("100.64.0.0/10")]
+
+
+@dataclasses.dataclass
+class CheckedImage:
+    png: bytes          # what the worker uploads to ComfyUI
+    width: int
+    height: int
+    format: str         # the format the source bytes had
+    source_bytes: int
+
+
+# --------------------------------------------------------------------------------------------- decode
+def check_image(data: bytes, field: str, max_pixels: int) -> CheckedImage:
+    """Decode `data` as an image (allowed formats only, bounded pixel count) and re-encode it as RGB PNG."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+    except UnidentifiedImageError:
+        raise RequestError(field, f"is not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the input's fault
+        raise RequestError(field, f"could not be read as an image: {exc}") from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise RequestError(field, "is an empty image")
+    if width * height > max_pixels:
+        raise RequestError(field, f"is {width}x{height} = {width * height} pixels; the limit is {max_pixels} (WAN_MAX_IMAGE_PIXELS)")
+    fmt = img.format or "?"
+    try:
+        img.seek(0)
+        img.load()
+        rgb = img.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise RequestError(field, f"is too large to decode safely: {exc}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise RequestError(field, f"is a damaged or truncated {fmt} image: {exc}") from None
+    out = io.BytesIO()
+    rgb.save(out, format="PNG")
+    return CheckedImage(png=out.getvalue(), width=width, height=height, format=fmt, source_bytes=len(data))
+
+
+# --------------------------------------------------------------------------------------------- base64
+_DATA_URI = re.compile(r"data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
+
+
+def decode_base64(value: str, field: str, max_bytes: int) -> bytes:
+    text = value.strip()
+    match = _DATA_URI.match(text)
+    if match:
+        text = text[match.end():]
+    max_chars = (max_bytes + 2) // 3 * 4 + 4096  # allow whitespace / line breaks
+    if len(text) > max_chars:
+        raise RequestError(field, f"is {len(text)} base64 characters (about {len(text) * 3 // 4} bytes); the limit is {max_bytes} bytes (WAN_MAX_IMAGE_MB)")
+    text = re.sub(r"\s+", "", text)
+    if not text:
+        raise RequestError(field, "is empty")
+    try:
+        # accept the URL-safe alphabet too; validate=True refuses stray characters
+        if "-" in text or "_" in text:
+            text = text.replace("-", "+").replace("_", "/")
+        data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError(field, f"is not valid base64: {exc}") from None
+    if len(data) > max_bytes:
+        raise RequestError(field, f"decodes to {len(data)} bytes; the limit is {max_bytes} (WAN_MAX_IMAGE_MB)")
+    return data
+
+
+# --------------------------------------------------------------------------------------------- path
+def read_under_roots(path: str, field: str, roots: Sequence[str], max_bytes: int) -> bytes:
+    """Read a file only if its real path (symlinks and `..` resolved) lies under one of `roots`."""
+    if not isinstance(path, str) or not path:
+        raise RequestError(field, "must be an absolute path")
+    if "\x00" in path:
+        raise RequestError(field, "contains a NUL character")
+    if not os.path.isabs(path):
+        raise RequestError(field, f"must be an absolute path under {':'.join(roots)} (WAN_INPUT_ROOTS), got {path!r}")
+    real = os.path.realpath(path)
+    real_roots = [os.path.realpath(r) for r in roots if r]
+    if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in real_roots):
+        raise RequestError(field, f"{path!r} is outside the allowed input folders {':'.join(roots)} (WAN_INPUT_ROOTS); symlinks and '..' are resolved first")
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise RequestError(field, f"{path!r} does not exist") from None
+    except OSError as exc:
+        raise RequestError(field, f"{path!r} cannot be opened: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RequestError(field, f"{path!r} is not a regular file")
+        if st.st_size > max_bytes:
+            raise RequestError(field, f"{path!r} is {st.st_size} bytes; the limit is {max_bytes} (WAN_MAX_IMAGE_MB)")
+        chunks: List[bytes] = []
+        total = 0
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > max_bytes:
+                raise RequestError(field, f"{path!r} is larger than {max_bytes} bytes (WAN_MAX_IMAGE_MB)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------- URL
+def is_public_address(ip: str) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        address = mapped
+    if any(address in net for net in _EXTRA_BLOCKED if address.version == net.version):
+        return False
+    if (address.is_private or address.is_loopback or address.is_link_local or address.is_reserved
+            or address.is_multicast or address.is_unspecified):
+        return False
+    return address.is_global
+
+
+def _host_allowed(host: str, port: int, allow_hosts: Sequence[str]) -> bool:
+    host = host.lower().strip("[]")
+    return host in allow_hosts or f"{host}:{port}" in allow_hosts
+
+
+def _resolve(host: str, port: int, field: str, allow_hosts: Sequence[str]) -> List[str]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise RequestError(field, f"host {host!r} could not be resolved: {exc}") from None
+    ips: List[str] = []
+    for info in infos:
+        if info[4][0] not in ips:
+            ips.append(info[4][0])
+    if not ips:
+        raise RequestError(field, f"host {host!r} resolved to no address")
+    if not _host_allowed(host, port, allow_hosts):
+        for ip in ips:
+            if not is_public_address(ip):
+                raise RequestError(field, f"host {host!r} resolves to the non-public address {ip}; only public hosts are fetched (WAN_URL_ALLOW_HOSTS lists exceptions)")
+    return ips
+
+
+def check_url_syntax(url: str, field: str) -> None:
+    if not isinstance(url, str) or not url:
+        raise RequestError(field, "must be an http or https URL")
+    if len(url) > 8192:
+        raise RequestError(field, f"is {len(url)} characters long; the limit is 8192")
+    parsed = urlparse(url)
+    if parsed.scheme.lower() not in ("http", "https"):
+        raise RequestError(field, f"scheme {parsed.scheme or '(none)'!r} is not allowed: only http and https URLs are fetched")
+    if not parsed.hostname:
+        raise RequestError(field, f"URL {url!r} has no host")
+
+
+def fetch_url(url: str, field: str, *, max_bytes: int, timeout_s: float, max_redirects: int,
+              allow_hosts: Sequence[str] = ()) -> bytes:
+    """GET `url` with the protections listed in the module docstring; return the body."""
+    import requests
+    from runpod.serverless.utils.rp_ssrf import PinnedIPAdapter
+
+    deadline = time.monotonic() + timeout_s
+    current = url
+    for hop in range(max_redirects + 1):
+        where = field if hop == 0 else f"{field} (redirect {hop} to {current})"
+        check_url_syntax(current, where)
+        parsed = urlparse(current)
+        port = parsed.port or (443 if parsed.scheme.lower() == "https" else 80)
+        ips = _resolve(parsed.hostname or "", port, where, allow_hosts)
+        response = None
+        session = None
+        last_error: Optional[Exception] = None
+        for ip in ips:
+            session = requests.Session()
+            session.trust_env = False  # no proxy: the pinned address is what gets dialed
+            adapter = PinnedIPAdapter(ip)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                session.close()
+                raise RequestError(field, f"download took longer than {timeout_s:g} s (WAN_URL_TIMEOUT_S)")
+            try:
+                response = session.get(current, allow_redirects=False, stream=True, timeout=(min(left, 10.0), left),
+                                       headers={"User-Agent": "wan22-runpod-worker", "Accept": "image/*"})
+                break
+            except requests.ConnectionError as exc:
+                session.close()
+                last_error = exc
+            except requests.Timeout:
+                session.close()
+                raise RequestError(field, f"download took longer than {timeout_s:g} s (WAN_URL_TIMEOUT_S)") from None
+            except requests.RequestException as exc:
+                session.close()
+                raise RequestError(where, f"could not be fetched: {exc}") from None
+        if response is None:
+            raise RequestError(where, f"could not connect: {last_error}")
+        try:
+            if response.status_code in REDIRECTS:
+                location = response.headers.get("Location")
+                if not location:
+                    raise RequestError(where, f"redirect ({response.status_code}) without a Location header")
+                current = urljoin(current, location)
+                continue
+            if response.status_code != 200:
+                raise RequestError(where, f"answered HTTP {response.status_code} {response.reason or ''}".rstrip())
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise RequestError(field, f"is {int(declared)} bytes; the limit is {max_bytes} (WAN_MAX_IMAGE_MB)")
+            return _read_capped(response, field, max_bytes, deadline, timeout_s)
+        finally:
+            response.close()
+            if session is not None:
+                session.close()
+    raise RequestError(field, f"more than {max_redirects} redirects (WAN_URL_MAX_REDIRECTS)")
+
+
+def _read_capped(response, field: str, max_bytes: int, deadline: float, timeout_s: float) -> bytes:
+    """Read the body with a byte cap; a watchdog closes the connection at the deadline (slow servers)."""
+    timed_out = threading.Event()
+
+    def expire() -> None:
+        timed_out.set()
+        try:
+            response.raw._fp.close()  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            response.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), expire)
+    timer.daemon = True
+    timer.start()
+    chunks: List[bytes] = []
+    total = 0
+    try:
+        for chunk in response.iter_content(chunk_size=65536):
+            if timed_out.is_set():
+                break
+            total += len(chunk)
+            if total > max_bytes:
+                raise RequestError(field, f"is larger than {max_bytes} bytes (WAN_MAX_IMAGE_MB)")
+            chunks.append(chunk)
+    except RequestError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if timed_out.is_set():
+            raise RequestError(field, f"download took longer than {timeout_s:g} s (WAN_URL_TIMEOUT_S)") from None
+        raise RequestError(field, f"download failed: {exc}") from None
+    finally:
+        timer.cancel()
+    if timed_out.is_set():
+        raise RequestError(field, f"download took longer than {timeout_s:g} s (WAN_URL_TIMEOUT_S)")
+    return b"".join(chunks)
+
+
+# --------------------------------------------------------------------------------------------- entry
+def load_reference_image(kind: str, value: str, field: str, cfg) -> CheckedImage:
+    """kind is url | base64 | path (validation.ImageSource); cfg is a config.WorkerConfig."""
+    if kind == "url":
+        check_url_syntax(value, field)
+        data = fetch_url(value, field, max_bytes=cfg.max_image_bytes, timeout_s=cfg.url_timeout_s,
+                         max_redirects=cfg.url_max_redirects, allow_hosts=cfg.url_allow_hosts)
+    elif kind == "base64":
+        data = decode_base64(value, field, cfg.max_image_bytes)
+    elif kind == "path":
+        data = read_under_roots(value, field, cfg.input_roots, cfg.max_image_bytes)
+    else:  # pragma: no cover
+        raise RequestError(field, f"unknown image source {kind!r}")
+    return check_image(data, field, cfg.max_image_pixels)

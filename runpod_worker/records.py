@@ -1,0 +1,135 @@
+"""Where outputs go and the small JSON record kept beside each video.
+
+`$WAN_OUTPUT_DIR/<request_id>.mp4` and `$WAN_OUTPUT_DIR/<request_id>.json`. The record is written atomically
+(temp file in the same folder, fsync, rename) so a `status` call from another worker never reads half a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from .errors import RequestError
+from .validation import validate_request_id
+
+STATUSES = ("IN_QUEUE", "RUNNING", "COMPLETED", "FAILED")
+SAVE_PART_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def record_path(output_dir: Path, request_id: str) -> Path:
+    return Path(output_dir) / f"{validate_request_id(request_id)}.json"
+
+
+def default_video_path(output_dir: Path, request_id: str) -> Path:
+    return Path(output_dir) / f"{validate_request_id(request_id)}.mp4"
+
+
+def _inside(path: str, folder: str) -> bool:
+    folder = folder.rstrip(os.sep)
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def resolve_save_file(output_dir: Path, save_file: Optional[str], request_id: str, field: str = "params.save_file") -> Path:
+    """The MP4 path for a request. `save_file` may only name a `.mp4` inside the output folder.
+
+    Accepted: a relative name (``clip.mp4``, ``day1/clip.mp4``) or an absolute path that lies in the output folder
+    (the seed's wrapper set ``/workspace/outputs/<request_id>.mp4`` itself). Refused: anything that leaves the
+    folder (``..``, symlinks), hidden names, other extensions, and a file that already exists (another request's
+    video) unless it is this request's own default path.
+    """
+    out = Path(output_dir)
+    default = default_video_path(out, request_id)
+    if save_file is None:
+        return default
+    if "\x00" in save_file or len(save_file) > 1024:
+        raise RequestError(field, "is not a usable file name")
+    real_out = os.path.realpath(out)
+    if os.path.isabs(save_file):
+        candidate = os.path.normpath(save_file)
+        # accept paths spelled with the configured folder or its real path
+        for base in (os.path.normpath(str(out)), real_out):
+            if _inside(candidate, base) and candidate != base:
+                rel = os.path.relpath(candidate, base)
+                break
+        else:
+            raise RequestError(field, f"{save_file!r} is outside the output folder {out} (WAN_OUTPUT_DIR); give a name inside it")
+    else:
+        rel = save_file
+    parts = rel.replace("\\", "/").split("/")
+    if len(parts) > 4 or any(not SAVE_PART_RE.fullmatch(p) or ".." in p for p in parts):
+        raise RequestError(field, f"{save_file!r} is not a plain name inside the output folder (letters, digits, '.', '_', '-'; up to 3 subfolders; no '..')")
+    if not parts[-1].lower().endswith(".mp4"):
+        raise RequestError(field, f"{save_file!r} must end in .mp4")
+    target = out.joinpath(*parts)
+    real_target = os.path.realpath(target)
+    if not _inside(real_target, real_out):
+        raise RequestError(field, f"{save_file!r} resolves outside the output folder {out} (symlink?)")
+    if os.path.realpath(default) != real_target and os.path.lexists(target):
+        raise RequestError(field, f"{save_file!r} already exists in the output folder; choose a new name")
+    return target
+
+
+def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, sort_keys=False, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_record(output_dir: Path, request_id: str) -> Optional[Dict[str, Any]]:
+    path = record_path(output_dir, request_id)
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"the record {path} cannot be read: {exc}") from exc
+    return data if isinstance(data, dict) else None
+
+
+class Record:
+    """The JSON record of one request, rewritten atomically on every change."""
+
+    def __init__(self, output_dir: Path, request_id: str, kind: str, params: Dict[str, Any], output_path: Optional[Path]):
+        self.path = record_path(output_dir, request_id)
+        now = time.time()
+        self.data: Dict[str, Any] = {
+            "request_id": request_id,
+            "kind": kind,
+            "status": "IN_QUEUE",
+            "output_path": str(output_path) if output_path else None,
+            "seed": None,
+            "frames": None,
+            "width": None,
+            "height": None,
+            "fps": None,
+            "timings": {},
+            "warnings": [],
+            "error": None,
+            "progress": None,
+            "params": params,
+            "created_at": now,
+            "updated_at": now,
+        }
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.data["updated_at"] = time.time()
+        write_json_atomic(self.path, self.data)
