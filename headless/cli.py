@@ -1,0 +1,351 @@
+"""wan22-i2v: run the Wan2.2 I2V-A14B ComfyUI workflow headless and collect the MP4.
+
+Exit codes:
+  0    success (with --batch: every job succeeded)
+  2    bad input: parameter out of range, unknown parameter/node/input, unreadable workflow or image,
+       workflow rejected by the server's validation
+  3    server unreachable (or --start-server could not start ComfyUI)
+  4    generation error: a node failed on the server, or no video in the outputs
+  5    timeout (--timeout)
+  130  interrupted (Ctrl-C / SIGTERM): the server's job is interrupted first
+With --batch, a failed job does not stop the others; the exit code is that of the first failed job
+(3 and 130 stop the batch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, TextIO
+
+from .client import ComfyClient, Progress, default_server_url
+from .errors import HeadlessError, ServerUnreachable
+from .params import ParamError
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_GENERATION, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 130
+
+# CLI dest -> the seed's parameter name (headless.params canonical names or aliases)
+PARAM_FLAGS = {
+    "image": "image", "prompt": "prompt", "negative_prompt": "negative_prompt", "size": "size", "seed": "seed",
+    "frame_num": "frame_num", "sample_solver": "sample_solver", "sample_steps": "sample_steps",
+    "sample_guide_scale": "sample_guide_scale", "guide_scale_low": "guide_scale_low",
+    "guide_scale_high": "guide_scale_high", "sample_shift": "sample_shift", "boundary": "boundary",
+    "offload_model": "offload_model", "t5_cpu": "t5_cpu", "convert_model_dtype": "convert_model_dtype",
+    "dtype": "dtype", "model_path": "model_path", "fps": "fps", "filename_prefix": "filename_prefix",
+}
+JOB_ONLY_KEYS = ("out", "workflow", "set")
+
+
+class ProgressBar:
+    """A one-line progress bar with step i/n and ETA on stderr (plain lines when not a terminal)."""
+
+    def __init__(self, stream: TextIO = sys.stderr, width: int = 28, label: str = ""):
+        self.stream = stream
+        self.width = width
+        self.label = label
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self._key = None
+        self._t0 = None
+        self._v0 = 0
+        self._last_line = 0.0
+        self._open = False
+
+    def __call__(self, ev: Progress) -> None:
+        now = time.monotonic()
+        key = (ev.node, ev.max)
+        if key != self._key or ev.value < self._v0:
+            self._key, self._t0, self._v0 = key, now, ev.value - 1 if ev.value > 0 else 0
+        total = max(ev.max, 1)
+        done = min(max(ev.value, 0), total)
+        filled = int(self.width * done / total)
+        bar = "#" * filled + "-" * (self.width - filled)
+        rate_steps = done - self._v0
+        eta = "--:--"
+        if rate_steps > 0 and self._t0 is not None and now > self._t0:
+            eta = _fmt_secs((now - self._t0) / rate_steps * (total - done))
+        line = f"{self.label}[{bar}] step {done}/{total} ETA {eta}"
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+            self._open = True
+            if done >= total:
+                self.stream.write("\n")
+                self._open = False
+        elif done >= total or now - self._last_line >= 2.0 or done == 1:
+            self._last_line = now
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
+
+
+def _fmt_secs(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def _bool_flag(parser, *names, help):
+    parser.add_argument(*names, nargs="?", const="true", default=None, metavar="BOOL",
+                        help=help + " (flag alone = true; or give true/false)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wan22-i2v",
+        description="Run the Wan2.2 I2V-A14B image-to-video workflow on a ComfyUI server and save the MP4.",
+        epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("generation (the seed's parameters; omitted ones keep the workflow's upstream defaults)")
+    g.add_argument("--image", help="input image: a path or an http(s) URL")
+    g.add_argument("--prompt")
+    g.add_argument("--negative-prompt")
+    g.add_argument("--size", help="area as W*H, e.g. 1280*720 (the image gives the aspect ratio)")
+    g.add_argument("--seed", "--base-seed", dest="seed", help="-1 = random (the seed used is reported)")
+    g.add_argument("--frame-num", "--num-frames", dest="frame_num", help="4n+1, e.g. 81")
+    g.add_argument("--sample-solver", choices=("unipc", "dpm++"))
+    g.add_argument("--sample-steps")
+    g.add_argument("--sample-guide-scale", "--cfg-scale", "--guidance-scale", dest="sample_guide_scale",
+                   help="guidance for both experts")
+    g.add_argument("--guide-scale-low", help="guidance of the low-noise expert")
+    g.add_argument("--guide-scale-high", help="guidance of the high-noise expert")
+    g.add_argument("--sample-shift")
+    g.add_argument("--boundary", help="switch to the low-noise expert below this timestep fraction (0.9)")
+    _bool_flag(g, "--offload-model", help="offload models to CPU between uses")
+    _bool_flag(g, "--t5-cpu", help="run the text encoder on the CPU")
+    _bool_flag(g, "--convert-model-dtype", help="convert model weights to --dtype")
+    g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"))
+    g.add_argument("--model-path", help="model folder on the server (default: its WAN_CKPT_DIR)")
+    g.add_argument("--fps")
+    g.add_argument("--filename-prefix")
+    w = p.add_argument_group("workflow and output")
+    w.add_argument("--workflow", help="workflow JSON, API or UI format (default: the shipped API workflow)")
+    w.add_argument("--set", action="append", default=[], metavar="NODE_OR_TITLE.input=VALUE",
+                   help="override any node input (repeatable); node by class type, title or id")
+    w.add_argument("--out", help="output MP4 path (with --batch: a folder); default: the server's file name here")
+    w.add_argument("--batch", metavar="FILE.jsonl", help="one job per line (same keys as the parameters, plus "
+                   "out, workflow, set); the flags above are defaults for every job")
+    s = p.add_argument_group("server")
+    s.add_argument("--server", default=None, help="ComfyUI URL (default $COMFYUI_URL, else http://127.0.0.1:8188)")
+    s.add_argument("--start-server", action="store_true",
+                   help="start ComfyUI ($COMFYUI_DIR, else the copy `make setup` prepared) with this node pack, "
+                        "wait until it answers, stop it at the end")
+    s.add_argument("--comfyui-dir", help="ComfyUI folder for --start-server (default $COMFYUI_DIR or .comfyui)")
+    s.add_argument("--models-dir", help="WAN_CKPT_DIR for --start-server (default: inherited $WAN_CKPT_DIR)")
+    s.add_argument("--gpu", action="store_true", help="with --start-server: do not pass --cpu to ComfyUI")
+    s.add_argument("--timeout", type=float, default=None, help="overall seconds per job (default: none)")
+    o = p.add_argument_group("reporting")
+    o.add_argument("--json", action="store_true", help="print the result as JSON on stdout (one line per job)")
+    o.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages on stderr")
+    return p
+
+
+def _params_from_args(args) -> Dict[str, Any]:
+    params = {}
+    for dest, name in PARAM_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            params[name] = value
+    return params
+
+
+def _status(args, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _error_code(exc: BaseException) -> int:
+    if isinstance(exc, (KeyboardInterrupt,)):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, (ParamError, ValueError)) and not isinstance(exc, HeadlessError):
+        return EXIT_BAD_INPUT
+    if isinstance(exc, HeadlessError):
+        return exc.exit_code
+    return EXIT_GENERATION
+
+
+def _describe_error(exc: BaseException) -> str:
+    if isinstance(exc, ParamError):
+        return f"bad parameter {exc}"
+    return str(exc) or type(exc).__name__
+
+
+def _run_job(args, client: ComfyClient, params: Dict[str, Any], workflow, out, overrides, label="") -> Dict[str, Any]:
+    from .run import run
+
+    bar = None if args.quiet else ProgressBar(sys.stderr, label=label)
+    try:
+        result = run(params, server=client, workflow=workflow, out=out, on_progress=bar, timeout=args.timeout,
+                     overrides=overrides)
+    finally:
+        if bar is not None:
+            bar.close()
+    for w in result.warnings:
+        _status(args, f"warning: {w}")
+    return result.to_dict()
+
+
+def _load_batch(path: str) -> List[Any]:
+    jobs = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ParamError("batch", f"cannot read {path}: {exc}") from None
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            job = json.loads(text)
+        except ValueError as exc:
+            job = ParamError("batch", f"line {number} is not JSON: {exc}")
+        if not isinstance(job, (dict, ParamError)):
+            job = ParamError("batch", f"line {number} is not a JSON object")
+        jobs.append((number, job))
+    return jobs
+
+
+def _emit(args, record: Dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(record, sort_keys=True), flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def _sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, _sigterm)
+    except (ValueError, OSError):
+        pass
+
+    server = None
+    try:
+        if args.start_server:
+            from .server import ServerStartError, start_comfyui
+
+            _status(args, "starting ComfyUI...")
+            try:
+                server = start_comfyui(args.comfyui_dir, models_dir=args.models_dir, cpu=not args.gpu)
+            except ServerStartError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_UNREACHABLE
+            url = server.url
+            _status(args, f"ComfyUI ready at {url} (log {server.log_path})")
+        else:
+            url = args.server or default_server_url()
+        client = ComfyClient(url)
+        if not client.ping():
+            print(f"error: ComfyUI server not reachable at {client.base_url} (start one, pass --server URL, "
+                  f"or use --start-server)", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        if args.batch:
+            return _main_batch(args, client)
+        return _main_single(args, client)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _main_single(args, client: ComfyClient) -> int:
+    params = _params_from_args(args)
+    try:
+        record = _run_job(args, client, params, args.workflow, args.out, args.set)
+    except KeyboardInterrupt:
+        print("interrupted: the server's job was interrupted", file=sys.stderr)
+        _emit(args, {"ok": False, "exit_code": EXIT_INTERRUPTED, "error": "interrupted"})
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - every error becomes an exit code
+        code = _error_code(exc)
+        print(f"error: {_describe_error(exc)}", file=sys.stderr)
+        _emit(args, {"ok": False, "exit_code": code, "error": _describe_error(exc)})
+        return code
+    record = {"ok": True, **record}
+    if args.json:
+        _emit(args, record)
+    else:
+        _status(args, f"wrote {record['output_path']} ({record['frames']} frames, {record['width']}x{record['height']}, "
+                      f"seed {record['seed']}, {record['seconds']:.1f}s)")
+        if args.quiet:
+            print(record["output_path"])
+    return EXIT_OK
+
+
+def _main_batch(args, client: ComfyClient) -> int:
+    try:
+        jobs = _load_batch(args.batch)
+    except ParamError as exc:
+        print(f"error: {_describe_error(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    defaults = _params_from_args(args)
+    first_failure = EXIT_OK
+    total = len(jobs)
+    ok_count = 0
+    for index, (line, job) in enumerate(jobs, 1):
+        label = f"[{index}/{total}] "
+        started = time.monotonic()
+        try:
+            if isinstance(job, Exception):
+                raise job
+            job = dict(job)
+            out = job.pop("out", None)
+            workflow = job.pop("workflow", None) or args.workflow
+            overrides = list(args.set) + list(_as_list(job.pop("set", [])))
+            if out is None and args.out:
+                out = str(Path(args.out)) + os.sep
+            params = {**defaults, **job}
+            record = _run_job(args, client, params, workflow, out, overrides, label=label)
+            ok_count += 1
+            summary = (f"{label}ok line {line}: {record['output_path']} seed={record['seed']} "
+                       f"frames={record['frames']} {record['seconds']:.1f}s")
+            record = {"ok": True, "job": index, "line": line, **record}
+        except KeyboardInterrupt:
+            print(f"{label}interrupted; stopping the batch", file=sys.stderr)
+            _emit(args, {"ok": False, "job": index, "line": line, "exit_code": EXIT_INTERRUPTED, "error": "interrupted"})
+            return EXIT_INTERRUPTED
+        except Exception as exc:  # noqa: BLE001
+            code = _error_code(exc)
+            if first_failure == EXIT_OK:
+                first_failure = code
+            message = _describe_error(exc).replace("\n", " | ")
+            summary = f"{label}FAILED line {line} (exit {code}): {message}"
+            record = {"ok": False, "job": index, "line": line, "exit_code": code, "error": _describe_error(exc),
+                      "seconds": round(time.monotonic() - started, 3)}
+            if isinstance(exc, ServerUnreachable):
+                _emit(args, record)
+                print(summary, file=sys.stderr)
+                return code
+        if args.json:
+            _emit(args, record)
+        else:
+            print(summary, flush=True)
+    if not args.json:
+        print(f"batch: {ok_count}/{total} jobs succeeded", flush=True)
+    return first_failure
+
+
+def _as_list(value) -> List[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in value.items()]
+    return [str(v) for v in value]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

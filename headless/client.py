@@ -1,0 +1,496 @@
+"""HTTP + websocket client for a ComfyUI server (no torch import; the RunPod worker reuses it).
+
+Facts about the server it relies on (ComfyUI ``server.py`` / ``execution.py``):
+
+* ``POST /prompt {prompt, client_id}`` -> ``{prompt_id, number, node_errors}``; 400 with ``{error, node_errors}``
+  when validation fails. An unknown ``class_type`` makes the 2024 server answer 500, so :meth:`queue_prompt`
+  checks node types against ``/object_info`` first.
+* Websocket ``/ws?clientId=ID`` events go only to the socket whose id matches the prompt's ``client_id``:
+  ``execution_start``, ``execution_cached``, ``executing`` (``node: null`` = finished, sent by the 2024 server
+  even after an error), ``progress``, ``executed``, ``execution_success`` (newer servers),
+  ``execution_error``, ``execution_interrupted``. Binary frames are previews and are skipped.
+* ``GET /history/{id}`` is ``{}`` until the prompt is done; it is the source of truth for the outcome.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from urllib.parse import urlencode, urlsplit
+
+import requests
+
+from .errors import (ExecutionFailed, ExecutionInterrupted, OutputMissing, PromptRejected, ServerUnreachable,
+                     WaitTimeout, WorkflowError)
+
+__all__ = ["ComfyClient", "Progress", "format_node_errors", "DEFAULT_SERVER"]
+
+DEFAULT_SERVER = "http://127.0.0.1:8188"
+TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
+
+
+@dataclass
+class Progress:
+    """One websocket ``progress`` event (``value`` of ``max`` steps of node ``node``)."""
+
+    value: int
+    max: int
+    node: Optional[str]
+    prompt_id: Optional[str]
+
+
+def default_server_url() -> str:
+    return os.environ.get("COMFYUI_URL") or DEFAULT_SERVER
+
+
+def normalize_url(url: str) -> str:
+    url = (url or "").strip()
+    if not url:
+        url = default_server_url()
+    if "://" not in url:
+        url = "http://" + url
+    return url.rstrip("/")
+
+
+def format_node_errors(node_errors: Any, prompt: Optional[dict] = None) -> List[str]:
+    """One readable line per bad input from ``/prompt``'s ``node_errors``."""
+    lines: List[str] = []
+    if not isinstance(node_errors, dict):
+        return lines
+    for node_id, entry in node_errors.items():
+        entry = entry or {}
+        class_type = entry.get("class_type") or (prompt or {}).get(node_id, {}).get("class_type", "?")
+        title = ((prompt or {}).get(node_id, {}).get("_meta") or {}).get("title")
+        where = f"node {node_id} ({class_type}" + (f" '{title}'" if title and title != class_type else "") + ")"
+        for err in entry.get("errors") or []:
+            extra = err.get("extra_info") or {}
+            name = extra.get("input_name")
+            msg = err.get("message") or err.get("type") or "error"
+            details = err.get("details") or ""
+            line = f"{where} input '{name}': {msg}" if name else f"{where}: {msg}"
+            if details and details not in line:
+                line += f" ({details})"
+            lines.append(line)
+    return lines
+
+
+class ComfyClient:
+    """Talks to one ComfyUI server.
+
+    ``timeout`` is the per-request HTTP timeout in seconds; :meth:`wait` takes its own overall timeout.
+    """
+
+    def __init__(self, base_url: Optional[str] = None, client_id: Optional[str] = None, timeout: float = 30.0,
+                 session: Optional[requests.Session] = None):
+        self.base_url = normalize_url(base_url or default_server_url())
+        self.client_id = client_id or uuid.uuid4().hex
+        self.timeout = timeout
+        self.session = session or requests.Session()
+        self._ws = None
+        self._ws_lock = threading.Lock()
+        self._object_info: Optional[dict] = None
+        self.last_cached_nodes: List[str] = []
+        self.ws_reconnects = 0
+        self.history_polls = 0
+
+    # ------------------------------------------------------------------ HTTP
+    def _request(self, method: str, path: str, *, timeout: Optional[float] = None, **kwargs) -> requests.Response:
+        url = self.base_url + path
+        read_timeout = timeout or self.timeout
+        try:
+            return self.session.request(method, url, timeout=(min(5.0, read_timeout), read_timeout), **kwargs)
+        except requests.exceptions.ConnectionError as exc:
+            raise ServerUnreachable(f"ComfyUI server not reachable at {self.base_url} ({_short(exc)})") from exc
+        except requests.exceptions.Timeout as exc:
+            raise ServerUnreachable(f"ComfyUI server at {self.base_url} did not answer {method} {path} "
+                                    f"within {timeout or self.timeout:g}s") from exc
+
+    def _json(self, method: str, path: str, **kwargs) -> Any:
+        resp = self._request(method, path, **kwargs)
+        if resp.status_code >= 400:
+            raise ServerUnreachable(f"{method} {path} on {self.base_url} answered HTTP {resp.status_code}: "
+                                    f"{resp.text[:300]}") if resp.status_code >= 500 else \
+                WorkflowError(f"{method} {path} answered HTTP {resp.status_code}: {resp.text[:300]}")
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise ServerUnreachable(f"{method} {path} on {self.base_url} did not answer JSON "
+                                    f"(is this a ComfyUI server?): {resp.text[:200]!r}") from exc
+
+    def system_stats(self) -> dict:
+        return self._json("GET", "/system_stats")
+
+    def ping(self, timeout: float = 3.0) -> bool:
+        try:
+            self._json("GET", "/system_stats", timeout=timeout)
+            return True
+        except ServerUnreachable:
+            return False
+
+    def object_info(self, refresh: bool = False) -> dict:
+        if self._object_info is None or refresh:
+            self._object_info = self._json("GET", "/object_info", timeout=max(self.timeout, 60))
+        return self._object_info
+
+    def queue(self) -> dict:
+        return self._json("GET", "/queue")
+
+    def history(self, prompt_id: str) -> Optional[dict]:
+        """The history entry of ``prompt_id`` or None while it is not finished."""
+        data = self._json("GET", f"/history/{prompt_id}")
+        if isinstance(data, dict) and prompt_id in data:
+            return data[prompt_id]
+        return None
+
+    def interrupt(self) -> None:
+        """Stop the prompt that is running now (ComfyUI has one global interrupt)."""
+        self._request("POST", "/interrupt", timeout=10)
+
+    def cancel(self, prompt_id: str) -> None:
+        """Remove ``prompt_id`` from the queue if pending, or interrupt it if it is the running one."""
+        try:
+            q = self.queue()
+        except Exception:
+            q = {}
+        running = [item[1] for item in q.get("queue_running", []) if len(item) > 1]
+        pending = [item[1] for item in q.get("queue_pending", []) if len(item) > 1]
+        if prompt_id in pending:
+            self._request("POST", "/queue", json={"delete": [prompt_id]}, timeout=10)
+        if prompt_id in running or not q:
+            self.interrupt()
+
+    def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
+        self._request("POST", "/free", json={"unload_models": unload_models, "free_memory": free_memory})
+
+    def upload_image(self, image: Union[str, os.PathLike, bytes], name: Optional[str] = None,
+                     overwrite: bool = True, subfolder: str = "") -> str:
+        """Upload to the server's input folder; returns the name to put into ``LoadImage.image``."""
+        if isinstance(image, (bytes, bytearray)):
+            data = bytes(image)
+            name = name or f"wan22_{uuid.uuid4().hex[:12]}.png"
+        else:
+            path = Path(image)
+            data = path.read_bytes()
+            name = name or path.name
+        files = {"image": (name, data, "application/octet-stream")}
+        form = {"overwrite": "true" if overwrite else "false", "type": "input"}
+        if subfolder:
+            form["subfolder"] = subfolder
+        result = self._json("POST", "/upload/image", files=files, data=form, timeout=max(self.timeout, 120))
+        uploaded = result.get("name", name)
+        sub = result.get("subfolder") or ""
+        return f"{sub}/{uploaded}" if sub else uploaded
+
+    def view(self, filename: str, subfolder: str = "", type: str = "output") -> requests.Response:
+        query = urlencode({"filename": filename, "subfolder": subfolder or "", "type": type or "output"})
+        resp = self._request("GET", f"/view?{query}", stream=True, timeout=max(self.timeout, 120))
+        if resp.status_code != 200:
+            raise OutputMissing(f"GET /view for {subfolder + '/' if subfolder else ''}{filename} "
+                                f"({type}) answered HTTP {resp.status_code}")
+        return resp
+
+    def download(self, filename: str, subfolder: str = "", type: str = "output",
+                 dest: Union[str, os.PathLike, None] = None) -> Path:
+        """Download an output file via ``/view`` to ``dest`` atomically (temp file + rename)."""
+        dest = Path(dest) if dest else Path.cwd() / filename
+        if dest.is_dir():
+            dest = dest / filename
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        resp = self.view(filename, subfolder, type)
+        fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".part", dir=str(dest.parent))
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                for chunk in resp.iter_content(1 << 20):
+                    if chunk:
+                        fh.write(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return dest
+
+    # ------------------------------------------------------------- websocket
+    def _ws_url(self) -> str:
+        parts = urlsplit(self.base_url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        path = parts.path.rstrip("/") + "/ws"
+        return f"{scheme}://{parts.netloc}{path}?clientId={self.client_id}"
+
+    def connect(self, timeout: float = 10.0) -> bool:
+        """Open the websocket (before queueing, so no event is missed). Returns False if it cannot."""
+        import websocket  # websocket-client
+
+        with self._ws_lock:
+            if self._ws is not None:
+                return True
+            try:
+                ws = websocket.create_connection(self._ws_url(), timeout=timeout)
+            except Exception:
+                return False
+            self._ws = ws
+            return True
+
+    def close(self) -> None:
+        with self._ws_lock:
+            ws, self._ws = self._ws, None
+        if ws is not None:
+            try:
+                ws.close()
+            except Exception:
+                pass
+
+    def drop_websocket(self) -> None:
+        """Cut the websocket abruptly, as a proxy would (used by tests; :meth:`wait` recovers)."""
+        ws = self._ws
+        if ws is not None and getattr(ws, "sock", None) is not None:
+            import socket as _socket
+            try:
+                ws.sock.shutdown(_socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "ComfyClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- prompts
+    def check_node_types(self, prompt: dict) -> None:
+        """Raise WorkflowError naming every node whose class_type the server does not have."""
+        info = self.object_info()
+        missing = []
+        for node_id, node in prompt.items():
+            if not isinstance(node, dict) or "class_type" not in node:
+                raise WorkflowError(f"node {node_id!r} is not an API-format node (no class_type)")
+            if node["class_type"] not in info:
+                title = (node.get("_meta") or {}).get("title")
+                missing.append(f"node {node_id} ('{title}')" if title else f"node {node_id}")
+                missing[-1] += f" uses unknown node type '{node['class_type']}'"
+        if missing:
+            raise WorkflowError(
+                "the server does not know these node types (custom node pack not installed or failed to "
+                "import; see the server log):\n" + "\n".join("  " + m for m in missing))
+
+    def queue_prompt(self, prompt: dict, extra_data: Optional[dict] = None, check_types: bool = True) -> str:
+        """Queue an API-format prompt with this client's id; returns the prompt_id.
+
+        Raises :class:`PromptRejected` with one line per bad input when the server refuses it.
+        """
+        if check_types:
+            self.check_node_types(prompt)
+        self.connect()
+        body = {"prompt": prompt, "client_id": self.client_id}
+        if extra_data:
+            body["extra_data"] = extra_data
+        resp = self._request("POST", "/prompt", json=body)
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if resp.status_code == 200 and isinstance(data, dict) and data.get("prompt_id"):
+            self.last_node_errors = data.get("node_errors") or {}
+            return data["prompt_id"]
+        if isinstance(data, dict) and ("error" in data or "node_errors" in data):
+            error = data.get("error")
+            if isinstance(error, dict):
+                message = error.get("message") or error.get("type") or "prompt rejected"
+                details = error.get("details")
+            else:
+                message, details = str(error or "prompt rejected"), ""
+            lines = format_node_errors(data.get("node_errors"), prompt)
+            if not lines and details:
+                lines = [line for line in str(details).splitlines() if line.strip()]
+            raise PromptRejected(f"the server rejected the workflow: {message}", lines, data)
+        raise PromptRejected(f"POST /prompt answered HTTP {resp.status_code}: {resp.text[:300]}")
+
+    def wait(self, prompt_id: str, on_progress: Optional[Callable[[Progress], None]] = None,
+             timeout: Optional[float] = None, poll_interval: float = 1.0,
+             on_event: Optional[Callable[[str, dict], None]] = None) -> dict:
+        """Wait until ``prompt_id`` finishes; return its ``/history`` entry.
+
+        Follows the websocket (progress, executing node:null, execution_success/error/interrupted/cached);
+        while the socket is down it polls ``/history`` and tries to reconnect. Raises ExecutionFailed,
+        ExecutionInterrupted or WaitTimeout.
+        """
+        import websocket  # websocket-client
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_poll = 0.0
+        last_connect_try = time.monotonic()
+        last_ping = time.monotonic()
+        hint_at: Optional[float] = None  # when a terminal event for our prompt arrived
+        missing_polls = 0
+        error_event: Optional[dict] = None
+        interrupted_event: Optional[dict] = None
+
+        def remaining() -> Optional[float]:
+            return None if deadline is None else deadline - time.monotonic()
+
+        while True:
+            rem = remaining()
+            if rem is not None and rem <= 0:
+                raise WaitTimeout(f"prompt {prompt_id} did not finish within {timeout:g}s")
+            now = time.monotonic()
+            ws = self._ws
+            # poll history: after a terminal event, always while the socket is down, and now and then as a safety net
+            if hint_at is not None or ws is None or now - last_poll >= 10.0:
+                last_poll = now
+                self.history_polls += 1
+                entry = self.history(prompt_id)
+                if entry is not None:
+                    return self._outcome(prompt_id, entry, error_event, interrupted_event)
+                if hint_at is not None:
+                    if now - hint_at < 10.0:
+                        time.sleep(0.1)
+                        continue
+                    hint_at = None
+                if not self._in_queue(prompt_id):
+                    missing_polls += 1
+                    if missing_polls >= 3:
+                        raise ExecutionFailed(f"prompt {prompt_id} is neither queued nor in the history "
+                                              f"(deleted from the queue, or the server restarted)", prompt_id=prompt_id)
+                else:
+                    missing_polls = 0
+            if ws is None:
+                if now - last_connect_try >= 2.0:
+                    last_connect_try = now
+                    if self.connect(timeout=5.0):
+                        self.ws_reconnects += 1
+                        continue
+                time.sleep(min(poll_interval, max(rem, 0.05)) if rem is not None else poll_interval)
+                last_poll = 0.0  # poll again next round
+                continue
+            try:
+                ws.settimeout(min(1.0, max(rem, 0.05)) if rem is not None else 1.0)
+                if time.monotonic() - last_ping > 20.0:
+                    last_ping = time.monotonic()
+                    ws.ping()
+                raw = ws.recv()
+            except websocket.WebSocketTimeoutException:
+                continue
+            except Exception:
+                # dropped (proxy, restart, test): fall back to polling and reconnect
+                with self._ws_lock:
+                    if self._ws is ws:
+                        self._ws = None
+                try:
+                    ws.close()
+                except Exception:
+                    pass
+                last_connect_try = time.monotonic() - 1.0
+                continue
+            if not isinstance(raw, str):
+                continue  # binary preview frame
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                continue
+            kind = msg.get("type")
+            data = msg.get("data") or {}
+            if not isinstance(data, dict):
+                continue
+            pid = data.get("prompt_id")
+            if pid is not None and pid != prompt_id:
+                continue
+            if on_event is not None:
+                on_event(kind, data)
+            if kind == "progress":
+                if on_progress is not None:
+                    on_progress(Progress(int(data.get("value", 0)), int(data.get("max", 0) or 0),
+                                         data.get("node"), pid))
+            elif kind == "execution_cached":
+                self.last_cached_nodes = list(data.get("nodes") or [])
+            elif kind == "executing":
+                if data.get("node") is None and pid == prompt_id:
+                    hint_at = time.monotonic()
+            elif kind in TERMINAL_EVENTS and pid == prompt_id:
+                if kind == "execution_error":
+                    error_event = data
+                elif kind == "execution_interrupted":
+                    interrupted_event = data
+                hint_at = time.monotonic()
+
+    def _in_queue(self, prompt_id: str) -> bool:
+        try:
+            q = self.queue()
+        except Exception:
+            return True
+        for key in ("queue_running", "queue_pending"):
+            for item in q.get(key, []) or []:
+                if isinstance(item, (list, tuple)) and len(item) > 1 and item[1] == prompt_id:
+                    return True
+        return False
+
+    def _outcome(self, prompt_id: str, entry: dict, error_event: Optional[dict],
+                 interrupted_event: Optional[dict]) -> dict:
+        status = entry.get("status") or {}
+        messages = status.get("messages") or []
+        for item in messages:
+            if isinstance(item, (list, tuple)) and len(item) == 2:
+                if item[0] == "execution_error" and error_event is None:
+                    error_event = item[1]
+                elif item[0] == "execution_interrupted" and interrupted_event is None:
+                    interrupted_event = item[1]
+        status_str = status.get("status_str")
+        if interrupted_event is not None:
+            node = interrupted_event.get("node_type") or interrupted_event.get("node_id")
+            raise ExecutionInterrupted(f"prompt {prompt_id} was interrupted" + (f" in {node}" if node else ""),
+                                       prompt_id=prompt_id)
+        if error_event is not None or status_str == "error":
+            ev = error_event or {}
+            node_type = ev.get("node_type")
+            node_id = ev.get("node_id")
+            msg = ev.get("exception_message") or "the server reported an error"
+            where = f"node {node_id} ({node_type})" if node_id else "the server"
+            exc_type = ev.get("exception_type")
+            raise ExecutionFailed(f"{where} failed: {exc_type + ': ' if exc_type else ''}{str(msg).strip()}",
+                                  node_id=node_id, node_type=node_type, exception_type=exc_type,
+                                  traceback=ev.get("traceback"), prompt_id=prompt_id)
+        return entry
+
+    def run_prompt(self, prompt: dict, on_progress=None, timeout: Optional[float] = None) -> tuple:
+        """queue + wait; returns (prompt_id, history entry)."""
+        prompt_id = self.queue_prompt(prompt)
+        return prompt_id, self.wait(prompt_id, on_progress=on_progress, timeout=timeout)
+
+
+def output_files(entry: dict) -> List[dict]:
+    """Every file listed in a history entry's outputs: dicts with node, key, filename, subfolder, type, animated."""
+    found = []
+    for node_id, out in (entry.get("outputs") or {}).items():
+        if not isinstance(out, dict):
+            continue
+        animated = out.get("animated")
+        for key in ("images", "gifs", "videos", "video", "files"):
+            items = out.get(key)
+            if not isinstance(items, list):
+                continue
+            for i, item in enumerate(items):
+                if isinstance(item, dict) and item.get("filename"):
+                    anim = bool(animated[i]) if isinstance(animated, list) and i < len(animated) else False
+                    found.append({"node": node_id, "key": key, "filename": item["filename"],
+                                  "subfolder": item.get("subfolder", ""), "type": item.get("type", "output"),
+                                  "animated": anim or key != "images"})
+    return found
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    if "Connection refused" in text or "Errno 111" in text:
+        return "connection refused"
+    if "Name or service not known" in text or "nodename nor servname" in text:
+        return "unknown host"
+    return text[:160]

@@ -1,0 +1,363 @@
+"""Load ComfyUI workflows (API or UI format), find nodes by role, fill in parameters (no torch).
+
+Roles are class types or titles, never numeric ids: a user may rebuild the graph, and the code still finds
+``Wan22ImageToVideo`` (or a node titled so).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from .errors import WorkflowError
+
+__all__ = ["load_workflow", "is_ui_workflow", "ui_to_api", "find_nodes", "find_node", "apply_params",
+           "apply_overrides", "parse_set", "default_workflow_path", "PARAM_TARGETS", "ROLE_LOADER",
+           "ROLE_TEXT", "ROLE_I2V", "ROLE_SAVE", "ROLE_IMAGE", "ROLE_CORE_IMAGE"]
+
+ROLE_LOADER = "Wan22ModelLoader"
+ROLE_TEXT = "Wan22TextEncode"
+ROLE_I2V = "Wan22ImageToVideo"
+ROLE_SAVE = "Wan22SaveVideo"
+ROLE_IMAGE = "Wan22LoadImage"
+ROLE_CORE_IMAGE = "LoadImage"
+
+# canonical parameter (headless.params) -> (node role, input name)   per docs/design.md
+PARAM_TARGETS: Dict[str, Tuple[str, str]] = {
+    "prompt": (ROLE_TEXT, "prompt"),
+    "negative_prompt": (ROLE_TEXT, "negative_prompt"),
+    "size": (ROLE_I2V, "size"),
+    "frame_num": (ROLE_I2V, "frame_num"),
+    "sample_steps": (ROLE_I2V, "sample_steps"),
+    "guide_scale_low": (ROLE_I2V, "guide_scale_low"),
+    "guide_scale_high": (ROLE_I2V, "guide_scale_high"),
+    "sample_shift": (ROLE_I2V, "sample_shift"),
+    "sample_solver": (ROLE_I2V, "sample_solver"),
+    "seed": (ROLE_I2V, "seed"),
+    "boundary": (ROLE_I2V, "boundary"),
+    "offload_model": (ROLE_LOADER, "offload_model"),
+    "t5_cpu": (ROLE_LOADER, "t5_cpu"),
+    "convert_model_dtype": (ROLE_LOADER, "convert_model_dtype"),
+    "dtype": (ROLE_LOADER, "dtype"),
+    "model_path": (ROLE_LOADER, "model_path"),
+    "model_set": (ROLE_LOADER, "model_set"),
+    "fps": (ROLE_SAVE, "fps"),
+    "filename_prefix": (ROLE_SAVE, "filename_prefix"),
+}
+
+SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+VIRTUAL_NODES = ("Note", "MarkdownNote", "PrimitiveNode", "Reroute")
+API_WORKFLOW_NAME = "wan22_i2v_a14b_api.json"
+
+
+def default_workflow_path() -> Path:
+    """``$WAN22_WORKFLOW``, else the shipped API workflow next to this package (repository checkout)."""
+    env = os.environ.get("WAN22_WORKFLOW")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "workflows" / API_WORKFLOW_NAME, here / "workflows" / API_WORKFLOW_NAME):
+        if candidate.is_file():
+            return candidate
+    return here.parent / "workflows" / API_WORKFLOW_NAME
+
+
+def is_ui_workflow(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data
+
+
+def is_api_workflow(data: Any) -> bool:
+    return isinstance(data, dict) and bool(data) and all(
+        isinstance(v, dict) and "class_type" in v for v in data.values())
+
+
+def load_workflow(source: Union[str, os.PathLike, dict, None] = None, object_info: Optional[dict] = None,
+                  object_info_fn=None) -> dict:
+    """Return an API-format workflow (a deep copy). UI-format input is converted with ``object_info``
+    (or ``object_info_fn()`` called only when needed)."""
+    if source is None:
+        source = default_workflow_path()
+    if isinstance(source, dict):
+        data = copy.deepcopy(source)
+        where = "workflow"
+    else:
+        path = Path(source)
+        where = str(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise WorkflowError(f"workflow file not found: {path}") from None
+        except (OSError, ValueError) as exc:
+            raise WorkflowError(f"cannot read workflow {path}: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and is_api_workflow(data["prompt"]):
+        data = data["prompt"]  # a saved /prompt body
+    if is_api_workflow(data):
+        return {str(k): v for k, v in data.items()}
+    if is_ui_workflow(data):
+        if object_info is None and object_info_fn is not None:
+            object_info = object_info_fn()
+        if object_info is None:
+            raise WorkflowError(f"{where} is a UI-format workflow; converting it needs the server's /object_info")
+        return ui_to_api(data, object_info)
+    raise WorkflowError(f"{where} is neither an API-format workflow ({{id: {{class_type, inputs}}}}) nor a "
+                        f"UI-format workflow ({{nodes, links}})")
+
+
+# ----------------------------------------------------------------------- UI -> API
+def _input_order(spec: dict) -> List[Tuple[str, Any]]:
+    order = []
+    for section in ("required", "optional"):
+        for name, value in ((spec.get("input") or {}).get(section) or {}).items():
+            order.append((name, value))
+    if spec.get("input_order"):
+        wanted = [n for sec in ("required", "optional") for n in (spec["input_order"].get(sec) or [])]
+        lookup = dict(order)
+        order = [(n, lookup[n]) for n in wanted if n in lookup] + [(n, v) for n, v in order if n not in wanted]
+    return order
+
+
+def _is_widget(value: Any) -> bool:
+    if not isinstance(value, (list, tuple)) or not value:
+        return False
+    kind = value[0]
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def _has_control(name: str, value: Any) -> bool:
+    opts = value[1] if isinstance(value, (list, tuple)) and len(value) > 1 and isinstance(value[1], dict) else {}
+    if opts.get("control_after_generate"):
+        return True
+    return value[0] == "INT" and name in ("seed", "noise_seed")
+
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    """Convert a graph-editor workflow to API format, as the frontend's graphToPrompt does:
+    widget values mapped to inputs in declaration order (skipping the control_after_generate value that
+    follows seed-like widgets), links turned into ``[node_id, slot]``, Reroute nodes followed, muted
+    nodes dropped and bypassed nodes passed through."""
+    nodes = {n["id"]: n for n in ui.get("nodes", []) if isinstance(n, dict) and "id" in n}
+    links: Dict[Any, Tuple[Any, int]] = {}
+    for link in ui.get("links") or []:
+        if isinstance(link, dict):
+            links[link.get("id")] = (link.get("origin_id"), link.get("origin_slot"))
+        elif isinstance(link, (list, tuple)) and len(link) >= 5:
+            links[link[0]] = (link[1], link[2])
+    unknown = sorted({n.get("type") for n in nodes.values()
+                      if n.get("type") not in object_info and n.get("type") not in VIRTUAL_NODES
+                      and n.get("mode", 0) not in (2, 4)})
+    if unknown:
+        raise WorkflowError("the UI workflow uses node types the server does not know: " + ", ".join(map(str, unknown))
+                            + " (custom node pack missing or failed to import?)")
+
+    def resolve(link_id, depth=0):
+        """Follow a link back through Reroute and bypassed nodes to a real output."""
+        if depth > 64 or link_id not in links:
+            return None
+        origin, slot = links[link_id]
+        node = nodes.get(origin)
+        if node is None:
+            return None
+        if node.get("type") == "Reroute" or node.get("mode") == 4:
+            wanted_type = None
+            outs = node.get("outputs") or []
+            if slot is not None and slot < len(outs):
+                wanted_type = outs[slot].get("type")
+            for inp in node.get("inputs") or []:
+                if inp.get("link") is not None and (node.get("type") == "Reroute" or inp.get("type") == wanted_type):
+                    return resolve(inp["link"], depth + 1)
+            return None
+        if node.get("mode") == 2:
+            return None
+        return [str(origin), slot]
+
+    api: Dict[str, dict] = {}
+    for node_id, node in sorted(nodes.items(), key=lambda kv: str(kv[0])):
+        kind = node.get("type")
+        if kind in VIRTUAL_NODES or node.get("mode") in (2, 4):
+            continue
+        spec = object_info[kind]
+        linked = {}
+        for inp in node.get("inputs") or []:
+            if inp.get("link") is not None:
+                target = resolve(inp["link"])
+                if target is not None:
+                    linked[inp["name"]] = target
+        values = node.get("widgets_values")
+        inputs: Dict[str, Any] = {}
+        if isinstance(values, dict):
+            for name, value in _input_order(spec):
+                if name in values and _is_widget(value):
+                    inputs[name] = values[name]
+        else:
+            values = list(values or [])
+            pos = 0
+            for name, value in _input_order(spec):
+                if not _is_widget(value):
+                    continue
+                if pos >= len(values):
+                    break
+                inputs[name] = values[pos]
+                pos += 1
+                if _has_control(name, value) and pos < len(values) and values[pos] in SEED_CONTROL_VALUES:
+                    pos += 1
+        inputs.update(linked)
+        entry = {"class_type": kind, "inputs": inputs}
+        title = node.get("title") or spec.get("display_name") or kind
+        entry["_meta"] = {"title": title}
+        api[str(node_id)] = entry
+    if not api:
+        raise WorkflowError("the UI workflow has no executable nodes")
+    return api
+
+
+# ---------------------------------------------------------------------- roles
+def _title(node: dict) -> str:
+    return str((node.get("_meta") or {}).get("title") or "")
+
+
+def find_nodes(workflow: dict, role: str) -> List[str]:
+    """Node ids whose class_type or ``_meta.title`` equals ``role`` (case-insensitive), or the id itself.
+    Exact class_type matches come first."""
+    role_l = role.strip().lower()
+    by_class = [nid for nid, n in workflow.items() if str(n.get("class_type", "")).lower() == role_l]
+    by_title = [nid for nid, n in workflow.items() if _title(n).lower() == role_l and nid not in by_class]
+    by_id = [nid for nid in workflow if nid == role.strip() and nid not in by_class and nid not in by_title]
+    return by_class + by_title + by_id
+
+
+def find_node(workflow: dict, role: str, required: bool = True) -> Optional[str]:
+    ids = find_nodes(workflow, role)
+    if not ids:
+        if required:
+            raise WorkflowError(f"the workflow has no node '{role}' (nodes: {describe_nodes(workflow)})")
+        return None
+    return ids[0]
+
+
+def describe_nodes(workflow: dict) -> str:
+    parts = []
+    for nid, n in workflow.items():
+        title = _title(n)
+        kind = n.get("class_type")
+        parts.append(f"{nid}:{kind}" + (f" '{title}'" if title and title != kind else ""))
+    return ", ".join(parts)
+
+
+def _known_inputs(workflow: dict, node_id: str, object_info: Optional[dict]) -> List[str]:
+    names = list((workflow[node_id].get("inputs") or {}).keys())
+    spec = (object_info or {}).get(workflow[node_id].get("class_type"))
+    if spec:
+        for name, _ in _input_order(spec):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def set_input(workflow: dict, role: str, name: str, value: Any, object_info: Optional[dict] = None,
+              all_matches: bool = True) -> List[str]:
+    """Set ``name`` on every node matching ``role``; raises WorkflowError naming valid inputs if unknown."""
+    ids = find_nodes(workflow, role)
+    if not ids:
+        raise WorkflowError(f"no node '{role}' in the workflow (nodes: {describe_nodes(workflow)})")
+    if not all_matches:
+        ids = ids[:1]
+    for nid in ids:
+        known = _known_inputs(workflow, nid, object_info)
+        if name not in known:
+            raise WorkflowError(f"node {nid} ({workflow[nid].get('class_type')}) has no input '{name}' "
+                                f"(inputs: {', '.join(known) or 'none'})")
+        current = workflow[nid].setdefault("inputs", {}).get(name)
+        if isinstance(current, list) and len(current) == 2 and isinstance(current[0], str) and not isinstance(value, list):
+            # it was a link; an explicit value replaces it
+            pass
+        workflow[nid]["inputs"][name] = value
+    return ids
+
+
+def apply_params(workflow: dict, params: Dict[str, Any], object_info: Optional[dict] = None) -> dict:
+    """Fill canonical parameters (headless.params) into the nodes of docs/design.md, in place; returns it.
+
+    ``image``/``image_base64`` are not handled here (they need an upload or the Wan22LoadImage node; see
+    :func:`headless.run.prepare_image`). Raises WorkflowError when a parameter's node is missing.
+    """
+    for key, value in params.items():
+        if key in ("image", "image_base64"):
+            continue
+        target = PARAM_TARGETS.get(key)
+        if target is None:
+            raise WorkflowError(f"no workflow input for parameter '{key}' (known: {', '.join(sorted(PARAM_TARGETS))})")
+        role, name = target
+        if not find_nodes(workflow, role):
+            raise WorkflowError(f"parameter '{key}' goes to a {role} node, and the workflow has none "
+                                f"(nodes: {describe_nodes(workflow)})")
+        set_input(workflow, role, name, value, object_info)
+    return workflow
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _convert(text: str, spec_type: Any, where: str) -> Any:
+    """Turn a --set value into the input's declared type (STRING/COMBO keep the text as written)."""
+    if spec_type == "STRING" or isinstance(spec_type, list):
+        return text
+    if spec_type == "INT":
+        try:
+            return int(text)
+        except ValueError:
+            raise WorkflowError(f"--set {where}: {text!r} is not an integer") from None
+    if spec_type == "FLOAT":
+        try:
+            return float(text)
+        except ValueError:
+            raise WorkflowError(f"--set {where}: {text!r} is not a number") from None
+    if spec_type == "BOOLEAN":
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise WorkflowError(f"--set {where}: {text!r} is not true/false")
+    return _parse_value(text)
+
+
+def parse_set(expr: str) -> Tuple[str, str, str]:
+    """``'NODE_OR_TITLE.input=VALUE'`` -> (role, input, raw value text)."""
+    if "=" not in expr:
+        raise WorkflowError(f"--set {expr!r}: expected NODE_OR_TITLE.input=VALUE")
+    target, value = expr.split("=", 1)
+    if "." not in target:
+        raise WorkflowError(f"--set {expr!r}: expected NODE_OR_TITLE.input=VALUE (no '.' before '=')")
+    role, name = target.rsplit(".", 1)
+    if not role.strip() or not name.strip():
+        raise WorkflowError(f"--set {expr!r}: empty node or input name")
+    return role.strip(), name.strip(), value
+
+
+def apply_overrides(workflow: dict, overrides: Iterable[Union[str, Tuple[str, str, Any]]],
+                    object_info: Optional[dict] = None) -> dict:
+    """Apply ``--set`` overrides in order. A string value is converted to the input's declared type
+    (from ``object_info``; without it, JSON if it parses, else text)."""
+    for item in overrides or ():
+        role, name, value = parse_set(item) if isinstance(item, str) else item
+        if isinstance(value, str):
+            spec_type = None
+            ids = find_nodes(workflow, role)
+            if ids and object_info:
+                spec = object_info.get(workflow[ids[0]].get("class_type")) or {}
+                for n, v in _input_order(spec):
+                    if n == name and isinstance(v, (list, tuple)) and v:
+                        spec_type = v[0]
+            if spec_type is None and ids:
+                current = (workflow[ids[0]].get("inputs") or {}).get(name)
+                spec_type = {str: "STRING", bool: "BOOLEAN", int: "INT", float: "FLOAT"}.get(type(current))
+            value = _convert(value, spec_type, f"{role}.{name}")
+        set_input(workflow, role, name, value, object_info)
+    return workflow
