@@ -1,0 +1,85 @@
+"""Shared fixtures. ``comfy_server`` is ONE real ComfyUI process per test session (no fake server):
+``$COMFYUI_DIR`` or the copy ``make setup`` unpacked into ``.comfyui``, on a free loopback port, ``--cpu``,
+this repository linked into its ``custom_nodes`` (plus tests/headless_test_nodes), tiny models as
+``WAN_CKPT_DIR``, logs in the session's tmp folder (copied to tests/_artifacts), stopped at session end.
+
+Without a ComfyUI folder the tests that need it are skipped, unless ``WAN22_REQUIRE_COMFYUI=1``
+(``make test`` / CI) turns that into a failure.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import comfy_fixture as cf  # noqa: E402
+
+
+def _need_comfyui():
+    if not cf.comfyui_available():
+        message = (f"no ComfyUI in {cf.comfyui_dir()} (run `make setup` or set COMFYUI_DIR)")
+        if os.environ.get("WAN22_REQUIRE_COMFYUI") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Factory: ``tiny_models(layout)`` -> folder of a tiny model set in that layout (built once per session)."""
+    built = {}
+
+    def get(layout: str = "upstream") -> Path:
+        if layout not in built:
+            built[layout] = cf.build_models(tmp_path_factory.mktemp(f"tiny_{layout}") / layout, layout)
+        return built[layout]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_upstream(tiny_models) -> Path:
+    return tiny_models("upstream")
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory, tiny_upstream):
+    """The shared real ComfyUI server (a headless.server.ComfyServer: .url, .output_dir, .log_path...)."""
+    _need_comfyui()
+    work = tmp_path_factory.mktemp("comfyui")
+    server = cf.start_server(work, tiny_upstream)
+    try:
+        yield server
+    finally:
+        server.stop()
+        cf.save_log(server)
+
+
+@pytest.fixture
+def comfy_url(comfy_server) -> str:
+    if not comfy_server.alive():
+        pytest.fail("the shared ComfyUI server died; log tail:\n" + comfy_server.log_tail())
+    return comfy_server.url
+
+
+@pytest.fixture
+def comfy_client(comfy_url):
+    from headless.client import ComfyClient
+
+    client = ComfyClient(comfy_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def input_image(tmp_path_factory) -> Path:
+    """A small RGB PNG (120x80)."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("img") / "input.png"
+    img = Image.new("RGB", (120, 80))
+    img.putdata([(x * 2, y * 3, (x + y) % 256) for y in range(80) for x in range(120)])
+    img.save(path)
+    return path

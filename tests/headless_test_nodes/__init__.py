@@ -1,0 +1,38 @@
+"""A tiny ComfyUI node pack used only by the headless tests (loaded next to this repository's pack).
+
+``HeadlessTestSteps`` sleeps ``delay`` seconds per step and drives ComfyUI's progress bar, so the client's
+progress, websocket-drop and interrupt handling can be tested with a predictable duration, independent of
+the engine's speed. ``fail_at`` > 0 raises at that step (an ``execution_error``).
+"""
+import time
+
+import comfy.utils
+
+
+class HeadlessTestSteps:
+    CATEGORY = "testing/headless"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "images": ("IMAGE",),
+            "steps": ("INT", {"default": 5, "min": 1, "max": 100000}),
+            "delay": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 60.0, "step": 0.01}),
+            "fail_at": ("INT", {"default": 0, "min": 0, "max": 100000}),
+            "seed": ("INT", {"default": 0, "min": -1, "max": 0xFFFFFFFFFFFFFFFF}),
+        }}
+
+    def run(self, images, steps, delay, fail_at, seed):
+        pbar = comfy.utils.ProgressBar(steps)
+        for i in range(steps):
+            time.sleep(delay)
+            if fail_at and i + 1 == fail_at:
+                raise ValueError(f"HeadlessTestSteps failed at step {fail_at} as asked (fail_at)")
+            pbar.update(1)  # also raises when /interrupt was called
+        return (images,)
+
+
+NODE_CLASS_MAPPINGS = {"HeadlessTestSteps": HeadlessTestSteps}
+NODE_DISPLAY_NAME_MAPPINGS = {"HeadlessTestSteps": "Headless test: slow steps"}
