@@ -1,0 +1,158 @@
+"""Unit tests of the headless package that need no server: parameters, workflow filling, --set, no torch."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from headless.errors import WorkflowError
+from headless.params import ParamError, normalize_params
+from headless.workflow import (apply_overrides, apply_params, find_node, find_nodes, load_workflow, parse_set,
+                               ui_to_api)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def design_workflow():
+    """The node contract of docs/design.md, as an API workflow."""
+    return {
+        "1": {"class_type": "Wan22ModelLoader", "inputs": {"model_set": "default", "model_path": "", "dtype": "bf16",
+                                                           "offload_model": True, "t5_cpu": True,
+                                                           "convert_model_dtype": True}},
+        "2": {"class_type": "Wan22TextEncode", "inputs": {"model": ["1", 0], "prompt": "", "negative_prompt": "neg"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "4": {"class_type": "Wan22ImageToVideo", "_meta": {"title": "Sampler"},
+              "inputs": {"model": ["1", 0], "text": ["2", 0], "image": ["3", 0], "size": "1280*720", "frame_num": 81,
+                         "sample_steps": 40, "guide_scale_low": 3.5, "guide_scale_high": 3.5, "sample_shift": 5.0,
+                         "sample_solver": "unipc", "seed": -1, "boundary": 0.9}},
+        "5": {"class_type": "Wan22SaveVideo", "inputs": {"images": ["4", 0], "filename_prefix": "wan22", "fps": 16}},
+    }
+
+
+def test_no_torch_import():
+    code = "import headless.cli, headless.run, headless.server, headless.client, sys; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_params_aliases_and_guidance():
+    params, warnings = normalize_params({"base_seed": "42", "num_frames": 33, "cfg_scale": 4, "guide_scale_high": 2,
+                                         "size": "832x480", "sample_solver": "DPM++", "t5_fsdp": True,
+                                         "offload_model": "false", "reference_image_url": "https://x/y.png"})
+    assert params == {"seed": 42, "frame_num": 33, "guide_scale_low": 4.0, "guide_scale_high": 2.0,
+                      "size": "832*480", "sample_solver": "dpm++", "offload_model": False,
+                      "image": "https://x/y.png"}
+    assert any("t5_fsdp" in w for w in warnings)
+    assert normalize_params({"guidance_scale": [1, 2]})[0] == {"guide_scale_low": 1.0, "guide_scale_high": 2.0}
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"frame_num": 50}, "frame_num"), ({"num_frames": 0}, "frame_num"), ({"sample_steps": 0}, "sample_steps"),
+    ({"sample_steps": 1001}, "sample_steps"), ({"cfg_scale": -1}, "sample_guide_scale"),
+    ({"sample_shift": -0.5}, "sample_shift"), ({"size": "1280*721"}, "size"), ({"size": "big"}, "size"),
+    ({"seed": -2}, "seed"), ({"seed": 2**63}, "seed"), ({"seed": 1.5}, "seed"), ({"sample_solver": "euler"}, "sample_solver"),
+    ({"t5_cpu": "maybe"}, "t5_cpu"), ({"framenum": 5}, "framenum"), ({"seed": 1, "base_seed": 2}, "base_seed"),
+    ({"image": "ftp://x/y.png"}, "image"),
+])
+def test_params_errors_name_the_field(raw, field):
+    with pytest.raises(ParamError) as info:
+        normalize_params(raw)
+    assert info.value.field == field
+
+
+def test_params_lenient_mode_warns_on_unknown():
+    params, warnings = normalize_params({"bogus": 1, "seed": 3}, strict=False)
+    assert params == {"seed": 3} and "bogus" in warnings[0]
+
+
+def test_apply_params_by_role():
+    wf = design_workflow()
+    params, _ = normalize_params({"prompt": "a cat", "negative_prompt": "", "size": "64*64", "frame_num": 5,
+                                  "sample_steps": 2, "guidance_scale": 5, "sample_shift": 3, "seed": 7,
+                                  "boundary": 0.8, "offload_model": False, "t5_cpu": False, "dtype": "fp32",
+                                  "convert_model_dtype": False, "model_path": "/m", "fps": 8,
+                                  "filename_prefix": "x/y", "sample_solver": "dpm++"})
+    apply_params(wf, params)
+    assert wf["2"]["inputs"]["prompt"] == "a cat" and wf["2"]["inputs"]["negative_prompt"] == ""
+    i2v = wf["4"]["inputs"]
+    assert (i2v["size"], i2v["frame_num"], i2v["sample_steps"], i2v["guide_scale_low"], i2v["guide_scale_high"],
+            i2v["sample_shift"], i2v["seed"], i2v["boundary"], i2v["sample_solver"]) == \
+        ("64*64", 5, 2, 5.0, 5.0, 3.0, 7, 0.8, "dpm++")
+    assert wf["1"]["inputs"]["dtype"] == "fp32" and wf["1"]["inputs"]["model_path"] == "/m"
+    assert wf["5"]["inputs"]["fps"] == 8 and wf["5"]["inputs"]["filename_prefix"] == "x/y"
+    assert i2v["image"] == ["3", 0]
+
+
+def test_apply_params_missing_node_is_readable():
+    wf = design_workflow()
+    del wf["5"]
+    with pytest.raises(WorkflowError) as info:
+        apply_params(wf, {"fps": 8})
+    assert "Wan22SaveVideo" in str(info.value)
+
+
+def test_set_overrides_by_title_class_and_id():
+    wf = design_workflow()
+    apply_overrides(wf, ["Sampler.sample_steps=3", "Wan22TextEncode.prompt=42", "5.fps=12",
+                         "wan22modelloader.offload_model=false", "Sampler.guide_scale_low=1.25"])
+    assert wf["4"]["inputs"]["sample_steps"] == 3
+    assert wf["2"]["inputs"]["prompt"] == "42"  # a STRING input keeps the text
+    assert wf["5"]["inputs"]["fps"] == 12 and wf["1"]["inputs"]["offload_model"] is False
+    assert wf["4"]["inputs"]["guide_scale_low"] == 1.25
+    with pytest.raises(WorkflowError) as info:
+        apply_overrides(wf, ["Sampler.nope=1"])
+    assert "nope" in str(info.value) and "frame_num" in str(info.value)
+    with pytest.raises(WorkflowError) as info:
+        apply_overrides(wf, ["Nobody.x=1"])
+    assert "Nobody" in str(info.value) and "Wan22ImageToVideo" in str(info.value)
+    with pytest.raises(WorkflowError):
+        parse_set("no-equals")
+
+
+def test_find_nodes_prefers_class_type():
+    wf = design_workflow()
+    assert find_nodes(wf, "Sampler") == ["4"] and find_node(wf, "wan22imagetovideo") == "4"
+    assert find_nodes(wf, "3") == ["3"]
+
+
+def test_load_workflow_formats(tmp_path):
+    api_path = tmp_path / "api.json"
+    api_path.write_text(json.dumps(design_workflow()))
+    assert load_workflow(api_path) == design_workflow()
+    assert load_workflow({"prompt": design_workflow()}) == design_workflow()
+    with pytest.raises(WorkflowError):
+        load_workflow(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(WorkflowError):
+        load_workflow(tmp_path / "bad.json")
+    ui = {"nodes": [{"id": 1, "type": "X", "widgets_values": []}], "links": []}
+    with pytest.raises(WorkflowError):
+        load_workflow(ui)  # a UI workflow needs /object_info
+
+
+OBJECT_INFO = {
+    "KSamplerLike": {"input": {"required": {"model": ["MODEL"], "seed": ["INT", {"default": 0}],
+                                            "steps": ["INT", {}], "sampler": [["a", "b"]]},
+                               "optional": {"note": ["STRING", {}]}}, "display_name": "K"},
+    "Src": {"input": {"required": {"x": ["INT", {}]}}, "display_name": "Source"},
+}
+
+
+def test_ui_to_api_seed_control_values_and_bypass():
+    ui = {"nodes": [
+        {"id": 1, "type": "Src", "widgets_values": [3], "outputs": [{"type": "MODEL", "links": [1]}]},
+        {"id": 2, "type": "KSamplerLike", "title": "Sampler", "mode": 0,
+         "inputs": [{"name": "model", "type": "MODEL", "link": 1}], "widgets_values": [99, "fixed", 20, "b", "hi"]},
+        {"id": 3, "type": "KSamplerLike", "mode": 2, "inputs": [], "widgets_values": [1, "fixed", 1, "a", ""]},
+        {"id": 4, "type": "Unknown", "mode": 4, "inputs": []},
+    ], "links": [[1, 1, 0, 2, 0, "MODEL"]]}
+    api = ui_to_api(ui, OBJECT_INFO)
+    assert api == {"1": {"class_type": "Src", "inputs": {"x": 3}, "_meta": {"title": "Source"}},
+                   "2": {"class_type": "KSamplerLike", "_meta": {"title": "Sampler"},
+                         "inputs": {"model": ["1", 0], "seed": 99, "steps": 20, "sampler": "b", "note": "hi"}}}
+    ui["nodes"].append({"id": 9, "type": "NotInstalled", "mode": 0})
+    with pytest.raises(WorkflowError) as info:
+        ui_to_api(ui, OBJECT_INFO)
+    assert "NotInstalled" in str(info.value)
