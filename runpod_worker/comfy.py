@@ -1,0 +1,295 @@
+"""The worker's side of ComfyUI: run the shipped workflow (or a raw one) through headless's client.
+
+One `ComfyClient` per job (its own client_id and websocket, so events of concurrent jobs never mix). The wait is
+bounded by the job's deadline; on timeout or cancellation the prompt is removed from the queue or interrupted,
+so the next job does not wait behind it.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from headless.client import ComfyClient, Progress, output_files
+from headless.errors import (ExecutionFailed, ExecutionInterrupted, HeadlessError, OutputMissing, PromptRejected,
+                             ServerUnreachable, WaitTimeout, WorkflowError)
+from headless.run import collect_result, resolve_random_seeds
+from headless.workflow import ROLE_CORE_IMAGE, ROLE_I2V, ROLE_IMAGE, apply_params, find_nodes, load_workflow
+
+from .errors import JobFailed
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".gif", ".avi")
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    prompt_id: str
+    seed: Optional[int]
+    frames: Optional[int]
+    width: Optional[int]
+    height: Optional[int]
+    timings: Dict[str, float]
+    cached_nodes: List[str]
+    entry: Dict[str, Any]
+
+
+class CancelToken:
+    """Set by the async handler when RunPod cancels the job or the deadline passes."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reason = ""
+        self.prompt_id: Optional[str] = None
+
+    def cancel(self, reason: str) -> None:
+        self.reason = reason
+        self.event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.event.is_set()
+
+
+class ComfyBackend:
+    """Runs jobs on the ComfyUI at `url`. `server` is the headless ComfyServer when this process started it."""
+
+    def __init__(self, url: str, server: Any = None, workflow_path: Optional[str] = None):
+        self.url = url
+        self.server = server
+        self.workflow_path = workflow_path
+        self._object_info: Optional[dict] = None
+
+    # ----------------------------------------------------------------- health
+    def alive(self) -> bool:
+        if self.server is not None and not self.server.alive():
+            return False
+        return True
+
+    def describe_death(self) -> str:
+        if self.server is None:
+            return f"ComfyUI at {self.url} is not answering"
+        tail = self.server.log_tail(30)
+        return f"ComfyUI (pid {self.server.pid}) exited with code {self.server.process.poll()}; last log lines:\n{tail}"
+
+    def object_info(self, client: ComfyClient) -> dict:
+        if self._object_info is None:
+            self._object_info = client.object_info()
+        return self._object_info
+
+    # ----------------------------------------------------------------- helpers
+    def cancel_prompt(self, prompt_id: Optional[str]) -> None:
+        """Drop the prompt from the queue, or interrupt it when it is the running one (own client: thread-safe)."""
+        if not prompt_id:
+            return
+        try:
+            ComfyClient(self.url, timeout=10).cancel(prompt_id)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+
+    def _wait(self, client: ComfyClient, prompt_id: str, token: CancelToken, deadline: float,
+              on_progress: Callable[[Progress], None], on_event: Callable[[str, dict], None]) -> dict:
+        token.prompt_id = prompt_id
+        try:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeout("no time left")
+            return client.wait(prompt_id, on_progress=on_progress, on_event=on_event, timeout=remaining)
+        except WaitTimeout:
+            self.cancel_prompt(prompt_id)
+            self._settle(client, prompt_id)
+            raise JobFailed(token.reason or "the job ran past its time limit (WAN_JOB_TIMEOUT_S); ComfyUI was interrupted") from None
+        except ExecutionInterrupted:
+            raise JobFailed(f"cancelled: {token.reason}" if token.cancelled else
+                            "ComfyUI interrupted the prompt (someone called /interrupt)") from None
+        except ExecutionFailed as exc:
+            raise JobFailed(f"generation failed in ComfyUI: {exc}") from None
+
+    def _settle(self, client: ComfyClient, prompt_id: str, seconds: float = 30.0) -> None:
+        """After an interrupt, wait (briefly) until the prompt has left the queue so the next job starts clean."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                if client.history(prompt_id) is not None or not client._in_queue(prompt_id):
+                    return
+            except Exception:  # noqa: BLE001
+                return
+            time.sleep(0.25)
+
+    def _queue(self, client: ComfyClient, workflow: dict, token: CancelToken) -> str:
+        try:
+            prompt_id = client.queue_prompt(workflow)
+        except PromptRejected as exc:
+            raise JobFailed(f"ComfyUI rejected the workflow: {exc}") from None
+        except WorkflowError as exc:
+            raise JobFailed(f"workflow error: {exc}") from None
+        token.prompt_id = prompt_id
+        if token.cancelled:  # cancelled while the prompt was being sent
+            self.cancel_prompt(prompt_id)
+        return prompt_id
+
+    def _cleanup_files(self, paths: List[Path]) -> None:
+        """Remove this job's uploads and outputs from ComfyUI's own folders (only when this process runs it)."""
+        if self.server is None:
+            return
+        roots = [os.path.realpath(self.server.input_dir), os.path.realpath(self.server.output_dir)]
+        for p in paths:
+            real = os.path.realpath(p)
+            if any(real.startswith(r.rstrip("/") + "/") for r in roots):
+                try:
+                    os.unlink(real)
+                except OSError:
+                    pass
+
+    # ----------------------------------------------------------------- the seed's request
+    def run_i2v(self, params: Dict[str, Any], image_png: bytes, out_path: Path, *, token: CancelToken,
+                deadline: float, on_progress: Callable[[Progress], None],
+                on_running: Callable[[], None], tag: str) -> RunOutcome:
+        """Fill the shipped workflow with `params` (headless canonical names), run it, download the MP4."""
+        client = ComfyClient(self.url, timeout=30)
+        timings: Dict[str, float] = {}
+        leftovers: List[Path] = []
+        try:
+            info = self.object_info(client)
+            workflow = load_workflow(self.workflow_path, object_info=info)
+            params = dict(params)
+            params.setdefault("filename_prefix", f"wan22_worker/{tag}")
+            apply_params(workflow, params, info)
+            # seed -1 becomes a concrete seed here (as upstream): the record shows it, and ComfyUI's cache
+            # cannot hand back an older "random" video
+            seed = resolve_random_seeds(workflow, info)
+            image_name = self._put_image(client, workflow, image_png, tag, info)
+            if self.server is not None and image_name:
+                leftovers.append(Path(self.server.input_dir) / image_name)
+            if token.cancelled:
+                raise JobFailed(f"cancelled: {token.reason}")
+            t0 = time.monotonic()
+            prompt_id = self._queue(client, workflow, token)
+            started: Dict[str, float] = {}
+
+            def on_event(kind: str, data: dict) -> None:
+                if kind == "execution_start" and "run" not in started:
+                    started["run"] = time.monotonic()
+                    on_running()
+
+            entry = self._wait(client, prompt_id, token, deadline, on_progress, on_event)
+            t1 = time.monotonic()
+            timings["queue_s"] = round(started.get("run", t0) - t0, 3)
+            timings["generate_s"] = round(t1 - started.get("run", t0), 3)
+            video, meta = collect_result(entry, workflow)
+            if video is None or not video["filename"].lower().endswith(VIDEO_EXTENSIONS):
+                raise JobFailed("the workflow finished but saved no video (no Wan22SaveVideo output in the history)")
+            try:
+                client.download(video["filename"], video["subfolder"], video["type"], dest=out_path)
+            except (OutputMissing, ServerUnreachable) as exc:
+                raise JobFailed(f"the video could not be downloaded from ComfyUI: {exc}") from None
+            timings["download_s"] = round(time.monotonic() - t1, 3)
+            if self.server is not None:
+                leftovers.append(Path(self.server.output_dir) / video["subfolder"] / video["filename"])
+            return RunOutcome(prompt_id=prompt_id, seed=meta.get("seed", seed),
+                              frames=meta.get("frames"), width=meta.get("width"), height=meta.get("height"),
+                              timings=timings, cached_nodes=self._cached_types(client, workflow), entry=entry)
+        except ServerUnreachable as exc:
+            raise JobFailed(f"ComfyUI is not reachable: {exc}") from None
+        except HeadlessError as exc:
+            raise JobFailed(str(exc)) from None
+        finally:
+            client.close()
+            self._cleanup_files(leftovers)
+
+    def _put_image(self, client: ComfyClient, workflow: dict, png: bytes, tag: str, info: dict) -> Optional[str]:
+        """Give the workflow its image: upload for a core LoadImage, else base64 on Wan22LoadImage."""
+        core = find_nodes(workflow, ROLE_CORE_IMAGE)
+        wan = find_nodes(workflow, ROLE_IMAGE)
+        if core:
+            name = client.upload_image(png, name=f"wan22_worker_{tag}_{uuid.uuid4().hex[:8]}.png")
+            for nid in core:
+                workflow[nid]["inputs"]["image"] = name
+            return name
+        if wan:
+            b64 = base64.b64encode(png).decode("ascii")
+            for nid in wan:
+                inputs = workflow[nid].setdefault("inputs", {})
+                inputs["image_base64"] = b64
+                inputs["image_url"] = ""
+                inputs["image_path"] = ""
+            return None
+        raise JobFailed("the shipped workflow has no image input node (LoadImage or Wan22LoadImage)")
+
+    @staticmethod
+    def _wan22_meta(entry: dict, workflow: dict) -> Dict[str, Any]:
+        outputs = entry.get("outputs") or {}
+        i2v = set(find_nodes(workflow, ROLE_I2V))
+        for nid, out in outputs.items():
+            items = out.get("wan22") if isinstance(out, dict) else None
+            if isinstance(items, list) and items and isinstance(items[0], dict) and (nid in i2v or not i2v):
+                return items[0]
+        for out in outputs.values():
+            items = out.get("wan22") if isinstance(out, dict) else None
+            if isinstance(items, list) and items and isinstance(items[0], dict):
+                return items[0]
+        return {}
+
+    @staticmethod
+    def _cached_types(client: ComfyClient, workflow: dict) -> List[str]:
+        return sorted({str(workflow.get(n, {}).get("class_type", n)) for n in client.last_cached_nodes})
+
+    # ----------------------------------------------------------------- raw worker-comfyui mode
+    def run_workflow(self, workflow: dict, images: List[tuple], *, token: CancelToken, deadline: float,
+                     on_progress: Callable[[Progress], None], on_running: Callable[[], None],
+                     on_queued: Callable[[str], None]) -> tuple:
+        """Upload `images` [(name, bytes)], run `workflow`; return (outcome, [file dicts with `data` bytes])."""
+        client = ComfyClient(self.url, timeout=30)
+        leftovers: List[Path] = []
+        try:
+            for name, data in images:
+                uploaded = client.upload_image(data, name=name)
+                if self.server is not None:
+                    leftovers.append(Path(self.server.input_dir) / uploaded)
+            if token.cancelled:
+                raise JobFailed(f"cancelled: {token.reason}")
+            t0 = time.monotonic()
+            prompt_id = self._queue(client, workflow, token)
+            on_queued(prompt_id)
+            started: Dict[str, float] = {}
+
+            def on_event(kind: str, data: dict) -> None:
+                if kind == "execution_start" and "run" not in started:
+                    started["run"] = time.monotonic()
+                    on_running()
+
+            entry = self._wait(client, prompt_id, token, deadline, on_progress, on_event)
+            t1 = time.monotonic()
+            results = []
+            for f in output_files(entry):
+                if f.get("type") == "temp":
+                    continue
+                resp = client.view(f["filename"], f["subfolder"], f["type"])
+                try:
+                    data = resp.content
+                finally:
+                    resp.close()
+                if self.server is not None and f.get("type") == "output":
+                    leftovers.append(Path(self.server.output_dir) / (f["subfolder"] or "") / f["filename"])
+                f = dict(f, data=data)
+                f["video"] = bool(f["animated"]) or f["filename"].lower().endswith(VIDEO_EXTENSIONS)
+                results.append(f)
+            timings = {"queue_s": round(started.get("run", t0) - t0, 3),
+                       "generate_s": round(t1 - started.get("run", t0), 3),
+                       "download_s": round(time.monotonic() - t1, 3)}
+            meta = self._wan22_meta(entry, workflow)
+            outcome = RunOutcome(prompt_id=prompt_id, seed=meta.get("seed"), frames=meta.get("frames"),
+                                 width=meta.get("width"), height=meta.get("height"), timings=timings,
+                                 cached_nodes=self._cached_types(client, workflow), entry=entry)
+            return outcome, results
+        except ServerUnreachable as exc:
+            raise JobFailed(f"ComfyUI is not reachable: {exc}") from None
+        except HeadlessError as exc:
+            raise JobFailed(str(exc)) from None
+        finally:
+            client.close()
+            self._cleanup_files(leftovers)
