@@ -14,7 +14,24 @@ TEST_NODES = TESTS_DIR / "headless_test_nodes"
 ARTIFACTS = TESTS_DIR / "_artifacts"
 PARITY_MODELS = Path("/work/shared/parity/case_unipc/models")
 SHIPPED_API_WORKFLOW = REPO_ROOT / "workflows" / "wan22_i2v_a14b_api.json"
-SHIPPED_UI_WORKFLOW = REPO_ROOT / "workflows" / "wan22_i2v_a14b.json"
+
+
+def _find_ui_workflow() -> Path:
+    """The shipped UI-format workflow (any workflows/*.json with nodes+links), else a path that does not exist."""
+    folder = REPO_ROOT / "workflows"
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            import json
+
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data:
+            return path
+    return folder / "wan22_i2v_a14b_ui.json"
+
+
+SHIPPED_UI_WORKFLOW = _find_ui_workflow()
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
