@@ -75,14 +75,15 @@ def iter_safetensors(files: List[Path]) -> Iterator[Tuple[str, TensorGetter]]:
             keys = list(handle.keys())
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
-        with handle:
-            for key in keys:
-                def get(key=key, handle=handle, file=file):
-                    try:
-                        return handle.get_tensor(key)
-                    except Exception as exc:  # truncated data surfaces here on some versions
-                        raise CheckpointError(f"{file}: tensor {key} unreadable ({exc})") from exc
-                yield key, get
+        # no `with`: getters may outlive the iteration (fp8 scales are looked up later); the handle
+        # closes when its last getter is dropped
+        for key in keys:
+            def get(key=key, handle=handle, file=file):
+                try:
+                    return handle.get_tensor(key)
+                except Exception as exc:  # truncated data surfaces here on some versions
+                    raise CheckpointError(f"{file}: tensor {key} unreadable ({exc})") from exc
+            yield key, get
 
 
 def safetensors_keys(files: List[Path]) -> List[str]:

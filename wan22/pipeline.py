@@ -73,6 +73,18 @@ class VideoResult:
         return self.frames.shape[2]
 
 
+@dataclasses.dataclass
+class StepTrace:
+    """What happened at one denoising step (for parity tests and debugging)."""
+
+    index: int
+    timestep: int
+    expert: str  # "high_noise_model" or "low_noise_model"
+    guide_scale: float
+    prediction: torch.Tensor  # the guided flow prediction passed to the solver
+    latent: torch.Tensor  # the latent after the solver step
+
+
 StepCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 
@@ -220,7 +232,7 @@ class Wan22I2VPipeline:
     @torch.no_grad()
     def denoise(self, noise, y, embeds: PromptEmbeds, params: GenerationParams,
                 on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None,
-                on_prediction: Optional[Callable] = None) -> torch.Tensor:
+                trace: Optional[Callable[[StepTrace], None]] = None) -> torch.Tensor:
         schedule = make_schedule(params.sample_solver, params.sample_steps, params.sample_shift)
         boundary_timestep = params.boundary * NUM_TRAIN_TIMESTEPS
         context, context_null = pad_context([embeds.context]), pad_context([embeds.context_null])
@@ -239,9 +251,10 @@ class Wan22I2VPipeline:
             else:
                 uncond = self._predict(model, latent, timestep, y, context_null)
                 prediction = uncond + guide * (cond - uncond)
-            if on_prediction:
-                on_prediction(index, prediction)
             latent = schedule.solver.step(prediction[None], timestep, latent[None], return_dict=False)[0][0]
+            if trace:
+                expert = "high_noise_model" if model is self.high_noise_model else "low_noise_model"
+                trace(StepTrace(index, int(timestep), expert, guide, prediction.cpu(), latent.cpu()))
             if on_step:
                 on_step(index + 1, steps)
         if self.options.offload_model and self.device.type != "cpu" and model is not None:

@@ -1,0 +1,98 @@
+"""Generation from tiny models in every layout, down to a real MP4."""
+import pytest
+import torch
+
+from wan22.discover import discover_model_set, list_model_sets
+from wan22.generate import generate_mp4
+from wan22.params import GenerationParams
+from wan22.pipeline import LoadOptions, load_pipeline
+from wan22.video import read_mp4
+
+PARAMS = GenerationParams(size="96*64", frame_num=9, sample_steps=3, seed=11, fps=16)
+FP32_CPU = LoadOptions(dtype="fp32", device="cpu")
+
+
+@pytest.mark.parametrize("layout", ["upstream", "diffusers", "comfyui", "comfyui_fp8"])
+def test_layout_generates_mp4(tiny_models, test_image, tmp_path, layout):
+    model_set = discover_model_set(tiny_models[layout])
+    assert model_set.layout == layout.split("_")[0]
+    steps = []
+    out = tmp_path / "video.mp4"
+    result = generate_mp4(test_image, "A small cat walks slowly", out, PARAMS, model_dir=tiny_models[layout],
+                          options=FP32_CPU, on_step=lambda i, n: steps.append((i, n)))
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    frames, fps = read_mp4(out)
+    # 120x80 image, area 96*64 -> upstream max-area resize gives 96x64
+    assert frames.shape == (9, 64, 96, 3) and fps == 16
+    assert (result.frames, result.width, result.height, result.seed) == (9, 96, 64, 11)
+    assert frames.std() > 5, "decoded frames should not be flat"
+    assert [p.name for p in tmp_path.iterdir()] == ["video.mp4"]
+
+
+def test_layouts_hold_the_same_model(tiny_models, test_image):
+    """The builder writes the same weights in every layout, so the outputs agree (up to fp16/fp8 storage)."""
+    videos = {}
+    for layout in ("upstream", "diffusers", "comfyui", "comfyui_fp8"):
+        pipe = load_pipeline(tiny_models[layout], FP32_CPU)
+        embeds = pipe.encode_prompt("A red car", "")
+        videos[layout] = pipe.generate(test_image, embeds, PARAMS).video
+    # upstream stores the T5 in bf16 (like the real file), diffusers in fp32
+    assert (videos["upstream"] - videos["diffusers"]).abs().max() < 0.05
+    assert (videos["diffusers"] - videos["comfyui"]).abs().max() < 0.05
+    assert (videos["comfyui"] - videos["comfyui_fp8"]).abs().max() < 0.15
+    assert (videos["upstream"] - videos["diffusers"]).abs().mean() < 0.01
+
+
+def test_seed_reproducible_and_random_seed_reported(tiny_models, test_image):
+    pipe = load_pipeline(tiny_models["comfyui"], FP32_CPU)
+    embeds = pipe.encode_prompt("waves", "")
+    first = pipe.generate(test_image, embeds, PARAMS)
+    again = pipe.generate(test_image, embeds, PARAMS)
+    assert torch.equal(first.frames, again.frames)
+    other = pipe.generate(test_image, embeds, GenerationParams(**{**PARAMS.__dict__, "seed": 12}))
+    assert not torch.equal(first.frames, other.frames)
+    randomized = pipe.generate(test_image, embeds, GenerationParams(**{**PARAMS.__dict__, "seed": -1}))
+    assert randomized.seed >= 0
+    replay = pipe.generate(test_image, embeds, GenerationParams(**{**PARAMS.__dict__, "seed": randomized.seed}))
+    assert torch.equal(randomized.frames, replay.frames)
+
+
+def test_guidance_one_skips_the_unconditional_pass(tiny_models, test_image):
+    pipe = load_pipeline(tiny_models["diffusers"], FP32_CPU)
+    calls = []
+    for expert in (pipe.high_noise_model, pipe.low_noise_model):
+        expert.register_forward_hook(lambda *args: calls.append(1))
+    embeds = pipe.encode_prompt("a dog", "")
+    pipe.generate(test_image, embeds, GenerationParams(**{**PARAMS.__dict__, "guide_scale": (1.0, 3.5), "sample_steps": 4}))
+    high_steps = 2  # 4 steps at shift 5: timesteps 999, 937 are >= 900
+    assert len(calls) == high_steps * 2 + (4 - high_steps) * 1
+
+
+def test_cancel_between_steps(tiny_models, test_image):
+    from wan22.errors import GenerationCancelled
+
+    pipe = load_pipeline(tiny_models["upstream"], FP32_CPU)
+    embeds = pipe.encode_prompt("a dog", "")
+    seen = []
+    with pytest.raises(GenerationCancelled):
+        pipe.generate(test_image, embeds, PARAMS, on_step=lambda i, n: seen.append(i), should_cancel=lambda: len(seen) >= 1)
+    assert seen == [1]
+
+
+def test_list_model_sets_finds_every_layout(tiny_models):
+    root = next(iter(tiny_models.values())).parent
+    found = {(m.layout, m.variant) for m in list_model_sets([root])}
+    assert {("upstream", ""), ("diffusers", ""), ("comfyui", "fp16"), ("comfyui", "fp8_scaled")} <= found
+
+
+def test_default_root_falls_back_to_runpod_volume(monkeypatch, tmp_path):
+    from wan22 import discover
+
+    monkeypatch.delenv("WAN_CKPT_DIR", raising=False)
+    monkeypatch.setattr(discover, "DEFAULT_MODEL_ROOT", tmp_path / "workspace" / "models")
+    monkeypatch.setattr(discover, "RUNPOD_VOLUME", tmp_path / "runpod-volume")
+    assert discover.default_model_root() == tmp_path / "workspace" / "models"
+    (tmp_path / "runpod-volume").mkdir()
+    assert discover.default_model_root() == tmp_path / "runpod-volume"
+    monkeypatch.setenv("WAN_CKPT_DIR", str(tmp_path / "mine"))
+    assert discover.default_model_root() == tmp_path / "mine"
