@@ -104,29 +104,39 @@ def test_batch_with_one_bad_job(comfy_url, input_image, tmp_path):
 
 
 def test_sigint_interrupts_generation(comfy_url, input_image, tmp_path):
+    import threading
+
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "headless", "--server", comfy_url, "--image", str(input_image),
                              "--size", "64*64", "--frame-num", "5", "--sample-steps", "1000",
                              "--seed", str(time.time_ns() % 10**6), "--out", str(tmp_path / "never.mp4")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     client = ComfyClient(comfy_url)
-    seen_progress = []
+    lines = []
+    sampling = threading.Event()
+
+    def read_stderr():
+        for line in proc.stderr:
+            lines.append(line)
+            if "step " in line:
+                sampling.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     try:
-        # wait until sampling runs (a progress event on our own socket would need the CLI's client id,
-        # so watch the server: running queue + a progress line on the CLI's stderr is not line-buffered)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not client.queue().get("queue_running"):
-            time.sleep(0.2)
-        assert client.queue().get("queue_running"), "the job never started"
-        time.sleep(3.0)  # let model loading finish and sampling start
+        assert sampling.wait(180), "no progress line from the CLI: " + "".join(lines)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        reader.join(10)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, "".join(lines)
     assert cf.wait_queue_empty(client, 60), client.queue()
     assert not (tmp_path / "never.mp4").exists()
+    history = client._json("GET", "/history")
+    statuses = [h.get("status", {}) for h in history.values()]
+    assert any(any(m[0] == "execution_interrupted" for m in st.get("messages", [])) for st in statuses)
     ok = cli("--server", comfy_url, "--image", str(input_image), *TINY, "--quiet",
              "--seed", str(time.time_ns() % 10**6), "--out", str(tmp_path / "after.mp4"))
     assert ok.returncode == 0, ok.stderr
