@@ -254,16 +254,28 @@ def fetch_url(url: str, field: str, *, max_bytes: int, timeout_s: float, max_red
     raise RequestError(field, f"more than {max_redirects} redirects (WAN_URL_MAX_REDIRECTS)")
 
 
+def _socket_of(response):
+    """The socket under a streamed requests response (urllib3 2.x, or http.client's file object)."""
+    raw = getattr(response, "raw", None)
+    sock = getattr(getattr(raw, "_connection", None), "sock", None)
+    if sock is None:
+        fp = getattr(getattr(raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(fp, "raw", None), "_sock", None)
+    return sock
+
+
 def _read_capped(response, field: str, max_bytes: int, deadline: float, timeout_s: float) -> bytes:
     """Read the body with a byte cap; a watchdog closes the connection at the deadline (slow servers)."""
     timed_out = threading.Event()
+    sock = _socket_of(response)
 
     def expire() -> None:
         timed_out.set()
-        try:
-            response.raw._fp.close()  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001
-            pass
+        if sock is not None:
+            try:  # wakes a recv() blocked in another thread, unlike close()
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         try:
             response.close()
         except Exception:  # noqa: BLE001

@@ -1,0 +1,467 @@
+"""Fast tests of the worker's pure parts: request validation, image sources, output paths and records.
+
+URL tests serve from a local http.server on 127.0.0.1 only (never an external address).
+"""
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import json
+import os
+import socketserver
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from runpod_worker import config as config_mod  # noqa: E402
+from runpod_worker.errors import RequestError  # noqa: E402
+from runpod_worker.images import (check_image, decode_base64, fetch_url, is_public_address,  # noqa: E402
+                                  load_reference_image, read_under_roots)
+from runpod_worker.records import Record, read_record, resolve_save_file, write_json_atomic  # noqa: E402
+from runpod_worker.validation import (UPSTREAM_EXAMPLE_PROMPT, parse_extra_args, parse_job_input,  # noqa: E402
+                                      validate_generate_params, validate_request_id)
+
+
+def png_bytes(w=24, h=16, color=(10, 200, 30)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def req(**params):
+    params.setdefault("reference_image_url", "https://example.invalid/a.png")
+    return validate_generate_params(params)
+
+
+def fields_of(exc: RequestError):
+    return [f for f, _ in exc.problems]
+
+
+# ----------------------------------------------------------------------------------------------- params
+def test_seed_example_request_and_defaults():
+    r = parse_job_input({"action": "request", "params": {
+        "reference_image_url": "https://.../img.png", "prompt": "cinematic winter summit", "size": "1280*720",
+        "seed": 42, "offload_model": True, "t5_cpu": True}, "return_video": True})
+    assert r.seed == 42 and r.size == "1280*720" and r.prompt == "cinematic winter summit"
+    assert (r.frame_num, r.sample_steps, r.sample_shift, r.sample_solver) == (81, 40, 5.0, "unipc")
+    assert r.guide_scale == (3.5, 3.5) and r.offload_model and r.t5_cpu and r.convert_model_dtype
+    assert r.return_video is True and r.warnings == []
+
+
+def test_aliases_map_to_the_same_parameter():
+    r = req(base_seed=7, num_frames=33, cfg_scale=4.5)
+    assert (r.seed, r.frame_num, r.guide_scale) == (7, 33, (4.5, 4.5))
+    assert req(guidance_scale=[3.0, 4.0]).guide_scale == (3.0, 4.0)
+    assert req(sample_guide_scale="6").guide_scale == (6.0, 6.0)
+    # same value under two spellings is fine, different values are an error naming both
+    assert req(seed=5, base_seed=5).seed == 5
+    with pytest.raises(RequestError) as exc:
+        req(seed=5, base_seed=6)
+    assert "params.base_seed" in exc.value.message and "params.seed" in exc.value.message
+
+
+def test_prompt_default_is_upstream_example_with_warning():
+    r = req()
+    assert r.prompt == UPSTREAM_EXAMPLE_PROMPT
+    assert any("prompt" in w for w in r.warnings)
+
+
+def test_unknown_keys_are_warnings_not_errors():
+    r = parse_job_input({"action": "request", "params": {"reference_image_url": "https://x/y.png", "prompt": "p",
+                                                         "colour": "blue"}, "webhook_extra": 1})
+    assert any("params.colour" in w for w in r.warnings)
+    assert any("webhook_extra" in w for w in r.warnings)
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"frame_num": 6}, "params.frame_num"),
+    ({"num_frames": 0}, "params.num_frames"),
+    ({"frame_num": "many"}, "params.frame_num"),
+    ({"sample_steps": 0}, "params.sample_steps"),
+    ({"sample_steps": 10**6}, "params.sample_steps"),
+    ({"sample_guide_scale": -1}, "params.sample_guide_scale"),
+    ({"cfg_scale": float("nan")}, "params.cfg_scale"),
+    ({"guidance_scale": [1, 2, 3]}, "params.guidance_scale"),
+    ({"sample_shift": 1e9}, "params.sample_shift"),
+    ({"sample_solver": "euler"}, "params.sample_solver"),
+    ({"seed": -2}, "params.seed"),
+    ({"seed": 2**64}, "params.seed"),
+    ({"seed": True}, "params.seed"),
+    ({"size": "1000*1000"}, "params.size"),
+    ({"size": "4096*4096"}, "params.size"),
+    ({"size": 720}, "params.size"),
+    ({"offload_model": "maybe"}, "params.offload_model"),
+    ({"prompt": "x" * 6000}, "params.prompt"),
+    ({"prompt": 12}, "params.prompt"),
+    ({"dit_fsdp": True}, "params.dit_fsdp"),
+    ({"t5_fsdp": "true"}, "params.t5_fsdp"),
+    ({"ulysses_size": 2}, "params.ulysses_size"),
+    ({"use_prompt_extend": True}, "params.use_prompt_extend"),
+    ({"fps": 0}, "params.fps"),
+    ({"save_file": 3}, "params.save_file"),
+])
+def test_each_bad_value_names_its_field(params, field):
+    with pytest.raises(RequestError) as exc:
+        req(**params)
+    assert field in fields_of(exc.value), exc.value.message
+
+
+def test_all_problems_reported_together():
+    with pytest.raises(RequestError) as exc:
+        req(frame_num=6, sample_solver="x", dit_fsdp=True)
+    assert {"params.frame_num", "params.sample_solver", "params.dit_fsdp"} <= set(fields_of(exc.value))
+
+
+def test_image_source_exactly_one():
+    with pytest.raises(RequestError) as exc:
+        validate_generate_params({"prompt": "p"})
+    assert "reference_image" in exc.value.message
+    with pytest.raises(RequestError) as exc:
+        validate_generate_params({"reference_image_url": "https://a/b.png", "reference_image_path": "/workspace/a.png"})
+    assert exc.value.field == "params.reference_image_path"
+
+
+def test_unsupported_false_values_are_fine_and_extend_options_warn():
+    r = req(dit_fsdp=False, t5_fsdp=False, ulysses_size=1, use_prompt_extend=False, prompt_extend_method="local_qwen")
+    assert any("prompt_extend_method" in w for w in r.warnings)
+
+
+# ----------------------------------------------------------------------------------------------- extra_args
+def test_extra_args_string_and_array_override_with_warning():
+    r = req(sample_steps=30, extra_args="--sample_steps 2 --frame_num=9 --t5_cpu --base_seed 3 --prompt 'a b'")
+    assert (r.sample_steps, r.frame_num, r.seed, r.prompt, r.t5_cpu) == (2, 9, 3, "a b", True)
+    assert any("overrides" in w for w in r.warnings)
+    r = req(extra_args=["--size", "832*480", "--sample_solver", "dpm++", "--offload_model", "False",
+                        "--sample_guide_scale", "5", "--task", "i2v-A14B", "--convert_model_dtype"])
+    assert (r.size, r.sample_solver, r.offload_model, r.guide_scale) == ("832*480", "dpm++", False, (5.0, 5.0))
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--x"] * 51, "at most 50"),
+    ("--ckpt_dir /etc", "--ckpt_dir"),
+    ("--image /etc/passwd", "--image"),
+    ("--save_file /tmp/x.mp4", "--save_file"),
+    ("--offload_model", "needs a value"),
+    ("--lora /x", "not an upstream generate.py flag"),
+    ("sample_steps 3", "not a flag"),
+    ("--frame_num 6", "4n+1"),
+    ("--dit_fsdp", "single-GPU"),
+    ("--ulysses_size 8", "single-GPU"),
+    ("--task t2v-A14B", "i2v-A14B"),
+    ("--prompt 'unterminated", "cannot be split"),
+    (42, "string or an array"),
+    ([["nested"]], "must be a string"),
+])
+def test_extra_args_rejections(extra, needle):
+    with pytest.raises(RequestError) as exc:
+        req(extra_args=extra)
+    assert needle in exc.value.message
+    assert "extra_args" in exc.value.message
+
+
+def test_extra_args_exactly_50_tokens_ok():
+    assert len(parse_extra_args(["--t5_cpu"] * 50)) == 50
+
+
+# ----------------------------------------------------------------------------------------------- top level
+@pytest.mark.parametrize("job_input, field", [
+    ("just a string", "input"),
+    ({}, "action"),
+    ({"action": "delete"}, "action"),
+    ({"action": "status"}, "request_id"),
+    ({"action": "status", "request_id": "../../etc/passwd"}, "request_id"),
+    ({"action": "status", "request_id": "a/b"}, "request_id"),
+    ({"action": "status", "request_id": "x" * 200}, "request_id"),
+    ({"action": "request", "params": "nope"}, "params"),
+    ({"action": "request", "params": {"reference_image_url": "https://a/b.png"}, "return_video": "sure"}, "return_video"),
+    ({"workflow": []}, "workflow"),
+    ({"workflow": {"1": {"inputs": {}}}}, "workflow.1"),
+    ({"workflow": {"nodes": [], "links": []}}, "workflow"),
+    ({"workflow": {"1": {"class_type": "X", "inputs": {}}}, "images": [{"name": "../a.png", "image": "AAAA"}]}, "images[0].name"),
+    ({"workflow": {"1": {"class_type": "X", "inputs": {}}}, "images": [{"name": "a.png"}]}, "images[0].image"),
+])
+def test_top_level_rejections(job_input, field):
+    with pytest.raises(RequestError) as exc:
+        parse_job_input(job_input)
+    assert exc.value.field == field, exc.value.message
+
+
+def test_request_id_rules():
+    for good in ("sync-5b1c-4e8f-u1", "test-0f1e2d", "abc.DEF_123"):
+        assert validate_request_id(good) == good
+    for bad in ("", "..", "a..b", ".hidden", "a b", "a/b", "a\\b", None, 5):
+        with pytest.raises(RequestError):
+            validate_request_id(bad)
+
+
+# ----------------------------------------------------------------------------------------------- save_file
+def test_save_file_stays_inside_the_output_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert resolve_save_file(out, None, "job1") == out / "job1.mp4"
+    assert resolve_save_file(out, "clip.mp4", "job1") == out / "clip.mp4"
+    assert resolve_save_file(out, "day1/clip.mp4", "job1") == out / "day1" / "clip.mp4"
+    assert resolve_save_file(out, str(out / "job1.mp4"), "job1") == out / "job1.mp4"
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", out / "link")
+    (out / "taken.mp4").write_bytes(b"x")
+    for bad in ("../x.mp4", "/tmp/x.mp4", str(tmp_path / "x.mp4"), "clip.avi", ".hidden.mp4", "a/../../x.mp4",
+                "link/x.mp4", "taken.mp4", "a\x00.mp4", ""):
+        with pytest.raises(RequestError) as exc:
+            resolve_save_file(out, bad, "job1")
+        assert exc.value.field == "params.save_file"
+
+
+# ----------------------------------------------------------------------------------------------- images
+def test_check_image_formats_and_pixel_bound():
+    ok = check_image(png_bytes(30, 20), "f", 10_000)
+    assert (ok.width, ok.height, ok.format) == (30, 20, "PNG") and ok.png.startswith(b"\x89PNG")
+    with pytest.raises(RequestError, match="pixels"):
+        check_image(png_bytes(200, 100), "f", 10_000)
+    with pytest.raises(RequestError, match="not an image"):
+        check_image(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "f", 10_000)
+    with pytest.raises(RequestError, match="not an image"):
+        check_image(b"<html>not found</html>", "f", 10_000)
+    with pytest.raises(RequestError):
+        check_image(png_bytes(64, 64)[:60], "f", 10_000)  # truncated
+
+
+def test_base64_bounds_and_data_uri():
+    data = png_bytes()
+    b64 = base64.b64encode(data).decode()
+    assert decode_base64(b64, "f", 10_000) == data
+    assert decode_base64("data:image/png;base64," + b64, "f", 10_000) == data
+    assert decode_base64(base64.urlsafe_b64encode(data).decode().rstrip("="), "f", 10_000) == data
+    with pytest.raises(RequestError, match="limit"):
+        decode_base64(base64.b64encode(b"x" * 5000).decode(), "f", 1000)
+    with pytest.raises(RequestError, match="limit"):
+        decode_base64("A" * 100_000, "f", 1000)  # refused before decoding
+    with pytest.raises(RequestError, match="base64"):
+        decode_base64("not*base64!", "f", 1000)
+
+
+def test_paths_only_under_roots(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.png").write_bytes(png_bytes())
+    (tmp_path / "secret.png").write_bytes(png_bytes())
+    os.symlink(tmp_path / "secret.png", root / "link.png")
+    os.symlink(tmp_path, root / "dirlink")
+    (root / "sub").mkdir()
+    roots = [str(root)]
+    assert read_under_roots(str(root / "a.png"), "f", roots, 10**6) == png_bytes()
+    assert read_under_roots(str(root / "sub" / ".." / "a.png"), "f", roots, 10**6) == png_bytes()
+    for bad, why in [
+        (str(root / ".." / "secret.png"), "outside"),
+        (str(root / "link.png"), "outside"),
+        (str(root / "dirlink" / "secret.png"), "outside"),
+        ("/etc/passwd", "outside"),
+        ("a.png", "absolute"),
+        (str(root / "missing.png"), "does not exist"),
+        (str(root / "sub"), "not a regular file"),
+        (str(root) + "x/a.png", "outside"),
+    ]:
+        with pytest.raises(RequestError, match=why):
+            read_under_roots(bad, "params.reference_image_path", roots, 10**6)
+    with pytest.raises(RequestError, match="limit"):
+        read_under_roots(str(root / "a.png"), "f", roots, 10)
+
+
+def test_public_address_classification():
+    for ip in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "100.64.0.1", "::1", "fe80::1",
+               "::ffff:127.0.0.1", "0.0.0.0", "fd00::1"):
+        assert not is_public_address(ip), ip
+    for ip in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"):
+        assert is_public_address(ip), ip
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    routes = {}
+
+    def do_GET(self):  # noqa: N802
+        route = self.routes.get(self.path.split("?")[0])
+        if route is None:
+            self.send_response(404)
+            self.end_headers()
+            return
+        route(self)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+    srv = Server(("127.0.0.1", 0), _Handler)
+    port = srv.server_address[1]
+    other = Server(("127.0.0.1", 0), _Handler)  # a second "internal" port the allowlist does not cover
+    data = png_bytes(40, 30)
+
+    def ok(h):
+        h.send_response(200)
+        h.send_header("Content-Type", "image/png")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def redirect_to(target):
+        def f(h):
+            h.send_response(302)
+            h.send_header("Location", target)
+            h.end_headers()
+        return f
+
+    def big(h):
+        h.send_response(200)
+        h.end_headers()  # no Content-Length: the cap applies while reading
+        try:
+            for _ in range(64):
+                h.wfile.write(b"\0" * 65536)
+        except OSError:
+            pass
+
+    def slow(h):
+        h.send_response(200)
+        h.send_header("Content-Length", "100000")
+        h.end_headers()
+        try:
+            for _ in range(100):
+                h.wfile.write(b"\0" * 10)
+                h.wfile.flush()
+                time.sleep(0.2)
+        except OSError:
+            pass
+
+    def html(h):
+        body = b"<html>hello</html>"
+        h.send_response(200)
+        h.send_header("Content-Type", "image/png")  # lies
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    _Handler.routes = {
+        "/a.png": ok, "/big": big, "/slow": slow, "/html": html,
+        "/r1": redirect_to("/a.png"),
+        "/loop": redirect_to("/loop"),
+        "/to-other": redirect_to(f"http://127.0.0.1:{other.server_address[1]}/a.png"),
+        "/to-file": redirect_to("file:///etc/passwd"),
+    }
+    for s in (srv, other):
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    yield {"base": f"http://127.0.0.1:{port}", "allow": (f"127.0.0.1:{port}",), "data": data,
+           "other": f"http://127.0.0.1:{other.server_address[1]}"}
+    srv.shutdown()
+    other.shutdown()
+
+
+def _fetch(url, allow, **kw):
+    args = dict(max_bytes=1_000_000, timeout_s=5, max_redirects=3, allow_hosts=allow)
+    args.update(kw)
+    return fetch_url(url, "params.reference_image_url", **args)
+
+
+def test_url_fetch_allowed_host_and_redirect(image_server):
+    base, allow = image_server["base"], image_server["allow"]
+    assert _fetch(base + "/a.png", allow) == image_server["data"]
+    assert _fetch(base + "/r1", allow) == image_server["data"]
+
+
+@pytest.mark.parametrize("path, needle", [
+    ("/loop", "redirects"),
+    ("/to-other", "non-public"),
+    ("/to-file", "scheme"),
+    ("/big", "larger than"),
+    ("/missing", "HTTP 404"),
+])
+def test_url_fetch_rejections(image_server, path, needle):
+    with pytest.raises(RequestError, match=needle) as exc:
+        _fetch(image_server["base"] + path, image_server["allow"])
+    assert exc.value.field.startswith("params.reference_image_url")
+
+
+def test_url_fetch_private_blocked_without_allowlist(image_server):
+    with pytest.raises(RequestError, match="non-public"):
+        _fetch(image_server["base"] + "/a.png", ())
+    with pytest.raises(RequestError, match="non-public"):
+        _fetch(image_server["other"] + "/a.png", image_server["allow"])
+
+
+def test_url_fetch_total_time_bounded(image_server):
+    t0 = time.monotonic()
+    with pytest.raises(RequestError, match="longer than"):
+        _fetch(image_server["base"] + "/slow", image_server["allow"], timeout_s=1.0)
+    assert time.monotonic() - t0 < 5
+
+
+def test_url_schemes_refused():
+    for url in ("file:///etc/passwd", "ftp://example.com/a.png", "gopher://x", "data:image/png;base64,AAAA", "//x/a.png"):
+        with pytest.raises(RequestError, match="scheme"):
+            _fetch(url, ())
+
+
+def test_load_reference_image_checks_content(image_server, monkeypatch):
+    monkeypatch.setenv("WAN_URL_ALLOW_HOSTS", image_server["allow"][0])
+    cfg = config_mod.WorkerConfig.from_env()
+    img = load_reference_image("url", image_server["base"] + "/a.png", "params.reference_image_url", cfg)
+    assert (img.width, img.height) == (40, 30)
+    with pytest.raises(RequestError, match="not an image"):
+        load_reference_image("url", image_server["base"] + "/html", "params.reference_image_url", cfg)
+
+
+# ----------------------------------------------------------------------------------------------- records + config
+def test_record_written_atomically(tmp_path):
+    rec = Record(tmp_path, "job-1", "request", {"prompt": "p"}, tmp_path / "job-1.mp4")
+    rec.update(status="RUNNING")
+    data = read_record(tmp_path, "job-1")
+    assert data["status"] == "RUNNING" and data["params"] == {"prompt": "p"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job-1.json"]  # no temp file left
+    write_json_atomic(tmp_path / "x.json", {"a": 1})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
+    assert read_record(tmp_path, "nope") is None
+
+
+def test_output_dir_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("WAN_OUTPUT_DIR", str(tmp_path))
+    assert config_mod.default_output_dir() == tmp_path
+    monkeypatch.delenv("WAN_OUTPUT_DIR")
+    expected = "/runpod-volume/outputs" if os.path.isdir("/runpod-volume") else "/workspace/outputs"
+    assert str(config_mod.default_output_dir()) == expected
+
+
+def test_concurrency_modifier(monkeypatch):
+    from runpod_worker.handler import concurrency_modifier
+
+    monkeypatch.delenv("RUNPOD_MAX_CONCURRENCY", raising=False)
+    assert concurrency_modifier(5) == 1
+    monkeypatch.setenv("RUNPOD_MAX_CONCURRENCY", "3")
+    assert concurrency_modifier(1) == 3
+
+
+def test_video_fields_inline_or_path(tmp_path, monkeypatch):
+    from runpod_worker.handler import video_fields
+
+    monkeypatch.delenv("BUCKET_ENDPOINT_URL", raising=False)
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"\0" * 3000)
+    rec = Record(tmp_path, "v", "request", {}, video)
+    monkeypatch.setenv("WAN_MAX_INLINE_MB", "1")
+    got = video_fields(rec, video, True, config_mod.WorkerConfig.from_env(), "v")
+    assert base64.b64decode(got["video_base64"]) == video.read_bytes()
+    assert video_fields(rec, video, False, config_mod.WorkerConfig.from_env(), "v") == {}
+    monkeypatch.setenv("WAN_MAX_INLINE_MB", "0.001")
+    got = video_fields(rec, video, True, config_mod.WorkerConfig.from_env(), "v")
+    assert "video_base64" not in got and "WAN_MAX_INLINE_MB" in got["message"] and "BUCKET_ENDPOINT_URL" in got["message"]
