@@ -180,6 +180,10 @@ def _describe_error(exc: BaseException) -> str:
 def _run_job(args, client: ComfyClient, params: Dict[str, Any], workflow, out, overrides, label="") -> Dict[str, Any]:
     from .run import run
 
+    image_keys = ("image", "image_base64", "reference_image_url", "reference_image_path", "reference_image_base64",
+                  "image_url", "image_path")
+    if workflow is None and not any(params.get(k) for k in image_keys):
+        raise ParamError("image", "required with the shipped workflow (--image PATH_OR_URL)")
     bar = None if args.quiet else ProgressBar(sys.stderr, label=label)
     try:
         result = run(params, server=client, workflow=workflow, out=out, on_progress=bar, timeout=args.timeout,
@@ -228,6 +232,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         signal.signal(signal.SIGTERM, _sigterm)
     except (ValueError, OSError):
         pass
+
+    if not args.batch:
+        # check what the caller gave before any server work
+        from .params import normalize_params
+
+        try:
+            params = _params_from_args(args)
+            normalize_params(params)
+            if args.workflow is None and not params.get("image"):
+                raise ParamError("image", "required with the shipped workflow (--image PATH_OR_URL)")
+            from .workflow import parse_set
+
+            for item in args.set:
+                parse_set(item)
+        except (ParamError, HeadlessError) as exc:
+            print(f"error: {_describe_error(exc)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
 
     server = None
     try:
