@@ -7,12 +7,12 @@ tiny-model builder writes the upstream names with the same table the loader read
 from __future__ import annotations
 
 import functools
-import json
 import re
-from importlib import resources
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from .configs import load_json
 
 COMFY_DIFFUSION_PREFIX = "model.diffusion_model."
 FP8_SCALE_SUFFIX = ".scale_weight"
@@ -88,7 +88,7 @@ def _vae_key_tables() -> Tuple[Dict[str, str], Dict[str, str]]:
     """Upstream Wan2.1 VAE names <-> diffusers AutoencoderKLWan names (diffusers' own per-key converter)."""
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    names = json.loads(resources.files("wan22.configs").joinpath("wan21_vae_upstream_keys.json").read_text())
+    names = load_json("wan21_vae_upstream_keys.json")
     forward = {}
     for name in names:
         (converted,) = convert_wan_vae_to_diffusers({name: torch.empty(0)}).keys()

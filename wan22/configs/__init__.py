@@ -3,5 +3,10 @@ import json
 from importlib import resources
 
 
-def load_config(name: str) -> dict:
+def load_json(name: str):
+    # __name__, not "wan22.configs": inside ComfyUI this package is a subpackage of the node pack
     return json.loads(resources.files(__name__).joinpath(name).read_text())
+
+
+def load_config(name: str) -> dict:
+    return dict(load_json(name))

@@ -1,0 +1,4 @@
+"""comfyui-wan22-i2v: Wan2.2 I2V-A14B nodes for ComfyUI (clone into ComfyUI/custom_nodes/)."""
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
