@@ -35,11 +35,11 @@ comfyui: venv
 
 test: venv
 	WAN22_REQUIRE_COMFYUI=1 PYTHONPATH=. $(PY) -m pytest -q -ra -p no:cacheprovider \
-		-o timeout=$(TEST_TIMEOUT) --durations=15 $(PYTEST_ARGS)
+		-o timeout=$(TEST_TIMEOUT) --durations=15 $(or $(PYTEST_ARGS),tests)
 
 # unit tests only (no ComfyUI server)
 test-fast: venv
-	PYTHONPATH=. $(PY) -m pytest -q -ra -p no:cacheprovider -m "not comfy and not browser" $(PYTEST_ARGS)
+	PYTHONPATH=. $(PY) -m pytest -q -ra -p no:cacheprovider -m "not comfy and not browser" $(or $(PYTEST_ARGS),tests)
 
 demo: venv
 	PYTHONPATH=. $(PY) -m scripts.demo

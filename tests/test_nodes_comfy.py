@@ -1,0 +1,207 @@
+"""The node pack and the shipped workflows on the real ComfyUI server (tests/conftest.py), tiny models."""
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from headless.client import ComfyClient
+from headless.errors import ExecutionFailed, ExecutionInterrupted, PromptRejected
+from headless.workflow import find_node, ui_to_api
+from wan22.video import read_mp4
+
+pytestmark = pytest.mark.comfy
+REPO = Path(__file__).resolve().parents[1]
+API_WORKFLOW = REPO / "workflows" / "wan22_i2v_a14b_api.json"
+UI_WORKFLOWS = [REPO / "workflows" / "wan22_i2v_a14b.json", REPO / "example_workflows" / "wan22_i2v_a14b.json"]
+NODE_TYPES = ["Wan22ModelLoader", "Wan22TextEncode", "Wan22ImageToVideo", "Wan22SaveVideo", "Wan22LoadImage"]
+SMALL = {"size": "96*64", "frame_num": 5, "sample_steps": 2}
+
+
+@pytest.fixture
+def uploaded_image(comfy_client, input_image):
+    return comfy_client.upload_image(input_image, name="wan22_nodes_test.png")
+
+
+def shipped(image_name: str, model_path: Path, **inputs) -> dict:
+    """The shipped API workflow, with tiny sizes and the given overrides, found by role."""
+    workflow = json.loads(API_WORKFLOW.read_text())
+    workflow[find_node(workflow, "LoadImage")]["inputs"]["image"] = image_name
+    workflow[find_node(workflow, "Wan22ModelLoader")]["inputs"]["model_path"] = str(model_path)
+    sampler = workflow[find_node(workflow, "Wan22ImageToVideo")]["inputs"]
+    sampler.update({**SMALL, "seed": 1})
+    for key, value in inputs.items():
+        role, name = key.split("__")
+        workflow[find_node(workflow, role)]["inputs"][name] = value
+    return workflow
+
+
+def run(client: ComfyClient, workflow: dict, timeout: float = 300):
+    prompt_id = client.queue_prompt(workflow)
+    return prompt_id, client.wait(prompt_id, timeout=timeout)
+
+
+def sampler_info(entry: dict, workflow: dict) -> dict:
+    return entry["outputs"][find_node(workflow, "Wan22ImageToVideo")]["wan22"][0]
+
+
+def saved_video(entry: dict, workflow: dict, server) -> Path:
+    out = entry["outputs"][find_node(workflow, "Wan22SaveVideo")]
+    assert out["animated"] == [True]
+    item = out["images"][0]
+    return Path(server.output_dir) / item["subfolder"] / item["filename"]
+
+
+def test_object_info_declares_every_node(comfy_client):
+    info = comfy_client.object_info(refresh=True)
+    for node in NODE_TYPES:
+        assert node in info, f"{node} missing from /object_info"
+        assert info[node]["category"] == "Wan2.2 I2V"
+    sampler = info["Wan22ImageToVideo"]["input"]["required"]
+    assert sampler["size"][1]["default"] == "1280*720"
+    assert sampler["frame_num"][1]["default"] == 81 and sampler["frame_num"][1]["min"] == 1
+    assert sampler["sample_steps"][1]["default"] == 40
+    assert sampler["guide_scale_low"][1]["default"] == 3.5 and sampler["guide_scale_high"][1]["default"] == 3.5
+    assert sampler["sample_shift"][1]["default"] == 5.0
+    assert sampler["sample_solver"][0] == ["unipc", "dpm++"]
+    assert sampler["seed"][1]["default"] == -1 and sampler["seed"][1]["min"] == -1
+    assert sampler["boundary"][1]["default"] == 0.9
+    assert all("tooltip" in spec[1] for name, spec in sampler.items() if name not in ("model", "text"))
+    assert info["Wan22ImageToVideo"]["output"] == ["IMAGE", "INT"]
+    loader = info["Wan22ModelLoader"]["input"]["required"]
+    assert loader["model_set"][0][0] == "default (WAN_CKPT_DIR)"
+    assert [loader[k][1]["default"] for k in ("offload_model", "t5_cpu", "convert_model_dtype")] == [True, True, True]
+    assert loader["dtype"][0] == ["bf16", "fp16", "fp32"]
+    text = info["Wan22TextEncode"]["input"]["required"]
+    assert text["negative_prompt"][1]["default"].startswith("色调艳丽")
+    assert info["Wan22SaveVideo"]["output_node"] is True
+    assert info["Wan22SaveVideo"]["input"]["required"]["fps"][1]["default"] == 16
+
+
+@pytest.mark.parametrize("ui_path", UI_WORKFLOWS, ids=lambda p: p.parent.name)
+def test_ui_and_api_workflows_agree(comfy_client, ui_path):
+    api = json.loads(API_WORKFLOW.read_text())
+    converted = ui_to_api(json.loads(ui_path.read_text()), comfy_client.object_info())
+    assert {k: v["class_type"] for k, v in converted.items()} == {k: v["class_type"] for k, v in api.items()}
+    for node_id, node in api.items():
+        assert converted[node_id]["inputs"] == node["inputs"], node["class_type"]
+
+
+@pytest.mark.parametrize("layout", ["upstream", "diffusers", "comfyui"])
+def test_shipped_workflow_runs_in_every_layout(comfy_client, comfy_server, tiny_models, uploaded_image, layout):
+    workflow = shipped(uploaded_image, tiny_models(layout), Wan22ImageToVideo__seed=100 + len(layout))
+    prompt_id, entry = run(comfy_client, workflow)
+    assert prompt_id in (comfy_client.history(prompt_id) or {}) or entry["outputs"]
+    video = saved_video(entry, workflow, comfy_server)
+    frames, fps = read_mp4(video)
+    assert frames.shape == (5, 64, 96, 3) and fps == 16.0
+    info = sampler_info(entry, workflow)
+    assert (info["frames"], info["width"], info["height"], info["seed"]) == (5, 96, 64, 100 + len(layout))
+
+
+def test_default_model_set_reads_wan_ckpt_dir(comfy_client, comfy_server, uploaded_image):
+    """The shipped workflow untouched loads from WAN_CKPT_DIR (the fixture points it at tiny models)."""
+    workflow = shipped(uploaded_image, Path("."), Wan22ModelLoader__model_path="")
+    assert workflow[find_node(workflow, "Wan22ModelLoader")]["inputs"]["model_set"] == "default (WAN_CKPT_DIR)"
+    _, entry = run(comfy_client, workflow)
+    assert saved_video(entry, workflow, comfy_server).is_file()
+
+
+def test_second_seed_reuses_loaded_models(comfy_client, tiny_models, uploaded_image):
+    first = shipped(uploaded_image, tiny_models("comfyui"), Wan22ImageToVideo__seed=7)
+    _, entry = run(comfy_client, first)
+    loads_before = sampler_info(entry, first)["model_loads"]
+    second = copy.deepcopy(first)
+    second[find_node(second, "Wan22ImageToVideo")]["inputs"]["seed"] = 8
+    _, entry = run(comfy_client, second)
+    info = sampler_info(entry, second)
+    assert info["seed"] == 8
+    assert info["model_loads"] == loads_before, "a new seed must not reload the models"
+    assert find_node(second, "Wan22ModelLoader") in comfy_client.last_cached_nodes
+
+
+def test_interrupt_stops_within_two_steps_and_server_recovers(comfy_client, tiny_models, uploaded_image):
+    workflow = shipped(uploaded_image, tiny_models("upstream"), Wan22ImageToVideo__sample_steps=400,
+                       Wan22ImageToVideo__size="256*256", Wan22ImageToVideo__frame_num=9, Wan22ImageToVideo__seed=5)
+    steps_seen = []
+    interrupted_at = []
+
+    def on_progress(progress):
+        steps_seen.append(progress.value)
+        if progress.value >= 2 and not interrupted_at:
+            interrupted_at.append(progress.value)
+            threading.Thread(target=comfy_client.interrupt).start()
+
+    prompt_id = comfy_client.queue_prompt(workflow)
+    events = []
+    with pytest.raises(ExecutionInterrupted):
+        comfy_client.wait(prompt_id, on_progress=on_progress, timeout=300, on_event=lambda kind, data: events.append(kind))
+    assert "execution_interrupted" in events
+    assert max(steps_seen) <= interrupted_at[0] + 2, (interrupted_at, max(steps_seen))
+    assert max(steps_seen) < 400
+    ok = shipped(uploaded_image, tiny_models("upstream"), Wan22ImageToVideo__seed=6)
+    _, entry = run(comfy_client, ok)
+    assert sampler_info(entry, ok)["seed"] == 6
+
+
+def test_frame_num_50_is_a_validation_error_naming_the_input(comfy_client, tiny_models, uploaded_image):
+    workflow = shipped(uploaded_image, tiny_models("upstream"), Wan22ImageToVideo__frame_num=50)
+    with pytest.raises(PromptRejected) as info:
+        comfy_client.queue_prompt(workflow)
+    assert "frame_num=50" in str(info.value) and "4n+1" in str(info.value)
+
+
+def test_missing_model_folder_is_an_execution_error_naming_it(comfy_client, tmp_path, uploaded_image):
+    missing = tmp_path / "no_models_here"
+    workflow = shipped(uploaded_image, missing, Wan22ImageToVideo__seed=9)
+    with pytest.raises(ExecutionFailed) as info:
+        run(comfy_client, workflow)
+    assert info.value.node_type == "Wan22ModelLoader"
+    assert str(missing) in str(info.value) and "does not exist" in str(info.value)
+
+
+def test_broken_image_url_is_an_error_naming_the_input(comfy_client, comfy_server, tiny_models):
+    workflow = shipped("unused.png", tiny_models("upstream"))
+    loader_id = find_node(workflow, "LoadImage")
+    workflow[loader_id] = {"class_type": "Wan22LoadImage", "inputs": {
+        "image_url": "file:///etc/passwd", "image_base64": "", "image_path": ""}}
+    with pytest.raises((ExecutionFailed, PromptRejected)) as info:
+        run(comfy_client, workflow)
+    assert "image_url" in str(info.value)
+    workflow[loader_id]["inputs"]["image_url"] = "http://127.0.0.1:9/missing.png"
+    with pytest.raises((ExecutionFailed, PromptRejected)) as info:
+        run(comfy_client, workflow)
+    assert "image_url" in str(info.value)
+    assert comfy_server.alive()
+
+
+def test_load_image_node_from_base64_and_path(comfy_client, comfy_server, tiny_models, input_image):
+    import base64
+    import shutil
+
+    workflow = shipped("unused.png", tiny_models("upstream"), Wan22ImageToVideo__seed=21)
+    loader_id = find_node(workflow, "LoadImage")
+    encoded = base64.b64encode(input_image.read_bytes()).decode()
+    workflow[loader_id] = {"class_type": "Wan22LoadImage", "inputs": {"image_url": "", "image_base64": encoded, "image_path": ""}}
+    _, entry = run(comfy_client, workflow)
+    assert read_mp4(saved_video(entry, workflow, comfy_server))[0].shape == (5, 64, 96, 3)
+    inside = Path(comfy_server.input_dir) / "wan22_path_test.png"
+    shutil.copy(input_image, inside)
+    workflow[loader_id]["inputs"] = {"image_url": "", "image_base64": "", "image_path": str(inside)}
+    workflow[find_node(workflow, "Wan22ImageToVideo")]["inputs"]["seed"] = 22
+    _, entry = run(comfy_client, workflow)
+    assert sampler_info(entry, workflow)["seed"] == 22
+    workflow[loader_id]["inputs"]["image_path"] = "/etc/hostname"
+    with pytest.raises(ExecutionFailed, match="image_path.*outside the allowed input folders"):
+        run(comfy_client, workflow)
+
+
+def test_save_video_refuses_prefix_outside_output(comfy_client, tiny_models, uploaded_image, comfy_server):
+    workflow = shipped(uploaded_image, tiny_models("upstream"), Wan22SaveVideo__filename_prefix="../../escape", Wan22ImageToVideo__seed=31)
+    with pytest.raises(ExecutionFailed, match="outside the output folder"):
+        run(comfy_client, workflow)
+    assert not list(Path(comfy_server.output_dir).parent.glob("escape*"))
