@@ -273,8 +273,8 @@ class ComfyBackend:
                     data = resp.content
                 finally:
                     resp.close()
-                if self.server is not None and f.get("type") == "output":
-                    leftovers.append(Path(self.server.output_dir) / (f["subfolder"] or "") / f["filename"])
+                # ComfyUI's outputs of a raw workflow stay: a later identical prompt is served from the cache
+                # and points at the same files
                 f = dict(f, data=data)
                 f["video"] = bool(f["animated"]) or f["filename"].lower().endswith(VIDEO_EXTENSIONS)
                 results.append(f)

@@ -1,0 +1,417 @@
+"""The RunPod worker end to end: the REAL runpod SDK (`--rp_serve_api` local API, `--test_input`) in front of
+`python -m runpod_worker`, which starts a REAL ComfyUI with this pack and tiny models.
+
+One worker process is shared by the module (its ComfyUI starts once). Images come from a local http.server on
+127.0.0.1 (the worker is told to accept that one host:port via WAN_URL_ALLOW_HOSTS). The seed-format tests wait
+for the node pack and the shipped API workflow; the raw-workflow and bad-input tests run on core nodes.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.server
+import io
+import json
+import os
+import re
+import signal
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+import comfy_fixture as cf
+
+REPO = cf.REPO_ROOT
+pytestmark = [pytest.mark.comfy]
+needs_pack = pytest.mark.skipif(not cf.shipped_workflow_ready(),
+                                reason="node pack / workflows/wan22_i2v_a14b_api.json not in the tree yet")
+TINY = {"size": "64*64", "frame_num": 5, "sample_steps": 2}
+
+
+def _need_comfyui():
+    if not cf.comfyui_available():
+        message = f"no ComfyUI in {cf.comfyui_dir()} (run `make setup` or set COMFYUI_DIR)"
+        if os.environ.get("WAN22_REQUIRE_COMFYUI") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def png_bytes(w=120, h=80) -> bytes:
+    from PIL import Image
+
+    img = Image.new("RGB", (w, h))
+    img.putdata([(x * 2 % 256, y * 3 % 256, (x + y) % 256) for y in range(h) for x in range(w)])
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def count_frames(data: bytes, tmp_path: Path):
+    import imageio.v2 as imageio
+
+    path = tmp_path / f"check_{time.monotonic_ns()}.mp4"
+    path.write_bytes(data)
+    reader = imageio.get_reader(str(path), format="FFMPEG")
+    try:
+        frames = [frame for frame in reader]
+    finally:
+        reader.close()
+    return len(frames), frames[0].shape
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def image_http():
+    data = png_bytes()
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path == "/in.png":
+                body, ctype = data, "image/png"
+            elif self.path == "/page.html":
+                body, ctype = b"<html>not an image</html>", "text/html"
+            else:
+                self.send_response(404)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+    srv = S(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield {"base": f"http://127.0.0.1:{srv.server_address[1]}", "hostport": f"127.0.0.1:{srv.server_address[1]}",
+           "data": data}
+    srv.shutdown()
+
+
+class Worker:
+    def __init__(self, proc, url, log_path, out_dir, inputs, comfy_log):
+        self.proc, self.url, self.log_path, self.out_dir, self.inputs = proc, url, log_path, out_dir, inputs
+        self.comfy_log = comfy_log
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def runsync(self, job_input, timeout=300) -> dict:
+        resp = requests.post(self.url + "/runsync", json={"input": job_input}, timeout=timeout)
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    def comfy_pid(self):
+        m = re.search(r"ComfyUI ready at \S+ \(pid (\d+)", self.log())
+        return int(m.group(1)) if m else None
+
+
+def worker_env(tiny_upstream, tmp, extra=None):
+    env = dict(os.environ)
+    for key in ("COMFYUI_URL", "RUNPOD_WEBHOOK_GET_JOB", "RUNPOD_WEBHOOK_POST_OUTPUT", "BUCKET_ENDPOINT_URL"):
+        env.pop(key, None)
+    env.update({
+        "PYTHONPATH": str(REPO),
+        "COMFYUI_CPU": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+        "WAN_CKPT_DIR": str(tiny_upstream),
+        "WAN_OUTPUT_DIR": str(tmp / "out"),
+        "WAN_INPUT_ROOTS": str(tmp / "inputs"),
+        "WAN_COMFY_WORK_DIR": str(tmp / "comfy"),
+        "WAN_EXTRA_NODE_PATHS": str(cf.TEST_NODES),
+        "WAN_MAX_IMAGE_MB": "1",
+        "WAN_COMFY_START_TIMEOUT_S": os.environ.get("COMFYUI_STARTUP_TIMEOUT", "240"),
+    })
+    env.update(extra or {})
+    return env
+
+
+def stop_worker(proc, comfy_pid):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    if comfy_pid:  # the worker stops its ComfyUI; make sure (only that pid, which this test started)
+        try:
+            os.kill(comfy_pid, 0)
+        except OSError:
+            return
+        time.sleep(2)
+        try:
+            os.kill(comfy_pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory, tiny_upstream, image_http):
+    _need_comfyui()
+    tmp = tmp_path_factory.mktemp("worker")
+    (tmp / "inputs").mkdir()
+    (tmp / "inputs" / "in.png").write_bytes(image_http["data"])
+    (tmp / "secret.png").write_bytes(image_http["data"])
+    os.symlink(tmp / "secret.png", tmp / "inputs" / "escape.png")
+    port = free_port()
+    env = worker_env(tiny_upstream, tmp, {"WAN_URL_ALLOW_HOSTS": image_http["hostport"]})
+    log_path = tmp / "worker.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runpod_worker", "--rp_serve_api", "--rp_api_port", str(port),
+             "--rp_api_host", "127.0.0.1"], cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
+    w = Worker(proc, f"http://127.0.0.1:{port}", log_path, tmp / "out", tmp / "inputs", tmp / "comfy" / "comfyui.log")
+    deadline = time.monotonic() + float(env["WAN_COMFY_START_TIMEOUT_S"]) + 60
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"worker exited with {proc.returncode}:\n{w.log()[-4000:]}")
+            try:
+                if requests.get(w.url + "/openapi.json", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("worker API did not come up:\n" + w.log()[-4000:])
+            time.sleep(0.5)
+        yield w
+    finally:
+        pid = w.comfy_pid()
+        stop_worker(proc, pid)
+        cf.ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        for src, name in ((log_path, "worker.log"), (w.comfy_log, "worker_comfyui.log")):
+            try:
+                (cf.ARTIFACTS / name).write_bytes(Path(src).read_bytes())
+            except OSError:
+                pass
+
+
+def listing(folder: Path):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+RAW_WORKFLOW = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": "raw_in.png"}},
+    "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "raw_test"}},
+}
+
+
+# ------------------------------------------------------------------------------------------------ raw mode
+def test_raw_workflow_mode_returns_every_saved_image(worker, image_http):
+    answer = worker.runsync({"workflow": RAW_WORKFLOW,
+                             "images": [{"name": "raw_in.png", "image": base64.b64encode(image_http["data"]).decode()}]})
+    assert answer["status"] == "COMPLETED", answer
+    out = answer["output"]
+    assert out["status"] == "COMPLETED" and out["videos"] == []
+    [img] = out["images"]
+    assert img["type"] == "base64" and img["filename"].startswith("raw_test")
+    from PIL import Image
+
+    decoded = Image.open(io.BytesIO(base64.b64decode(img["data"])))
+    assert decoded.size == (120, 80)
+    assert decoded.getpixel((0, 0)) == (255, 255, 255)  # inverted black corner
+    # kept in the output folder with a record, so `status` can answer for it
+    record = json.loads((worker.out_dir / f"{answer['id']}.json").read_text())
+    assert record["status"] == "COMPLETED" and record["kind"] == "workflow"
+    status = worker.runsync({"action": "status", "request_id": answer["id"]})
+    assert status["output"]["status"] == "COMPLETED"
+
+
+def test_sdk_run_then_status_endpoint(worker, image_http):
+    """The SDK's asynchronous pair: /run stores the job, /status/{id} runs it."""
+    body = {"input": {"workflow": RAW_WORKFLOW,
+                      "images": [{"name": "raw_in.png", "image": base64.b64encode(image_http["data"]).decode()}]}}
+    job = requests.post(worker.url + "/run", json=body, timeout=30).json()
+    assert job["status"] == "IN_PROGRESS"
+    done = requests.post(worker.url + f"/status/{job['id']}", timeout=300).json()
+    assert done["status"] == "COMPLETED" and done["output"]["images"][0]["type"] == "base64"
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+def bad_cases(worker, image_http):
+    good_b64 = base64.b64encode(image_http["data"]).decode()
+    base = {"prompt": "a cat", **TINY}
+
+    def request(**params):
+        merged = {**base, **params}
+        return {"action": "request", "params": {k: v for k, v in merged.items() if v is not None}}
+
+    url = image_http["base"]
+    return [
+        (request(reference_image_path="/etc/passwd"), "params.reference_image_path", "outside"),
+        (request(reference_image_path=f"{worker.inputs}/../secret.png"), "params.reference_image_path", "outside"),
+        (request(reference_image_path=f"{worker.inputs}/escape.png"), "params.reference_image_path", "outside"),
+        (request(reference_image_path="in.png"), "params.reference_image_path", "absolute"),
+        (request(reference_image_path=f"{worker.inputs}/missing.png"), "params.reference_image_path", "does not exist"),
+        (request(reference_image_url="file:///etc/passwd"), "params.reference_image_url", "scheme"),
+        (request(reference_image_url="ftp://127.0.0.1/in.png"), "params.reference_image_url", "scheme"),
+        (request(reference_image_url="http://169.254.169.254/latest/meta-data/"), "params.reference_image_url", "non-public"),
+        (request(reference_image_url=url + "/missing.png"), "params.reference_image_url", "404"),
+        (request(reference_image_url=url + "/page.html"), "params.reference_image_url", "not an image"),
+        (request(reference_image_base64="A" * (2 * 1024 * 1024)), "params.reference_image_base64", "limit"),
+        (request(reference_image_base64="@@not base64@@"), "params.reference_image_base64", "base64"),
+        (request(reference_image_base64=base64.b64encode(b"plain text").decode()), "params.reference_image_base64", "not an image"),
+        (request(reference_image_url=url + "/in.png", reference_image_base64=good_b64), "params.reference_image_base64", "exactly one"),
+        (request(prompt="x"), "params.reference_image_url", "required"),
+        (request(reference_image_base64=good_b64, frame_num=6), "params.frame_num", "4n+1"),
+        (request(reference_image_base64=good_b64, frame_num=None, num_frames=0), "params.num_frames", "from 1"),
+        (request(reference_image_base64=good_b64, sample_steps=0), "params.sample_steps", "from 1"),
+        (request(reference_image_base64=good_b64, cfg_scale=-1), "params.cfg_scale", "from 0"),
+        (request(reference_image_base64=good_b64, sample_shift="lots"), "params.sample_shift", "number"),
+        (request(reference_image_base64=good_b64, sample_solver="euler"), "params.sample_solver", "unipc"),
+        (request(reference_image_base64=good_b64, seed="abc"), "params.seed", "integer"),
+        (request(reference_image_base64=good_b64, size="100*100"), "params.size", "multiples of 16"),
+        (request(reference_image_base64=good_b64, prompt="x" * 6000), "params.prompt", "limit"),
+        (request(reference_image_base64=good_b64, dit_fsdp=True), "params.dit_fsdp", "single-GPU"),
+        (request(reference_image_base64=good_b64, t5_fsdp=True), "params.t5_fsdp", "single-GPU"),
+        (request(reference_image_base64=good_b64, ulysses_size=4), "params.ulysses_size", "single-GPU"),
+        (request(reference_image_base64=good_b64, use_prompt_extend=True), "params.use_prompt_extend", "extension"),
+        (request(reference_image_base64=good_b64, extra_args=["--t5_cpu"] * 51), "params.extra_args", "at most 50"),
+        (request(reference_image_base64=good_b64, extra_args="--ckpt_dir /etc"), "params.extra_args (--ckpt_dir)", "not accepted"),
+        (request(reference_image_base64=good_b64, extra_args="--lora x"), "params.extra_args (--lora)", "not an upstream"),
+        (request(reference_image_base64=good_b64, save_file="../../etc/evil.mp4"), "params.save_file", "plain name"),
+        (request(reference_image_base64=good_b64, save_file="/tmp/evil.mp4"), "params.save_file", "outside"),
+        ({"action": "status", "request_id": "../../etc/passwd"}, "request_id", "not a valid request id"),
+        ({"action": "status", "request_id": "no-such-request"}, "request_id", "no request"),
+        ({"action": "delete"}, "action", "must be"),
+        ({"prompt": "where is the action"}, "action", "required"),
+        ({"action": "request", "params": [1, 2]}, "params", "object"),
+        ({"workflow": RAW_WORKFLOW, "images": [{"name": "../../x.png", "image": good_b64}]}, "images[0].name", "plain file name"),
+        ({"workflow": RAW_WORKFLOW, "images": [{"name": "x.png", "image": "A" * (2 * 1024 * 1024)}]}, "images[0].image", "limit"),
+        ({"workflow": {"1": {"class_type": "Wan22LoadImage", "inputs": {"image_path": "/etc/passwd"}}}},
+         "workflow.1.inputs.image_path", "outside"),
+        ({"workflow": {"1": {"class_type": "NoSuchNodeType", "inputs": {}}}}, "NoSuchNodeType", "unknown node type"),
+    ]
+
+
+def test_bad_inputs_are_rejected_naming_the_field(worker, image_http):
+    cases = bad_cases(worker, image_http)
+    assert len(cases) >= 20
+    before = listing(worker.out_dir)
+    failures = []
+    for job_input, field, why in cases:
+        answer = worker.runsync(job_input, timeout=120)
+        error = answer.get("error") or ""
+        if answer.get("status") != "FAILED" or field not in error or why not in error:
+            failures.append((field, why, answer))
+    assert not failures, "\n".join(f"{f} / {w}: {json.dumps(a)[:400]}" for f, w, a in failures)
+    assert listing(worker.out_dir) == before, "a rejected request wrote something"
+    # the worker still serves
+    answer = worker.runsync({"workflow": RAW_WORKFLOW,
+                             "images": [{"name": "raw_in.png", "image": base64.b64encode(image_http["data"]).decode()}]})
+    assert answer["status"] == "COMPLETED", answer
+
+
+def test_bad_job_id_is_rejected_in_process(tmp_path, monkeypatch):
+    from runpod_worker.handler import handle_job
+
+    monkeypatch.setenv("WAN_OUTPUT_DIR", str(tmp_path))
+    for job_id in ("../../etc/x", "a/b", "", None, ".hidden"):
+        answer = handle_job({"id": job_id, "input": {"action": "status", "request_id": "x"}})
+        assert answer["error"].startswith("id (the RunPod job id)"), answer
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ seed format
+@pytest.fixture(scope="module")
+def first_request(worker, image_http):
+    params = {"reference_image_url": image_http["base"] + "/in.png", "prompt": "a small cat walks", "seed": 42,
+              "offload_model": True, "t5_cpu": True, **TINY}
+    t0 = time.monotonic()
+    answer = worker.runsync({"action": "request", "params": params, "return_video": True})
+    return answer, time.monotonic() - t0
+
+
+@needs_pack
+def test_seed_request_returns_base64_mp4(worker, first_request, tmp_path):
+    answer, _ = first_request
+    assert answer["status"] == "COMPLETED", answer
+    out = answer["output"]
+    for key in ("request_id", "status", "output_path", "video_base64", "seed", "frames", "width", "height",
+                "timings", "warnings"):
+        assert key in out, key
+    assert out["request_id"] == answer["id"] and out["status"] == "COMPLETED"
+    assert out["seed"] == 42 and out["frames"] == 5
+    data = base64.b64decode(out["video_base64"])
+    n, shape = count_frames(data, tmp_path)
+    assert n == 5 and (out["width"], out["height"]) == (shape[1], shape[0])
+    assert Path(out["output_path"]) == worker.out_dir / f"{answer['id']}.mp4"
+    assert Path(out["output_path"]).read_bytes() == data
+    record = json.loads((worker.out_dir / f"{answer['id']}.json").read_text())
+    assert record["status"] == "COMPLETED" and record["seed"] == 42 and record["error"] is None
+    assert record["params"]["frame_num"] == 5 and record["params"]["reference_image"]["kind"] == "url"
+    assert {"fetch_s", "generate_s", "total_s"} <= set(record["timings"])
+    # progress went out each step (logged locally; progress_update on RunPod)
+    assert re.search(rf"job {re.escape(answer['id'])} progress 2/2", worker.log())
+
+
+@needs_pack
+def test_status_returns_same_record_and_video(worker, first_request):
+    answer, _ = first_request
+    status = worker.runsync({"action": "status", "request_id": answer["id"], "return_video": True})
+    assert status["status"] == "COMPLETED", status
+    out, first = status["output"], answer["output"]
+    for key in ("request_id", "status", "output_path", "seed", "frames", "width", "height", "timings"):
+        assert out[key] == first[key], key
+    assert out["video_base64"] == first["video_base64"]
+    assert out["params"]["seed"] == 42
+    no_video = worker.runsync({"action": "status", "request_id": answer["id"], "return_video": False})
+    assert "video_base64" not in no_video["output"]
+
+
+@needs_pack
+def test_second_request_reloads_nothing(worker, first_request, tmp_path):
+    """Aliases + a path image + extra_args; the loader's output is reused (ComfyUI reports it cached)."""
+    answer1, seconds1 = first_request
+    params = {"reference_image_path": str(worker.inputs / "in.png"), "prompt": "a small dog", "base_seed": 7,
+              "num_frames": 5, "cfg_scale": 4.0, "size": "64*64", "extra_args": "--sample_steps 2",
+              "unknown_knob": 1}
+    answer = worker.runsync({"action": "request", "params": params})
+    assert answer["status"] == "COMPLETED", answer
+    out = answer["output"]
+    assert out["seed"] == 7 and out["frames"] == 5
+    assert any("unknown_knob" in w for w in out["warnings"])
+    record = json.loads((worker.out_dir / f"{answer['id']}.json").read_text())
+    assert "Wan22ModelLoader" in record["comfy"]["cached_nodes"], record["comfy"]
+    assert record["params"]["sample_guide_scale"] == [4.0, 4.0]
+
+
+@needs_pack
+def test_too_large_video_falls_back_to_path_via_test_input(tiny_upstream, tmp_path, image_http):
+    """`--test_input` (the SDK's local one-job mode) with WAN_MAX_INLINE_MB tiny: path + message, no base64."""
+    _need_comfyui()
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "inputs" / "in.png").write_bytes(image_http["data"])
+    env = worker_env(tiny_upstream, tmp_path, {"WAN_MAX_INLINE_MB": "0.0001"})
+    job = {"input": {"action": "request", "params": {"reference_image_path": str(tmp_path / "inputs" / "in.png"),
+                                                      "prompt": "p", "seed": 3, **TINY}}}
+    proc = subprocess.run([sys.executable, "-m", "runpod_worker", "--test_input", json.dumps(job)], cwd=str(REPO),
+                          env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "not inlined" in log and "WAN_MAX_INLINE_MB" in log
+    assert "video_base64" not in log
+    assert (tmp_path / "out" / "local_test.mp4").stat().st_size > 0
+    record = json.loads((tmp_path / "out" / "local_test.json").read_text())
+    assert record["status"] == "COMPLETED" and record["seed"] == 3
