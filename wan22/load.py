@@ -65,38 +65,88 @@ def safetensors_files(folder_or_file: Path) -> List[Path]:
     return shards
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+class SafetensorsFile:
+    """A safetensors file read with plain positioned reads, one tensor at a time.
+
+    Unlike an mmap, nothing of the file stays resident after a tensor is copied out, so loading a
+    57 GB fp32 expert costs only the target-dtype model plus one fp32 tensor of RSS. The header is
+    checked against the file size on open, so a truncated shard is reported before any loading.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as handle:
+                prefix = handle.read(8)
+                if len(prefix) < 8:
+                    raise ValueError("file shorter than the 8-byte header length")
+                header_len = int.from_bytes(prefix, "little")
+                if header_len > min(MAX_HEADER_BYTES, size - 8):
+                    raise ValueError(f"header length {header_len} does not fit the file of {size} bytes")
+                header = json.loads(handle.read(header_len))
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{self.path}: not a readable safetensors file ({exc})") from exc
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_len
+        self.entries: Dict[str, Tuple[torch.dtype, Tuple[int, ...], int, int]] = {}
+        for key, info in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{self.path}: bad header entry for {key} ({exc})") from exc
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            if end - begin != numel * dtype.itemsize or self.data_start + end > size:
+                raise CheckpointError(
+                    f"{self.path}: tensor {key} needs bytes {begin}..{end} of data but the file holds "
+                    f"{size - self.data_start}: the file is truncated or corrupt"
+                )
+            self.entries[key] = (dtype, shape, begin, end)
+
+    def keys(self) -> List[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        return self.entries[key][1]
+
+    def read(self, key: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[key]
+        buffer = bytearray(end - begin)
+        with open(self.path, "rb", buffering=0) as handle:
+            handle.seek(self.data_start + begin)
+            view, done = memoryview(buffer), 0
+            while done < len(buffer):
+                count = handle.readinto(view[done:])
+                if not count:
+                    raise CheckpointError(f"{self.path}: tensor {key} cut short at byte {done} (truncated file)")
+                done += count
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def open_safetensors(files: List[Path]) -> List[SafetensorsFile]:
+    """Open (and check) every shard before any tensor is read."""
+    return [SafetensorsFile(f) for f in files]
+
+
 def iter_safetensors(files: List[Path]) -> Iterator[Tuple[str, TensorGetter]]:
     """Yield (key, lazy getter) for every tensor, shard by shard; only one tensor is read at a time."""
-    from safetensors import SafetensorError, safe_open
-
-    for file in files:
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-            keys = list(handle.keys())
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
-        # no `with`: getters may outlive the iteration (fp8 scales are looked up later); the handle
-        # closes when its last getter is dropped
-        for key in keys:
-            def get(key=key, handle=handle, file=file):
-                try:
-                    return handle.get_tensor(key)
-                except Exception as exc:  # truncated data surfaces here on some versions
-                    raise CheckpointError(f"{file}: tensor {key} unreadable ({exc})") from exc
-            yield key, get
-
-
-def safetensors_keys(files: List[Path]) -> List[str]:
-    from safetensors import SafetensorError, safe_open
-
-    keys = []
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                keys.extend(handle.keys())
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
-    return keys
+    for shard in open_safetensors(files):
+        for key in shard.keys():
+            yield key, (lambda key=key, shard=shard: shard.read(key))
 
 
 def load_pth_state_dict(file: Path) -> Dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from .load import (
     iter_safetensors,
     iter_state_dict,
     load_pth_state_dict,
+    open_safetensors,
     parameters_on_meta,
     safetensors_files,
 )
@@ -31,17 +32,7 @@ HEAD_DIM = 128  # Wan2.2 A14B: 5120 / 40 heads; ComfyUI infers heads the same wa
 
 
 def safetensors_shapes(files) -> Shapes:
-    from safetensors import SafetensorError, safe_open
-
-    shapes = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for key in handle.keys():
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
-    return shapes
+    return {key: shard.shape(key) for shard in open_safetensors(files) for key in shard.keys()}
 
 
 def _count_blocks(shapes: Shapes, pattern: str) -> int:
@@ -191,11 +182,9 @@ def load_t5_from_comfy_file(file: Path, dtype, device):
 
 def comfy_embedded_tokenizer(file: Path) -> Optional[bytes]:
     """ComfyUI text-encoder files often carry their sentencepiece model as a uint8 tensor."""
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt", device="cpu") as handle:
-        if convert.COMFY_TOKENIZER_KEY in handle.keys():
-            return handle.get_tensor(convert.COMFY_TOKENIZER_KEY).numpy().tobytes()
+    (shard,) = open_safetensors([file])
+    if convert.COMFY_TOKENIZER_KEY in shard.keys():
+        return shard.read(convert.COMFY_TOKENIZER_KEY).numpy().tobytes()
     return None
 
 

@@ -115,6 +115,7 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
     model_set = source if isinstance(source, ModelSet) else discover_model_set(source)
     device = options.torch_device
     load_transformer, load_t5, load_vae = LOADERS[model_set.layout]
+    check_safetensors_headers(model_set)
     expert_dtype = options.torch_dtype if options.convert_model_dtype else None
     expert_device = "cpu" if options.offload_model else device
     timings = {}
@@ -135,6 +136,16 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
     pipe = Wan22I2VPipeline(high, low, PromptEncoder(tokenizer, text_model, device), vae, options, model_set)
     pipe.load_timings = timings
     return pipe
+
+
+def check_safetensors_headers(model_set: ModelSet) -> None:
+    """Read every safetensors header (sizes against the file) so a truncated shard fails before loading."""
+    from .load import open_safetensors, safetensors_files
+
+    for part in ("high_noise_model", "low_noise_model", "text_encoder", "vae"):
+        path = model_set.files[part]
+        if path.is_dir() or path.suffix == ".safetensors":
+            open_safetensors(safetensors_files(path))
 
 
 class Wan22I2VPipeline:
