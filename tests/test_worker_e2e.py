@@ -384,6 +384,9 @@ def test_status_returns_same_record_and_video(worker, first_request):
 def test_second_request_reloads_nothing(worker, first_request, tmp_path):
     """Aliases + a path image + extra_args; the loader's output is reused (ComfyUI reports it cached)."""
     answer1, seconds1 = first_request
+    assert answer1["status"] == "COMPLETED", answer1
+    loads_before = worker.comfy_log.read_text(errors="replace").count("Wan22: loading")
+    assert loads_before >= 1
     params = {"reference_image_path": str(worker.inputs / "in.png"), "prompt": "a small dog", "base_seed": 7,
               "num_frames": 5, "cfg_scale": 4.0, "size": "64*64", "extra_args": "--sample_steps 2",
               "unknown_knob": 1}
@@ -394,6 +397,7 @@ def test_second_request_reloads_nothing(worker, first_request, tmp_path):
     assert any("unknown_knob" in w for w in out["warnings"])
     record = json.loads((worker.out_dir / f"{answer['id']}.json").read_text())
     assert "Wan22ModelLoader" in record["comfy"]["cached_nodes"], record["comfy"]
+    assert worker.comfy_log.read_text(errors="replace").count("Wan22: loading") == loads_before
     assert record["params"]["sample_guide_scale"] == [4.0, 4.0]
 
 

@@ -1,0 +1,105 @@
+"""The worker's time limit and RunPod cancellation stop the ComfyUI prompt (REAL ComfyUI fixture, in process).
+
+A raw workflow with the headless test node `HeadlessTestSteps` (slow steps, progress bar) stands in for a long
+generation, so these tests do not depend on the engine's speed.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import random
+import time
+
+import pytest
+
+import comfy_fixture as cf
+
+pytestmark = [pytest.mark.comfy]
+
+
+def png_b64() -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def slow_job(job_id: str, steps: int = 400, delay: float = 0.05) -> dict:
+    workflow = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "slow_in.png"}},
+        "2": {"class_type": "HeadlessTestSteps", "inputs": {"images": ["1", 0], "steps": steps, "delay": delay,
+                                                           "fail_at": 0, "seed": random.randint(0, 10**9)}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "slow"}},
+    }
+    return {"id": job_id, "input": {"workflow": workflow, "images": [{"name": "slow_in.png", "image": png_b64()}]}}
+
+
+@pytest.fixture
+def backend(comfy_url, tmp_path, monkeypatch):
+    from runpod_worker import handler
+    from runpod_worker.comfy import ComfyBackend
+
+    monkeypatch.setenv("WAN_OUTPUT_DIR", str(tmp_path / "out"))
+    handler.set_backend(ComfyBackend(comfy_url))
+    yield tmp_path / "out"
+    handler.set_backend(None)
+
+
+def history_messages(client, prompt_id, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entry = client.history(prompt_id)
+        if entry is not None:
+            return [m[0] for m in (entry.get("status") or {}).get("messages") or []]
+        time.sleep(0.2)
+    return None
+
+
+def test_job_time_limit_interrupts_comfyui(backend, comfy_client, monkeypatch):
+    from runpod_worker.handler import handle_job
+
+    monkeypatch.setenv("WAN_JOB_TIMEOUT_S", "2")
+    t0 = time.monotonic()
+    answer = handle_job(slow_job("timeout-job"))
+    assert "time limit" in answer["error"] and "WAN_JOB_TIMEOUT_S" in answer["error"], answer
+    assert time.monotonic() - t0 < 20
+    assert cf.wait_queue_empty(comfy_client, 15), "the timed-out prompt is still on the server"
+    record = json.loads((backend / "timeout-job.json").read_text())
+    assert record["status"] == "FAILED" and "time limit" in record["error"]
+    assert "execution_interrupted" in (history_messages(comfy_client, record["comfy"]["prompt_id"]) or [])
+
+
+def test_runpod_cancel_interrupts_comfyui(backend, comfy_client, monkeypatch):
+    from runpod_worker.handler import handler
+
+    monkeypatch.setenv("WAN_JOB_TIMEOUT_S", "120")
+
+    async def scenario():
+        task = asyncio.create_task(handler(slow_job("cancel-job")))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # wait until the prompt runs
+            q = await asyncio.to_thread(comfy_client.queue)
+            if q.get("queue_running"):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        task.cancel()  # what the SDK does on a cancel request or the endpoint's execution timeout
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    t0 = time.monotonic()
+    asyncio.run(scenario())
+    assert cf.wait_queue_empty(comfy_client, 15), "the cancelled prompt is still on the server"
+    assert time.monotonic() - t0 < 40  # 400 steps x 0.05 s would take 20 s more
+    deadline = time.monotonic() + 15
+    record = {}
+    while time.monotonic() < deadline:  # the job thread records the outcome
+        record = json.loads((backend / "cancel-job.json").read_text())
+        if record["status"] == "FAILED":
+            break
+        time.sleep(0.2)
+    assert record["status"] == "FAILED" and "cancelled" in record["error"], record
+    assert "execution_interrupted" in (history_messages(comfy_client, record["comfy"]["prompt_id"]) or [])
