@@ -131,6 +131,8 @@ def worker_env(tiny_upstream, tmp, extra=None):
         env.pop(key, None)
     env.update({
         "PYTHONPATH": str(REPO),
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+        "COMFYUI_DIR": str(cf.comfyui_dir()),
         "COMFYUI_CPU": "1",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
         "WAN_CKPT_DIR": str(tiny_upstream),
@@ -403,14 +405,15 @@ def test_second_request_reloads_nothing(worker, first_request, tmp_path):
 
 @needs_pack
 def test_too_large_video_falls_back_to_path_via_test_input(tiny_upstream, tmp_path, image_http):
-    """`--test_input` (the SDK's local one-job mode) with WAN_MAX_INLINE_MB tiny: path + message, no base64."""
+    """`--test_input` (the SDK's local one-job mode) through the image's entry point start.sh, with
+    WAN_MAX_INLINE_MB tiny: the answer has the path and a message, no base64."""
     _need_comfyui()
     (tmp_path / "inputs").mkdir()
     (tmp_path / "inputs" / "in.png").write_bytes(image_http["data"])
     env = worker_env(tiny_upstream, tmp_path, {"WAN_MAX_INLINE_MB": "0.0001"})
     job = {"input": {"action": "request", "params": {"reference_image_path": str(tmp_path / "inputs" / "in.png"),
                                                       "prompt": "p", "seed": 3, **TINY}}}
-    proc = subprocess.run([sys.executable, "-m", "runpod_worker", "--test_input", json.dumps(job)], cwd=str(REPO),
+    proc = subprocess.run([str(REPO / "runpod_worker" / "start.sh"), "--test_input", json.dumps(job)], cwd=str(REPO),
                           env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
