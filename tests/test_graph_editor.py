@@ -1,0 +1,320 @@
+"""The graph editor: headless Chromium (Debian ``chromium``) opens the real ComfyUI server's page, loads the shipped
+UI workflow, finds no missing node types, shows the workflow's widget values, and saves a screenshot.
+
+Chromium is driven over the Chrome DevTools Protocol with ``websocket-client`` (no browser-automation package).
+Without a ``chromium`` binary the tests skip, unless ``WAN22_REQUIRE_COMFYUI=1`` (``make test`` / CI) makes that a
+failure. The screenshot is written to the test's tmp_path and copied to tests/_artifacts/graph_editor.png.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import comfy_fixture as cf
+
+pytestmark = [pytest.mark.browser, pytest.mark.comfy]
+
+REPO = Path(__file__).resolve().parents[1]
+UI_WORKFLOW = REPO / "workflows" / "wan22_i2v_a14b.json"
+EXAMPLE_WORKFLOW = REPO / "example_workflows" / "wan22_i2v_a14b.json"
+EXPECTED_TYPES = ["Wan22ModelLoader", "LoadImage", "Wan22TextEncode", "Wan22ImageToVideo", "Wan22SaveVideo"]
+VIEWPORT = (1920, 1080)
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--no-default-browser-check", "--mute-audio",
+    f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}",
+]
+
+
+def find_chromium() -> str | None:
+    for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.fixture(scope="module")
+def chromium_bin() -> str:
+    path = find_chromium()
+    if path is None:
+        message = "no chromium binary on PATH (Debian: apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("WAN22_REQUIRE_COMFYUI") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+class CDP:
+    """A minimal Chrome DevTools Protocol client over one page target's websocket."""
+
+    def __init__(self, ws_url: str, timeout: float = 30.0):
+        import websocket
+
+        self.ws = websocket.create_connection(ws_url, timeout=timeout, suppress_origin=True)
+        self.ids = itertools.count(1)
+        self.events: list[dict] = []
+
+    def call(self, method: str, *, wait: float = 30.0, **params):
+        msg_id = next(self.ids)
+        self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            self.ws.settimeout(max(0.1, deadline - time.monotonic()))
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == msg_id:
+                if "error" in msg:
+                    raise RuntimeError(f"CDP {method} failed: {msg['error']}")
+                return msg.get("result", {})
+            if "method" in msg:
+                self.events.append(msg)
+        raise TimeoutError(f"CDP {method}: no answer in {wait}s")
+
+    def evaluate(self, expression: str, timeout: float = 30.0):
+        """Evaluate JS in the page (promises awaited) and return its value (JSON-serialisable)."""
+        result = self.call("Runtime.evaluate", wait=timeout + 5, expression=expression, awaitPromise=True,
+                           returnByValue=True, timeout=int(timeout * 1000))
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            text = details.get("exception", {}).get("description") or details.get("text")
+            raise RuntimeError(f"JS exception: {text}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = self.evaluate(expression, timeout=10)
+            except RuntimeError as exc:  # page still loading
+                last = str(exc)
+            if last is True:
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+    def page_errors(self) -> list[str]:
+        errors = []
+        for event in self.events:
+            if event["method"] == "Runtime.exceptionThrown":
+                details = event["params"]["exceptionDetails"]
+                errors.append(details.get("exception", {}).get("description") or details.get("text", ""))
+        return errors
+
+    def close(self):
+        try:
+            self.ws.close()
+        except Exception:
+            pass
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_bin, tmp_path_factory):
+    """Headless Chromium with a fresh profile and a DevTools port; yields a CDP client on its page."""
+    profile = Path(tempfile.mkdtemp(prefix="wan22_chromium_"))
+    log_path = tmp_path_factory.mktemp("chromium") / "chromium.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [chromium_bin, *CHROMIUM_FLAGS, "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1",
+         f"--user-data-dir={profile}", "about:blank"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    cdp = None
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 45
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"chromium did not open its DevTools port (rc={proc.poll()}); log:\n"
+                            + log_path.read_text(errors="replace")[-3000:])
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
+            targets = json.load(resp)
+        page = next(t for t in targets if t.get("type") == "page")
+        cdp = CDP(page["webSocketDebuggerUrl"])
+        cdp.call("Page.enable")
+        cdp.call("Runtime.enable")
+        cdp.call("Emulation.setDeviceMetricsOverride", width=VIEWPORT[0], height=VIEWPORT[1],
+                 deviceScaleFactor=1, mobile=False)
+        yield cdp
+    finally:
+        if cdp is not None:
+            cdp.close()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        log.close()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+# Everything the assertions need, read back from the live graph after loadGraphData.
+READ_GRAPH_JS = """
+(() => {
+  const dialog = app.ui.dialog.element;
+  const shown = el => !!el && getComputedStyle(el).display !== 'none' && el.getBoundingClientRect().width > 0;
+  const missing = document.querySelector('.comfy-missing-nodes');
+  return {
+    nodes: app.graph._nodes.map(n => ({
+      id: n.id, type: n.type, title: n.title,
+      registered: n.type in LiteGraph.registered_node_types,
+      has_errors: !!n.has_errors,
+      widgets: (n.widgets || []).map(w => ({name: w.name, value: w.value})),
+      widgets_values: n.serialize().widgets_values || [],
+      inputs: (n.inputs || []).map(i => ({name: i.name, type: i.type, link: i.link})),
+    })),
+    links: Object.values(app.graph.links || {}).filter(Boolean).map(l =>
+      [l.id, l.origin_id, l.origin_slot, l.target_id, l.target_slot, l.type]),
+    missing_dialog: missing ? missing.innerText : null,
+    dialog_visible: shown(dialog),
+    dialog_text: dialog ? dialog.innerText : null,
+  };
+})()
+"""
+
+
+@pytest.fixture(scope="module")
+def loaded_graph(browser, comfy_server):
+    """The server's page in Chromium with the shipped UI workflow loaded; returns the graph as read back."""
+    if not comfy_server.alive():
+        pytest.fail("the shared ComfyUI server died; log tail:\n" + comfy_server.log_tail())
+    browser.call("Page.navigate", url=comfy_server.url + "/")
+    browser.wait_for(
+        "typeof window.app !== 'undefined' && !!window.app.graph && !!window.app.canvas"
+        " && typeof LiteGraph !== 'undefined' && 'Wan22ImageToVideo' in LiteGraph.registered_node_types",
+        timeout=60, what="ComfyUI's app with the Wan2.2 nodes registered",
+    )
+    workflow = json.loads(UI_WORKFLOW.read_text(encoding="utf-8"))
+    browser.evaluate(f"app.loadGraphData({json.dumps(workflow)}).then(() => true)", timeout=30)
+    # A fixed view of the whole graph, then a redraw, for the screenshot.
+    browser.evaluate(
+        "(() => { app.canvas.ds.scale = 1; app.canvas.ds.offset = [20, 40];"
+        " app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);"
+        " return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true)))); })()"
+    )
+    return {"workflow": workflow, "graph": browser.evaluate(READ_GRAPH_JS)}
+
+
+def test_ui_workflow_loads_without_missing_nodes(loaded_graph, browser):
+    graph, workflow = loaded_graph["graph"], loaded_graph["workflow"]
+    assert graph["missing_dialog"] is None, f"ComfyUI reported missing node types: {graph['missing_dialog']}"
+    assert not graph["dialog_visible"], f"a dialog is open after loading: {graph['dialog_text']}"
+    types = sorted(n["type"] for n in graph["nodes"])
+    assert types == sorted(EXPECTED_TYPES), types
+    assert sorted(n["type"] for n in workflow["nodes"]) == sorted(EXPECTED_TYPES)
+    unregistered = [n["type"] for n in graph["nodes"] if not n["registered"]]
+    assert not unregistered, f"placeholder nodes for unregistered types: {unregistered}"
+    errored = [n["type"] for n in graph["nodes"] if n["has_errors"]]
+    assert not errored, f"nodes flagged has_errors: {errored}"
+    assert not browser.page_errors(), f"uncaught page errors: {browser.page_errors()}"
+    # the same wiring as the file: every link, no input left unconnected
+    assert sorted(map(tuple, graph["links"])) == sorted(map(tuple, workflow["links"]))
+    for node in graph["nodes"]:
+        assert all(i["link"] is not None for i in node["inputs"]), (node["type"], node["inputs"])
+
+
+def test_widget_values_match_the_workflow(loaded_graph):
+    graph, workflow = loaded_graph["graph"], loaded_graph["workflow"]
+    by_id = {n["id"]: n for n in graph["nodes"]}
+    for wf_node in workflow["nodes"]:
+        node = by_id[wf_node["id"]]
+        assert node["type"] == wf_node["type"]
+        assert node["title"] == wf_node.get("title", node["title"])
+        assert node["widgets_values"] == wf_node["widgets_values"], node["type"]
+        assert [w["value"] for w in node["widgets"]] == wf_node["widgets_values"], node["type"]
+    sampler = {w["name"]: w["value"] for w in next(n for n in graph["nodes"] if n["type"] == "Wan22ImageToVideo")["widgets"]}
+    assert sampler["size"] == "1280*720"
+    assert sampler["frame_num"] == 81
+    assert sampler["sample_steps"] == 40
+    assert sampler["sample_solver"] == "unipc"
+    assert sampler["guide_scale_low"] == 3.5 and sampler["guide_scale_high"] == 3.5
+    assert sampler["sample_shift"] == 5.0 and sampler["boundary"] == 0.9
+    assert sampler["seed"] == -1
+    loader = {w["name"]: w["value"] for w in next(n for n in graph["nodes"] if n["type"] == "Wan22ModelLoader")["widgets"]}
+    assert loader["model_set"] == "default (WAN_CKPT_DIR)" and loader["dtype"] == "bf16"
+    saver = {w["name"]: w["value"] for w in next(n for n in graph["nodes"] if n["type"] == "Wan22SaveVideo")["widgets"]}
+    assert saver["fps"] == 16
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_screenshot(loaded_graph, browser, tmp_path):
+    import base64
+
+    data = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+    path = tmp_path / "graph_editor.png"
+    path.write_bytes(data)
+    cf.ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, cf.ARTIFACTS / "graph_editor.png")
+    width, height = png_size(data)
+    assert (width, height) == VIEWPORT
+    assert len(data) > 20_000, f"screenshot only {len(data)} bytes: blank page?"
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        colors = img.convert("RGB").resize((192, 108)).getcolors(maxcolors=192 * 108)
+    assert colors is None or len(colors) > 50, "screenshot is nearly uniform: nothing drawn?"
+
+
+def _get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.load(resp)
+
+
+def test_example_workflow_served_as_template(comfy_server):
+    """Newer ComfyUI serves custom nodes' example_workflows/ to its template browser; the 2024 server does not."""
+    server_py = cf.comfyui_dir() / "server.py"
+    sources = server_py.read_text(encoding="utf-8", errors="replace")
+    manager = cf.comfyui_dir() / "app" / "custom_node_manager.py"
+    if manager.is_file():
+        sources += manager.read_text(encoding="utf-8", errors="replace")
+    if "workflow_templates" not in sources:
+        pytest.skip(f"this ComfyUI ({server_py}) has no workflow_templates route (added upstream after March 2024); "
+                    "example_workflows/ is listed by newer servers")
+    listing = None
+    for route in ("/api/workflow_templates", "/workflow_templates"):
+        try:
+            listing = _get_json(comfy_server.url + route)
+            break
+        except urllib.error.HTTPError:
+            continue
+    assert isinstance(listing, dict), "no workflow_templates listing"
+    packs = [pack for pack, names in listing.items() if "wan22_i2v_a14b" in names]
+    assert packs, f"wan22_i2v_a14b not among the templates: {listing}"
+    served = _get_json(f"{comfy_server.url}/api/workflow_templates/{packs[0]}/wan22_i2v_a14b.json")
+    assert served == json.loads(EXAMPLE_WORKFLOW.read_text(encoding="utf-8"))
+
+
+def test_missing_node_detection_is_not_vacuous(loaded_graph, browser):
+    """Control: a workflow with an unknown node type is caught by the same checks (dialog + placeholder node)."""
+    workflow = json.loads(json.dumps(loaded_graph["workflow"]))
+    bogus = dict(workflow["nodes"][-1], id=99, type="Wan22NoSuchNode", inputs=[], outputs=[], pos=[40, 600])
+    workflow["nodes"].append(bogus)
+    workflow["last_node_id"] = 99
+    browser.evaluate(f"app.loadGraphData({json.dumps(workflow)}).then(() => true)", timeout=30)
+    graph = browser.evaluate(READ_GRAPH_JS)
+    assert graph["missing_dialog"] and "Wan22NoSuchNode" in graph["missing_dialog"]
+    assert graph["dialog_visible"]
+    assert [n["type"] for n in graph["nodes"] if not n["registered"]] == ["Wan22NoSuchNode"]
+    browser.evaluate("(() => { app.ui.dialog.close(); return true; })()")
