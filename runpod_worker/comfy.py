@@ -7,6 +7,7 @@ so the next job does not wait behind it.
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import os
 import threading
@@ -19,7 +20,8 @@ from headless.client import ComfyClient, Progress, output_files
 from headless.errors import (ExecutionFailed, ExecutionInterrupted, HeadlessError, OutputMissing, PromptRejected,
                              ServerUnreachable, WaitTimeout, WorkflowError)
 from headless.run import collect_result, resolve_random_seeds
-from headless.workflow import ROLE_CORE_IMAGE, ROLE_I2V, ROLE_IMAGE, apply_params, find_nodes, load_workflow
+from headless.workflow import (ROLE_CORE_IMAGE, ROLE_I2V, ROLE_IMAGE, ROLE_LOADER, apply_params, find_nodes,
+                               load_workflow)
 
 from .errors import JobFailed
 
@@ -36,6 +38,26 @@ class RunOutcome:
     timings: Dict[str, float]
     cached_nodes: List[str]
     entry: Dict[str, Any]
+
+
+NODE_PREFIX = "wan22_"
+
+
+def namespaced(workflow: dict, prefix: str) -> dict:
+    """The shipped workflow with its node ids prefixed (links too), so they never collide with a raw
+    workflow's ids (usually "1", "2"...): ComfyUI caches outputs by node id."""
+    def ref(value: Any) -> Any:
+        if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int) \
+                and value[0] in workflow:
+            return [prefix + value[0], value[1]]
+        return value
+
+    out = {}
+    for nid, node in workflow.items():
+        node = copy.deepcopy(node)
+        node["inputs"] = {k: ref(v) for k, v in (node.get("inputs") or {}).items()}
+        out[prefix + nid] = node
+    return out
 
 
 class CancelToken:
@@ -63,6 +85,8 @@ class ComfyBackend:
         self.server = server
         self.workflow_path = workflow_path
         self._object_info: Optional[dict] = None
+        self._warm_loaders: Dict[str, dict] = {}
+        self._warm_lock = threading.Lock()
 
     # ----------------------------------------------------------------- health
     def alive(self) -> bool:
@@ -145,6 +169,24 @@ class ComfyBackend:
                 except OSError:
                     pass
 
+    # ----------------------------------------------------------------- keeping the models warm
+    def _remember_loaders(self, workflow: dict) -> None:
+        with self._warm_lock:
+            self._warm_loaders = {nid: copy.deepcopy(node) for nid, node in workflow.items()
+                                  if node.get("class_type") == ROLE_LOADER}
+
+    def _with_warm_loaders(self, workflow: dict) -> dict:
+        """ComfyUI drops the cached output of every node id absent from the next prompt, so a raw workflow
+        would unload the request path's models. Adding the last loader node, unconnected (not executed, not
+        validated: it feeds no output), keeps it cached for the next request."""
+        with self._warm_lock:
+            extra = {nid: copy.deepcopy(node) for nid, node in self._warm_loaders.items() if nid not in workflow}
+        if not extra:
+            return workflow
+        merged = dict(workflow)
+        merged.update(extra)
+        return merged
+
     # ----------------------------------------------------------------- the seed's request
     def run_i2v(self, params: Dict[str, Any], image_png: bytes, out_path: Path, *, token: CancelToken,
                 deadline: float, on_progress: Callable[[Progress], None],
@@ -155,7 +197,7 @@ class ComfyBackend:
         leftovers: List[Path] = []
         try:
             info = self.object_info(client)
-            workflow = load_workflow(self.workflow_path, object_info=info)
+            workflow = namespaced(load_workflow(self.workflow_path, object_info=info), NODE_PREFIX)
             params = dict(params)
             params.setdefault("filename_prefix", f"wan22_worker/{tag}")
             apply_params(workflow, params, info)
@@ -190,6 +232,7 @@ class ComfyBackend:
             timings["download_s"] = round(time.monotonic() - t1, 3)
             if self.server is not None:
                 leftovers.append(Path(self.server.output_dir) / video["subfolder"] / video["filename"])
+            self._remember_loaders(workflow)
             return RunOutcome(prompt_id=prompt_id, seed=meta.get("seed", seed),
                               frames=meta.get("frames"), width=meta.get("width"), height=meta.get("height"),
                               timings=timings, cached_nodes=self._cached_types(client, workflow), entry=entry)
@@ -252,6 +295,7 @@ class ComfyBackend:
                     leftovers.append(Path(self.server.input_dir) / uploaded)
             if token.cancelled:
                 raise JobFailed(f"cancelled: {token.reason}")
+            workflow = self._with_warm_loaders(workflow)
             t0 = time.monotonic()
             prompt_id = self._queue(client, workflow, token)
             on_queued(prompt_id)

@@ -176,7 +176,8 @@ def worker(tmp_path_factory, tiny_upstream, image_http):
     (tmp / "secret.png").write_bytes(image_http["data"])
     os.symlink(tmp / "secret.png", tmp / "inputs" / "escape.png")
     port = free_port()
-    env = worker_env(tiny_upstream, tmp, {"WAN_URL_ALLOW_HOSTS": image_http["hostport"]})
+    env = worker_env(tiny_upstream, tmp, {"WAN_URL_ALLOW_HOSTS": image_http["hostport"],
+                                          "WAN_PRELOAD": "1" if cf.shipped_workflow_ready() else "0"})
     log_path = tmp / "worker.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -364,6 +365,11 @@ def test_seed_request_returns_base64_mp4(worker, first_request, tmp_path):
     assert record["status"] == "COMPLETED" and record["seed"] == 42 and record["error"] is None
     assert record["params"]["frame_num"] == 5 and record["params"]["reference_image"]["kind"] == "url"
     assert {"fetch_s", "generate_s", "total_s"} <= set(record["timings"])
+    # WAN_PRELOAD=1 warmed the models before the first job, and the raw-workflow jobs that ran since (tests
+    # above) did not unload them: the first job loaded nothing itself
+    assert "warm-up done" in worker.log()
+    assert "Wan22ModelLoader" in record["comfy"]["cached_nodes"], record["comfy"]
+    assert worker.comfy_log.read_text(errors="replace").count("Wan22: loading") == 1
     # progress went out each step (logged locally; progress_update on RunPod)
     assert re.search(rf"job {re.escape(answer['id'])} progress 2/2", worker.log())
 
@@ -389,6 +395,10 @@ def test_second_request_reloads_nothing(worker, first_request, tmp_path):
     assert answer1["status"] == "COMPLETED", answer1
     loads_before = worker.comfy_log.read_text(errors="replace").count("Wan22: loading")
     assert loads_before >= 1
+    # a raw workflow in between (other node ids) must not unload the request path's models
+    raw = worker.runsync({"workflow": RAW_WORKFLOW, "images": [
+        {"name": "raw_in.png", "image": base64.b64encode(png_bytes(40, 40)).decode()}]})
+    assert raw["status"] == "COMPLETED", raw
     params = {"reference_image_path": str(worker.inputs / "in.png"), "prompt": "a small dog", "base_seed": 7,
               "num_frames": 5, "cfg_scale": 4.0, "size": "64*64", "extra_args": "--sample_steps 2",
               "unknown_knob": 1}
