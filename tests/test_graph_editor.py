@@ -304,6 +304,13 @@ def test_example_workflow_served_as_template(comfy_server):
     assert packs, f"wan22_i2v_a14b not among the templates: {listing}"
     served = _get_json(f"{comfy_server.url}/api/workflow_templates/{packs[0]}/wan22_i2v_a14b.json")
     assert served == json.loads(EXAMPLE_WORKFLOW.read_text(encoding="utf-8"))
+    # every template the browser lists for this pack must load (UI format): newer servers also scan workflows/
+    for name in listing[packs[0]]:
+        try:
+            template = _get_json(f"{comfy_server.url}/api/workflow_templates/{packs[0]}/{name}.json")
+        except urllib.error.HTTPError as exc:
+            pytest.fail(f"template {name!r} is listed but not served ({exc}); listing: {listing[packs[0]]}")
+        assert isinstance(template.get("nodes"), list), f"template {name!r} is not a UI workflow"
 
 
 def test_missing_node_detection_is_not_vacuous(loaded_graph, browser):

@@ -1,0 +1,365 @@
+"""Packaging: requirements.txt for users who clone into ComfyUI/custom_nodes, the Comfy Registry metadata in
+pyproject.toml (checked against the registry's specification and by comfy-cli's own `comfy node validate`),
+the archive `comfy node publish` would upload, the node pack's entry point, and the wheel (engine + runner only,
+never a top-level ``nodes`` package, which would shadow ComfyUI's own ``nodes`` module).
+
+comfy-cli is pinned in requirements/test.txt (``make setup`` installs it); without it the comfy-cli tests skip,
+unless ``WAN22_REQUIRE_COMFYUI=1`` (``make test`` / CI) makes that a failure. No server, no network.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+REPO = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+PROJECT = PYPROJECT["project"]
+COMFY = PYPROJECT["tool"]["comfy"]
+RUNTIME_DEPS = {"diffusers", "transformers", "safetensors", "sentencepiece", "imageio-ffmpeg", "pillow", "numpy",
+                "requests", "websocket-client"}
+NODE_TYPES = {"Wan22ModelLoader", "Wan22TextEncode", "Wan22ImageToVideo", "Wan22SaveVideo", "Wan22LoadImage"}
+# import name -> distribution, for the third-party modules the pack's code imports
+IMPORT_TO_DIST = {"PIL": "pillow", "imageio_ffmpeg": "imageio-ffmpeg", "websocket": "websocket-client"}
+# provided by ComfyUI itself (torch, its modules) or optional and guarded by try/except ImportError
+PROVIDED = {"torch", "comfy", "folder_paths", "ftfy"}
+# never copied into temp trees (big, machine-local, or build output)
+SKIP_DIRS = {".git", ".venv", ".comfyui", ".cache", "demo_out", "build", "_artifacts", "__pycache__", ".ruff_cache",
+             ".pytest_cache", "node_modules"}
+
+
+def requirement_lines(path: Path) -> list[str]:
+    lines = []
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
+def normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def require_comfy_cli():
+    try:
+        import comfy_cli  # noqa: F401
+    except ImportError:
+        message = "comfy-cli is not installed (it is pinned in requirements/test.txt: run `make setup`)"
+        if os.environ.get("WAN22_REQUIRE_COMFYUI") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    comfy = Path(sys.executable).parent / "comfy"
+    if not comfy.is_file():
+        pytest.fail(f"comfy-cli is importable but its `comfy` script is not next to {sys.executable}")
+    return comfy
+
+
+def source_files() -> list[str]:
+    """The repository's files as git sees them (tracked + untracked, not ignored), else a filtered walk."""
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard", "-z"],
+                             capture_output=True, check=True, timeout=30).stdout.decode()
+        files = [f for f in out.split("\0") if f and (REPO / f).is_file()]
+        if files:
+            return files
+    except (OSError, subprocess.SubprocessError):
+        pass
+    files = []
+    for root, dirs, names in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info")]
+        files += [str((Path(root) / n).relative_to(REPO)) for n in names if not n.endswith(".pyc")]
+    return files
+
+
+def copy_source_tree(dest: Path) -> Path:
+    for rel in source_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+    return dest
+
+
+def isolated_env(tmp_path: Path) -> dict:
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = dict(os.environ, HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), PYTHONDONTWRITEBYTECODE="1",
+               PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1", NO_COLOR="1", TERM="dumb", COLUMNS="200")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+# --- requirements.txt and [project].dependencies ------------------------------------------------------------------
+
+def test_requirements_txt_is_runtime_only_with_lower_bounds():
+    reqs = [Requirement(line) for line in requirement_lines(REPO / "requirements.txt")]
+    names = {normalize(r.name) for r in reqs}
+    assert names == RUNTIME_DEPS
+    assert not names & {"torch", "torchvision", "torchaudio"}, "ComfyUI brings torch: never reinstall it"
+    for req in reqs:
+        ops = {spec.operator for spec in req.specifier}
+        assert ops == {">="}, f"{req}: only loose lower bounds (>=) for users' ComfyUI environments"
+    assert Requirement(next(line for line in requirement_lines(REPO / "requirements.txt")
+                            if line.startswith("diffusers"))).specifier.contains("0.35.0")
+
+
+def test_pyproject_dependencies_mirror_requirements_txt():
+    from_file = {normalize(Requirement(line).name): str(Requirement(line).specifier)
+                 for line in requirement_lines(REPO / "requirements.txt")}
+    from_project = {normalize(Requirement(dep).name): str(Requirement(dep).specifier)
+                    for dep in PROJECT["dependencies"]}
+    assert from_project == from_file
+
+
+def test_pinned_test_requirements_satisfy_the_loose_ones():
+    pins = {}
+    for line in requirement_lines(REPO / "requirements" / "test.txt"):
+        req = Requirement(line)
+        pins[normalize(req.name)] = next(iter(req.specifier)).version
+    assert "comfy-cli" in pins, "comfy-cli must be pinned in requirements/test.txt"
+    for line in requirement_lines(REPO / "requirements.txt"):
+        req = Requirement(line)
+        assert normalize(req.name) in pins, f"{req.name} is not pinned in requirements/test.txt"
+        assert req.specifier.contains(pins[normalize(req.name)]), (req, pins[normalize(req.name)])
+
+
+def third_party_imports(paths) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    local = {"wan22", "headless", "nodes", "runpod_worker"}
+    for path in paths:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods = [node.module]
+            else:
+                continue
+            for mod in mods:
+                top = mod.split(".")[0]
+                if top in sys.stdlib_module_names or top in local or top == "__future__":
+                    continue
+                found.setdefault(top, set()).add(str(path.relative_to(REPO)))
+    return found
+
+
+def test_every_third_party_import_of_the_pack_is_declared():
+    """What ComfyUI imports from this pack (root __init__, nodes/, wan22/) and the runner need only requirements.txt."""
+    paths = [REPO / "__init__.py", *sorted((REPO / "nodes").rglob("*.py")), *sorted((REPO / "wan22").rglob("*.py")),
+             *sorted((REPO / "headless").rglob("*.py"))]
+    declared = {normalize(Requirement(line).name) for line in requirement_lines(REPO / "requirements.txt")}
+    undeclared = {}
+    for top, where in third_party_imports(paths).items():
+        if top in PROVIDED:
+            continue
+        if normalize(IMPORT_TO_DIST.get(top, top)) not in declared:
+            undeclared[top] = sorted(where)
+    assert not undeclared, f"imported but not in requirements.txt: {undeclared}"
+    # ftfy is optional: every import of it must be guarded
+    text = (REPO / "wan22" / "text.py").read_text(encoding="utf-8")
+    if "import ftfy" in text:
+        assert "except ImportError" in text
+
+
+# --- the node pack's entry point ----------------------------------------------------------------------------------
+
+def test_root_init_exports_the_node_mappings():
+    """ComfyUI imports the repository root as a package and reads NODE_CLASS_MAPPINGS (the live server's
+    /object_info is covered by tests/test_nodes_comfy.py); here: the names, read from the source."""
+    root = ast.parse((REPO / "__init__.py").read_text(encoding="utf-8"))
+    imported = {alias.name for node in root.body if isinstance(node, ast.ImportFrom) and node.level == 1
+                and node.module == "nodes" for alias in node.names}
+    assert {"NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"} <= imported
+    exported = next(ast.literal_eval(node.value) for node in root.body if isinstance(node, ast.Assign)
+                    and any(getattr(t, "id", None) == "__all__" for t in node.targets))
+    assert {"NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"} <= set(exported)
+
+    pkg = ast.parse((REPO / "nodes" / "__init__.py").read_text(encoding="utf-8"))
+    mappings = {}
+    for node in pkg.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
+            mappings[node.targets[0].id] = node.value
+    classes = {ast.literal_eval(k): v.id for k, v in zip(mappings["NODE_CLASS_MAPPINGS"].keys,
+                                                          mappings["NODE_CLASS_MAPPINGS"].values)}
+    assert set(classes) == NODE_TYPES
+    names = {ast.literal_eval(k) for k in mappings["NODE_DISPLAY_NAME_MAPPINGS"].keys}
+    assert names == NODE_TYPES
+    # each class is defined in nodes/ with the classic node API
+    defined = {}
+    for path in (REPO / "nodes").glob("*.py"):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef):
+                defined[node.name] = {getattr(t, "id", None) for stmt in node.body if isinstance(stmt, ast.Assign)
+                                      for t in stmt.targets} | {stmt.name for stmt in node.body
+                                                                if isinstance(stmt, ast.FunctionDef)}
+    for type_name, cls in classes.items():
+        assert cls in defined, f"{type_name} -> {cls} not defined in nodes/"
+        assert {"INPUT_TYPES", "RETURN_TYPES", "FUNCTION", "CATEGORY"} <= defined[cls], (cls, defined[cls])
+
+
+# --- Comfy Registry metadata --------------------------------------------------------------------------------------
+
+# https://docs.comfy.org/registry/specifications: < 100 chars; alphanumerics, '-', '_', '.'; no consecutive special
+# characters; starts with a letter; best practice: no "ComfyUI" in it.
+NODE_ID = re.compile(r"^[A-Za-z](?:[A-Za-z0-9]|[-_.](?=[A-Za-z0-9]))*$")
+
+
+def test_project_metadata_meets_the_registry_specification():
+    name = PROJECT["name"]
+    assert len(name) < 100 and NODE_ID.match(name), name
+    assert "comfyui" not in name.lower(), "registry best practice: no 'ComfyUI' in the node id"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", PROJECT["version"]), "version must be X.Y.Z"
+    assert PROJECT["description"].strip()
+    license_value = PROJECT["license"]
+    if isinstance(license_value, dict):
+        assert license_value.get("text") or (REPO / license_value.get("file", "")).is_file()
+    else:
+        assert license_value == "Apache-2.0"  # PEP 639 SPDX expression; upstream Wan2.2 is Apache-2.0
+    urls = PROJECT["urls"]
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", urls["Repository"]), urls
+    assert all(u.startswith("https://") for u in urls.values())
+    assert (REPO / PROJECT["readme"]).is_file()
+    assert not any(normalize(Requirement(d).name) == "torch" for d in PROJECT["dependencies"])
+
+
+def icon_path() -> str:
+    """The Icon URL is this repository's main branch on raw.githubusercontent.com: the path inside the repo."""
+    repo_path = PROJECT["urls"]["Repository"].removeprefix("https://github.com/")
+    prefix = f"https://raw.githubusercontent.com/{repo_path}/main/"
+    assert COMFY["Icon"].startswith(prefix), COMFY["Icon"]
+    return COMFY["Icon"].removeprefix(prefix)
+
+
+def test_tool_comfy_section():
+    assert re.fullmatch(r"[a-z][a-z0-9-]*", COMFY["PublisherId"]), COMFY["PublisherId"]
+    assert COMFY["DisplayName"].strip() and "Wan2.2" in COMFY["DisplayName"]
+    # the icon file must be in this repository (tracked: see the archive test), a square PNG <= 400 px
+    icon = REPO / icon_path()
+    data = icon.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width == height and 64 <= width <= 400, (width, height)
+    assert isinstance(COMFY["includes"], list)
+    for include in COMFY["includes"]:
+        assert (REPO / include).exists(), f"includes names a missing path: {include}"
+    assert "example_workflows" in COMFY["includes"]
+
+
+def test_comfy_cli_reads_the_config_as_specified(capsys):
+    require_comfy_cli()
+    from comfy_cli.registry.config_parser import extract_node_configuration
+
+    config = extract_node_configuration(str(REPO / "pyproject.toml"))
+    out = capsys.readouterr().out
+    assert config is not None
+    assert "Warning" not in out and "Error" not in out, out
+    assert config.project.name == PROJECT["name"] and config.project.version == PROJECT["version"]
+    assert config.project.license.text == "Apache-2.0"
+    assert config.project.urls.repository == PROJECT["urls"]["Repository"]
+    assert {normalize(Requirement(d).name) for d in config.project.dependencies} == RUNTIME_DEPS
+    assert config.project.supported_os == ["OS Independent"]
+    assert config.project.supported_accelerators == ["GPU :: NVIDIA CUDA"]
+    assert config.tool_comfy.publisher_id == COMFY["PublisherId"]
+    assert config.tool_comfy.display_name == COMFY["DisplayName"]
+    assert config.tool_comfy.icon == COMFY["Icon"]
+    assert config.tool_comfy.includes == COMFY["includes"]
+
+
+def test_comfy_node_validate_passes(tmp_path):
+    """`comfy node validate` (comfy-cli, pinned) in a copy of the repository, with a throwaway HOME."""
+    comfy = require_comfy_cli()
+    src = copy_source_tree(tmp_path / "src")
+    proc = subprocess.run([str(comfy), "--skip-prompt", "--no-enable-telemetry", "node", "validate"], cwd=src,
+                          env=isolated_env(tmp_path), capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "All validation checks passed" in output, output
+    for bad in ("Warning", "Error", "Security warnings"):
+        assert bad not in output, output
+
+
+def test_registry_archive_holds_the_pack(tmp_path, monkeypatch):
+    """The zip `comfy node publish` uploads (comfy-cli's own zip_files: git-tracked files, .comfyignore, includes)."""
+    require_comfy_cli()
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse", "--is-inside-work-tree"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: the registry archive is built from git-tracked files")
+    from comfy_cli.file_utils import zip_files
+
+    archive = tmp_path / "node.zip"
+    monkeypatch.chdir(REPO)
+    zip_files(str(archive), includes=COMFY["includes"])
+    names = set(zipfile.ZipFile(archive).namelist())
+    required = ["__init__.py", "pyproject.toml", "requirements.txt", "README.md", "nodes/__init__.py",
+                "wan22/__init__.py", "example_workflows/wan22_i2v_a14b.json", icon_path()]
+    required += [str(p.relative_to(REPO)) for p in (REPO / "wan22" / "configs").glob("*.json")]
+    missing = [name for name in required if name not in names]
+    assert not missing, f"not in the registry archive (git-tracked?): {missing}"
+    for module in ("nodes", "wan22"):
+        tracked = {n for n in names if n.startswith(module + "/") and n.endswith(".py")}
+        assert tracked, module
+    leaked = [n for n in names if n.split("/")[0] in SKIP_DIRS or "/_artifacts/" in n or n.endswith(".pyc")]
+    assert not leaked, leaked
+    assert sum(info.file_size for info in zipfile.ZipFile(archive).infolist()) < 20 * 2**20
+
+
+# --- the wheel: engine + runner, never a top-level `nodes` --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = copy_source_tree(tmp / "src")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                           "-q", "-w", str(tmp / "dist"), str(src)],
+                          env=isolated_env(tmp), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    wheels = list((tmp / "dist").glob("*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+def test_wheel_contains_only_wan22_and_headless(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"wan22", "headless"}, tops
+    assert not any(n.startswith("nodes/") or n == "nodes.py" for n in names)
+    assert "wan22/configs/wan22_i2v_a14b_transformer.json" in names
+    dist_info = next(n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info"))
+    assert dist_info.startswith(PROJECT["name"].replace("-", "_") + "-" + PROJECT["version"])
+    zf = zipfile.ZipFile(wheel)
+    top_level = zf.read(f"{dist_info}/top_level.txt").decode().split() if f"{dist_info}/top_level.txt" in names else []
+    assert "nodes" not in top_level
+    entry_points = zf.read(f"{dist_info}/entry_points.txt").decode()
+    assert "wan22-i2v = headless.cli:main" in entry_points
+    metadata = zf.read(f"{dist_info}/METADATA").decode()
+    requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    unconditional = {normalize(Requirement(r).name) for r in requires if Requirement(r).marker is None}
+    assert unconditional == RUNTIME_DEPS
+    assert "License-Expression: Apache-2.0" in metadata
+
+
+def test_pip_install_no_deps_installs_no_nodes_package(wheel, tmp_path):
+    target = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-compile", "-q",
+                           "--target", str(target), str(wheel)],
+                          env=isolated_env(tmp_path), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    installed = {p.name for p in target.iterdir() if not p.name.endswith(".dist-info") and p.name != "bin"}
+    assert installed == {"wan22", "headless"}, installed
+    assert not (target / "nodes").exists() and not (target / "nodes.py").exists()
+    # the installed runner and engine parameters import from there (the repository is not on the path)
+    env = dict(isolated_env(tmp_path), PYTHONPATH=str(target))
+    probe = subprocess.run([sys.executable, "-c", "import headless.cli, wan22.params; print(headless.cli.__file__)"],
+                           env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip().startswith(str(target)), probe.stdout
