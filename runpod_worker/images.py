@@ -180,6 +180,49 @@ def _resolve(host: str, port: int, field: str, allow_hosts: Sequence[str]) -> Li
     return ips
 
 
+def _pinned_adapter_class():
+    """The runpod SDK's PinnedIPAdapter when installed; else the same idea here (the node pack uses this module
+    inside ComfyUI, where the SDK may be missing): dial the checked IP, keep Host, SNI and certificate checks
+    bound to the URL's host name."""
+    try:
+        from runpod.serverless.utils.rp_ssrf import PinnedIPAdapter
+
+        return PinnedIPAdapter
+    except Exception:  # noqa: BLE001
+        pass
+    from requests.adapters import HTTPAdapter
+
+    class _Pinned(HTTPAdapter):
+        def __init__(self, pinned_ip: str, **kwargs):
+            self._pinned_ip = pinned_ip
+            super().__init__(**kwargs)
+
+        def send(self, request, **kwargs):
+            parsed = urlparse(request.url)
+            host = parsed.hostname or ""
+            host = f"[{host}]" if ":" in host else host
+            request.headers["Host"] = f"{host}:{parsed.port}" if parsed.port else host
+            return super().send(request, **kwargs)
+
+        def _pin(self, pool, url):
+            parsed = urlparse(url)
+            if parsed.scheme == "https":
+                pool.assert_hostname = parsed.hostname
+                pool.conn_kw = dict(pool.conn_kw or {})
+                pool.conn_kw["server_hostname"] = parsed.hostname
+            pool.host = self._pinned_ip
+            return pool
+
+        def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+            return self._pin(super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert),
+                             request.url)
+
+        def get_connection(self, url, proxies=None):  # requests < 2.32
+            return self._pin(super().get_connection(url, proxies=proxies), url)
+
+    return _Pinned
+
+
 def check_url_syntax(url: str, field: str) -> None:
     if not isinstance(url, str) or not url:
         raise RequestError(field, "must be an http or https URL")
@@ -196,8 +239,8 @@ def fetch_url(url: str, field: str, *, max_bytes: int, timeout_s: float, max_red
               allow_hosts: Sequence[str] = ()) -> bytes:
     """GET `url` with the protections listed in the module docstring; return the body."""
     import requests
-    from runpod.serverless.utils.rp_ssrf import PinnedIPAdapter
 
+    PinnedIPAdapter = _pinned_adapter_class()
     deadline = time.monotonic() + timeout_s
     current = url
     for hop in range(max_redirects + 1):

@@ -465,3 +465,20 @@ def test_video_fields_inline_or_path(tmp_path, monkeypatch):
     monkeypatch.setenv("WAN_MAX_INLINE_MB", "0.001")
     got = video_fields(rec, video, True, config_mod.WorkerConfig.from_env(), "v")
     assert "video_base64" not in got and "WAN_MAX_INLINE_MB" in got["message"] and "BUCKET_ENDPOINT_URL" in got["message"]
+
+
+def test_url_fetch_without_the_runpod_sdk(image_server, monkeypatch):
+    """The node pack calls this module inside ComfyUI, where the runpod SDK may be missing."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_runpod(name, *args, **kwargs):
+        if name.startswith("runpod"):
+            raise ImportError("no runpod here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_runpod)
+    assert _fetch(image_server["base"] + "/r1", image_server["allow"]) == image_server["data"]
+    with pytest.raises(RequestError, match="non-public"):
+        _fetch(image_server["base"] + "/to-other", image_server["allow"])
