@@ -482,3 +482,25 @@ def test_url_fetch_without_the_runpod_sdk(image_server, monkeypatch):
     assert _fetch(image_server["base"] + "/r1", image_server["allow"]) == image_server["data"]
     with pytest.raises(RequestError, match="non-public"):
         _fetch(image_server["base"] + "/to-other", image_server["allow"])
+
+
+@pytest.mark.parametrize("main_py, timeout, needle", [
+    ("import sys\nprint('boom: missing dependency')\nsys.exit(1)\n", "30", "boom: missing dependency"),
+    ("import time\ntime.sleep(60)\n", "2", "did not answer"),
+])
+def test_worker_exits_clearly_when_comfyui_does_not_start(tmp_path, main_py, timeout, needle):
+    """Start-up failure is an exit (code 3) with the reason and ComfyUI's log tail, never a worker that takes jobs."""
+    import subprocess
+
+    comfy = tmp_path / "ComfyUI"
+    comfy.mkdir()
+    (comfy / "main.py").write_text(main_py)
+    env = dict(os.environ, PYTHONPATH=str(REPO), COMFYUI_DIR=str(comfy), COMFYUI_CPU="1",
+               WAN_COMFY_START_TIMEOUT_S=timeout, WAN_COMFY_WORK_DIR=str(tmp_path / "work"))
+    env.pop("COMFYUI_URL", None)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "runpod_worker"], cwd=str(REPO), env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "ComfyUI failed to start" in proc.stderr and needle in proc.stderr
+    assert time.monotonic() - t0 < 60
