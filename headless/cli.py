@@ -230,6 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         signal.signal(signal.SIGTERM, _sigterm)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     except (ValueError, OSError):
         pass
 

@@ -125,6 +125,17 @@ class ComfyServer:
         return f"<ComfyServer {self.url} pid={self.process.pid} alive={self.alive()}>"
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM the server when the process that started it dies (no orphaned ComfyUI after a crash)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def _wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last_error = "no answer yet"
@@ -190,6 +201,7 @@ def start_comfyui(
     listen: str = "127.0.0.1",
     extra_args: Sequence[str] = (),
     startup_timeout: float = 180.0,
+    die_with_parent: bool = True,
 ) -> ComfyServer:
     """Start ComfyUI and wait until ``/system_stats`` answers; return a :class:`ComfyServer`.
 
@@ -200,8 +212,8 @@ def start_comfyui(
     custom_node_paths: node packs to load (default: this repository, as ``comfyui-wan22-i2v``).
     work_dir: private folder for custom_nodes link, temp, log (default: a new temp folder).
     python: interpreter that runs ComfyUI (default ``$COMFYUI_PYTHON``, else this interpreter).
-    cpu: pass ``--cpu`` (default: ``$COMFYUI_CPU`` if set, else True unless a GPU flag is in extra_args...
-         callers on GPU machines pass ``cpu=False``).
+    cpu: pass ``--cpu`` (default: ``$COMFYUI_CPU`` if set, else True; callers on GPU machines pass ``cpu=False``).
+    die_with_parent: on Linux, the server gets SIGTERM when this process dies.
     """
     comfyui_dir = Path(comfyui_dir) if comfyui_dir else default_comfyui_dir()
     comfyui_dir = comfyui_dir.expanduser().resolve()
@@ -252,7 +264,8 @@ def start_comfyui(
             log_fh.write(("\n$ " + " ".join(cmd) + "\n").encode())
             log_fh.flush()
             proc = subprocess.Popen(cmd, cwd=str(comfyui_dir), env=env, stdout=log_fh, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=_die_with_parent if (die_with_parent and sys.platform.startswith("linux")) else None)
         host = "127.0.0.1" if listen in ("0.0.0.0", "") else listen
         url = f"http://{host}:{use_port}"
         server = ComfyServer(proc, url, use_port, work, log, out_dir, in_dir, comfyui_dir,
@@ -284,6 +297,12 @@ def _main(argv=None) -> int:
     server = start_comfyui(args.comfyui_dir, port=args.port, models_dir=args.models, output_dir=args.output_dir,
                            cpu=not args.gpu)
     print(f"ComfyUI ready at {server.url} (log {server.log_path})", flush=True)
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)  # also when started in the background (SIGINT ignored there)
     try:
         server.process.wait()
     except KeyboardInterrupt:
