@@ -162,7 +162,11 @@ def run_request_job(job, request_id: str, req: GenerateRequest, cfg, token: Canc
     params = req.record_params()
     params["reference_image"].update({"width": image.width, "height": image.height, "format": image.format})
     record = Record(cfg.output_dir, request_id, "request", params, out_path)
-    record.update(warnings=list(req.warnings), timings={"fetch_s": fetch_s})
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        record.update(warnings=list(req.warnings), timings={"fetch_s": fetch_s})
+    except OSError as exc:
+        return {"error": f"the output folder {cfg.output_dir} (WAN_OUTPUT_DIR) is not writable: {exc}"}
     deadline = started + cfg.job_timeout_s
     try:
         outcome = backend.run_i2v(
@@ -249,6 +253,12 @@ def status_answer(req: StatusRequest, cfg) -> Dict[str, Any]:
     if record.get("progress"):
         answer["progress"] = record["progress"]
     answer["warnings"] = list(record.get("warnings") or []) + list(req.warnings)
+    if record.get("status") in ("IN_QUEUE", "RUNNING"):
+        idle = time.time() - float(record.get("updated_at") or 0)
+        if idle > cfg.job_timeout_s + 300:
+            answer["warnings"].append(
+                f"the record has not changed for {idle:.0f} s, longer than a job may run (WAN_JOB_TIMEOUT_S): "
+                "the worker that ran it probably stopped; send the request again")
     if record.get("kind") == "workflow":
         answer["outputs"] = record.get("outputs")
         return answer

@@ -504,3 +504,23 @@ def test_worker_exits_clearly_when_comfyui_does_not_start(tmp_path, main_py, tim
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "ComfyUI failed to start" in proc.stderr and needle in proc.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_status_in_process(tmp_path, monkeypatch):
+    """status reads the record; a stale RUNNING record carries a warning; unknown ids name request_id."""
+    from runpod_worker.handler import handle_job
+
+    monkeypatch.setenv("WAN_OUTPUT_DIR", str(tmp_path))
+    monkeypatch.setenv("WAN_JOB_TIMEOUT_S", "10")
+    rec = Record(tmp_path, "old-job", "request", {"prompt": "p"}, tmp_path / "old-job.mp4")
+    rec.update(status="RUNNING", progress={"step": 3, "total": 40})
+    answer = handle_job({"id": "status-1", "input": {"action": "status", "request_id": "old-job"}})
+    assert answer["status"] == "RUNNING" and answer["progress"] == {"step": 3, "total": 40}
+    assert answer["params"] == {"prompt": "p"} and answer["warnings"] == []
+    data = json.loads((tmp_path / "old-job.json").read_text())
+    data["updated_at"] -= 3600
+    write_json_atomic(tmp_path / "old-job.json", data)
+    answer = handle_job({"id": "status-2", "input": {"action": "status", "request_id": "old-job"}})
+    assert any("probably stopped" in w for w in answer["warnings"])
+    answer = handle_job({"id": "status-3", "input": {"action": "status", "request_id": "nope"}})
+    assert answer["error"].startswith("request_id: no request 'nope'")
