@@ -524,3 +524,37 @@ def test_status_in_process(tmp_path, monkeypatch):
     assert any("probably stopped" in w for w in answer["warnings"])
     answer = handle_job({"id": "status-3", "input": {"action": "status", "request_id": "nope"}})
     assert answer["error"].startswith("request_id: no request 'nope'")
+
+
+def test_large_video_uploaded_when_bucket_set(tmp_path, monkeypatch):
+    """Too large to inline + BUCKET_ENDPOINT_URL: the SDK's upload (content type video/mp4), URL kept in the record."""
+    from runpod.serverless.utils import rp_upload
+
+    from runpod_worker.handler import video_fields
+
+    calls = []
+
+    def fake_upload(**kwargs):
+        calls.append(kwargs)
+        return "https://bucket.example/presigned/v.mp4"
+
+    monkeypatch.setattr(rp_upload, "upload_file_to_bucket", fake_upload)
+    monkeypatch.setenv("WAN_MAX_INLINE_MB", "0.001")
+    monkeypatch.setenv("BUCKET_ENDPOINT_URL", "https://bucket.example")
+    monkeypatch.setenv("BUCKET_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("BUCKET_SECRET_ACCESS_KEY", "secret")
+    video = tmp_path / "job-9.mp4"
+    video.write_bytes(b"\0" * 5000)
+    rec = Record(tmp_path, "job-9", "request", {}, video)
+    got = video_fields(rec, video, True, config_mod.WorkerConfig.from_env(), "job-9")
+    assert got["video_url"] == "https://bucket.example/presigned/v.mp4" and "video_url" in got["message"]
+    assert calls[0]["extra_args"] == {"ContentType": "video/mp4"} and calls[0]["prefix"] == "job-9"
+    assert read_record(tmp_path, "job-9")["video_url"] == got["video_url"]
+    # a second status call reuses the URL instead of uploading again
+    video_fields(rec, video, True, config_mod.WorkerConfig.from_env(), "job-9")
+    assert len(calls) == 1
+    # an upload failure still answers, with the path and the reason
+    monkeypatch.setattr(rp_upload, "upload_file_to_bucket", lambda **k: (_ for _ in ()).throw(RuntimeError("denied")))
+    rec2 = Record(tmp_path, "job-10", "request", {}, video)
+    got = video_fields(rec2, video, True, config_mod.WorkerConfig.from_env(), "job-10")
+    assert "video_url" not in got and "denied" in got["message"]
