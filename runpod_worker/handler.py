@@ -12,7 +12,6 @@ import concurrent.futures
 import logging
 import os
 import re
-import shutil
 import time
 import traceback
 from pathlib import Path
@@ -22,7 +21,7 @@ from . import config as config_mod
 from .comfy import CancelToken, ComfyBackend, JobFailed
 from .errors import RequestError
 from .images import check_image, decode_base64, load_reference_image
-from .records import Record, default_video_path, read_record, resolve_save_file, write_json_atomic
+from .records import Record, read_record, resolve_save_file
 from .validation import (GenerateRequest, StatusRequest, WorkflowRequest, parse_job_input, validate_request_id)
 
 log = logging.getLogger("runpod_worker")
@@ -224,7 +223,7 @@ def video_fields(record: Record, path: Path, return_video: bool, cfg, request_id
         fields["video_url"] = url
         message += "; download it from video_url (presigned, 7 days)"
     elif not cfg.bucket_endpoint_url:
-        message += f"; read it from output_path, or set BUCKET_ENDPOINT_URL (+ BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY) to get a presigned video_url"
+        message += "; read it from output_path, or set BUCKET_ENDPOINT_URL (+ BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY) to get a presigned video_url"
     fields["message"] = message
     return fields
 

@@ -7,7 +7,6 @@ for the node pack and the shipped API workflow; the raw-workflow and bad-input t
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import http.server
 import io
