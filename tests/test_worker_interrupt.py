@@ -103,3 +103,22 @@ def test_runpod_cancel_interrupts_comfyui(backend, comfy_client, monkeypatch):
         time.sleep(0.2)
     assert record["status"] == "FAILED" and "cancelled" in record["error"], record
     assert "execution_interrupted" in (history_messages(comfy_client, record["comfy"]["prompt_id"]) or [])
+
+
+def test_two_jobs_at_once_each_get_their_own_result(backend, monkeypatch):
+    """RUNPOD_MAX_CONCURRENCY > 1: jobs overlap in the worker, ComfyUI runs them in turn, nothing mixes."""
+    from runpod_worker.handler import handler
+
+    monkeypatch.setenv("RUNPOD_MAX_CONCURRENCY", "2")
+
+    async def both():
+        return await asyncio.gather(handler(slow_job("pair-a", steps=10, delay=0.05)),
+                                    handler(slow_job("pair-b", steps=12, delay=0.05)))
+
+    a, b = asyncio.run(both())
+    for answer, job_id in ((a, "pair-a"), (b, "pair-b")):
+        assert answer["status"] == "COMPLETED", answer
+        assert answer["request_id"] == job_id and len(answer["images"]) == 1
+        record = json.loads((backend / f"{job_id}.json").read_text())
+        assert record["status"] == "COMPLETED"
+    assert a["images"][0]["filename"] != b["images"][0]["filename"]
