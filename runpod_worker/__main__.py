@@ -17,11 +17,20 @@ from typing import List, Optional
 
 from . import handler as handler_mod
 from .comfy import CancelToken, ComfyBackend
-from .config import env_flag
+from .config import VOLUME, env_flag
 
 log = logging.getLogger("runpod_worker")
 
 EXIT_COMFY_START = 3
+
+
+def _model_folder_fallback() -> None:
+    """The seed's rule: when WAN_CKPT_DIR names a folder that does not exist but a network volume is mounted,
+    read the models from /runpod-volume (exported, so ComfyUI's nodes see it too)."""
+    configured = os.environ.get("WAN_CKPT_DIR", "").strip()
+    if configured and not os.path.isdir(configured) and os.path.isdir(VOLUME):
+        log.warning("WAN_CKPT_DIR=%s does not exist; using %s", configured, VOLUME)
+        os.environ["WAN_CKPT_DIR"] = VOLUME
 
 
 def _model_folder_report() -> None:
@@ -107,6 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stdout)
     # SIGTERM (docker stop, RunPod scale-down) before the SDK takes over: leave through `finally`
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    _model_folder_fallback()
     _model_folder_report()
     backend = start_backend()
     try:

@@ -9,11 +9,8 @@ PACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="${PACK_DIR}${PYTHONPATH:+:${PYTHONPATH}}"
 export COMFYUI_DIR="${COMFYUI_DIR:-/opt/ComfyUI}"
 
-# models: say early and plainly where they are looked for (the most common failure on RunPod)
-models="${WAN_CKPT_DIR:-/workspace/models}"
-if [ ! -d "${models}" ] && [ -d /runpod-volume ]; then
-    echo "start.sh: ${models} does not exist; the nodes fall back to /runpod-volume (set WAN_CKPT_DIR to the model folder on the volume)" >&2
-fi
+# models: `python -m runpod_worker` reports where they are looked for and what it found (the most common
+# failure on RunPod), and falls back to /runpod-volume when WAN_CKPT_DIR names a missing folder
 
 # outputs: on a network volume when one is mounted, so any worker can answer `status`
 if [ -z "${WAN_OUTPUT_DIR:-}" ] && [ -d /runpod-volume ]; then
