@@ -558,3 +558,18 @@ def test_large_video_uploaded_when_bucket_set(tmp_path, monkeypatch):
     rec2 = Record(tmp_path, "job-10", "request", {}, video)
     got = video_fields(rec2, video, True, config_mod.WorkerConfig.from_env(), "job-10")
     assert "video_url" not in got and "denied" in got["message"]
+
+
+def test_missing_model_folder_falls_back_to_the_volume(tmp_path, monkeypatch):
+    import runpod_worker.__main__ as main_mod
+
+    volume = tmp_path / "runpod-volume"
+    volume.mkdir()
+    monkeypatch.setattr(main_mod, "VOLUME", str(volume))
+    monkeypatch.setenv("WAN_CKPT_DIR", str(tmp_path / "missing"))
+    main_mod._model_folder_fallback()
+    assert os.environ["WAN_CKPT_DIR"] == str(volume)
+    (tmp_path / "models").mkdir()
+    monkeypatch.setenv("WAN_CKPT_DIR", str(tmp_path / "models"))
+    main_mod._model_folder_fallback()
+    assert os.environ["WAN_CKPT_DIR"] == str(tmp_path / "models")
