@@ -33,14 +33,18 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="repetitions per path (default 7; quick 1)")
     ap.add_argument("--loader-gb", type=float, default=None, help="fp32 size of the synthetic expert (default 2.2)")
     ap.add_argument("--no-servers", action="store_true", help="paths: engine only (skip ComfyUI and the worker)")
-    ap.add_argument("--results", type=Path, default=None, help=f"results folder (default {RESULTS})")
+    ap.add_argument("--results", type=Path, default=None, help=f"results folder (default {RESULTS}; --quick writes quick_*.json)")
     args = ap.parse_args(argv)
     only = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = set(only) - set(BENCHMARKS)
     if unknown:
         ap.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     reps = args.reps or (1 if args.quick else 7)
-    results_dir = args.results or (RESULTS / "quick" if args.quick else RESULTS)
+    results_dir = args.results or RESULTS
+    if args.quick:
+        from . import common
+
+        common.NAME_PREFIX = "quick_"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     started = time.perf_counter()

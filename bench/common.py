@@ -109,10 +109,13 @@ def peak_rss_since_reset_mb() -> float:
     return round(kb / 1024.0, 1) if kb is not None else peak_rss_mb()
 
 
+NAME_PREFIX = ""  # "quick_" for `python -m bench --quick`, so smoke runs never overwrite the real results
+
+
 def write_result(name: str, data: dict, results_dir: Optional[Path] = None) -> Path:
     folder = Path(results_dir) if results_dir else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.json"
+    path = folder / f"{NAME_PREFIX}{name}.json"
     data = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(), **data}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -1,0 +1,292 @@
+"""GPU benchmark (one H100/H200, about 5-8 minutes): seconds per denoising step (cond + uncond) of Wan2.2 I2V-A14B at
+480p (832*480) and 720p (1280*720) with 81 frames, bf16, random weights at the real A14B shapes, and peak VRAM, for
+
+  engine     wan22.pipeline.Wan22I2VPipeline.denoise (our call path: input casts, CFG, UniPC flow solver)
+  diffusers  diffusers.WanImageToVideoPipeline.__call__ with the same transformer (its denoising loop, CFG and
+             UniPCMultistepScheduler, output_type="latent")
+
+in one process, on the same weights. The expert is built the engine's way (meta device, then filled tensor by
+tensor straight on the GPU) with all 40 blocks by default (28.6 GB in bf16); both experts of A14B have this shape,
+so one module serves as high- and low-noise expert (the step cost is the same; VRAM for the second resident expert
+is not counted: add 28.6 GB, or use offload_model as upstream does). `--blocks N` builds N of the 40 blocks and
+scales the step time by 40/N (the blocks are >99% of the compute) when memory or time is short; the result says so.
+
+Text encoding, VAE encode of the conditioning and VAE decode are not timed (random conditioning and prompt
+embeddings stand in); the published upstream figures (H100: 327.8 s at 480p, 1055.9 s at 720p for 40 steps) are
+whole runs, so the projection (40 x the step time) is a lower bound to compare with them.
+
+    python -m bench.gpu                 # the GPU run (cuda required unless --device cpu)
+    python -m bench.gpu --smoke         # CPU-sized: tiny model and sizes, proves the code path (CI)
+    python -m bench.gpu --resolutions 480p --steps 2 --warmup 1 --blocks 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .common import RESULTS, fmt, log, machine_info, peak_rss_since_reset_mb, reset_peak_rss, write_result
+
+A14B_BLOCKS = 40
+FULL_STEPS = 40
+PUBLISHED_H100_S = {"480p": 327.8, "720p": 1055.9}  # upstream Wan2.2 README, I2V-A14B, one H100
+RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720)}
+SMOKE_RESOLUTIONS = {"480p": (96, 64), "720p": (128, 80)}  # same names, tiny sizes
+SMOKE_MODEL = {"num_attention_heads": 2, "attention_head_dim": 128, "ffn_dim": 512, "num_layers": 2}
+PROMPT_TOKENS, NEGATIVE_TOKENS = 24, 126  # real lengths of a short prompt and upstream's negative prompt
+
+
+def model_config(blocks: int, smoke: bool) -> dict:
+    from wan22.configs import load_config
+
+    config = load_config("wan22_i2v_a14b_transformer.json")
+    if smoke:
+        config.update(SMOKE_MODEL)
+    else:
+        config["num_layers"] = blocks
+    return config
+
+
+def build_random_expert(config: dict, device, dtype, seed: int = 0):
+    """The engine's load path (meta-built WanTransformer3DModel, filled tensor by tensor) with random tensors made
+    directly on `device`: no host copy of 28 GB."""
+    import torch
+
+    from wan22 import convert
+    from wan22.load import fill_module
+    from wan22.models import build_transformer
+
+    torch.manual_seed(seed)
+    model = build_transformer(config)
+    shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+
+    def getter(key, shape):
+        def get():
+            t = torch.empty(shape, device=device, dtype=dtype)
+            if len(shape) == 1 and "norm" in key:
+                return t.fill_(1.0)
+            return t.normal_(0.0, 0.02)
+        return get
+
+    return fill_module(model, ((k, getter(k, s)) for k, s in shapes), convert.identity, dtype, device, "random A14B expert")
+
+
+class Clock:
+    """Per-step wall times (synchronizing the device first)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.marks: List[float] = []
+
+    def start(self) -> None:
+        self.sync()
+        self.marks = [time.perf_counter()]
+
+    def tick(self, *_args, **_kw):
+        self.sync()
+        self.marks.append(time.perf_counter())
+
+    def steps(self) -> List[float]:
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def latent_inputs(width: int, height: int, frames: int, seed: int = 1):
+    import torch
+
+    from wan22.pipeline import Wan22I2VPipeline
+
+    lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, height // 8, width // 8
+    noise = Wan22I2VPipeline.prepare_noise(seed, frames, lat_h, lat_w)  # [16, F, h, w], CPU generator
+    gen = torch.Generator().manual_seed(seed + 1)
+    y = torch.cat([torch.ones(4, lat_f, lat_h, lat_w), torch.randn(16, lat_f, lat_h, lat_w, generator=gen)])
+    context = torch.randn(PROMPT_TOKENS, 4096, generator=gen) * 0.1
+    context_null = torch.randn(NEGATIVE_TOKENS, 4096, generator=gen) * 0.1
+    return noise, y, context, context_null, (lat_f, lat_h, lat_w)
+
+
+def run_engine(model, device, dtype_name: str, width, height, frames, steps, inputs) -> List[float]:
+    from wan22.params import GenerationParams
+    from wan22.pipeline import LoadOptions, Wan22I2VPipeline
+    from wan22.text import PromptEmbeds
+
+    noise, y, context, context_null, _ = inputs
+    options = LoadOptions(dtype=dtype_name, offload_model=False, t5_cpu=True, device=str(device))
+    pipe = Wan22I2VPipeline(model, model, None, None, options)
+    params = GenerationParams(size=f"{width}*{height}", frame_num=frames, sample_steps=steps, seed=1)
+    clock = Clock(device)
+    clock.start()
+    pipe.denoise(noise, y, PromptEmbeds(context, context_null, "p", "n"), params, on_step=clock.tick)
+    return clock.steps()
+
+
+def placeholder_vae(device):
+    """A tiny Wan VAE (the real config, base_dim 8): the pipeline reads its z_dim and scale factors; it never runs
+    (prepare_latents is replaced, output_type is "latent")."""
+    from diffusers import AutoencoderKLWan
+
+    from wan22.configs import load_config
+
+    config = {k: v for k, v in load_config("wan21_vae.json").items() if not k.startswith("_")}
+    return AutoencoderKLWan(**{**config, "base_dim": 8}).to(device).eval()
+
+
+def run_diffusers(model, device, dtype, width, height, frames, steps, inputs) -> List[float]:
+    import torch
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
+    from PIL import Image
+
+    from wan22.params import GenerationParams
+    from wan22.text import pad_context
+
+    noise, y, context, context_null, _ = inputs
+    defaults = GenerationParams()
+    scheduler = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                        use_flow_sigmas=True, flow_shift=defaults.sample_shift)
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=placeholder_vae(device), scheduler=scheduler,
+                                   transformer=model, transformer_2=model, boundary_ratio=defaults.boundary)
+    pipe.set_progress_bar_config(disable=True)
+    latents = noise[None].to(device, torch.float32)
+    condition = y[None].to(device, torch.float32)
+    # the conditioning VAE encode is outside what we time (the engine side gets y ready-made too)
+    pipe.prepare_latents = lambda *args, **kwargs: (latents, condition)
+    clock = Clock(device)
+
+    def on_step(_pipe, _i, _t, kwargs):
+        clock.tick()
+        return kwargs
+
+    image = Image.new("RGB", (width, height))
+    clock.start()
+    pipe(image=image, prompt_embeds=pad_context([context]).to(device, dtype),
+         negative_prompt_embeds=pad_context([context_null]).to(device, dtype), height=height, width=width,
+         num_frames=frames, num_inference_steps=steps, guidance_scale=defaults.guide_scale[1],
+         guidance_scale_2=defaults.guide_scale[0], output_type="latent", callback_on_step_end=on_step)
+    return clock.steps()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU-sized run (tiny model, tiny sizes, 5 frames)")
+    ap.add_argument("--device", default=None, help="default cuda (cpu with --smoke)")
+    ap.add_argument("--resolutions", default="480p,720p")
+    ap.add_argument("--frames", type=int, default=None, help="default 81 (5 with --smoke)")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per path and resolution (default 2)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed first steps (kernel selection, allocator)")
+    ap.add_argument("--blocks", type=int, default=A14B_BLOCKS, help="transformer blocks to build (default all 40)")
+    ap.add_argument("--paths", default="engine,diffusers")
+    ap.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/gpu[_smoke].json)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("python -m bench.gpu: no CUDA device here; run it on an H100/H200, or use --smoke on a CPU")
+        return 2
+    dtype, dtype_name = torch.bfloat16, "bf16"
+    frames = args.frames or (5 if args.smoke else 81)
+    sizes = SMOKE_RESOLUTIONS if args.smoke else RESOLUTIONS
+    names = [r.strip() for r in args.resolutions.split(",") if r.strip()]
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    blocks = SMOKE_MODEL["num_layers"] if args.smoke else max(1, min(args.blocks, A14B_BLOCKS))
+    scale = 1.0 if args.smoke else A14B_BLOCKS / blocks
+
+    config = model_config(blocks, args.smoke)
+    log(f"building a random {'smoke-sized' if args.smoke else 'A14B-shaped'} expert ({blocks} blocks, dim "
+        f"{config['num_attention_heads'] * config['attention_head_dim']}, ffn {config['ffn_dim']}) on {device}, bf16")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = reset_peak_rss()
+    t = time.perf_counter()
+    model = build_random_expert(config, device, dtype)
+    build_s = time.perf_counter() - t
+    params_n = sum(p.numel() for p in model.parameters())
+    weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    log(f"  {params_n / 1e9:.2f} B parameters, {weights_gb:.2f} GB, built in {build_s:.1f} s")
+
+    results: Dict[str, Dict[str, dict]] = {}
+    for res in names:
+        width, height = sizes[res]
+        inputs = latent_inputs(width, height, frames)
+        lat_f, lat_h, lat_w = inputs[4]
+        tokens = lat_f * (lat_h // 2) * (lat_w // 2)
+        results[res] = {"width": width, "height": height, "frames": frames, "tokens": tokens}
+        for path in paths:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            reset_peak_rss()
+            total = args.warmup + args.steps
+            log(f"{res} ({width}*{height}, {frames} frames, {tokens} tokens): {path}, {total} steps "
+                f"({args.warmup} warm-up)")
+            t = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    if path == "engine":
+                        steps = run_engine(model, device, dtype_name, width, height, frames, total, inputs)
+                    elif path == "diffusers":
+                        steps = run_diffusers(model, device, dtype, width, height, frames, total, inputs)
+                    else:
+                        raise ValueError(f"unknown path {path}")
+            except Exception as exc:  # noqa: BLE001 - report (e.g. out of memory) and go on
+                results[res][path] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+                log(f"  {path} failed: {exc}")
+                continue
+            timed = steps[args.warmup:] or steps
+            per_step = sorted(timed)[len(timed) // 2] * scale
+            entry = {"step_s": round(per_step, 4), "steps_s": [round(s, 4) for s in steps],
+                     "warmup_steps": args.warmup, "wall_s": round(time.perf_counter() - t, 2),
+                     "projected_40_steps_s": round(per_step * FULL_STEPS, 1)}
+            if device.type == "cuda":
+                entry["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+                entry["peak_vram_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
+            else:
+                entry["peak_rss_mb"] = peak_rss_since_reset_mb()
+            if not args.smoke and res in PUBLISHED_H100_S:
+                entry["published_h100_s"] = PUBLISHED_H100_S[res]
+                entry["projected_over_published"] = round(entry["projected_40_steps_s"] / PUBLISHED_H100_S[res], 3)
+            results[res][path] = entry
+            log(f"  {path}: {per_step:.3f} s/step -> {entry['projected_40_steps_s']:.1f} s for 40 steps")
+        e, d = results[res].get("engine", {}), results[res].get("diffusers", {})
+        if e.get("step_s") and d.get("step_s"):
+            results[res]["engine_over_diffusers"] = round(e["step_s"] / d["step_s"], 3)
+
+    data = {"smoke": args.smoke, "device": str(device), "dtype": dtype_name, "blocks_built": blocks,
+            "blocks_scaled_to": A14B_BLOCKS if not args.smoke else blocks, "step_time_scale": scale,
+            "parameters": params_n, "weights_gb": round(weights_gb, 2), "build_s": round(build_s, 2),
+            "build_peak_rss_mb": round(peak_rss_since_reset_mb() - rss0, 1) if device.type == "cpu" else None,
+            "config": {k: v for k, v in config.items() if not k.startswith("_")}, "results": results,
+            "published_h100_s": PUBLISHED_H100_S,
+            "note": ("one step = cond + uncond forward (CFG 3.5 on both experts) + the UniPC update; one module "
+                     "stands for both experts; text encoding and VAE are not timed")}
+    if device.type == "cuda":
+        data["gpu"] = torch.cuda.get_device_name(device)
+    out = args.out or (RESULTS / ("gpu_smoke.json" if args.smoke else "gpu.json"))
+    data["path"] = str(write_result(out.stem, data, out.parent))
+
+    print(f"\n==== Wan2.2 I2V-A14B denoising step, {data.get('gpu', device)}, bf16, "
+          f"{'smoke size' if args.smoke else f'{blocks}/40 blocks built'} ====")
+    for res in names:
+        r = results[res]
+        for path in paths:
+            e = r.get(path, {})
+            if "error" in e:
+                print(f"{res} {path:9s}: FAILED {e['error'][:200]}")
+                continue
+            mem = (f"peak VRAM {e['peak_vram_gb']:.1f} GB" if "peak_vram_gb" in e else f"peak RSS {e['peak_rss_mb']:.0f} MB")
+            published = (f" | published H100 {e['published_h100_s']:.1f} s (projected/published "
+                         f"{e['projected_over_published']:.2f}x)" if "published_h100_s" in e else "")
+            print(f"{res} {path:9s}: {e['step_s']:.3f} s/step, {mem}, projected 40 steps "
+                  f"{e['projected_40_steps_s']:.1f} s{published}")
+        if "engine_over_diffusers" in r:
+            print(f"{res} engine/diffusers step time: {r['engine_over_diffusers']:.3f}x")
+    print(f"(results in {data['path']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""The benchmarks' code paths at smoke size (issue 6): they must finish and print their ratios. Benchmarks report;
+nothing here checks a speed, so a slow machine never fails these tests.
+
+- `python -m bench.gpu --smoke`: the GPU benchmark (random A14B-config expert built the engine's way, the engine's
+  denoise loop and diffusers' WanImageToVideoPipeline loop on the same weights) with a tiny model on the CPU.
+- `python -m bench --quick`: the CPU benchmarks at smoke size: the loader benchmark (16 MB synthetic upstream expert,
+  read / stream / plain, each in its own subprocess), the diffusers reference and the engine path (no servers: the
+  ComfyUI and worker paths are exercised by the e2e tests).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(args, tmp_path, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, *args], cwd=str(REPO), env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    return proc.stdout
+
+
+def test_gpu_benchmark_smoke_on_cpu(tmp_path):
+    out = tmp_path / "gpu_smoke.json"
+    stdout = _run(["-m", "bench.gpu", "--smoke", "--out", str(out)], tmp_path)
+    for res in ("480p", "720p"):
+        assert f"{res} engine" in stdout and f"{res} diffusers" in stdout, stdout
+        assert f"{res} engine/diffusers step time" in stdout, stdout
+    assert "projected 40 steps" in stdout
+    data = json.loads(out.read_text())
+    assert data["smoke"] is True and data["dtype"] == "bf16"
+    for res in ("480p", "720p"):
+        for path in ("engine", "diffusers"):
+            entry = data["results"][res][path]
+            assert "error" not in entry, entry
+            assert len(entry["steps_s"]) == entry["warmup_steps"] + 2 and entry["step_s"] > 0
+        assert data["results"][res]["engine_over_diffusers"] > 0
+
+
+def test_cpu_benchmarks_quick(tmp_path):
+    stdout = _run(["-m", "bench", "--quick", "--results", str(tmp_path)], tmp_path)
+    assert "==== Wan2.2 I2V benchmarks ====" in stdout
+    assert "stream/read" in stdout and "plain/stream" in stdout, stdout
+    assert "engine/diffusers" in stdout, stdout
+    assert "path overhead" in stdout, stdout
+    assert "FAILED" not in stdout, stdout
+    summary = json.loads((tmp_path / "quick_summary.json").read_text())
+    assert summary["failed"] == []
+    loader = json.loads((tmp_path / "quick_loader.json").read_text())
+    warm = loader["summary"]["warm"]
+    assert warm["same_weights"] is True, loader
+    for key in ("read_s", "stream_s", "plain_s", "stream_peak_rss_mb", "plain_peak_rss_mb"):
+        assert warm[key] is not None and warm[key] > 0, (key, warm)
+    ref = json.loads((tmp_path / "quick_diffusers_reference.json").read_text())
+    assert ref["summary"]["engine_over_diffusers"] > 0
+    assert ref["output"]["engine_shape"] == ref["output"]["diffusers_shape"]
