@@ -33,6 +33,8 @@ from .errors import (ExecutionFailed, ExecutionInterrupted, OutputMissing, Promp
 __all__ = ["ComfyClient", "Progress", "format_node_errors", "DEFAULT_SERVER"]
 
 DEFAULT_SERVER = "http://127.0.0.1:8188"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
 
 
@@ -212,6 +214,7 @@ class ComfyClient:
                         fh.write(chunk)
                 fh.flush()
                 os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
             os.replace(tmp, dest)
         except BaseException:
             try:

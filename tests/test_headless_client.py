@@ -38,6 +38,10 @@ def test_queue_wait_progress_download(comfy_client, tmp_path):
     assert files and files[0]["filename"].endswith(".png")
     dest = comfy_client.download(files[0]["filename"], files[0]["subfolder"], files[0]["type"], tmp_path / "out.png")
     assert dest.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import os
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~umask
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
     assert comfy_client.history(pid)["outputs"]
 
