@@ -80,6 +80,9 @@ def load_workflow(source: Union[str, os.PathLike, dict, None] = None, object_inf
     (or ``object_info_fn()`` called only when needed)."""
     if source is None:
         source = default_workflow_path()
+        if not Path(source).is_file():
+            raise WorkflowError(f"the shipped workflow {source} is not here (an installed package without the "
+                                f"repository?): pass --workflow FILE or set WAN22_WORKFLOW")
     if isinstance(source, dict):
         data = copy.deepcopy(source)
         where = "workflow"

@@ -156,3 +156,41 @@ def test_ui_to_api_seed_control_values_and_bypass():
     with pytest.raises(WorkflowError) as info:
         ui_to_api(ui, OBJECT_INFO)
     assert "NotInstalled" in str(info.value)
+
+
+def test_progress_bar_lines_and_eta():
+    import io
+
+    from headless.cli import ProgressBar
+    from headless.client import Progress
+
+    stream = io.StringIO()
+    bar = ProgressBar(stream)
+    for i in range(1, 5):
+        bar(Progress(i, 4, "4", "p"))
+    text = stream.getvalue()
+    assert "step 1/4" in text and "step 4/4 ETA 00:00" in text
+    assert text.count("\n") >= 2  # plain lines when not a terminal
+
+
+def test_batch_file_bad_lines_become_failed_jobs(tmp_path):
+    from headless.cli import _load_batch
+
+    path = tmp_path / "jobs.jsonl"
+    path.write_text('{"seed": 1}\nnot json\n\n# comment\n[1, 2]\n')
+    jobs = _load_batch(str(path))
+    assert [line for line, _ in jobs] == [1, 2, 5]
+    assert jobs[0][1] == {"seed": 1}
+    assert isinstance(jobs[1][1], ParamError) and isinstance(jobs[2][1], ParamError)
+
+
+def test_cli_rejects_bad_values_before_contacting_a_server():
+    proc = subprocess.run([sys.executable, "-m", "headless", "--server", "http://127.0.0.1:9", "--image", "x.png",
+                           "--sample-steps", "0"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2 and "sample_steps" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "headless", "--server", "http://127.0.0.1:9"],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2 and "--image" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "headless", "--help"], capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
+    assert proc.returncode == 0 and "130" in proc.stdout and "--cfg-scale" in proc.stdout
