@@ -57,13 +57,12 @@ class ModelSet:
 
 
 def default_model_root() -> Path:
-    """`$WAN_CKPT_DIR`, else /workspace/models, else /runpod-volume when only that exists."""
-    configured = os.environ.get("WAN_CKPT_DIR")
-    if configured:
-        return Path(configured)
-    if not DEFAULT_MODEL_ROOT.exists() and RUNPOD_VOLUME.exists():
+    """`$WAN_CKPT_DIR` (default /workspace/models); when that folder is missing and /runpod-volume exists,
+    /runpod-volume (the seed's rule)."""
+    configured = Path(os.environ.get("WAN_CKPT_DIR") or DEFAULT_MODEL_ROOT)
+    if not configured.exists() and RUNPOD_VOLUME.exists():
         return RUNPOD_VOLUME
-    return DEFAULT_MODEL_ROOT
+    return configured
 
 
 def _dir_with(path: Path, suffix: str) -> bool:

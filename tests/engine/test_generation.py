@@ -95,4 +95,6 @@ def test_default_root_falls_back_to_runpod_volume(monkeypatch, tmp_path):
     (tmp_path / "runpod-volume").mkdir()
     assert discover.default_model_root() == tmp_path / "runpod-volume"
     monkeypatch.setenv("WAN_CKPT_DIR", str(tmp_path / "mine"))
+    assert discover.default_model_root() == tmp_path / "runpod-volume", "a missing WAN_CKPT_DIR falls back too"
+    (tmp_path / "mine").mkdir()
     assert discover.default_model_root() == tmp_path / "mine"
