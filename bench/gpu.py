@@ -70,7 +70,11 @@ def build_random_expert(config: dict, device, dtype, seed: int = 0):
             return t.normal_(0.0, 0.02)
         return get
 
-    return fill_module(model, ((k, getter(k, s)) for k, s in shapes), convert.identity, dtype, device, "random A14B expert")
+    model = fill_module(model, ((k, getter(k, s)) for k, s in shapes), convert.identity, dtype, device,
+                        "random A14B expert")
+    # fill_module places parameters; the RoPE tables are non-persistent buffers made on the host by __init__
+    # (the engine moves the expert with .to(device) when it offloads): move them too
+    return model.to(device)
 
 
 class Clock:
@@ -178,6 +182,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed first steps (kernel selection, allocator)")
     ap.add_argument("--blocks", type=int, default=A14B_BLOCKS, help="transformer blocks to build (default all 40)")
     ap.add_argument("--paths", default="engine,diffusers")
+    ap.add_argument("--max-seconds", type=float, default=540.0,
+                    help="skip a run that would end past this many seconds from the start (estimated from the runs "
+                         "before it; default 540, to fit a 10-minute slot)")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/gpu[_smoke].json)")
     args = ap.parse_args(argv)
 
@@ -209,6 +216,8 @@ def main(argv=None) -> int:
     log(f"  {params_n / 1e9:.2f} B parameters, {weights_gb:.2f} GB, built in {build_s:.1f} s")
 
     results: Dict[str, Dict[str, dict]] = {}
+    began = time.perf_counter() - build_s
+    last: Optional[tuple] = None  # (tokens, seconds per step) of the latest run, for the time estimate
     for res in names:
         width, height = sizes[res]
         inputs = latent_inputs(width, height, frames)
@@ -221,6 +230,13 @@ def main(argv=None) -> int:
                 torch.cuda.reset_peak_memory_stats()
             reset_peak_rss()
             total = args.warmup + args.steps
+            if last is not None:
+                estimate = (last[1] / scale) * (tokens / last[0]) ** 1.5 * (total + 1)
+                if time.perf_counter() - began + estimate > args.max_seconds:
+                    results[res][path] = {"error": f"skipped: about {estimate:.0f} s more would pass --max-seconds "
+                                                   f"{args.max_seconds:g} (use fewer --steps or --blocks)"}
+                    log(f"  {path} skipped ({results[res][path]['error']})")
+                    continue
             log(f"{res} ({width}*{height}, {frames} frames, {tokens} tokens): {path}, {total} steps "
                 f"({args.warmup} warm-up)")
             t = time.perf_counter()
@@ -250,12 +266,13 @@ def main(argv=None) -> int:
                 entry["published_h100_s"] = PUBLISHED_H100_S[res]
                 entry["projected_over_published"] = round(entry["projected_40_steps_s"] / PUBLISHED_H100_S[res], 3)
             results[res][path] = entry
+            last = (tokens, per_step)
             log(f"  {path}: {per_step:.3f} s/step -> {entry['projected_40_steps_s']:.1f} s for 40 steps")
         e, d = results[res].get("engine", {}), results[res].get("diffusers", {})
         if e.get("step_s") and d.get("step_s"):
             results[res]["engine_over_diffusers"] = round(e["step_s"] / d["step_s"], 3)
 
-    data = {"smoke": args.smoke, "device": str(device), "dtype": dtype_name, "blocks_built": blocks,
+    data = {"smoke": args.smoke, "device": str(device), "total_s": round(time.perf_counter() - began, 1), "dtype": dtype_name, "blocks_built": blocks,
             "blocks_scaled_to": A14B_BLOCKS if not args.smoke else blocks, "step_time_scale": scale,
             "parameters": params_n, "weights_gb": round(weights_gb, 2), "build_s": round(build_s, 2),
             "build_peak_rss_mb": round(peak_rss_since_reset_mb() - rss0, 1) if device.type == "cpu" else None,
