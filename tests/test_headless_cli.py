@@ -145,19 +145,30 @@ def test_sigint_interrupts_the_server_job(comfy_url, input_image, tmp_path):
 
 
 def test_start_server_flag(input_image, tmp_path, tiny_upstream):
+    """--start-server launches a private ComfyUI with this pack and the models, runs, and stops it."""
     if not cf.comfyui_available():
         pytest.skip("no ComfyUI (make setup)")
-    wf = {
-        "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
-        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "started"}},
-    }
-    (tmp_path / "wf.json").write_text(json.dumps(wf))
+    if cf.shipped_workflow_ready():
+        args = ["--size", "64*64", "--frame-num", "5", "--sample-steps", "2", "--seed", "3"]
+        suffix = ".mp4"
+    else:  # before the node pack existed: a core-node workflow
+        wf = {
+            "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "started"}},
+        }
+        (tmp_path / "wf.json").write_text(json.dumps(wf))
+        args, suffix = ["--workflow", str(tmp_path / "wf.json")], ".png"
     started = time.monotonic()
-    proc = cli("--start-server", "--models-dir", str(tiny_upstream), "--workflow", str(tmp_path / "wf.json"),
-               "--image", str(input_image), "--out", str(tmp_path / "o.png"), "--json", timeout=300)
+    proc = cli("--start-server", "--models-dir", str(tiny_upstream), *args, "--image", str(input_image),
+               "--out", str(tmp_path / ("o" + suffix)), "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert Path(record["output_path"]).is_file()
+    if suffix == ".mp4":
+        assert record["frames"] == 5 and record["seed"] == 3
     assert "ComfyUI ready at" in proc.stderr
     assert time.monotonic() - started < 240
+    # the private server is gone afterwards
+    url = proc.stderr.split("ComfyUI ready at ", 1)[1].split()[0]
+    assert not ComfyClient(url).ping(timeout=2)
