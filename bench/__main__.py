@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="smoke size: 16 MB loader expert (warm cache), 1 repetition, no ComfyUI/worker servers")
     ap.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma list of {', '.join(BENCHMARKS)}")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions per path (default 7; quick 1)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions per path (default 10; quick 1)")
     ap.add_argument("--loader-gb", type=float, default=None, help="fp32 size of the synthetic expert (default 2.2)")
     ap.add_argument("--no-servers", action="store_true", help="paths: engine only (skip ComfyUI and the worker)")
     ap.add_argument("--results", type=Path, default=None, help=f"results folder (default {RESULTS}; --quick writes quick_*.json)")
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     unknown = set(only) - set(BENCHMARKS)
     if unknown:
         ap.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
-    reps = args.reps or (1 if args.quick else 7)
+    reps = args.reps or (1 if args.quick else 10)
     results_dir = args.results or RESULTS
     if args.quick:
         from . import common

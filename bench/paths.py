@@ -229,7 +229,7 @@ def _path_summary(runs: List[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ all
-def run(reps: int = 7, servers: bool = True, results_dir=None) -> Dict[str, dict]:
+def run(reps: int = 10, servers: bool = True, results_dir=None) -> Dict[str, dict]:
     """Start the servers, measure the worker's cold and warm request, warm every path, then `reps` rounds of
     a, b, c in turn (interleaved, so load swings on a shared machine hit all three alike)."""
     models = tiny_models("upstream")
@@ -284,12 +284,20 @@ def run(reps: int = 7, servers: bool = True, results_dir=None) -> Dict[str, dict
         a, b = med("engine", "outside_generation_s"), med(name, "outside_generation_s") if name in per else None
         return round((b - a) * 1000, 1) if a is not None and b is not None else None
 
+    def low(name):
+        return per[name]["request_s"]["min"] if name in per and per[name]["request_s"].get("n") else None
+
     ma, mb, mc = med("engine"), med("comfyui"), med("worker")
+    la, lb, lc = low("engine"), low("comfyui"), low("worker")
     overhead = {"generation": TINY_GEN, "reps": reps, "paths": per,
                 "summary": {"engine_s": ma, "comfyui_s": mb, "worker_s": mc,
                             "comfyui_over_engine": ratio(mb, ma), "worker_over_engine": ratio(mc, ma),
                             "comfyui_added_ms": round((mb - ma) * 1000, 1) if mb is not None else None,
                             "worker_added_ms": round((mc - ma) * 1000, 1) if mc is not None else None,
+                            "engine_min_s": la, "comfyui_min_s": lb, "worker_min_s": lc,
+                            "comfyui_over_engine_min": ratio(lb, la), "worker_over_engine_min": ratio(lc, la),
+                            "comfyui_added_ms_min": round((lb - la) * 1000, 1) if lb is not None else None,
+                            "worker_added_ms_min": round((lc - la) * 1000, 1) if lc is not None else None,
                             "comfyui_added_ms_paired": paired_ms("comfyui"),
                             "worker_added_ms_paired": paired_ms("worker"),
                             "comfyui_added_ms_outside_generation": outside_ms("comfyui"),
@@ -300,7 +308,8 @@ def run(reps: int = 7, servers: bool = True, results_dir=None) -> Dict[str, dict
                             "comfyui_server_start_s": per.get("comfyui", {}).get("server_start_s"),
                             "worker_start_s": per.get("worker", {}).get("server_start_s")},
                 "note": ("per-request wall time after a warm-up, medians over interleaved rounds; server start excluded. "
-                         "added_ms: difference of medians; _paired: median of per-round differences; "
+                         "added_ms: difference of medians; _min: of the fastest requests (noise on a shared machine only adds "
+                         "time, so minimums are the least disturbed totals); _paired: median of per-round differences; "
                          "_outside_generation: difference of the medians of (request time - the engine's own "
                          "prepare+denoise+decode time, as the sampler reports it), the estimate least disturbed by "
                          "compute-time noise")}
@@ -331,6 +340,9 @@ def report(results: Dict[str, dict]) -> List[str]:
                 f"{fmt(s['worker_s'], ' s')} (c/a {fmt(s['worker_over_engine'], 'x', 2)})"
                 if s["comfyui_s"] is not None else " (servers skipped)")]
     if s["comfyui_s"] is not None:
+        lines.append(f"  fastest requests: engine {fmt(s['engine_min_s'], ' s')} | ComfyUI {fmt(s['comfyui_min_s'], ' s')} "
+                     f"(b/a {fmt(s['comfyui_over_engine_min'], 'x', 2)}) | worker {fmt(s['worker_min_s'], ' s')} "
+                     f"(c/a {fmt(s['worker_over_engine_min'], 'x', 2)})")
         lines.append(f"  fixed ms added per request: ComfyUI {fmt(s['comfyui_added_ms_outside_generation'], ' ms', 0)}, "
                      f"worker {fmt(s['worker_added_ms_outside_generation'], ' ms', 0)} (outside the generation itself); "
                      f"difference of medians {fmt(s['comfyui_added_ms'], ' ms', 0)} / {fmt(s['worker_added_ms'], ' ms', 0)}, "
