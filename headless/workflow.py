@@ -9,7 +9,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from .errors import WorkflowError
 
@@ -50,19 +50,20 @@ PARAM_TARGETS: Dict[str, Tuple[str, str]] = {
 SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 VIRTUAL_NODES = ("Note", "MarkdownNote", "PrimitiveNode", "Reroute")
-API_WORKFLOW_NAME = "wan22_i2v_a14b_api.json"
+API_WORKFLOW_NAME = "wan22_i2v_a14b.json"
 
 
 def default_workflow_path() -> Path:
-    """``$WAN22_WORKFLOW``, else the shipped API workflow next to this package (repository checkout)."""
+    """``$WAN22_WORKFLOW``, else the shipped API workflow: ``workflows/api/`` in a checkout, the package's
+    ``workflows/`` when installed (pyproject maps that folder into the wheel)."""
     env = os.environ.get("WAN22_WORKFLOW")
     if env:
         return Path(env)
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "workflows" / API_WORKFLOW_NAME, here / "workflows" / API_WORKFLOW_NAME):
+    for candidate in (here.parent / "workflows" / "api" / API_WORKFLOW_NAME, here / "workflows" / API_WORKFLOW_NAME):
         if candidate.is_file():
             return candidate
-    return here.parent / "workflows" / API_WORKFLOW_NAME
+    return here.parent / "workflows" / "api" / API_WORKFLOW_NAME
 
 
 def is_ui_workflow(data: Any) -> bool:

@@ -79,12 +79,12 @@ def ui_workflow() -> dict:
 
 def main() -> None:
     api, ui = api_workflow(), ui_workflow()
-    (REPO / "workflows").mkdir(exist_ok=True)
-    (REPO / "example_workflows").mkdir(exist_ok=True)
-    (REPO / "workflows" / "wan22_i2v_a14b_api.json").write_text(json.dumps(api, indent=2, ensure_ascii=False) + "\n")
-    for folder in ("workflows", "example_workflows"):
-        (REPO / folder / "wan22_i2v_a14b.json").write_text(json.dumps(ui, indent=2, ensure_ascii=False) + "\n")
-
+    # Subfolders of workflows/: newer ComfyUI also lists <pack>/workflows/*.json as templates but serves
+    # only example_workflows/, so top-level files there would show as duplicate or broken templates.
+    targets = {"workflows/api": api, "workflows/ui": ui, "example_workflows": ui}
+    for folder, workflow in targets.items():
+        (REPO / folder).mkdir(parents=True, exist_ok=True)
+        (REPO / folder / "wan22_i2v_a14b.json").write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n")
 
 if __name__ == "__main__":
     main()

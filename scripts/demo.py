@@ -1,7 +1,7 @@
 """make demo: the shipped workflow through a real ComfyUI on tiny random weights -> demo_out/wan22_demo.mp4.
 
 Builds a tiny upstream-layout model set (wan22.tiny, cached in .cache/demo_models), starts ComfyUI with this
-node pack (headless.server), runs workflows/wan22_i2v_a14b_api.json through the headless runner (the same
+node pack (headless.server), runs workflows/api/wan22_i2v_a14b.json through the headless runner (the same
 code path as the wan22-i2v CLI and the RunPod worker), downloads the MP4 and stops the server.
 
     python -m scripts.demo [--image IMG] [--size 128*128] [--frame-num 9] [--steps 4] [--out FILE]

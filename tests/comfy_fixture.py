@@ -6,32 +6,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TESTS_DIR = Path(__file__).resolve().parent
 TEST_NODES = TESTS_DIR / "headless_test_nodes"
 ARTIFACTS = TESTS_DIR / "_artifacts"
-PARITY_MODELS = Path("/work/shared/parity/case_unipc/models")
-SHIPPED_API_WORKFLOW = REPO_ROOT / "workflows" / "wan22_i2v_a14b_api.json"
-
-
-def _find_ui_workflow() -> Path:
-    """The shipped UI-format workflow (any workflows/*.json with nodes+links), else a path that does not exist."""
-    folder = REPO_ROOT / "workflows"
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            import json
-
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data:
-            return path
-    return folder / "wan22_i2v_a14b_ui.json"
-
-
-SHIPPED_UI_WORKFLOW = _find_ui_workflow()
+SHIPPED_API_WORKFLOW = REPO_ROOT / "workflows" / "api" / "wan22_i2v_a14b.json"
+SHIPPED_UI_WORKFLOW = REPO_ROOT / "workflows" / "ui" / "wan22_i2v_a14b.json"
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -48,24 +30,10 @@ def comfyui_available() -> bool:
 
 
 def build_models(folder: Path, layout: str = "upstream") -> Path:
-    """A tiny random-weight model set: the engine's builder once it exists, else the shared parity set."""
-    try:
-        from wan22.tiny import build_tiny_model_set
-    except ImportError:
-        build_tiny_model_set = None
-    if build_tiny_model_set is not None:
-        return Path(build_tiny_model_set(folder, layout))
-    if layout != "upstream" or not PARITY_MODELS.is_dir():
-        raise RuntimeError(f"no tiny model builder (wan22.tiny) for layout {layout!r}")
-    shutil.copytree(PARITY_MODELS, folder)
-    return folder
+    """A tiny random-weight model set in `layout` (the engine's builder)."""
+    from wan22.tiny import build_tiny_model_set
 
-
-def shipped_workflow_ready() -> bool:
-    """True when the node pack and its API workflow are in the tree (then e2e tests use them).
-    ``$WAN22_WORKFLOW`` (also honoured by headless.workflow.default_workflow_path) can stand in for the file."""
-    api = Path(os.environ["WAN22_WORKFLOW"]) if os.environ.get("WAN22_WORKFLOW") else SHIPPED_API_WORKFLOW
-    return api.is_file() and (REPO_ROOT / "__init__.py").is_file() and (REPO_ROOT / "nodes").is_dir()
+    return Path(build_tiny_model_set(folder, layout))
 
 
 def start_server(work: Path, models: Path, extra_packs=(TEST_NODES,)):

@@ -26,7 +26,7 @@ import comfy_fixture as cf
 pytestmark = [pytest.mark.browser, pytest.mark.comfy]
 
 REPO = Path(__file__).resolve().parents[1]
-UI_WORKFLOW = REPO / "workflows" / "wan22_i2v_a14b.json"
+UI_WORKFLOW = REPO / "workflows" / "ui" / "wan22_i2v_a14b.json"
 EXAMPLE_WORKFLOW = REPO / "example_workflows" / "wan22_i2v_a14b.json"
 EXPECTED_TYPES = ["Wan22ModelLoader", "LoadImage", "Wan22TextEncode", "Wan22ImageToVideo", "Wan22SaveVideo"]
 VIEWPORT = (1920, 1080)

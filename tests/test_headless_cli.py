@@ -148,25 +148,14 @@ def test_start_server_flag(input_image, tmp_path, tiny_upstream):
     """--start-server launches a private ComfyUI with this pack and the models, runs, and stops it."""
     if not cf.comfyui_available():
         pytest.skip("no ComfyUI (make setup)")
-    if cf.shipped_workflow_ready():
-        args = ["--size", "64*64", "--frame-num", "5", "--sample-steps", "2", "--seed", "3"]
-        suffix = ".mp4"
-    else:  # before the node pack existed: a core-node workflow
-        wf = {
-            "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
-            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "started"}},
-        }
-        (tmp_path / "wf.json").write_text(json.dumps(wf))
-        args, suffix = ["--workflow", str(tmp_path / "wf.json")], ".png"
+    args = ["--size", "64*64", "--frame-num", "5", "--sample-steps", "2", "--seed", "3"]
     started = time.monotonic()
     proc = cli("--start-server", "--models-dir", str(tiny_upstream), *args, "--image", str(input_image),
-               "--out", str(tmp_path / ("o" + suffix)), "--json", timeout=300)
+               "--out", str(tmp_path / "o.mp4"), "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert Path(record["output_path"]).is_file()
-    if suffix == ".mp4":
-        assert record["frames"] == 5 and record["seed"] == 3
+    assert record["frames"] == 5 and record["seed"] == 3
     assert "ComfyUI ready at" in proc.stderr
     assert time.monotonic() - started < 240
     # the private server is gone afterwards

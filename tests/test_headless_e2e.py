@@ -1,6 +1,6 @@
 """The shipped Wan2.2 workflow through the headless runner, on the REAL ComfyUI fixture with tiny models.
 
-Skipped until the node pack (`__init__.py`, `nodes/`) and `workflows/wan22_i2v_a14b_api.json` are in the tree.
+Skipped until the node pack (`__init__.py`, `nodes/`) and `workflows/api/wan22_i2v_a14b.json` are in the tree.
 Tiny sizes keep it fast: area 64*64, 5 frames, 2 steps.
 """
 from __future__ import annotations
@@ -21,9 +21,7 @@ from headless.run import run
 import comfy_fixture as cf
 
 REPO = cf.REPO_ROOT
-pytestmark = [pytest.mark.comfy,
-              pytest.mark.skipif(not cf.shipped_workflow_ready(),
-                                 reason="node pack / workflows/wan22_i2v_a14b_api.json not in the tree yet")]
+pytestmark = [pytest.mark.comfy]
 
 TINY = ["--size", "64*64", "--frame-num", "5", "--sample-steps", "2"]
 TINY_PARAMS = {"size": "64*64", "frame_num": 5, "sample_steps": 2}
@@ -142,7 +140,6 @@ def test_sigint_interrupts_generation(comfy_url, input_image, tmp_path):
     assert ok.returncode == 0, ok.stderr
 
 
-@pytest.mark.skipif(not cf.SHIPPED_UI_WORKFLOW.is_file(), reason="no UI workflow shipped yet")
 def test_ui_workflow_runs_like_api(comfy_url, input_image, tmp_path):
     proc = cli("--server", comfy_url, "--workflow", str(cf.SHIPPED_UI_WORKFLOW), "--image", str(input_image), *TINY,
                "--seed", str(time.time_ns() % 10**6), "--out", str(tmp_path / "ui.mp4"), "--quiet", "--json")

@@ -16,8 +16,8 @@ from wan22.video import read_mp4
 
 pytestmark = pytest.mark.comfy
 REPO = Path(__file__).resolve().parents[1]
-API_WORKFLOW = REPO / "workflows" / "wan22_i2v_a14b_api.json"
-UI_WORKFLOWS = [REPO / "workflows" / "wan22_i2v_a14b.json", REPO / "example_workflows" / "wan22_i2v_a14b.json"]
+API_WORKFLOW = REPO / "workflows" / "api" / "wan22_i2v_a14b.json"
+UI_WORKFLOWS = [REPO / "workflows" / "ui" / "wan22_i2v_a14b.json", REPO / "example_workflows" / "wan22_i2v_a14b.json"]
 NODE_TYPES = ["Wan22ModelLoader", "Wan22TextEncode", "Wan22ImageToVideo", "Wan22SaveVideo", "Wan22LoadImage"]
 SMALL = {"size": "96*64", "frame_num": 5, "sample_steps": 2}
 

@@ -328,10 +328,11 @@ def wheel(tmp_path_factory) -> Path:
     return wheels[0]
 
 
-def test_wheel_contains_only_wan22_and_headless(wheel):
+def test_wheel_holds_engine_runner_worker_and_no_nodes(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
-    assert tops == {"wan22", "headless"}, tops
+    assert tops == {"wan22", "headless", "runpod_worker"}, tops
+    assert "headless/workflows/wan22_i2v_a14b.json" in names, "the installed runner needs the shipped workflow"
     assert not any(n.startswith("nodes/") or n == "nodes.py" for n in names)
     assert "wan22/configs/wan22_i2v_a14b_transformer.json" in names
     dist_info = next(n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info"))
@@ -355,11 +356,12 @@ def test_pip_install_no_deps_installs_no_nodes_package(wheel, tmp_path):
                           env=isolated_env(tmp_path), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     installed = {p.name for p in target.iterdir() if not p.name.endswith(".dist-info") and p.name != "bin"}
-    assert installed == {"wan22", "headless"}, installed
+    assert installed == {"wan22", "headless", "runpod_worker"}, installed
     assert not (target / "nodes").exists() and not (target / "nodes.py").exists()
     # the installed runner and engine parameters import from there (the repository is not on the path)
     env = dict(isolated_env(tmp_path), PYTHONPATH=str(target))
-    probe = subprocess.run([sys.executable, "-c", "import headless.cli, wan22.params; print(headless.cli.__file__)"],
+    probe = subprocess.run([sys.executable, "-c", "import headless.cli, headless.workflow, wan22.params; "
+                            "assert headless.workflow.default_workflow_path().is_file(); print(headless.cli.__file__)"],
                            env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip().startswith(str(target)), probe.stdout

@@ -28,8 +28,6 @@ import comfy_fixture as cf
 
 REPO = cf.REPO_ROOT
 pytestmark = [pytest.mark.comfy]
-needs_pack = pytest.mark.skipif(not cf.shipped_workflow_ready(),
-                                reason="node pack / workflows/wan22_i2v_a14b_api.json not in the tree yet")
 TINY = {"size": "64*64", "frame_num": 5, "sample_steps": 2}
 
 
@@ -176,7 +174,7 @@ def worker(tmp_path_factory, tiny_upstream, image_http):
     os.symlink(tmp / "secret.png", tmp / "inputs" / "escape.png")
     port = free_port()
     env = worker_env(tiny_upstream, tmp, {"WAN_URL_ALLOW_HOSTS": image_http["hostport"],
-                                          "WAN_PRELOAD": "1" if cf.shipped_workflow_ready() else "0"})
+                                          "WAN_PRELOAD": "1"})
     log_path = tmp / "worker.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -345,7 +343,6 @@ def first_request(worker, image_http):
     return answer, time.monotonic() - t0
 
 
-@needs_pack
 def test_seed_request_returns_base64_mp4(worker, first_request, tmp_path):
     answer, _ = first_request
     assert answer["status"] == "COMPLETED", answer
@@ -373,7 +370,6 @@ def test_seed_request_returns_base64_mp4(worker, first_request, tmp_path):
     assert re.search(rf"job {re.escape(answer['id'])} progress 2/2", worker.log())
 
 
-@needs_pack
 def test_status_returns_same_record_and_video(worker, first_request):
     answer, _ = first_request
     status = worker.runsync({"action": "status", "request_id": answer["id"], "return_video": True})
@@ -387,7 +383,6 @@ def test_status_returns_same_record_and_video(worker, first_request):
     assert "video_base64" not in no_video["output"]
 
 
-@needs_pack
 def test_second_request_reloads_nothing(worker, first_request, tmp_path):
     """Aliases + a path image + extra_args; the loader's output is reused (ComfyUI reports it cached)."""
     answer1, seconds1 = first_request
@@ -412,7 +407,6 @@ def test_second_request_reloads_nothing(worker, first_request, tmp_path):
     assert record["params"]["sample_guide_scale"] == [4.0, 4.0]
 
 
-@needs_pack
 def test_too_large_video_falls_back_to_path_via_test_input(tiny_upstream, tmp_path, image_http):
     """`--test_input` (the SDK's local one-job mode) through the image's entry point start.sh, with
     WAN_MAX_INLINE_MB tiny: the answer has the path and a message, no base64."""
