@@ -280,9 +280,11 @@ def run(reps: int = 10, servers: bool = True, results_dir=None) -> Dict[str, dic
         diffs = [b["seconds"] - a["seconds"] for a, b in zip(runs["engine"], runs[name])]
         return round(stats(diffs)["median"] * 1000, 1)
 
-    def outside_ms(name):
-        a, b = med("engine", "outside_generation_s"), med(name, "outside_generation_s") if name in per else None
-        return round((b - a) * 1000, 1) if a is not None and b is not None else None
+    def outside_ms(name, key="min"):
+        if name not in per or not per[name]["outside_generation_s"].get("n") or not per["engine"]["outside_generation_s"].get("n"):
+            return None
+        a, b = per["engine"]["outside_generation_s"][key], per[name]["outside_generation_s"][key]
+        return round((b - a) * 1000, 1)
 
     def low(name):
         return per[name]["request_s"]["min"] if name in per and per[name]["request_s"].get("n") else None
@@ -302,6 +304,8 @@ def run(reps: int = 10, servers: bool = True, results_dir=None) -> Dict[str, dic
                             "worker_added_ms_paired": paired_ms("worker"),
                             "comfyui_added_ms_outside_generation": outside_ms("comfyui"),
                             "worker_added_ms_outside_generation": outside_ms("worker"),
+                            "comfyui_added_ms_outside_generation_median": outside_ms("comfyui", "median"),
+                            "worker_added_ms_outside_generation_median": outside_ms("worker", "median"),
                             "engine_generation_s": med("engine", "generation_s"),
                             "comfyui_generation_s": med("comfyui", "generation_s"),
                             "worker_generation_s": med("worker", "generation_s"),
@@ -310,9 +314,9 @@ def run(reps: int = 10, servers: bool = True, results_dir=None) -> Dict[str, dic
                 "note": ("per-request wall time after a warm-up, medians over interleaved rounds; server start excluded. "
                          "added_ms: difference of medians; _min: of the fastest requests (noise on a shared machine only adds "
                          "time, so minimums are the least disturbed totals); _paired: median of per-round differences; "
-                         "_outside_generation: difference of the medians of (request time - the engine's own "
-                         "prepare+denoise+decode time, as the sampler reports it), the estimate least disturbed by "
-                         "compute-time noise")}
+                         "_outside_generation: difference of the minimums (_median: medians) of (request time - the engine's "
+                         "own prepare+denoise+decode time, as the sampler reports it): the fixed cost of the path, "
+                         "the estimate least disturbed by compute-time noise")}
     overhead["path"] = str(write_result("path_overhead", overhead, results_dir))
     results["path_overhead"] = overhead
     if servers:
@@ -344,7 +348,9 @@ def report(results: Dict[str, dict]) -> List[str]:
                      f"(b/a {fmt(s['comfyui_over_engine_min'], 'x', 2)}) | worker {fmt(s['worker_min_s'], ' s')} "
                      f"(c/a {fmt(s['worker_over_engine_min'], 'x', 2)})")
         lines.append(f"  fixed ms added per request: ComfyUI {fmt(s['comfyui_added_ms_outside_generation'], ' ms', 0)}, "
-                     f"worker {fmt(s['worker_added_ms_outside_generation'], ' ms', 0)} (outside the generation itself); "
+                     f"worker {fmt(s['worker_added_ms_outside_generation'], ' ms', 0)} (outside the generation itself, fastest; "
+                     f"medians {fmt(s['comfyui_added_ms_outside_generation_median'], ' ms', 0)} / "
+                     f"{fmt(s['worker_added_ms_outside_generation_median'], ' ms', 0)}); "
                      f"difference of medians {fmt(s['comfyui_added_ms'], ' ms', 0)} / {fmt(s['worker_added_ms'], ' ms', 0)}, "
                      f"paired {fmt(s['comfyui_added_ms_paired'], ' ms', 0)} / {fmt(s['worker_added_ms_paired'], ' ms', 0)}")
         lines.append(f"  generation inside each path (median): engine {fmt(s['engine_generation_s'], ' s')}, "

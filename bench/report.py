@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     po = _load(folder, "path_overhead")
     if po:
         s, p = po["summary"], po["paths"]
-        out += ["| path | request median (s) | min–max (s) | generation inside (s) | outside generation (s) | / engine |",
+        out += ["| path | request median (s) | min–max (s) | generation inside, median (s) | outside generation, min / median (s) | / engine (medians) |",
                 "|---|---|---|---|---|---|"]
         for name, label, r in (("engine", "a engine (`generate_mp4`)", None), ("comfyui", "b ComfyUI + shipped workflow (`headless.run`)", s["comfyui_over_engine"]),
                                ("worker", "c worker local API (`/runsync`)", s["worker_over_engine"])):
@@ -46,13 +46,15 @@ def main(argv=None) -> int:
                 continue
             q = p[name]
             out.append(f"| {label} | {_f(q['request_s']['median'], 3)} | {_f(q['request_s']['min'], 3)}–{_f(q['request_s']['max'], 3)} | "
-                       f"{_f(q['generation_s'].get('median'), 3)} | {_f(q['outside_generation_s'].get('median'), 3)} | "
+                       f"{_f(q['generation_s'].get('median'), 3)} | {_f(q['outside_generation_s'].get('min'), 3)} / {_f(q['outside_generation_s'].get('median'), 3)} | "
                        f"{'1.00' if r is None else _f(r)} |")
         out += ["", f"Fastest requests (noise only adds time): engine {_f(s.get('engine_min_s'), 3)} s, ComfyUI "
                     f"{_f(s.get('comfyui_min_s'), 3)} s (b/a {_f(s.get('comfyui_over_engine_min'))}x), worker "
                     f"{_f(s.get('worker_min_s'), 3)} s (c/a {_f(s.get('worker_over_engine_min'))}x).",
                 "", f"Fixed time added per request, outside the generation: ComfyUI {_f(s['comfyui_added_ms_outside_generation'], 0, ' ms')}, "
-                    f"worker {_f(s['worker_added_ms_outside_generation'], 0, ' ms')} (difference of request medians "
+                    f"worker {_f(s['worker_added_ms_outside_generation'], 0, ' ms')} (fastest of each; medians "
+                    f"{_f(s.get('comfyui_added_ms_outside_generation_median'), 0, ' ms')} / "
+                    f"{_f(s.get('worker_added_ms_outside_generation_median'), 0, ' ms')}; difference of request medians "
                     f"{_f(s['comfyui_added_ms'], 0, ' ms')} / {_f(s['worker_added_ms'], 0, ' ms')}; median of paired per-round "
                     f"differences {_f(s['comfyui_added_ms_paired'], 0, ' ms')} / {_f(s['worker_added_ms_paired'], 0, ' ms')}). "
                     f"Server start, excluded: ComfyUI {_f(s['comfyui_server_start_s'], 1, ' s')}, worker with its ComfyUI "
