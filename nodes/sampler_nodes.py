@@ -8,7 +8,7 @@ from PIL import Image
 from ..wan22.errors import InvalidParameter
 from ..wan22.params import MAX_SEED, SOLVERS, GenerationParams
 from . import comfy_bridge
-from .model_nodes import CATEGORY, LoadCounter
+from .model_nodes import CATEGORY, LoadedModels
 
 DEFAULTS = GenerationParams()
 
@@ -79,7 +79,7 @@ class Wan22ImageToVideo:
                                 should_cancel=comfy_bridge.raise_if_interrupted)
         frames = result.frames.float().div(255.0)
         info = {"seed": result.seed, "frames": result.num_frames, "width": result.width, "height": result.height,
-                "model_loads": LoadCounter.count, "timings": {k: round(v, 3) for k, v in result.timings.items()}}
+                "model_loads": LoadedModels.loads, "timings": {k: round(v, 3) for k, v in result.timings.items()}}
         return {"ui": {"wan22": [info]}, "result": (frames, result.seed)}
 
 

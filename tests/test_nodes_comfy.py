@@ -124,6 +124,35 @@ def test_second_seed_reuses_loaded_models(comfy_client, tiny_models, uploaded_im
     assert find_node(second, "Wan22ModelLoader") in comfy_client.last_cached_nodes
 
 
+def test_another_graph_reuses_loaded_models(comfy_client, tiny_models, uploaded_image):
+    """Other node ids (another UI graph, the worker's raw workflows): ComfyUI's cache misses, ours does not."""
+    first = shipped(uploaded_image, tiny_models("comfyui"), Wan22ImageToVideo__seed=40)
+    _, entry = run(comfy_client, first)
+    loads = sampler_info(entry, first)["model_loads"]
+    renumbered = {("x" + k): v for k, v in first.items()}
+    for node in renumbered.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):
+                node["inputs"][name] = ["x" + value[0], value[1]]
+    renumbered[find_node(renumbered, "Wan22ImageToVideo")]["inputs"]["seed"] = 41
+    _, entry = run(comfy_client, renumbered)
+    assert sampler_info(entry, renumbered)["model_loads"] == loads
+
+
+def test_free_releases_models_and_next_prompt_reloads(comfy_client, tiny_models, uploaded_image, comfy_server):
+    workflow = shipped(uploaded_image, tiny_models("comfyui"), Wan22ImageToVideo__seed=50)
+    _, entry = run(comfy_client, workflow)
+    loads = sampler_info(entry, workflow)["model_loads"]
+    comfy_client.free(unload_models=True, free_memory=False)
+    deadline = time.monotonic() + 30
+    while "Wan22: releasing" not in comfy_server.log_tail(200) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the flag is acted on by ComfyUI's queue loop
+    assert "Wan22: releasing" in comfy_server.log_tail(200)
+    workflow[find_node(workflow, "Wan22ImageToVideo")]["inputs"]["seed"] = 51
+    _, entry = run(comfy_client, workflow)
+    assert sampler_info(entry, workflow)["model_loads"] == loads + 1
+
+
 def test_interrupt_stops_within_two_steps_and_server_recovers(comfy_client, tiny_models, uploaded_image):
     workflow = shipped(uploaded_image, tiny_models("upstream"), Wan22ImageToVideo__sample_steps=400,
                        Wan22ImageToVideo__size="256*256", Wan22ImageToVideo__frame_num=9, Wan22ImageToVideo__seed=5)

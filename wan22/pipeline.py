@@ -155,12 +155,25 @@ class Wan22I2VPipeline:
         self.device = options.torch_device
         self.load_timings: Dict[str, float] = {}
 
+    def release(self) -> None:
+        """Free every weight now (modules go to the meta device); the pipeline cannot be used afterwards."""
+        for module in (self.high_noise_model, self.low_noise_model, self.prompt_encoder.model, self.vae):
+            module.to("meta")
+        self.released = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _check_usable(self) -> None:
+        if getattr(self, "released", False):
+            raise RuntimeError("these Wan2.2 models were released (another model set was loaded, or /free); run the loader again")
+
     # ------------------------------------------------------------------ stage 1: prompts
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative_prompt: Optional[str] = None) -> PromptEmbeds:
         for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt or "")):
             if not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS:
                 raise InvalidParameter(field, text if not isinstance(text, str) else f"<{len(text)} characters>", f"a string of at most {MAX_PROMPT_CHARS} characters")
+        self._check_usable()
         negative = negative_prompt or UPSTREAM_NEGATIVE_PROMPT  # upstream: "" means the default
         model = self.prompt_encoder.model
         on_gpu = not self.options.t5_cpu and self.device.type != "cpu"
@@ -285,6 +298,7 @@ class Wan22I2VPipeline:
     def generate(self, image: Image.Image, embeds: PromptEmbeds, params: GenerationParams,
                  on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None) -> VideoResult:
         params = params.validated().with_resolved_seed()
+        self._check_usable()
         timings = {}
         start = time.perf_counter()
         resized, lat_h, lat_w = self.prepare_image(image, params.max_area)
