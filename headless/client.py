@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, List, Optional, Union
 from urllib.parse import urlencode, urlsplit
 
 import requests

@@ -19,7 +19,7 @@ from .client import ComfyClient, Progress, output_files
 from .errors import BadInput, OutputMissing, WorkflowError
 from .params import MAX_SEED, ParamError, normalize_params
 from .workflow import (ROLE_CORE_IMAGE, ROLE_I2V, ROLE_IMAGE, ROLE_SAVE, apply_overrides, apply_params,
-                       find_nodes, load_workflow, set_input)
+                       find_nodes, load_workflow)
 
 __all__ = ["run", "Result", "prepare_prompt", "prepare_image", "collect_result", "MAX_IMAGE_BYTES"]
 

@@ -20,7 +20,7 @@ from headless.client import ComfyClient, Progress, output_files
 from headless.errors import (ExecutionFailed, ExecutionInterrupted, HeadlessError, OutputMissing, PromptRejected,
                              ServerUnreachable, WaitTimeout, WorkflowError)
 from headless.run import collect_result, resolve_random_seeds
-from headless.workflow import (ROLE_CORE_IMAGE, ROLE_I2V, ROLE_IMAGE, ROLE_LOADER, apply_params, find_nodes,
+from headless.workflow import (ROLE_CORE_IMAGE, ROLE_I2V, ROLE_IMAGE, apply_params, find_nodes,
                                load_workflow)
 
 from .errors import JobFailed
@@ -85,8 +85,6 @@ class ComfyBackend:
         self.server = server
         self.workflow_path = workflow_path
         self._object_info: Optional[dict] = None
-        self._warm_loaders: Dict[str, dict] = {}
-        self._warm_lock = threading.Lock()
 
     # ----------------------------------------------------------------- health
     def alive(self) -> bool:
@@ -169,24 +167,6 @@ class ComfyBackend:
                 except OSError:
                     pass
 
-    # ----------------------------------------------------------------- keeping the models warm
-    def _remember_loaders(self, workflow: dict) -> None:
-        with self._warm_lock:
-            self._warm_loaders = {nid: copy.deepcopy(node) for nid, node in workflow.items()
-                                  if node.get("class_type") == ROLE_LOADER}
-
-    def _with_warm_loaders(self, workflow: dict) -> dict:
-        """ComfyUI drops the cached output of every node id absent from the next prompt, so a raw workflow
-        would unload the request path's models. Adding the last loader node, unconnected (not executed, not
-        validated: it feeds no output), keeps it cached for the next request."""
-        with self._warm_lock:
-            extra = {nid: copy.deepcopy(node) for nid, node in self._warm_loaders.items() if nid not in workflow}
-        if not extra:
-            return workflow
-        merged = dict(workflow)
-        merged.update(extra)
-        return merged
-
     # ----------------------------------------------------------------- the seed's request
     def run_i2v(self, params: Dict[str, Any], image_png: bytes, out_path: Path, *, token: CancelToken,
                 deadline: float, on_progress: Callable[[Progress], None],
@@ -232,7 +212,6 @@ class ComfyBackend:
             timings["download_s"] = round(time.monotonic() - t1, 3)
             if self.server is not None:
                 leftovers.append(Path(self.server.output_dir) / video["subfolder"] / video["filename"])
-            self._remember_loaders(workflow)
             return RunOutcome(prompt_id=prompt_id, seed=meta.get("seed", seed),
                               frames=meta.get("frames"), width=meta.get("width"), height=meta.get("height"),
                               timings=timings, cached_nodes=self._cached_types(client, workflow), entry=entry)
@@ -295,7 +274,6 @@ class ComfyBackend:
                     leftovers.append(Path(self.server.input_dir) / uploaded)
             if token.cancelled:
                 raise JobFailed(f"cancelled: {token.reason}")
-            workflow = self._with_warm_loaders(workflow)
             t0 = time.monotonic()
             prompt_id = self._queue(client, workflow, token)
             on_queued(prompt_id)

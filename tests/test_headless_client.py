@@ -1,7 +1,6 @@
 """ComfyClient against the REAL ComfyUI fixture, on core nodes plus tests/headless_test_nodes."""
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest

@@ -53,7 +53,7 @@ def normalize(name: str) -> str:
 
 def require_comfy_cli():
     try:
-        import comfy_cli  # noqa: F401
+        import comfy_cli  # noqa: F401  (only checks that it is installed)
     except ImportError:
         message = "comfy-cli is not installed (it is pinned in requirements/test.txt: run `make setup`)"
         if os.environ.get("WAN22_REQUIRE_COMFYUI") == "1":

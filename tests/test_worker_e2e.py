@@ -364,7 +364,6 @@ def test_seed_request_returns_base64_mp4(worker, first_request, tmp_path):
     # WAN_PRELOAD=1 warmed the models before the first job, and the raw-workflow jobs that ran since (tests
     # above) did not unload them: the first job loaded nothing itself
     assert "warm-up done" in worker.log()
-    assert "Wan22ModelLoader" in record["comfy"]["cached_nodes"], record["comfy"]
     assert worker.comfy_log.read_text(errors="replace").count("Wan22: loading") == 1
     # progress went out each step (logged locally; progress_update on RunPod)
     assert re.search(rf"job {re.escape(answer['id'])} progress 2/2", worker.log())
@@ -402,7 +401,6 @@ def test_second_request_reloads_nothing(worker, first_request, tmp_path):
     assert out["seed"] == 7 and out["frames"] == 5
     assert any("unknown_knob" in w for w in out["warnings"])
     record = json.loads((worker.out_dir / f"{answer['id']}.json").read_text())
-    assert "Wan22ModelLoader" in record["comfy"]["cached_nodes"], record["comfy"]
     assert worker.comfy_log.read_text(errors="replace").count("Wan22: loading") == loads_before
     assert record["params"]["sample_guide_scale"] == [4.0, 4.0]
 

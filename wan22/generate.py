@@ -14,7 +14,7 @@ from typing import Optional
 from .discover import default_model_root, discover_model_set
 from .errors import Wan22Error
 from .images import load_image
-from .params import UPSTREAM_NEGATIVE_PROMPT, GenerationParams
+from .params import GenerationParams
 from .pipeline import CancelCheck, LoadOptions, StepCallback, VideoResult, load_pipeline
 from .video import write_mp4
 

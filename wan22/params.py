@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
-from typing import Optional, Tuple
+from typing import Tuple
 
 from .errors import InvalidParameter
 
