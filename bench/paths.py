@@ -217,6 +217,11 @@ class WorkerPath:
             self.proc.stop()
 
 
+def _outside(r: dict) -> Optional[float]:
+    """Request time outside the engine's own generate() (the model load of a cold request happens here)."""
+    return round(r["seconds"] - r["generation_s"], 3) if r.get("generation_s") is not None else None
+
+
 def _round(d: dict) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
 
@@ -327,6 +332,9 @@ def run(reps: int = 10, servers: bool = True, results_dir=None) -> Dict[str, dic
                           "cold_over_warm": ratio(cold["seconds"], warm["seconds"]),
                           "load_cost_s": round(cold["seconds"] - warm["seconds"], 3),
                           "cold_generation_s": cold["generation_s"], "warm_generation_s": warm["generation_s"],
+                          "cold_outside_generation_s": _outside(cold), "warm_outside_generation_s": _outside(warm),
+                          "load_cost_outside_generation_s": (round(_outside(cold) - _outside(warm), 3)
+                                                             if _outside(cold) is not None and _outside(warm) is not None else None),
                           "model_loads_cold": cold["model_loads"], "model_loads_warm": warm["model_loads"],
                           "warm_cached_nodes": warm["cached_nodes"], "second_request_loaded_nothing": loaded_nothing},
               "note": "first and second request to a fresh worker (its ComfyUI already up, models not loaded); "
@@ -362,6 +370,7 @@ def report(results: Dict[str, dict]) -> List[str]:
     if "warm_cold" in results:
         w = results["warm_cold"]["summary"]
         lines.append(f"warm vs cold (worker): first {fmt(w['cold_s'], ' s')}, second {fmt(w['warm_s'], ' s')} "
-                     f"(cold/warm {fmt(w['cold_over_warm'], 'x', 2)}); model_loads {w['model_loads_cold']} -> "
+                     f"(cold/warm {fmt(w['cold_over_warm'], 'x', 2)}); outside the generation {fmt(w['cold_outside_generation_s'], ' s')} "
+                     f"vs {fmt(w['warm_outside_generation_s'], ' s')}; model_loads {w['model_loads_cold']} -> "
                      f"{w['model_loads_warm']}; second request loaded nothing: {w['second_request_loaded_nothing']}")
     return lines
