@@ -33,15 +33,15 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, List, Tuple
 
-__all__ = ["ParamError", "normalize_params", "PARAM_NAMES", "ALIASES", "IGNORED_SEED_KEYS", "parse_size",
-           "SOLVERS", "DTYPES", "MAX_SEED"]
+# the engine's limits and size syntax: wan22.params imports no torch, so the runner stays light
+from wan22.errors import InvalidParameter
+from wan22.params import MAX_FRAMES, MAX_SEED, MAX_STEPS, SOLVERS
+from wan22.params import parse_size as _engine_parse_size
 
-SOLVERS = ("unipc", "dpm++")
+__all__ = ["ParamError", "normalize_params", "PARAM_NAMES", "ALIASES", "IGNORED_SEED_KEYS", "parse_size",
+           "SOLVERS", "DTYPES", "MAX_SEED", "check_int", "check_float", "check_bool"]
+
 DTYPES = ("bf16", "fp16", "fp32")
-MAX_SEED = 2**63 - 1
-MAX_FRAMES = 1001
-MAX_STEPS = 1000
-MAX_AREA = 1920 * 1088
 
 ALIASES = {
     "base_seed": "seed",
@@ -81,22 +81,18 @@ class ParamError(ValueError):
 
 
 def parse_size(value: Any) -> Tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*[*xX]\s*(\d+)\s*", str(value))
-    allowed = "'W*H' with W and H multiples of 16 and an area of at most 1920*1088 (e.g. 1280*720, 832*480)"
-    if not match:
-        raise ParamError("size", f"{value!r} is not {allowed}")
-    width, height = int(match.group(1)), int(match.group(2))
-    if width < 16 or height < 16 or width % 16 or height % 16 or width * height > MAX_AREA:
-        raise ParamError("size", f"{value!r} is not {allowed}")
-    return width, height
+    try:
+        return _engine_parse_size(value)
+    except InvalidParameter as exc:
+        raise ParamError("size", f"{value!r} is not {exc.allowed}") from None
 
 
-def _int(field: str, value: Any, low: int, high: int) -> int:
+def check_int(field: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool):
         raise ParamError(field, f"{value!r} is not an integer")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d{1,20}\s*", value):
         value = int(value)
     if not isinstance(value, int):
         raise ParamError(field, f"{value!r} is not an integer")
@@ -105,7 +101,7 @@ def _int(field: str, value: Any, low: int, high: int) -> int:
     return value
 
 
-def _float(field: str, value: Any, low: float, high: float) -> float:
+def check_float(field: str, value: Any, low: float, high: float) -> float:
     if isinstance(value, bool):
         raise ParamError(field, f"{value!r} is not a number")
     if isinstance(value, str):
@@ -121,7 +117,7 @@ def _float(field: str, value: Any, low: float, high: float) -> float:
     return value
 
 
-def _bool(field: str, value: Any) -> bool:
+def check_bool(field: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -144,7 +140,7 @@ def _text(field: str, value: Any, max_len: int = 20000) -> str:
 
 
 def _frame_num(value: Any) -> int:
-    value = _int("frame_num", value, 1, MAX_FRAMES)
+    value = check_int("frame_num", value, 1, MAX_FRAMES)
     if (value - 1) % 4:
         raise ParamError("frame_num", f"{value} is not 4n+1 (e.g. 5, 33, 49, 81)")
     return value
@@ -154,10 +150,10 @@ def _guide_pair(value: Any) -> Tuple[float, float]:
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
             raise ParamError("sample_guide_scale", "give one number, or a pair (low_noise, high_noise)")
-        return (_float("sample_guide_scale", value[0], 0.0, 100.0), _float("sample_guide_scale", value[1], 0.0, 100.0))
+        return (check_float("sample_guide_scale", value[0], 0.0, 100.0), check_float("sample_guide_scale", value[1], 0.0, 100.0))
     if isinstance(value, str) and "," in value:
         return _guide_pair([v for v in value.split(",")])
-    g = _float("sample_guide_scale", value, 0.0, 100.0)
+    g = check_float("sample_guide_scale", value, 0.0, 100.0)
     return g, g
 
 
@@ -175,16 +171,16 @@ CHECKS = {
     "negative_prompt": lambda v: _text("negative_prompt", v),
     "size": lambda v: "%d*%d" % parse_size(v),
     "frame_num": _frame_num,
-    "sample_steps": lambda v: _int("sample_steps", v, 1, MAX_STEPS),
-    "guide_scale_low": lambda v: _float("guide_scale_low", v, 0.0, 100.0),
-    "guide_scale_high": lambda v: _float("guide_scale_high", v, 0.0, 100.0),
-    "sample_shift": lambda v: _float("sample_shift", v, 0.0, 100.0),
-    "boundary": lambda v: _float("boundary", v, 0.0, 1.0),
-    "seed": lambda v: _int("seed", v, -1, MAX_SEED),
-    "offload_model": lambda v: _bool("offload_model", v),
-    "t5_cpu": lambda v: _bool("t5_cpu", v),
-    "convert_model_dtype": lambda v: _bool("convert_model_dtype", v),
-    "fps": lambda v: _int("fps", v, 1, 120),
+    "sample_steps": lambda v: check_int("sample_steps", v, 1, MAX_STEPS),
+    "guide_scale_low": lambda v: check_float("guide_scale_low", v, 0.0, 100.0),
+    "guide_scale_high": lambda v: check_float("guide_scale_high", v, 0.0, 100.0),
+    "sample_shift": lambda v: check_float("sample_shift", v, 0.0, 100.0),
+    "boundary": lambda v: check_float("boundary", v, 0.0, 1.0),
+    "seed": lambda v: check_int("seed", v, -1, MAX_SEED),
+    "offload_model": lambda v: check_bool("offload_model", v),
+    "t5_cpu": lambda v: check_bool("t5_cpu", v),
+    "convert_model_dtype": lambda v: check_bool("convert_model_dtype", v),
+    "fps": lambda v: check_int("fps", v, 1, 120),
     "model_path": lambda v: _text("model_path", v, 4096),
     "model_set": lambda v: _text("model_set", v, 4096),
     "filename_prefix": lambda v: _text("filename_prefix", v, 200),

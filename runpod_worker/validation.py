@@ -7,24 +7,15 @@ and says why. Unknown keys are not errors: they are listed as warnings in the re
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import shlex
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import RequestError
 
-# Upstream limits (wan22.params holds the engine's copy; the worker must not import torch, and wan22.params
-# does not, but keep the worker importable without the engine installed, e.g. in a slim front end).
-try:  # pragma: no cover - exercised whenever the engine is importable
-    from wan22.params import MAX_AREA, MAX_FRAMES, MAX_SEED, MAX_STEPS, SOLVERS, UPSTREAM_SIZES
-except Exception:  # pragma: no cover
-    SOLVERS = ("unipc", "dpm++")
-    UPSTREAM_SIZES = ("720*1280", "1280*720", "480*832", "832*480")
-    MAX_SEED = 2**63 - 1
-    MAX_FRAMES = 1001
-    MAX_STEPS = 1000
-    MAX_AREA = 1920 * 1088
+from headless.params import ParamError, check_bool, check_float, check_int
+from headless.params import parse_size as check_size
+from wan22.params import MAX_FRAMES, MAX_SEED, MAX_STEPS, SOLVERS
 
 # generate.py's EXAMPLE_PROMPT["i2v-A14B"]: what upstream uses when --prompt is omitted.
 UPSTREAM_EXAMPLE_PROMPT = (
@@ -189,55 +180,30 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _as_request_error(check, field: str, *args):
+    """The scalar checks are headless.params' (one implementation for the CLI and the worker)."""
+    try:
+        return check(*args)
+    except ParamError as exc:
+        raise RequestError(field, exc.message) from None
+
+
 def parse_bool(value: Any, field: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.strip().lower() in ("true", "1", "yes")
-    raise RequestError(field, f"must be true or false, got {_short(value)}")
+    return _as_request_error(check_bool, field, field, value)
 
 
 def parse_int(value: Any, field: str, low: int, high: int) -> int:
-    if isinstance(value, bool):
-        raise RequestError(field, f"must be an integer, got {_short(value)}")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d{1,20}\s*", value):
-        value = int(value)
-    if not isinstance(value, int):
-        raise RequestError(field, f"must be an integer, got {_short(value)}")
-    if not low <= value <= high:
-        raise RequestError(field, f"must be from {low} to {high}, got {value}")
-    return value
+    return _as_request_error(check_int, field, field, value, low, high)
 
 
 def parse_float(value: Any, field: str, low: float, high: float) -> float:
-    if isinstance(value, bool):
-        raise RequestError(field, f"must be a number, got {_short(value)}")
-    if isinstance(value, str):
-        try:
-            value = float(value.strip()) if len(value) < 40 else value
-        except ValueError:
-            pass
-    if not isinstance(value, (int, float)):
-        raise RequestError(field, f"must be a number, got {_short(value)}")
-    value = float(value)
-    if not math.isfinite(value) or not low <= value <= high:
-        raise RequestError(field, f"must be a number from {low:g} to {high:g}, got {value:g}")
-    return value
+    return _as_request_error(check_float, field, field, value, low, high)
 
 
 def parse_size(value: Any, field: str) -> str:
-    allowed = f"'W*H' with W and H multiples of 16 and W*H at most {MAX_AREA} (upstream sizes: {', '.join(UPSTREAM_SIZES)})"
-    match = re.fullmatch(r"\s*(\d{1,5})\s*[*xX]\s*(\d{1,5})\s*", value) if isinstance(value, str) else None
-    if not match:
-        raise RequestError(field, f"must be {allowed}, got {_short(value)}")
-    width, height = int(match.group(1)), int(match.group(2))
-    if width < 16 or height < 16 or width % 16 or height % 16 or width * height > MAX_AREA:
-        raise RequestError(field, f"must be {allowed}, got {_short(value)}")
-    return f"{width}*{height}"
+    if not isinstance(value, str):
+        raise RequestError(field, f"must be a string 'W*H', got {_short(value)}")
+    return "%d*%d" % _as_request_error(check_size, field, value)
 
 
 def parse_text(value: Any, field: str, max_chars: int) -> str:
