@@ -97,7 +97,7 @@ def check_int(field: str, value: Any, low: int, high: int) -> int:
     if not isinstance(value, int):
         raise ParamError(field, f"{value!r} is not an integer")
     if not low <= value <= high:
-        raise ParamError(field, f"{value} is out of range ({low} to {high})")
+        raise ParamError(field, f"must be from {low} to {high}, got {value}")
     return value
 
 
@@ -113,7 +113,7 @@ def check_float(field: str, value: Any, low: float, high: float) -> float:
         raise ParamError(field, f"{value!r} is not a number")
     value = float(value)
     if not low <= value <= high:
-        raise ParamError(field, f"{value:g} is out of range ({low:g} to {high:g})")
+        raise ParamError(field, f"must be a number from {low:g} to {high:g}, got {value:g}")
     return value
 
 

@@ -154,6 +154,29 @@ class ComfyBackend:
             self.cancel_prompt(prompt_id)
         return prompt_id
 
+    def _run(self, client: ComfyClient, workflow: dict, token: CancelToken, deadline: float,
+             on_progress: Callable[[Progress], None], on_running: Callable[[], None], timings: Dict[str, float],
+             on_queued: Optional[Callable[[str], None]] = None) -> tuple:
+        """Queue `workflow` and wait for it; record queue_s and generate_s in `timings`. Returns (prompt_id, entry)."""
+        if token.cancelled:
+            raise JobFailed(f"cancelled: {token.reason}")
+        queued_at = time.monotonic()
+        prompt_id = self._queue(client, workflow, token)
+        if on_queued:
+            on_queued(prompt_id)
+        started: Dict[str, float] = {}
+
+        def on_event(kind: str, data: dict) -> None:
+            if kind == "execution_start" and "run" not in started:
+                started["run"] = time.monotonic()
+                on_running()
+
+        entry = self._wait(client, prompt_id, token, deadline, on_progress, on_event)
+        running_from = started.get("run", queued_at)
+        timings["queue_s"] = round(running_from - queued_at, 3)
+        timings["generate_s"] = round(time.monotonic() - running_from, 3)
+        return prompt_id, entry
+
     def _cleanup_files(self, paths: List[Path]) -> None:
         """Remove this job's uploads and outputs from ComfyUI's own folders (only when this process runs it)."""
         if self.server is None:
@@ -187,21 +210,8 @@ class ComfyBackend:
             image_name = self._put_image(client, workflow, image_png, tag, info)
             if self.server is not None and image_name:
                 leftovers.append(Path(self.server.input_dir) / image_name)
-            if token.cancelled:
-                raise JobFailed(f"cancelled: {token.reason}")
-            t0 = time.monotonic()
-            prompt_id = self._queue(client, workflow, token)
-            started: Dict[str, float] = {}
-
-            def on_event(kind: str, data: dict) -> None:
-                if kind == "execution_start" and "run" not in started:
-                    started["run"] = time.monotonic()
-                    on_running()
-
-            entry = self._wait(client, prompt_id, token, deadline, on_progress, on_event)
+            prompt_id, entry = self._run(client, workflow, token, deadline, on_progress, on_running, timings)
             t1 = time.monotonic()
-            timings["queue_s"] = round(started.get("run", t0) - t0, 3)
-            timings["generate_s"] = round(t1 - started.get("run", t0), 3)
             video, meta = collect_result(entry, workflow)
             if video is None or not video["filename"].lower().endswith(VIDEO_EXTENSIONS):
                 raise JobFailed("the workflow finished but saved no video (no Wan22SaveVideo output in the history)")
@@ -272,19 +282,8 @@ class ComfyBackend:
                 uploaded = client.upload_image(data, name=name)
                 if self.server is not None:
                     leftovers.append(Path(self.server.input_dir) / uploaded)
-            if token.cancelled:
-                raise JobFailed(f"cancelled: {token.reason}")
-            t0 = time.monotonic()
-            prompt_id = self._queue(client, workflow, token)
-            on_queued(prompt_id)
-            started: Dict[str, float] = {}
-
-            def on_event(kind: str, data: dict) -> None:
-                if kind == "execution_start" and "run" not in started:
-                    started["run"] = time.monotonic()
-                    on_running()
-
-            entry = self._wait(client, prompt_id, token, deadline, on_progress, on_event)
+            timings: Dict[str, float] = {}
+            prompt_id, entry = self._run(client, workflow, token, deadline, on_progress, on_running, timings, on_queued)
             t1 = time.monotonic()
             results = []
             for f in output_files(entry):
@@ -300,9 +299,7 @@ class ComfyBackend:
                 f = dict(f, data=data)
                 f["video"] = bool(f["animated"]) or f["filename"].lower().endswith(VIDEO_EXTENSIONS)
                 results.append(f)
-            timings = {"queue_s": round(started.get("run", t0) - t0, 3),
-                       "generate_s": round(t1 - started.get("run", t0), 3),
-                       "download_s": round(time.monotonic() - t1, 3)}
+            timings["download_s"] = round(time.monotonic() - t1, 3)
             meta = self._wan22_meta(entry, workflow)
             outcome = RunOutcome(prompt_id=prompt_id, seed=meta.get("seed"), frames=meta.get("frames"),
                                  width=meta.get("width"), height=meta.get("height"), timings=timings,
