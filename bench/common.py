@@ -93,7 +93,7 @@ def _status_kb(field: str) -> Optional[float]:
 
 
 def reset_peak_rss() -> float:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux: clear_refs 5); returns the current RSS in MB."""
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux: clear_refs 5); returns the current RSS in MiB."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5\n")

@@ -294,7 +294,7 @@ def main(argv=None) -> int:
             if "error" in e:
                 print(f"{res} {path:9s}: FAILED {e['error'][:200]}")
                 continue
-            mem = (f"peak VRAM {e['peak_vram_gb']:.1f} GB" if "peak_vram_gb" in e else f"peak RSS {e['peak_rss_mb']:.0f} MB")
+            mem = (f"peak VRAM {e['peak_vram_gb']:.1f} GB" if "peak_vram_gb" in e else f"peak RSS {e['peak_rss_mb']:.0f} MiB")
             published = (f" | published H100 {e['published_h100_s']:.1f} s (projected/published "
                          f"{e['projected_over_published']:.2f}x)" if "published_h100_s" in e else "")
             print(f"{res} {path:9s}: {e['step_s']:.3f} s/step, {mem}, projected 40 steps "

@@ -251,8 +251,8 @@ def run(target_gb: float = 2.2, shards: int = 6, dim: int = 1536, ffn: int = 896
             if "error" in result:
                 log(f"loader {mode}/{approach}: FAILED {result['error'][-300:]}")
             else:
-                log(f"loader {mode}/{approach}: {result['seconds']:.2f} s, peak RSS {result['peak_rss_mb']:.0f} MB "
-                    f"(+{result['peak_rss_delta_mb']:.0f} MB over the {result['baseline_rss_mb']:.0f} MB after imports)")
+                log(f"loader {mode}/{approach}: {result['seconds']:.2f} s, peak RSS {result['peak_rss_mb']:.0f} MiB "
+                    f"(+{result['peak_rss_delta_mb']:.0f} MiB over the {result['baseline_rss_mb']:.0f} MiB after imports)")
     summary = {}
     for mode, r in runs.items():
         s, p, rd = r.get("stream", {}), r.get("plain", {}), r.get("read", {})
@@ -288,8 +288,8 @@ def report(data: dict) -> List[str]:
                      f"({data['expert']['bytes'] / 1e9 / first['seconds']:.2f} GB/s)")
     for mode, s in data["summary"].items():
         lines.append(f"  [{mode} cache] read {fmt(s['read_s'], ' s', 2)} ({fmt(s['read_gb_per_s'], ' GB/s', 2)}) | "
-                     f"stream {fmt(s['stream_s'], ' s', 2)}, peak RSS {fmt(s['stream_peak_rss_mb'], ' MB', 0)} | "
-                     f"plain {fmt(s['plain_s'], ' s', 2)}, peak RSS {fmt(s['plain_peak_rss_mb'], ' MB', 0)}")
+                     f"stream {fmt(s['stream_s'], ' s', 2)}, peak RSS {fmt(s['stream_peak_rss_mb'], ' MiB', 0)} | "
+                     f"plain {fmt(s['plain_s'], ' s', 2)}, peak RSS {fmt(s['plain_peak_rss_mb'], ' MiB', 0)}")
         lines.append(f"  [{mode} cache] stream/read {fmt(s['stream_over_read'], 'x', 2)}, plain/stream time "
                      f"{fmt(s['plain_over_stream'], 'x', 2)}, plain/stream peak RSS over baseline "
                      f"{fmt(s['plain_over_stream_peak_delta'], 'x', 2)}, same weights: {s['same_weights']}")

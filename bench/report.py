@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         e = ld["expert"]
         out += [f"Synthetic expert: {e['parameters'] / 1e6:.0f}M parameters (dim {e['dim']}, ffn {e['ffn_dim']}, {e['num_layers']} blocks, "
                 f"A14B key names, text_dim 4096), {ld['fp32_gb']:.2f} GB fp32 in {e['shards']} shards -> {ld['bf16_gb']:.2f} GB bf16.", "",
-                "| cache | approach | seconds | GB/s of fp32 | peak RSS (MB) | over the after-import RSS (MB) |", "|---|---|---|---|---|---|"]
+                "| cache | approach | seconds | GB/s of fp32 | peak RSS (MiB) | over the after-import RSS (MiB) |", "|---|---|---|---|---|---|"]
         for mode, runs in ld["runs"].items():
             for name in ("read", "stream", "plain"):
                 r = runs.get(name, {})
