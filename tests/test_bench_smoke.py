@@ -15,21 +15,42 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(args, tmp_path, timeout=300):
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """Both smoke commands, started together (their imports overlap), each awaited with its own output."""
+    tmp = tmp_path_factory.mktemp("bench_smoke")
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, *args], cwd=str(REPO), env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    return proc.stdout
+    commands = {"gpu": ["-m", "bench.gpu", "--smoke", "--out", str(tmp / "gpu_smoke.json")],
+                "cpu": ["-m", "bench", "--quick", "--results", str(tmp)]}
+    procs = {name: subprocess.Popen([sys.executable, *args], cwd=str(REPO), env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) for name, args in commands.items()}
+    outputs = {}
+    try:
+        for name, proc in procs.items():
+            out, _ = proc.communicate(timeout=300)
+            outputs[name] = (proc.returncode, out)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return tmp, outputs
 
 
-def test_gpu_benchmark_smoke_on_cpu(tmp_path):
-    out = tmp_path / "gpu_smoke.json"
-    stdout = _run(["-m", "bench.gpu", "--smoke", "--out", str(out)], tmp_path)
+def _output(smoke_runs, name):
+    rc, out = smoke_runs[1][name]
+    assert rc == 0, out[-4000:]
+    return out
+
+
+def test_gpu_benchmark_smoke_on_cpu(smoke_runs):
+    out = smoke_runs[0] / "gpu_smoke.json"
+    stdout = _output(smoke_runs, "gpu")
     for res in ("480p", "720p"):
         assert f"{res} engine" in stdout and f"{res} diffusers" in stdout, stdout
         assert f"{res} engine/diffusers step time" in stdout, stdout
@@ -44,8 +65,9 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path):
         assert data["results"][res]["engine_over_diffusers"] > 0
 
 
-def test_cpu_benchmarks_quick(tmp_path):
-    stdout = _run(["-m", "bench", "--quick", "--results", str(tmp_path)], tmp_path)
+def test_cpu_benchmarks_quick(smoke_runs):
+    tmp_path = smoke_runs[0]
+    stdout = _output(smoke_runs, "cpu")
     assert "==== Wan2.2 I2V benchmarks ====" in stdout
     assert "stream/read" in stdout and "plain/stream" in stdout, stdout
     assert "engine/diffusers" in stdout, stdout
