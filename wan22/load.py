@@ -235,7 +235,8 @@ def fill_module(
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         extra = f"; it holds unexpected keys such as {', '.join(unexpected[:5])}" if unexpected else ""
         raise CheckpointError(f"{source}: {len(missing)} model tensors not found in the checkpoint: {shown}{extra}")
-    return model.eval().requires_grad_(False)
+    # buffers computed in __init__ (diffusers' RoPE tables) were built on the CPU: bring them along
+    return model.to(device).eval().requires_grad_(False)
 
 
 def fp8_scale_getters(tensors: Dict[str, TensorGetter]) -> Dict[str, TensorGetter]:

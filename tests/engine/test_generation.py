@@ -98,3 +98,14 @@ def test_default_root_falls_back_to_runpod_volume(monkeypatch, tmp_path):
     assert discover.default_model_root() == tmp_path / "runpod-volume", "a missing WAN_CKPT_DIR falls back too"
     (tmp_path / "mine").mkdir()
     assert discover.default_model_root() == tmp_path / "mine"
+
+
+def test_loaded_modules_sit_wholly_on_the_target_device(tiny_models):
+    """Parameters and buffers (RoPE tables are built in __init__) all end on the requested device;
+    the meta device stands in for a GPU here."""
+    from wan22 import models
+
+    expert = models.load_transformer_from_upstream_shards(tiny_models["upstream"] / "high_noise_model", torch.bfloat16, "meta")
+    devices = {t.device.type for t in list(expert.parameters()) + list(expert.buffers())}
+    assert devices == {"meta"}
+    assert {p.dtype for p in expert.parameters()} == {torch.bfloat16}
