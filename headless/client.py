@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -28,12 +27,11 @@ import requests
 
 from .errors import (ExecutionFailed, ExecutionInterrupted, OutputMissing, PromptRejected, ServerUnreachable,
                      WaitTimeout, WorkflowError)
+from .files import atomic_file
 
 __all__ = ["ComfyClient", "Progress", "format_node_errors", "DEFAULT_SERVER"]
 
 DEFAULT_SERVER = "http://127.0.0.1:8188"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
 
 
@@ -203,24 +201,11 @@ class ComfyClient:
         dest = Path(dest) if dest else Path.cwd() / filename
         if dest.is_dir():
             dest = dest / filename
-        dest.parent.mkdir(parents=True, exist_ok=True)
         resp = self.view(filename, subfolder, type)
-        fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".part", dir=str(dest.parent))
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                for chunk in resp.iter_content(1 << 20):
-                    if chunk:
-                        fh.write(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
-            os.replace(tmp, dest)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        with atomic_file(dest) as handle:
+            for chunk in resp.iter_content(1 << 20):
+                if chunk:
+                    handle.write(chunk)
         return dest
 
     # ------------------------------------------------------------- websocket

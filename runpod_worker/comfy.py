@@ -7,6 +7,7 @@ so the next job does not wait behind it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import dataclasses
 import os
@@ -177,6 +178,22 @@ class ComfyBackend:
         timings["generate_s"] = round(time.monotonic() - running_from, 3)
         return prompt_id, entry
 
+    @contextlib.contextmanager
+    def _session(self):
+        """A client for one job, and a list of the job's files in ComfyUI's folders to remove at the end;
+        the client's errors become JobFailed."""
+        client = ComfyClient(self.url, timeout=30)
+        leftovers: List[Path] = []
+        try:
+            yield client, leftovers
+        except ServerUnreachable as exc:
+            raise JobFailed(f"ComfyUI is not reachable: {exc}") from None
+        except HeadlessError as exc:
+            raise JobFailed(str(exc)) from None
+        finally:
+            client.close()
+            self._cleanup_files(leftovers)
+
     def _cleanup_files(self, paths: List[Path]) -> None:
         """Remove this job's uploads and outputs from ComfyUI's own folders (only when this process runs it)."""
         if self.server is None:
@@ -195,10 +212,8 @@ class ComfyBackend:
                 deadline: float, on_progress: Callable[[Progress], None],
                 on_running: Callable[[], None], tag: str) -> RunOutcome:
         """Fill the shipped workflow with `params` (headless canonical names), run it, download the MP4."""
-        client = ComfyClient(self.url, timeout=30)
         timings: Dict[str, float] = {}
-        leftovers: List[Path] = []
-        try:
+        with self._session() as (client, leftovers):
             info = self.object_info(client)
             workflow = namespaced(load_workflow(self.workflow_path, object_info=info), NODE_PREFIX)
             params = dict(params)
@@ -225,13 +240,6 @@ class ComfyBackend:
             return RunOutcome(prompt_id=prompt_id, seed=meta.get("seed", seed),
                               frames=meta.get("frames"), width=meta.get("width"), height=meta.get("height"),
                               timings=timings, cached_nodes=self._cached_types(client, workflow), entry=entry)
-        except ServerUnreachable as exc:
-            raise JobFailed(f"ComfyUI is not reachable: {exc}") from None
-        except HeadlessError as exc:
-            raise JobFailed(str(exc)) from None
-        finally:
-            client.close()
-            self._cleanup_files(leftovers)
 
     def _put_image(self, client: ComfyClient, workflow: dict, png: bytes, tag: str, info: dict) -> Optional[str]:
         """Give the workflow its image: upload for a core LoadImage, else base64 on Wan22LoadImage."""
@@ -275,9 +283,7 @@ class ComfyBackend:
                      on_progress: Callable[[Progress], None], on_running: Callable[[], None],
                      on_queued: Callable[[str], None]) -> tuple:
         """Upload `images` [(name, bytes)], run `workflow`; return (outcome, [file dicts with `data` bytes])."""
-        client = ComfyClient(self.url, timeout=30)
-        leftovers: List[Path] = []
-        try:
+        with self._session() as (client, leftovers):
             for name, data in images:
                 uploaded = client.upload_image(data, name=name)
                 if self.server is not None:
@@ -305,10 +311,3 @@ class ComfyBackend:
                                  width=meta.get("width"), height=meta.get("height"), timings=timings,
                                  cached_nodes=self._cached_types(client, workflow), entry=entry)
             return outcome, results
-        except ServerUnreachable as exc:
-            raise JobFailed(f"ComfyUI is not reachable: {exc}") from None
-        except HeadlessError as exc:
-            raise JobFailed(str(exc)) from None
-        finally:
-            client.close()
-            self._cleanup_files(leftovers)

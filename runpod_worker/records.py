@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
+
+from headless.files import atomic_file
 
 from .errors import RequestError
 from .validation import validate_request_id
@@ -74,22 +75,9 @@ def resolve_save_file(output_dir: Path, save_file: Optional[str], request_id: st
 
 
 def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=False, default=str)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(path, "w") as handle:
+        json.dump(data, handle, indent=1, sort_keys=False, default=str)
+        handle.write("\n")
 
 
 def read_record(output_dir: Path, request_id: str) -> Optional[Dict[str, Any]]:

@@ -18,6 +18,8 @@ import pytest
 from headless.client import ComfyClient
 from headless.run import run
 
+from wan22.video import read_mp4
+
 import comfy_fixture as cf
 
 REPO = cf.REPO_ROOT
@@ -35,13 +37,7 @@ def cli(*args, timeout=300):
 
 
 def count_frames(path: Path):
-    import imageio.v2 as imageio
-
-    reader = imageio.get_reader(str(path), format="FFMPEG")
-    try:
-        frames = [frame for frame in reader]
-    finally:
-        reader.close()
+    frames, _ = read_mp4(path)
     return len(frames), frames[0].shape
 
 

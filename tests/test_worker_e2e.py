@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from wan22.video import read_mp4
+
 import comfy_fixture as cf
 
 REPO = cf.REPO_ROOT
@@ -50,15 +52,9 @@ def png_bytes(w=120, h=80) -> bytes:
 
 
 def count_frames(data: bytes, tmp_path: Path):
-    import imageio.v2 as imageio
-
     path = tmp_path / f"check_{time.monotonic_ns()}.mp4"
     path.write_bytes(data)
-    reader = imageio.get_reader(str(path), format="FFMPEG")
-    try:
-        frames = [frame for frame in reader]
-    finally:
-        reader.close()
+    frames, _ = read_mp4(path)
     return len(frames), frames[0].shape
 
 
