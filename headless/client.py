@@ -59,7 +59,11 @@ def normalize_url(url: str) -> str:
 
 
 def format_node_errors(node_errors: Any, prompt: Optional[dict] = None) -> List[str]:
-    """One readable line per bad input from ``/prompt``'s ``node_errors``."""
+    """One readable line per bad input from ``/prompt``'s ``node_errors``.
+
+    A node's ``VALIDATE_INPUTS`` message comes back once per input it was given (``custom_validation_failed``,
+    details ``"<input> - <message>"``; newer servers also repeat it for linked inputs): printed once, as the message.
+    """
     lines: List[str] = []
     if not isinstance(node_errors, dict):
         return lines
@@ -68,11 +72,18 @@ def format_node_errors(node_errors: Any, prompt: Optional[dict] = None) -> List[
         class_type = entry.get("class_type") or (prompt or {}).get(node_id, {}).get("class_type", "?")
         title = ((prompt or {}).get(node_id, {}).get("_meta") or {}).get("title")
         where = f"node {node_id} ({class_type}" + (f" '{title}'" if title and title != class_type else "") + ")"
+        custom_seen = set()
         for err in entry.get("errors") or []:
             extra = err.get("extra_info") or {}
             name = extra.get("input_name")
             msg = err.get("message") or err.get("type") or "error"
             details = err.get("details") or ""
+            if err.get("type") == "custom_validation_failed" and name and details.startswith(f"{name} - "):
+                text = details[len(name) + 3:]
+                if text not in custom_seen:
+                    custom_seen.add(text)
+                    lines.append(f"{where}: {text}")
+                continue
             line = f"{where} input '{name}': {msg}" if name else f"{where}: {msg}"
             if details and details not in line:
                 line += f" ({details})"

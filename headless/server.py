@@ -8,7 +8,8 @@ The ComfyUI folder itself is never modified: the launcher makes a private work f
 ``custom_nodes`` folder, and the temp/input/output folders and the log file, then runs ``main.py`` from the
 ComfyUI folder with ``--cpu`` (unless told otherwise), ``--listen 127.0.0.1 --port N``, ``--output-directory``,
 ``--input-directory``, ``--temp-directory`` and ``--disable-auto-launch`` (flags of the pinned 2024 ComfyUI),
-with ``WAN_CKPT_DIR`` set to the models folder.
+with ``WAN_CKPT_DIR`` set to the models folder. ``main.py`` runs under ``python=``, else ``$COMFYUI_PYTHON``, else
+this interpreter: a newer ComfyUI in its own venv (docs/compatibility.md).
 """
 from __future__ import annotations
 

@@ -150,3 +150,16 @@ def test_format_node_errors_one_line_per_input():
          "extra_info": {"input_name": "image"}}]}})
     assert lines == ["node 7 (Wan22ImageToVideo) input 'frame_num': Value bigger than max (frame_num 5000 > 1001)",
                      "node 7 (Wan22ImageToVideo) input 'image': Required input is missing"]
+
+
+def test_format_node_errors_custom_validation_once():
+    """VALIDATE_INPUTS' message, repeated by the server for every input (9 or, on newer servers, 12), is one line."""
+    message = "frame_num=6 is invalid: allowed 4n+1 (e.g. 5, 33, 49, 81)"
+    errors = [{"type": "custom_validation_failed", "message": "Custom validation failed for node",
+               "details": f"{name} - {message}", "extra_info": {"input_name": name}}
+              for name in ("size", "frame_num", "seed", "model")]
+    errors.append({"type": "custom_validation_failed", "message": "Custom validation failed for node",
+                   "details": "image", "extra_info": {"input_name": "image"}})  # VALIDATE_INPUTS returned False
+    lines = format_node_errors({"4": {"class_type": "Wan22ImageToVideo", "errors": errors}})
+    assert lines == [f"node 4 (Wan22ImageToVideo): {message}",
+                     "node 4 (Wan22ImageToVideo) input 'image': Custom validation failed for node"]

@@ -59,3 +59,38 @@ def test_arguments_and_pack_link(tmp_path):
     link = tmp_path / "work" / "custom_nodes" / PACK_NAME
     assert link.is_symlink() and link.resolve() == REPO_ROOT
     assert not (folder / "custom_nodes").exists()  # ComfyUI's own folder is left alone
+
+
+def _interpreter_recorder(tmp_path, name: str):
+    """A stand-in interpreter: records its own name in the ComfyUI folder, then runs main.py with this Python."""
+    import sys
+
+    script = tmp_path / name
+    script.write_text(f"#!/bin/sh\necho {name} > \"$PWD/interpreter.txt\"\nexec {sys.executable} \"$@\"\n")
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize("how", ["argument", "env", "default"])
+def test_interpreter_choice(tmp_path, monkeypatch, how):
+    """python= (else $COMFYUI_PYTHON, else this interpreter) runs main.py: a newer ComfyUI with its own venv."""
+    import sys
+
+    folder = fake_comfyui(tmp_path, "import sys, os\n"
+                                    "open(os.path.join(os.path.dirname(__file__), 'exe.txt'), 'w').write(sys.executable)\n"
+                                    "sys.exit(3)\n")
+    from_arg = _interpreter_recorder(tmp_path, "from_arg")
+    from_env = _interpreter_recorder(tmp_path, "from_env")
+    monkeypatch.delenv("COMFYUI_PYTHON", raising=False)
+    if how != "default":
+        monkeypatch.setenv("COMFYUI_PYTHON", str(from_env))
+    with pytest.raises(ServerStartError) as info:
+        start_comfyui(folder, work_dir=tmp_path / "work", startup_timeout=10,
+                      python=str(from_arg) if how == "argument" else None)
+    assert "exited with code 3" in str(info.value)
+    marker = folder / "interpreter.txt"
+    if how == "default":
+        assert not marker.exists()
+        assert (folder / "exe.txt").read_text() == sys.executable
+    else:
+        assert marker.read_text().strip() == ("from_arg" if how == "argument" else "from_env")
