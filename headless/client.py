@@ -355,7 +355,7 @@ class ComfyClient:
                         time.sleep(0.1)
                         continue
                     hint_at = None
-                if not self._in_queue(prompt_id):
+                if not self.in_queue(prompt_id):
                     missing_polls += 1
                     if missing_polls >= 3:
                         raise ExecutionFailed(f"prompt {prompt_id} is neither queued nor in the history "
@@ -421,7 +421,18 @@ class ComfyClient:
                     interrupted_event = data
                 hint_at = time.monotonic()
 
-    def _in_queue(self, prompt_id: str) -> bool:
+    def wait_until_settled(self, prompt_id: str, seconds: float = 10.0) -> None:
+        """After a cancel: wait, at most `seconds`, until the prompt is in the history or out of the queue."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if self.history(prompt_id) is not None or not self.in_queue(prompt_id):
+                    return
+            except Exception:  # the server went away: nothing left to wait for
+                return
+            time.sleep(0.2)
+
+    def in_queue(self, prompt_id: str) -> bool:
         try:
             q = self.queue()
         except Exception:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from .client import ComfyClient, Progress, output_files
-from .errors import BadInput, OutputMissing, WorkflowError
+from .errors import BadInput, OutputMissing, WaitTimeout, WorkflowError
 from .params import MAX_SEED, ParamError, normalize_params
 from .workflow import (ROLE_CORE_IMAGE, ROLE_I2V, ROLE_IMAGE, ROLE_SAVE, apply_overrides, apply_params,
                        find_nodes, load_workflow)
@@ -211,10 +211,8 @@ def run(params: Dict[str, Any], server: Union[str, ComfyClient, None] = None,
         except KeyboardInterrupt:
             _cancel_quietly(client, prompt_id)
             raise
-        except Exception as exc:
-            from .errors import WaitTimeout
-            if isinstance(exc, WaitTimeout):
-                _cancel_quietly(client, prompt_id, wait=0)
+        except WaitTimeout:
+            _cancel_quietly(client, prompt_id, wait=0)
             raise
         video, info = collect_result(entry, prompt)
         if video is None:
@@ -243,13 +241,5 @@ def _cancel_quietly(client: ComfyClient, prompt_id: str, wait: float = 10.0) -> 
         client.cancel(prompt_id)
     except Exception:
         return
-    if wait <= 0:
-        return
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        try:
-            if client.history(prompt_id) is not None or not client._in_queue(prompt_id):
-                return
-        except Exception:
-            return
-        time.sleep(0.2)
+    if wait > 0:
+        client.wait_until_settled(prompt_id, wait)

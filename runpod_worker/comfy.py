@@ -21,7 +21,7 @@ from headless.client import ComfyClient, Progress, output_files
 from headless.errors import (ExecutionFailed, ExecutionInterrupted, HeadlessError, OutputMissing, PromptRejected,
                              ServerUnreachable, WaitTimeout, WorkflowError)
 from headless.run import collect_result, resolve_random_seeds
-from headless.workflow import (ROLE_CORE_IMAGE, ROLE_I2V, ROLE_IMAGE, apply_params, find_nodes,
+from headless.workflow import (ROLE_CORE_IMAGE, ROLE_IMAGE, apply_params, find_nodes,
                                load_workflow)
 
 from .errors import JobFailed
@@ -124,24 +124,13 @@ class ComfyBackend:
             return client.wait(prompt_id, on_progress=on_progress, on_event=on_event, timeout=remaining)
         except WaitTimeout:
             self.cancel_prompt(prompt_id)
-            self._settle(client, prompt_id)
+            client.wait_until_settled(prompt_id, 30.0)  # the next job starts on an empty queue
             raise JobFailed(token.reason or "the job ran past its time limit (WAN_JOB_TIMEOUT_S); ComfyUI was interrupted") from None
         except ExecutionInterrupted:
             raise JobFailed(f"cancelled: {token.reason}" if token.cancelled else
                             "ComfyUI interrupted the prompt (someone called /interrupt)") from None
         except ExecutionFailed as exc:
             raise JobFailed(f"generation failed in ComfyUI: {exc}") from None
-
-    def _settle(self, client: ComfyClient, prompt_id: str, seconds: float = 30.0) -> None:
-        """After an interrupt, wait (briefly) until the prompt has left the queue so the next job starts clean."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            try:
-                if client.history(prompt_id) is not None or not client._in_queue(prompt_id):
-                    return
-            except Exception:  # noqa: BLE001
-                return
-            time.sleep(0.25)
 
     def _queue(self, client: ComfyClient, workflow: dict, token: CancelToken) -> str:
         try:
@@ -261,20 +250,6 @@ class ComfyBackend:
         raise JobFailed("the shipped workflow has no image input node (LoadImage or Wan22LoadImage)")
 
     @staticmethod
-    def _wan22_meta(entry: dict, workflow: dict) -> Dict[str, Any]:
-        outputs = entry.get("outputs") or {}
-        i2v = set(find_nodes(workflow, ROLE_I2V))
-        for nid, out in outputs.items():
-            items = out.get("wan22") if isinstance(out, dict) else None
-            if isinstance(items, list) and items and isinstance(items[0], dict) and (nid in i2v or not i2v):
-                return items[0]
-        for out in outputs.values():
-            items = out.get("wan22") if isinstance(out, dict) else None
-            if isinstance(items, list) and items and isinstance(items[0], dict):
-                return items[0]
-        return {}
-
-    @staticmethod
     def _cached_types(client: ComfyClient, workflow: dict) -> List[str]:
         return sorted({str(workflow.get(n, {}).get("class_type", n)) for n in client.last_cached_nodes})
 
@@ -306,7 +281,7 @@ class ComfyBackend:
                 f["video"] = bool(f["animated"]) or f["filename"].lower().endswith(VIDEO_EXTENSIONS)
                 results.append(f)
             timings["download_s"] = round(time.monotonic() - t1, 3)
-            meta = self._wan22_meta(entry, workflow)
+            _, meta = collect_result(entry, workflow)
             outcome = RunOutcome(prompt_id=prompt_id, seed=meta.get("seed"), frames=meta.get("frames"),
                                  width=meta.get("width"), height=meta.get("height"), timings=timings,
                                  cached_nodes=self._cached_types(client, workflow), entry=entry)
