@@ -209,9 +209,12 @@ class ComfyClient:
     def download(self, filename: str, subfolder: str = "", type: str = "output",
                  dest: Union[str, os.PathLike, None] = None) -> Path:
         """Download an output file via ``/view`` to ``dest`` atomically (temp file + rename)."""
-        dest = Path(dest) if dest else Path.cwd() / filename
+        safe_name = Path(filename).name  # the server's word: never let '../' in it choose the folder
+        if not safe_name or safe_name.startswith("."):
+            raise OutputMissing(f"the server named its output {filename!r}: not a plain file name")
+        dest = Path(dest) if dest else Path.cwd() / safe_name
         if dest.is_dir():
-            dest = dest / filename
+            dest = dest / safe_name
         resp = self.view(filename, subfolder, type)
         with atomic_file(dest) as handle:
             for chunk in resp.iter_content(1 << 20):

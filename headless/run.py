@@ -220,9 +220,9 @@ def run(params: Dict[str, Any], server: Union[str, ComfyClient, None] = None,
                                 f"(outputs: {list((entry.get('outputs') or {}).keys())})")
         path = None
         if download:
-            dest = Path(out) if out else Path.cwd() / video["filename"]
+            dest = Path(out) if out else Path.cwd()
             if out and (str(out).endswith(("/", "\\")) or dest.is_dir()):
-                dest = dest / video["filename"]
+                dest.mkdir(parents=True, exist_ok=True)
             path = str(client.download(video["filename"], video["subfolder"], video["type"], dest))
         used_seed = info.get("seed", seed)
         cached = bool(client.last_cached_nodes) and set(find_nodes(prompt, ROLE_I2V)) <= set(client.last_cached_nodes)

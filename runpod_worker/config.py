@@ -19,7 +19,7 @@ def _int(name: str, default: int, low: int = 0) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not an integer") from None
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
     return max(low, value)
 
 
@@ -30,7 +30,7 @@ def _float(name: str, default: float, low: float = 0.0) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not a number") from None
+        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
     return max(low, value)
 
 

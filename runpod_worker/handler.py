@@ -75,9 +75,9 @@ async def handler(job: Dict[str, Any]) -> Dict[str, Any]:
 def handle_job(job: Dict[str, Any], token: Optional[CancelToken] = None) -> Dict[str, Any]:
     """Synchronous body of the handler (also what unit tests call)."""
     token = token or CancelToken()
-    cfg = config_mod.WorkerConfig.from_env()
     started = time.monotonic()
     try:
+        cfg = config_mod.WorkerConfig.from_env()
         request_id = validate_request_id(job.get("id"), "id (the RunPod job id)")
         parsed = parse_job_input(job.get("input"), max_prompt_chars=cfg.max_prompt_chars,
                                  max_workflow_images=cfg.max_workflow_images)
@@ -89,7 +89,7 @@ def handle_job(job: Dict[str, Any], token: Optional[CancelToken] = None) -> Dict
     except RequestError as exc:
         log.info("job %s rejected: %s", job.get("id"), exc.message)
         return {"error": exc.message}
-    except JobFailed as exc:
+    except (JobFailed, ValueError) as exc:  # ValueError: a bad WAN_* environment variable
         return {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - the worker keeps serving
         log.error("job %s: unexpected error\n%s", job.get("id"), traceback.format_exc())
@@ -271,6 +271,7 @@ def status_answer(req: StatusRequest, cfg) -> Dict[str, Any]:
 
 # ============================================================================================= raw workflow mode
 SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+PATH_INPUTS = {"Wan22LoadImage": ("image_url", "image_base64", "image_path"), "Wan22ModelLoader": ("model_path", "model_set")}
 
 
 def _sanitize_workflow_sources(workflow: Dict[str, Any], cfg) -> None:
@@ -278,6 +279,11 @@ def _sanitize_workflow_sources(workflow: Dict[str, Any], cfg) -> None:
     replaced by the checked PNG); Wan22ModelLoader.model_path must lie under WAN_INPUT_ROOTS or WAN_CKPT_DIR."""
     for node_id, node in workflow.items():
         inputs = node.get("inputs") or {}
+        # a path fed by a link would escape these checks (any node with a STRING output can make one)
+        for key in PATH_INPUTS.get(node.get("class_type"), ()):
+            if isinstance(inputs.get(key), list):
+                raise RequestError(f"workflow.{node_id}.inputs.{key}",
+                                   "must be a literal string in an untrusted workflow, not a link to another node")
         if node.get("class_type") == "Wan22LoadImage":
             given = [(k, v) for k, v in inputs.items() if k in ("image_url", "image_base64", "image_path")
                      and isinstance(v, str) and v.strip()]

@@ -122,10 +122,6 @@ def identity(key: str) -> Optional[str]:
     return key
 
 
-def is_fp8_scaled(keys) -> bool:
-    return FP8_MARKER in keys
-
-
 def dequantize_fp8(weight: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
     """ComfyUI fp8_scaled: float8_e4m3fn weight times its per-layer scale_weight, in float32."""
     weight = weight.to(torch.float32)

@@ -39,7 +39,6 @@ COMFYUI_PARTS = {
     "vae": "vae/wan_2.1_vae*.safetensors",
 }
 LAYOUT_PARTS = {"upstream": UPSTREAM_PARTS, "diffusers": DIFFUSERS_PARTS, "comfyui": COMFYUI_PARTS}
-COMFYUI_VARIANTS = ("fp16", "bf16", "fp8_scaled")
 
 
 @dataclasses.dataclass(frozen=True)

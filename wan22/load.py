@@ -197,9 +197,13 @@ def fill_module(
     """Place every tensor of `tensors` into the meta-built `model` under its mapped name.
 
     Raises CheckpointError naming `source` when a tensor has the wrong shape or a parameter stays unfilled.
-    `dtype=None` keeps each tensor's stored dtype (fp8 weights are always dequantized).
+    `dtype=None` keeps each tensor's stored dtype (fp8 weights are dequantized to float32; callers pass a
+    dtype for fp8 files).
     """
     owners = _parameter_owners(model)
+    # diffusers keeps some modules in fp32 whatever the dtype (Wan: time embedder, modulation tables,
+    # norms), as upstream computes them under fp32 autocast
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
     filled = set()
     unexpected = []
     for key, get in tensors:
@@ -220,6 +224,8 @@ def fill_module(
             scale = fp8_scales.get(key[: -len(".weight")] + FP8_SCALE_SUFFIX) if fp8_scales and key.endswith(".weight") else None
             tensor = dequantize_fp8(tensor, scale() if scale else None)
         target_dtype = dtype if (dtype is not None and tensor.is_floating_point()) else None
+        if target_dtype is not None and any(part in keep_fp32 for part in target.split(".")):
+            target_dtype = torch.float32
         if target_dtype is None and tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             target_dtype = torch.float32
         value = tensor.to(device=device, dtype=target_dtype) if target_dtype else tensor.to(device=device)

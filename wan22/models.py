@@ -18,6 +18,7 @@ from .configs import load_config
 from .errors import CheckpointError
 from .load import (
     fill_module,
+    fp8_scale_getters,
     is_fp8_aux_key,
     iter_safetensors,
     iter_state_dict,
@@ -120,7 +121,7 @@ def load_transformer_from_comfy_file(file: Path, dtype, device):
     unprefixed = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
     model = build_transformer(transformer_config_from_upstream_shapes(unprefixed, str(file)))
     tensors = dict(iter_safetensors([file]))
-    scales = {k: g for k, g in tensors.items() if k.endswith(convert.FP8_SCALE_SUFFIX)}
+    scales = fp8_scale_getters(tensors)
     return fill_module(
         model, iter(tensors.items()), convert.comfy_to_diffusers_transformer, dtype, device, str(file),
         ignore=is_fp8_aux_key, fp8_scales=scales,
@@ -175,7 +176,7 @@ def load_t5_from_comfy_file(file: Path, dtype, device):
     shapes = safetensors_shapes([file])
     model = build_t5_encoder(t5_config_from_shapes(shapes, str(file), hf_names=True))
     tensors = dict(iter_safetensors([file]))
-    scales = {k: g for k, g in tensors.items() if k.endswith(convert.FP8_SCALE_SUFFIX)}
+    scales = fp8_scale_getters(tensors)
     ignore = lambda key: is_fp8_aux_key(key) or key == convert.COMFY_TOKENIZER_KEY
     return fill_module(model, iter(tensors.items()), convert.comfy_to_hf_t5, dtype, device, str(file), ignore=ignore, fp8_scales=scales)
 

@@ -116,7 +116,11 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
     device = options.torch_device
     load_transformer, load_t5, load_vae = LOADERS[model_set.layout]
     check_safetensors_headers(model_set)
-    expert_dtype = options.torch_dtype if options.convert_model_dtype else None
+    # fp8 files are dequantized to the compute dtype either way (as fp32 they would be 4x their size)
+    keep_stored = not options.convert_model_dtype and model_set.variant != "fp8_scaled"
+    expert_dtype = None if keep_stored else options.torch_dtype
+    # upstream runs T5 in bf16 whatever the DiT dtype (fp16 overflows in UMT5); fp32 stays fp32
+    t5_dtype = torch.float32 if options.torch_dtype == torch.float32 else torch.bfloat16
     expert_device = "cpu" if options.offload_model else device
     timings = {}
 
@@ -129,7 +133,7 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
         return result
 
     tokenizer = timed("tokenizer", load_tokenizer, model_set)
-    text_model = timed("text_encoder", load_t5, model_set.files["text_encoder"], options.torch_dtype, "cpu" if (options.t5_cpu or options.offload_model) else device)
+    text_model = timed("text_encoder", load_t5, model_set.files["text_encoder"], t5_dtype, "cpu" if (options.t5_cpu or options.offload_model) else device)
     vae = timed("vae", load_vae, model_set.files["vae"], device)
     high = timed("high_noise_model", load_transformer, model_set.files["high_noise_model"], expert_dtype, expert_device)
     low = timed("low_noise_model", load_transformer, model_set.files["low_noise_model"], expert_dtype, expert_device)
@@ -154,6 +158,7 @@ class Wan22I2VPipeline:
         self.prompt_encoder, self.vae, self.options, self.model_set = prompt_encoder, vae, options, model_set
         self.device = options.torch_device
         self.load_timings: Dict[str, float] = {}
+        self.released = False
 
     def release(self) -> None:
         """Free every weight now (modules go to the meta device); the pipeline cannot be used afterwards."""
@@ -164,7 +169,7 @@ class Wan22I2VPipeline:
             torch.cuda.empty_cache()
 
     def _check_usable(self) -> None:
-        if getattr(self, "released", False):
+        if self.released:
             raise RuntimeError("these Wan2.2 models were released (another model set was loaded, or /free); run the loader again")
 
     # ------------------------------------------------------------------ stage 1: prompts
@@ -180,9 +185,11 @@ class Wan22I2VPipeline:
         encode_device = self.device if on_gpu else torch.device("cpu")
         if on_gpu:
             model.to(self.device)
-        context, context_null = self.prompt_encoder.encode([prompt, negative], device=encode_device)
-        if on_gpu and self.options.offload_model:
-            model.to("cpu")
+        try:
+            context, context_null = self.prompt_encoder.encode([prompt, negative], device=encode_device)
+        finally:
+            if on_gpu and self.options.offload_model:
+                model.to("cpu")
         return PromptEmbeds(context.float().cpu(), context_null.float().cpu(), prompt, negative)
 
     # ------------------------------------------------------------------ stage 2: image and conditioning
@@ -240,7 +247,7 @@ class Wan22I2VPipeline:
         return model
 
     def _predict(self, model, latent, timestep, y, context) -> torch.Tensor:
-        dtype = next(model.parameters()).dtype
+        dtype = model.patch_embedding.weight.dtype  # the storage dtype (some small modules stay fp32)
         compute = self.options.torch_dtype
         inputs = torch.cat([latent, y])[None].to(self.device, compute if dtype == compute else dtype)
         autocast = dtype != compute and self.device.type == "cuda"
@@ -263,26 +270,29 @@ class Wan22I2VPipeline:
         y = y.to(self.device)
         latent = noise.to(self.device)
         model = None
-        steps = len(schedule.timesteps)
-        for index, timestep in enumerate(schedule.timesteps):
-            if should_cancel and should_cancel():
-                raise GenerationCancelled(f"cancelled before step {index + 1} of {steps}")
-            model = self._expert_for(int(timestep), boundary_timestep, model)
-            guide = params.guide_scale[1] if timestep >= boundary_timestep else params.guide_scale[0]
-            cond = self._predict(model, latent, timestep, y, context)
-            if guide == 1.0:
-                prediction = cond
-            else:
-                uncond = self._predict(model, latent, timestep, y, context_null)
-                prediction = uncond + guide * (cond - uncond)
-            latent = schedule.solver.step(prediction[None], timestep, latent[None], return_dict=False)[0][0]
-            if trace:
-                expert = "high_noise_model" if model is self.high_noise_model else "low_noise_model"
-                trace(StepTrace(index, int(timestep), expert, guide, prediction.cpu(), latent.cpu()))
-            if on_step:
-                on_step(index + 1, steps)
-        if self.options.offload_model and self.device.type != "cpu" and model is not None:
-            model.to("cpu")
+        try:
+            steps = len(schedule.timesteps)
+            for index, timestep in enumerate(schedule.timesteps):
+                if should_cancel and should_cancel():
+                    raise GenerationCancelled(f"cancelled before step {index + 1} of {steps}")
+                model = self._expert_for(int(timestep), boundary_timestep, model)
+                guide = params.guide_scale[1] if timestep >= boundary_timestep else params.guide_scale[0]
+                cond = self._predict(model, latent, timestep, y, context)
+                if guide == 1.0:
+                    prediction = cond
+                else:
+                    uncond = self._predict(model, latent, timestep, y, context_null)
+                    prediction = uncond + guide * (cond - uncond)
+                latent = schedule.solver.step(prediction[None], timestep, latent[None], return_dict=False)[0][0]
+                if trace:
+                    expert = "high_noise_model" if model is self.high_noise_model else "low_noise_model"
+                    trace(StepTrace(index, int(timestep), expert, guide, prediction.cpu(), latent.cpu()))
+                if on_step:
+                    on_step(index + 1, steps)
+        finally:
+            # also after a failed or cancelled step: an offloaded expert must not stay on the GPU
+            if self.options.offload_model and self.device.type != "cpu" and model is not None:
+                model.to("cpu")
         return latent
 
     # ------------------------------------------------------------------ stage 5: decode

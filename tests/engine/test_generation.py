@@ -101,11 +101,16 @@ def test_default_root_falls_back_to_runpod_volume(monkeypatch, tmp_path):
 
 
 def test_loaded_modules_sit_wholly_on_the_target_device(tiny_models):
-    """Parameters and buffers (RoPE tables are built in __init__) all end on the requested device;
-    the meta device stands in for a GPU here."""
+    """Parameters and buffers (RoPE tables are built in __init__) all end on the requested device (the meta
+    device stands in for a GPU here), in the requested dtype except the modules diffusers keeps in fp32."""
     from wan22 import models
 
     expert = models.load_transformer_from_upstream_shards(tiny_models["upstream"] / "high_noise_model", torch.bfloat16, "meta")
     devices = {t.device.type for t in list(expert.parameters()) + list(expert.buffers())}
     assert devices == {"meta"}
-    assert {p.dtype for p in expert.parameters()} == {torch.bfloat16}
+    keep_fp32 = set(expert._keep_in_fp32_modules)
+    for name, param in expert.named_parameters():
+        expected = torch.float32 if keep_fp32 & set(name.split(".")) else torch.bfloat16
+        assert param.dtype == expected, name
+    assert expert.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert expert.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
