@@ -228,6 +228,12 @@ def start_comfyui(
     custom_nodes = work / "custom_nodes"
     custom_nodes.mkdir(exist_ok=True)
     packs = list(custom_node_paths) if custom_node_paths is not None else [REPO_ROOT]
+    for pack in packs:
+        if not (Path(pack) / "__init__.py").is_file():
+            raise ServerStartError(
+                f"{pack} is not a ComfyUI node pack (no __init__.py): --start-server needs this repository checked "
+                "out (an installed wan22-i2v has no nodes); run from the checkout or point --server at a ComfyUI "
+                "that has the pack in its custom_nodes")
     _link_packs(custom_nodes, comfyui_dir, packs)
     out_dir = Path(output_dir).resolve() if output_dir else work / "output"
     in_dir = Path(input_dir).resolve() if input_dir else work / "input"

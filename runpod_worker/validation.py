@@ -497,8 +497,8 @@ def parse_job_input(job_input: Any, *, max_prompt_chars: int = 5000, max_workflo
             warnings.append("action: not given; assumed 'request'")
         else:
             raise RequestError("action", "is required: 'request' (with params) or 'status' (with request_id); or send 'workflow' for the raw ComfyUI mode")
-    elif action not in ("request", "status"):
-        raise RequestError("action", f"must be 'request' or 'status', got {_short(action)}")
+    elif action not in TOP_LEVEL_KEYS:
+        raise RequestError("action", f"must be 'request', 'status' or 'workflow', got {_short(action)}")
     for key in job_input:
         if key not in TOP_LEVEL_KEYS[action]:
             warnings.append(f"{key}: unknown top-level key, ignored")

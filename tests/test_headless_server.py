@@ -94,3 +94,13 @@ def test_interpreter_choice(tmp_path, monkeypatch, how):
         assert (folder / "exe.txt").read_text() == sys.executable
     else:
         assert marker.read_text().strip() == ("from_arg" if how == "argument" else "from_env")
+
+
+def test_a_folder_without_node_pack_is_refused(tmp_path):
+    """An installed wan22-i2v (no checkout beside it) must not link site-packages into custom_nodes."""
+    folder = fake_comfyui(tmp_path, "import time\ntime.sleep(60)\n")
+    not_a_pack = tmp_path / "site-packages"
+    not_a_pack.mkdir()
+    with pytest.raises(ServerStartError, match="not a ComfyUI node pack"):
+        start_comfyui(folder, work_dir=tmp_path / "work", custom_node_paths=[not_a_pack], startup_timeout=5)
+    assert not (tmp_path / "work" / "custom_nodes" / "site-packages").exists()

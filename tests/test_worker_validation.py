@@ -573,3 +573,23 @@ def test_missing_model_folder_falls_back_to_the_volume(tmp_path, monkeypatch):
     monkeypatch.setenv("WAN_CKPT_DIR", str(tmp_path / "models"))
     main_mod._model_folder_fallback()
     assert os.environ["WAN_CKPT_DIR"] == str(tmp_path / "models")
+
+
+def test_explicit_workflow_action_is_accepted():
+    parsed = parse_job_input({"action": "workflow", "workflow": {"1": {"class_type": "EmptyImage", "inputs": {}}}})
+    assert type(parsed).__name__ == "WorkflowRequest"
+    with pytest.raises(RequestError, match="'request', 'status' or 'workflow'"):
+        parse_job_input({"action": "delete"})
+
+
+@pytest.mark.parametrize("class_type,key", [("Wan22ModelLoader", "model_path"), ("Wan22LoadImage", "image_path"),
+                                            ("Wan22LoadImage", "image_url")])
+def test_raw_workflow_path_inputs_must_be_literal(class_type, key):
+    """A path fed by a link would reach the node unchecked: refused, naming the input."""
+    from runpod_worker.handler import _sanitize_workflow_sources
+
+    workflow = {"7": {"class_type": "PrimitiveString", "inputs": {"value": "/etc"}},
+                "9": {"class_type": class_type, "inputs": {key: ["7", 0]}}}
+    with pytest.raises(RequestError) as info:
+        _sanitize_workflow_sources(workflow, config_mod.WorkerConfig.from_env())
+    assert info.value.field == f"workflow.9.inputs.{key}"
