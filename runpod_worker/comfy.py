@@ -259,10 +259,18 @@ class ComfyBackend:
                      on_queued: Callable[[str], None]) -> tuple:
         """Upload `images` [(name, bytes)], run `workflow`; return (outcome, [file dicts with `data` bytes])."""
         with self._session() as (client, leftovers):
+            # a per-job prefix: two concurrent jobs sending 'input.png' must not overwrite (or clean up) each
+            # other's upload; the workflow's references are renamed to match
+            prefix = f"job_{uuid.uuid4().hex[:12]}_"
+            renamed = {}
             for name, data in images:
-                uploaded = client.upload_image(data, name=name)
+                uploaded = client.upload_image(data, name=prefix + name)
+                renamed[name] = uploaded
                 if self.server is not None:
                     leftovers.append(Path(self.server.input_dir) / uploaded)
+            workflow = {nid: dict(node, inputs={k: renamed.get(v, v) if isinstance(v, str) else v
+                                                for k, v in (node.get("inputs") or {}).items()})
+                        for nid, node in workflow.items()}
             timings: Dict[str, float] = {}
             prompt_id, entry = self._run(client, workflow, token, deadline, on_progress, on_running, timings, on_queued)
             t1 = time.monotonic()

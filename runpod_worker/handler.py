@@ -17,6 +17,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from headless.files import atomic_file
+
 from . import config as config_mod
 from .comfy import CancelToken, ComfyBackend, JobFailed
 from .errors import RequestError
@@ -353,13 +355,18 @@ def run_workflow_job(job, request_id: str, req: WorkflowRequest, cfg, token: Can
     videos_out: List[Dict[str, Any]] = []
     saved: List[Dict[str, Any]] = []
     messages: List[str] = []
+    used_names: set = set()
     for f in files:
         name = SAFE_NAME.sub("_", f"{f['subfolder']}_{f['filename']}" if f["subfolder"] else f["filename"]).lstrip(".") or "output"
+        stem, dot, suffix = name.rpartition(".")
+        count = 1
+        while name in used_names:  # 'a/b.png' and 'a_b.png' flatten to the same name
+            count += 1
+            name = f"{stem}_{count}.{suffix}" if dot else f"{suffix}_{count}"
+        used_names.add(name)
         path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name("." + path.name + ".part")
-        tmp.write_bytes(f["data"])
-        os.replace(tmp, path)
+        with atomic_file(path) as handle:
+            handle.write(f["data"])
         saved.append({"filename": f["filename"], "path": str(path), "video": f["video"], "bytes": len(f["data"])})
         item: Dict[str, Any] = {"filename": f["filename"]}
         if len(f["data"]) <= budget:
