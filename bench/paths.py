@@ -179,7 +179,9 @@ class WorkerProcess:
         if comfy_pid:  # the worker stops its ComfyUI; make sure (only the pid this worker reported)
             time.sleep(1)
             try:
-                os.kill(comfy_pid, signal.SIGKILL)
+                # the pid may have been reused by now: only a ComfyUI main.py is killed
+                if b"main.py" in Path(f"/proc/{comfy_pid}/cmdline").read_bytes():
+                    os.kill(comfy_pid, signal.SIGKILL)
             except OSError:
                 pass
 
