@@ -22,12 +22,11 @@ whole runs, so the projection (40 x the step time) is a lower bound to compare w
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .common import RESULTS, fmt, log, machine_info, peak_rss_since_reset_mb, reset_peak_rss, write_result
+from .common import RESULTS, log, peak_rss_since_reset_mb, reset_peak_rss, write_result
 
 A14B_BLOCKS = 40
 FULL_STEPS = 40

@@ -157,19 +157,18 @@ def child(approach: str, folder: Path) -> dict:
         out.update(seconds=time.perf_counter() - start, bytes=total)
     else:
         import torch
-        from diffusers import WanTransformer3DModel  # noqa: F401 - imported before the baseline in both
+        from diffusers import WanTransformer3DModel  # imported before the baseline in both approaches
 
         from wan22 import convert
-        from wan22.models import _read_json, build_transformer, load_transformer_from_upstream_shards, transformer_config_from_upstream
+        from wan22.models import read_json, load_transformer_from_upstream_shards, transformer_config_from_upstream
 
-        config = transformer_config_from_upstream(_read_json(folder / "config.json"))
+        config = transformer_config_from_upstream(read_json(folder / "config.json"))
         baseline = reset_peak_rss()
         phases = {}
         start = time.perf_counter()
         if approach == "stream":
             model = load_transformer_from_upstream_shards(folder, torch.bfloat16, "cpu")
         elif approach == "plain":
-            from diffusers import WanTransformer3DModel
             from safetensors.torch import load_file
 
             t = time.perf_counter()

@@ -95,7 +95,7 @@ def build_transformer(config: dict):
         return WanTransformer3DModel(**config)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -104,13 +104,13 @@ def _read_json(path: Path) -> dict:
 
 def load_transformer_from_upstream_shards(folder: Path, dtype, device):
     files = safetensors_files(folder)
-    model = build_transformer(transformer_config_from_upstream(_read_json(Path(folder) / "config.json")))
+    model = build_transformer(transformer_config_from_upstream(read_json(Path(folder) / "config.json")))
     return fill_module(model, iter_safetensors(files), convert.upstream_to_diffusers_transformer, dtype, device, str(folder))
 
 
 def load_transformer_from_diffusers_folder(folder: Path, dtype, device):
     files = safetensors_files(folder)
-    model = build_transformer(_read_json(Path(folder) / "config.json"))
+    model = build_transformer(read_json(Path(folder) / "config.json"))
     return fill_module(model, iter_safetensors(files), convert.identity, dtype, device, str(folder))
 
 
@@ -165,7 +165,7 @@ def load_t5_from_upstream_pth(file: Path, dtype, device):
 def load_t5_from_diffusers_folder(folder: Path, dtype, device):
     from transformers import UMT5Config
 
-    config = UMT5Config(**{k: v for k, v in _read_json(Path(folder) / "config.json").items() if not k.startswith("_")})
+    config = UMT5Config(**{k: v for k, v in read_json(Path(folder) / "config.json").items() if not k.startswith("_")})
     model = build_t5_encoder(config)
     # transformers stores the tied embedding as shared.weight or encoder.embed_tokens.weight
     rename = lambda key: "shared.weight" if key == "encoder.embed_tokens.weight" else key
@@ -221,5 +221,5 @@ def load_vae_from_comfy_file(file: Path, device):
 
 
 def load_vae_from_diffusers_folder(folder: Path, device):
-    model = build_vae(_read_json(Path(folder) / "config.json"))
+    model = build_vae(read_json(Path(folder) / "config.json"))
     return fill_module(model, iter_safetensors(safetensors_files(folder)), convert.identity, torch.float32, device, str(folder))
