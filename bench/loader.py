@@ -171,8 +171,16 @@ def child(approach: str, folder: Path) -> dict:
         elif approach == "plain":
             from safetensors.torch import load_file
 
+            # bf16, except the modules diffusers keeps in fp32 (as from_pretrained and our loader do)
+            keep_fp32 = set(WanTransformer3DModel._keep_in_fp32_modules or [])
+
+            def dtype_for(name):
+                return torch.float32 if keep_fp32 & set(name.split(".")) else torch.bfloat16
+
             t = time.perf_counter()
-            model = WanTransformer3DModel(**{k: v for k, v in config.items() if not k.startswith("_")}).to(torch.bfloat16)
+            model = WanTransformer3DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+            for name, param in model.named_parameters():
+                param.data = param.data.to(dtype_for(name))
             phases["build_s"] = time.perf_counter() - t
             t = time.perf_counter()
             state = {}
@@ -180,10 +188,10 @@ def child(approach: str, folder: Path) -> dict:
                 state.update(load_file(str(file)))
             phases["load_file_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            state = {k: v.to(torch.bfloat16) for k, v in state.items()}
+            state = {convert.upstream_to_diffusers_transformer(k): v for k, v in state.items()}
+            state = {k: v.to(dtype_for(k)) for k, v in state.items()}
             phases["cast_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            state = {convert.upstream_to_diffusers_transformer(k): v for k, v in state.items()}
             model.load_state_dict(state, strict=True)
             del state
             phases["load_state_dict_s"] = time.perf_counter() - t
