@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Tuple
 
 # the engine's limits and size syntax: wan22.params imports no torch, so the runner stays light
 from wan22.errors import InvalidParameter
-from wan22.params import MAX_FRAMES, MAX_SEED, MAX_STEPS, SOLVERS
+from wan22.params import MAX_FPS, MAX_FRAMES, MAX_GUIDE, MAX_SEED, MAX_SHIFT, MAX_STEPS, SOLVERS
 from wan22.params import parse_size as _engine_parse_size
 
 __all__ = ["ParamError", "normalize_params", "PARAM_NAMES", "ALIASES", "IGNORED_SEED_KEYS", "parse_size",
@@ -150,10 +150,10 @@ def _guide_pair(value: Any) -> Tuple[float, float]:
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
             raise ParamError("sample_guide_scale", "give one number, or a pair (low_noise, high_noise)")
-        return (check_float("sample_guide_scale", value[0], 0.0, 100.0), check_float("sample_guide_scale", value[1], 0.0, 100.0))
+        return (check_float("sample_guide_scale", value[0], 0.0, MAX_GUIDE), check_float("sample_guide_scale", value[1], 0.0, MAX_GUIDE))
     if isinstance(value, str) and "," in value:
         return _guide_pair([v for v in value.split(",")])
-    g = check_float("sample_guide_scale", value, 0.0, 100.0)
+    g = check_float("sample_guide_scale", value, 0.0, MAX_GUIDE)
     return g, g
 
 
@@ -172,15 +172,15 @@ CHECKS = {
     "size": lambda v: "%d*%d" % parse_size(v),
     "frame_num": _frame_num,
     "sample_steps": lambda v: check_int("sample_steps", v, 1, MAX_STEPS),
-    "guide_scale_low": lambda v: check_float("guide_scale_low", v, 0.0, 100.0),
-    "guide_scale_high": lambda v: check_float("guide_scale_high", v, 0.0, 100.0),
-    "sample_shift": lambda v: check_float("sample_shift", v, 0.0, 100.0),
+    "guide_scale_low": lambda v: check_float("guide_scale_low", v, 0.0, MAX_GUIDE),
+    "guide_scale_high": lambda v: check_float("guide_scale_high", v, 0.0, MAX_GUIDE),
+    "sample_shift": lambda v: check_float("sample_shift", v, 0.0, MAX_SHIFT),
     "boundary": lambda v: check_float("boundary", v, 0.0, 1.0),
     "seed": lambda v: check_int("seed", v, -1, MAX_SEED),
     "offload_model": lambda v: check_bool("offload_model", v),
     "t5_cpu": lambda v: check_bool("t5_cpu", v),
     "convert_model_dtype": lambda v: check_bool("convert_model_dtype", v),
-    "fps": lambda v: check_int("fps", v, 1, 120),
+    "fps": lambda v: check_int("fps", v, 1, MAX_FPS),
     "model_path": lambda v: _text("model_path", v, 4096),
     "model_set": lambda v: _text("model_set", v, 4096),
     "filename_prefix": lambda v: _text("filename_prefix", v, 200),

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..wan22.params import MAX_FPS, GenerationParams
 from ..wan22.video import write_mp4
 from . import comfy_bridge
 from .model_nodes import CATEGORY
@@ -70,7 +71,7 @@ class Wan22SaveVideo:
             "required": {
                 "images": ("IMAGE", {"tooltip": "Frames to encode, e.g. the sampler's output."}),
                 "filename_prefix": ("STRING", {"default": "Wan22/i2v", "tooltip": "Under ComfyUI's output folder; %width% and %height% are replaced."}),
-                "fps": ("INT", {"default": 16, "min": 1, "max": 120, "tooltip": "Frames per second (Wan2.2: 16)."}),
+                "fps": ("INT", {"default": GenerationParams.fps, "min": 1, "max": MAX_FPS, "tooltip": "Frames per second (Wan2.2: 16)."}),
             }
         }
 

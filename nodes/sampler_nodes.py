@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from ..wan22.errors import InvalidParameter
-from ..wan22.params import MAX_SEED, SOLVERS, GenerationParams
+from ..wan22.params import MAX_FRAMES, MAX_GUIDE, MAX_SEED, MAX_SHIFT, MAX_STEPS, SOLVERS, GenerationParams
 from . import comfy_bridge
 from .model_nodes import CATEGORY, LoadedModels
 
@@ -34,11 +34,11 @@ class Wan22ImageToVideo:
                 "text": ("WAN22_TEXT",),
                 "image": ("IMAGE", {"tooltip": "The first frame; only its aspect ratio is kept (max-area resize, as upstream)."}),
                 "size": ("STRING", {"default": DEFAULTS.size, "tooltip": "Target area W*H (upstream: 1280*720, 720*1280, 832*480, 480*832); W and H multiples of 16."}),
-                "frame_num": ("INT", {"default": DEFAULTS.frame_num, "min": 1, "max": 1001, "step": 4, "tooltip": "Frames, 4n+1 (81 = 5 s at 16 fps)."}),
-                "sample_steps": ("INT", {"default": DEFAULTS.sample_steps, "min": 1, "max": 1000, "tooltip": "Denoising steps (upstream: 40)."}),
-                "guide_scale_low": ("FLOAT", {"default": DEFAULTS.guide_scale[0], "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "CFG of the low-noise expert (1 skips the unconditional pass)."}),
-                "guide_scale_high": ("FLOAT", {"default": DEFAULTS.guide_scale[1], "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "CFG of the high-noise expert."}),
-                "sample_shift": ("FLOAT", {"default": DEFAULTS.sample_shift, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flow shift (upstream: 5.0; 3.0 suggested for 480p)."}),
+                "frame_num": ("INT", {"default": DEFAULTS.frame_num, "min": 1, "max": MAX_FRAMES, "step": 4, "tooltip": "Frames, 4n+1 (81 = 5 s at 16 fps)."}),
+                "sample_steps": ("INT", {"default": DEFAULTS.sample_steps, "min": 1, "max": MAX_STEPS, "tooltip": "Denoising steps (upstream: 40)."}),
+                "guide_scale_low": ("FLOAT", {"default": DEFAULTS.guide_scale[0], "min": 0.0, "max": MAX_GUIDE, "step": 0.1, "tooltip": "CFG of the low-noise expert (1 skips the unconditional pass)."}),
+                "guide_scale_high": ("FLOAT", {"default": DEFAULTS.guide_scale[1], "min": 0.0, "max": MAX_GUIDE, "step": 0.1, "tooltip": "CFG of the high-noise expert."}),
+                "sample_shift": ("FLOAT", {"default": DEFAULTS.sample_shift, "min": 0.0, "max": MAX_SHIFT, "step": 0.1, "tooltip": "Flow shift (upstream: 5.0; 3.0 suggested for 480p)."}),
                 "sample_solver": (list(SOLVERS), {"default": DEFAULTS.sample_solver, "tooltip": "Flow solver."}),
                 "seed": ("INT", {"default": DEFAULTS.seed, "min": -1, "max": MAX_SEED, "control_after_generate": True, "tooltip": "-1 draws a random seed; the seed used is an output."}),
                 "boundary": ("FLOAT", {"default": DEFAULTS.boundary, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Steps with timestep >= boundary*1000 use the high-noise expert (upstream: 0.900)."}),

@@ -15,7 +15,7 @@ from .errors import RequestError
 
 from headless.params import ParamError, check_bool, check_float, check_int
 from headless.params import parse_size as check_size
-from wan22.params import MAX_FRAMES, MAX_SEED, MAX_STEPS, SOLVERS
+from wan22.params import MAX_FPS, MAX_FRAMES, MAX_GUIDE, MAX_SEED, MAX_SHIFT, MAX_STEPS, SOLVERS
 
 # generate.py's EXAMPLE_PROMPT["i2v-A14B"]: what upstream uses when --prompt is omitted.
 UPSTREAM_EXAMPLE_PROMPT = (
@@ -27,9 +27,6 @@ UPSTREAM_EXAMPLE_PROMPT = (
 )
 
 MAX_EXTRA_ARGS = 50
-MAX_GUIDE = 100.0
-MAX_SHIFT = 100.0
-MAX_FPS = 120
 MAX_WORKFLOW_NODES = 2000
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 IMAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_. -]{0,127}")

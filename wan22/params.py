@@ -21,6 +21,9 @@ MAX_SEED = 2**63 - 1
 MAX_FRAMES = 1001
 MAX_STEPS = 1000
 MAX_AREA = 1920 * 1088
+MAX_GUIDE = 100.0
+MAX_SHIFT = 100.0
+MAX_FPS = 120
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,13 +53,13 @@ class GenerationParams:
         if not isinstance(self.guide_scale, (tuple, list)) or len(self.guide_scale) != 2:
             raise InvalidParameter("guide_scale", self.guide_scale, "a pair (low_noise, high_noise) of numbers >= 0")
         for name, value in zip(("guide_scale_low", "guide_scale_high"), self.guide_scale):
-            _check_float(name, value, 0.0, 100.0)
-        _check_float("sample_shift", self.sample_shift, 0.0, 100.0)
+            _check_float(name, value, 0.0, MAX_GUIDE)
+        _check_float("sample_shift", self.sample_shift, 0.0, MAX_SHIFT)
         if self.sample_solver not in SOLVERS:
             raise InvalidParameter("sample_solver", self.sample_solver, " or ".join(SOLVERS))
         _check_int("seed", self.seed, -1, MAX_SEED)
         _check_float("boundary", self.boundary, 0.0, 1.0)
-        _check_int("fps", self.fps, 1, 120)
+        _check_int("fps", self.fps, 1, MAX_FPS)
         return dataclasses.replace(self, guide_scale=(float(self.guide_scale[0]), float(self.guide_scale[1])))
 
     def with_resolved_seed(self) -> "GenerationParams":
