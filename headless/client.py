@@ -159,22 +159,23 @@ class ComfyClient:
             return data[prompt_id]
         return None
 
-    def interrupt(self) -> None:
-        """Stop the prompt that is running now (ComfyUI has one global interrupt)."""
-        self._request("POST", "/interrupt", timeout=10)
+    def interrupt(self, prompt_id: Optional[str] = None) -> None:
+        """Stop the running prompt. With `prompt_id`, newer servers stop only that prompt; the 2024 server
+        ignores the body and has one global interrupt, so callers check the queue first (see cancel)."""
+        self._request("POST", "/interrupt", json={"prompt_id": prompt_id} if prompt_id else None, timeout=10)
 
     def cancel(self, prompt_id: str) -> None:
-        """Remove ``prompt_id`` from the queue if pending, or interrupt it if it is the running one."""
-        try:
-            q = self.queue()
-        except Exception:
-            q = {}
+        """Remove ``prompt_id`` from the queue if pending, or interrupt it if it is the running one.
+
+        When the queue cannot be read, nothing is interrupted: a blind /interrupt could stop another
+        client's prompt."""
+        q = self.queue()
         running = [item[1] for item in q.get("queue_running", []) if len(item) > 1]
         pending = [item[1] for item in q.get("queue_pending", []) if len(item) > 1]
         if prompt_id in pending:
             self._request("POST", "/queue", json={"delete": [prompt_id]}, timeout=10)
-        if prompt_id in running or not q:
-            self.interrupt()
+        if prompt_id in running:
+            self.interrupt(prompt_id)
 
     def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
         self._request("POST", "/free", json={"unload_models": unload_models, "free_memory": free_memory})
