@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
 
@@ -44,7 +45,7 @@ class Wan22LoadImage:
     def IS_CHANGED(cls, image_url="", image_base64="", image_path=""):
         if image_path.strip() and os.path.exists(image_path.strip()):
             return os.path.getmtime(image_path.strip())
-        return image_url + image_base64[:64] + str(len(image_base64))
+        return hashlib.sha256((image_url + "\n" + image_base64).encode()).hexdigest()
 
     def load(self, image_url, image_base64, image_path):
         from ..runpod_worker.images import load_reference_image
