@@ -28,3 +28,15 @@ def atomic_file(dest: Union[str, os.PathLike], mode: str = "wb") -> Iterator[IO]
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def within(path: Union[str, os.PathLike], roots) -> bool:
+    """True when `path`, with symlinks and '..' resolved, is one of `roots` or lies under one of them."""
+    real = os.path.realpath(path)
+    for root in roots:
+        if not root:
+            continue
+        base = os.path.realpath(root).rstrip(os.sep)
+        if real == base or real.startswith(base + os.sep):
+            return True
+    return False

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional
 from headless.client import ComfyClient, Progress, output_files
 from headless.errors import (ExecutionFailed, ExecutionInterrupted, HeadlessError, OutputMissing, PromptRejected,
                              ServerUnreachable, WaitTimeout, WorkflowError)
+from headless.files import within
 from headless.run import collect_result, resolve_random_seeds
 from headless.workflow import (ROLE_CORE_IMAGE, ROLE_IMAGE, apply_params, find_nodes,
                                load_workflow)
@@ -187,12 +188,11 @@ class ComfyBackend:
         """Remove this job's uploads and outputs from ComfyUI's own folders (only when this process runs it)."""
         if self.server is None:
             return
-        roots = [os.path.realpath(self.server.input_dir), os.path.realpath(self.server.output_dir)]
+        roots = [self.server.input_dir, self.server.output_dir]
         for p in paths:
-            real = os.path.realpath(p)
-            if any(real.startswith(r.rstrip("/") + "/") for r in roots):
+            if within(p, roots):
                 try:
-                    os.unlink(real)
+                    os.unlink(os.path.realpath(p))
                 except OSError:
                     pass
 

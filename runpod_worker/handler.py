@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from headless.files import atomic_file
+from headless.files import atomic_file, within
 
 from . import config as config_mod
 from .comfy import CancelToken, ComfyBackend, JobFailed
@@ -303,8 +303,7 @@ def _sanitize_workflow_sources(workflow: Dict[str, Any], cfg) -> None:
                 roots = list(cfg.input_roots)
                 if os.environ.get("WAN_CKPT_DIR"):
                     roots.append(os.environ["WAN_CKPT_DIR"])
-                real = os.path.realpath(path)
-                if not any(real == os.path.realpath(r) or real.startswith(os.path.realpath(r).rstrip("/") + "/") for r in roots):
+                if not within(path, roots):
                     raise RequestError(f"workflow.{node_id}.inputs.model_path",
                                        f"{path!r} is outside the allowed folders {':'.join(roots)} (WAN_INPUT_ROOTS, WAN_CKPT_DIR)")
 

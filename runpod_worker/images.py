@@ -109,6 +109,8 @@ def read_under_roots(path: str, field: str, roots: Sequence[str], max_bytes: int
         raise RequestError(field, "contains a NUL character")
     if not os.path.isabs(path):
         raise RequestError(field, f"must be an absolute path under {':'.join(roots)} (WAN_INPUT_ROOTS), got {path!r}")
+    # (not headless.files.within: this module is also imported inside ComfyUI by the node pack, where
+    # `headless` is not a top-level package)
     real = os.path.realpath(path)
     real_roots = [os.path.realpath(r) for r in roots if r]
     if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in real_roots):

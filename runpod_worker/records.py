@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from headless.files import atomic_file
+from headless.files import atomic_file, within
 
 from .errors import RequestError
 from .validation import validate_request_id
@@ -27,11 +27,6 @@ def record_path(output_dir: Path, request_id: str) -> Path:
 
 def default_video_path(output_dir: Path, request_id: str) -> Path:
     return Path(output_dir) / f"{validate_request_id(request_id)}.mp4"
-
-
-def _inside(path: str, folder: str) -> bool:
-    folder = folder.rstrip(os.sep)
-    return path == folder or path.startswith(folder + os.sep)
 
 
 def resolve_save_file(output_dir: Path, save_file: Optional[str], request_id: str, field: str = "params.save_file") -> Path:
@@ -53,7 +48,7 @@ def resolve_save_file(output_dir: Path, save_file: Optional[str], request_id: st
         candidate = os.path.normpath(save_file)
         # accept paths spelled with the configured folder or its real path
         for base in (os.path.normpath(str(out)), real_out):
-            if _inside(candidate, base) and candidate != base:
+            if within(candidate, [base]) and candidate != base:
                 rel = os.path.relpath(candidate, base)
                 break
         else:
@@ -67,7 +62,7 @@ def resolve_save_file(output_dir: Path, save_file: Optional[str], request_id: st
         raise RequestError(field, f"{save_file!r} must end in .mp4")
     target = out.joinpath(*parts)
     real_target = os.path.realpath(target)
-    if not _inside(real_target, real_out):
+    if not within(real_target, [real_out]):
         raise RequestError(field, f"{save_file!r} resolves outside the output folder {out} (symlink?)")
     if os.path.realpath(default) != real_target and os.path.lexists(target):
         raise RequestError(field, f"{save_file!r} already exists in the output folder; choose a new name")
