@@ -474,11 +474,6 @@ class ComfyClient:
                                   traceback=ev.get("traceback"), prompt_id=prompt_id)
         return entry
 
-    def run_prompt(self, prompt: dict, on_progress=None, timeout: Optional[float] = None) -> tuple:
-        """queue + wait; returns (prompt_id, history entry)."""
-        prompt_id = self.queue_prompt(prompt)
-        return prompt_id, self.wait(prompt_id, on_progress=on_progress, timeout=timeout)
-
 
 def output_files(entry: dict) -> List[dict]:
     """Every file listed in a history entry's outputs: dicts with node, key, filename, subfolder, type, animated."""

@@ -36,6 +36,7 @@ class LoadedModels:
         cls.loads += 1
         log.warning("Wan22: loading %s (load #%d)", key[0], cls.loads)
         cls.pipeline, cls.key = load(), key
+        log.warning("Wan22: loaded in %s", ", ".join(f"{part} {s:.1f} s" for part, s in cls.pipeline.load_timings.items()))
         return cls.pipeline
 
     @classmethod

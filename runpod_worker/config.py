@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 VOLUME = "/runpod-volume"
 
@@ -95,7 +95,3 @@ class WorkerConfig:
 def max_concurrency() -> int:
     """`RUNPOD_MAX_CONCURRENCY` (default 1): jobs this worker takes at once (ComfyUI runs them in turn)."""
     return _int("RUNPOD_MAX_CONCURRENCY", 1, low=1)
-
-
-def input_roots_resolved(roots: List[str]) -> List[str]:
-    return [os.path.realpath(r) for r in roots]

@@ -109,7 +109,7 @@ def load_tokenizer(model_set: ModelSet):
     return HuggingFaceTokenizer(model_set.files["tokenizer"])
 
 
-def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = LoadOptions(), on_load: Optional[Callable[[str], None]] = None) -> "Wan22I2VPipeline":
+def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = LoadOptions()) -> "Wan22I2VPipeline":
     """Load both experts, the text encoder and the VAE of a model set, respecting the memory options."""
     options = options.validated()
     model_set = source if isinstance(source, ModelSet) else discover_model_set(source)
@@ -125,8 +125,6 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
     timings = {}
 
     def timed(name, fn, *args):
-        if on_load:
-            on_load(name)
         start = time.perf_counter()
         result = fn(*args)
         timings[name] = time.perf_counter() - start
@@ -157,7 +155,7 @@ class Wan22I2VPipeline:
         self.high_noise_model, self.low_noise_model = high_noise_model, low_noise_model
         self.prompt_encoder, self.vae, self.options, self.model_set = prompt_encoder, vae, options, model_set
         self.device = options.torch_device
-        self.load_timings: Dict[str, float] = {}
+        self.load_timings: Dict[str, float] = {}  # seconds per part, filled by load_pipeline
         self.released = False
 
     def release(self) -> None:
