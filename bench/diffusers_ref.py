@@ -47,7 +47,8 @@ def run(reps: int = 3, results_dir=None) -> Dict[str, object]:
         pass
     from PIL import Image
 
-    from wan22.params import UPSTREAM_NEGATIVE_PROMPT, GenerationParams
+    from wan22.params import GenerationParams
+    from wan22.spec import UPSTREAM_NEGATIVE_PROMPT
     from wan22.pipeline import LoadOptions, load_pipeline
 
     image = Image.open(input_image()).convert("RGB")

@@ -24,19 +24,12 @@ from typing import Any, Dict, List, Optional, TextIO
 
 from .client import ComfyClient, Progress, default_server_url
 from .errors import HeadlessError, ServerUnreachable
-from .params import ParamError
+from wan22 import spec
+from wan22.errors import InvalidParameter
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_GENERATION, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 130
 
-# CLI dest -> the seed's parameter name (headless.params canonical names or aliases)
-PARAM_FLAGS = {
-    "image": "image", "prompt": "prompt", "negative_prompt": "negative_prompt", "size": "size", "seed": "seed",
-    "frame_num": "frame_num", "sample_solver": "sample_solver", "sample_steps": "sample_steps",
-    "sample_guide_scale": "sample_guide_scale", "guide_scale_low": "guide_scale_low",
-    "guide_scale_high": "guide_scale_high", "sample_shift": "sample_shift", "boundary": "boundary",
-    "offload_model": "offload_model", "t5_cpu": "t5_cpu", "convert_model_dtype": "convert_model_dtype",
-    "dtype": "dtype", "model_path": "model_path", "fps": "fps", "filename_prefix": "filename_prefix",
-}
+PARAM_FLAGS = spec.cli_params()
 JOB_ONLY_KEYS = ("out", "workflow", "set")
 
 
@@ -93,38 +86,13 @@ def _fmt_secs(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-def _bool_flag(parser, *names, help):
-    parser.add_argument(*names, nargs="?", const="true", default=None, metavar="BOOL",
-                        help=help + " (flag alone = true; or give true/false)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wan22-i2v",
         description="Run the Wan2.2 I2V-A14B image-to-video workflow on a ComfyUI server and save the MP4.",
         epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("generation (the seed's parameters; omitted ones keep the workflow's upstream defaults)")
-    g.add_argument("--image", help="input image: a path or an http(s) URL")
-    g.add_argument("--prompt")
-    g.add_argument("--negative-prompt")
-    g.add_argument("--size", help="area as W*H, e.g. 1280*720 (the image gives the aspect ratio)")
-    g.add_argument("--seed", "--base-seed", dest="seed", help="-1 = random (the seed used is reported)")
-    g.add_argument("--frame-num", "--num-frames", dest="frame_num", help="4n+1, e.g. 81")
-    g.add_argument("--sample-solver", choices=("unipc", "dpm++"))
-    g.add_argument("--sample-steps")
-    g.add_argument("--sample-guide-scale", "--cfg-scale", "--guidance-scale", dest="sample_guide_scale",
-                   help="guidance for both experts")
-    g.add_argument("--guide-scale-low", help="guidance of the low-noise expert")
-    g.add_argument("--guide-scale-high", help="guidance of the high-noise expert")
-    g.add_argument("--sample-shift")
-    g.add_argument("--boundary", help="switch to the low-noise expert below this timestep fraction (0.9)")
-    _bool_flag(g, "--offload-model", help="offload models to CPU between uses")
-    _bool_flag(g, "--t5-cpu", help="run the text encoder on the CPU")
-    _bool_flag(g, "--convert-model-dtype", help="convert model weights to --dtype")
-    g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"))
-    g.add_argument("--model-path", help="model folder on the server (default: its WAN_CKPT_DIR)")
-    g.add_argument("--fps")
-    g.add_argument("--filename-prefix")
+    g = p.add_argument_group("parameters (docs/parameters.md; omitted ones keep the workflow's values, upstream's defaults)")
+    spec.add_flags(g, PARAM_FLAGS)
     w = p.add_argument_group("workflow and output")
     w.add_argument("--workflow", help="workflow JSON, API or UI format (default: the shipped API workflow)")
     w.add_argument("--set", action="append", default=[], metavar="NODE_OR_TITLE.input=VALUE",
@@ -148,12 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _params_from_args(args) -> Dict[str, Any]:
-    params = {}
-    for dest, name in PARAM_FLAGS.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            params[name] = value
-    return params
+    return spec.flag_values(args, PARAM_FLAGS)
 
 
 def _status(args, message: str) -> None:
@@ -164,7 +127,7 @@ def _status(args, message: str) -> None:
 def _error_code(exc: BaseException) -> int:
     if isinstance(exc, (KeyboardInterrupt,)):
         return EXIT_INTERRUPTED
-    if isinstance(exc, (ParamError, ValueError)) and not isinstance(exc, HeadlessError):
+    if isinstance(exc, (InvalidParameter, ValueError)) and not isinstance(exc, HeadlessError):
         return EXIT_BAD_INPUT
     if isinstance(exc, HeadlessError):
         return exc.exit_code
@@ -172,22 +135,24 @@ def _error_code(exc: BaseException) -> int:
 
 
 def _describe_error(exc: BaseException) -> str:
-    if isinstance(exc, ParamError):
-        return f"bad parameter {exc}"
+    if isinstance(exc, InvalidParameter):
+        return f"bad parameter: {exc}"
     return str(exc) or type(exc).__name__
 
 
-def _run_job(args, client: ComfyClient, params: Dict[str, Any], workflow, out, overrides, label="") -> Dict[str, Any]:
+def _run_job(args, client: ComfyClient, params: Dict[str, Any], workflow, out, overrides, label="",
+             job: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Run one job; `job` gets its prompt_id once queued (so a failure record can name the prompt)."""
     from .run import run
 
-    image_keys = ("image", "image_base64", "reference_image_url", "reference_image_path", "reference_image_base64",
-                  "image_url", "image_path")
-    if workflow is None and not any(params.get(k) for k in image_keys):
-        raise ParamError("image", "required with the shipped workflow (--image PATH_OR_URL)")
+    job = {} if job is None else job
+
+    if workflow is None and not any(spec.SPELLINGS.get(k) in spec.IMAGE_FIELDS for k, v in params.items() if v):
+        raise InvalidParameter("image", "required with the shipped workflow (--image PATH_OR_URL)")
     bar = None if args.quiet else ProgressBar(sys.stderr, label=label)
     try:
         result = run(params, server=client, workflow=workflow, out=out, on_progress=bar, timeout=args.timeout,
-                     overrides=overrides)
+                     overrides=overrides, on_queued=lambda prompt_id: job.update(prompt_id=prompt_id))
     finally:
         if bar is not None:
             bar.close()
@@ -201,7 +166,7 @@ def _load_batch(path: str) -> List[Any]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise ParamError("batch", f"cannot read {path}: {exc}") from None
+        raise InvalidParameter("batch", f"cannot read {path}: {exc}") from None
     for number, line in enumerate(lines, 1):
         text = line.strip()
         if not text or text.startswith("#"):
@@ -209,9 +174,9 @@ def _load_batch(path: str) -> List[Any]:
         try:
             job = json.loads(text)
         except ValueError as exc:
-            job = ParamError("batch", f"line {number} is not JSON: {exc}")
-        if not isinstance(job, (dict, ParamError)):
-            job = ParamError("batch", f"line {number} is not a JSON object")
+            job = InvalidParameter("batch", f"line {number} is not JSON: {exc}")
+        if not isinstance(job, (dict, InvalidParameter)):
+            job = InvalidParameter("batch", f"line {number} is not a JSON object")
         jobs.append((number, job))
     return jobs
 
@@ -236,18 +201,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if not args.batch:
         # check what the caller gave before any server work
-        from .params import normalize_params
-
         try:
             params = _params_from_args(args)
-            normalize_params(params)
-            if args.workflow is None and not params.get("image"):
-                raise ParamError("image", "required with the shipped workflow (--image PATH_OR_URL)")
+            request = spec.normalize(params, "cli")
+            if args.workflow is None and spec.image_source(request.values) is None:
+                raise InvalidParameter("image", "required with the shipped workflow (--image PATH_OR_URL)")
             from .workflow import parse_set
 
             for item in args.set:
                 parse_set(item)
-        except (ParamError, HeadlessError) as exc:
+        except (InvalidParameter, HeadlessError) as exc:
             print(f"error: {_describe_error(exc)}", file=sys.stderr)
             return EXIT_BAD_INPUT
 
@@ -284,16 +247,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _main_single(args, client: ComfyClient) -> int:
     params = _params_from_args(args)
+    job: Dict[str, Any] = {}
     try:
-        record = _run_job(args, client, params, args.workflow, args.out, args.set)
+        record = _run_job(args, client, params, args.workflow, args.out, args.set, job=job)
     except KeyboardInterrupt:
         print("interrupted: the server's job was interrupted", file=sys.stderr)
-        _emit(args, {"ok": False, "exit_code": EXIT_INTERRUPTED, "error": "interrupted"})
+        _emit(args, {"ok": False, "exit_code": EXIT_INTERRUPTED, "error": "interrupted", **job})
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - every error becomes an exit code
         code = _error_code(exc)
         print(f"error: {_describe_error(exc)}", file=sys.stderr)
-        _emit(args, {"ok": False, "exit_code": code, "error": _describe_error(exc)})
+        _emit(args, {"ok": False, "exit_code": code, "error": _describe_error(exc), **job})
         return code
     record = {"ok": True, **record}
     if args.json:
@@ -309,7 +273,7 @@ def _main_single(args, client: ComfyClient) -> int:
 def _main_batch(args, client: ComfyClient) -> int:
     try:
         jobs = _load_batch(args.batch)
-    except ParamError as exc:
+    except InvalidParameter as exc:
         print(f"error: {_describe_error(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     defaults = _params_from_args(args)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -25,9 +26,9 @@ from urllib.parse import urlencode, urlsplit
 
 import requests
 
-from .errors import (ExecutionFailed, ExecutionInterrupted, OutputMissing, PromptRejected, ServerUnreachable,
-                     WaitTimeout, WorkflowError)
-from .files import atomic_file
+from .errors import (Cancelled, ExecutionFailed, ExecutionInterrupted, OutputMissing, PromptRejected, ServerError,
+                     ServerUnreachable, WaitTimeout, WorkflowError)
+from wan22.files import atomic_file
 
 __all__ = ["ComfyClient", "Progress", "format_node_errors", "DEFAULT_SERVER"]
 
@@ -58,11 +59,16 @@ def normalize_url(url: str) -> str:
     return url.rstrip("/")
 
 
+GENERIC_VALUE_ERRORS = ("value_smaller_than_min", "value_bigger_than_max", "value_not_in_list", "invalid_input_type")
+
+
 def format_node_errors(node_errors: Any, prompt: Optional[dict] = None) -> List[str]:
-    """One readable line per bad input from ``/prompt``'s ``node_errors``.
+    """One readable line per problem from ``/prompt``'s ``node_errors``.
 
     A node's ``VALIDATE_INPUTS`` message comes back once per input it was given (``custom_validation_failed``,
-    details ``"<input> - <message>"``; newer servers also repeat it for linked inputs): printed once, as the message.
+    details ``"<input> - <message>"``): printed once. This pack's messages name each bad input
+    (``frame_num: must be ...``); ComfyUI's own generic error for such an input (min/max, list, type) says the
+    same less clearly and is left out.
     """
     lines: List[str] = []
     if not isinstance(node_errors, dict):
@@ -72,18 +78,25 @@ def format_node_errors(node_errors: Any, prompt: Optional[dict] = None) -> List[
         class_type = entry.get("class_type") or (prompt or {}).get(node_id, {}).get("class_type", "?")
         title = ((prompt or {}).get(node_id, {}).get("_meta") or {}).get("title")
         where = f"node {node_id} ({class_type}" + (f" '{title}'" if title and title != class_type else "") + ")"
-        custom_seen = set()
-        for err in entry.get("errors") or []:
-            extra = err.get("extra_info") or {}
-            name = extra.get("input_name")
-            msg = err.get("message") or err.get("type") or "error"
+        errors = entry.get("errors") or []
+        custom: List[str] = []
+        for err in errors:
+            name = (err.get("extra_info") or {}).get("input_name")
             details = err.get("details") or ""
             if err.get("type") == "custom_validation_failed" and name and details.startswith(f"{name} - "):
                 text = details[len(name) + 3:]
-                if text not in custom_seen:
-                    custom_seen.add(text)
-                    lines.append(f"{where}: {text}")
+                if text not in custom:
+                    custom.append(text)
+        covered = {n for text in custom for n in re.findall(r"(?:^|; )(\w+): ", text)}
+        lines += [f"{where}: {text}" for text in custom]
+        for err in errors:
+            name = (err.get("extra_info") or {}).get("input_name")
+            details = err.get("details") or ""
+            if err.get("type") == "custom_validation_failed" and name and details.startswith(f"{name} - "):
                 continue
+            if err.get("type") in GENERIC_VALUE_ERRORS and name in covered:
+                continue
+            msg = err.get("message") or err.get("type") or "error"
             line = f"{where} input '{name}': {msg}" if name else f"{where}: {msg}"
             if details and details not in line:
                 line += f" ({details})"
@@ -124,15 +137,16 @@ class ComfyClient:
 
     def _json(self, method: str, path: str, **kwargs) -> Any:
         resp = self._request(method, path, **kwargs)
+        if resp.status_code >= 500:
+            raise ServerError(f"the ComfyUI server at {self.base_url} failed on {method} {path}: HTTP "
+                              f"{resp.status_code} {resp.text[:300]}")
         if resp.status_code >= 400:
-            raise ServerUnreachable(f"{method} {path} on {self.base_url} answered HTTP {resp.status_code}: "
-                                    f"{resp.text[:300]}") if resp.status_code >= 500 else \
-                WorkflowError(f"{method} {path} answered HTTP {resp.status_code}: {resp.text[:300]}")
+            raise WorkflowError(f"{method} {path} answered HTTP {resp.status_code}: {resp.text[:300]}")
         try:
             return resp.json()
         except ValueError as exc:
-            raise ServerUnreachable(f"{method} {path} on {self.base_url} did not answer JSON "
-                                    f"(is this a ComfyUI server?): {resp.text[:200]!r}") from exc
+            raise ServerError(f"{method} {path} on {self.base_url} did not answer JSON "
+                              f"(is this a ComfyUI server?): {resp.text[:200]!r}") from exc
 
     def system_stats(self) -> dict:
         return self._json("GET", "/system_stats")
@@ -141,7 +155,7 @@ class ComfyClient:
         try:
             self._json("GET", "/system_stats", timeout=timeout)
             return True
-        except ServerUnreachable:
+        except (ServerUnreachable, ServerError):
             return False
 
     def object_info(self, refresh: bool = False) -> dict:
@@ -320,110 +334,35 @@ class ComfyClient:
 
     def wait(self, prompt_id: str, on_progress: Optional[Callable[[Progress], None]] = None,
              timeout: Optional[float] = None, poll_interval: float = 1.0,
-             on_event: Optional[Callable[[str, dict], None]] = None) -> dict:
+             on_event: Optional[Callable[[str, dict], None]] = None,
+             should_stop: Optional[Callable[[], bool]] = None) -> dict:
         """Wait until ``prompt_id`` finishes; return its ``/history`` entry.
 
         Follows the websocket (progress, executing node:null, execution_success/error/interrupted/cached);
-        while the socket is down it polls ``/history`` and tries to reconnect. Raises ExecutionFailed,
-        ExecutionInterrupted or WaitTimeout.
+        while the socket is down it polls ``/history`` and tries to reconnect. ``should_stop()`` is asked at
+        least once a second. Raises ExecutionFailed, ExecutionInterrupted, WaitTimeout or Cancelled (the
+        prompt itself is left alone: see :meth:`cancel`).
         """
-        import websocket  # websocket-client
-
+        watch = _PromptWatch(self, prompt_id, on_progress, on_event)
         deadline = None if timeout is None else time.monotonic() + timeout
-        last_poll = 0.0
-        last_connect_try = time.monotonic()
-        last_ping = time.monotonic()
-        hint_at: Optional[float] = None  # when a terminal event for our prompt arrived
-        missing_polls = 0
-        error_event: Optional[dict] = None
-        interrupted_event: Optional[dict] = None
-
-        def remaining() -> Optional[float]:
-            return None if deadline is None else deadline - time.monotonic()
-
         while True:
-            rem = remaining()
-            if rem is not None and rem <= 0:
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"prompt {prompt_id} was cancelled by the caller")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 raise WaitTimeout(f"prompt {prompt_id} did not finish within {timeout:g}s")
-            now = time.monotonic()
-            ws = self._ws
-            # poll history: after a terminal event, always while the socket is down, and now and then as a safety net
-            if hint_at is not None or ws is None or now - last_poll >= 10.0:
-                last_poll = now
-                self.history_polls += 1
-                entry = self.history(prompt_id)
+            if watch.history_due():
+                entry = watch.poll_history()
                 if entry is not None:
-                    return self._outcome(prompt_id, entry, error_event, interrupted_event)
-                if hint_at is not None:
-                    if now - hint_at < 10.0:
-                        time.sleep(0.1)
-                        continue
-                    hint_at = None
-                if not self.in_queue(prompt_id):
-                    missing_polls += 1
-                    if missing_polls >= 3:
-                        raise ExecutionFailed(f"prompt {prompt_id} is neither queued nor in the history "
-                                              f"(deleted from the queue, or the server restarted)", prompt_id=prompt_id)
-                else:
-                    missing_polls = 0
+                    return self._outcome(prompt_id, entry, watch.error_event, watch.interrupted_event)
+                if watch.settling():
+                    time.sleep(0.1)
+                    continue
+            ws = watch.socket()
             if ws is None:
-                if now - last_connect_try >= 2.0:
-                    last_connect_try = now
-                    if self.connect(timeout=5.0):
-                        self.ws_reconnects += 1
-                        continue
-                time.sleep(min(poll_interval, max(rem, 0.05)) if rem is not None else poll_interval)
-                last_poll = 0.0  # poll again next round
+                time.sleep(poll_interval if left is None else min(poll_interval, max(left, 0.05)))
                 continue
-            try:
-                ws.settimeout(min(1.0, max(rem, 0.05)) if rem is not None else 1.0)
-                if time.monotonic() - last_ping > 20.0:
-                    last_ping = time.monotonic()
-                    ws.ping()
-                raw = ws.recv()
-            except websocket.WebSocketTimeoutException:
-                continue
-            except Exception:
-                # dropped (proxy, restart, test): fall back to polling and reconnect
-                with self._ws_lock:
-                    if self._ws is ws:
-                        self._ws = None
-                try:
-                    ws.close()
-                except Exception:
-                    pass
-                last_connect_try = time.monotonic() - 1.0
-                continue
-            if not isinstance(raw, str):
-                continue  # binary preview frame
-            try:
-                msg = json.loads(raw)
-            except ValueError:
-                continue
-            kind = msg.get("type")
-            data = msg.get("data") or {}
-            if not isinstance(data, dict):
-                continue
-            pid = data.get("prompt_id")
-            if pid is not None and pid != prompt_id:
-                continue
-            if on_event is not None:
-                on_event(kind, data)
-            if kind == "progress":
-                if on_progress is not None:
-                    on_progress(Progress(int(data.get("value", 0)), int(data.get("max", 0) or 0),
-                                         data.get("node"), pid))
-            elif kind == "execution_cached":
-                self.last_cached_nodes = list(data.get("nodes") or [])
-            elif kind == "executing":
-                if data.get("node") is None and pid == prompt_id:
-                    hint_at = time.monotonic()
-            elif kind in TERMINAL_EVENTS and pid == prompt_id:
-                if kind == "execution_error":
-                    error_event = data
-                elif kind == "execution_interrupted":
-                    interrupted_event = data
-                hint_at = time.monotonic()
+            watch.receive(ws, 1.0 if left is None else min(1.0, max(left, 0.05)))
 
     def wait_until_settled(self, prompt_id: str, seconds: float = 10.0) -> None:
         """After a cancel: wait, at most `seconds`, until the prompt is in the history or out of the queue."""
@@ -473,6 +412,109 @@ class ComfyClient:
                                   node_id=node_id, node_type=node_type, exception_type=exc_type,
                                   traceback=ev.get("traceback"), prompt_id=prompt_id)
         return entry
+
+
+class _PromptWatch:
+    """The state of one :meth:`ComfyClient.wait`: the websocket events seen and when /history is polled."""
+
+    def __init__(self, client: ComfyClient, prompt_id: str, on_progress, on_event):
+        self.client, self.prompt_id = client, prompt_id
+        self.on_progress, self.on_event = on_progress, on_event
+        now = time.monotonic()
+        self.last_poll, self.last_connect_try, self.last_ping = 0.0, now, now
+        self.hint_at: Optional[float] = None  # when a terminal event for our prompt arrived
+        self.missing_polls = 0
+        self.error_event: Optional[dict] = None
+        self.interrupted_event: Optional[dict] = None
+
+    def history_due(self) -> bool:
+        """After a terminal event, always while the socket is down, and every 10 s as a safety net."""
+        return self.hint_at is not None or self.client._ws is None or time.monotonic() - self.last_poll >= 10.0
+
+    def settling(self) -> bool:
+        """A terminal event came less than 10 s ago and the history does not show the prompt yet."""
+        if self.hint_at is not None and time.monotonic() - self.hint_at < 10.0:
+            return True
+        self.hint_at = None
+        return False
+
+    def poll_history(self) -> Optional[dict]:
+        self.last_poll = time.monotonic()
+        self.client.history_polls += 1
+        entry = self.client.history(self.prompt_id)
+        if entry is not None or self.hint_at is not None:
+            return entry
+        if self.client.in_queue(self.prompt_id):
+            self.missing_polls = 0
+        else:
+            self.missing_polls += 1
+            if self.missing_polls >= 3:
+                raise ExecutionFailed(f"prompt {self.prompt_id} is neither queued nor in the history "
+                                      f"(deleted from the queue, or the server restarted)", prompt_id=self.prompt_id)
+        return None
+
+    def socket(self):
+        """The websocket, reconnecting at most every 2 s while it is down (then polling resumes at once)."""
+        ws = self.client._ws
+        if ws is None and time.monotonic() - self.last_connect_try >= 2.0:
+            self.last_connect_try = time.monotonic()
+            if self.client.connect(timeout=5.0):
+                self.client.ws_reconnects += 1
+                return self.client._ws
+            self.last_poll = 0.0
+        return ws
+
+    def receive(self, ws, timeout: float) -> None:
+        import websocket  # websocket-client
+
+        try:
+            ws.settimeout(timeout)
+            if time.monotonic() - self.last_ping > 20.0:
+                self.last_ping = time.monotonic()
+                ws.ping()
+            raw = ws.recv()
+        except websocket.WebSocketTimeoutException:
+            return
+        except Exception:
+            # dropped (proxy, restart, test): fall back to polling and reconnect soon
+            with self.client._ws_lock:
+                if self.client._ws is ws:
+                    self.client._ws = None
+            try:
+                ws.close()
+            except Exception:
+                pass
+            self.last_connect_try = time.monotonic() - 1.0
+            return
+        if isinstance(raw, str):  # binary frames are previews
+            try:
+                self.handle(json.loads(raw))
+            except ValueError:
+                pass
+
+    def handle(self, msg: Any) -> None:
+        kind = msg.get("type") if isinstance(msg, dict) else None
+        data = msg.get("data") if isinstance(msg, dict) else None
+        if not isinstance(data, dict):
+            return
+        pid = data.get("prompt_id")
+        if pid is not None and pid != self.prompt_id:
+            return
+        if self.on_event is not None:
+            self.on_event(kind, data)
+        if kind == "progress":
+            if self.on_progress is not None:
+                self.on_progress(Progress(int(data.get("value", 0)), int(data.get("max", 0) or 0), data.get("node"), pid))
+        elif kind == "execution_cached":
+            self.client.last_cached_nodes = list(data.get("nodes") or [])
+        elif kind == "executing" and data.get("node") is None and pid == self.prompt_id:
+            self.hint_at = time.monotonic()
+        elif kind in TERMINAL_EVENTS and pid == self.prompt_id:
+            if kind == "execution_error":
+                self.error_event = data
+            elif kind == "execution_interrupted":
+                self.interrupted_event = data
+            self.hint_at = time.monotonic()
 
 
 def output_files(entry: dict) -> List[dict]:

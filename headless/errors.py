@@ -24,6 +24,12 @@ class ServerUnreachable(HeadlessError):
     exit_code = 3
 
 
+class ServerError(HeadlessError):
+    """The server answered, with an HTTP 5xx or something that is not ComfyUI's JSON."""
+
+    exit_code = 4
+
+
 class PromptRejected(BadInput):
     """``POST /prompt`` refused the prompt; ``lines`` has one readable line per bad input."""
 
@@ -61,6 +67,12 @@ class ExecutionInterrupted(HeadlessError):
 
 class WaitTimeout(HeadlessError, TimeoutError):
     exit_code = 5
+
+
+class Cancelled(HeadlessError):
+    """The caller asked to stop (its cancel event was set) while the prompt was queued or running."""
+
+    exit_code = 130
 
 
 class OutputMissing(HeadlessError):

@@ -1,30 +1,70 @@
-"""One code path from parameters to an MP4: used by the CLI, the RunPod worker and the Python API.
+"""One code path from parameters to an MP4: the CLI, the RunPod worker's request mode and the Python API.
 
     from headless.run import run
     result = run({"image": "in.png", "prompt": "a cat", "frame_num": 33}, server="http://127.0.0.1:8188",
                  out="cat.mp4")
     print(result.output_path, result.seed, result.frames)
+
+:func:`run` checks the parameters (wan22.spec), then :func:`run_checked` fills the workflow, puts the image in,
+:func:`execute`\\ s the prompt (queue, wait with a deadline and a cancel event, progress) and downloads the MP4.
+:class:`Hooks` carry what a caller adds around that: the worker's records, RunPod progress, per-job upload
+names and clean-up of the files a job leaves in ComfyUI's folders.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import random
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+from wan22 import spec
+from wan22.intake import CheckedImage, read_image
 
 from .client import ComfyClient, Progress, output_files
-from .errors import BadInput, OutputMissing, WaitTimeout, WorkflowError
-from .params import MAX_SEED, ParamError, normalize_params
-from .workflow import (ROLE_CORE_IMAGE, ROLE_I2V, ROLE_IMAGE, ROLE_SAVE, apply_overrides, apply_params,
-                       find_nodes, load_workflow)
+from .errors import Cancelled, OutputMissing, WaitTimeout, WorkflowError
+from .workflow import (ROLE_CORE_IMAGE, ROLE_I2V, ROLE_IMAGE, ROLE_SAVE, apply_overrides, apply_params, find_nodes,
+                       load_workflow)
 
-__all__ = ["run", "Result", "prepare_prompt", "prepare_image", "collect_result", "MAX_IMAGE_BYTES"]
+__all__ = ["run", "run_checked", "execute", "Hooks", "Execution", "Result", "prepare_image", "collect_result",
+           "resolve_random_seeds", "VIDEO_EXTENSIONS"]
 
-MAX_IMAGE_BYTES = 50 * 1024 * 1024
-IMAGE_FETCH_TIMEOUT = 60
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".gif", ".avi")
+
+
+def content_name(png: bytes) -> str:
+    """The default upload name: the same image is uploaded once (ComfyUI's LoadImage caches by content)."""
+    return "wan22_" + hashlib.sha256(png).hexdigest()[:20] + ".png"
+
+
+@dataclass
+class Hooks:
+    """What a caller adds around one run; every field is optional.
+
+    on_server_file(folder, subfolder, filename): a file this run put in the server's ``input`` or ``output``
+    folder (the worker removes them after the job). cancel: set it to stop the run (the prompt is removed or
+    interrupted, then Cancelled is raised). settle_s: after a cancel or timeout, how long to wait for the server
+    to let go of the prompt, so the next one starts on an empty queue.
+    """
+
+    on_queued: Optional[Callable[[str], None]] = None
+    on_running: Optional[Callable[[], None]] = None
+    on_progress: Optional[Callable[[Progress], None]] = None
+    on_server_file: Optional[Callable[[str, str, str], None]] = None
+    upload_name: Callable[[bytes], str] = content_name
+    cancel: Optional[threading.Event] = None
+    settle_s: float = 10.0
+
+
+@dataclass
+class Execution:
+    prompt_id: str
+    entry: dict  # the /history entry
+    timings: Dict[str, float]  # queue_s, generate_s
+    cached_nodes: List[str]
 
 
 @dataclass
@@ -40,91 +80,60 @@ class Result:
     subfolder: str = ""
     cached: bool = False
     warnings: List[str] = field(default_factory=list)
+    timings: Dict[str, float] = field(default_factory=dict)
+    cached_nodes: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
 
-def _fetch_url(url: str) -> bytes:
-    import requests
-
-    try:
-        with requests.get(url, stream=True, timeout=IMAGE_FETCH_TIMEOUT) as resp:
-            if resp.status_code != 200:
-                raise BadInput(f"image URL {url} answered HTTP {resp.status_code}")
-            chunks, total = [], 0
-            for chunk in resp.iter_content(1 << 16):
-                total += len(chunk)
-                if total > MAX_IMAGE_BYTES:
-                    raise BadInput(f"image URL {url} is larger than {MAX_IMAGE_BYTES >> 20} MiB")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except requests.RequestException as exc:
-        raise BadInput(f"cannot download image URL {url}: {exc}") from None
-
-
-def _image_bytes(params: Dict[str, Any]) -> Tuple[bytes, str]:
-    """The image as bytes and a file extension."""
-    if "image_base64" in params:
-        try:
-            data = base64.b64decode(params["image_base64"], validate=False)
-        except (ValueError, TypeError) as exc:
-            raise ParamError("image_base64", f"is not valid base64 ({exc})") from None
-        return data, ".png"
-    image = str(params["image"])
-    if image.lower().startswith(("http://", "https://")):
-        suffix = Path(image.split("?", 1)[0]).suffix.lower()
-        return _fetch_url(image), suffix if suffix in (".png", ".jpg", ".jpeg", ".webp", ".bmp") else ".png"
-    if image.lower().startswith("file://"):
-        image = image[7:]
-    path = Path(image).expanduser()
-    if not path.is_file():
-        raise ParamError("image", f"no such file: {path}")
-    if path.stat().st_size > MAX_IMAGE_BYTES:
-        raise ParamError("image", f"{path} is larger than {MAX_IMAGE_BYTES >> 20} MiB")
-    return path.read_bytes(), path.suffix.lower() or ".png"
-
-
-def prepare_image(client: Optional[ComfyClient], prompt: dict, params: Dict[str, Any],
-                  object_info: Optional[dict] = None) -> Optional[str]:
+# ============================================================================================ image
+def prepare_image(client: ComfyClient, prompt: dict, values: Mapping[str, Any], image: Optional[CheckedImage] = None,
+                  hooks: Optional[Hooks] = None, label: Callable[[str], str] = str) -> Optional[str]:
     """Put the image into the workflow: upload it for core ``LoadImage`` nodes, or fill ``Wan22LoadImage``
-    (URL as ``image_url``, anything else as ``image_base64``, so a remote server works). Returns what was set."""
-    if "image" not in params and "image_base64" not in params:
+    (a URL stays a URL, for the server to fetch; anything else goes as base64 of the checked PNG).
+
+    `image` is an image already read and checked (the worker's); otherwise the image source in `values` is
+    read here as the CLI's user's own (any local path, private URLs allowed). Returns what was set."""
+    hooks = hooks or Hooks()
+    source = spec.image_source(values)
+    if image is None and source is None:
         return None
-    core = find_nodes(prompt, ROLE_CORE_IMAGE)
-    core = [nid for nid in core if prompt[nid].get("class_type") == ROLE_CORE_IMAGE] or core
+    core = [nid for nid in find_nodes(prompt, ROLE_CORE_IMAGE) if prompt[nid].get("class_type") == ROLE_CORE_IMAGE]
     ours = [nid for nid in find_nodes(prompt, ROLE_IMAGE) if prompt[nid].get("class_type") == ROLE_IMAGE]
+    if not core and not ours:
+        raise WorkflowError("the workflow has no image input node (LoadImage or Wan22LoadImage) for the image")
+
+    def checked() -> CheckedImage:
+        kind, value = source
+        return read_image(kind, value, label(f"image_{kind}"), trusted=True)
+
     if core:
-        if client is None:
-            raise WorkflowError("uploading the image needs a server")
-        data, suffix = _image_bytes(params)
-        name = "wan22_" + hashlib.sha256(data).hexdigest()[:20] + suffix
-        uploaded = client.upload_image(data, name)
+        png = (image or checked()).png
+        uploaded = client.upload_image(png, hooks.upload_name(png))
+        if hooks.on_server_file:
+            hooks.on_server_file("input", "", uploaded)
         for nid in core:
             prompt[nid].setdefault("inputs", {})["image"] = uploaded
         return uploaded
-    if ours:
-        image = params.get("image")
-        values = {"image_url": "", "image_base64": "", "image_path": ""}
-        if image and str(image).lower().startswith(("http://", "https://")):
-            values["image_url"] = image
-        else:
-            data, _ = _image_bytes(params)
-            values["image_base64"] = base64.b64encode(data).decode("ascii")
-        for nid in ours:
-            for key, value in values.items():
-                prompt[nid].setdefault("inputs", {})[key] = value
-        return "image_url" if values["image_url"] else "image_base64"
-    raise WorkflowError("the workflow has no image input node (LoadImage or Wan22LoadImage) for the image")
+    inputs = {"image_url": "", "image_base64": "", "image_path": ""}
+    if image is None and source[0] == "url":
+        inputs["image_url"] = source[1]
+    else:
+        inputs["image_base64"] = base64.b64encode((image or checked()).png).decode("ascii")
+    for nid in ours:
+        prompt[nid].setdefault("inputs", {}).update(inputs)
+    return "image_url" if inputs["image_url"] else "image_base64"
 
 
+# ============================================================================================ seeds
 def _seed_max(object_info: Optional[dict], class_type: str) -> int:
     try:
-        spec = object_info[class_type]["input"]
-        opts = (spec.get("required") or {}).get("seed") or (spec.get("optional") or {}).get("seed")
-        return min(int(opts[1].get("max", MAX_SEED)), MAX_SEED)
+        inputs = object_info[class_type]["input"]
+        opts = (inputs.get("required") or {}).get("seed") or (inputs.get("optional") or {}).get("seed")
+        return min(int(opts[1].get("max", spec.MAX_SEED)), spec.MAX_SEED)
     except (KeyError, TypeError, IndexError, ValueError, AttributeError):
-        return MAX_SEED
+        return spec.MAX_SEED
 
 
 def resolve_random_seeds(prompt: dict, object_info: Optional[dict] = None, rng: Optional[random.Random] = None) -> Optional[int]:
@@ -143,33 +152,52 @@ def resolve_random_seeds(prompt: dict, object_info: Optional[dict] = None, rng: 
     return chosen
 
 
-def prepare_prompt(params: Dict[str, Any], workflow: Union[str, Path, dict, None] = None,
-                   client: Optional[ComfyClient] = None, overrides: Iterable = (), strict: bool = True,
-                   object_info: Optional[dict] = None) -> Tuple[dict, Dict[str, Any], List[str]]:
-    """Normalize the parameters and fill a copy of the workflow; returns (prompt, params, warnings).
-    Does not upload (see :func:`prepare_image`)."""
-    params, warnings = normalize_params(params or {}, strict=strict)
-    if object_info is None and client is not None:
-        object_info_fn = client.object_info
-    else:
-        object_info_fn = None
-    prompt = load_workflow(workflow, object_info=object_info, object_info_fn=object_info_fn)
-    if object_info is None and client is not None:
-        object_info = client.object_info()
-    apply_params(prompt, params, object_info)
-    apply_overrides(prompt, overrides, object_info)
-    return prompt, params, warnings
+# ============================================================================================ queue and wait
+def execute(client: ComfyClient, prompt: dict, *, timeout: Optional[float] = None, hooks: Optional[Hooks] = None,
+            check_types: bool = True) -> Execution:
+    """Queue `prompt` and wait for it. On timeout, cancel or Ctrl-C the prompt is taken off the server
+    (deleted if pending, interrupted if running) before the error is raised."""
+    hooks = hooks or Hooks()
+    if hooks.cancel is not None and hooks.cancel.is_set():
+        raise Cancelled("cancelled before the prompt was queued")
+    queued_at = time.monotonic()
+    prompt_id = client.queue_prompt(prompt, check_types=check_types)
+    if hooks.on_queued is not None:
+        hooks.on_queued(prompt_id)
+    started: Dict[str, float] = {}
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "execution_start" and not started:
+            started["at"] = time.monotonic()
+            if hooks.on_running is not None:
+                hooks.on_running()
+
+    try:
+        entry = client.wait(prompt_id, on_progress=hooks.on_progress, timeout=timeout, on_event=on_event,
+                            should_stop=hooks.cancel.is_set if hooks.cancel is not None else None)
+    except (KeyboardInterrupt, WaitTimeout, Cancelled):
+        _cancel_quietly(client, prompt_id, hooks.settle_s)
+        raise
+    running_from = started.get("at", queued_at)
+    timings = {"queue_s": round(running_from - queued_at, 3), "generate_s": round(time.monotonic() - running_from, 3)}
+    return Execution(prompt_id, entry, timings, list(client.last_cached_nodes))
+
+
+def _cancel_quietly(client: ComfyClient, prompt_id: str, settle_s: float) -> None:
+    try:
+        client.cancel(prompt_id)
+    except Exception:
+        return
+    if settle_s > 0:
+        client.wait_until_settled(prompt_id, settle_s)
 
 
 def collect_result(entry: dict, prompt: dict) -> Tuple[Optional[dict], Dict[str, Any]]:
-    """(the video file entry, the sampler's ``wan22`` info) from a history entry."""
-    files = output_files(entry)
+    """(the output file to download: the save node's video first, else any other output; the sampler's
+    ``wan22`` info) from a history entry."""
     save_ids = set(find_nodes(prompt, ROLE_SAVE))
-    video = None
-    ranked = sorted(files, key=lambda f: (f["node"] not in save_ids, not f["animated"],
-                                          not f["filename"].lower().endswith((".mp4", ".webm", ".mov", ".gif"))))
-    if ranked:
-        video = ranked[0]
+    ranked = sorted(output_files(entry), key=lambda f: (f["node"] not in save_ids, not f["animated"],
+                                           not f["filename"].lower().endswith(VIDEO_EXTENSIONS)))
     info: Dict[str, Any] = {}
     outputs = entry.get("outputs") or {}
     for nid in find_nodes(prompt, ROLE_I2V) + list(outputs):
@@ -177,69 +205,73 @@ def collect_result(entry: dict, prompt: dict) -> Tuple[Optional[dict], Dict[str,
         if isinstance(items, list) and items and isinstance(items[0], dict):
             info = items[0]
             break
-    return video, info
+    return (ranked[0] if ranked else None), info
 
 
+# ============================================================================================ the whole run
 def run(params: Dict[str, Any], server: Union[str, ComfyClient, None] = None,
         workflow: Union[str, Path, dict, None] = None, out: Union[str, Path, None] = None,
         on_progress: Optional[Callable[[Progress], None]] = None, timeout: Optional[float] = None,
-        overrides: Iterable = (), strict: bool = True, download: bool = True,
-        on_queued: Optional[Callable[[str], None]] = None) -> Result:
+        overrides: Iterable = (), download: bool = True, on_queued: Optional[Callable[[str], None]] = None,
+        hooks: Optional[Hooks] = None) -> Result:
     """Run one image-to-video job on a ComfyUI server and download the MP4.
 
-    params: the seed's parameter names (see headless.params). server: URL or a ComfyClient (default
-    ``$COMFYUI_URL`` or http://127.0.0.1:8188). workflow: API/UI file or dict (default: the shipped API
-    workflow). out: file or folder for the MP4 (default: the server's file name in the current folder).
-    overrides: ``NODE_OR_TITLE.input=VALUE`` strings. Ctrl-C interrupts the server's job, then re-raises.
-    Raises the errors of headless.errors (ParamError for bad parameters).
+    params: the seed's parameter names and aliases (wan22.spec; docs/parameters.md). server: URL or a
+    ComfyClient (default ``$COMFYUI_URL`` or http://127.0.0.1:8188). workflow: API/UI file or dict (default:
+    the shipped API workflow). out: file or folder for the MP4 (default: the server's file name in the current
+    folder). overrides: ``NODE_OR_TITLE.input=VALUE`` strings. timeout: seconds for the whole job. Ctrl-C
+    interrupts the server's job, then re-raises. Raises InvalidParameter for bad parameters and the errors of
+    headless.errors.
     """
+    request = spec.normalize(params or {}, "cli")
+    hooks = hooks or Hooks(on_progress=on_progress, on_queued=on_queued)
+    result = run_checked(request.values, server, workflow, out, timeout=timeout, overrides=overrides,
+                         download=download, hooks=hooks, label=request.label)
+    result.warnings[:0] = request.warnings
+    return result
+
+
+def run_checked(values: Mapping[str, Any], server: Union[str, ComfyClient, None] = None,
+                workflow: Union[str, Path, dict, None] = None, out: Union[str, Path, None] = None, *,
+                timeout: Optional[float] = None, overrides: Iterable = (), download: bool = True,
+                image: Optional[CheckedImage] = None, hooks: Optional[Hooks] = None,
+                label: Callable[[str], str] = str) -> Result:
+    """:func:`run` for parameters already checked (canonical names); `image` an image already read."""
+    hooks = hooks or Hooks()
     own_client = not isinstance(server, ComfyClient)
     client = server if isinstance(server, ComfyClient) else ComfyClient(server)
     started = time.monotonic()
     try:
         object_info = client.object_info()
-        prompt, params, warnings = prepare_prompt(params, workflow, client, overrides, strict, object_info)
+        prompt = load_workflow(workflow, object_info=object_info)
+        apply_params(prompt, {k: v for k, v in values.items() if k not in spec.IMAGE_FIELDS}, object_info)
+        apply_overrides(prompt, overrides, object_info)
         client.check_node_types(prompt)
-        prepare_image(client, prompt, params, object_info)
+        prepare_image(client, prompt, values, image, hooks, label)
         seed = resolve_random_seeds(prompt, object_info)
-        prompt_id = client.queue_prompt(prompt, check_types=False)
-        if on_queued is not None:
-            on_queued(prompt_id)
-        try:
-            remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - started))
-            entry = client.wait(prompt_id, on_progress=on_progress, timeout=remaining)
-        except KeyboardInterrupt:
-            _cancel_quietly(client, prompt_id)
-            raise
-        except WaitTimeout:
-            _cancel_quietly(client, prompt_id, wait=0)
-            raise
-        video, info = collect_result(entry, prompt)
+        remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - started))
+        execution = execute(client, prompt, timeout=remaining, hooks=hooks, check_types=False)
+        video, info = collect_result(execution.entry, prompt)
         if video is None:
-            raise OutputMissing(f"prompt {prompt_id} finished but its outputs list no video "
-                                f"(outputs: {list((entry.get('outputs') or {}).keys())})")
+            raise OutputMissing(f"prompt {execution.prompt_id} finished but its outputs list no video "
+                                f"(outputs: {list((execution.entry.get('outputs') or {}).keys())})")
+        timings = dict(execution.timings)
         path = None
         if download:
+            t0 = time.monotonic()
             dest = Path(out) if out else Path.cwd()
             if out and (str(out).endswith(("/", "\\")) or dest.is_dir()):
                 dest.mkdir(parents=True, exist_ok=True)
             path = str(client.download(video["filename"], video["subfolder"], video["type"], dest))
-        used_seed = info.get("seed", seed)
-        cached = bool(client.last_cached_nodes) and set(find_nodes(prompt, ROLE_I2V)) <= set(client.last_cached_nodes)
-        return Result(output_path=path, prompt_id=prompt_id, seed=used_seed,
+            timings["download_s"] = round(time.monotonic() - t0, 3)
+        if hooks.on_server_file and video["type"] == "output":
+            hooks.on_server_file("output", video["subfolder"], video["filename"])
+        cached = set(find_nodes(prompt, ROLE_I2V)) <= set(execution.cached_nodes) if execution.cached_nodes else False
+        cached_types = sorted({str(prompt.get(n, {}).get("class_type", n)) for n in execution.cached_nodes})
+        return Result(output_path=path, prompt_id=execution.prompt_id, seed=info.get("seed", seed),
                       seconds=round(time.monotonic() - started, 3), frames=info.get("frames"),
                       width=info.get("width"), height=info.get("height"), filename=video["filename"],
-                      subfolder=video["subfolder"], cached=cached, warnings=warnings)
+                      subfolder=video["subfolder"], cached=cached, timings=timings, cached_nodes=cached_types)
     finally:
         if own_client:
             client.close()
-
-
-def _cancel_quietly(client: ComfyClient, prompt_id: str, wait: float = 10.0) -> None:
-    """Ctrl-C or timeout: take our prompt off the server (interrupt if running, delete if queued)."""
-    try:
-        client.cancel(prompt_id)
-    except Exception:
-        return
-    if wait > 0:
-        client.wait_until_settled(prompt_id, wait)

@@ -11,41 +11,21 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
+from wan22 import spec
+
 from .errors import WorkflowError
 
 __all__ = ["load_workflow", "is_ui_workflow", "ui_to_api", "find_nodes", "find_node", "apply_params",
            "apply_overrides", "parse_set", "default_workflow_path", "PARAM_TARGETS", "ROLE_LOADER",
            "ROLE_TEXT", "ROLE_I2V", "ROLE_SAVE", "ROLE_IMAGE", "ROLE_CORE_IMAGE"]
 
-ROLE_LOADER = "Wan22ModelLoader"
-ROLE_TEXT = "Wan22TextEncode"
-ROLE_I2V = "Wan22ImageToVideo"
-ROLE_SAVE = "Wan22SaveVideo"
-ROLE_IMAGE = "Wan22LoadImage"
+ROLE_LOADER, ROLE_TEXT, ROLE_I2V, ROLE_SAVE, ROLE_IMAGE = spec.LOADER, spec.TEXT, spec.I2V, spec.SAVE, spec.LOAD_IMAGE
 ROLE_CORE_IMAGE = "LoadImage"
 
-# canonical parameter (headless.params) -> (node role, input name)   per docs/design.md
+# parameter -> (node role, input name): every node input of the spec except the image sources, which
+# headless.run.prepare_image puts in (an upload for a core LoadImage, or Wan22LoadImage's inputs)
 PARAM_TARGETS: Dict[str, Tuple[str, str]] = {
-    "prompt": (ROLE_TEXT, "prompt"),
-    "negative_prompt": (ROLE_TEXT, "negative_prompt"),
-    "size": (ROLE_I2V, "size"),
-    "frame_num": (ROLE_I2V, "frame_num"),
-    "sample_steps": (ROLE_I2V, "sample_steps"),
-    "guide_scale_low": (ROLE_I2V, "guide_scale_low"),
-    "guide_scale_high": (ROLE_I2V, "guide_scale_high"),
-    "sample_shift": (ROLE_I2V, "sample_shift"),
-    "sample_solver": (ROLE_I2V, "sample_solver"),
-    "seed": (ROLE_I2V, "seed"),
-    "boundary": (ROLE_I2V, "boundary"),
-    "offload_model": (ROLE_LOADER, "offload_model"),
-    "t5_cpu": (ROLE_LOADER, "t5_cpu"),
-    "convert_model_dtype": (ROLE_LOADER, "convert_model_dtype"),
-    "dtype": (ROLE_LOADER, "dtype"),
-    "model_path": (ROLE_LOADER, "model_path"),
-    "model_set": (ROLE_LOADER, "model_set"),
-    "fps": (ROLE_SAVE, "fps"),
-    "filename_prefix": (ROLE_SAVE, "filename_prefix"),
-}
+    p.name: (p.node, p.name) for p in spec.PARAMS if p.node is not None and p.node != ROLE_IMAGE}
 
 SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
@@ -282,13 +262,13 @@ def set_input(workflow: dict, role: str, name: str, value: Any, object_info: Opt
 
 
 def apply_params(workflow: dict, params: Dict[str, Any], object_info: Optional[dict] = None) -> dict:
-    """Fill canonical parameters (headless.params) into the nodes of docs/design.md, in place; returns it.
+    """Fill canonical parameters (wan22.spec names) into the nodes that take them, in place; returns it.
 
-    ``image``/``image_base64`` are not handled here (they need an upload or the Wan22LoadImage node; see
+    The image sources are not handled here (they need an upload or the Wan22LoadImage node; see
     :func:`headless.run.prepare_image`). Raises WorkflowError when a parameter's node is missing.
     """
     for key, value in params.items():
-        if key in ("image", "image_base64"):
+        if key in spec.IMAGE_FIELDS:
             continue
         target = PARAM_TARGETS.get(key)
         if target is None:

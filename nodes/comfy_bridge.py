@@ -1,13 +1,14 @@
 """The few ComfyUI services the nodes use, in one place (progress, interrupt, device, folders)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List
 
 import comfy.model_management as model_management
 import comfy.utils
 import folder_paths
+
+from ..wan22.settings import Limits
 
 
 def torch_device() -> str:
@@ -74,5 +75,4 @@ def save_path(filename_prefix: str, width: int, height: int):
 
 def input_roots() -> List[str]:
     """Where Wan22LoadImage may read absolute paths: WAN_INPUT_ROOTS plus ComfyUI's input folder."""
-    configured = os.environ.get("WAN_INPUT_ROOTS", "/workspace:/runpod-volume")
-    return [r for r in configured.split(":") if r] + [folder_paths.get_input_directory()]
+    return [*Limits.from_env().input_roots, folder_paths.get_input_directory()]

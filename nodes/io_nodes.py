@@ -1,45 +1,40 @@
 """Image input for scripted runs and MP4 output into ComfyUI's output folder."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import io
 import os
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ..wan22.params import MAX_FPS, GenerationParams
+from ..wan22 import spec
+from ..wan22.intake import read_image
+from ..wan22.settings import Limits
 from ..wan22.video import write_mp4
 from . import comfy_bridge
 from .model_nodes import CATEGORY
+from .spec_inputs import node_inputs, spec_validator
+
+
+def _exactly_one_image(values):
+    given = [name for name, value in values.items() if value and value.strip()]
+    if len(given) != 1:
+        return [("image", f"give exactly one of image_url, image_base64, image_path (got {', '.join(given) or 'none'})")]
+    return []
 
 
 class Wan22LoadImage:
-    """The seed's reference_image_url | reference_image_base64 | reference_image_path, with the worker's limits."""
+    """The seed's reference_image_url | reference_image_base64 | reference_image_path, with the request limits."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "image_url": ("STRING", {"default": "", "tooltip": "http(s) URL of the image (size, time and redirects bounded)."}),
-                "image_base64": ("STRING", {"default": "", "multiline": True, "tooltip": "The image as base64 or a data: URI (size bounded)."}),
-                "image_path": ("STRING", {"default": "", "tooltip": "Absolute path under WAN_INPUT_ROOTS (default /workspace:/runpod-volume) or ComfyUI's input folder."}),
-            }
-        }
+        return {"required": node_inputs(spec.LOAD_IMAGE)}
 
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, image_url="", image_base64="", image_path=""):
-        given = [name for name, value in (("image_url", image_url), ("image_base64", image_base64), ("image_path", image_path)) if value and value.strip()]
-        if len(given) != 1:
-            return f"give exactly one of image_url, image_base64, image_path (got {', '.join(given) or 'none'})"
-        return True
+    VALIDATE_INPUTS = spec_validator(spec.LOAD_IMAGE, also=_exactly_one_image)
 
     @classmethod
     def IS_CHANGED(cls, image_url="", image_base64="", image_path=""):
@@ -47,22 +42,15 @@ class Wan22LoadImage:
             return os.path.getmtime(image_path.strip())
         return hashlib.sha256((image_url + "\n" + image_base64).encode()).hexdigest()
 
-    def load(self, image_url, image_base64, image_path):
-        from ..runpod_worker.images import load_reference_image
-        from ..runpod_worker.config import WorkerConfig
-        from ..runpod_worker.errors import RequestError
-
-        config = WorkerConfig.from_env()
-        config = dataclasses.replace(config, input_roots=tuple(comfy_bridge.input_roots()))
-        for kind, field, value in (("url", "image_url", image_url), ("base64", "image_base64", image_base64), ("path", "image_path", image_path)):
-            if value.strip():
-                try:
-                    checked = load_reference_image(kind, value.strip(), field, config)
-                except RequestError as exc:
-                    raise ValueError(exc.message) from None
-                picture = Image.open(io.BytesIO(checked.png)).convert("RGB")
-                return (torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None],)
-        raise ValueError("give exactly one of image_url, image_base64, image_path")
+    def load(self, **sources):
+        problems = _exactly_one_image(sources)
+        if problems:
+            raise ValueError(f"{problems[0][0]}: {problems[0][1]}")
+        [(name, value)] = [(n, v.strip()) for n, v in sources.items() if v and v.strip()]
+        limits = Limits.from_env().with_roots(comfy_bridge.input_roots())
+        checked = read_image(name.split("_", 1)[1], value, name, limits)
+        picture = np.asarray(checked.picture, dtype=np.float32) / 255.0
+        return (torch.from_numpy(picture)[None],)
 
 
 class Wan22SaveVideo:
@@ -71,8 +59,7 @@ class Wan22SaveVideo:
         return {
             "required": {
                 "images": ("IMAGE", {"tooltip": "Frames to encode, e.g. the sampler's output."}),
-                "filename_prefix": ("STRING", {"default": "Wan22/i2v", "tooltip": "Under ComfyUI's output folder; %width% and %height% are replaced."}),
-                "fps": ("INT", {"default": GenerationParams.fps, "min": 1, "max": MAX_FPS, "tooltip": "Frames per second (Wan2.2: 16)."}),
+                **node_inputs(spec.SAVE),
             }
         }
 
@@ -82,6 +69,7 @@ class Wan22SaveVideo:
     OUTPUT_NODE = True
     CATEGORY = CATEGORY
     DESCRIPTION = "H.264 MP4 (yuv420p) into ComfyUI's output folder, written to a temporary file and renamed when complete."
+    VALIDATE_INPUTS = spec_validator(spec.SAVE)
 
     def save(self, images, filename_prefix, fps):
         frames = (images.clamp(0, 1) * 255.0).round().to(torch.uint8)

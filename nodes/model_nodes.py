@@ -5,12 +5,13 @@ import gc
 import logging
 
 from ..wan22.discover import default_model_root, discover_model_set, list_model_sets
-from ..wan22.params import UPSTREAM_NEGATIVE_PROMPT
-from ..wan22.pipeline import DTYPES, LoadOptions, load_pipeline
+from ..wan22 import spec
+from ..wan22.pipeline import LoadOptions, load_pipeline
 from . import comfy_bridge
+from .spec_inputs import node_inputs, spec_validator
 
 CATEGORY = "Wan2.2 I2V"
-DEFAULT_MODEL_SET = "default (WAN_CKPT_DIR)"
+DEFAULT_MODEL_SET = spec.DEFAULT_MODEL_SET
 log = logging.getLogger("wan22")
 
 
@@ -72,28 +73,19 @@ def resolve_model_set(model_set: str, model_path: str):
 class Wan22ModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model_set": (model_set_choices(), {"default": DEFAULT_MODEL_SET, "tooltip": "A Wan2.2 I2V-A14B model set found under WAN_CKPT_DIR (default /workspace/models, fallback /runpod-volume) or ComfyUI's models folder: upstream, diffusers or ComfyUI split files."}),
-                "model_path": ("STRING", {"default": "", "tooltip": "A model folder path; overrides model_set when not empty."}),
-                "dtype": (list(DTYPES), {"default": "bf16", "tooltip": "Compute dtype of the experts and T5 (upstream: bf16). The VAE runs in fp32."}),
-                "offload_model": ("BOOLEAN", {"default": True, "tooltip": "Keep both experts in CPU RAM and move only the active one to the GPU (upstream default on one GPU)."}),
-                "t5_cpu": ("BOOLEAN", {"default": True, "tooltip": "Encode prompts with T5 on the CPU (saves ~11 GB of VRAM)."}),
-                "convert_model_dtype": ("BOOLEAN", {"default": True, "tooltip": "Store the experts in dtype instead of the checkpoint's own (fp32 upstream shards are 57 GB each)."}),
-            }
-        }
+        return {"required": node_inputs(spec.LOADER, choices={"model_set": model_set_choices()})}
 
     RETURN_TYPES = ("WAN22_MODEL",)
     RETURN_NAMES = ("model",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads both Wan2.2 I2V-A14B experts, the UMT5 text encoder and the VAE. Stays loaded until its inputs change or /free."
+    VALIDATE_INPUTS = spec_validator(spec.LOADER, skip=("model_set",))  # the dropdown is ComfyUI's to check
 
     @staticmethod
-    def _key(model_set, model_path, dtype, offload_model, t5_cpu, convert_model_dtype):
+    def _key(model_set, model_path, **options):
         found = resolve_model_set(model_set, model_path)
-        options = LoadOptions(dtype=dtype, offload_model=offload_model, t5_cpu=t5_cpu,
-                              convert_model_dtype=convert_model_dtype, device=comfy_bridge.torch_device()).validated()
+        options = LoadOptions.from_values(options, device=comfy_bridge.torch_device()).validated()
         return found, options, (found.name, options)
 
     @classmethod
@@ -105,26 +97,21 @@ class Wan22ModelLoader:
         except Exception:  # a bad folder: let load() raise the error with its message
             return float("nan")
 
-    def load(self, model_set, model_path, dtype, offload_model, t5_cpu, convert_model_dtype):
-        found, options, key = self._key(model_set, model_path, dtype, offload_model, t5_cpu, convert_model_dtype)
+    def load(self, **inputs):
+        found, options, key = self._key(**inputs)
         return (LoadedModels.get(key, lambda: load_pipeline(found, options)),)
 
 
 class Wan22TextEncode:
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("WAN22_MODEL",),
-                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What should happen in the video."}),
-                "negative_prompt": ("STRING", {"multiline": True, "default": UPSTREAM_NEGATIVE_PROMPT, "tooltip": "What to avoid (default: upstream's negative prompt; empty also means that)."}),
-            }
-        }
+        return {"required": {"model": ("WAN22_MODEL",), **node_inputs(spec.TEXT)}}
 
     RETURN_TYPES = ("WAN22_TEXT",)
     RETURN_NAMES = ("text",)
     FUNCTION = "encode"
     CATEGORY = CATEGORY
+    VALIDATE_INPUTS = spec_validator(spec.TEXT)
 
     def encode(self, model, prompt, negative_prompt):
         return (model.encode_prompt(prompt, negative_prompt),)

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 from . import handler as handler_mod
 from .comfy import CancelToken, ComfyBackend
-from .config import VOLUME, env_flag
+from .config import VOLUME, WorkerConfig
 
 log = logging.getLogger("runpod_worker")
 
@@ -27,7 +27,7 @@ EXIT_COMFY_START = 3
 def _model_folder_fallback() -> None:
     """The seed's rule: when WAN_CKPT_DIR names a folder that does not exist but a network volume is mounted,
     read the models from /runpod-volume (exported, so ComfyUI's nodes see it too)."""
-    configured = os.environ.get("WAN_CKPT_DIR", "").strip()
+    configured = WorkerConfig.from_env().ckpt_dir
     if configured and not os.path.isdir(configured) and os.path.isdir(VOLUME):
         log.warning("WAN_CKPT_DIR=%s does not exist; using %s", configured, VOLUME)
         os.environ["WAN_CKPT_DIR"] = VOLUME
@@ -35,11 +35,8 @@ def _model_folder_fallback() -> None:
 
 def _model_folder_report() -> None:
     """Say which model folder the nodes will read, and whether it holds a known layout (no torch import)."""
-    try:
-        from wan22.discover import default_model_root, discover_model_set
-    except Exception as exc:  # noqa: BLE001 - the engine is in ComfyUI's environment, maybe not ours
-        log.info("model folder check skipped (%s)", exc)
-        return
+    from wan22.discover import default_model_root, discover_model_set
+
     root = default_model_root()
     try:
         found = discover_model_set(root)
@@ -48,51 +45,47 @@ def _model_folder_report() -> None:
         log.warning("models: no usable model set in %s (WAN_CKPT_DIR): %s", root, exc)
 
 
-def start_backend() -> ComfyBackend:
-    """Use `$COMFYUI_URL` if set (a ComfyUI someone else runs), else launch one with headless's launcher."""
-    startup_timeout = float(os.environ.get("WAN_COMFY_START_TIMEOUT_S", "300"))
-    workflow = os.environ.get("WAN22_WORKFLOW") or None
-    external = os.environ.get("COMFYUI_URL", "").strip()
-    if external:
+def start_backend(cfg: WorkerConfig) -> ComfyBackend:
+    """Use COMFYUI_URL if set (a ComfyUI someone else runs), else launch one with headless's launcher."""
+    if cfg.comfyui_url:
         from headless.client import ComfyClient
 
-        client = ComfyClient(external, timeout=5)
-        deadline = time.monotonic() + startup_timeout
+        client = ComfyClient(cfg.comfyui_url, timeout=5)
+        deadline = time.monotonic() + cfg.comfy_start_timeout_s
         while not client.ping():
             if time.monotonic() > deadline:
-                raise SystemExit(f"ComfyUI at COMFYUI_URL={external} did not answer within {startup_timeout:g}s "
-                                 f"(WAN_COMFY_START_TIMEOUT_S)")
+                raise SystemExit(f"ComfyUI at COMFYUI_URL={cfg.comfyui_url} did not answer within "
+                                 f"{cfg.comfy_start_timeout_s:g}s (WAN_COMFY_START_TIMEOUT_S)")
             time.sleep(1.0)
-        log.info("using the ComfyUI at %s", external)
-        return ComfyBackend(external, None, workflow)
+        log.info("using the ComfyUI at %s", cfg.comfyui_url)
+        return ComfyBackend(cfg.comfyui_url, None, cfg.workflow)
 
     from headless.server import REPO_ROOT, ServerStartError, default_comfyui_dir, start_comfyui
 
-    packs: List[Path] = [REPO_ROOT]
-    packs += [Path(p) for p in os.environ.get("WAN_EXTRA_NODE_PATHS", "").split(":") if p.strip()]
-    port = int(os.environ.get("COMFYUI_PORT", "0") or 0) or None
-    work = os.environ.get("WAN_COMFY_WORK_DIR") or None
-    comfy_dir = default_comfyui_dir()
-    log.info("starting ComfyUI from %s (at most %gs)", comfy_dir, startup_timeout)
+    packs: List[Path] = [REPO_ROOT, *(Path(p) for p in cfg.extra_node_paths)]
+    comfy_dir = Path(cfg.comfyui_dir) if cfg.comfyui_dir else default_comfyui_dir()
+    log.info("starting ComfyUI from %s (at most %gs)", comfy_dir, cfg.comfy_start_timeout_s)
     try:
         server = start_comfyui(
-            comfyui_dir=comfy_dir, port=port, custom_node_paths=packs, work_dir=work,
-            cpu=env_flag("COMFYUI_CPU", False), listen="127.0.0.1",
-            extra_args=shlex.split(os.environ.get("COMFYUI_ARGS", "")), startup_timeout=startup_timeout)
+            comfyui_dir=comfy_dir, port=cfg.comfyui_port or None, custom_node_paths=packs,
+            work_dir=cfg.comfy_work_dir or None, cpu=cfg.comfyui_cpu, listen="127.0.0.1",
+            extra_args=shlex.split(cfg.comfyui_args), startup_timeout=cfg.comfy_start_timeout_s)
     except ServerStartError as exc:
         print(f"runpod_worker: ComfyUI failed to start, so this worker cannot serve jobs.\n{exc}", file=sys.stderr,
               flush=True)
         raise SystemExit(EXIT_COMFY_START) from None
     log.info("ComfyUI ready at %s (pid %d, log %s)", server.url, server.pid, server.log_path)
-    return ComfyBackend(server.url, server, workflow)
+    return ComfyBackend(server.url, server, cfg.workflow)
 
 
-def warm_up(backend: ComfyBackend) -> None:
+def warm_up(backend: ComfyBackend, cfg: WorkerConfig) -> None:
     """WAN_PRELOAD=1: one tiny generation with the default loader settings, so the first job finds the models
     loaded (ComfyUI keeps the loader's output while its inputs stay the same)."""
     import tempfile
 
     from PIL import Image
+
+    from wan22.intake import check_image
 
     from .validation import validate_generate_params
 
@@ -100,30 +93,30 @@ def warm_up(backend: ComfyBackend) -> None:
     img.putdata([(x * 4, y * 4, 128) for y in range(64) for x in range(64)])
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    req = validate_generate_params({
-        "reference_image_base64": "x", "prompt": "warm-up", "size": os.environ.get("WAN_PRELOAD_SIZE", "64*64"),
-        "frame_num": 5, "sample_steps": 1, "seed": 0})
+    req = validate_generate_params({"image_base64": "unused", "prompt": "warm-up", "size": cfg.preload_size,
+                                    "frame_num": 5, "sample_steps": 1, "seed": 0}, limits=cfg.limits)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="wan22-warmup-") as tmp:
-        backend.run_i2v(handler_mod.headless_params(req), buf.getvalue(), Path(tmp) / "warmup.mp4",
-                        token=CancelToken(), deadline=time.monotonic() + float(os.environ.get("WAN_PRELOAD_TIMEOUT_S", "1800")),
-                        on_progress=lambda p: None, on_running=lambda: None, tag="warmup")
+        backend.run_request(req.values, check_image(buf.getvalue(), "warm-up image", cfg.limits.max_image_pixels),
+                            Path(tmp) / "warmup.mp4", token=CancelToken(), deadline=time.monotonic() + cfg.preload_timeout_s,
+                            on_progress=lambda p: None, on_running=lambda: None, tag="warmup")
     log.info("warm-up done in %.1fs: models are loaded", time.monotonic() - started)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=os.environ.get("WAN_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stdout)
+    cfg = WorkerConfig.from_env()
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stdout)
     # SIGTERM (docker stop, RunPod scale-down) before the SDK takes over: leave through `finally`
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     _model_folder_fallback()
     _model_folder_report()
-    backend = start_backend()
+    backend = start_backend(cfg)
     try:
         handler_mod.set_backend(backend)
-        if env_flag("WAN_PRELOAD"):
+        if cfg.preload:
             try:
-                warm_up(backend)
+                warm_up(backend, cfg)
             except Exception as exc:  # noqa: BLE001 - keep serving; jobs will report the same problem
                 log.error("warm-up failed (the worker still serves; jobs will load on demand): %s", exc)
         import runpod

@@ -1,54 +1,58 @@
-"""Worker settings, read from the environment once per job (so tests and operators can change them).
+"""Every environment variable the worker reads, declared once (`WORKER_SETTINGS`) and read into one object.
 
-Every variable is documented in docs/runpod.md; `.runpod/hub.json` lists the same names.
+`WorkerConfig.from_env()` is called at start-up and once per job (so tests and operators can change settings
+between jobs). The request limits that every surface shares (prompt length, image size, URLs, input folders,
+unknown parameters) are wan22.settings' `LIMIT_SETTINGS`, held in `WorkerConfig.limits`. docs/runpod.md's table
+is generated from both declarations.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Mapping, Optional, Tuple
+
+from wan22.settings import MIB, Limits, Setting, read_settings
 
 VOLUME = "/runpod-volume"
 
+WORKER_SETTINGS: Tuple[Setting, ...] = (
+    Setting("WAN_CKPT_DIR", "ckpt_dir", "text", "", "the model set the loader node reads (inside ComfyUI); a folder that does not exist falls back to /runpod-volume when that is mounted",
+            shown_default="unset: /workspace/models, else /runpod-volume"),
+    Setting("RUNPOD_MAX_CONCURRENCY", "max_concurrency", "int", 1, "jobs one worker takes at once (`concurrency_modifier`); ComfyUI runs them one after another", low=1),
+    Setting("WAN_OUTPUT_DIR", "output_dir", "text", "", "where `<request_id>.mp4` and `<request_id>.json` go. Serverless `/workspace` is local to one worker: only a shared volume lets any worker answer `status`",
+            shown_default="/runpod-volume/outputs when /runpod-volume exists, else /workspace/outputs"),
+    Setting("WAN_MAX_INLINE_MB", "max_inline_bytes", "float", 15.0, "largest MP4 returned as `video_base64` (base64 adds a third; RunPod refuses results over 20 MB on `/runsync`, 10 MB on `/run`)", low=0, scale=MIB),
+    Setting("WAN_JOB_TIMEOUT_S", "job_timeout_s", "float", 1800.0, "overall limit of one job (image download included); past it the ComfyUI prompt is interrupted and the job fails saying so", low=0),
+    Setting("WAN_MAX_WORKFLOW_IMAGES", "max_workflow_images", "int", 16, "longest `images` list in raw mode", low=0),
+    Setting("WAN_PRELOAD", "preload", "flag", False, "one tiny warm-up generation at start so the first job finds the models loaded"),
+    Setting("WAN_PRELOAD_SIZE", "preload_size", "text", "64*64", "size of that warm-up"),
+    Setting("WAN_PRELOAD_TIMEOUT_S", "preload_timeout_s", "float", 1800.0, "time limit of that warm-up", low=1),
+    Setting("WAN_COMFY_START_TIMEOUT_S", "comfy_start_timeout_s", "float", 300.0, "how long start-up waits for ComfyUI", low=1),
+    Setting("BUCKET_ENDPOINT_URL", "bucket_endpoint_url", "text", "", "S3-compatible bucket: videos too large to inline are uploaded (content type `video/mp4`, SDK `rp_upload`) and a presigned `video_url` (7 days) is returned"),
+    Setting("BUCKET_ACCESS_KEY_ID", "bucket_access_key_id", "text", "", "that bucket's access key (read by the SDK)"),
+    Setting("BUCKET_SECRET_ACCESS_KEY", "bucket_secret_access_key", "text", "", "that bucket's secret key (read by the SDK)"),
+    Setting("BUCKET_NAME", "bucket_name", "text", "", "bucket for those uploads", shown_default="SDK default (`MM-YY`)"),
+    Setting("COMFYUI_URL", "comfyui_url", "text", "", "use this running ComfyUI instead of starting one (the pack must be installed there)"),
+    Setting("COMFYUI_DIR", "comfyui_dir", "text", "", "the ComfyUI checkout to start", shown_default="/opt/ComfyUI in the image, else .comfyui"),
+    Setting("COMFYUI_ARGS", "comfyui_args", "text", "", "extra flags for ComfyUI's `main.py` (e.g. `--highvram`)"),
+    Setting("COMFYUI_CPU", "comfyui_cpu", "flag", False, "start ComfyUI with `--cpu` (tests, machines without a GPU)"),
+    Setting("COMFYUI_PORT", "comfyui_port", "int", 0, "ComfyUI's port on 127.0.0.1", low=0, shown_default="a free port"),
+    Setting("WAN_COMFY_WORK_DIR", "comfy_work_dir", "text", "", "ComfyUI's private input/output/temp folders and `comfyui.log`", shown_default="a temp folder"),
+    Setting("WAN_EXTRA_NODE_PATHS", "extra_node_paths", "list", (), "colon-separated extra custom-node packs to load"),
+    Setting("WAN22_WORKFLOW", "workflow", "text", "", "the API workflow the `request` action fills (by node class, never by id)",
+            shown_default="the shipped workflows/api/wan22_i2v_a14b.json"),
+    Setting("WAN_LOG_LEVEL", "log_level", "choice", "info", "the worker's log level", choices=("debug", "info", "warning", "error")),
+)
 
-def _int(name: str, default: int, low: int = 0) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
-    return max(low, value)
 
-
-def _float(name: str, default: float, low: float = 0.0) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
-    return max(low, value)
-
-
-def env_flag(name: str, default: bool = False) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    return raw in ("1", "true", "yes", "on")
-
-
-def default_output_dir() -> Path:
-    """`$WAN_OUTPUT_DIR`, else `/runpod-volume/outputs` when a network volume is mounted, else `/workspace/outputs`.
+def default_output_dir(configured: str = "") -> Path:
+    """`WAN_OUTPUT_DIR`, else `/runpod-volume/outputs` when a network volume is mounted, else `/workspace/outputs`.
 
     On serverless `/workspace` is local to one worker: only a shared volume lets any worker answer `status`.
     """
-    explicit = os.environ.get("WAN_OUTPUT_DIR", "").strip()
-    if explicit:
-        return Path(explicit)
+    if configured:
+        return Path(configured)
     if os.path.isdir(VOLUME):
         return Path(VOLUME) / "outputs"
     return Path("/workspace/outputs")
@@ -56,42 +60,33 @@ def default_output_dir() -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class WorkerConfig:
+    limits: Limits
+    ckpt_dir: str
+    max_concurrency: int
     output_dir: Path
-    input_roots: Tuple[str, ...]
     max_inline_bytes: int
     job_timeout_s: float
-    max_image_bytes: int
-    max_image_pixels: int
-    url_timeout_s: float
-    url_max_redirects: int
-    url_allow_hosts: Tuple[str, ...]
-    max_prompt_chars: int
     max_workflow_images: int
-    bucket_endpoint_url: Optional[str]
-    bucket_name: Optional[str]
+    preload: bool
+    preload_size: str
+    preload_timeout_s: float
+    comfy_start_timeout_s: float
+    bucket_endpoint_url: str
+    bucket_access_key_id: str
+    bucket_secret_access_key: str
+    bucket_name: str
+    comfyui_url: str
+    comfyui_dir: str
+    comfyui_args: str
+    comfyui_cpu: bool
+    comfyui_port: int
+    comfy_work_dir: str
+    extra_node_paths: Tuple[str, ...]
+    workflow: str
+    log_level: str
 
     @classmethod
-    def from_env(cls) -> "WorkerConfig":
-        roots = os.environ.get("WAN_INPUT_ROOTS", f"/workspace:{VOLUME}")
-        inline_mb = _float("WAN_MAX_INLINE_MB", 15.0)
-        allow = os.environ.get("WAN_URL_ALLOW_HOSTS", "")
-        return cls(
-            output_dir=default_output_dir(),
-            input_roots=tuple(r for r in roots.split(":") if r.strip()),
-            max_inline_bytes=int(inline_mb * 1024 * 1024),
-            job_timeout_s=_float("WAN_JOB_TIMEOUT_S", 1800.0),
-            max_image_bytes=int(_float("WAN_MAX_IMAGE_MB", 20.0) * 1024 * 1024),
-            max_image_pixels=_int("WAN_MAX_IMAGE_PIXELS", 40_000_000, low=1),
-            url_timeout_s=_float("WAN_URL_TIMEOUT_S", 30.0, low=0.1),
-            url_max_redirects=_int("WAN_URL_MAX_REDIRECTS", 5),
-            url_allow_hosts=tuple(h.strip().lower() for h in allow.split(",") if h.strip()),
-            max_prompt_chars=_int("WAN_MAX_PROMPT_CHARS", 5000, low=1),
-            max_workflow_images=_int("WAN_MAX_WORKFLOW_IMAGES", 16, low=0),
-            bucket_endpoint_url=os.environ.get("BUCKET_ENDPOINT_URL") or None,
-            bucket_name=os.environ.get("BUCKET_NAME") or None,
-        )
-
-
-def max_concurrency() -> int:
-    """`RUNPOD_MAX_CONCURRENCY` (default 1): jobs this worker takes at once (ComfyUI runs them in turn)."""
-    return _int("RUNPOD_MAX_CONCURRENCY", 1, low=1)
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "WorkerConfig":
+        values = read_settings(WORKER_SETTINGS, environ)
+        values["output_dir"] = default_output_dir(values["output_dir"])
+        return cls(limits=Limits.from_env(environ), **values)

@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from headless.files import atomic_file, within
-
-from .errors import RequestError
+from wan22.errors import InvalidParameter
+from wan22.files import atomic_file, within
 from .validation import validate_request_id
 
 STATUSES = ("IN_QUEUE", "RUNNING", "COMPLETED", "FAILED")
@@ -42,7 +41,7 @@ def resolve_save_file(output_dir: Path, save_file: Optional[str], request_id: st
     if save_file is None:
         return default
     if "\x00" in save_file or len(save_file) > 1024:
-        raise RequestError(field, "is not a usable file name")
+        raise InvalidParameter(field, "is not a usable file name")
     real_out = os.path.realpath(out)
     if os.path.isabs(save_file):
         candidate = os.path.normpath(save_file)
@@ -52,20 +51,20 @@ def resolve_save_file(output_dir: Path, save_file: Optional[str], request_id: st
                 rel = os.path.relpath(candidate, base)
                 break
         else:
-            raise RequestError(field, f"{save_file!r} is outside the output folder {out} (WAN_OUTPUT_DIR); give a name inside it")
+            raise InvalidParameter(field, f"{save_file!r} is outside the output folder {out} (WAN_OUTPUT_DIR); give a name inside it")
     else:
         rel = save_file
     parts = rel.replace("\\", "/").split("/")
     if len(parts) > 4 or any(not SAVE_PART_RE.fullmatch(p) or ".." in p for p in parts):
-        raise RequestError(field, f"{save_file!r} is not a plain name inside the output folder (letters, digits, '.', '_', '-'; up to 3 subfolders; no '..')")
+        raise InvalidParameter(field, f"{save_file!r} is not a plain name inside the output folder (letters, digits, '.', '_', '-'; up to 3 subfolders; no '..')")
     if not parts[-1].lower().endswith(".mp4"):
-        raise RequestError(field, f"{save_file!r} must end in .mp4")
+        raise InvalidParameter(field, f"{save_file!r} must end in .mp4")
     target = out.joinpath(*parts)
     real_target = os.path.realpath(target)
     if not within(real_target, [real_out]):
-        raise RequestError(field, f"{save_file!r} resolves outside the output folder {out} (symlink?)")
+        raise InvalidParameter(field, f"{save_file!r} resolves outside the output folder {out} (symlink?)")
     if os.path.realpath(default) != real_target and os.path.lexists(target):
-        raise RequestError(field, f"{save_file!r} already exists in the output folder; choose a new name")
+        raise InvalidParameter(field, f"{save_file!r} already exists in the output folder; choose a new name")
     return target
 
 
@@ -111,6 +110,14 @@ class Record:
             "created_at": now,
             "updated_at": now,
         }
+
+    @classmethod
+    def existing(cls, output_dir: Path, data: Dict[str, Any]) -> "Record":
+        """The record `data` read back from `output_dir`, to be updated again."""
+        record = cls.__new__(cls)
+        record.path = record_path(output_dir, data["request_id"])
+        record.data = data
+        return record
 
     def update(self, **fields: Any) -> None:
         self.data.update(fields)

@@ -29,11 +29,17 @@ def comfyui_available() -> bool:
     return (comfyui_dir() / "main.py").is_file()
 
 
-def build_models(folder: Path, layout: str = "upstream") -> Path:
-    """A tiny random-weight model set in `layout` (the engine's builder)."""
+TINY_LAYOUTS = ("upstream", "diffusers", "comfyui", "comfyui_fp8")
+
+
+def build_models(folder: Path, name: str = "upstream") -> Path:
+    """A tiny random-weight model set (the engine's builder): a layout, or comfyui_fp8 (fp8_scaled split files)."""
     from wan22.tiny import build_tiny_model_set
 
-    return Path(build_tiny_model_set(folder, layout))
+    if name not in TINY_LAYOUTS:
+        raise ValueError(f"no tiny model set {name!r}; one of {', '.join(TINY_LAYOUTS)}")
+    layout, _, fp8 = name.partition("_")
+    return Path(build_tiny_model_set(folder, layout, fp8_scaled=bool(fp8)))
 
 
 def start_server(work: Path, models: Path, extra_packs=(TEST_NODES,)):

@@ -28,7 +28,8 @@ def _need_comfyui():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """Factory: ``tiny_models(layout)`` -> folder of a tiny model set in that layout (built once per session)."""
+    """Factory: ``tiny_models(name)`` -> folder of a tiny model set (built once per session); name is a layout
+    (upstream, diffusers, comfyui) or comfyui_fp8."""
     built = {}
 
     def get(layout: str = "upstream") -> Path:

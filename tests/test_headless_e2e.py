@@ -103,7 +103,7 @@ def test_sigint_interrupts_generation(comfy_url, input_image, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "headless", "--server", comfy_url, "--image", str(input_image),
                              "--size", "64*64", "--frame-num", "5", "--sample-steps", "1000",
-                             "--seed", str(time.time_ns() % 10**6), "--out", str(tmp_path / "never.mp4")],
+                             "--seed", str(time.time_ns() % 10**6), "--out", str(tmp_path / "never.mp4"), "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     client = ComfyClient(comfy_url)
     lines = []
@@ -128,9 +128,10 @@ def test_sigint_interrupts_generation(comfy_url, input_image, tmp_path):
     assert proc.returncode == 130, "".join(lines)
     assert cf.wait_queue_empty(client, 60), client.queue()
     assert not (tmp_path / "never.mp4").exists()
-    history = client._json("GET", "/history")
-    statuses = [h.get("status", {}) for h in history.values()]
-    assert any(any(m[0] == "execution_interrupted" for m in st.get("messages", [])) for st in statuses)
+    record = json.loads(proc.stdout.read().strip().splitlines()[-1])
+    assert record["exit_code"] == 130 and record["error"] == "interrupted"
+    entry = client.history(record["prompt_id"])  # this CLI's own prompt, not any interrupted one
+    assert [m[0] for m in entry["status"]["messages"]][-1] == "execution_interrupted", entry["status"]
     ok = cli("--server", comfy_url, "--image", str(input_image), *TINY, "--quiet",
              "--seed", str(time.time_ns() % 10**6), "--out", str(tmp_path / "after.mp4"))
     assert ok.returncode == 0, ok.stderr
@@ -147,3 +148,61 @@ def test_unknown_input_name_in_set_is_readable(comfy_url, input_image):
     proc = cli("--server", comfy_url, "--image", str(input_image), *TINY, "--set", "Wan22ImageToVideo.steps=3")
     assert proc.returncode == 2
     assert "no input 'steps'" in proc.stderr and "sample_steps" in proc.stderr
+
+
+@pytest.fixture
+def image_url(input_image):
+    """The input image served from a loopback http.server (a CLI user's own LAN: allowed for the CLI)."""
+    import http.server
+    import socketserver
+    import threading
+
+    data = input_image.read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200 if self.path == "/in.png" else 404)
+            self.send_header("Content-Length", str(len(data) if self.path == "/in.png" else 0))
+            self.end_headers()
+            if self.path == "/in.png":
+                self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("how", ["url", "base64", "reference_image_url"])
+def test_cli_image_from_url_and_base64(comfy_url, input_image, image_url, tmp_path, how):
+    import base64
+
+    flag = {"url": ["--image", image_url + "/in.png"],
+            "base64": ["--image-base64", "data:image/png;base64," + base64.b64encode(input_image.read_bytes()).decode()],
+            "reference_image_url": ["--reference-image-url", image_url + "/in.png"]}[how]
+    out = tmp_path / f"{how}.mp4"
+    proc = cli("--server", comfy_url, *flag, *TINY, "--seed", str(time.time_ns() % 10**6), "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    frames, _ = read_mp4(out)
+    # the 120x80 input at area 64*64, resized as upstream does: the image did arrive
+    from wan22.params import image_size_for_area
+
+    _, _, height, width = image_size_for_area(80, 120, 64 * 64)
+    assert frames.shape == (5, height, width, 3)
+
+
+def test_cli_refuses_a_broken_image_before_the_server(comfy_url, image_url, tmp_path):
+    bad = tmp_path / "not_an_image.png"
+    bad.write_text("hello")
+    proc = cli("--server", comfy_url, "--image", str(bad), *TINY)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: bad parameter: image: is not an image in an accepted format "
+                                   "(PNG, JPEG, WEBP, BMP, GIF, TIFF)")
+    proc = cli("--server", comfy_url, "--image", image_url + "/missing.png", *TINY)
+    assert proc.returncode == 2 and "image: answered HTTP 404" in proc.stderr, proc.stderr

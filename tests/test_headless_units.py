@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from headless.errors import WorkflowError
-from headless.params import ParamError, normalize_params
+from wan22 import spec
+from wan22.errors import InvalidParameter
+from wan22.settings import Limits
 from headless.workflow import (apply_overrides, apply_params, find_node, find_nodes, load_workflow, parse_set,
                                ui_to_api)
 
@@ -37,34 +39,80 @@ def test_no_torch_import():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
+def normalize_params(raw, **kwargs):
+    request = spec.normalize(raw, "cli", **kwargs)
+    return request.values, request.warnings
+
+
 def test_params_aliases_and_guidance():
     params, warnings = normalize_params({"base_seed": "42", "num_frames": 33, "cfg_scale": 4, "guide_scale_high": 2,
-                                         "size": "832x480", "sample_solver": "DPM++", "t5_fsdp": True,
+                                         "size": "832x480", "sample_solver": "DPM++", "t5_fsdp": False,
                                          "offload_model": "false", "reference_image_url": "https://x/y.png"})
     assert params == {"seed": 42, "frame_num": 33, "guide_scale_low": 4.0, "guide_scale_high": 2.0,
-                      "size": "832*480", "sample_solver": "dpm++", "offload_model": False,
-                      "image": "https://x/y.png"}
-    assert any("t5_fsdp" in w for w in warnings)
+                      "size": "832*480", "sample_solver": "dpm++", "offload_model": False, "t5_fsdp": False,
+                      "image_url": "https://x/y.png"}
+    assert warnings == []
     assert normalize_params({"guidance_scale": [1, 2]})[0] == {"guide_scale_low": 1.0, "guide_scale_high": 2.0}
+    assert normalize_params({"image": "file:///tmp/a.png"})[0] == {"image_path": "/tmp/a.png"}
+    assert normalize_params({"image": "http://host/a.png"})[0] == {"image_url": "http://host/a.png"}
 
 
-@pytest.mark.parametrize("raw, field", [
-    ({"frame_num": 50}, "frame_num"), ({"num_frames": 0}, "frame_num"), ({"sample_steps": 0}, "sample_steps"),
-    ({"sample_steps": 1001}, "sample_steps"), ({"cfg_scale": -1}, "sample_guide_scale"),
-    ({"sample_shift": -0.5}, "sample_shift"), ({"size": "1280*721"}, "size"), ({"size": "big"}, "size"),
-    ({"seed": -2}, "seed"), ({"seed": 2**63}, "seed"), ({"seed": 1.5}, "seed"), ({"sample_solver": "euler"}, "sample_solver"),
-    ({"t5_cpu": "maybe"}, "t5_cpu"), ({"framenum": 5}, "framenum"), ({"seed": 1, "base_seed": 2}, "base_seed"),
-    ({"image": "ftp://x/y.png"}, "image"),
-])
-def test_params_errors_name_the_field(raw, field):
-    with pytest.raises(ParamError) as info:
+@pytest.mark.parametrize("raw, field, why", [
+    ({"frame_num": 50}, "frame_num", "must be 4n+1 (e.g. 5, 33, 49, 81), got 50"),
+    ({"num_frames": 0}, "num_frames", "must be from 1 to 1001, got 0"),
+    ({"sample_steps": 0}, "sample_steps", "must be from 1 to 1000, got 0"),
+    ({"sample_steps": 1001}, "sample_steps", "must be from 1 to 1000, got 1001"),
+    ({"cfg_scale": -1}, "cfg_scale", "must be from 0 to 100, got -1"),
+    ({"guidance_scale": [1, 2, 3]}, "guidance_scale", "must be one number, or a pair [low_noise, high_noise]"),
+    ({"sample_shift": -0.5}, "sample_shift", "must be from 0 to 100, got -0.5"),
+    ({"sample_shift": float("nan")}, "sample_shift", "must be a number from 0 to 100, got nan"),
+    ({"size": "1280*721"}, "size", "must be 'W*H' with W and H multiples of 16"),
+    ({"size": "big"}, "size", "must be 'W*H'"),
+    ({"seed": -2}, "seed", "must be from -1 to 2^63-1, got -2"),
+    ({"seed": 2**63}, "seed", "must be from -1 to 2^63-1"),
+    ({"seed": 1.5}, "seed", "must be an integer from -1 to 2^63-1, got 1.5"),
+    ({"seed": True}, "seed", "must be an integer"),
+    ({"sample_solver": "euler"}, "sample_solver", "must be one of unipc, dpm++, got 'euler'"),
+    ({"dtype": "int8"}, "dtype", "must be one of bf16, fp16, fp32, got 'int8'"),
+    ({"t5_cpu": "maybe"}, "t5_cpu", "must be true or false, got 'maybe'"),
+    ({"t5_fsdp": True}, "t5_fsdp", "is not supported: this runner drives one GPU; remove it or set it to false"),
+    ({"ulysses_size": 2}, "ulysses_size", "is not supported: this runner drives one GPU; remove it or set it to 1"),
+    ({"framenum": 5}, "framenum", "unknown parameter (known: "),
+    ({"seed": 1, "base_seed": 2}, "base_seed", "conflicts with seed"),
+    ({"image": "ftp://x/y.png"}, "image", "must be a path or an http(s) URL"),
+    ({"image": "a.png", "image_base64": "AAAA"}, "image_base64", "give exactly one image source; also got image"),
+    ({"prompt": "x" * 5001}, "prompt", "is 5001 characters long; the limit is 5000 (WAN_MAX_PROMPT_CHARS)"),
+    ({"prompt": "a\x00b"}, "prompt", "contains a NUL character"),
+    ({"save_file": "x.mp4"}, "save_file", "is not accepted here: it names the worker's output; use --out"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 30 else None)
+def test_params_errors_name_the_field(raw, field, why):
+    with pytest.raises(InvalidParameter) as info:
         normalize_params(raw)
     assert info.value.field == field
+    assert why in info.value.why, info.value.why
 
 
-def test_params_lenient_mode_warns_on_unknown():
-    params, warnings = normalize_params({"bogus": 1, "seed": 3}, strict=False)
-    assert params == {"seed": 3} and "bogus" in warnings[0]
+def test_params_every_problem_at_once():
+    with pytest.raises(InvalidParameter) as info:
+        normalize_params({"frame_num": 50, "sample_solver": "x", "fps": 0})
+    assert [f for f, _ in info.value.problems] == ["frame_num", "sample_solver", "fps"]
+    assert str(info.value).count("; ") == 2
+
+
+def test_unknown_params_refused_or_warned_by_policy():
+    with pytest.raises(InvalidParameter, match="bogus: unknown parameter"):
+        normalize_params({"bogus": 1, "seed": 3})
+    params, warnings = normalize_params({"bogus": 1, "seed": 3}, limits=Limits.from_env({"WAN_UNKNOWN_PARAMS": "warn"}))
+    assert params == {"seed": 3} and warnings == ["bogus: unknown parameter, ignored"]
+    with pytest.raises(ValueError, match="WAN_UNKNOWN_PARAMS='maybe' must be one of error, warn"):
+        Limits.from_env({"WAN_UNKNOWN_PARAMS": "maybe"})
+
+
+def test_prompt_limit_follows_the_environment():
+    limits = Limits.from_env({"WAN_MAX_PROMPT_CHARS": "10"})
+    assert normalize_params({"prompt": "x" * 10}, limits=limits)[0] == {"prompt": "x" * 10}
+    with pytest.raises(InvalidParameter, match="the limit is 10"):
+        normalize_params({"prompt": "x" * 11}, limits=limits)
 
 
 def test_apply_params_by_role():
@@ -181,7 +229,7 @@ def test_batch_file_bad_lines_become_failed_jobs(tmp_path):
     jobs = _load_batch(str(path))
     assert [line for line, _ in jobs] == [1, 2, 5]
     assert jobs[0][1] == {"seed": 1}
-    assert isinstance(jobs[1][1], ParamError) and isinstance(jobs[2][1], ParamError)
+    assert isinstance(jobs[1][1], InvalidParameter) and isinstance(jobs[2][1], InvalidParameter)
 
 
 def test_cli_rejects_bad_values_before_contacting_a_server():

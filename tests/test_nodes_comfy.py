@@ -95,7 +95,7 @@ def test_ui_and_api_workflows_agree(comfy_client, ui_path):
 def test_shipped_workflow_runs_in_every_layout(comfy_client, comfy_server, tiny_models, uploaded_image, layout):
     workflow = shipped(uploaded_image, tiny_models(layout), Wan22ImageToVideo__seed=100 + len(layout))
     prompt_id, entry = run(comfy_client, workflow)
-    assert prompt_id in (comfy_client.history(prompt_id) or {}) or entry["outputs"]
+    assert comfy_client.history(prompt_id)["outputs"] == entry["outputs"]
     video = saved_video(entry, workflow, comfy_server)
     frames, fps = read_mp4(video)
     assert frames.shape == (5, 64, 96, 3) and fps == 16.0
@@ -181,7 +181,7 @@ def test_frame_num_50_is_a_validation_error_naming_the_input(comfy_client, tiny_
     workflow = shipped(uploaded_image, tiny_models("upstream"), Wan22ImageToVideo__frame_num=50)
     with pytest.raises(PromptRejected) as info:
         comfy_client.queue_prompt(workflow)
-    assert "frame_num=50" in str(info.value) and "4n+1" in str(info.value)
+    assert info.value.lines == ["node 4 (Wan22ImageToVideo 'Wan2.2 Image to Video'): frame_num: must be 4n+1 (e.g. 5, 33, 49, 81), got 50"]
 
 
 def test_missing_model_folder_is_an_execution_error_naming_it(comfy_client, tmp_path, uploaded_image):
@@ -234,3 +234,21 @@ def test_save_video_refuses_prefix_outside_output(comfy_client, tiny_models, upl
     with pytest.raises(ExecutionFailed, match="outside the output folder"):
         run(comfy_client, workflow)
     assert not list(Path(comfy_server.output_dir).parent.glob("escape*"))
+
+
+def test_model_set_picked_from_the_loader_dropdown(comfy_client, comfy_server, uploaded_image, tiny_upstream):
+    """The dropdown lists what is on disk under WAN_CKPT_DIR; a listed name loads, an unlisted one is refused."""
+    choices = comfy_client.object_info(refresh=True)["Wan22ModelLoader"]["input"]["required"]["model_set"][0]
+    assert choices[0] == "default (WAN_CKPT_DIR)" and len(choices) >= 2
+    from wan22.discover import list_model_sets
+
+    [listed] = [s.name for s in list_model_sets([tiny_upstream])]
+    assert listed in choices
+    workflow = shipped(uploaded_image, Path("."), Wan22ModelLoader__model_path="", Wan22ModelLoader__model_set=listed,
+                       Wan22ImageToVideo__seed=61)
+    _, entry = run(comfy_client, workflow)
+    assert read_mp4(saved_video(entry, workflow, comfy_server))[0].shape == (5, 64, 96, 3)
+    workflow[find_node(workflow, "Wan22ModelLoader")]["inputs"]["model_set"] = "not-on-disk"
+    with pytest.raises(PromptRejected) as info:
+        comfy_client.queue_prompt(workflow)
+    assert any("'model_set'" in line and "not-on-disk" in line for line in info.value.lines), info.value.lines

@@ -245,75 +245,76 @@ def test_sdk_run_then_status_endpoint(worker, image_http):
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
-def bad_cases(worker, image_http):
-    good_b64 = base64.b64encode(image_http["data"]).decode()
-    base = {"prompt": "a cat", **TINY}
-
-    def request(**params):
-        merged = {**base, **params}
-        return {"action": "request", "params": {k: v for k, v in merged.items() if v is not None}}
-
-    url = image_http["base"]
-    return [
-        (request(reference_image_path="/etc/passwd"), "params.reference_image_path", "outside"),
-        (request(reference_image_path=f"{worker.inputs}/../secret.png"), "params.reference_image_path", "outside"),
-        (request(reference_image_path=f"{worker.inputs}/escape.png"), "params.reference_image_path", "outside"),
-        (request(reference_image_path="in.png"), "params.reference_image_path", "absolute"),
-        (request(reference_image_path=f"{worker.inputs}/missing.png"), "params.reference_image_path", "does not exist"),
-        (request(reference_image_url="file:///etc/passwd"), "params.reference_image_url", "scheme"),
-        (request(reference_image_url="ftp://127.0.0.1/in.png"), "params.reference_image_url", "scheme"),
-        (request(reference_image_url="http://169.254.169.254/latest/meta-data/"), "params.reference_image_url", "non-public"),
-        (request(reference_image_url=url + "/missing.png"), "params.reference_image_url", "404"),
-        (request(reference_image_url=url + "/page.html"), "params.reference_image_url", "not an image"),
-        (request(reference_image_base64="A" * (2 * 1024 * 1024)), "params.reference_image_base64", "limit"),
-        (request(reference_image_base64="@@not base64@@"), "params.reference_image_base64", "base64"),
-        (request(reference_image_base64=base64.b64encode(b"plain text").decode()), "params.reference_image_base64", "not an image"),
-        (request(reference_image_url=url + "/in.png", reference_image_base64=good_b64), "params.reference_image_base64", "exactly one"),
-        (request(prompt="x"), "params.reference_image_url", "required"),
-        (request(reference_image_base64=good_b64, frame_num=6), "params.frame_num", "4n+1"),
-        (request(reference_image_base64=good_b64, frame_num=None, num_frames=0), "params.num_frames", "from 1"),
-        (request(reference_image_base64=good_b64, sample_steps=0), "params.sample_steps", "from 1"),
-        (request(reference_image_base64=good_b64, cfg_scale=-1), "params.cfg_scale", "from 0"),
-        (request(reference_image_base64=good_b64, sample_shift="lots"), "params.sample_shift", "number"),
-        (request(reference_image_base64=good_b64, sample_solver="euler"), "params.sample_solver", "unipc"),
-        (request(reference_image_base64=good_b64, seed="abc"), "params.seed", "integer"),
-        (request(reference_image_base64=good_b64, size="100*100"), "params.size", "multiples of 16"),
-        (request(reference_image_base64=good_b64, prompt="x" * 6000), "params.prompt", "limit"),
-        (request(reference_image_base64=good_b64, dit_fsdp=True), "params.dit_fsdp", "single-GPU"),
-        (request(reference_image_base64=good_b64, t5_fsdp=True), "params.t5_fsdp", "single-GPU"),
-        (request(reference_image_base64=good_b64, ulysses_size=4), "params.ulysses_size", "single-GPU"),
-        (request(reference_image_base64=good_b64, use_prompt_extend=True), "params.use_prompt_extend", "extension"),
-        (request(reference_image_base64=good_b64, extra_args=["--t5_cpu"] * 51), "params.extra_args", "at most 50"),
-        (request(reference_image_base64=good_b64, extra_args="--ckpt_dir /etc"), "params.extra_args (--ckpt_dir)", "not accepted"),
-        (request(reference_image_base64=good_b64, extra_args="--lora x"), "params.extra_args (--lora)", "not an upstream"),
-        (request(reference_image_base64=good_b64, save_file="../../etc/evil.mp4"), "params.save_file", "plain name"),
-        (request(reference_image_base64=good_b64, save_file="/tmp/evil.mp4"), "params.save_file", "outside"),
-        ({"action": "status", "request_id": "../../etc/passwd"}, "request_id", "not a valid request id"),
-        ({"action": "status", "request_id": "no-such-request"}, "request_id", "no request"),
-        ({"action": "delete"}, "action", "must be"),
-        ({"prompt": "where is the action"}, "action", "required"),
-        ({"action": "request", "params": [1, 2]}, "params", "object"),
-        ({"workflow": RAW_WORKFLOW, "images": [{"name": "../../x.png", "image": good_b64}]}, "images[0].name", "plain file name"),
-        ({"workflow": RAW_WORKFLOW, "images": [{"name": "x.png", "image": "A" * (2 * 1024 * 1024)}]}, "images[0].image", "limit"),
-        ({"workflow": {"1": {"class_type": "Wan22LoadImage", "inputs": {"image_path": "/etc/passwd"}}}},
-         "workflow.1.inputs.image_path", "outside"),
-        ({"workflow": {"1": {"class_type": "NoSuchNodeType", "inputs": {}}}}, "NoSuchNodeType", "unknown node type"),
-    ]
+def _request(**params):
+    merged = {"prompt": "a cat", **TINY, **params}
+    return {"action": "request", "params": {k: v for k, v in merged.items() if v is not None}}
 
 
-def test_bad_inputs_are_rejected_naming_the_field(worker, image_http):
-    cases = bad_cases(worker, image_http)
-    assert len(cases) >= 20
+def _b64(ctx) -> str:
+    return base64.b64encode(ctx["image_http"]["data"]).decode()
+
+
+# (id, job input built from {"worker", "image_http"}, field named in the error, words of the reason)
+BAD_CASES = [
+    ("path-outside", lambda c: _request(reference_image_path="/etc/passwd"), "params.reference_image_path", "outside"),
+    ("path-dotdot", lambda c: _request(reference_image_path=f"{c['worker'].inputs}/../secret.png"), "params.reference_image_path", "outside"),
+    ("path-symlink", lambda c: _request(reference_image_path=f"{c['worker'].inputs}/escape.png"), "params.reference_image_path", "outside"),
+    ("path-relative", lambda c: _request(reference_image_path="in.png"), "params.reference_image_path", "absolute"),
+    ("path-missing", lambda c: _request(reference_image_path=f"{c['worker'].inputs}/missing.png"), "params.reference_image_path", "does not exist"),
+    ("url-file", lambda c: _request(reference_image_url="file:///etc/passwd"), "params.reference_image_url", "scheme"),
+    ("url-ftp", lambda c: _request(reference_image_url="ftp://127.0.0.1/in.png"), "params.reference_image_url", "scheme"),
+    ("url-metadata", lambda c: _request(reference_image_url="http://169.254.169.254/latest/meta-data/"), "params.reference_image_url", "non-public"),
+    ("url-6to4-loopback", lambda c: _request(reference_image_url="http://[2002:7f00:1::]/in.png"), "params.reference_image_url", "non-public"),
+    ("url-404", lambda c: _request(reference_image_url=c["image_http"]["base"] + "/missing.png"), "params.reference_image_url", "404"),
+    ("url-not-image", lambda c: _request(reference_image_url=c["image_http"]["base"] + "/page.html"), "params.reference_image_url", "not an image"),
+    ("b64-too-big", lambda c: _request(reference_image_base64="A" * (2 * 1024 * 1024)), "params.reference_image_base64", "limit"),
+    ("b64-garbage", lambda c: _request(reference_image_base64="@@not base64@@"), "params.reference_image_base64", "base64"),
+    ("b64-not-image", lambda c: _request(reference_image_base64=base64.b64encode(b"plain text").decode()), "params.reference_image_base64", "not an image"),
+    ("two-images", lambda c: _request(reference_image_url=c["image_http"]["base"] + "/in.png", reference_image_base64=_b64(c)), "params.reference_image_base64", "exactly one"),
+    ("no-image", lambda c: _request(prompt="x"), "params.reference_image_url", "required"),
+    ("frame-num", lambda c: _request(reference_image_base64=_b64(c), frame_num=6), "params.frame_num", "must be 4n+1 (e.g. 5, 33, 49, 81), got 6"),
+    ("num-frames", lambda c: _request(reference_image_base64=_b64(c), frame_num=None, num_frames=0), "params.num_frames", "must be from 1 to 1001, got 0"),
+    ("steps", lambda c: _request(reference_image_base64=_b64(c), sample_steps=0), "params.sample_steps", "must be from 1 to 1000, got 0"),
+    ("cfg", lambda c: _request(reference_image_base64=_b64(c), cfg_scale=-1), "params.cfg_scale", "must be from 0 to 100, got -1"),
+    ("shift", lambda c: _request(reference_image_base64=_b64(c), sample_shift="lots"), "params.sample_shift", "must be a number"),
+    ("solver", lambda c: _request(reference_image_base64=_b64(c), sample_solver="euler"), "params.sample_solver", "must be one of unipc, dpm++"),
+    ("seed", lambda c: _request(reference_image_base64=_b64(c), seed="abc"), "params.seed", "must be an integer"),
+    ("size", lambda c: _request(reference_image_base64=_b64(c), size="100*100"), "params.size", "multiples of 16"),
+    ("prompt-long", lambda c: _request(reference_image_base64=_b64(c), prompt="x" * 6000), "params.prompt", "the limit is 5000"),
+    ("dit-fsdp", lambda c: _request(reference_image_base64=_b64(c), dit_fsdp=True), "params.dit_fsdp", "drives one GPU"),
+    ("t5-fsdp", lambda c: _request(reference_image_base64=_b64(c), t5_fsdp=True), "params.t5_fsdp", "drives one GPU"),
+    ("ulysses", lambda c: _request(reference_image_base64=_b64(c), ulysses_size=4), "params.ulysses_size", "drives one GPU"),
+    ("prompt-extend", lambda c: _request(reference_image_base64=_b64(c), use_prompt_extend=True), "params.use_prompt_extend", "prompt-extension"),
+    ("typo", lambda c: _request(reference_image_base64=_b64(c), frame_nmu=5), "params.frame_nmu", "unknown parameter"),
+    ("model-path", lambda c: _request(reference_image_base64=_b64(c), model_path="/"), "params.model_path", "WAN_CKPT_DIR"),
+    ("extra-args-count", lambda c: _request(reference_image_base64=_b64(c), extra_args=["--t5_cpu"] * 51), "params.extra_args", "at most 50"),
+    ("extra-args-ckpt", lambda c: _request(reference_image_base64=_b64(c), extra_args="--ckpt_dir /etc"), "params.extra_args (--ckpt_dir)", "not accepted"),
+    ("extra-args-lora", lambda c: _request(reference_image_base64=_b64(c), extra_args="--lora x"), "params.extra_args (--lora)", "not an upstream"),
+    ("save-file-dotdot", lambda c: _request(reference_image_base64=_b64(c), save_file="../../etc/evil.mp4"), "params.save_file", "plain name"),
+    ("save-file-outside", lambda c: _request(reference_image_base64=_b64(c), save_file="/tmp/evil.mp4"), "params.save_file", "outside"),
+    ("status-path", lambda c: {"action": "status", "request_id": "../../etc/passwd"}, "request_id", "not a valid request id"),
+    ("status-unknown", lambda c: {"action": "status", "request_id": "no-such-request"}, "request_id", "no request"),
+    ("action-bad", lambda c: {"action": "delete"}, "action", "must be"),
+    ("action-missing", lambda c: {"prompt": "where is the action"}, "action", "required"),
+    ("params-list", lambda c: {"action": "request", "params": [1, 2]}, "params", "object"),
+    ("raw-image-name", lambda c: {"workflow": RAW_WORKFLOW, "images": [{"name": "../../x.png", "image": _b64(c)}]}, "images[0].name", "plain file name"),
+    ("raw-image-size", lambda c: {"workflow": RAW_WORKFLOW, "images": [{"name": "x.png", "image": "A" * (2 * 1024 * 1024)}]}, "images[0].image", "limit"),
+    ("raw-load-image-path", lambda c: {"workflow": {"1": {"class_type": "Wan22LoadImage", "inputs": {"image_path": "/etc/passwd"}}}},
+     "workflow.1.inputs.image_path", "outside"),
+    ("raw-unknown-node", lambda c: {"workflow": {"1": {"class_type": "NoSuchNodeType", "inputs": {}}}}, "NoSuchNodeType", "unknown node type"),
+]
+
+
+@pytest.mark.parametrize("build, field, why", [c[1:] for c in BAD_CASES], ids=[c[0] for c in BAD_CASES])
+def test_bad_input_is_rejected_naming_the_field(worker, image_http, build, field, why):
     before = listing(worker.out_dir)
-    failures = []
-    for job_input, field, why in cases:
-        answer = worker.runsync(job_input, timeout=120)
-        error = answer.get("error") or ""
-        if answer.get("status") != "FAILED" or field not in error or why not in error:
-            failures.append((field, why, answer))
-    assert not failures, "\n".join(f"{f} / {w}: {json.dumps(a)[:400]}" for f, w, a in failures)
+    answer = worker.runsync(build({"worker": worker, "image_http": image_http}), timeout=120)
+    assert answer.get("status") == "FAILED", answer
+    assert field in answer.get("error", "") and why in answer["error"], answer
     assert listing(worker.out_dir) == before, "a rejected request wrote something"
-    # the worker still serves
+
+
+def test_worker_serves_after_bad_inputs(worker, image_http):
     answer = worker.runsync({"workflow": RAW_WORKFLOW,
                              "images": [{"name": "raw_in.png", "image": base64.b64encode(image_http["data"]).decode()}]})
     assert answer["status"] == "COMPLETED", answer
@@ -389,16 +390,16 @@ def test_second_request_reloads_nothing(worker, first_request, tmp_path):
         {"name": "raw_in.png", "image": base64.b64encode(png_bytes(40, 40)).decode()}]})
     assert raw["status"] == "COMPLETED", raw
     params = {"reference_image_path": str(worker.inputs / "in.png"), "prompt": "a small dog", "base_seed": 7,
-              "num_frames": 5, "cfg_scale": 4.0, "size": "64*64", "extra_args": "--sample_steps 2",
-              "unknown_knob": 1}
+              "num_frames": 5, "cfg_scale": 4.0, "size": "64*64", "extra_args": "--sample_steps 2"}
     answer = worker.runsync({"action": "request", "params": params})
     assert answer["status"] == "COMPLETED", answer
     out = answer["output"]
     assert out["seed"] == 7 and out["frames"] == 5
-    assert any("unknown_knob" in w for w in out["warnings"])
+    assert out["warnings"] == []
     record = json.loads((worker.out_dir / f"{answer['id']}.json").read_text())
     assert worker.comfy_log.read_text(errors="replace").count("Wan22: loading") == loads_before
-    assert record["params"]["sample_guide_scale"] == [4.0, 4.0]
+    assert (record["params"]["guide_scale_low"], record["params"]["guide_scale_high"]) == (4.0, 4.0)
+    assert record["params"]["sample_steps"] == 2 and record["params"]["reference_image"]["kind"] == "path"
 
 
 def test_too_large_video_falls_back_to_path_via_test_input(tiny_upstream, tmp_path, image_http):
@@ -419,3 +420,98 @@ def test_too_large_video_falls_back_to_path_via_test_input(tiny_upstream, tmp_pa
     assert (tmp_path / "out" / "local_test.mp4").stat().st_size > 0
     record = json.loads((tmp_path / "out" / "local_test.json").read_text())
     assert record["status"] == "COMPLETED" and record["seed"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ one policy
+# the same value sent to the CLI, to the node through ComfyUI's /prompt and to the worker: the same refusal
+# with the same words, each naming the field (the worker adds `params.`). Written out here, not computed.
+SAME_EVERYWHERE = [
+    ("frame_num", 50, "must be 4n+1 (e.g. 5, 33, 49, 81), got 50"),
+    ("sample_steps", 0, "must be from 1 to 1000, got 0"),
+    ("guide_scale_high", 101, "must be from 0 to 100, got 101"),
+    ("sample_shift", -1, "must be from 0 to 100, got -1"),
+    ("sample_solver", "euler", "must be one of unipc, dpm++, got 'euler'"),
+    ("seed", -2, "must be from -1 to 2^63-1, got -2"),
+    ("boundary", 1.5, "must be from 0 to 1, got 1.5"),
+    ("size", "1000*1000", "must be 'W*H' with W and H multiples of 16 and an area of at most 1920*1088 "
+                          "(upstream sizes: 720*1280, 1280*720, 480*832, 832*480), got '1000*1000'"),
+    ("size", "4096x4096", "must be 'W*H' with W and H multiples of 16 and an area of at most 1920*1088 "
+                          "(upstream sizes: 720*1280, 1280*720, 480*832, 832*480), got '4096x4096'"),
+    ("fps", 0, "must be from 1 to 120, got 0"),
+    ("prompt", "x" * 5001, "is 5001 characters long; the limit is 5000 (WAN_MAX_PROMPT_CHARS)"),
+    ("dtype", "int8", "must be one of bf16, fp16, fp32, got 'int8'"),
+]
+
+
+@pytest.mark.parametrize("name, value, why", SAME_EVERYWHERE, ids=[f"{n}={str(v)[:12]}" for n, v, _ in SAME_EVERYWHERE])
+def test_every_surface_refuses_the_same_value_the_same_way(worker, comfy_client, image_http, tiny_upstream, tmp_path,
+                                                           name, value, why):
+    from headless.errors import PromptRejected
+    from headless.workflow import PARAM_TARGETS, find_node
+
+    image = tmp_path / "in.png"
+    image.write_bytes(image_http["data"])
+    cli = subprocess.run([sys.executable, "-m", "headless", "--server", "http://127.0.0.1:9", "--image", str(image),
+                          "--" + name.replace("_", "-"), str(value)], capture_output=True, text=True, cwd=REPO,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    assert cli.returncode == 2 and cli.stderr.strip() == f"error: bad parameter: {name}: {why}", cli.stderr
+
+    workflow = json.loads(cf.SHIPPED_API_WORKFLOW.read_text())
+    workflow[find_node(workflow, "LoadImage")]["inputs"]["image"] = comfy_client.upload_image(image_http["data"], "same.png")
+    node = find_node(workflow, PARAM_TARGETS[name][0])
+    workflow[node]["inputs"][name] = value
+    with pytest.raises(PromptRejected) as rejected:
+        comfy_client.queue_prompt(workflow)
+    assert [line.split("): ", 1)[1] for line in rejected.value.lines] == [f"{name}: {why}"], rejected.value.lines
+
+    answer = worker.runsync({"action": "request", "params": {"reference_image_base64": _b64({"image_http": image_http}),
+                                                             name: value}})
+    assert answer["status"] == "FAILED" and answer["error"] == f"params.{name}: {why}", answer
+
+
+def test_other_spellings_are_accepted_by_the_cli_and_the_worker(worker, image_http):
+    from wan22 import spec
+
+    spelled = {"sample_solver": "DPM++", "size": "64x64", "base_seed": 11}
+    assert spec.normalize(spelled, "cli").values == {"sample_solver": "dpm++", "size": "64*64", "seed": 11}
+    answer = worker.runsync({"action": "request", "params": {
+        "reference_image_base64": _b64({"image_http": image_http}), "frame_num": 5, "sample_steps": 2, **spelled}})
+    assert answer["status"] == "COMPLETED", answer
+    record = json.loads((worker.out_dir / f"{answer['id']}.json").read_text())
+    assert (record["params"]["sample_solver"], record["params"]["size"], record["seed"]) == ("dpm++", "64*64", 11)
+
+
+def test_failed_generation_is_a_failed_record_and_the_next_request_runs(worker, image_http):
+    """Valid parameters the engine cannot honour (area 16*16 leaves a 120x80 image under 16 px a side): the
+    node fails inside ComfyUI, the job says so, the record ends FAILED, the worker serves the next one."""
+    params = {"reference_image_base64": _b64({"image_http": image_http}), "frame_num": 5, "sample_steps": 2, "seed": 5}
+    answer = worker.runsync({"action": "request", "params": {**params, "size": "16*16"}})
+    assert answer["status"] == "FAILED", answer
+    error = answer["error"]
+    assert error.startswith("generation failed in ComfyUI: node wan22_4 (Wan22ImageToVideo) failed:"), error
+    assert "size: area 256 gives less than 16 pixels on a side for a 120x80 image" in error
+    [record_path] = [p for p in worker.out_dir.glob("*.json") if json.loads(p.read_text()).get("error") == error]
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "FAILED" and record["params"]["size"] == "16*16"
+    assert not record_path.with_suffix(".mp4").exists()
+    answer = worker.runsync({"action": "request", "params": {**params, "size": "64*64"}})
+    assert answer["status"] == "COMPLETED", answer
+
+
+def test_worker_on_an_external_comfyui(comfy_url, comfy_server, tiny_upstream, tmp_path, image_http):
+    """COMFYUI_URL: the worker starts no ComfyUI of its own and runs the job on that one."""
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "inputs" / "in.png").write_bytes(image_http["data"])
+    env = worker_env(tiny_upstream, tmp_path, {"COMFYUI_URL": comfy_url})
+    job = {"input": {"action": "request", "params": {"reference_image_path": str(tmp_path / "inputs" / "in.png"),
+                                                      "prompt": "p", "seed": 8, **TINY}}}
+    proc = subprocess.run([sys.executable, "-m", "runpod_worker", "--test_input", json.dumps(job)], cwd=str(REPO),
+                          env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert f"using the ComfyUI at {comfy_url}" in log and "starting ComfyUI" not in log
+    record = json.loads((tmp_path / "out" / "local_test.json").read_text())
+    assert record["status"] == "COMPLETED" and record["seed"] == 8
+    frames, _ = read_mp4(tmp_path / "out" / "local_test.mp4")
+    assert len(frames) == 5
+    assert not (tmp_path / "comfy").exists()  # no private ComfyUI folder was made

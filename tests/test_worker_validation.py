@@ -22,12 +22,21 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from runpod_worker import config as config_mod  # noqa: E402
-from runpod_worker.errors import RequestError  # noqa: E402
-from runpod_worker.images import (check_image, decode_base64, fetch_url, is_public_address,  # noqa: E402
-                                  load_reference_image, read_under_roots)
 from runpod_worker.records import Record, read_record, resolve_save_file, write_json_atomic  # noqa: E402
-from runpod_worker.validation import (UPSTREAM_EXAMPLE_PROMPT, parse_extra_args, parse_job_input,  # noqa: E402
-                                      validate_generate_params, validate_request_id)
+from runpod_worker.validation import (parse_extra_args, parse_job_input, validate_generate_params,  # noqa: E402
+                                      validate_request_id)
+from wan22.errors import InvalidParameter as RequestError  # noqa: E402
+from wan22.intake import check_image, decode_base64, fetch_url, is_public_address, read_file, read_image  # noqa: E402
+from wan22.settings import Limits  # noqa: E402
+from wan22.spec import UPSTREAM_EXAMPLE_PROMPT  # noqa: E402
+
+
+def read_under_roots(path, field, roots, max_bytes):
+    return read_file(path, field, max_bytes, roots)
+
+
+def load_reference_image(kind, value, field, cfg):
+    return read_image(kind, value, field, cfg.limits)
 
 
 def png_bytes(w=24, h=16, color=(10, 200, 30)) -> bytes:
@@ -43,6 +52,10 @@ def req(**params):
     return validate_generate_params(params)
 
 
+def guide(r):
+    return r.values["guide_scale_low"], r.values["guide_scale_high"]
+
+
 def fields_of(exc: RequestError):
     return [f for f, _ in exc.problems]
 
@@ -52,19 +65,23 @@ def test_seed_example_request_and_defaults():
     r = parse_job_input({"action": "request", "params": {
         "reference_image_url": "https://.../img.png", "prompt": "cinematic winter summit", "size": "1280*720",
         "seed": 42, "offload_model": True, "t5_cpu": True}, "return_video": True})
-    assert r.seed == 42 and r.size == "1280*720" and r.prompt == "cinematic winter summit"
-    assert (r.frame_num, r.sample_steps, r.sample_shift, r.sample_solver) == (81, 40, 5.0, "unipc")
-    assert r.guide_scale == (3.5, 3.5) and r.offload_model and r.t5_cpu and r.convert_model_dtype
+    v = r.values
+    assert v["seed"] == 42 and v["size"] == "1280*720" and v["prompt"] == "cinematic winter summit"
+    assert (v["frame_num"], v["sample_steps"], v["sample_shift"], v["sample_solver"]) == (81, 40, 5.0, "unipc")
+    assert (v["guide_scale_low"], v["guide_scale_high"]) == (3.5, 3.5)
+    assert v["offload_model"] and v["t5_cpu"] and v["convert_model_dtype"] and v["boundary"] == 0.9
+    assert r.image.kind == "url" and r.image.field == "params.reference_image_url"
     assert r.return_video is True and r.warnings == []
 
 
 def test_aliases_map_to_the_same_parameter():
-    r = req(base_seed=7, num_frames=33, cfg_scale=4.5)
-    assert (r.seed, r.frame_num, r.guide_scale) == (7, 33, (4.5, 4.5))
-    assert req(guidance_scale=[3.0, 4.0]).guide_scale == (3.0, 4.0)
-    assert req(sample_guide_scale="6").guide_scale == (6.0, 6.0)
+    r = req(base_seed=7, num_frames=33, cfg_scale=4.5, sample_solver="DPM++", boundary=0.8, dtype="bfloat16")
+    assert (r.values["seed"], r.values["frame_num"], r.values["guide_scale_low"], r.values["guide_scale_high"]) == (7, 33, 4.5, 4.5)
+    assert (r.values["sample_solver"], r.values["boundary"], r.values["dtype"]) == ("dpm++", 0.8, "bf16")
+    assert guide(req(guidance_scale=[3.0, 4.0])) == (3.0, 4.0)
+    assert guide(req(sample_guide_scale="6")) == (6.0, 6.0)
     # same value under two spellings is fine, different values are an error naming both
-    assert req(seed=5, base_seed=5).seed == 5
+    assert req(seed=5, base_seed=5).values["seed"] == 5
     with pytest.raises(RequestError) as exc:
         req(seed=5, base_seed=6)
     assert "params.base_seed" in exc.value.message and "params.seed" in exc.value.message
@@ -72,15 +89,27 @@ def test_aliases_map_to_the_same_parameter():
 
 def test_prompt_default_is_upstream_example_with_warning():
     r = req()
-    assert r.prompt == UPSTREAM_EXAMPLE_PROMPT
+    assert r.values["prompt"] == UPSTREAM_EXAMPLE_PROMPT
     assert any("prompt" in w for w in r.warnings)
 
 
-def test_unknown_keys_are_warnings_not_errors():
-    r = parse_job_input({"action": "request", "params": {"reference_image_url": "https://x/y.png", "prompt": "p",
-                                                         "colour": "blue"}, "webhook_extra": 1})
-    assert any("params.colour" in w for w in r.warnings)
-    assert any("webhook_extra" in w for w in r.warnings)
+def test_unknown_params_are_refused_unless_the_operator_says_warn(monkeypatch):
+    job = {"action": "request", "params": {"reference_image_url": "https://x/y.png", "prompt": "p", "frame_nmu": 5},
+           "webhook_extra": 1}
+    with pytest.raises(RequestError) as exc:
+        parse_job_input(job)
+    assert exc.value.field == "params.frame_nmu" and "unknown parameter (known: " in exc.value.why
+    assert "frame_num" in exc.value.why and "num_frames" in exc.value.why
+    r = parse_job_input(job, limits=Limits.from_env({"WAN_UNKNOWN_PARAMS": "warn"}))
+    assert "params.frame_nmu: unknown parameter, ignored" in r.warnings
+    assert "webhook_extra: unknown top-level key, ignored" in r.warnings and r.values["frame_num"] == 81
+
+
+@pytest.mark.parametrize("key, value", [("model_path", "/etc"), ("model_set", "x"), ("filename_prefix", "../x")])
+def test_model_and_file_names_never_come_from_the_network(key, value):
+    with pytest.raises(RequestError) as exc:
+        req(**{key: value})
+    assert exc.value.field == f"params.{key}" and "is not accepted here" in exc.value.why
 
 
 @pytest.mark.parametrize("params, field", [
@@ -102,6 +131,9 @@ def test_unknown_keys_are_warnings_not_errors():
     ({"size": 720}, "params.size"),
     ({"offload_model": "maybe"}, "params.offload_model"),
     ({"prompt": "x" * 6000}, "params.prompt"),
+    ({"sample_solver": "dpm+"}, "params.sample_solver"),
+    ({"dtype": "int8"}, "params.dtype"),
+    ({"boundary": 2}, "params.boundary"),
     ({"prompt": 12}, "params.prompt"),
     ({"dit_fsdp": True}, "params.dit_fsdp"),
     ({"t5_fsdp": "true"}, "params.t5_fsdp"),
@@ -133,17 +165,19 @@ def test_image_source_exactly_one():
 
 def test_unsupported_false_values_are_fine_and_extend_options_warn():
     r = req(dit_fsdp=False, t5_fsdp=False, ulysses_size=1, use_prompt_extend=False, prompt_extend_method="local_qwen")
-    assert any("prompt_extend_method" in w for w in r.warnings)
+    assert r.warnings == ["params.prompt_extend_method: ignored because use_prompt_extend is false",
+                          "params.prompt: not given; used upstream's example prompt for i2v-A14B"]
 
 
 # ----------------------------------------------------------------------------------------------- extra_args
 def test_extra_args_string_and_array_override_with_warning():
-    r = req(sample_steps=30, extra_args="--sample_steps 2 --frame_num=9 --t5_cpu --base_seed 3 --prompt 'a b'")
-    assert (r.sample_steps, r.frame_num, r.seed, r.prompt, r.t5_cpu) == (2, 9, 3, "a b", True)
-    assert any("overrides" in w for w in r.warnings)
+    r = req(sample_steps=30, t5_cpu=False, extra_args="--sample_steps 2 --frame_num=9 --t5_cpu --base_seed 3 --prompt 'a b'")
+    v = r.values
+    assert (v["sample_steps"], v["frame_num"], v["seed"], v["prompt"], v["t5_cpu"]) == (2, 9, 3, "a b", True)
+    assert "params.extra_args (--sample_steps) overrides params.sample_steps" in r.warnings
     r = req(extra_args=["--size", "832*480", "--sample_solver", "dpm++", "--offload_model", "False",
                         "--sample_guide_scale", "5", "--task", "i2v-A14B", "--convert_model_dtype"])
-    assert (r.size, r.sample_solver, r.offload_model, r.guide_scale) == ("832*480", "dpm++", False, (5.0, 5.0))
+    assert (r.values["size"], r.values["sample_solver"], r.values["offload_model"], guide(r)) == ("832*480", "dpm++", False, (5.0, 5.0))
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -155,8 +189,8 @@ def test_extra_args_string_and_array_override_with_warning():
     ("--lora /x", "not an upstream generate.py flag"),
     ("sample_steps 3", "not a flag"),
     ("--frame_num 6", "4n+1"),
-    ("--dit_fsdp", "single-GPU"),
-    ("--ulysses_size 8", "single-GPU"),
+    ("--dit_fsdp", "drives one GPU"),
+    ("--ulysses_size 8", "drives one GPU"),
     ("--task t2v-A14B", "i2v-A14B"),
     ("--prompt 'unterminated", "cannot be split"),
     (42, "string or an array"),
@@ -170,7 +204,8 @@ def test_extra_args_rejections(extra, needle):
 
 
 def test_extra_args_exactly_50_tokens_ok():
-    assert len(parse_extra_args(["--t5_cpu"] * 50)) == 50
+    assert parse_extra_args(["--t5_cpu"] * 50) == {"t5_cpu": ("params.extra_args (--t5_cpu)", True)}
+    assert parse_extra_args(["--size", "832*480"] * 25)["size"] == ("params.extra_args (--size)", "832*480")
 
 
 # ----------------------------------------------------------------------------------------------- top level
@@ -279,9 +314,9 @@ def test_paths_only_under_roots(tmp_path):
 
 def test_public_address_classification():
     for ip in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "100.64.0.1", "::1", "fe80::1",
-               "::ffff:127.0.0.1", "0.0.0.0", "fd00::1"):
+               "::ffff:127.0.0.1", "0.0.0.0", "fd00::1", "2002:7f00:1::", "2002:a9fe:a9fe::1", "64:ff9b::a9fe:a9fe"):
         assert not is_public_address(ip), ip
-    for ip in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"):
+    for ip in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "2002:808:808::1", "64:ff9b::808:808"):
         assert is_public_address(ip), ip
 
 
@@ -436,10 +471,24 @@ def test_record_written_atomically(tmp_path):
 
 def test_output_dir_default(monkeypatch, tmp_path):
     monkeypatch.setenv("WAN_OUTPUT_DIR", str(tmp_path))
-    assert config_mod.default_output_dir() == tmp_path
+    assert config_mod.WorkerConfig.from_env().output_dir == tmp_path
     monkeypatch.delenv("WAN_OUTPUT_DIR")
-    expected = "/runpod-volume/outputs" if os.path.isdir("/runpod-volume") else "/workspace/outputs"
-    assert str(config_mod.default_output_dir()) == expected
+    monkeypatch.setattr(config_mod, "VOLUME", str(tmp_path / "no-volume"))
+    assert config_mod.WorkerConfig.from_env().output_dir == Path("/workspace/outputs")
+    (tmp_path / "volume").mkdir()
+    monkeypatch.setattr(config_mod, "VOLUME", str(tmp_path / "volume"))
+    assert config_mod.WorkerConfig.from_env().output_dir == tmp_path / "volume" / "outputs"
+
+
+def test_every_worker_setting_is_read_and_a_bad_one_is_named():
+    cfg = config_mod.WorkerConfig.from_env({"WAN_JOB_TIMEOUT_S": "12", "COMFYUI_CPU": "yes", "WAN_MAX_INLINE_MB": "2",
+                                            "WAN_EXTRA_NODE_PATHS": "/a:/b", "WAN_MAX_IMAGE_MB": "1"})
+    assert (cfg.job_timeout_s, cfg.comfyui_cpu, cfg.max_inline_bytes, cfg.extra_node_paths) == (12.0, True, 2 * 2**20, ("/a", "/b"))
+    assert cfg.limits.max_image_bytes == 2**20
+    fields = {f.name for f in __import__("dataclasses").fields(config_mod.WorkerConfig)}
+    assert fields == {s.field for s in config_mod.WORKER_SETTINGS} | {"limits"}
+    with pytest.raises(ValueError, match="WAN_JOB_TIMEOUT_S='soon' is not a number"):
+        config_mod.WorkerConfig.from_env({"WAN_JOB_TIMEOUT_S": "soon"})
 
 
 def test_concurrency_modifier(monkeypatch):
@@ -452,7 +501,7 @@ def test_concurrency_modifier(monkeypatch):
 
 
 def test_video_fields_inline_or_path(tmp_path, monkeypatch):
-    from runpod_worker.handler import video_fields
+    from runpod_worker.delivery import video_fields
 
     monkeypatch.delenv("BUCKET_ENDPOINT_URL", raising=False)
     video = tmp_path / "v.mp4"
@@ -467,21 +516,14 @@ def test_video_fields_inline_or_path(tmp_path, monkeypatch):
     assert "video_base64" not in got and "WAN_MAX_INLINE_MB" in got["message"] and "BUCKET_ENDPOINT_URL" in got["message"]
 
 
-def test_url_fetch_without_the_runpod_sdk(image_server, monkeypatch):
-    """The node pack calls this module inside ComfyUI, where the runpod SDK may be missing."""
-    import builtins
+def test_intake_needs_no_runpod_comfyui_or_torch():
+    """The node pack, the CLI and the worker share wan22.intake: it may import none of those."""
+    import subprocess
 
-    real_import = builtins.__import__
-
-    def no_runpod(name, *args, **kwargs):
-        if name.startswith("runpod"):
-            raise ImportError("no runpod here")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_runpod)
-    assert _fetch(image_server["base"] + "/r1", image_server["allow"]) == image_server["data"]
-    with pytest.raises(RequestError, match="non-public"):
-        _fetch(image_server["base"] + "/to-other", image_server["allow"])
+    code = ("import sys, wan22.intake, wan22.spec, headless.run; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('runpod', 'torch', 'comfy', 'folder_paths', 'runpod_worker')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 @pytest.mark.parametrize("main_py, timeout, needle", [
@@ -530,7 +572,7 @@ def test_large_video_uploaded_when_bucket_set(tmp_path, monkeypatch):
     """Too large to inline + BUCKET_ENDPOINT_URL: the SDK's upload (content type video/mp4), URL kept in the record."""
     from runpod.serverless.utils import rp_upload
 
-    from runpod_worker.handler import video_fields
+    from runpod_worker.delivery import video_fields
 
     calls = []
 
@@ -586,7 +628,7 @@ def test_explicit_workflow_action_is_accepted():
                                             ("Wan22LoadImage", "image_url")])
 def test_raw_workflow_path_inputs_must_be_literal(class_type, key):
     """A path fed by a link would reach the node unchecked: refused, naming the input."""
-    from runpod_worker.handler import _sanitize_workflow_sources
+    from runpod_worker.job_workflow import sanitize_workflow_sources as _sanitize_workflow_sources
 
     workflow = {"7": {"class_type": "PrimitiveString", "inputs": {"value": "/etc"}},
                 "9": {"class_type": class_type, "inputs": {key: ["7", 0]}}}

@@ -1,4 +1,5 @@
 """Errors the engine raises for bad input, each naming the field or file at fault."""
+from typing import Callable, Iterable, List, Sequence, Tuple
 
 
 class Wan22Error(Exception):
@@ -6,11 +7,35 @@ class Wan22Error(Exception):
 
 
 class InvalidParameter(Wan22Error, ValueError):
-    """A generation parameter is out of range; `field` names it, `allowed` says what would do."""
+    """One or more parameters (or inputs) are invalid: `problems` is a list of (field, why).
 
-    def __init__(self, field: str, value, allowed: str):
-        self.field, self.value, self.allowed = field, value, allowed
-        super().__init__(f"{field}={value!r} is invalid: allowed {allowed}")
+    The message is ``field: why`` for each problem, joined by ``; ``: the same text on every surface (node,
+    CLI, worker), which only labels the field as its caller spelled it.
+    """
+
+    def __init__(self, field: str, why: str, more: Iterable[Tuple[str, str]] = ()):
+        self.problems: List[Tuple[str, str]] = [(field, why), *more]
+        super().__init__(self.message)
+
+    @property
+    def field(self) -> str:
+        return self.problems[0][0]
+
+    @property
+    def why(self) -> str:
+        return self.problems[0][1]
+
+    @property
+    def message(self) -> str:
+        return "; ".join(f"{field}: {why}" for field, why in self.problems)
+
+    @classmethod
+    def from_problems(cls, problems: Sequence[Tuple[str, str]]) -> "InvalidParameter":
+        return cls(problems[0][0], problems[0][1], problems[1:])
+
+    def relabelled(self, label: Callable[[str], str]) -> "InvalidParameter":
+        """The same problems with each field renamed, e.g. ``frame_num`` -> ``params.num_frames``."""
+        return InvalidParameter.from_problems([(label(field), why) for field, why in self.problems])
 
 
 class ModelFolderError(Wan22Error, FileNotFoundError):

@@ -1,6 +1,8 @@
 """One call from an image and a prompt to an MP4 on disk, with everything validated up front.
 
     python -m wan22 --model-dir /workspace/models --image in.png --prompt "..." --out out.mp4
+
+Its flags are the spec's (wan22.spec), as the CLI's.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from pathlib import Path
 from typing import Optional
 
 from .discover import default_model_root, discover_model_set
-from .errors import Wan22Error
-from .images import load_image
+from . import spec
+from .errors import InvalidParameter, Wan22Error
+from .intake import open_image
 from .params import GenerationParams
 from .pipeline import CancelCheck, LoadOptions, StepCallback, VideoResult, load_pipeline
 from .video import write_mp4
@@ -35,7 +38,7 @@ def generate_mp4(image, prompt: str, out: Path, params: GenerationParams = Gener
     """Validate, load (unless `pipeline` is given), generate and write the MP4 atomically."""
     params = params.validated()
     options = options.validated()
-    picture = load_image(image) if not hasattr(image, "convert") else image
+    picture = open_image(image) if not hasattr(image, "convert") else image
     timings = {}
     if pipeline is None:
         model_set = discover_model_set(model_dir or default_model_root())
@@ -53,38 +56,42 @@ def generate_mp4(image, prompt: str, out: Path, params: GenerationParams = Gener
     return Mp4Result(path, result.seed, result.num_frames, result.width, result.height, timings)
 
 
+ENGINE_IGNORES = ("image_url", "image_base64", "image_path", "filename_prefix", "model_set", "model_path")
+
+
 def main(argv=None) -> int:
-    defaults = GenerationParams()
+    flags = [p for p in spec.cli_params() if p.name not in ENGINE_IGNORES]
     parser = argparse.ArgumentParser(prog="python -m wan22", description="Wan2.2 I2V-A14B straight from the engine (no ComfyUI).")
     parser.add_argument("--model-dir", default=None, help="model set folder (default: $WAN_CKPT_DIR, /workspace/models, /runpod-volume)")
-    parser.add_argument("--image", required=True)
-    parser.add_argument("--prompt", default="")
-    parser.add_argument("--negative-prompt", default="", help="empty: upstream's default negative prompt")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--size", default=defaults.size)
-    parser.add_argument("--frame-num", type=int, default=defaults.frame_num)
-    parser.add_argument("--sample-steps", type=int, default=defaults.sample_steps)
-    parser.add_argument("--guide-scale-low", type=float, default=defaults.guide_scale[0])
-    parser.add_argument("--guide-scale-high", type=float, default=defaults.guide_scale[1])
-    parser.add_argument("--sample-shift", type=float, default=defaults.sample_shift)
-    parser.add_argument("--sample-solver", default=defaults.sample_solver)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--fps", type=int, default=defaults.fps)
-    parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    spec.add_flags(parser, flags)
     args = parser.parse_args(argv)
-    params = GenerationParams(size=args.size, frame_num=args.frame_num, sample_steps=args.sample_steps,
-                              guide_scale=(args.guide_scale_low, args.guide_scale_high), sample_shift=args.sample_shift,
-                              sample_solver=args.sample_solver, seed=args.seed, fps=args.fps)
-
-    def progress(step, total):
-        print(f"\rstep {step}/{total}", end="" if step < total else "\n", file=sys.stderr, flush=True)
-
     try:
-        result = generate_mp4(args.image, args.prompt, args.out, params, args.negative_prompt, args.model_dir,
-                              LoadOptions(dtype=args.dtype, device=args.device), on_step=progress)
+        request = spec.normalize(spec.flag_values(args, flags), "cli")
+        if "image_path" not in request.values:
+            raise InvalidParameter("image", "required: --image PATH (a local file)")
+        values = request.values
+        params = GenerationParams.from_values(values)
+        options = LoadOptions.from_values(values, device=args.device)
     except Wan22Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for warning in request.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+    def progress(step, total):
+        end = "" if step < total and sys.stderr.isatty() else "\n"
+        print(f"\rstep {step}/{total}" if sys.stderr.isatty() else f"step {step}/{total}", end=end, file=sys.stderr, flush=True)
+
+    try:
+        result = generate_mp4(values["image_path"], values.get("prompt", spec.default("prompt")), args.out, params,
+                              values.get("negative_prompt", ""), args.model_dir, options, on_step=progress)
+    except Wan22Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     print(f"{result.path} seed={result.seed} frames={result.frames} {result.width}x{result.height}")
     return 0

@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import models
+from . import models, spec
 from .discover import ModelSet, discover_model_set
 from .errors import GenerationCancelled, InvalidParameter
-from .params import UPSTREAM_NEGATIVE_PROMPT, GenerationParams, image_size_for_area
+from .params import GenerationParams, image_size_for_area
+from .spec import UPSTREAM_NEGATIVE_PROMPT
 from .schedule import NUM_TRAIN_TIMESTEPS, make_schedule
-from .text import MAX_PROMPT_CHARS, HuggingFaceTokenizer, PromptEmbeds, PromptEncoder, SentencePieceTokenizer, pad_context
+from .text import HuggingFaceTokenizer, PromptEmbeds, PromptEncoder, SentencePieceTokenizer, pad_context
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VAE_STRIDE = (4, 8, 8)
@@ -32,16 +33,27 @@ class LoadOptions:
       (otherwise in the checkpoint's own dtype, computing under autocast).
     """
 
-    dtype: str = "bf16"
-    offload_model: bool = True
-    t5_cpu: bool = True
-    convert_model_dtype: bool = True
+    dtype: str = spec.default("dtype")
+    offload_model: bool = spec.default("offload_model")
+    t5_cpu: bool = spec.default("t5_cpu")
+    convert_model_dtype: bool = spec.default("convert_model_dtype")
     device: Optional[str] = None  # cuda when available, else cpu
 
+    @classmethod
+    def from_values(cls, values, device: Optional[str] = None) -> "LoadOptions":
+        """From canonical parameter values (wan22.spec names); missing ones keep their defaults."""
+        return cls(device=device, **{f: values[f] for f in ("dtype", "offload_model", "t5_cpu", "convert_model_dtype") if f in values})
+
     def validated(self) -> "LoadOptions":
-        if self.dtype not in DTYPES:
-            raise InvalidParameter("dtype", self.dtype, " or ".join(DTYPES))
-        return self
+        problems = []
+        for name in ("dtype", "offload_model", "t5_cpu", "convert_model_dtype"):
+            try:
+                spec.check(name, getattr(self, name))
+            except InvalidParameter as exc:
+                problems += exc.problems
+        if problems:
+            raise InvalidParameter.from_problems(problems)
+        return dataclasses.replace(self, dtype=spec.check("dtype", self.dtype))
 
     @property
     def torch_device(self) -> torch.device:
@@ -173,9 +185,8 @@ class Wan22I2VPipeline:
     # ------------------------------------------------------------------ stage 1: prompts
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative_prompt: Optional[str] = None) -> PromptEmbeds:
-        for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt or "")):
-            if not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS:
-                raise InvalidParameter(field, text if not isinstance(text, str) else f"<{len(text)} characters>", f"a string of at most {MAX_PROMPT_CHARS} characters")
+        spec.check("prompt", prompt)
+        spec.check("negative_prompt", negative_prompt or "")
         self._check_usable()
         negative = negative_prompt or UPSTREAM_NEGATIVE_PROMPT  # upstream: "" means the default
         model = self.prompt_encoder.model

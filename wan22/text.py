@@ -12,7 +12,6 @@ import torch
 from .errors import CheckpointError
 
 TEXT_LEN = 512
-MAX_PROMPT_CHARS = 20000
 
 
 def clean_prompt(text: str) -> str:

@@ -17,7 +17,7 @@ import torch
 
 from . import convert
 from .configs import load_config
-from .params import UPSTREAM_NEGATIVE_PROMPT
+from .spec import UPSTREAM_NEGATIVE_PROMPT
 
 LAYOUTS = ("upstream", "diffusers", "comfyui")
 

@@ -7,24 +7,25 @@ import torch
 from wan22.discover import discover_model_set
 from wan22.errors import CheckpointError, InvalidParameter, ModelFolderError
 from wan22.generate import generate_mp4
-from wan22.images import load_image
-from wan22.params import GenerationParams, parse_size
+from wan22.intake import open_image
+from wan22.params import GenerationParams
+from wan22.spec import parse_size
 from wan22.pipeline import LoadOptions, load_pipeline
 
 
 @pytest.mark.parametrize("field,changes,needle", [
     ("frame_num", {"frame_num": 50}, "4n+1"),
-    ("frame_num", {"frame_num": 0}, "integer from 1"),
+    ("frame_num", {"frame_num": 0}, "must be from 1 to 1001, got 0"),
     ("size", {"size": "1280x721"}, "multiples of 16"),
     ("size", {"size": "big"}, "W*H"),
-    ("size", {"size": "4096*4096"}, "area at most"),
-    ("sample_steps", {"sample_steps": 0}, "integer from 1"),
-    ("guide_scale_low", {"guide_scale": (-1.0, 3.5)}, "number from 0"),
-    ("guide_scale_high", {"guide_scale": (3.5, -0.5)}, "number from 0"),
-    ("sample_shift", {"sample_shift": -1.0}, "number from 0"),
-    ("sample_solver", {"sample_solver": "euler"}, "unipc or dpm++"),
-    ("seed", {"seed": -2}, "integer from -1"),
-    ("boundary", {"boundary": 1.5}, "number from 0"),
+    ("size", {"size": "4096*4096"}, "area of at most 1920*1088"),
+    ("sample_steps", {"sample_steps": 0}, "must be from 1 to 1000, got 0"),
+    ("guide_scale_low", {"guide_scale": (-1.0, 3.5)}, "must be from 0 to 100, got -1"),
+    ("guide_scale_high", {"guide_scale": (3.5, -0.5)}, "must be from 0 to 100, got -0.5"),
+    ("sample_shift", {"sample_shift": -1.0}, "must be from 0 to 100, got -1"),
+    ("sample_solver", {"sample_solver": "euler"}, "must be one of unipc, dpm++, got 'euler'"),
+    ("seed", {"seed": -2}, "must be from -1 to 2^63-1, got -2"),
+    ("boundary", {"boundary": 1.5}, "must be from 0 to 1, got 1.5"),
 ])
 def test_parameter_errors_name_the_field(field, changes, needle):
     with pytest.raises(InvalidParameter) as info:
@@ -64,7 +65,7 @@ def test_empty_folder_lists_layouts(tmp_path):
 
 def test_partial_upstream_folder_names_missing_parts(tiny_models, tmp_path):
     partial = tmp_path / "partial"
-    shutil.copytree(tiny_models["upstream"], partial)
+    shutil.copytree(tiny_models("upstream"), partial)
     shutil.rmtree(partial / "low_noise_model")
     (partial / "Wan2.1_VAE.pth").unlink()
     with pytest.raises(ModelFolderError) as info:
@@ -77,7 +78,7 @@ def test_partial_upstream_folder_names_missing_parts(tiny_models, tmp_path):
 
 def test_partial_comfyui_folder(tiny_models, tmp_path):
     partial = tmp_path / "partial"
-    shutil.copytree(tiny_models["comfyui"], partial)
+    shutil.copytree(tiny_models("comfyui"), partial)
     shutil.rmtree(partial / "vae")
     with pytest.raises(ModelFolderError, match=r"comfyui layout.*missing vae/wan_2\.1_vae"):
         discover_model_set(partial)
@@ -85,7 +86,7 @@ def test_partial_comfyui_folder(tiny_models, tmp_path):
 
 def test_truncated_shard(tiny_models, tmp_path):
     broken = tmp_path / "broken"
-    shutil.copytree(tiny_models["upstream"], broken)
+    shutil.copytree(tiny_models("upstream"), broken)
     shard = sorted((broken / "high_noise_model").glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(CheckpointError) as info:
@@ -95,7 +96,7 @@ def test_truncated_shard(tiny_models, tmp_path):
 
 def test_corrupt_comfyui_file(tiny_models, tmp_path):
     broken = tmp_path / "broken"
-    shutil.copytree(tiny_models["comfyui"], broken)
+    shutil.copytree(tiny_models("comfyui"), broken)
     target = broken / "diffusion_models" / "wan2.2_i2v_low_noise_14B_fp16.safetensors"
     target.write_bytes(b"\x00garbage" * 10)
     with pytest.raises(CheckpointError, match="wan2.2_i2v_low_noise_14B_fp16.safetensors.*not a readable safetensors"):
@@ -104,7 +105,7 @@ def test_corrupt_comfyui_file(tiny_models, tmp_path):
 
 def test_pth_that_is_not_a_state_dict(tiny_models, tmp_path):
     broken = tmp_path / "broken"
-    shutil.copytree(tiny_models["upstream"], broken)
+    shutil.copytree(tiny_models("upstream"), broken)
     torch.save([1, 2, 3], broken / "Wan2.1_VAE.pth")
     with pytest.raises(CheckpointError, match=r"Wan2.1_VAE.pth: not a state dict"):
         load_pipeline(broken, LoadOptions(dtype="fp32", device="cpu"))
@@ -118,7 +119,7 @@ def test_wrong_shapes_are_named(tiny_models, tmp_path):
     import json
 
     broken = tmp_path / "broken"
-    shutil.copytree(tiny_models["upstream"], broken)
+    shutil.copytree(tiny_models("upstream"), broken)
     config_path = broken / "low_noise_model" / "config.json"
     config = json.loads(config_path.read_text())
     config["num_layers"] = 3
@@ -130,9 +131,9 @@ def test_wrong_shapes_are_named(tiny_models, tmp_path):
 def test_unreadable_image(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    with pytest.raises(InvalidParameter, match=r"image=.*bad.png.*decodable image"):
-        load_image(bad)
-    with pytest.raises(InvalidParameter, match="readable image file"):
-        load_image(tmp_path / "missing.png")
-    with pytest.raises(InvalidParameter, match="decodable image"):
-        load_image(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(InvalidParameter, match=r"^image: is not an image in an accepted format \(PNG, JPEG"):
+        open_image(bad)
+    with pytest.raises(InvalidParameter, match=r"^image: '.*missing.png' does not exist"):
+        open_image(tmp_path / "missing.png")
+    with pytest.raises(InvalidParameter, match="^image: could not be read as an image: Truncated File Read"):
+        open_image(b"\x89PNG\r\n\x1a\n truncated")

@@ -14,11 +14,11 @@ FP32_CPU = LoadOptions(dtype="fp32", device="cpu")
 
 @pytest.mark.parametrize("layout", ["upstream", "diffusers", "comfyui", "comfyui_fp8"])
 def test_layout_generates_mp4(tiny_models, test_image, tmp_path, layout):
-    model_set = discover_model_set(tiny_models[layout])
+    model_set = discover_model_set(tiny_models(layout))
     assert model_set.layout == layout.split("_")[0]
     steps = []
     out = tmp_path / "video.mp4"
-    result = generate_mp4(test_image, "A small cat walks slowly", out, PARAMS, model_dir=tiny_models[layout],
+    result = generate_mp4(test_image, "A small cat walks slowly", out, PARAMS, model_dir=tiny_models(layout),
                           options=FP32_CPU, on_step=lambda i, n: steps.append((i, n)))
     assert steps == [(1, 3), (2, 3), (3, 3)]
     frames, fps = read_mp4(out)
@@ -33,7 +33,7 @@ def test_layouts_hold_the_same_model(tiny_models, test_image):
     """The builder writes the same weights in every layout, so the outputs agree (up to fp16/fp8 storage)."""
     videos = {}
     for layout in ("upstream", "diffusers", "comfyui", "comfyui_fp8"):
-        pipe = load_pipeline(tiny_models[layout], FP32_CPU)
+        pipe = load_pipeline(tiny_models(layout), FP32_CPU)
         embeds = pipe.encode_prompt("A red car", "")
         videos[layout] = pipe.generate(test_image, embeds, PARAMS).video
     # upstream stores the T5 in bf16 (like the real file), diffusers in fp32
@@ -44,7 +44,7 @@ def test_layouts_hold_the_same_model(tiny_models, test_image):
 
 
 def test_seed_reproducible_and_random_seed_reported(tiny_models, test_image):
-    pipe = load_pipeline(tiny_models["comfyui"], FP32_CPU)
+    pipe = load_pipeline(tiny_models("comfyui"), FP32_CPU)
     embeds = pipe.encode_prompt("waves", "")
     first = pipe.generate(test_image, embeds, PARAMS)
     again = pipe.generate(test_image, embeds, PARAMS)
@@ -58,7 +58,7 @@ def test_seed_reproducible_and_random_seed_reported(tiny_models, test_image):
 
 
 def test_guidance_one_skips_the_unconditional_pass(tiny_models, test_image):
-    pipe = load_pipeline(tiny_models["diffusers"], FP32_CPU)
+    pipe = load_pipeline(tiny_models("diffusers"), FP32_CPU)
     calls = []
     for expert in (pipe.high_noise_model, pipe.low_noise_model):
         expert.register_forward_hook(lambda *args: calls.append(1))
@@ -71,7 +71,7 @@ def test_guidance_one_skips_the_unconditional_pass(tiny_models, test_image):
 def test_cancel_between_steps(tiny_models, test_image):
     from wan22.errors import GenerationCancelled
 
-    pipe = load_pipeline(tiny_models["upstream"], FP32_CPU)
+    pipe = load_pipeline(tiny_models("upstream"), FP32_CPU)
     embeds = pipe.encode_prompt("a dog", "")
     seen = []
     with pytest.raises(GenerationCancelled):
@@ -80,8 +80,8 @@ def test_cancel_between_steps(tiny_models, test_image):
 
 
 def test_list_model_sets_finds_every_layout(tiny_models):
-    root = next(iter(tiny_models.values())).parent
-    found = {(m.layout, m.variant) for m in list_model_sets([root])}
+    roots = [tiny_models(name).parent for name in ("upstream", "diffusers", "comfyui", "comfyui_fp8")]
+    found = {(m.layout, m.variant) for m in list_model_sets(roots)}
     assert {("upstream", ""), ("diffusers", ""), ("comfyui", "fp16"), ("comfyui", "fp8_scaled")} <= found
 
 
@@ -105,7 +105,7 @@ def test_loaded_modules_sit_wholly_on_the_target_device(tiny_models):
     device stands in for a GPU here), in the requested dtype except the modules diffusers keeps in fp32."""
     from wan22 import models
 
-    expert = models.load_transformer_from_upstream_shards(tiny_models["upstream"] / "high_noise_model", torch.bfloat16, "meta")
+    expert = models.load_transformer_from_upstream_shards(tiny_models("upstream") / "high_noise_model", torch.bfloat16, "meta")
     devices = {t.device.type for t in list(expert.parameters()) + list(expert.buffers())}
     assert devices == {"meta"}
     keep_fp32 = set(expert._keep_in_fp32_modules)

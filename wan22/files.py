@@ -1,4 +1,4 @@
-"""Files that appear whole or not at all: written to a temporary file beside the target, then renamed."""
+"""Files that appear whole or not at all, and the one check that a path lies inside given folders."""
 from __future__ import annotations
 
 import contextlib

@@ -1,0 +1,86 @@
+"""What a job answers: the record's fields, and its video or files inline (base64) or by path / presigned URL."""
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+from .records import Record
+
+RESPONSE_FIELDS = ("request_id", "status", "output_path", "seed", "frames", "width", "height", "timings", "warnings")
+MB = 1024 * 1024
+
+
+def pick_answer(record: Dict[str, Any]) -> Dict[str, Any]:
+    answer = {k: record.get(k) for k in RESPONSE_FIELDS}
+    if record.get("error"):
+        answer["error"] = record["error"]
+    return answer
+
+
+def upload_file(path: Path, request_id: str, cfg) -> str:
+    from runpod.serverless.utils import rp_upload
+
+    if not (cfg.bucket_access_key_id and cfg.bucket_secret_access_key):
+        raise RuntimeError("BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY must be set with BUCKET_ENDPOINT_URL")
+    content_type = "video/mp4" if path.suffix.lower() == ".mp4" else "application/octet-stream"
+    return rp_upload.upload_file_to_bucket(
+        file_name=path.name, file_location=str(path), bucket_name=cfg.bucket_name or None, prefix=request_id,
+        extra_args={"ContentType": content_type})
+
+
+def video_fields(record: Record, path: Path, return_video: bool, cfg, request_id: str) -> Dict[str, Any]:
+    """base64 when asked and small enough; otherwise the path, a presigned URL if a bucket is set, and why."""
+    if not return_video:
+        return {}
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return {"message": f"the video {path} is missing from the output folder"}
+    if size <= cfg.max_inline_bytes:
+        return {"video_base64": base64.b64encode(path.read_bytes()).decode("ascii")}
+    limit = cfg.max_inline_bytes / MB
+    message = (f"the video is {size / MB:.1f} MB, over WAN_MAX_INLINE_MB={limit:g}: not inlined as base64 "
+               f"(RunPod refuses large results: /run 10 MB, /runsync 20 MB)")
+    fields: Dict[str, Any] = {}
+    url = record.data.get("video_url")
+    if not url and cfg.bucket_endpoint_url:
+        try:
+            url = upload_file(path, request_id, cfg)
+            record.update(video_url=url)
+        except Exception as exc:  # noqa: BLE001
+            message += f"; the upload to BUCKET_ENDPOINT_URL failed: {exc}"
+    if url:
+        fields["video_url"] = url
+        message += "; download it from video_url (presigned, 7 days)"
+    elif not cfg.bucket_endpoint_url:
+        message += "; read it from output_path, or set BUCKET_ENDPOINT_URL (+ BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY) to get a presigned video_url"
+    fields["message"] = message
+    return fields
+
+
+def file_items(files: List[Dict[str, Any]], return_video: bool, cfg, request_id: str) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """worker-comfyui's output items for the saved files of a raw workflow ({filename, path, data}): inline while
+    their total stays under WAN_MAX_INLINE_MB, then an s3_url (bucket configured) or the path; and the messages
+    saying why."""
+    budget = cfg.max_inline_bytes if return_video else -1
+    items: List[Dict[str, Any]] = []
+    messages: List[str] = []
+    for f in files:
+        item: Dict[str, Any] = {"filename": f["filename"]}
+        if len(f["data"]) <= budget:
+            budget -= len(f["data"])
+            item.update(type="base64", data=base64.b64encode(f["data"]).decode("ascii"))
+        else:
+            url = None
+            if cfg.bucket_endpoint_url and return_video:
+                try:
+                    url = upload_file(Path(f["path"]), request_id, cfg)
+                except Exception as exc:  # noqa: BLE001
+                    messages.append(f"{f['filename']}: upload to BUCKET_ENDPOINT_URL failed: {exc}")
+            item.update(type="s3_url", data=url) if url else item.update(type="path", data=f["path"])
+            if return_video:
+                messages.append(f"{f['filename']} ({len(f['data']) / MB:.1f} MB) not inlined: over the "
+                                f"WAN_MAX_INLINE_MB={cfg.max_inline_bytes / MB:g} budget of this answer")
+        items.append(item)
+    return items, messages

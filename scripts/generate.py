@@ -1,0 +1,158 @@
+"""Write every generated file from wan22.spec and the settings declarations, so none can drift from them:
+the shipped workflows (API and UI format), docs/parameters.md and the generated blocks of the docs.
+
+    .venv/bin/python -m scripts.generate            # rewrite what is stale
+    .venv/bin/python -m scripts.generate --check    # exit 1 naming what is stale (a test runs this)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+from wan22 import spec
+from wan22.settings import LIMIT_SETTINGS, Setting
+
+REPO = Path(__file__).resolve().parents[1]
+
+# the shipped graph: id, class_type, title, links {input: (from_id, slot, type)}, outputs [(name, type)], position.
+# Widget values are the spec defaults of each node's parameters (the core LoadImage has its own).
+CORE_IMAGE_WIDGETS = [("image", "example.png"), ("upload", "image")]
+NODES = [
+    (1, spec.LOADER, "Wan2.2 Model Loader", {}, [("model", "WAN22_MODEL")], (40, 80)),
+    (2, "LoadImage", "Reference Image", {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")], (40, 360)),
+    (3, spec.TEXT, "Wan2.2 Text Encode", {"model": (1, 0, "WAN22_MODEL")}, [("text", "WAN22_TEXT")], (420, 80)),
+    (4, spec.I2V, "Wan2.2 Image to Video",
+     {"model": (1, 0, "WAN22_MODEL"), "text": (3, 0, "WAN22_TEXT"), "image": (2, 0, "IMAGE")},
+     [("frames", "IMAGE"), ("seed", "INT")], (820, 80)),
+    (5, spec.SAVE, "Wan2.2 Save Video", {"images": (4, 0, "IMAGE")}, [("path", "STRING")], (1220, 80)),
+]
+LINK_ORDER = {"model": 0, "text": 1, "image": 2, "images": 0}
+WORKFLOW_NAME = "wan22_i2v_a14b.json"
+
+
+def widgets(class_type: str):
+    if class_type == "LoadImage":
+        return CORE_IMAGE_WIDGETS
+    return [(p.name, p.default) for p in spec.node_params(class_type)]
+
+
+def api_workflow() -> dict:
+    workflow = {}
+    for node_id, class_type, title, links, _, _ in NODES:
+        inputs = {name: value for name, value in widgets(class_type) if name != "upload"}
+        inputs.update({name: [str(src), slot] for name, (src, slot, _) in links.items()})
+        workflow[str(node_id)] = {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
+    return workflow
+
+
+def ui_workflow() -> dict:
+    links, nodes = [], []
+    outputs_links: Dict[tuple, list] = {}
+    for node_id, _, _, node_links, _, _ in NODES:
+        for name, (src, slot, kind) in sorted(node_links.items(), key=lambda item: LINK_ORDER[item[0]]):
+            link_id = len(links) + 1
+            links.append([link_id, src, slot, node_id, sorted(node_links, key=LINK_ORDER.get).index(name), kind])
+            outputs_links.setdefault((src, slot), []).append(link_id)
+    link_by_target = {(link[3], link[4]): link[0] for link in links}
+    for order, (node_id, class_type, title, node_links, outputs, pos) in enumerate(NODES):
+        values = []
+        for name, value in widgets(class_type):
+            values.append(value)
+            if spec.SPEC.get(name) and spec.SPEC[name].widget.get("control_after_generate"):
+                values.append("fixed")  # keep the seed the workflow says
+        linked = sorted(node_links, key=LINK_ORDER.get)
+        nodes.append({
+            "id": node_id, "type": class_type, "title": title, "pos": list(pos), "size": [360, 260 if len(values) > 4 else 160],
+            "flags": {}, "order": order, "mode": 0,
+            "inputs": [{"name": name, "type": node_links[name][2], "link": link_by_target[(node_id, i)]} for i, name in enumerate(linked)],
+            "outputs": [{"name": name, "type": kind, "links": outputs_links.get((node_id, slot), []), "slot_index": slot}
+                        for slot, (name, kind) in enumerate(outputs)],
+            "properties": {"Node name for S&R": class_type},
+            "widgets_values": values,
+        })
+    return {"last_node_id": len(NODES), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+# ---------------------------------------------------------------------------------------------- docs
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _code(value) -> str:
+    return f"`{value}`"
+
+
+def parameters_table() -> str:
+    rows = ["| parameter | aliases | default | allowed | node input | CLI | worker | meaning |",
+            "|---|---|---|---|---|---|---|---|"]
+    for p in spec.PARAMS:
+        cli = (", ".join(_code(f) for f in p.flags) if p.flag else "batch / Python") if p.taken_by("cli") else f"no: {p.refused['cli']}"
+        worker = "yes" if p.taken_by("worker") else f"no: {p.refused['worker']}"
+        default = spec.shown_default(p)
+        rows.append("| " + " | ".join(_cell(c) for c in (
+            _code(p.name), ", ".join(_code(a) for a in p.aliases), default if default.startswith("upstream") or default == "none" else _code(default),
+            p.allowed, _code(p.node) if p.node else "", cli, worker, p.doc)) + " |")
+    return "\n".join(rows)
+
+
+def settings_table(settings: List[Setting]) -> str:
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{s.name}` | {_cell(s.default_text)} | {_cell(s.doc)} |" for s in settings]
+    return "\n".join(rows)
+
+
+def generated_blocks() -> Dict[str, str]:
+    from runpod_worker.config import WORKER_SETTINGS
+
+    return {"parameters": parameters_table(), "limits": settings_table(list(LIMIT_SETTINGS)),
+            "worker-settings": settings_table(list(WORKER_SETTINGS))}
+
+
+BLOCK = re.compile(r"(<!-- generated: ([\w-]+) \(python -m scripts.generate\) -->\n)(.*?)(<!-- end generated -->)", re.S)
+DOCS = ["docs/parameters.md", "docs/runpod.md"]
+
+
+def fill_blocks(text: str, blocks: Dict[str, str]) -> str:
+    return BLOCK.sub(lambda m: m.group(1) + blocks[m.group(2)] + "\n" + m.group(4), text)
+
+
+def outputs() -> Dict[Path, str]:
+    """Every generated file with the text it must have."""
+    api, ui = api_workflow(), ui_workflow()
+    # Subfolders of workflows/: newer ComfyUI also lists <pack>/workflows/*.json as templates but serves
+    # only example_workflows/, so top-level files there would show as duplicate or broken templates.
+    files = {REPO / folder / WORKFLOW_NAME: json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
+             for folder, workflow in (("workflows/api", api), ("workflows/ui", ui), ("example_workflows", ui))}
+    blocks = generated_blocks()
+    for doc in DOCS:
+        path = REPO / doc
+        files[path] = fill_blocks(path.read_text(encoding="utf-8"), blocks)
+    return files
+
+
+def stale() -> List[Path]:
+    return [path for path, text in outputs().items() if not path.is_file() or path.read_text(encoding="utf-8") != text]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only say which generated files are stale (exit 1)")
+    args = parser.parse_args(argv)
+    if args.check:
+        old = stale()
+        for path in old:
+            print(f"stale: {path.relative_to(REPO)} (run python -m scripts.generate)", file=sys.stderr)
+        return 1 if old else 0
+    for path, text in outputs().items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,473 @@
+"""The parameters of a Wan2.2 I2V-A14B run, each declared once (no torch, no ComfyUI).
+
+Every surface reads `PARAMS`: the node inputs and their validation (``nodes/``), the CLI flags
+(``headless.cli``, ``python -m wan22``), the runner's normalisation (``headless.run``), the worker's request
+validation (``runpod_worker.validation``), the workflow targets (``headless.workflow``), the engine's defaults
+(``wan22.params``, ``wan22.pipeline``) and the generated workflows and docs tables (``scripts/generate.py``).
+A new parameter is one entry here plus the engine code that uses it.
+
+Values are checked by :func:`check`; :func:`normalize` maps a request (any spelling) to canonical names and
+raises one :class:`~wan22.errors.InvalidParameter` listing every problem, each naming the field as the caller
+spelled it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from .errors import InvalidParameter
+from .settings import Limits
+
+# wan/configs/shared_config.py: sample_neg_prompt
+UPSTREAM_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+# generate.py's EXAMPLE_PROMPT["i2v-A14B"]: what upstream uses when --prompt is omitted
+UPSTREAM_EXAMPLE_PROMPT = (
+    "Summer beach vacation style, a white cat wearing sunglasses sits on a surfboard. The fluffy-furred feline "
+    "gazes directly at the camera with a relaxed expression. Blurred beach scenery forms the background featuring "
+    "crystal-clear waters, distant green hills, and a blue sky dotted with white clouds. The cat assumes a naturally "
+    "relaxed posture, as if savoring the sea breeze and warm sunlight. A close-up shot highlights the feline's "
+    "intricate details and the refreshing atmosphere of the seaside."
+)
+DEFAULT_MODEL_SET = "default (WAN_CKPT_DIR)"
+UPSTREAM_SIZES = ("720*1280", "1280*720", "480*832", "832*480")
+MAX_AREA = 1920 * 1088
+MAX_SEED = 2**63 - 1
+
+# the node classes parameters belong to (their input has the parameter's name)
+LOADER, TEXT, I2V, SAVE, LOAD_IMAGE = "Wan22ModelLoader", "Wan22TextEncode", "Wan22ImageToVideo", "Wan22SaveVideo", "Wan22LoadImage"
+SURFACES = ("node", "cli", "worker")
+IMAGE_FIELDS = ("image", "image_url", "image_path", "image_base64")
+SINGLE_GPU = "this runner drives one GPU"
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One parameter. `kind`: int | float | bool | text | choice | size | guide (one number or a pair for both
+    experts) | image (a path or an http(s) URL).
+
+    `node`: the node class with an input of this name. `refused`: surface -> why that surface does not take it
+    (any other surface does). `flag`: the CLI has ``--name`` (and ``--alias``) for it. `only`: the only value
+    this runner supports (seed flags for several GPUs), with `why`. `upstream_flag`: upstream generate.py's
+    flag, accepted in the worker's ``extra_args``. `widget`: extra ComfyUI widget options.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    doc: str
+    aliases: Tuple[str, ...] = ()
+    low: Optional[float] = None
+    high: Optional[float] = None
+    every: int = 0  # int values of the form every*n + 1 (frame_num: 4n+1)
+    choices: Tuple[str, ...] = ()
+    spellings: Mapping[str, str] = dataclasses.field(default_factory=dict)  # other spellings of a choice
+    max_chars: Optional[int] = None  # None for text: the prompt limit (WAN_MAX_PROMPT_CHARS)
+    node: Optional[str] = None
+    refused: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    flag: bool = True
+    only: Any = None
+    why: str = ""
+    upstream_flag: Optional[str] = None
+    upstream_switch: bool = False  # the upstream flag is store_true (takes no value)
+    widget: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    bound: str = ""  # for text checked elsewhere too: what bounds it, in words
+
+    def taken_by(self, surface: str) -> bool:
+        return surface not in self.refused and (surface != "node" or self.node is not None)
+
+    @property
+    def flags(self) -> List[str]:
+        return ["--" + n.replace("_", "-") for n in (self.name, *self.aliases)]
+
+    @property
+    def allowed(self) -> str:
+        """What the check accepts, in words (the docs table and --help)."""
+        if self.only is not None:
+            return f"only {_show(self.only)} ({self.why})"
+        if self.kind == "int":
+            text = f"integer {_num(self.low)}..{_num(self.high)}"
+            return f"{self.every}n+1, " + text if self.every else text
+        if self.kind == "float":
+            return f"number {_num(self.low)}..{_num(self.high)}"
+        if self.kind == "bool":
+            return "true / false"
+        if self.kind == "choice":
+            extra = f" (also {', '.join(sorted(self.spellings))})" if self.spellings else ""
+            return " | ".join(self.choices) + extra
+        if self.kind == "size":
+            return "W*H (or WxH), multiples of 16, area at most 1920*1088"
+        if self.kind == "guide":
+            return f"number {_num(self.low)}..{_num(self.high)}, or a pair [low_noise, high_noise]"
+        if self.kind == "image":
+            return "a path or an http(s) URL"
+        if self.bound:
+            return self.bound
+        limit = "WAN_MAX_PROMPT_CHARS" if self.max_chars is None else str(self.max_chars)
+        return f"text, at most {limit} characters"
+
+
+def _num(value) -> str:
+    if value == MAX_SEED:
+        return "2^63-1"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+_GUIDE = dict(low=0.0, high=100.0, widget={"step": 0.1})
+_WORKER_NO_MODEL = "a worker reads models only from its WAN_CKPT_DIR"
+_WORKER_NAMES_FILES = "the worker names its outputs; use save_file"
+
+PARAMS: Tuple[Param, ...] = (
+    # --- the image (exactly one source)
+    Param("image", "image", None, "Reference image (becomes image_path or image_url).",
+          refused={"node": "the node takes image_url or image_path"}),
+    Param("image_url", "text", "", "Reference image as an http(s) URL (size, time and redirects bounded).",
+          aliases=("reference_image_url",), max_chars=8192, node=LOAD_IMAGE),
+    Param("image_base64", "text", "", "Reference image as base64 or a data: URI (size bounded).",
+          aliases=("reference_image_base64",), max_chars=2**31, node=LOAD_IMAGE, widget={"multiline": True},
+          bound="base64 text, at most WAN_MAX_IMAGE_MB decoded"),
+    Param("image_path", "text", "", "Reference image as a file path (node and worker: absolute, under WAN_INPUT_ROOTS).",
+          aliases=("reference_image_path",), max_chars=4096, node=LOAD_IMAGE),
+    # --- prompts
+    Param("prompt", "text", UPSTREAM_EXAMPLE_PROMPT, "What should happen in the video.",
+          node=TEXT, upstream_flag="--prompt", widget={"multiline": True}),
+    Param("negative_prompt", "text", UPSTREAM_NEGATIVE_PROMPT, "What to avoid (empty means the default).",
+          aliases=("neg_prompt",), node=TEXT, widget={"multiline": True}),
+    # --- sampling
+    Param("size", "size", "1280*720", "Target area W*H (upstream: 1280*720, 720*1280, 832*480, 480*832); the image gives the aspect ratio.",
+          node=I2V, upstream_flag="--size"),
+    Param("frame_num", "int", 81, "Frames, 4n+1 (81 = 5 s at 16 fps).", aliases=("num_frames",), low=1, high=1001, every=4,
+          node=I2V, upstream_flag="--frame_num", widget={"step": 4}),
+    Param("sample_steps", "int", 40, "Denoising steps (upstream: 40).", low=1, high=1000, node=I2V, upstream_flag="--sample_steps"),
+    Param("sample_guide_scale", "guide", 3.5, "Guidance of both experts; a pair is (low_noise, high_noise) as upstream. guide_scale_low/high win.",
+          aliases=("cfg_scale", "guidance_scale"), upstream_flag="--sample_guide_scale", **_GUIDE),
+    Param("guide_scale_low", "float", 3.5, "Guidance of the low-noise expert (1 skips the unconditional pass).", node=I2V, **_GUIDE),
+    Param("guide_scale_high", "float", 3.5, "Guidance of the high-noise expert.", node=I2V, **_GUIDE),
+    Param("sample_shift", "float", 5.0, "Flow shift (upstream: 5.0; 3.0 suggested for 480p).", low=0.0, high=100.0, node=I2V,
+          upstream_flag="--sample_shift", widget={"step": 0.1}),
+    Param("sample_solver", "choice", "unipc", "Flow solver.", choices=("unipc", "dpm++"), spellings={"dpmpp": "dpm++", "dpm": "dpm++"},
+          node=I2V, upstream_flag="--sample_solver"),
+    Param("seed", "int", -1, "-1 draws a random seed; the seed used is reported.", aliases=("base_seed",), low=-1, high=MAX_SEED,
+          node=I2V, upstream_flag="--base_seed", widget={"control_after_generate": True}),
+    Param("boundary", "float", 0.9, "Steps with timestep >= boundary*1000 use the high-noise expert (upstream: 0.900).",
+          low=0.0, high=1.0, node=I2V, widget={"step": 0.001}),
+    # --- the video
+    Param("filename_prefix", "text", "Wan22/i2v", "Under ComfyUI's output folder; %width% and %height% are replaced.",
+          max_chars=200, node=SAVE, refused={"worker": _WORKER_NAMES_FILES}),
+    Param("fps", "int", 16, "Frames per second of the MP4 (Wan2.2: 16).", low=1, high=120, node=SAVE),
+    # --- models and memory
+    Param("model_set", "text", DEFAULT_MODEL_SET, "A model set found under WAN_CKPT_DIR (default /workspace/models, fallback /runpod-volume) or ComfyUI's models folder.",
+          max_chars=4096, node=LOADER, refused={"worker": _WORKER_NO_MODEL}),
+    Param("model_path", "text", "", "A model folder on the server; overrides model_set when not empty.",
+          max_chars=4096, node=LOADER, refused={"worker": _WORKER_NO_MODEL}),
+    Param("dtype", "choice", "bf16", "Compute dtype of the experts and T5 (upstream: bf16); the VAE runs in fp32.",
+          choices=("bf16", "fp16", "fp32"), spellings={"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"},
+          node=LOADER),
+    Param("offload_model", "bool", True, "Keep both experts in CPU RAM and move only the active one to the GPU (upstream default on one GPU).",
+          node=LOADER, upstream_flag="--offload_model"),
+    Param("t5_cpu", "bool", True, "Encode prompts with T5 on the CPU (saves ~11 GB of VRAM).", node=LOADER, upstream_flag="--t5_cpu", upstream_switch=True),
+    Param("convert_model_dtype", "bool", True, "Store the experts in dtype instead of the checkpoint's own (fp32 upstream shards are 57 GB each).",
+          node=LOADER, upstream_flag="--convert_model_dtype", upstream_switch=True),
+    # --- seed options that need several GPUs or a prompt-extension model: only the default is accepted
+    Param("t5_fsdp", "bool", False, "FSDP sharding of T5 (several GPUs).", flag=False, only=False, why=SINGLE_GPU, upstream_flag="--t5_fsdp", upstream_switch=True),
+    Param("dit_fsdp", "bool", False, "FSDP sharding of the DiT (several GPUs).", flag=False, only=False, why=SINGLE_GPU, upstream_flag="--dit_fsdp", upstream_switch=True),
+    Param("ulysses_size", "int", 1, "Ulysses sequence parallelism (several GPUs).", low=1, high=64, flag=False, only=1, why=SINGLE_GPU,
+          upstream_flag="--ulysses_size"),
+    Param("use_prompt_extend", "bool", False, "Prompt extension with a Qwen model or DashScope.", flag=False, only=False,
+          why="no prompt-extension model is available yet; send the full prompt", upstream_flag="--use_prompt_extend",
+          upstream_switch=True),
+    Param("prompt_extend_method", "text", "", "Prompt extension method (ignored while use_prompt_extend is false).", max_chars=200, flag=False,
+          upstream_flag="--prompt_extend_method"),
+    Param("prompt_extend_model", "text", "", "Prompt extension model (ignored while use_prompt_extend is false).", max_chars=200, flag=False,
+          upstream_flag="--prompt_extend_model"),
+    Param("prompt_extend_target_lang", "text", "", "Prompt extension language (ignored while use_prompt_extend is false).", max_chars=200,
+          flag=False, upstream_flag="--prompt_extend_target_lang"),
+    # --- the worker's delivery (the seed's request fields)
+    Param("save_file", "text", "", "MP4 name inside the worker's output folder (default <request_id>.mp4).", max_chars=1024, flag=False,
+          bound="a .mp4 name inside the output folder (up to 3 subfolders; an absolute path must lie in it; no '..', no other request's file)",
+          refused={"cli": "it names the worker's output; use --out"}),
+    Param("return_video", "bool", True, "Answer with the MP4 as base64 (when small enough).", flag=False,
+          refused={"cli": "the CLI always downloads the MP4; use --out"}),
+    Param("extra_args", "text", "", "Upstream generate.py flags (string or array, at most 50 tokens); they override the parameters.",
+          max_chars=20000, flag=False, refused={"cli": "give the parameters themselves"},
+          bound="a string (split like a shell) or an array of strings; --ckpt_dir, --image and --save_file are refused"),
+)
+
+SPEC: Dict[str, Param] = {p.name: p for p in PARAMS}
+SPELLINGS: Dict[str, str] = {s: p.name for p in PARAMS for s in (p.name, *p.aliases)}
+EXTENSION_OPTIONS = ("prompt_extend_method", "prompt_extend_model", "prompt_extend_target_lang")
+WORKER_FIELDS = ("save_file", "return_video", "extra_args")  # checked by the worker itself
+
+
+def default(name: str) -> Any:
+    return SPEC[name].default
+
+
+def node_params(node: str) -> List[Param]:
+    """The parameters that are inputs of `node`, in declaration order (the order of its widgets)."""
+    return [p for p in PARAMS if p.node == node]
+
+
+def run_defaults(surface: str) -> Dict[str, Any]:
+    """The node inputs `surface` may set, with their defaults (image sources excluded): what a run on that
+    surface uses for what the caller left out."""
+    return {p.name: p.default for p in PARAMS if p.node not in (None, LOAD_IMAGE) and p.taken_by(surface)}
+
+
+# ============================================================================================ checks
+def _integer(value: Any) -> Optional[int]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d{1,20}\s*", value):
+        return int(value)
+    return None
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _boolean(value: Any) -> Optional[bool]:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        return {"1": True, "true": True, "yes": True, "on": True,
+                "0": False, "false": False, "no": False, "off": False}.get(value.strip().lower())
+    return None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_size(value: Any) -> Tuple[int, int]:
+    """'1280*720' (or '1280x720') -> (1280, 720). For I2V it is an area; the image gives the aspect ratio."""
+    match = re.fullmatch(r"\s*(\d{1,6})\s*[*xX]\s*(\d{1,6})\s*", value) if isinstance(value, str) else None
+    if match:
+        width, height = int(match.group(1)), int(match.group(2))
+        if width >= 16 and height >= 16 and not width % 16 and not height % 16 and width * height <= MAX_AREA:
+            return width, height
+    raise InvalidParameter("size", f"must be 'W*H' with W and H multiples of 16 and an area of at most 1920*1088 "
+                                   f"(upstream sizes: {', '.join(UPSTREAM_SIZES)}), got {_short(value)}")
+
+
+def check(name: str, value: Any, limits: Optional[Limits] = None) -> Any:
+    """The canonical value of parameter `name`, or InvalidParameter(name, why)."""
+    p = SPEC[name]
+    checked = _check_kind(p, value, limits)
+    if p.only is not None and checked != p.only:
+        raise InvalidParameter(name, f"is not supported: {p.why}; remove it or set it to {_show(p.only)}")
+    return checked
+
+
+def _check_kind(p: Param, value: Any, limits: Optional[Limits]) -> Any:
+    def bad(why: str) -> InvalidParameter:
+        return InvalidParameter(p.name, why)
+
+    if p.kind == "int":
+        number = _integer(value)
+        if number is None:
+            raise bad(f"must be an integer from {_num(p.low)} to {_num(p.high)}, got {_short(value)}")
+        if not p.low <= number <= p.high:
+            raise bad(f"must be from {_num(p.low)} to {_num(p.high)}, got {number}")
+        if p.every and (number - 1) % p.every:
+            raise bad(f"must be {p.every}n+1 (e.g. 5, 33, 49, 81), got {number}")
+        return number
+    if p.kind == "float":
+        number = _number(value)
+        if number is None:
+            raise bad(f"must be a number from {_num(p.low)} to {_num(p.high)}, got {_short(value)}")
+        if not p.low <= number <= p.high:
+            raise bad(f"must be from {_num(p.low)} to {_num(p.high)}, got {number:g}")
+        return number
+    if p.kind == "bool":
+        flag = _boolean(value)
+        if flag is None:
+            raise bad(f"must be true or false, got {_short(value)}")
+        return flag
+    if p.kind == "choice":
+        text = value.strip().lower() if isinstance(value, str) else None
+        text = p.spellings.get(text, text)
+        if text not in p.choices:
+            raise bad(f"must be one of {', '.join(p.choices)}, got {_short(value)}")
+        return text
+    if p.kind == "size":
+        try:
+            return "%d*%d" % parse_size(value)
+        except InvalidParameter as exc:
+            raise bad(exc.why) from None
+    if p.kind == "guide":
+        pair = value.split(",") if isinstance(value, str) and "," in value else value
+        if isinstance(pair, (list, tuple)):
+            if len(pair) != 2:
+                raise bad("must be one number, or a pair [low_noise, high_noise]")
+            return tuple(_check_kind(dataclasses.replace(p, kind="float"), v, limits) for v in pair)
+        one = _check_kind(dataclasses.replace(p, kind="float"), value, limits)
+        return (one, one)
+    if p.kind == "image":
+        if not isinstance(value, str) or not value.strip():
+            raise bad(f"must be a path or an http(s) URL, got {_short(value)}")
+        text = value.strip()
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text) and not text.lower().startswith(("http://", "https://", "file://")):
+            raise bad(f"must be a path or an http(s) URL, got {_short(value)}")
+        return text
+    # text
+    if not isinstance(value, str):
+        raise bad(f"must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise bad("contains a NUL character")
+    limit = p.max_chars if p.max_chars is not None else (limits or Limits.from_env()).max_prompt_chars
+    if len(value) > limit:
+        source = " (WAN_MAX_PROMPT_CHARS)" if p.max_chars is None else ""
+        raise bad(f"is {len(value)} characters long; the limit is {limit}{source}")
+    return value
+
+
+# ============================================================================================ requests
+@dataclasses.dataclass
+class Normalized:
+    """A checked request: `values` under canonical names (only what was given), how each was spelled,
+    and warnings to pass on."""
+
+    values: Dict[str, Any]
+    spelled: Dict[str, str]
+    warnings: List[str]
+
+    def label(self, name: str) -> str:
+        return self.spelled.get(name, name)
+
+
+def normalize(raw: Mapping[str, Any], surface: str, *, limits: Optional[Limits] = None,
+              label: Callable[[str], str] = str, overrides: Mapping[str, Tuple[str, Any]] = {}) -> Normalized:
+    """Check a request made on `surface` ("cli" or "worker"): every key is a spelling of a parameter that
+    surface takes, every value passes :func:`check`. ``None`` counts as not given. `label` turns a key into
+    the field name of messages (the worker: ``params.<key>``). `overrides` are later values
+    {parameter: (label, value)} that replace given ones (the worker's extra_args).
+
+    `sample_guide_scale` fills guide_scale_low/high where they are not given; `image` becomes image_url or
+    image_path. Raises InvalidParameter listing every problem."""
+    limits = limits or Limits.from_env()
+    problems: List[Tuple[str, str]] = []
+    warnings: List[str] = []
+    given: Dict[str, Tuple[str, Any]] = {}
+    if not isinstance(raw, Mapping):
+        raise InvalidParameter(label("params"), f"must be an object of parameters, got {type(raw).__name__}")
+    for key, value in raw.items():
+        if value is None:
+            continue
+        name = SPELLINGS.get(str(key).strip())
+        field = label(str(key))
+        if name is None:
+            known = ", ".join(sorted(s for s, n in SPELLINGS.items() if SPEC[n].taken_by(surface)))
+            if limits.unknown_params == "warn":
+                warnings.append(f"{field}: unknown parameter, ignored")
+            else:
+                problems.append((field, f"unknown parameter (known: {known}; WAN_UNKNOWN_PARAMS=warn ignores unknown names)"))
+            continue
+        if surface in SPEC[name].refused:
+            problems.append((field, f"is not accepted here: {SPEC[name].refused[surface]}"))
+            continue
+        if name in given and given[name][1] != value:
+            problems.append((field, f"conflicts with {given[name][0]} (spellings of the same parameter with different values)"))
+            continue
+        given[name] = (field, value)
+    for name, (field, value) in overrides.items():
+        if name in given and given[name][1] != value:
+            warnings.append(f"{field} overrides {given[name][0]}")
+        given[name] = (field, value)
+
+    values: Dict[str, Any] = {}
+    spelled: Dict[str, str] = {}
+    for name, (field, value) in given.items():
+        try:
+            values[name] = check(name, value, limits)
+            spelled[name] = field
+        except InvalidParameter as exc:
+            problems.extend((field, why) for _, why in exc.problems)
+
+    images = [n for n in IMAGE_FIELDS if n in values]
+    if len(images) > 1:
+        problems.append((spelled[images[1]], f"give exactly one image source; also got {spelled[images[0]]}"))
+    if not values.get("use_prompt_extend"):
+        warnings += [f"{spelled[n]}: ignored because use_prompt_extend is false" for n in EXTENSION_OPTIONS if values.get(n)]
+    if problems:
+        raise InvalidParameter.from_problems(problems)
+
+    if "sample_guide_scale" in values:
+        low, high = values.pop("sample_guide_scale")
+        where = spelled.pop("sample_guide_scale")
+        for name, number in (("guide_scale_low", low), ("guide_scale_high", high)):
+            if name not in values:
+                values[name], spelled[name] = number, where
+    if "image" in values:
+        image, where = values.pop("image"), spelled.pop("image")
+        name = "image_url" if image.lower().startswith(("http://", "https://")) else "image_path"
+        values[name], spelled[name] = (image[7:] if image.lower().startswith("file://") else image), where
+    return Normalized(values, spelled, warnings)
+
+
+def image_source(values: Mapping[str, Any]) -> Optional[Tuple[str, str]]:
+    """(kind, value) of the normalized request's image: kind is url | path | base64."""
+    for name in ("image_url", "image_path", "image_base64"):
+        if values.get(name):
+            return name.split("_", 1)[1], values[name]
+    return None
+
+
+# ============================================================================================ CLI flags
+def shown_default(p: Param) -> str:
+    if p.default is None or p.default == "":
+        return "none"
+    if p.default == UPSTREAM_EXAMPLE_PROMPT:
+        return "upstream's example prompt"
+    if p.default == UPSTREAM_NEGATIVE_PROMPT:
+        return "upstream's negative prompt"
+    return _show(p.default)
+
+
+def cli_params() -> List[Param]:
+    """The parameters that have a CLI flag (``--name`` and ``--alias``, with ``-`` for ``_``)."""
+    return [p for p in PARAMS if p.flag and p.taken_by("cli")]
+
+
+def add_flags(parser, params: List[Param]) -> None:
+    """argparse flags for `params`; every value stays text until :func:`normalize` checks it."""
+    for p in params:
+        kwargs: Dict[str, Any] = {"dest": p.name, "default": None,
+                                  "help": f"{p.doc} [{p.allowed}; default: {shown_default(p)}]".replace("%", "%%")}
+        if p.kind == "bool":
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif p.kind == "choice":
+            kwargs["metavar"] = "{" + ",".join(p.choices) + "}"
+        parser.add_argument(*p.flags, **kwargs)
+
+
+def flag_values(args, params: List[Param]) -> Dict[str, Any]:
+    return {p.name: getattr(args, p.name) for p in params if getattr(args, p.name, None) is not None}
