@@ -1,6 +1,7 @@
 """Helpers behind the ComfyUI fixtures in conftest.py: the tiny model sets and the shared real server."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -75,3 +76,41 @@ def wait_queue_empty(client, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def reply(handler, status: int, body: bytes = b"", content_type: str = "application/octet-stream") -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+@contextlib.contextmanager
+def loopback_http(routes: dict):
+    """A threaded http.server on 127.0.0.1 only: GET `path` calls routes[path](handler), other paths are 404.
+    Yields its base URL; the port is also `url.rsplit(':', 1)[1]`."""
+    import http.server
+    import socketserver
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            route = routes.get(self.path.split("?")[0])
+            if route is None:
+                reply(self, 404)
+            else:
+                route(self)
+
+        def log_message(self, *args):
+            pass
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()

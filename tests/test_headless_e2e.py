@@ -152,31 +152,10 @@ def test_unknown_input_name_in_set_is_readable(comfy_url, input_image):
 
 @pytest.fixture
 def image_url(input_image):
-    """The input image served from a loopback http.server (a CLI user's own LAN: allowed for the CLI)."""
-    import http.server
-    import socketserver
-    import threading
-
+    """The input image served on loopback (a CLI user's own LAN: allowed for the CLI)."""
     data = input_image.read_bytes()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(200 if self.path == "/in.png" else 404)
-            self.send_header("Content-Length", str(len(data) if self.path == "/in.png" else 0))
-            self.end_headers()
-            if self.path == "/in.png":
-                self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-        daemon_threads = True
-
-    server = Server(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with cf.loopback_http({"/in.png": lambda h: cf.reply(h, 200, data, "image/png")}) as base:
+        yield base
 
 
 @pytest.mark.parametrize("how", ["url", "base64", "reference_image_url"])

@@ -3,13 +3,10 @@ pack imports only the engine, and the engine's own CLI (`python -m wan22`) is bu
 from __future__ import annotations
 
 import ast
-import http.server
 import io
 import json
-import socketserver
 import subprocess
 import sys
-import threading
 from contextlib import redirect_stderr
 from pathlib import Path
 
@@ -103,25 +100,12 @@ def test_python_m_wan22_takes_the_spec_flags(tiny_models, tmp_path):
 @pytest.fixture
 def broken_server():
     """A server that answers /system_stats and then fails with HTTP 500, as a crashing ComfyUI would."""
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            ok = self.path.startswith("/system_stats")
-            body = b'{"system": {}}' if ok else b"Internal Server Error"
-            self.send_response(200 if ok else 500)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    import comfy_fixture as cf
 
-        def log_message(self, *args):
-            pass
-
-    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-        daemon_threads = True
-
-    server = Server(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    routes = {"/system_stats": lambda h: cf.reply(h, 200, b'{"system": {}}', "application/json"),
+              "/object_info": lambda h: cf.reply(h, 500, b"Internal Server Error", "text/plain")}
+    with cf.loopback_http(routes) as base:
+        yield base
 
 
 def test_http_500_is_a_server_error_not_unreachable(broken_server, tmp_path):

@@ -8,16 +8,13 @@ for the node pack and the shipped API workflow; the raw-workflow and bad-input t
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import json
 import os
 import re
 import signal
-import socketserver
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -70,34 +67,10 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def image_http():
     data = png_bytes()
-
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            if self.path == "/in.png":
-                body, ctype = data, "image/png"
-            elif self.path == "/page.html":
-                body, ctype = b"<html>not an image</html>", "text/html"
-            else:
-                self.send_response(404)
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
-        daemon_threads = True
-
-    srv = S(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield {"base": f"http://127.0.0.1:{srv.server_address[1]}", "hostport": f"127.0.0.1:{srv.server_address[1]}",
-           "data": data}
-    srv.shutdown()
+    routes = {"/in.png": lambda h: cf.reply(h, 200, data, "image/png"),
+              "/page.html": lambda h: cf.reply(h, 200, b"<html>not an image</html>", "text/html")}
+    with cf.loopback_http(routes) as base:
+        yield {"base": base, "hostport": base.split("://", 1)[1], "data": data}
 
 
 class Worker:

@@ -5,13 +5,10 @@ URL tests serve from a local http.server on 127.0.0.1 only (never an external ad
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import json
 import os
-import socketserver
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -320,38 +317,15 @@ def test_public_address_classification():
         assert is_public_address(ip), ip
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    routes = {}
-
-    def do_GET(self):  # noqa: N802
-        route = self.routes.get(self.path.split("?")[0])
-        if route is None:
-            self.send_response(404)
-            self.end_headers()
-            return
-        route(self)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def image_server():
-    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-        daemon_threads = True
+    import comfy_fixture as cf
 
-    srv = Server(("127.0.0.1", 0), _Handler)
-    port = srv.server_address[1]
-    other = Server(("127.0.0.1", 0), _Handler)  # a second "internal" port the allowlist does not cover
     data = png_bytes(40, 30)
+    routes = {}
 
     def ok(h):
-        h.send_response(200)
-        h.send_header("Content-Type", "image/png")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
-
+        cf.reply(h, 200, data, "image/png")
     def redirect_to(target):
         def f(h):
             h.send_response(302)
@@ -381,26 +355,18 @@ def image_server():
             pass
 
     def html(h):
-        body = b"<html>hello</html>"
-        h.send_response(200)
-        h.send_header("Content-Type", "image/png")  # lies
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        h.wfile.write(body)
+        cf.reply(h, 200, b"<html>hello</html>", "image/png")  # lies
 
-    _Handler.routes = {
-        "/a.png": ok, "/big": big, "/slow": slow, "/html": html,
-        "/r1": redirect_to("/a.png"),
-        "/loop": redirect_to("/loop"),
-        "/to-other": redirect_to(f"http://127.0.0.1:{other.server_address[1]}/a.png"),
-        "/to-file": redirect_to("file:///etc/passwd"),
-    }
-    for s in (srv, other):
-        threading.Thread(target=s.serve_forever, daemon=True).start()
-    yield {"base": f"http://127.0.0.1:{port}", "allow": (f"127.0.0.1:{port}",), "data": data,
-           "other": f"http://127.0.0.1:{other.server_address[1]}"}
-    srv.shutdown()
-    other.shutdown()
+    # a second "internal" port the allowlist does not cover
+    with cf.loopback_http(routes) as base, cf.loopback_http({"/a.png": ok}) as other:
+        routes.update({
+            "/a.png": ok, "/big": big, "/slow": slow, "/html": html,
+            "/r1": redirect_to("/a.png"),
+            "/loop": redirect_to("/loop"),
+            "/to-other": redirect_to(f"{other}/a.png"),
+            "/to-file": redirect_to("file:///etc/passwd"),
+        })
+        yield {"base": base, "allow": (base.split("://", 1)[1],), "data": data, "other": other}
 
 
 def _fetch(url, allow, **kw):

@@ -291,21 +291,15 @@ def _check_kind(p: Param, value: Any, limits: Optional[Limits]) -> Any:
     def bad(why: str) -> InvalidParameter:
         return InvalidParameter(p.name, why)
 
-    if p.kind == "int":
-        number = _integer(value)
+    if p.kind in ("int", "float"):
+        number = _integer(value) if p.kind == "int" else _number(value)
         if number is None:
-            raise bad(f"must be an integer from {_num(p.low)} to {_num(p.high)}, got {_short(value)}")
+            what = "an integer" if p.kind == "int" else "a number"
+            raise bad(f"must be {what} from {_num(p.low)} to {_num(p.high)}, got {_short(value)}")
         if not p.low <= number <= p.high:
-            raise bad(f"must be from {_num(p.low)} to {_num(p.high)}, got {number}")
+            raise bad(f"must be from {_num(p.low)} to {_num(p.high)}, got {number if p.kind == 'int' else f'{number:g}'}")
         if p.every and (number - 1) % p.every:
             raise bad(f"must be {p.every}n+1 (e.g. 5, 33, 49, 81), got {number}")
-        return number
-    if p.kind == "float":
-        number = _number(value)
-        if number is None:
-            raise bad(f"must be a number from {_num(p.low)} to {_num(p.high)}, got {_short(value)}")
-        if not p.low <= number <= p.high:
-            raise bad(f"must be from {_num(p.low)} to {_num(p.high)}, got {number:g}")
         return number
     if p.kind == "bool":
         flag = _boolean(value)
