@@ -86,7 +86,8 @@ class Wan22ModelLoader:
     def _key(model_set, model_path, **options):
         found = resolve_model_set(model_set, model_path)
         options = LoadOptions.from_values(options, device=comfy_bridge.torch_device()).validated()
-        return found, options, (found.name, options)
+        # placement options (memory_mode, offload_model, t5_cpu, fp8_matmul) reuse the loaded models
+        return found, options, (found.name, options.storage_key)
 
     @classmethod
     def IS_CHANGED(cls, **inputs):
@@ -99,7 +100,7 @@ class Wan22ModelLoader:
 
     def load(self, **inputs):
         found, options, key = self._key(**inputs)
-        return (LoadedModels.get(key, lambda: load_pipeline(found, options)),)
+        return (LoadedModels.get(key, lambda: load_pipeline(found, options)).with_options(options),)
 
 
 class Wan22TextEncode:

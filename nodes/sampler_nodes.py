@@ -49,5 +49,6 @@ class Wan22ImageToVideo:
                                 should_cancel=comfy_bridge.raise_if_interrupted)
         frames = result.frames.float().div(255.0)
         info = {"seed": result.seed, "frames": result.num_frames, "width": result.width, "height": result.height,
-                "model_loads": LoadedModels.loads, "timings": {k: round(v, 3) for k, v in result.timings.items()}}
+                "model_loads": LoadedModels.loads, "timings": {k: round(v, 3) for k, v in result.timings.items()},
+                "memory": result.plan}
         return {"ui": {"wan22": [info]}, "result": (frames, result.seed)}

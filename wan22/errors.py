@@ -48,3 +48,11 @@ class CheckpointError(Wan22Error, ValueError):
 
 class GenerationCancelled(Wan22Error):
     """The caller's cancel check asked to stop between two denoising steps."""
+
+
+class MemoryPlanError(Wan22Error, ValueError):
+    """No placement of the models fits the GPU or the host; the message gives the numbers and what to change."""
+
+
+class GpuOutOfMemory(Wan22Error, RuntimeError):
+    """The GPU ran out of memory during a run. Everything the run moved there was moved back first."""

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from .convert import FP8_MARKER, FP8_SCALE_SUFFIX, KeyMap, dequantize_fp8
+from .fp8 import FP8, FP8_DTYPES, ScaledFP8Linear, quantize
+from .placement import move
 from .errors import CheckpointError
 
 TensorGetter = Callable[[], torch.Tensor]
@@ -197,8 +199,8 @@ def fill_module(
     """Place every tensor of `tensors` into the meta-built `model` under its mapped name.
 
     Raises CheckpointError naming `source` when a tensor has the wrong shape or a parameter stays unfilled.
-    `dtype=None` keeps each tensor's stored dtype (fp8 weights are dequantized to float32; callers pass a
-    dtype for fp8 files).
+    `dtype=None` keeps each tensor's stored dtype. The weights of ScaledFP8Linear layers stay (or become) fp8;
+    other fp8 tensors are dequantized (to float32 unless `dtype` says otherwise).
     """
     owners = _parameter_owners(model)
     # diffusers keeps some modules in fp32 whatever the dtype (Wan: time embedder, modulation tables,
@@ -220,13 +222,22 @@ def fill_module(
             raise CheckpointError(
                 f"{source}: tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(current.shape)} for {target}"
             )
-        if tensor.dtype == torch.float8_e4m3fn or tensor.dtype == torch.float8_e5m2:
-            scale = fp8_scales.get(key[: -len(".weight")] + FP8_SCALE_SUFFIX) if fp8_scales and key.endswith(".weight") else None
-            tensor = dequantize_fp8(tensor, scale() if scale else None)
+        scale_getter = fp8_scales.get(key[: -len(".weight")] + FP8_SCALE_SUFFIX) if fp8_scales and key.endswith(".weight") else None
+        if isinstance(module, ScaledFP8Linear) and attr == "weight":
+            # kept in fp8: the file's fp8 tensor and scale as they are, anything else quantized now
+            if tensor.dtype in FP8_DTYPES:
+                weight, scale = tensor.to(FP8), (scale_getter() if scale_getter else torch.ones(()))
+            else:
+                weight, scale = quantize(tensor)
+            del tensor
+            module._parameters["weight"] = nn.Parameter(weight.to(device), requires_grad=False)
+            module._buffers["scale_weight"] = scale.to(device=device, dtype=torch.float32).reshape(())
+            filled.add(target)
+            continue
+        if tensor.dtype in FP8_DTYPES:
+            tensor = dequantize_fp8(tensor, scale_getter() if scale_getter else None)
         target_dtype = dtype if (dtype is not None and tensor.is_floating_point()) else None
         if target_dtype is not None and any(part in keep_fp32 for part in target.split(".")):
-            target_dtype = torch.float32
-        if target_dtype is None and tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             target_dtype = torch.float32
         value = tensor.to(device=device, dtype=target_dtype) if target_dtype else tensor.to(device=device)
         del tensor
@@ -242,7 +253,7 @@ def fill_module(
         extra = f"; it holds unexpected keys such as {', '.join(unexpected[:5])}" if unexpected else ""
         raise CheckpointError(f"{source}: {len(missing)} model tensors not found in the checkpoint: {shown}{extra}")
     # buffers computed in __init__ (diffusers' RoPE tables) were built on the CPU: bring them along
-    return model.to(device).eval().requires_grad_(False)
+    return move(model, device).eval().requires_grad_(False)
 
 
 def fp8_scale_getters(tensors: Dict[str, TensorGetter]) -> Dict[str, TensorGetter]:

@@ -16,6 +16,7 @@ import torch
 from . import convert
 from .configs import load_config
 from .errors import CheckpointError
+from .fp8 import swap_in_fp8_layers
 from .load import (
     fill_module,
     fp8_scale_getters,
@@ -87,12 +88,16 @@ def transformer_config_from_upstream_shapes(shapes: Shapes, source: str) -> dict
     return config
 
 
-def build_transformer(config: dict):
+def build_transformer(config: dict, fp8: bool = False):
+    """The expert on the meta device; with `fp8`, its block linears are ScaledFP8Linear (see wan22.fp8)."""
     from diffusers import WanTransformer3DModel
 
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     with parameters_on_meta():
-        return WanTransformer3DModel(**config)
+        model = WanTransformer3DModel(**config)
+    if fp8:
+        swap_in_fp8_layers(model)
+    return model
 
 
 def read_json(path: Path) -> dict:
@@ -102,24 +107,24 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable config ({exc})") from exc
 
 
-def load_transformer_from_upstream_shards(folder: Path, dtype, device):
+def load_transformer_from_upstream_shards(folder: Path, dtype, device, fp8: bool = False):
     files = safetensors_files(folder)
-    model = build_transformer(transformer_config_from_upstream(read_json(Path(folder) / "config.json")))
+    model = build_transformer(transformer_config_from_upstream(read_json(Path(folder) / "config.json")), fp8)
     return fill_module(model, iter_safetensors(files), convert.upstream_to_diffusers_transformer, dtype, device, str(folder))
 
 
-def load_transformer_from_diffusers_folder(folder: Path, dtype, device):
+def load_transformer_from_diffusers_folder(folder: Path, dtype, device, fp8: bool = False):
     files = safetensors_files(folder)
-    model = build_transformer(read_json(Path(folder) / "config.json"))
+    model = build_transformer(read_json(Path(folder) / "config.json"), fp8)
     return fill_module(model, iter_safetensors(files), convert.identity, dtype, device, str(folder))
 
 
-def load_transformer_from_comfy_file(file: Path, dtype, device):
+def load_transformer_from_comfy_file(file: Path, dtype, device, fp8: bool = False):
     """ComfyUI diffusion_models/*.safetensors: upstream names (maybe prefixed), fp16/bf16 or fp8_scaled."""
     shapes = safetensors_shapes([file])
     prefix = convert.COMFY_DIFFUSION_PREFIX if any(k.startswith(convert.COMFY_DIFFUSION_PREFIX) for k in shapes) else ""
     unprefixed = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
-    model = build_transformer(transformer_config_from_upstream_shapes(unprefixed, str(file)))
+    model = build_transformer(transformer_config_from_upstream_shapes(unprefixed, str(file)), fp8)
     tensors = dict(iter_safetensors([file]))
     scales = fp8_scale_getters(tensors)
     return fill_module(

@@ -1,8 +1,11 @@
 """Wan2.2 I2V-A14B generation, stage by stage as upstream's WanI2V.generate (wan/image2video.py)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
@@ -11,49 +14,64 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import models, spec
+from . import memory, models, placement, spec
 from .discover import ModelSet, discover_model_set
-from .errors import GenerationCancelled, InvalidParameter
+from .errors import GenerationCancelled, GpuOutOfMemory, InvalidParameter
 from .params import GenerationParams, image_size_for_area
 from .spec import UPSTREAM_NEGATIVE_PROMPT
 from .schedule import NUM_TRAIN_TIMESTEPS, make_schedule
+from .fp8 import FP8_DTYPES, fp8_layers
 from .text import HuggingFaceTokenizer, PromptEmbeds, PromptEncoder, SentencePieceTokenizer, pad_context
 
+log = logging.getLogger("wan22")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VAE_STRIDE = (4, 8, 8)
 PATCH = (1, 2, 2)
 
 
+LOAD_FIELDS = ("dtype", "offload_model", "t5_cpu", "convert_model_dtype", "weight_dtype", "memory_mode", "fp8_matmul")
+STORAGE_FIELDS = ("dtype", "convert_model_dtype", "weight_dtype")  # changing these means loading again
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadOptions:
-    """Memory options with the meanings of upstream generate.py's flags.
+    """Loader options (wan22.spec names and defaults) with the meanings of upstream generate.py's flags.
 
-    offload_model: keep both experts in CPU RAM and move only the active one to the GPU; T5 leaves the GPU
-      after encoding. t5_cpu: encode prompts on the CPU. convert_model_dtype: store the experts in `dtype`
-      (otherwise in the checkpoint's own dtype, computing under autocast).
+    Storage (a change reloads): dtype (compute), convert_model_dtype (store the experts in dtype rather than
+    the checkpoint's own), weight_dtype (auto | bf16 | fp16 | fp8_e4m3fn_scaled). Placement (no reload, see
+    wan22.memory): memory_mode, offload_model (false asks for full), t5_cpu, fp8_matmul. gpu_memory_gib caps
+    the GPU memory the plan may use (None: what is free), e.g. to run as a 24 GB card would.
     """
 
     dtype: str = spec.default("dtype")
     offload_model: bool = spec.default("offload_model")
     t5_cpu: bool = spec.default("t5_cpu")
     convert_model_dtype: bool = spec.default("convert_model_dtype")
+    weight_dtype: str = spec.default("weight_dtype")
+    memory_mode: str = spec.default("memory_mode")
+    fp8_matmul: bool = spec.default("fp8_matmul")
     device: Optional[str] = None  # cuda when available, else cpu
+    gpu_memory_gib: Optional[float] = None
 
     @classmethod
     def from_values(cls, values, device: Optional[str] = None) -> "LoadOptions":
         """From canonical parameter values (wan22.spec names); missing ones keep their defaults."""
-        return cls(device=device, **{f: values[f] for f in ("dtype", "offload_model", "t5_cpu", "convert_model_dtype") if f in values})
+        return cls(device=device, **{f: values[f] for f in LOAD_FIELDS if f in values})
 
     def validated(self) -> "LoadOptions":
-        problems = []
-        for name in ("dtype", "offload_model", "t5_cpu", "convert_model_dtype"):
+        problems, checked = [], {}
+        for name in LOAD_FIELDS:
             try:
-                spec.check(name, getattr(self, name))
+                checked[name] = spec.check(name, getattr(self, name))
             except InvalidParameter as exc:
                 problems += exc.problems
         if problems:
             raise InvalidParameter.from_problems(problems)
-        return dataclasses.replace(self, dtype=spec.check("dtype", self.dtype))
+        return dataclasses.replace(self, **checked)
+
+    @property
+    def storage_key(self) -> tuple:
+        return tuple(getattr(self, name) for name in STORAGE_FIELDS) + (str(self.torch_device),)
 
     @property
     def torch_device(self) -> torch.device:
@@ -63,6 +81,19 @@ class LoadOptions:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    def keeps_fp8(self, model_set: Optional[ModelSet]) -> bool:
+        fp8_file = model_set is not None and model_set.variant == "fp8_scaled"
+        return self.weight_dtype == "fp8_e4m3fn_scaled" or (self.weight_dtype == "auto" and fp8_file)
+
+    def expert_dtype(self, model_set: Optional[ModelSet]) -> Optional[torch.dtype]:
+        """The storage dtype of the experts' other tensors (None: the checkpoint's own)."""
+        if self.weight_dtype in ("bf16", "fp16"):
+            return DTYPES[self.weight_dtype]
+        fp8_file = model_set is not None and model_set.variant == "fp8_scaled"
+        if self.keeps_fp8(model_set) or self.convert_model_dtype or fp8_file:
+            return self.torch_dtype
+        return None
+
 
 @dataclasses.dataclass
 class VideoResult:
@@ -71,6 +102,7 @@ class VideoResult:
     latent: torch.Tensor  # the latent passed to the VAE decoder
     seed: int
     timings: Dict[str, float]
+    plan: Optional[dict] = None  # the memory plan it ran with (wan22.memory.Plan.as_dict)
 
     @property
     def num_frames(self) -> int:
@@ -122,65 +154,218 @@ def load_tokenizer(model_set: ModelSet):
 
 
 def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = LoadOptions()) -> "Wan22I2VPipeline":
-    """Load both experts, the text encoder and the VAE of a model set, respecting the memory options."""
+    """Load both experts, the text encoder and the VAE of a model set into host memory, stored as the options
+    say (see LoadOptions); where they run is decided per run by the memory plan (wan22.memory)."""
     options = options.validated()
     model_set = source if isinstance(source, ModelSet) else discover_model_set(source)
-    device = options.torch_device
     load_transformer, load_t5, load_vae = LOADERS[model_set.layout]
     check_safetensors_headers(model_set)
-    # fp8 files are dequantized to the compute dtype either way (as fp32 they would be 4x their size)
-    keep_stored = not options.convert_model_dtype and model_set.variant != "fp8_scaled"
-    expert_dtype = None if keep_stored else options.torch_dtype
+    memory.check_host_fits(*estimate_host_bytes(model_set, options), memory.host_available())
+    fp8 = options.keeps_fp8(model_set)
+    expert_dtype = options.expert_dtype(model_set)
     # upstream runs T5 in bf16 whatever the DiT dtype (fp16 overflows in UMT5); fp32 stays fp32
     t5_dtype = torch.float32 if options.torch_dtype == torch.float32 else torch.bfloat16
-    expert_device = "cpu" if options.offload_model else device
     timings = {}
 
-    def timed(name, fn, *args):
+    def timed(name, fn, *args, **kwargs):
         start = time.perf_counter()
-        result = fn(*args)
+        result = fn(*args, **kwargs)
         timings[name] = time.perf_counter() - start
         return result
 
     tokenizer = timed("tokenizer", load_tokenizer, model_set)
-    text_model = timed("text_encoder", load_t5, model_set.files["text_encoder"], t5_dtype, "cpu" if (options.t5_cpu or options.offload_model) else device)
-    vae = timed("vae", load_vae, model_set.files["vae"], device)
-    high = timed("high_noise_model", load_transformer, model_set.files["high_noise_model"], expert_dtype, expert_device)
-    low = timed("low_noise_model", load_transformer, model_set.files["low_noise_model"], expert_dtype, expert_device)
-    pipe = Wan22I2VPipeline(high, low, PromptEncoder(tokenizer, text_model, device), vae, options, model_set)
+    text_model = timed("text_encoder", load_t5, model_set.files["text_encoder"], t5_dtype, "cpu")
+    vae = timed("vae", load_vae, model_set.files["vae"], "cpu")
+    high = timed("high_noise_model", load_transformer, model_set.files["high_noise_model"], expert_dtype, "cpu", fp8=fp8)
+    low = timed("low_noise_model", load_transformer, model_set.files["low_noise_model"], expert_dtype, "cpu", fp8=fp8)
+    pipe = Wan22I2VPipeline(high, low, PromptEncoder(tokenizer, text_model, options.torch_device), vae, options, model_set)
     pipe.load_timings = timings
     return pipe
 
 
+def estimate_host_bytes(model_set: ModelSet, options: LoadOptions) -> tuple:
+    """(one expert, T5, VAE) bytes once loaded, from the checkpoint headers and file sizes, before loading."""
+    from .load import open_safetensors, safetensors_files
+
+    fp8, dtype = options.keeps_fp8(model_set), options.expert_dtype(model_set)
+    expert = 0
+    for shard in open_safetensors(safetensors_files(model_set.files["high_noise_model"])):
+        for key in shard.keys():
+            stored, shape, begin, end = shard.entries[key]
+            numel = (end - begin) // max(stored.itemsize, 1)
+            if fp8 and key.endswith(".weight") and len(shape) == 2 and "blocks." in key:
+                expert += numel
+            else:
+                expert += numel * (dtype.itemsize if dtype is not None and stored.is_floating_point else stored.itemsize)
+    t5_file = model_set.files["text_encoder"]
+    t5 = sum(p.stat().st_size for p in ([t5_file] if t5_file.is_file() else t5_file.rglob("*.safetensors")))
+    if "fp8" in t5_file.name:
+        t5 *= 2  # fp8 T5 files are loaded as bf16
+    return expert, t5, model_set.files["vae"].stat().st_size if model_set.files["vae"].is_file() else 0
+
+
 def check_safetensors_headers(model_set: ModelSet) -> None:
-    """Read every safetensors header (sizes against the file) so a truncated shard fails before loading."""
+    """Read every safetensors header before loading: sizes against the file (a truncated shard), and in a
+    scaled-fp8 file (marker `scaled_fp8`) a scale_weight beside every fp8 weight."""
+    from .convert import FP8_MARKER, FP8_SCALE_SUFFIX
     from .load import open_safetensors, safetensors_files
 
     for part in ("high_noise_model", "low_noise_model", "text_encoder", "vae"):
         path = model_set.files[part]
-        if path.is_dir() or path.suffix == ".safetensors":
-            open_safetensors(safetensors_files(path))
+        if not (path.is_dir() or path.suffix == ".safetensors"):
+            continue
+        for shard in open_safetensors(safetensors_files(path)):
+            if FP8_MARKER not in shard.entries:
+                continue
+            unscaled = [key for key, (dtype, _, _, _) in shard.entries.items()
+                        if dtype in FP8_DTYPES and key.endswith(".weight")
+                        and key[: -len(".weight")] + FP8_SCALE_SUFFIX not in shard.entries]
+            if unscaled:
+                raise models.CheckpointError(
+                    f"{shard.path}: a scaled fp8 file whose fp8 weights {', '.join(unscaled[:3])}"
+                    f"{f' and {len(unscaled) - 3} more' if len(unscaled) > 3 else ''} have no scale_weight: the file is "
+                    f"damaged or was converted wrongly")
+
+
+@contextlib.contextmanager
+def out_of_memory_guard(pipe: "Wan22I2VPipeline", stage: str):
+    """A GPU out-of-memory error becomes GpuOutOfMemory after everything went back to host memory; the failed
+    step's tensors (held by the traceback's frames) are let go first, so nothing is left on the GPU."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+        traceback.clear_frames(exc.__traceback__)
+        exc.__traceback__ = None
+        del exc
+        pipe._evict()
+        plan = pipe.last_plan.describe() if pipe.last_plan is not None else f"memory_mode {pipe.options.memory_mode}"
+        raise GpuOutOfMemory(
+            f"out of GPU memory while {stage} ({first_line}); the plan was: {plan}. Nothing is left on the GPU. "
+            f"Try memory_mode stream, weight_dtype fp8_e4m3fn_scaled, a smaller size or fewer frames") from None
+
+
+class _Shared:
+    """What the views of one loaded model set share: whether it was released, what is on the GPU."""
+
+    def __init__(self) -> None:
+        self.released = False
+        self.on_gpu: set = set()
+        self.streamer: Optional[placement.BlockStreamer] = None
+
+
+EXPERTS = ("high_noise_model", "low_noise_model")
 
 
 class Wan22I2VPipeline:
-    def __init__(self, high_noise_model, low_noise_model, prompt_encoder: PromptEncoder, vae, options: LoadOptions, model_set: Optional[ModelSet] = None):
+    def __init__(self, high_noise_model, low_noise_model, prompt_encoder: PromptEncoder, vae, options: LoadOptions,
+                 model_set: Optional[ModelSet] = None, shared: Optional[_Shared] = None):
         self.high_noise_model, self.low_noise_model = high_noise_model, low_noise_model
         self.prompt_encoder, self.vae, self.options, self.model_set = prompt_encoder, vae, options, model_set
         self.device = options.torch_device
         self.load_timings: Dict[str, float] = {}  # seconds per part, filled by load_pipeline
-        self.released = False
+        self._shared = shared or _Shared()
+        self.last_plan: Optional[memory.Plan] = None
+
+    def with_options(self, options: LoadOptions) -> "Wan22I2VPipeline":
+        """The same loaded models with other placement options (memory_mode, offload_model, t5_cpu, fp8_matmul)."""
+        options = options.validated()
+        if options.storage_key != self.options.storage_key:
+            raise ValueError("these options change how the models are stored: load them again")
+        view = Wan22I2VPipeline(self.high_noise_model, self.low_noise_model, self.prompt_encoder, self.vae, options,
+                                self.model_set, self._shared)
+        view.load_timings = self.load_timings
+        return view
+
+    @property
+    def released(self) -> bool:
+        return self._shared.released
 
     def release(self) -> None:
         """Free every weight now (modules go to the meta device); the pipeline cannot be used afterwards."""
-        for module in (self.high_noise_model, self.low_noise_model, self.prompt_encoder.model, self.vae):
+        self._evict()
+        for module in self._modules().values():
             module.to("meta")
-        self.released = True
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self._shared.released = True
+        placement.empty_cache(self.device)
 
     def _check_usable(self) -> None:
         if self.released:
             raise RuntimeError("these Wan2.2 models were released (another model set was loaded, or /free); run the loader again")
+
+    # ------------------------------------------------------------------ placement (wan22.memory, wan22.placement)
+    def _modules(self) -> Dict[str, torch.nn.Module]:
+        modules = {"high_noise_model": self.high_noise_model, "low_noise_model": self.low_noise_model,
+                   "text_encoder": self.prompt_encoder.model if self.prompt_encoder is not None else None, "vae": self.vae}
+        return {name: module for name, module in modules.items() if module is not None}
+
+    def sizes(self) -> memory.Sizes:
+        expert = self.high_noise_model
+        blocks = [placement.module_bytes(b) for b in expert.blocks]
+        text = self.prompt_encoder.model if self.prompt_encoder is not None else None
+        return memory.Sizes(expert=placement.module_bytes(expert), expert_blocks=sum(blocks), block=max(blocks),
+                            num_blocks=len(blocks), t5=placement.module_bytes(text) if text is not None else 0,
+                            vae=placement.module_bytes(self.vae) if self.vae is not None else 0,
+                            dim=expert.config.num_attention_heads * expert.config.attention_head_dim)
+
+    def budget(self) -> memory.Budget:
+        cap = None if self.options.gpu_memory_gib is None else int(self.options.gpu_memory_gib * memory.GIB)
+        return memory.Budget.detect(self.device, cap)
+
+    def plan(self, params: GenerationParams, image: Optional[Image.Image] = None) -> memory.Plan:
+        """The placement of a run of `params` (on `image`'s aspect ratio; else the size as given)."""
+        if image is not None:
+            _, _, height, width = image_size_for_area(image.height, image.width, params.max_area, VAE_STRIDE[1], PATCH[1])
+        else:
+            width, height = spec.parse_size(params.size)
+        request = memory.Request(width, height, params.frame_num)
+        return memory.make_plan(self.sizes(), request, self.budget(), self.options.memory_mode, self.options.t5_cpu,
+                                self.options.offload_model)
+
+    def _gpu(self) -> bool:
+        return self.device.type != "cpu"
+
+    def _to_gpu(self, name: str) -> None:
+        if self._gpu() and name not in self._shared.on_gpu:
+            placement.move(self._modules()[name], self.device)
+            self._shared.on_gpu.add(name)
+
+    def _evict(self, keep=()) -> None:
+        """Everything but `keep` back to host memory (a streamed expert included)."""
+        if self._shared.streamer is not None:
+            self._shared.streamer.detach()
+            self._shared.streamer = None
+        for name in list(self._shared.on_gpu):
+            if name not in keep:
+                placement.move(self._modules()[name], "cpu")
+                self._shared.on_gpu.discard(name)
+        placement.empty_cache(self.device)
+
+    def _activate_expert(self, name: str, plan: memory.Plan) -> torch.nn.Module:
+        model = self._modules()[name]
+        if not self._gpu():
+            return model
+        if plan.mode == "full":
+            self._evict(keep=EXPERTS)
+            for expert in EXPERTS:
+                self._to_gpu(expert)
+        elif plan.mode == "offload":
+            self._evict(keep=(name,))
+            self._to_gpu(name)
+        elif self._shared.streamer is None or self._shared.streamer.model is not model:
+            self._evict()
+            self._shared.streamer = placement.BlockStreamer(model, self.device, plan.resident_blocks).attach()
+        return model
+
+    def _place_vae(self, plan: memory.Plan) -> None:
+        """The VAE runs with no expert on the GPU (except in full mode), tiled when the plan says so."""
+        if self._gpu():
+            self._evict(keep=EXPERTS + ("vae",) if plan.mode == "full" else ("vae",))
+            self._to_gpu("vae")
+        if plan.vae_tiling:
+            self.vae.enable_tiling()
+        else:
+            self.vae.disable_tiling()
 
     # ------------------------------------------------------------------ stage 1: prompts
     @torch.no_grad()
@@ -189,16 +374,19 @@ class Wan22I2VPipeline:
         spec.check("negative_prompt", negative_prompt or "")
         self._check_usable()
         negative = negative_prompt or UPSTREAM_NEGATIVE_PROMPT  # upstream: "" means the default
-        model = self.prompt_encoder.model
-        on_gpu = not self.options.t5_cpu and self.device.type != "cpu"
-        encode_device = self.device if on_gpu else torch.device("cpu")
+        on_gpu = not self.options.t5_cpu and self._gpu()
         if on_gpu:
-            model.to(self.device)
+            free = self.budget().gpu_bytes
+            t5 = placement.module_bytes(self.prompt_encoder.model)
+            if free is not None and memory.usable_gpu_bytes(free) < t5 + sum(placement.module_bytes(self._modules()[n]) for n in self._shared.on_gpu):
+                self._evict()  # T5 first, the experts come back for the denoising
+            self._to_gpu("text_encoder")
         try:
-            context, context_null = self.prompt_encoder.encode([prompt, negative], device=encode_device)
+            with out_of_memory_guard(self, "encoding the prompt"):
+                context, context_null = self.prompt_encoder.encode([prompt, negative], device=self.device if on_gpu else torch.device("cpu"))
         finally:
-            if on_gpu and self.options.offload_model:
-                model.to("cpu")
+            if on_gpu:
+                self._evict(keep=EXPERTS)  # T5 leaves the GPU after encoding, as upstream with offload
         return PromptEmbeds(context.float().cpu(), context_null.float().cpu(), prompt, negative)
 
     # ------------------------------------------------------------------ stage 2: image and conditioning
@@ -245,16 +433,6 @@ class Wan22I2VPipeline:
         return torch.randn(16, lat_f, lat_h, lat_w, dtype=torch.float32, generator=generator)
 
     # ------------------------------------------------------------------ stage 4: denoise
-    def _expert_for(self, timestep: int, boundary_timestep: float, current):
-        model = self.high_noise_model if timestep >= boundary_timestep else self.low_noise_model
-        if self.options.offload_model and self.device.type != "cpu" and model is not current:
-            other = self.low_noise_model if model is self.high_noise_model else self.high_noise_model
-            other.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            model.to(self.device)
-        return model
-
     def _predict(self, model, latent, timestep, y, context) -> torch.Tensor:
         dtype = model.patch_embedding.weight.dtype  # the storage dtype (some small modules stay fp32)
         compute = self.options.torch_dtype
@@ -272,20 +450,22 @@ class Wan22I2VPipeline:
     @torch.no_grad()
     def denoise(self, noise, y, embeds: PromptEmbeds, params: GenerationParams,
                 on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None,
-                trace: Optional[Callable[[StepTrace], None]] = None) -> torch.Tensor:
+                trace: Optional[Callable[[StepTrace], None]] = None, plan: Optional[memory.Plan] = None) -> torch.Tensor:
+        plan = plan or self.plan(params)
         schedule = make_schedule(params.sample_solver, params.sample_steps, params.sample_shift)
         boundary_timestep = params.boundary * NUM_TRAIN_TIMESTEPS
         context, context_null = pad_context([embeds.context]), pad_context([embeds.context_null])
         y = y.to(self.device)
         latent = noise.to(self.device)
-        model = None
         try:
-            steps = len(schedule.timesteps)
-            for index, timestep in enumerate(schedule.timesteps):
+            steps = len(schedule.values)
+            for index, value in enumerate(schedule.values):
                 if should_cancel and should_cancel():
                     raise GenerationCancelled(f"cancelled before step {index + 1} of {steps}")
-                model = self._expert_for(int(timestep), boundary_timestep, model)
-                guide = params.guide_scale[1] if timestep >= boundary_timestep else params.guide_scale[0]
+                timestep = schedule.timesteps[index]
+                high = value >= boundary_timestep
+                model = self._activate_expert(EXPERTS[0] if high else EXPERTS[1], plan)
+                guide = params.guide_scale[1] if high else params.guide_scale[0]
                 cond = self._predict(model, latent, timestep, y, context)
                 if guide == 1.0:
                     prediction = cond
@@ -294,14 +474,13 @@ class Wan22I2VPipeline:
                     prediction = uncond + guide * (cond - uncond)
                 latent = schedule.solver.step(prediction[None], timestep, latent[None], return_dict=False)[0][0]
                 if trace:
-                    expert = "high_noise_model" if model is self.high_noise_model else "low_noise_model"
-                    trace(StepTrace(index, int(timestep), expert, guide, prediction.cpu(), latent.cpu()))
+                    trace(StepTrace(index, value, EXPERTS[0] if high else EXPERTS[1], guide, prediction.cpu(), latent.cpu()))
                 if on_step:
                     on_step(index + 1, steps)
         finally:
-            # also after a failed or cancelled step: an offloaded expert must not stay on the GPU
-            if self.options.offload_model and self.device.type != "cpu" and model is not None:
-                model.to("cpu")
+            # also after a failed or cancelled step: an offloaded or streamed expert must not stay on the GPU
+            if plan.mode in ("offload", "stream"):
+                self._evict()
         return latent
 
     # ------------------------------------------------------------------ stage 5: decode
@@ -318,19 +497,35 @@ class Wan22I2VPipeline:
                  on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None) -> VideoResult:
         params = params.validated().with_resolved_seed()
         self._check_usable()
+        plan = self.last_plan = self.plan(params, image)
+        log.info("Wan22 memory plan: %s", plan.describe())
+        for _, layer in fp8_layers(self.high_noise_model):
+            layer.fast = self.options.fp8_matmul
+        for _, layer in fp8_layers(self.low_noise_model):
+            layer.fast = self.options.fp8_matmul
         timings = {}
         start = time.perf_counter()
-        resized, lat_h, lat_w = self.prepare_image(image, params.max_area)
-        y = self.prepare_conditioning(resized, params.frame_num, lat_h, lat_w)
-        noise = self.prepare_noise(params.seed, params.frame_num, lat_h, lat_w)
-        timings["prepare_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        latent = self.denoise(noise, y, embeds, params, on_step, should_cancel)
-        timings["denoise_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        video = self.decode(latent)
-        timings["decode_s"] = time.perf_counter() - start
-        return VideoResult(frames=video_to_uint8(video), video=video, latent=latent.cpu(), seed=params.seed, timings=timings)
+        try:
+            with out_of_memory_guard(self, "encoding the image"):
+                resized, lat_h, lat_w = self.prepare_image(image, params.max_area)
+                self._place_vae(plan)
+                y = self.prepare_conditioning(resized, params.frame_num, lat_h, lat_w)
+            noise = self.prepare_noise(params.seed, params.frame_num, lat_h, lat_w)
+            timings["prepare_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            with out_of_memory_guard(self, "denoising"):
+                latent = self.denoise(noise, y, embeds, params, on_step, should_cancel, plan=plan)
+            timings["denoise_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            with out_of_memory_guard(self, "decoding the video"):
+                self._place_vae(plan)
+                video = self.decode(latent)
+            timings["decode_s"] = time.perf_counter() - start
+        finally:
+            if plan.mode != "full":
+                self._evict()
+        return VideoResult(frames=video_to_uint8(video), video=video, latent=latent.cpu(), seed=params.seed,
+                           timings=timings, plan=plan.as_dict())
 
 
 def video_to_uint8(video: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ class Schedule:
     sigmas: torch.Tensor  # float32, steps + 1, ending in 0
     timesteps: torch.Tensor  # int64, steps: sigma * 1000 truncated, as upstream feeds the model
     solver: object  # a diffusers scheduler whose step() follows these sigmas
+    values: list  # the timesteps as Python ints (they pick the expert, with no tensor op)
 
 
 def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
@@ -61,4 +62,6 @@ def make_schedule(solver: str, steps: int, shift: float, device: torch.device | 
     scheduler.sigmas = full_sigmas.clone()
     scheduler.timesteps = timesteps.to(device)
     scheduler.num_inference_steps = steps
-    return Schedule(sigmas=full_sigmas, timesteps=timesteps, solver=scheduler)
+    scheduler.set_begin_index(0)  # step() counts from the first timestep instead of searching for it
+    return Schedule(sigmas=full_sigmas, timesteps=timesteps, solver=scheduler,
+                    values=[int(v) for v in (sigmas * NUM_TRAIN_TIMESTEPS).astype(np.int64)])

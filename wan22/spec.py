@@ -127,6 +127,7 @@ def _show(value) -> str:
 _GUIDE = dict(low=0.0, high=100.0, widget={"step": 0.1})
 _WORKER_NO_MODEL = "a worker reads models only from its WAN_CKPT_DIR"
 _WORKER_NAMES_FILES = "the worker names its outputs; use save_file"
+_WORKER_OPERATOR = "the worker's operator sets it ({}), so that no request makes a warm worker reload its models"
 
 PARAMS: Tuple[Param, ...] = (
     # --- the image (exactly one source)
@@ -179,6 +180,13 @@ PARAMS: Tuple[Param, ...] = (
     Param("t5_cpu", "bool", True, "Encode prompts with T5 on the CPU (saves ~11 GB of VRAM).", node=LOADER, upstream_flag="--t5_cpu", upstream_switch=True),
     Param("convert_model_dtype", "bool", True, "Store the experts in dtype instead of the checkpoint's own (fp32 upstream shards are 57 GB each).",
           node=LOADER, upstream_flag="--convert_model_dtype", upstream_switch=True),
+    Param("weight_dtype", "choice", "auto", "How the experts' weights are stored: auto keeps an fp8_scaled file in fp8 and stores others in dtype; fp8_e4m3fn_scaled halves bf16 (quantized per tensor on load).",
+          choices=("auto", "bf16", "fp16", "fp8_e4m3fn_scaled"), spellings={"fp8": "fp8_e4m3fn_scaled", "fp8_scaled": "fp8_e4m3fn_scaled"},
+          node=LOADER, refused={"worker": _WORKER_OPERATOR.format("WAN_WEIGHT_DTYPE")}),
+    Param("memory_mode", "choice", "auto", "Where the models live on the GPU: auto picks full, offload or stream from the free memory and the request (docs/memory.md).",
+          choices=("auto", "full", "offload", "stream"), node=LOADER, refused={"worker": _WORKER_OPERATOR.format("WAN_MEMORY_MODE")}),
+    Param("fp8_matmul", "bool", False, "fp8 weights: multiply in fp8 (torch._scaled_mm) on GPUs that have it (compute capability 8.9+); otherwise they are upcast per layer.",
+          node=LOADER, refused={"worker": _WORKER_OPERATOR.format("WAN_FP8_MATMUL")}),
     # --- seed options that need several GPUs or a prompt-extension model: only the default is accepted
     Param("t5_fsdp", "bool", False, "FSDP sharding of T5 (several GPUs).", flag=False, only=False, why=SINGLE_GPU, upstream_flag="--t5_fsdp", upstream_switch=True),
     Param("dit_fsdp", "bool", False, "FSDP sharding of the DiT (several GPUs).", flag=False, only=False, why=SINGLE_GPU, upstream_flag="--dit_fsdp", upstream_switch=True),

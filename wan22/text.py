@@ -37,12 +37,9 @@ class HuggingFaceTokenizer:
         except Exception as exc:
             raise CheckpointError(f"{folder}: tokenizer files unreadable ({exc})") from exc
 
-    def __call__(self, texts: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        out = self._tokenizer(
-            texts, padding="max_length", truncation=True, max_length=TEXT_LEN,
-            add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
-        )
-        return out.input_ids, out.attention_mask
+    def token_lists(self, texts: List[str]) -> List[List[int]]:
+        out = self._tokenizer(texts, truncation=True, max_length=TEXT_LEN, add_special_tokens=True)
+        return [list(ids) for ids in out.input_ids]
 
 
 class SentencePieceTokenizer:
@@ -58,14 +55,8 @@ class SentencePieceTokenizer:
             raise CheckpointError(f"embedded spiece_model is not a sentencepiece model ({exc})") from exc
         self.eos_id, self.pad_id = eos_id, pad_id
 
-    def __call__(self, texts: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.full((len(texts), TEXT_LEN), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(texts), TEXT_LEN), dtype=torch.long)
-        for row, text in enumerate(texts):
-            tokens = self._sp.encode(text)[: TEXT_LEN - 1] + [self.eos_id]
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
-        return ids, mask
+    def token_lists(self, texts: List[str]) -> List[List[int]]:
+        return [self._sp.encode(text)[: TEXT_LEN - 1] + [self.eos_id] for text in texts]
 
 
 @dataclasses.dataclass
@@ -78,6 +69,13 @@ class PromptEmbeds:
     negative_prompt: str
 
 
+def pad_tokens(token_lists: List[List[int]], pad_id: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Ids padded to 512 and their attention mask, as upstream's tokenizer call (padding="max_length")."""
+    ids = torch.tensor([tokens + [pad_id] * (TEXT_LEN - len(tokens)) for tokens in token_lists], dtype=torch.long)
+    mask = torch.tensor([[1] * len(tokens) + [0] * (TEXT_LEN - len(tokens)) for tokens in token_lists], dtype=torch.long)
+    return ids, mask
+
+
 class PromptEncoder:
     def __init__(self, tokenizer, model, device: torch.device):
         self.tokenizer, self.model, self.device = tokenizer, model, device
@@ -85,13 +83,13 @@ class PromptEncoder:
     @torch.no_grad()
     def encode(self, texts: List[str], device: Optional[torch.device] = None) -> List[torch.Tensor]:
         device = device or self.device
-        ids, mask = self.tokenizer([clean_prompt(t) for t in texts])
+        token_lists = self.tokenizer.token_lists([clean_prompt(t) for t in texts])
+        ids, mask = pad_tokens(token_lists)
         hidden = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-        lengths = mask.gt(0).sum(dim=1)
-        return [h[:n] for h, n in zip(hidden, lengths.tolist())]
+        return [h[: len(tokens)] for h, tokens in zip(hidden, token_lists)]
 
     def token_ids(self, text: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = self.tokenizer([clean_prompt(text)])
+        ids, mask = pad_tokens(self.tokenizer.token_lists([clean_prompt(text)]))
         return ids[0], mask[0]
 
 

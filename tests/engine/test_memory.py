@@ -1,0 +1,117 @@
+"""The memory plan (wan22.memory), streamed blocks (wan22.placement) and the full-size simulation
+(bench/memory_plan.py) that proves the plans without a GPU."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from wan22 import memory
+from wan22.errors import MemoryPlanError
+from wan22.params import GenerationParams
+from wan22.pipeline import LoadOptions, load_pipeline
+from wan22.placement import streamed
+
+GIB = memory.GIB
+REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"
+# an A14B expert in bf16 (40 blocks of 0.665 GiB), T5 and VAE, as loaded
+A14B = memory.Sizes(expert=int(26.67 * GIB), expert_blocks=int(26.60 * GIB), block=int(0.665 * GIB), num_blocks=40,
+                    t5=int(12.46 * GIB), vae=int(0.47 * GIB), dim=5120)
+P720 = memory.Request(1280, 720, 81)
+
+
+def test_stream_mode_is_bit_identical_to_resident_weights(tiny_models, test_image):
+    """On the CPU the streamer's hooks still swap every streamed block for a copy, so the numbers must not move."""
+    pipe = load_pipeline(tiny_models("upstream"), LoadOptions(dtype="fp32", device="cpu"))
+    params = GenerationParams(size="96*64", frame_num=5, sample_steps=2, seed=3)
+    embeds = pipe.encode_prompt("a cat")
+    expected = pipe.generate(test_image, embeds, params).latent
+    weights = {k: v.clone() for k, v in pipe.high_noise_model.state_dict().items()}
+    for resident in (0, 1):
+        with streamed(pipe.high_noise_model, "cpu", resident) as high, streamed(pipe.low_noise_model, "cpu", resident) as low:
+            latent = pipe.generate(test_image, embeds, params).latent
+        assert torch.equal(latent, expected)
+        blocks = len(pipe.high_noise_model.blocks)
+        assert high.onloads + low.onloads >= 2 * (blocks - resident)  # every streamed block was copied in
+    assert all(torch.equal(v, weights[k]) for k, v in pipe.high_noise_model.state_dict().items())
+
+
+@pytest.mark.parametrize("gpu_gib, request_, expected_mode", [
+    (80, P720, "full"), (48, P720, "offload"), (32, P720, "stream"), (24, P720, "stream"),
+    (24, memory.Request(832, 480, 81), "stream"),
+])
+def test_auto_takes_the_first_mode_that_fits(gpu_gib, request_, expected_mode):
+    plan = memory.make_plan(A14B, request_, memory.Budget(int(gpu_gib * GIB), 256 * GIB))
+    assert plan.mode == expected_mode
+    assert plan.peak_gpu_bytes <= memory.usable_gpu_bytes(int(gpu_gib * GIB))
+    if expected_mode == "stream":
+        assert 0 < plan.resident_blocks < 40
+
+
+def test_seed_flags_map_onto_the_modes():
+    budget = memory.Budget(80 * GIB, 256 * GIB)
+    assert memory.make_plan(A14B, P720, budget, "auto", offload_model=False).mode == "full"
+    assert memory.make_plan(A14B, P720, budget, "offload").mode == "offload"
+    assert memory.make_plan(A14B, P720, budget, "stream").mode == "stream"
+    assert memory.make_plan(A14B, P720, memory.Budget(None, None)).mode == "cpu"
+    assert memory.make_plan(A14B, P720, budget, t5_cpu=False).t5_on_gpu
+
+
+def test_a_plan_that_cannot_fit_says_why_with_numbers():
+    with pytest.raises(MemoryPlanError) as info:
+        memory.make_plan(A14B, P720, memory.Budget(8 * GIB, 256 * GIB))
+    message = str(info.value)
+    assert "1280x720, 81 frames needs about" in message and "as 'stream'" in message
+    assert "activations 8.7 GiB" in message and "6.0 GiB are usable" in message and "smaller size" in message
+    with pytest.raises(MemoryPlanError, match="memory_mode offload.*or memory_mode stream or auto"):
+        memory.make_plan(A14B, P720, memory.Budget(24 * GIB, 256 * GIB), "offload")
+    with pytest.raises(MemoryPlanError, match="need about 66.3 GiB of host RAM and 32.0 GiB are available"):
+        memory.check_host_fits(A14B.expert, A14B.t5, A14B.vae, 32 * GIB)
+
+
+# ------------------------------------------------------------------------------------------ full size, simulated
+def _simulate(**kwargs):
+    from bench.memory_plan import simulate
+
+    if not (REFERENCE / "wan22_i2v_a14b_upstream_keys.json").is_file():
+        pytest.skip("the full-size key manifests of ../shared/reference are not here")
+    result = simulate(host_gib=128, frame_num=81, **kwargs)
+    assert result["simulated"] is True and result["error"] is None, result
+    return result
+
+
+@pytest.mark.parametrize("size, weight_dtype, mode", [("1280*720", "fp8_e4m3fn_scaled", "stream"),
+                                                       ("832*480", "fp8_e4m3fn_scaled", "offload"),
+                                                       ("1280*720", "bf16", "stream")])
+def test_24_gb_plans_fit_at_full_size(size, weight_dtype, mode):
+    result = _simulate(gpu_gib=24, size=size, weight_dtype=weight_dtype)
+    assert result["peak_gpu_bytes"] <= 22 * GIB, result
+    assert result["peak_gpu_bytes"] <= result["expected_peak_gpu_bytes"] * 1.02  # the plan's estimate holds
+    assert result["mode"] == mode
+    assert result["gpu_bytes_after_run"] == 0  # offload and stream leave the GPU empty
+
+
+def test_simulation_reproduces_todays_default_peak():
+    """Honesty check: offload + bf16 at 720p is one expert plus one forward's activations, computed here from the
+    key manifest and the architecture, not from the code under test."""
+    manifest = json.loads((REFERENCE / "wan22_i2v_a14b_upstream_keys.json").read_text())["transformer"]
+    params = sum(torch.Size(shape).numel() for shape in manifest.values())
+    kept_fp32 = sum(torch.Size(shape).numel() for key, shape in manifest.items()
+                    if key.startswith(("time_embedding", "time_projection")) or "modulation" in key or "norm" in key)
+    expert = params * 2 + kept_fp32 * 2
+    tokens = 21 * (720 // 16) * (1280 // 16)
+    activations = tokens * 5120 * (3 * 4 + 5 * 2)  # three fp32 and five bf16 copies of the hidden state
+    result = _simulate(gpu_gib=80, size="1280*720", mode="offload", weight_dtype="bf16")
+    assert abs(result["peak_gpu_bytes"] - (expert + activations)) / (expert + activations) < 0.03, (
+        result["peak_gpu_bytes"] / GIB, (expert + activations) / GIB)
+
+
+def test_out_of_memory_leaves_nothing_on_the_gpu_and_the_next_run_works():
+    from bench.memory_plan import simulate
+
+    result = simulate(gpu_gib=24, host_gib=128, size="832*480", frame_num=81, weight_dtype="fp8_e4m3fn_scaled",
+                      fail_at="denoise")
+    assert result["error"].startswith("GpuOutOfMemory: out of GPU memory while denoising")
+    assert "memory_mode offload" in result["error"] and "Nothing is left on the GPU" in result["error"]
+    assert result["gpu_bytes_after_failure"] == 0
+    assert result["retry_error"] is None and result["gpu_bytes_after_run"] == 0

@@ -1,0 +1,221 @@
+"""The memory plan: where each model lives during a run, chosen from the GPU's and the host's free memory,
+the request's size and frames and the weights' storage.
+
+Modes (`memory_mode`):
+
+| mode | GPU holds | when |
+|---|---|---|
+| `full` | both experts (T5 too if `t5_cpu` is off and it fits), across runs | the GPU holds everything |
+| `offload` | the active expert only (upstream's `offload_model`) | one expert + activations fit |
+| `stream` | the active expert's first N blocks, the rest copied in block by block | one expert does not fit |
+
+`auto` takes the first that fits, in that order; `offload_model=false` asks for `full`. The VAE runs only
+when no expert is on the GPU (except in `full`), tiled when its untiled peak would not fit.
+
+Activation and VAE figures are estimates from the architecture, checked against the full-size simulation
+(bench/memory_plan.py, which runs the real pipeline on fake tensors and measures every live tensor):
+a DiT forward at its peak holds three fp32 and five bf16 copies of the hidden state (tokens x dim);
+the fp32 VAE needs about 260 bytes per output pixel-frame to decode and 180 to encode, untiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional
+
+from .errors import MemoryPlanError
+
+GIB = 1024**3
+MODES = ("auto", "full", "offload", "stream")
+GPU_RESERVE_MIN = 2 * GIB      # CUDA context, allocator fragmentation, cuBLAS workspaces:
+GPU_RESERVE_FRACTION = 0.10    # at least 2 GiB, 10 % of a large card
+HOST_RESERVE = 4 * GIB          # the process itself, ComfyUI, the OS
+ACTIVATION_BYTES_PER_TOKEN_DIM = 3 * 4 + 5 * 2
+ACTIVATION_MARGIN = 1.10
+VAE_DECODE_BYTES_PER_PIXEL = 260
+VAE_ENCODE_BYTES_PER_PIXEL = 180
+VAE_TILE = 256  # diffusers' AutoencoderKLWan tile (pixels), used when tiling
+PREFETCH_BLOCKS = 2  # a streamed block running and the next one arriving
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Free bytes on the GPU (None: no GPU) and in host RAM (None: unknown)."""
+
+    gpu_bytes: Optional[int]
+    host_bytes: Optional[int]
+
+    @classmethod
+    def detect(cls, device, gpu_cap_bytes: Optional[int] = None) -> "Budget":
+        """What this process may use now: the GPU's free memory plus what torch already holds in its cache
+        (at most `gpu_cap_bytes`, e.g. to emulate a smaller card), and the host's MemAvailable."""
+        import torch
+
+        gpu = None
+        if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info(device)
+            gpu = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if gpu_cap_bytes is not None and getattr(device, "type", str(device)) == "cuda":
+            gpu = gpu_cap_bytes if gpu is None else min(gpu, gpu_cap_bytes)
+        return cls(gpu, host_available())
+
+
+def host_available() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Bytes of the loaded models: one expert split into its blocks and the rest."""
+
+    expert: int
+    expert_blocks: int
+    block: int
+    num_blocks: int
+    t5: int
+    vae: int
+    dim: int
+
+    @property
+    def expert_rest(self) -> int:
+        return self.expert - self.expert_blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    width: int
+    height: int
+    frames: int
+
+    @property
+    def tokens(self) -> int:
+        """Latent frames x (H/16) x (W/16): the DiT's sequence length."""
+        return ((self.frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height * self.frames
+
+
+def activation_bytes(tokens: int, dim: int) -> int:
+    return int(tokens * dim * ACTIVATION_BYTES_PER_TOKEN_DIM * ACTIVATION_MARGIN)
+
+
+def vae_bytes(request: Request, tiled: bool, decode: bool) -> int:
+    per_pixel = VAE_DECODE_BYTES_PER_PIXEL if decode else VAE_ENCODE_BYTES_PER_PIXEL
+    if not tiled:
+        return request.pixels * per_pixel
+    tile = min(request.width, VAE_TILE) * min(request.height, VAE_TILE) * request.frames
+    # one tile at a time, plus the whole output (decode: fp32 RGB) or input video held while tiling
+    return tile * per_pixel * 2 + request.pixels * 3 * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    mode: str                 # cpu | full | offload | stream
+    resident_blocks: int      # blocks of the active expert kept on the GPU
+    num_blocks: int
+    t5_on_gpu: bool
+    vae_tiling: bool
+    peak_gpu_bytes: int       # expected
+    peak_host_bytes: int      # expected
+    gpu_budget_bytes: Optional[int]
+    host_budget_bytes: Optional[int]
+    why: str
+
+    def as_dict(self) -> Dict[str, object]:
+        out = dataclasses.asdict(self)
+        out["peak_gpu_gib"] = round(self.peak_gpu_bytes / GIB, 2)
+        out["peak_host_gib"] = round(self.peak_host_bytes / GIB, 2)
+        return out
+
+    def describe(self) -> str:
+        blocks = f", {self.resident_blocks}/{self.num_blocks} blocks resident" if self.mode == "stream" else ""
+        budget = f" of {self.gpu_budget_bytes / GIB:.1f} GiB" if self.gpu_budget_bytes else ""
+        return (f"memory_mode {self.mode}{blocks}, T5 on {'GPU' if self.t5_on_gpu else 'CPU'}, VAE "
+                f"{'tiled' if self.vae_tiling else 'untiled'}; expected peak GPU {self.peak_gpu_bytes / GIB:.1f} GiB"
+                f"{budget}, host {self.peak_host_bytes / GIB:.1f} GiB ({self.why})")
+
+
+def make_plan(sizes: Sizes, request: Request, budget: Budget, mode: str = "auto", t5_cpu: bool = True,
+              offload_model: bool = True) -> Plan:
+    """Pick the placement for one run. Raises MemoryPlanError (with the numbers) when even streaming cannot fit."""
+    act = activation_bytes(request.tokens, sizes.dim)
+    host = _host_peak(sizes)
+    if budget.gpu_bytes is None:
+        return Plan("cpu", sizes.num_blocks, sizes.num_blocks, False, False, 0, host, None, budget.host_bytes,
+                    "no GPU: everything runs on the CPU")
+    usable = usable_gpu_bytes(budget.gpu_bytes)
+    if mode == "auto" and not offload_model:
+        mode = "full"
+
+    def vae_peak(resident_experts: int) -> tuple:
+        for tiled in (False, True):
+            need = resident_experts + sizes.vae + max(vae_bytes(request, tiled, True), vae_bytes(request, tiled, False))
+            if need <= usable:
+                return tiled, need
+        return True, resident_experts + sizes.vae + vae_bytes(request, True, True)
+
+    def t5_choice(resident: int) -> tuple:
+        t5_gpu = not t5_cpu and resident + sizes.t5 + act // 8 <= usable
+        return t5_gpu, (resident + sizes.t5 + act // 8) if t5_gpu else 0
+
+    candidates = []
+    if mode in ("auto", "full"):
+        resident = 2 * sizes.expert
+        t5_gpu, t5_peak = t5_choice(resident if not t5_cpu else 0)
+        tiled, vae_peak_bytes = vae_peak(resident)
+        peak = max(resident + act + sizes.vae, vae_peak_bytes, t5_peak)
+        candidates.append(Plan("full", sizes.num_blocks, sizes.num_blocks, t5_gpu, tiled, peak, host, budget.gpu_bytes,
+                               budget.host_bytes, "both experts fit the GPU"))
+    if mode in ("auto", "offload"):
+        t5_gpu, t5_peak = t5_choice(0)
+        tiled, vae_peak_bytes = vae_peak(0)
+        peak = max(sizes.expert + act, vae_peak_bytes, t5_peak)
+        candidates.append(Plan("offload", sizes.num_blocks, sizes.num_blocks, t5_gpu, tiled, peak, host, budget.gpu_bytes,
+                               budget.host_bytes, "one expert at a time fits the GPU"))
+    if mode in ("auto", "stream"):
+        t5_gpu, t5_peak = t5_choice(0)
+        tiled, vae_peak_bytes = vae_peak(0)
+        fixed = sizes.expert_rest + act + PREFETCH_BLOCKS * sizes.block
+        resident = max(0, min(sizes.num_blocks, (usable - fixed) // max(sizes.block, 1))) if usable > fixed else 0
+        if mode == "stream" and resident >= sizes.num_blocks:
+            resident = sizes.num_blocks - 1  # asked for streaming: stream at least one block
+        peak = max(fixed + resident * sizes.block, vae_peak_bytes, t5_peak)
+        candidates.append(Plan("stream", int(resident), sizes.num_blocks, t5_gpu, tiled, peak, host, budget.gpu_bytes,
+                               budget.host_bytes, f"{resident} of {sizes.num_blocks} blocks fit beside the activations"))
+    for plan in candidates:
+        if plan.peak_gpu_bytes <= usable:
+            return plan
+    best = candidates[-1]
+    raise MemoryPlanError(
+        f"memory_mode {mode}: {request.width}x{request.height}, {request.frames} frames needs about "
+        f"{best.peak_gpu_bytes / GIB:.1f} GiB of GPU memory even as '{best.mode}' (an expert's weights outside its "
+        f"blocks {sizes.expert_rest / GIB:.1f} GiB, activations {act / GIB:.1f} GiB, {PREFETCH_BLOCKS} streamed blocks "
+        f"{PREFETCH_BLOCKS * sizes.block / GIB:.1f} GiB), and {usable / GIB:.1f} GiB are usable; use a smaller size or "
+        f"fewer frames" + ("" if mode in ("auto", "stream") else ", or memory_mode stream or auto"))
+
+
+def usable_gpu_bytes(free: int) -> int:
+    return max(0, free - max(GPU_RESERVE_MIN, int(free * GPU_RESERVE_FRACTION)))
+
+
+def _host_peak(sizes: Sizes) -> int:
+    # every model is held in host RAM (the GPU gets copies); T5 runs there by default
+    return 2 * sizes.expert + sizes.t5 + sizes.vae
+
+
+def check_host_fits(expert_bytes: int, t5_bytes: int, vae_bytes_: int, host_bytes: Optional[int]) -> None:
+    """Before loading: the models are all held in host RAM; refuse at once when they cannot fit."""
+    need = 2 * expert_bytes + t5_bytes + vae_bytes_
+    if host_bytes is not None and need > host_bytes - HOST_RESERVE:
+        raise MemoryPlanError(
+            f"the models need about {need / GIB:.1f} GiB of host RAM and {host_bytes / GIB:.1f} GiB are available "
+            f"(keeping {HOST_RESERVE / GIB:.0f} GiB for the rest): use weight_dtype fp8_e4m3fn_scaled (half the "
+            f"experts' size) or a machine with more RAM")
