@@ -82,6 +82,7 @@ class Result:
     warnings: List[str] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
     cached_nodes: List[str] = field(default_factory=list)
+    info: Dict[str, Any] = field(default_factory=dict)  # what the sampler node reported (its `wan22` ui entry)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -271,7 +272,8 @@ def run_checked(values: Mapping[str, Any], server: Union[str, ComfyClient, None]
         return Result(output_path=path, prompt_id=execution.prompt_id, seed=info.get("seed", seed),
                       seconds=round(time.monotonic() - started, 3), frames=info.get("frames"),
                       width=info.get("width"), height=info.get("height"), filename=video["filename"],
-                      subfolder=video["subfolder"], cached=cached, timings=timings, cached_nodes=cached_types)
+                      subfolder=video["subfolder"], cached=cached, timings=timings, cached_nodes=cached_types,
+                      info=info)
     finally:
         if own_client:
             client.close()

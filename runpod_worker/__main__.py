@@ -94,7 +94,8 @@ def warm_up(backend: ComfyBackend, cfg: WorkerConfig) -> None:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     req = validate_generate_params({"image_base64": "unused", "prompt": "warm-up", "size": cfg.preload_size,
-                                    "frame_num": 5, "sample_steps": 1, "seed": 0}, limits=cfg.limits)
+                                    "frame_num": 5, "sample_steps": 1, "seed": 0}, limits=cfg.limits,
+                                   operator=cfg.loader_values())
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="wan22-warmup-") as tmp:
         backend.run_request(req.values, check_image(buf.getvalue(), "warm-up image", cfg.limits.max_image_pixels),

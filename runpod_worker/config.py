@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Optional, Tuple
 
+from wan22 import spec
 from wan22.settings import MIB, Limits, Setting, read_settings
 
 VOLUME = "/runpod-volume"
@@ -43,7 +44,19 @@ WORKER_SETTINGS: Tuple[Setting, ...] = (
     Setting("WAN22_WORKFLOW", "workflow", "text", "", "the API workflow the `request` action fills (by node class, never by id)",
             shown_default="the shipped workflows/api/wan22_i2v_a14b.json"),
     Setting("WAN_LOG_LEVEL", "log_level", "choice", "info", "the worker's log level", choices=("debug", "info", "warning", "error")),
+    # how the models are stored and placed: the operator's, so that no request makes a warm worker reload
+    Setting("WAN_DTYPE", "dtype", "choice", spec.default("dtype"), "compute dtype of the experts and T5 (a request's `dtype` is ignored with a warning)",
+            choices=spec.SPEC["dtype"].choices),
+    Setting("WAN_WEIGHT_DTYPE", "weight_dtype", "choice", spec.default("weight_dtype"), "storage of the experts' weights; `fp8_e4m3fn_scaled` halves them (docs/memory.md)",
+            choices=spec.SPEC["weight_dtype"].choices),
+    Setting("WAN_MEMORY_MODE", "memory_mode", "choice", spec.default("memory_mode"), "where the models live on the GPU (docs/memory.md); a request's `offload_model: false` still asks for `full`",
+            choices=spec.SPEC["memory_mode"].choices),
+    Setting("WAN_FP8_MATMUL", "fp8_matmul", "flag", spec.default("fp8_matmul"), "fp8 weights: multiply in fp8 on GPUs of compute capability 8.9+"),
 )
+
+# a request's value for these is replaced by the operator's (with a warning when they differ)
+OPERATOR_PARAMS = ("dtype", "weight_dtype", "memory_mode", "fp8_matmul")
+FIXED_BY_WORKER = {"convert_model_dtype": True}  # the seed's wrapper default; false would reload fp32 experts
 
 
 def default_output_dir(configured: str = "") -> Path:
@@ -84,6 +97,14 @@ class WorkerConfig:
     extra_node_paths: Tuple[str, ...]
     workflow: str
     log_level: str
+    dtype: str
+    weight_dtype: str
+    memory_mode: str
+    fp8_matmul: bool
+
+    def loader_values(self) -> dict:
+        """The loader inputs the operator decides (see OPERATOR_PARAMS, FIXED_BY_WORKER)."""
+        return {**{name: getattr(self, name) for name in OPERATOR_PARAMS}, **FIXED_BY_WORKER}
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "WorkerConfig":

@@ -7,7 +7,8 @@ from typing import Any, Dict, List, Tuple
 
 from .records import Record
 
-RESPONSE_FIELDS = ("request_id", "status", "output_path", "seed", "frames", "width", "height", "timings", "warnings")
+RESPONSE_FIELDS = ("request_id", "status", "output_path", "seed", "frames", "width", "height", "timings", "memory",
+                   "warnings")
 MB = 1024 * 1024
 
 

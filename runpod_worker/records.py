@@ -106,6 +106,7 @@ class Record:
             "warnings": [],
             "error": None,
             "progress": None,
+            "memory": None,
             "params": params,
             "created_at": now,
             "updated_at": now,

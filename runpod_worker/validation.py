@@ -171,9 +171,11 @@ def parse_extra_args(value: Any, field: str = "params.extra_args") -> Dict[str, 
 
 
 # --------------------------------------------------------------------------------------------- request
-def validate_generate_params(params: Any, *, return_video: Any = None, limits: Optional[Limits] = None) -> GenerateRequest:
+def validate_generate_params(params: Any, *, return_video: Any = None, limits: Optional[Limits] = None,
+                             operator: Optional[Dict[str, Any]] = None) -> GenerateRequest:
     """Check the seed's `params` object completely (every problem at once): the spec's checks, a required
-    image, extra_args, save_file and return_video."""
+    image, extra_args, save_file and return_video. `operator`: loader values the worker's operator fixes
+    (WorkerConfig.loader_values); a request's different value is ignored with a warning."""
     if not isinstance(params, dict):
         raise InvalidParameter("params", f"must be an object with the generation parameters, got {type(params).__name__}")
     problems: List[Tuple[str, str]] = []
@@ -205,6 +207,11 @@ def validate_generate_params(params: Any, *, return_video: Any = None, limits: O
     image = ImageSource(kind, value, request.label(f"image_{kind}"))
     generation = spec.run_defaults("worker")
     generation.update({k: v for k, v in values.items() if k in generation})
+    for name, fixed in (operator or {}).items():
+        if name in values and values[name] != fixed:
+            warnings.append(f"{request.label(name)}: {values[name]!r} ignored: this worker's models are loaded with "
+                            f"{name}={fixed!r} (its operator's setting); a request that changed it would reload them")
+        generation[name] = fixed
     return GenerateRequest(values=generation, image=image, save_file=values.get("save_file") or None,
                            return_video=return_video, warnings=warnings)
 
@@ -273,7 +280,8 @@ def _action(job_input: Dict[str, Any], warnings: List[str]) -> str:
     return action
 
 
-def parse_job_input(job_input: Any, *, limits: Optional[Limits] = None, max_workflow_images: int = 16) -> Parsed:
+def parse_job_input(job_input: Any, *, limits: Optional[Limits] = None, max_workflow_images: int = 16,
+                    operator: Optional[Dict[str, Any]] = None) -> Parsed:
     """Dispatch on `action` (or the presence of `workflow`) and validate the whole input."""
     if not isinstance(job_input, dict):
         raise InvalidParameter("input", f"must be a JSON object, got {type(job_input).__name__}")
@@ -283,7 +291,8 @@ def parse_job_input(job_input: Any, *, limits: Optional[Limits] = None, max_work
     if action == "request":
         if "request_id" in job_input:
             warnings.append("request_id: ignored for action 'request'; the request id is the RunPod job id")
-        req = validate_generate_params(job_input.get("params"), return_video=job_input.get("return_video"), limits=limits)
+        req = validate_generate_params(job_input.get("params"), return_video=job_input.get("return_video"), limits=limits,
+                                       operator=operator)
         req.warnings[:0] = warnings
         return req
     rv = job_input.get("return_video")

@@ -252,3 +252,22 @@ def test_model_set_picked_from_the_loader_dropdown(comfy_client, comfy_server, u
     with pytest.raises(PromptRejected) as info:
         comfy_client.queue_prompt(workflow)
     assert any("'model_set'" in line and "not-on-disk" in line for line in info.value.lines), info.value.lines
+
+
+def test_placement_options_reuse_the_models_and_storage_options_reload(comfy_client, tiny_models, uploaded_image):
+    """memory_mode / offload_model / t5_cpu only place the models: the same loaded set serves; weight_dtype
+    stores them differently: loaded again. The sampler reports the plan it ran with."""
+    workflow = shipped(uploaded_image, tiny_models("comfyui"), Wan22ImageToVideo__seed=70)
+    _, entry = run(comfy_client, workflow)
+    info = sampler_info(entry, workflow)
+    loads = info["model_loads"]
+    assert info["memory"]["mode"] == "cpu" and info["memory"]["num_blocks"] == 2  # --cpu: everything on the CPU
+    loader = workflow[find_node(workflow, "Wan22ModelLoader")]["inputs"]
+    loader.update(memory_mode="stream", offload_model=False, t5_cpu=False)
+    workflow[find_node(workflow, "Wan22ImageToVideo")]["inputs"]["seed"] = 71
+    _, entry = run(comfy_client, workflow)
+    assert sampler_info(entry, workflow)["model_loads"] == loads
+    loader.update(weight_dtype="fp8_e4m3fn_scaled")
+    workflow[find_node(workflow, "Wan22ImageToVideo")]["inputs"]["seed"] = 72
+    _, entry = run(comfy_client, workflow)
+    assert sampler_info(entry, workflow)["model_loads"] == loads + 1

@@ -322,6 +322,7 @@ def test_seed_request_returns_base64_mp4(worker, first_request, tmp_path):
         assert key in out, key
     assert out["request_id"] == answer["id"] and out["status"] == "COMPLETED"
     assert out["seed"] == 42 and out["frames"] == 5
+    assert out["memory"]["mode"] == "cpu" and out["memory"]["resident_blocks"] == out["memory"]["num_blocks"]
     data = base64.b64decode(out["video_base64"])
     n, shape = count_frames(data, tmp_path)
     assert n == 5 and (out["width"], out["height"]) == (shape[1], shape[0])
@@ -353,7 +354,7 @@ def test_status_returns_same_record_and_video(worker, first_request):
 
 
 def test_second_request_reloads_nothing(worker, first_request, tmp_path):
-    """Aliases + a path image + extra_args; the loader's output is reused (ComfyUI reports it cached)."""
+    """Aliases + a path image + extra_args + other placement flags (offload_model, t5_cpu): nothing is loaded again."""
     answer1, seconds1 = first_request
     assert answer1["status"] == "COMPLETED", answer1
     loads_before = worker.comfy_log.read_text(errors="replace").count("Wan22: loading")
@@ -363,7 +364,8 @@ def test_second_request_reloads_nothing(worker, first_request, tmp_path):
         {"name": "raw_in.png", "image": base64.b64encode(png_bytes(40, 40)).decode()}]})
     assert raw["status"] == "COMPLETED", raw
     params = {"reference_image_path": str(worker.inputs / "in.png"), "prompt": "a small dog", "base_seed": 7,
-              "num_frames": 5, "cfg_scale": 4.0, "size": "64*64", "extra_args": "--sample_steps 2"}
+              "num_frames": 5, "cfg_scale": 4.0, "size": "64*64", "extra_args": "--sample_steps 2",
+              "offload_model": False, "t5_cpu": False}
     answer = worker.runsync({"action": "request", "params": params})
     assert answer["status"] == "COMPLETED", answer
     out = answer["output"]

@@ -102,6 +102,26 @@ def test_unknown_params_are_refused_unless_the_operator_says_warn(monkeypatch):
     assert "webhook_extra: unknown top-level key, ignored" in r.warnings and r.values["frame_num"] == 81
 
 
+def test_storage_options_are_the_operators():
+    """dtype / convert_model_dtype from a request would reload a warm worker: the operator's win, with a warning;
+    offload_model and t5_cpu only place the models, so the request's are used."""
+    operator = config_mod.WorkerConfig.from_env({"WAN_DTYPE": "fp16", "WAN_MEMORY_MODE": "stream"}).loader_values()
+    r = validate_generate_params({"reference_image_url": "https://x/y.png", "prompt": "p", "dtype": "bf16",
+                                  "convert_model_dtype": False, "offload_model": False, "t5_cpu": False}, operator=operator)
+    assert (r.values["dtype"], r.values["convert_model_dtype"], r.values["memory_mode"]) == ("fp16", True, "stream")
+    assert (r.values["offload_model"], r.values["t5_cpu"]) == (False, False)
+    assert r.warnings == [
+        "params.dtype: 'bf16' ignored: this worker's models are loaded with dtype='fp16' (its operator's setting); "
+        "a request that changed it would reload them",
+        "params.convert_model_dtype: False ignored: this worker's models are loaded with convert_model_dtype=True "
+        "(its operator's setting); a request that changed it would reload them"]
+    with pytest.raises(RequestError) as exc:
+        validate_generate_params({"reference_image_url": "https://x/y.png", "weight_dtype": "bf16", "memory_mode": "full"},
+                                 operator=operator)
+    assert fields_of(exc.value) == ["params.weight_dtype", "params.memory_mode"]
+    assert "operator sets it (WAN_WEIGHT_DTYPE)" in exc.value.message
+
+
 @pytest.mark.parametrize("key, value", [("model_path", "/etc"), ("model_set", "x"), ("filename_prefix", "../x")])
 def test_model_and_file_names_never_come_from_the_network(key, value):
     with pytest.raises(RequestError) as exc:

@@ -7,8 +7,10 @@ peak stays near the model's size in the target dtype (see bench/ for the measure
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import json
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -123,20 +125,31 @@ class SafetensorsFile:
     def shape(self, key: str) -> Tuple[int, ...]:
         return self.entries[key][1]
 
-    def read(self, key: str) -> torch.Tensor:
+    def nbytes(self, key: str) -> int:
+        _, _, begin, end = self.entries[key]
+        return end - begin
+
+    def read(self, key: str, into: Optional[torch.Tensor] = None, fd: Optional[int] = None) -> torch.Tensor:
+        """The tensor `key`, read into a new buffer, or into the uint8 tensor `into` (a staging buffer the
+        caller reuses: the result is a view of it). `fd`: this file, already open (positioned reads)."""
         dtype, shape, begin, end = self.entries[key]
-        buffer = bytearray(end - begin)
-        with open(self.path, "rb", buffering=0) as handle:
-            handle.seek(self.data_start + begin)
-            view, done = memoryview(buffer), 0
-            while done < len(buffer):
-                count = handle.readinto(view[done:])
+        size = end - begin
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        buffer = torch.empty(size, dtype=torch.uint8) if into is None else into[:size]
+        own = fd is None
+        fd = os.open(self.path, os.O_RDONLY) if own else fd
+        try:
+            view, done = memoryview(buffer.numpy()), 0
+            while done < size:
+                count = os.preadv(fd, [view[done:]], self.data_start + begin + done)
                 if not count:
                     raise CheckpointError(f"{self.path}: tensor {key} cut short at byte {done} (truncated file)")
                 done += count
-        if not buffer:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        finally:
+            if own:
+                os.close(fd)
+        return buffer.view(dtype).reshape(shape)
 
 
 def open_safetensors(files: List[Path]) -> List[SafetensorsFile]:
@@ -149,6 +162,41 @@ def iter_safetensors(files: List[Path]) -> Iterator[Tuple[str, TensorGetter]]:
     for shard in open_safetensors(files):
         for key in shard.keys():
             yield key, (lambda key=key, shard=shard: shard.read(key))
+
+
+def stream_safetensors(files: List[Path]) -> Iterator[Tuple[str, TensorGetter]]:
+    """Every tensor in order, the next one read on a thread while the caller converts this one.
+
+    Two reused staging buffers (the largest tensor's size each): no allocation or page faults per tensor. A
+    yielded tensor is a view of a buffer, valid until the caller takes the next one (fill_module copies or
+    casts it first). Under a dispatch mode (fake tensors of the memory simulation, tracing), which is per
+    thread, everything is read in the caller's thread."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    shards = open_safetensors(files)
+    # in file order: the page cache and the disk both like it better than the header's (alphabetical) order
+    entries = [(shard, key) for shard in shards for key in sorted(shard.keys(), key=lambda k: shard.entries[k][2])]
+    if not entries or _get_current_dispatch_mode() is not None:
+        yield from ((key, (lambda key=key, shard=shard: shard.read(key))) for shard, key in entries)
+        return
+    largest = max(shard.nbytes(key) for shard, key in entries)
+    buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(2)]
+    fds = {id(shard): os.open(shard.path, os.O_RDONLY) for shard in shards}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wan22-read") as reader:
+            def read(index: int):
+                shard, key = entries[index]
+                return reader.submit(shard.read, key, buffers[index % 2], fds[id(shard)])
+
+            pending = read(0)
+            for index, (_, key) in enumerate(entries):
+                tensor = pending.result()
+                if index + 1 < len(entries):
+                    pending = read(index + 1)
+                yield key, (lambda tensor=tensor: tensor)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def load_pth_state_dict(file: Path) -> Dict[str, torch.Tensor]:
@@ -229,8 +277,9 @@ def fill_module(
                 weight, scale = tensor.to(FP8), (scale_getter() if scale_getter else torch.ones(()))
             else:
                 weight, scale = quantize(tensor)
+            weight = _owned(weight.to(device), tensor)
             del tensor
-            module._parameters["weight"] = nn.Parameter(weight.to(device), requires_grad=False)
+            module._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
             module._buffers["scale_weight"] = scale.to(device=device, dtype=torch.float32).reshape(())
             filled.add(target)
             continue
@@ -240,6 +289,7 @@ def fill_module(
         if target_dtype is not None and any(part in keep_fp32 for part in target.split(".")):
             target_dtype = torch.float32
         value = tensor.to(device=device, dtype=target_dtype) if target_dtype else tensor.to(device=device)
+        value = _owned(value, tensor)
         del tensor
         for owner, name in owners[target]:
             if isinstance(getattr(owner, name), nn.Parameter):
@@ -254,6 +304,13 @@ def fill_module(
         raise CheckpointError(f"{source}: {len(missing)} model tensors not found in the checkpoint: {shown}{extra}")
     # buffers computed in __init__ (diffusers' RoPE tables) were built on the CPU: bring them along
     return move(model, device).eval().requires_grad_(False)
+
+
+def _owned(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """`value`, copied when it still shares memory with `source` (a staging buffer, a memory-mapped file)."""
+    if value.device == source.device and value.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+        return value.clone()
+    return value
 
 
 def fp8_scale_getters(tensors: Dict[str, TensorGetter]) -> Dict[str, TensorGetter]:

@@ -27,6 +27,7 @@ from .load import (
     open_safetensors,
     parameters_on_meta,
     safetensors_files,
+    stream_safetensors,
 )
 
 Shapes = Dict[str, Tuple[int, ...]]
@@ -110,13 +111,13 @@ def read_json(path: Path) -> dict:
 def load_transformer_from_upstream_shards(folder: Path, dtype, device, fp8: bool = False):
     files = safetensors_files(folder)
     model = build_transformer(transformer_config_from_upstream(read_json(Path(folder) / "config.json")), fp8)
-    return fill_module(model, iter_safetensors(files), convert.upstream_to_diffusers_transformer, dtype, device, str(folder))
+    return fill_module(model, stream_safetensors(files), convert.upstream_to_diffusers_transformer, dtype, device, str(folder))
 
 
 def load_transformer_from_diffusers_folder(folder: Path, dtype, device, fp8: bool = False):
     files = safetensors_files(folder)
     model = build_transformer(read_json(Path(folder) / "config.json"), fp8)
-    return fill_module(model, iter_safetensors(files), convert.identity, dtype, device, str(folder))
+    return fill_module(model, stream_safetensors(files), convert.identity, dtype, device, str(folder))
 
 
 def load_transformer_from_comfy_file(file: Path, dtype, device, fp8: bool = False):
@@ -125,10 +126,9 @@ def load_transformer_from_comfy_file(file: Path, dtype, device, fp8: bool = Fals
     prefix = convert.COMFY_DIFFUSION_PREFIX if any(k.startswith(convert.COMFY_DIFFUSION_PREFIX) for k in shapes) else ""
     unprefixed = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
     model = build_transformer(transformer_config_from_upstream_shapes(unprefixed, str(file)), fp8)
-    tensors = dict(iter_safetensors([file]))
-    scales = fp8_scale_getters(tensors)
+    scales = fp8_scale_getters(dict(iter_safetensors([file])))  # read on demand, beside the stream
     return fill_module(
-        model, iter(tensors.items()), convert.comfy_to_diffusers_transformer, dtype, device, str(file),
+        model, stream_safetensors([file]), convert.comfy_to_diffusers_transformer, dtype, device, str(file),
         ignore=is_fp8_aux_key, fp8_scales=scales,
     )
 
