@@ -171,6 +171,74 @@ def run_diffusers(model, device, dtype, width, height, frames, steps, inputs) ->
     return clock.steps()
 
 
+def to_fp8(model) -> None:
+    """Quantize the block linears of a built expert in place, as weight_dtype fp8_e4m3fn_scaled loads them."""
+    from wan22.fp8 import ScaledFP8Linear, is_fp8_layer, quantize
+
+    for name, module in [(n, m) for n, m in model.named_modules() if is_fp8_layer(n, m)]:
+        layer = ScaledFP8Linear.like(module)
+        weight, scale = quantize(module.weight.data)
+        layer.weight.data, layer.scale_weight = weight, scale
+        if module.bias is not None:
+            layer.bias.data = module.bias.data
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+
+
+def memory_sweep(args, device, sizes, names, frames) -> dict:
+    """The memory plan on a real GPU, emulating smaller cards: for each budget (torch's per-process memory
+    fraction, and the plan's gpu_memory_gib) and weight storage, the plan the engine picks, its expected peak,
+    and the measured peak and step time of `--steps` denoising steps (all on the high-noise expert)."""
+    import torch
+
+    from wan22.params import GenerationParams
+    from wan22.pipeline import LoadOptions, Wan22I2VPipeline
+    from wan22.text import PromptEmbeds
+
+    blocks = SMOKE_MODEL["num_layers"] if args.smoke else A14B_BLOCKS
+    model = build_random_expert(model_config(blocks, args.smoke), torch.device("cpu"), torch.bfloat16)
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    budgets = [float(b) for b in args.budgets.split(",")]
+    runs = []
+    for weights in ("bf16", "fp8_e4m3fn_scaled"):
+        if weights.startswith("fp8"):
+            to_fp8(model)
+        for budget in budgets:
+            if total:
+                torch.cuda.set_per_process_memory_fraction(min(1.0, budget * 2**30 / total), device)
+            for res in names:
+                width, height = sizes[res]
+                noise, y, context, context_null, _ = latent_inputs(width, height, frames)
+                options = LoadOptions(dtype="bf16", device=str(device), gpu_memory_gib=budget)
+                pipe = Wan22I2VPipeline(model, model, None, None, options)
+                params = GenerationParams(size=f"{width}*{height}", frame_num=frames, sample_steps=args.steps, seed=1,
+                                          boundary=0.0)  # every step on one expert: one module stands for it
+                entry = {"budget_gib": budget, "weights": weights, "resolution": res}
+                try:
+                    plan = pipe.plan(params)
+                    entry.update(mode=plan.mode, resident_blocks=plan.resident_blocks,
+                                 expected_peak_gib=round(plan.peak_gpu_bytes / 2**30, 2))
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                    clock = Clock(device)
+                    clock.start()
+                    with torch.no_grad():
+                        pipe.denoise(noise, y, PromptEmbeds(context, context_null, "p", "n"), params, on_step=clock.tick,
+                                     plan=plan)
+                    pipe._evict()
+                    entry["step_s"] = [round(t, 3) for t in clock.steps()]
+                    if device.type == "cuda":
+                        entry["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                except Exception as exc:  # noqa: BLE001 - out of memory is a result here
+                    entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                log(f"sweep {weights} {budget:g} GiB {res}: {entry}")
+                runs.append(entry)
+    if total:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    return {"memory_sweep": runs, "simulated": False}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="CPU-sized run (tiny model, tiny sizes, 5 frames)")
@@ -185,6 +253,9 @@ def main(argv=None) -> int:
                     help="skip a run that would end past this many seconds from the start (estimated from the runs "
                          "before it; default 540, to fit a 10-minute slot)")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/gpu[_smoke].json)")
+    ap.add_argument("--memory-sweep", action="store_true",
+                    help="instead: the memory plan under emulated budgets (--budgets), bf16 and fp8 weights")
+    ap.add_argument("--budgets", default="24,32", help="GiB budgets of --memory-sweep (default 24,32)")
     args = ap.parse_args(argv)
 
     import torch
@@ -198,6 +269,13 @@ def main(argv=None) -> int:
     sizes = SMOKE_RESOLUTIONS if args.smoke else RESOLUTIONS
     names = [r.strip() for r in args.resolutions.split(",") if r.strip()]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if args.memory_sweep:
+        data = memory_sweep(args, device, sizes, names, frames)
+        out = args.out or (RESULTS / ("gpu_memory_smoke.json" if args.smoke else "gpu_memory.json"))
+        data["path"] = str(write_result(out.stem, data, out.parent))
+        for run in data["memory_sweep"]:
+            print(run)
+        return 0
     blocks = SMOKE_MODEL["num_layers"] if args.smoke else max(1, min(args.blocks, A14B_BLOCKS))
     scale = 1.0 if args.smoke else A14B_BLOCKS / blocks
 

@@ -4,6 +4,7 @@ subprocess so its peak RSS is its own:
   read    raw read of every shard file into a reused 64 MiB buffer (the I/O limit), in a process with torch imported
   stream  wan22.models.load_transformer_from_upstream_shards (meta-device build, per-tensor read on a thread + cast)
   fp8     the same, the block linears quantized to scaled fp8 as they stream in (weight_dtype fp8_e4m3fn_scaled)
+  convert python -m wan22.convert's writer for this expert (fp8_e4m3fn_scaled ComfyUI file), read + quantize + write
   plain   build the model (random init) and cast it to bf16, safetensors load_file of every shard into one state
           dict, .to(bfloat16) of every tensor, rename, load_state_dict
 
@@ -30,7 +31,7 @@ from typing import Dict, List, Optional
 
 from .common import CACHE, REPO, fmt, log, peak_rss_since_reset_mb, ratio, reset_peak_rss, write_result
 
-APPROACHES = ("read", "stream", "fp8", "plain")
+APPROACHES = ("read", "stream", "fp8", "convert", "plain")
 
 
 # ------------------------------------------------------------------------------------------- synthetic expert
@@ -185,6 +186,21 @@ def child(approach: str, folder: Path, warm_up: bool = True) -> dict:
         baseline = reset_peak_rss()
         phases = {}
         start = time.perf_counter()
+        if approach == "convert":
+            import tempfile
+
+            from wan22.discover import ModelSet
+            from wan22.export import convert_part
+
+            with tempfile.TemporaryDirectory(prefix="wan22-convert-", dir=folder.parent) as tmp:
+                written = convert_part(ModelSet("upstream", folder.parent, {"high_noise_model": folder}, ""),
+                                       "high_noise_model", Path(tmp) / "expert_fp8_scaled.safetensors", "fp8_e4m3fn_scaled")
+            out.update(seconds=time.perf_counter() - start, written_bytes=written["bytes"])
+            out["baseline_rss_mb"] = baseline
+            out["peak_rss_mb"] = peak_rss_since_reset_mb()
+            out["peak_rss_delta_mb"] = round(out["peak_rss_mb"] - baseline, 1)
+            out["seconds"] = round(out["seconds"], 3)
+            return out
         if approach in ("stream", "fp8"):
             model = load_transformer_from_upstream_shards(folder, torch.bfloat16, "cpu", fp8=approach == "fp8")
         elif approach == "plain":
@@ -299,6 +315,10 @@ def run(target_gb: float = 2.2, shards: int = 6, dim: int = 1536, ffn: int = 896
             "fp8_s": f8.get("seconds"), "fp8_over_read": ratio(f8.get("seconds"), rd.get("seconds")),
             "fp8_peak_rss_mb": f8.get("peak_rss_mb"), "fp8_peak_delta_mb": f8.get("peak_rss_delta_mb"),
             "fp8_model_mb": f8.get("model_mb"), "stream_model_mb": s.get("model_mb"),
+            "convert_s": r.get("convert", {}).get("seconds"),
+            "convert_over_read": ratio(r.get("convert", {}).get("seconds"), rd.get("seconds")),
+            "convert_peak_delta_mb": r.get("convert", {}).get("peak_rss_delta_mb"),
+            "convert_written_gb": round(r.get("convert", {}).get("written_bytes", 0) / 1e9, 3),
             "plain_over_stream": ratio(p.get("seconds"), s.get("seconds")),
             "stream_peak_rss_mb": s.get("peak_rss_mb"), "plain_peak_rss_mb": p.get("peak_rss_mb"),
             "stream_peak_delta_mb": s.get("peak_rss_delta_mb"), "plain_peak_delta_mb": p.get("peak_rss_delta_mb"),
@@ -333,6 +353,9 @@ def report(data: dict) -> List[str]:
         lines.append(f"  [{mode} cache] fp8 {fmt(s['fp8_s'], ' s', 2)} ({fmt(s['fp8_over_read'], 'x', 2)} the read), "
                      f"peak RSS +{fmt(s['fp8_peak_delta_mb'], ' MiB', 0)}, model {fmt(s['fp8_model_mb'], ' MiB', 0)} vs bf16 "
                      f"+{fmt(s['stream_peak_delta_mb'], ' MiB', 0)}, model {fmt(s['stream_model_mb'], ' MiB', 0)}")
+        lines.append(f"  [{mode} cache] convert to an fp8_scaled file {fmt(s['convert_s'], ' s', 2)} "
+                     f"({fmt(s['convert_over_read'], 'x', 2)} the read; {fmt(s['convert_written_gb'], ' GB', 2)} written), "
+                     f"peak RSS +{fmt(s['convert_peak_delta_mb'], ' MiB', 0)}")
     return lines
 
 

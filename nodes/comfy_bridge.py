@@ -21,6 +21,16 @@ def free_comfy_models() -> None:
     model_management.soft_empty_cache()
 
 
+def make_room() -> None:
+    """Before our models go onto the GPU for a run: ComfyUI's own models there leave it (without
+    unload_all_models, which would release ours too). Our models are not ComfyUI ModelPatchers, so its model
+    management cannot count them; the memory plan reads what is free after this."""
+    device = model_management.get_torch_device()
+    if getattr(device, "type", "") == "cuda":
+        model_management.free_memory(model_management.get_total_memory(device), device)
+        model_management.soft_empty_cache()
+
+
 def call_on_unload_all_models(callback) -> None:
     """Run `callback` whenever ComfyUI unloads all models (POST /free with unload_models, or memory pressure).
 

@@ -115,4 +115,5 @@ class Wan22TextEncode:
     VALIDATE_INPUTS = spec_validator(spec.TEXT)
 
     def encode(self, model, prompt, negative_prompt):
+        comfy_bridge.make_room()
         return (model.encode_prompt(prompt, negative_prompt),)

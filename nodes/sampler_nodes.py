@@ -44,6 +44,7 @@ class Wan22ImageToVideo:
 
     def sample(self, model, text, image, **values):
         params = GenerationParams.from_values(values)
+        comfy_bridge.make_room()
         result = model.generate(tensor_to_pil(image), text, params,
                                 on_step=comfy_bridge.progress_reporter(params.sample_steps),
                                 should_cancel=comfy_bridge.raise_if_interrupted)

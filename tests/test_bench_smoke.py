@@ -26,6 +26,7 @@ def smoke_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench_smoke")
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
     commands = {"gpu": ["-m", "bench.gpu", "--smoke", "--out", str(tmp / "gpu_smoke.json")],
+                "sweep": ["-m", "bench.gpu", "--smoke", "--memory-sweep", "--steps", "1", "--out", str(tmp / "sweep.json")],
                 "cpu": ["-m", "bench", "--quick", "--results", str(tmp)]}
     procs = {name: subprocess.Popen([sys.executable, *args], cwd=str(REPO), env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True) for name, args in commands.items()}
@@ -65,6 +66,14 @@ def test_gpu_benchmark_smoke_on_cpu(smoke_runs):
         assert data["results"][res]["engine_over_diffusers"] > 0
 
 
+def test_gpu_memory_sweep_smoke_on_cpu(smoke_runs):
+    _output(smoke_runs, "sweep")
+    runs = json.loads((smoke_runs[0] / "sweep.json").read_text())["memory_sweep"]
+    assert {(r["weights"], r["budget_gib"], r["resolution"]) for r in runs} == {
+        (w, b, res) for w in ("bf16", "fp8_e4m3fn_scaled") for b in (24.0, 32.0) for res in ("480p", "720p")}
+    assert all("error" not in r and r["mode"] == "cpu" and len(r["step_s"]) == 1 for r in runs), runs
+
+
 def test_cpu_benchmarks_quick(smoke_runs):
     tmp_path = smoke_runs[0]
     stdout = _output(smoke_runs, "cpu")
@@ -78,7 +87,7 @@ def test_cpu_benchmarks_quick(smoke_runs):
     loader = json.loads((tmp_path / "quick_loader.json").read_text())
     warm = loader["summary"]["warm"]
     assert warm["same_weights"] is True, loader
-    for key in ("read_s", "stream_s", "plain_s", "stream_peak_rss_mb", "plain_peak_rss_mb"):
+    for key in ("read_s", "stream_s", "plain_s", "fp8_s", "convert_s", "stream_peak_rss_mb", "plain_peak_rss_mb"):
         assert warm[key] is not None and warm[key] > 0, (key, warm)
     ref = json.loads((tmp_path / "quick_diffusers_reference.json").read_text())
     assert ref["summary"]["engine_over_diffusers"] > 0

@@ -185,3 +185,14 @@ def test_cli_refuses_a_broken_image_before_the_server(comfy_url, image_url, tmp_
                                    "(PNG, JPEG, WEBP, BMP, GIF, TIFF)")
     proc = cli("--server", comfy_url, "--image", image_url + "/missing.png", *TINY)
     assert proc.returncode == 2 and "image: answered HTTP 404" in proc.stderr, proc.stderr
+
+
+def test_cli_memory_options_reach_the_loader(comfy_url, input_image, tmp_path):
+    """--weight-dtype fp8 (a spelling of fp8_e4m3fn_scaled) and --memory-mode stream: the run reports its plan."""
+    out = tmp_path / "fp8.mp4"
+    proc = cli("--server", comfy_url, "--image", str(input_image), *TINY, "--seed", str(time.time_ns() % 10**6),
+               "--weight-dtype", "fp8", "--memory-mode", "stream", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["info"]["memory"]["mode"] == "cpu"  # the test server runs with --cpu: no GPU to plan for
+    assert count_frames(out)[0] == 5

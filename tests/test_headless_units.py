@@ -84,6 +84,8 @@ def test_params_aliases_and_guidance():
     ({"prompt": "x" * 5001}, "prompt", "is 5001 characters long; the limit is 5000 (WAN_MAX_PROMPT_CHARS)"),
     ({"prompt": "a\x00b"}, "prompt", "contains a NUL character"),
     ({"save_file": "x.mp4"}, "save_file", "is not accepted here: it names the worker's output; use --out"),
+    ({"memory_mode": "gpu"}, "memory_mode", "must be one of auto, full, offload, stream, got 'gpu'"),
+    ({"weight_dtype": "int8"}, "weight_dtype", "must be one of auto, bf16, fp16, fp8_e4m3fn_scaled, got 'int8'"),
 ], ids=lambda v: v if isinstance(v, str) and len(v) < 30 else None)
 def test_params_errors_name_the_field(raw, field, why):
     with pytest.raises(InvalidParameter) as info:
