@@ -45,17 +45,15 @@ class Budget:
     host_bytes: Optional[int]
 
     @classmethod
-    def detect(cls, device, gpu_cap_bytes: Optional[int] = None) -> "Budget":
-        """What this process may use now: the GPU's free memory plus what torch already holds in its cache
-        (at most `gpu_cap_bytes`, e.g. to emulate a smaller card), and the host's MemAvailable."""
+    def detect(cls, device) -> "Budget":
+        """Free now: the GPU's free memory plus what torch holds in its cache unused (None without CUDA), and
+        the host's MemAvailable."""
         import torch
 
         gpu = None
         if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
             free, _ = torch.cuda.mem_get_info(device)
             gpu = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        if gpu_cap_bytes is not None and getattr(device, "type", str(device)) == "cuda":
-            gpu = gpu_cap_bytes if gpu is None else min(gpu, gpu_cap_bytes)
         return cls(gpu, host_available())
 
 

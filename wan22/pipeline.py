@@ -309,8 +309,16 @@ class Wan22I2VPipeline:
                             dim=expert.config.num_attention_heads * expert.config.attention_head_dim)
 
     def budget(self) -> memory.Budget:
-        cap = None if self.options.gpu_memory_gib is None else int(self.options.gpu_memory_gib * memory.GIB)
-        return memory.Budget.detect(self.device, cap)
+        """What a run may use: the GPU's free memory plus what our own models hold there now (full mode keeps
+        the experts resident across runs), at most gpu_memory_gib."""
+        detected = memory.Budget.detect(self.device)
+        gpu = detected.gpu_bytes
+        if gpu is not None:
+            gpu += sum(placement.module_bytes(self._modules()[name]) for name in self._shared.on_gpu)
+        if self.options.gpu_memory_gib is not None and self._gpu():
+            cap = int(self.options.gpu_memory_gib * memory.GIB)
+            gpu = cap if gpu is None else min(gpu, cap)
+        return memory.Budget(gpu, detected.host_bytes)
 
     def plan(self, params: GenerationParams, image: Optional[Image.Image] = None) -> memory.Plan:
         """The placement of a run of `params` (on `image`'s aspect ratio; else the size as given)."""
@@ -376,9 +384,9 @@ class Wan22I2VPipeline:
         negative = negative_prompt or UPSTREAM_NEGATIVE_PROMPT  # upstream: "" means the default
         on_gpu = not self.options.t5_cpu and self._gpu()
         if on_gpu:
-            free = self.budget().gpu_bytes
-            t5 = placement.module_bytes(self.prompt_encoder.model)
-            if free is not None and memory.usable_gpu_bytes(free) < t5 + sum(placement.module_bytes(self._modules()[n]) for n in self._shared.on_gpu):
+            budget = self.budget().gpu_bytes  # our resident models included
+            resident = sum(placement.module_bytes(self._modules()[n]) for n in self._shared.on_gpu)
+            if budget is not None and memory.usable_gpu_bytes(budget) < resident + placement.module_bytes(self.prompt_encoder.model):
                 self._evict()  # T5 first, the experts come back for the denoising
             self._to_gpu("text_encoder")
         try:

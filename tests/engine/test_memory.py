@@ -115,3 +115,10 @@ def test_out_of_memory_leaves_nothing_on_the_gpu_and_the_next_run_works():
     assert "memory_mode offload" in result["error"] and "Nothing is left on the GPU" in result["error"]
     assert result["gpu_bytes_after_failure"] == 0
     assert result["retry_error"] is None and result["gpu_bytes_after_run"] == 0
+
+
+def test_full_mode_keeps_the_experts_for_the_next_run():
+    """A warm server on an 80 GB card: the second run finds both experts resident and plans full again."""
+    result = _simulate(gpu_gib=80, size="832*480", weight_dtype="bf16", runs=2, steps=2)
+    assert result["modes"] == ["full", "full"]  # not "stream" for want of the memory its own experts hold
+    assert result["gpu_bytes_after_run"] > 53 * GIB  # both bf16 experts stayed on the GPU
