@@ -35,12 +35,6 @@ def move(module: nn.Module, device, non_blocking: bool = False) -> nn.Module:
     return module
 
 
-def device_of(module: nn.Module) -> Optional[torch.device]:
-    for tensor in module.parameters():
-        return tensor.device
-    return None
-
-
 def module_bytes(module: nn.Module) -> int:
     tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
