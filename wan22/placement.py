@@ -12,7 +12,7 @@ bit-identical to a resident one (tests/engine/test_memory.py).
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
