@@ -7,20 +7,21 @@ import logging
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import memory, models, placement, spec
+from . import lora as lora_mod, memory, models, placement, spec
 from .discover import ModelSet, discover_model_set
 from .errors import GenerationCancelled, GpuOutOfMemory, InvalidParameter
 from .params import GenerationParams, image_size_for_area
 from .spec import UPSTREAM_NEGATIVE_PROMPT
 from .schedule import NUM_TRAIN_TIMESTEPS, make_schedule
 from .fp8 import FP8_DTYPES, fp8_layers
+from .lora_files import MAX_LORAS
 from .text import HuggingFaceTokenizer, PromptEmbeds, PromptEncoder, SentencePieceTokenizer, pad_context
 
 log = logging.getLogger("wan22")
@@ -103,6 +104,7 @@ class VideoResult:
     seed: int
     timings: Dict[str, float]
     plan: Optional[dict] = None  # the memory plan it ran with (wan22.memory.Plan.as_dict)
+    loras: list = dataclasses.field(default_factory=list)  # the LoRAs applied (Wan22I2VPipeline.sync_loras)
 
     @property
     def num_frames(self) -> int:
@@ -246,12 +248,15 @@ def out_of_memory_guard(pipe: "Wan22I2VPipeline", stage: str):
 
 
 class _Shared:
-    """What the views of one loaded model set share: whether it was released, what is on the GPU."""
+    """What the views of one loaded model set share: whether it was released, what is on the GPU, which
+    LoRAs the experts carry (and the files they came from)."""
 
     def __init__(self) -> None:
         self.released = False
         self.on_gpu: set = set()
         self.streamer: Optional[placement.BlockStreamer] = None
+        self.lora_files: Dict[tuple, lora_mod.LoraFile] = {}
+        self.applied: Dict[str, lora_mod.Applied] = {}
 
 
 EXPERTS = ("high_noise_model", "low_noise_model")
@@ -259,23 +264,34 @@ EXPERTS = ("high_noise_model", "low_noise_model")
 
 class Wan22I2VPipeline:
     def __init__(self, high_noise_model, low_noise_model, prompt_encoder: PromptEncoder, vae, options: LoadOptions,
-                 model_set: Optional[ModelSet] = None, shared: Optional[_Shared] = None):
+                 model_set: Optional[ModelSet] = None, shared: Optional[_Shared] = None, loras: tuple = ()):
         self.high_noise_model, self.low_noise_model = high_noise_model, low_noise_model
         self.prompt_encoder, self.vae, self.options, self.model_set = prompt_encoder, vae, options, model_set
         self.device = options.torch_device
         self.load_timings: Dict[str, float] = {}  # seconds per part, filled by load_pipeline
         self._shared = shared or _Shared()
         self.last_plan: Optional[memory.Plan] = None
+        self.loras: Tuple[lora_mod.LoraChoice, ...] = tuple(loras)
+
+    def _view(self, options: LoadOptions, loras: tuple) -> "Wan22I2VPipeline":
+        view = Wan22I2VPipeline(self.high_noise_model, self.low_noise_model, self.prompt_encoder, self.vae, options,
+                                self.model_set, self._shared, loras)
+        view.load_timings = self.load_timings
+        return view
 
     def with_options(self, options: LoadOptions) -> "Wan22I2VPipeline":
         """The same loaded models with other placement options (memory_mode, offload_model, t5_cpu, fp8_matmul)."""
         options = options.validated()
         if options.storage_key != self.options.storage_key:
             raise ValueError("these options change how the models are stored: load them again")
-        view = Wan22I2VPipeline(self.high_noise_model, self.low_noise_model, self.prompt_encoder, self.vae, options,
-                                self.model_set, self._shared)
-        view.load_timings = self.load_timings
-        return view
+        return self._view(options, self.loras)
+
+    def with_loras(self, loras) -> "Wan22I2VPipeline":
+        """The same loaded models carrying `loras` (LoraChoice) in their runs; nothing is read until a run."""
+        loras = tuple(loras)
+        if len(loras) > MAX_LORAS:
+            raise InvalidParameter("loras", f"{len(loras)} LoRAs chained; at most {MAX_LORAS} are applied at once")
+        return self._view(self.options, loras)
 
     @property
     def released(self) -> bool:
@@ -284,6 +300,8 @@ class Wan22I2VPipeline:
     def release(self) -> None:
         """Free every weight now (modules go to the meta device); the pipeline cannot be used afterwards."""
         self._evict()
+        self._shared.applied.clear()
+        self._shared.lora_files.clear()
         for module in self._modules().values():
             module.to("meta")
         self._shared.released = True
@@ -374,6 +392,39 @@ class Wan22I2VPipeline:
             self.vae.enable_tiling()
         else:
             self.vae.disable_tiling()
+
+    # ------------------------------------------------------------------ LoRAs (wan22.lora)
+    def _lora_file(self, path: Path) -> lora_mod.LoraFile:
+        key = lora_mod.file_key(path)
+        if key not in self._shared.lora_files:
+            self._shared.lora_files[key] = lora_mod.read_lora(path, self.high_noise_model)
+            lora_mod.warn_unmatched(self._shared.lora_files[key])
+        return self._shared.lora_files[key]
+
+    def sync_loras(self) -> list:
+        """Make the experts carry this view's LoRAs (adapters swapped with every model on the host; the base
+        weights are not read again). Returns what each LoRA did: name, strengths, layers, unmatched keys."""
+        files = {choice: self._lora_file(choice.path) for choice in self.loras}
+        for expert in EXPERTS:
+            wanted = [(files[c], c.strength(expert)) for c in self.loras if c.strength(expert) != 0]
+            key = tuple((lora_mod.file_key(f.path), s) for f, s in wanted)
+            current = self._shared.applied.get(expert)
+            if (current.key if current else ()) == key:
+                continue
+            self._evict()  # adapters and patched parameters are set up in host memory
+            if current is not None:
+                current.remove()
+                del self._shared.applied[expert]
+            if wanted:
+                start = time.perf_counter()
+                self._shared.applied[expert] = lora_mod.apply_loras(self._modules()[expert], wanted, self.options.torch_dtype, key)
+                log.info("Wan22: %s: applied %s in %.2f s", expert, ", ".join(f"{f.name} x{s:g}" for f, s in wanted),
+                         time.perf_counter() - start)
+        in_use = {lora_mod.file_key(f.path) for f in files.values()}
+        for key in [k for k in self._shared.lora_files if k not in in_use]:
+            del self._shared.lora_files[key]
+        return [{"name": c.name, "strength_high": c.strength_high, "strength_low": c.strength_low,
+                 "layers": len(files[c].patches), "unmatched_keys": list(files[c].unmatched)} for c in self.loras]
 
     # ------------------------------------------------------------------ stage 1: prompts
     @torch.no_grad()
@@ -505,6 +556,7 @@ class Wan22I2VPipeline:
                  on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None) -> VideoResult:
         params = params.validated().with_resolved_seed()
         self._check_usable()
+        loras = self.sync_loras()
         plan = self.last_plan = self.plan(params, image)
         log.info("Wan22 memory plan: %s", plan.describe())
         for _, layer in fp8_layers(self.high_noise_model):
@@ -533,7 +585,7 @@ class Wan22I2VPipeline:
             if plan.mode != "full":
                 self._evict()
         return VideoResult(frames=video_to_uint8(video), video=video, latent=latent.cpu(), seed=params.seed,
-                           timings=timings, plan=plan.as_dict())
+                           timings=timings, plan=plan.as_dict(), loras=loras)
 
 
 def video_to_uint8(video: torch.Tensor) -> torch.Tensor:

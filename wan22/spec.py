@@ -12,12 +12,14 @@ spelled it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .errors import InvalidParameter
+from .lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW, MAX_LORAS, MAX_STRENGTH, parse_entries
 from .settings import Limits
 
 # wan/configs/shared_config.py: sample_neg_prompt
@@ -41,6 +43,7 @@ MAX_SEED = 2**63 - 1
 
 # the node classes parameters belong to (their input has the parameter's name)
 LOADER, TEXT, I2V, SAVE, LOAD_IMAGE = "Wan22ModelLoader", "Wan22TextEncode", "Wan22ImageToVideo", "Wan22SaveVideo", "Wan22LoadImage"
+LORA = "Wan22LoraLoader"
 SURFACES = ("node", "cli", "worker")
 IMAGE_FIELDS = ("image", "image_url", "image_path", "image_base64")
 SINGLE_GPU = "this runner drives one GPU"
@@ -51,6 +54,7 @@ class Param:
     """One parameter. `kind`: int | float | bool | text | choice | size | guide (one number or a pair for both
     experts) | image (a path or an http(s) URL).
 
+    `kind` loras: a list of {name, expert, strength} (wan22.lora_files).
     `node`: the node class with an input of this name. `refused`: surface -> why that surface does not take it
     (any other surface does). `flag`: the CLI has ``--name`` (and ``--alias``) for it. `only`: the only value
     this runner supports (seed flags for several GPUs), with `why`. `upstream_flag`: upstream generate.py's
@@ -106,6 +110,9 @@ class Param:
             return f"number {_num(self.low)}..{_num(self.high)}, or a pair [low_noise, high_noise]"
         if self.kind == "image":
             return "a path or an http(s) URL"
+        if self.kind == "loras":
+            return (f"up to {MAX_LORAS} of {{name, expert: high | low | both, strength: -{MAX_STRENGTH:g}..{MAX_STRENGTH:g}}} "
+                    f"(CLI: NAME[:high|low|both][:STRENGTH])")
         if self.bound:
             return self.bound
         limit = "WAN_MAX_PROMPT_CHARS" if self.max_chars is None else str(self.max_chars)
@@ -127,6 +134,7 @@ def _show(value) -> str:
 _GUIDE = dict(low=0.0, high=100.0, widget={"step": 0.1})
 _WORKER_NO_MODEL = "a worker reads models only from its WAN_CKPT_DIR"
 _WORKER_NAMES_FILES = "the worker names its outputs; use save_file"
+_USE_LORAS = "give loras: [{name, expert, strength}]"
 _WORKER_OPERATOR = "the worker's operator sets it ({}), so that no request makes a warm worker reload its models"
 
 PARAMS: Tuple[Param, ...] = (
@@ -157,12 +165,24 @@ PARAMS: Tuple[Param, ...] = (
     Param("guide_scale_high", "float", 3.5, "Guidance of the high-noise expert.", node=I2V, **_GUIDE),
     Param("sample_shift", "float", 5.0, "Flow shift (upstream: 5.0; 3.0 suggested for 480p).", low=0.0, high=100.0, node=I2V,
           upstream_flag="--sample_shift", widget={"step": 0.1}),
-    Param("sample_solver", "choice", "unipc", "Flow solver.", choices=("unipc", "dpm++"), spellings={"dpmpp": "dpm++", "dpm": "dpm++"},
+    Param("sample_solver", "choice", "unipc", "Flow solver (euler: the step-distilled LoRAs' schedule, docs/lora.md).",
+          choices=("unipc", "dpm++", "euler"), spellings={"dpmpp": "dpm++", "dpm": "dpm++"},
           node=I2V, upstream_flag="--sample_solver"),
     Param("seed", "int", -1, "-1 draws a random seed; the seed used is reported.", aliases=("base_seed",), low=-1, high=MAX_SEED,
           node=I2V, upstream_flag="--base_seed", widget={"control_after_generate": True}),
     Param("boundary", "float", 0.9, "Steps with timestep >= boundary*1000 use the high-noise expert (upstream: 0.900).",
           low=0.0, high=1.0, node=I2V, widget={"step": 0.001}),
+    # --- LoRAs and the 4-step recipe (docs/lora.md)
+    Param("preset", "choice", "none", "4step fills in the step-distilled recipe: 4 euler steps, shift 5, guidance 1 and the two "
+          "lightx2v LoRAs (given parameters win).", choices=("none", "4step"), spellings={"4-step": "4step", "turbo": "4step"}),
+    Param("loras", "loras", (), "LoRAs on the experts: file names under WAN_LORA_DIRS (default <model root>/loras and ComfyUI's loras folders).",
+          aliases=("lora",)),
+    Param("lora_name", "text", "", "A LoRA file from ComfyUI's loras folders (and WAN_LORA_DIRS).", max_chars=1024, node=LORA,
+          refused={"cli": _USE_LORAS, "worker": _USE_LORAS}, flag=False),
+    Param("strength_high", "float", 1.0, "Strength on the high-noise expert (0: not applied to it).", low=-MAX_STRENGTH, high=MAX_STRENGTH,
+          node=LORA, refused={"cli": _USE_LORAS, "worker": _USE_LORAS}, flag=False, widget={"step": 0.01}),
+    Param("strength_low", "float", 1.0, "Strength on the low-noise expert (0: not applied to it).", low=-MAX_STRENGTH, high=MAX_STRENGTH,
+          node=LORA, refused={"cli": _USE_LORAS, "worker": _USE_LORAS}, flag=False, widget={"step": 0.01}),
     # --- the video
     Param("filename_prefix", "text", "Wan22/i2v", "Under ComfyUI's output folder; %width% and %height% are replaced.",
           max_chars=200, node=SAVE, refused={"worker": _WORKER_NAMES_FILES}),
@@ -214,6 +234,14 @@ PARAMS: Tuple[Param, ...] = (
 
 SPEC: Dict[str, Param] = {p.name: p for p in PARAMS}
 SPELLINGS: Dict[str, str] = {s: p.name for p in PARAMS for s in (p.name, *p.aliases)}
+# what a preset fills in where the request does not say (docs/lora.md)
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "none": {},
+    "4step": {"sample_steps": 4, "sample_solver": "euler", "sample_shift": 5.0, "guide_scale_low": 1.0,
+              "guide_scale_high": 1.0, "boundary": 0.9,
+              "loras": [{"name": LIGHTX2V_HIGH, "expert": "high", "strength": 1.0},
+                        {"name": LIGHTX2V_LOW, "expert": "low", "strength": 1.0}]},
+}
 EXTENSION_OPTIONS = ("prompt_extend_method", "prompt_extend_model", "prompt_extend_target_lang")
 WORKER_FIELDS = ("save_file", "return_video", "extra_args")  # checked by the worker itself
 
@@ -340,6 +368,8 @@ def _check_kind(p: Param, value: Any, limits: Optional[Limits]) -> Any:
         if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text) and not text.lower().startswith(("http://", "https://", "file://")):
             raise bad(f"must be a path or an http(s) URL, got {_short(value)}")
         return text
+    if p.kind == "loras":
+        return [entry.as_dict() for entry in parse_entries(value, p.name)]
     # text
     if not isinstance(value, str):
         raise bad(f"must be a string, got {type(value).__name__}")
@@ -373,8 +403,8 @@ def normalize(raw: Mapping[str, Any], surface: str, *, limits: Optional[Limits] 
     the field name of messages (the worker: ``params.<key>``). `overrides` are later values
     {parameter: (label, value)} that replace given ones (the worker's extra_args).
 
-    `sample_guide_scale` fills guide_scale_low/high where they are not given; `image` becomes image_url or
-    image_path. Raises InvalidParameter listing every problem."""
+    `sample_guide_scale` fills guide_scale_low/high where they are not given, then `preset` what is still
+    missing (PRESETS); `image` becomes image_url or image_path. Raises InvalidParameter listing every problem."""
     limits = limits or Limits.from_env()
     problems: List[Tuple[str, str]] = []
     warnings: List[str] = []
@@ -412,7 +442,8 @@ def normalize(raw: Mapping[str, Any], surface: str, *, limits: Optional[Limits] 
             values[name] = check(name, value, limits)
             spelled[name] = field
         except InvalidParameter as exc:
-            problems.extend((field, why) for _, why in exc.problems)
+            # keep the part of the field below the parameter: params.loras[1].strength
+            problems.extend((field + (f[len(name):] if f.startswith(name) else ""), why) for f, why in exc.problems)
 
     images = [n for n in IMAGE_FIELDS if n in values]
     if len(images) > 1:
@@ -428,6 +459,11 @@ def normalize(raw: Mapping[str, Any], surface: str, *, limits: Optional[Limits] 
         for name, number in (("guide_scale_low", low), ("guide_scale_high", high)):
             if name not in values:
                 values[name], spelled[name] = number, where
+    if "preset" in values:
+        preset, where = values.pop("preset"), spelled.pop("preset")
+        for name, value in PRESETS[preset].items():
+            if name not in values:
+                values[name], spelled[name] = copy.deepcopy(value), where
     if "image" in values:
         image, where = values.pop("image"), spelled.pop("image")
         name = "image_url" if image.lower().startswith(("http://", "https://")) else "image_path"

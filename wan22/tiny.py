@@ -242,6 +242,65 @@ def build_tiny_model_set(folder, layout: str = "upstream", fp8_scaled: bool = Fa
     return folder
 
 
+LORA_FORMATS = ("lightx2v", "lora_ab", "lora_ab_prefixed", "diffusers", "kohya")
+
+
+def tiny_lora_tensors(spec: TinySpec = TinySpec(), fmt: str = "lightx2v", rank: int = 4, seed: int = 0,
+                      alpha: float = 2.0, norms: bool = True, head: bool = True, amount: float = 0.05) -> Dict[str, torch.Tensor]:
+    """A random LoRA for the tiny experts, spelled as one of LORA_FORMATS (see wan22.lora):
+    every linear layer of the blocks and the head gets lora_down/up (+ alpha where the format has it) and a
+    bias delta (the head too, with `head`); with `norms`, the lightx2v format also carries `diff` for the
+    cross-attention norms."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=generator) * amount).to(torch.bfloat16)
+
+    layers = {}  # upstream module name -> (out, in)
+    for i in range(spec.num_layers):
+        for attn in ("self_attn", "cross_attn"):  # the text context is projected to dim before cross_attn
+            for part in "qkvo":
+                layers[f"blocks.{i}.{attn}.{part}"] = (spec.dim, spec.dim)
+        layers[f"blocks.{i}.ffn.0"] = (spec.ffn_dim, spec.dim)
+        layers[f"blocks.{i}.ffn.2"] = (spec.dim, spec.ffn_dim)
+    if head:
+        layers["head.head"] = (16 * 1 * 2 * 2, spec.dim)
+    tensors: Dict[str, torch.Tensor] = {}
+    for module, (out_features, in_features) in layers.items():
+        down, up, bias = rand(rank, in_features), rand(out_features, rank), rand(out_features)
+        diffusers_module = convert.upstream_to_diffusers_transformer(module + ".weight")[: -len(".weight")]
+        if fmt == "lightx2v":
+            base = "diffusion_model." + module
+            tensors.update({f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up,
+                            f"{base}.alpha": torch.tensor(alpha), f"{base}.diff_b": bias})
+        elif fmt in ("lora_ab", "lora_ab_prefixed"):
+            base = ("diffusion_model." if fmt == "lora_ab_prefixed" else "") + module
+            tensors.update({f"{base}.lora_A.weight": down, f"{base}.lora_B.weight": up})
+        elif fmt == "diffusers":
+            base = "transformer." + diffusers_module
+            tensors.update({f"{base}.lora_A.weight": down, f"{base}.lora_B.weight": up, f"{base}.lora_B.bias": bias})
+        elif fmt == "kohya":
+            base = "lora_unet_" + module.replace(".", "_")
+            tensors.update({f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up, f"{base}.alpha": torch.tensor(alpha)})
+        else:
+            raise ValueError(f"fmt must be one of {', '.join(LORA_FORMATS)}, got {fmt!r}")
+    if fmt == "lightx2v" and norms:
+        for i in range(spec.num_layers):
+            tensors[f"diffusion_model.blocks.{i}.norm3.diff"] = rand(spec.dim)
+            tensors[f"diffusion_model.blocks.{i}.norm3.diff_b"] = rand(spec.dim)
+    return tensors
+
+
+def write_tiny_lora(path, **kwargs) -> Path:
+    """tiny_lora_tensors(**kwargs) saved as a .safetensors file at `path`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tiny_lora_tensors(**kwargs), str(path))
+    return path
+
+
 def main(argv=None) -> None:
     import argparse
 
@@ -249,8 +308,15 @@ def main(argv=None) -> None:
     parser.add_argument("folder")
     parser.add_argument("--layout", choices=LAYOUTS, default="upstream")
     parser.add_argument("--fp8-scaled", action="store_true", help="comfyui layout: fp8_scaled files")
+    parser.add_argument("--loras", action="store_true",
+                        help="also write the two tiny 4-step LoRAs (the lightx2v file names) into FOLDER/loras")
     args = parser.parse_args(argv)
     print(build_tiny_model_set(args.folder, args.layout, args.fp8_scaled))
+    if args.loras:
+        from .lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
+
+        for seed, name in enumerate((LIGHTX2V_HIGH, LIGHTX2V_LOW)):
+            print(write_tiny_lora(Path(args.folder) / "loras" / name, seed=seed))
 
 
 if __name__ == "__main__":

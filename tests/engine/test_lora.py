@@ -1,0 +1,236 @@
+"""LoRAs on the tiny experts (wan22.lora): every format against an independent computation and against
+diffusers' own loader, fp8 experts, strength 0, swapping without a reload, bad files; and the euler schedule
+of the 4-step recipe."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wan22 import convert
+from wan22.errors import InvalidParameter
+from wan22.lora import ADAPTER, LoraChoice, LoraError, effective_weight
+from wan22.params import GenerationParams
+from wan22.pipeline import LoadOptions, load_pipeline
+from wan22.schedule import make_schedule
+from wan22.tiny import LORA_FORMATS, TinySpec, tiny_lora_tensors, write_tiny_lora
+
+FP32_CPU = LoadOptions(dtype="fp32", device="cpu")
+RECIPE = GenerationParams(size="64*64", frame_num=5, sample_steps=4, sample_solver="euler", sample_shift=5.0,
+                          guide_scale=(1.0, 1.0), seed=5)
+ALPHA, RANK = 2.0, 4
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models):
+    return load_pipeline(tiny_models("upstream"), FP32_CPU)
+
+
+def expected_deltas(strength: float, fmt: str):
+    """The deltas every format's file must give, from the lightx2v-spelled tensors (the builder draws the same
+    numbers in the same order for every format): {diffusers parameter name: delta}."""
+    tensors = tiny_lora_tensors(fmt="lightx2v", rank=RANK, alpha=ALPHA)
+    deltas = {}
+    for key, down in tensors.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        module = key[len("diffusion_model."): -len(".lora_down.weight")]
+        up = tensors[key.replace("lora_down", "lora_up")]
+        scale = ALPHA / RANK if fmt in ("lightx2v", "kohya") else 1.0
+        target = convert.upstream_to_diffusers_transformer(module + ".weight")
+        deltas[target] = strength * scale * (up.float() @ down.float())
+        if fmt in ("lightx2v", "diffusers"):
+            deltas[target[: -len("weight")] + "bias"] = strength * tensors[f"diffusion_model.{module}.diff_b"].float()
+    if fmt == "lightx2v":
+        for key, value in tensors.items():
+            if ".norm3." in key:
+                part = "weight" if key.endswith(".diff") else "bias"
+                module = key[len("diffusion_model."):].rsplit(".", 1)[0]
+                deltas[convert.upstream_to_diffusers_transformer(f"{module}.{part}")] = strength * value.float()
+    return deltas
+
+
+def weights_of(model):
+    """Every parameter as the model computes with it (linear layers with their adapters), fp32."""
+    out = {}
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            out[full] = effective_weight(module) if pname == "weight" and hasattr(module, ADAPTER) else param.detach().float().clone()
+    return out
+
+
+@pytest.mark.parametrize("fmt", LORA_FORMATS)
+def test_each_format_adds_strength_scale_up_down(pipe, tmp_path, fmt):
+    path = write_tiny_lora(tmp_path / f"{fmt}.safetensors", fmt=fmt, rank=RANK, alpha=ALPHA)
+    base = weights_of(pipe.high_noise_model)
+    strength = 0.7
+    report = pipe.with_loras([LoraChoice(path, strength, 0.0)]).sync_loras()
+    assert report[0]["unmatched_keys"] == []
+    patched = weights_of(pipe.high_noise_model)
+    deltas = expected_deltas(strength, fmt)
+    assert len(deltas) >= 20
+    for name, value in patched.items():
+        want = base[name] + deltas.get(name, 0)
+        assert torch.allclose(value, want, atol=1e-6), name
+    assert weights_of(pipe.low_noise_model).keys() and not any(hasattr(m, ADAPTER) for m in pipe.low_noise_model.modules())
+    pipe.with_loras([]).sync_loras()
+    restored = weights_of(pipe.high_noise_model)
+    assert all(torch.equal(restored[name], base[name]) for name in base)
+
+
+@pytest.mark.parametrize("fmt", ["lightx2v", "lora_ab_prefixed", "diffusers", "kohya"])
+def test_equal_to_diffusers_load_lora_weights_and_fuse(pipe, tmp_path, fmt):
+    """diffusers' WanLoraLoaderMixin (converters + peft), fused, gives the same weights. Its converters drop
+    norm diffs, refuse an alpha on the head and need a prefix: the file has neither norm diffs nor a head
+    LoRA, and the unprefixed spelling is left out."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders import WanLoraLoaderMixin
+
+    path = write_tiny_lora(tmp_path / f"{fmt}.safetensors", fmt=fmt, rank=RANK, alpha=ALPHA, norms=False, head=False)
+    reference = WanTransformer3DModel.from_config(pipe.high_noise_model.config)
+    reference.load_state_dict(pipe.high_noise_model.state_dict())
+    state = WanLoraLoaderMixin.lora_state_dict(str(path))
+    reference.load_lora_adapter(state, prefix="transformer", adapter_name="test")
+    reference.fuse_lora(lora_scale=1.0)
+    reference.unload_lora()
+
+    pipe.with_loras([LoraChoice(path, 1.0, 0.0)]).sync_loras()
+    ours = weights_of(pipe.high_noise_model)
+    theirs = {name: p.detach().float() for name, p in reference.named_parameters()}
+    assert set(theirs) == set(ours)
+    changed = 0
+    for name, value in theirs.items():
+        assert torch.allclose(ours[name], value, atol=1e-5), name
+        changed += not torch.equal(value, pipe.high_noise_model.get_parameter(name).float())
+    assert changed >= 20
+    pipe.with_loras([]).sync_loras()
+
+
+def test_several_loras_add_and_strengths_change_without_reading_the_experts(pipe, tmp_path, monkeypatch):
+    from wan22 import models
+
+    a = write_tiny_lora(tmp_path / "a.safetensors", seed=1)
+    b = write_tiny_lora(tmp_path / "b.safetensors", seed=2, fmt="kohya")
+    reads = []
+    for name in ("load_transformer_from_upstream_shards", "load_transformer_from_comfy_file", "load_transformer_from_diffusers_folder"):
+        monkeypatch.setattr(models, name, lambda *a, **k: reads.append(1))
+    base = weights_of(pipe.low_noise_model)
+    pipe.with_loras([LoraChoice(a, 0.0, 0.5)]).sync_loras()
+    only_a = weights_of(pipe.low_noise_model)
+    pipe.with_loras([LoraChoice(b, 0.0, -1.5)]).sync_loras()
+    only_b = weights_of(pipe.low_noise_model)
+    pipe.with_loras([LoraChoice(a, 0.0, 0.5), LoraChoice(b, 0.0, -1.5)]).sync_loras()
+    both = weights_of(pipe.low_noise_model)
+    for name in base:
+        assert torch.allclose(both[name], base[name] + (only_a[name] - base[name]) + (only_b[name] - base[name]), atol=1e-5), name
+    pipe.with_loras([]).sync_loras()
+    assert reads == []
+
+
+def test_strength_zero_is_exactly_no_lora(pipe, tmp_path, test_image):
+    path = write_tiny_lora(tmp_path / "z.safetensors")
+    embeds = pipe.encode_prompt("a boat", "")
+    plain = pipe.with_loras([]).generate(test_image, embeds, RECIPE)
+    zero = pipe.with_loras([LoraChoice(path, 0.0, 0.0)]).generate(test_image, embeds, RECIPE)
+    with_lora = pipe.with_loras([LoraChoice(path, 1.0, 1.0)]).generate(test_image, embeds, RECIPE)
+    again = pipe.with_loras([]).generate(test_image, embeds, RECIPE)
+    assert torch.equal(plain.video, zero.video)
+    assert not torch.equal(plain.video, with_lora.video)
+    assert torch.equal(plain.video, again.video)
+    assert with_lora.loras == [{"name": "z.safetensors", "strength_high": 1.0, "strength_low": 1.0, "layers": 23, "unmatched_keys": []}]
+
+
+def test_fp8_expert_keeps_its_fp8_weights_and_adds_the_lora_in_full_precision(tiny_models, tmp_path):
+    pipe = load_pipeline(tiny_models("comfyui_fp8"), FP32_CPU)
+    layer = pipe.high_noise_model.blocks[0].attn1.to_q
+    fp8_before = layer.weight.clone()
+    dequantized = layer.dequantized(torch.float32)
+    path = write_tiny_lora(tmp_path / "f.safetensors", rank=RANK, alpha=ALPHA)
+    pipe.with_loras([LoraChoice(path, 1.0, 1.0)]).sync_loras()
+    assert layer.weight.dtype == torch.float8_e4m3fn and torch.equal(layer.weight.view(torch.uint8), fp8_before.view(torch.uint8))
+    delta = expected_deltas(1.0, "lightx2v")["blocks.0.attn1.to_q.weight"]
+    x = torch.randn(3, layer.in_features)
+    want = F.linear(x, dequantized + delta, layer.bias.float())
+    assert torch.allclose(layer(x), want, atol=1e-5)
+
+
+def test_lora_follows_the_expert_through_block_streaming(tiny_models, tmp_path, test_image):
+    """A streamed expert (meta 'cuda' is not available here: the CPU streamer swaps copies) gives the same
+    video with a LoRA as a resident one."""
+    from wan22 import placement
+
+    pipe = load_pipeline(tiny_models("upstream"), FP32_CPU)
+    path = write_tiny_lora(tmp_path / "s.safetensors")
+    view = pipe.with_loras([LoraChoice(path, 1.0, 1.0)])
+    embeds = view.encode_prompt("a boat", "")
+    resident = view.generate(test_image, embeds, RECIPE)
+    with placement.streamed(pipe.high_noise_model, "cpu", resident=1) as streamer:
+        with placement.streamed(pipe.low_noise_model, "cpu", resident=0):
+            streamed = view.generate(test_image, embeds, RECIPE)
+    assert streamer.onloads > 0
+    assert torch.equal(resident.video, streamed.video)
+
+
+def test_unmatched_keys_are_listed_and_a_file_matching_nothing_is_an_error(pipe, tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = tiny_lora_tensors()
+    extra = {"diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight": torch.zeros(4, 256),
+             "diffusion_model.blocks.0.cross_attn.k_img.lora_up.weight": torch.zeros(256, 4),
+             "some_other_key": torch.zeros(2)}
+    save_file({**tensors, **extra}, str(tmp_path / "extra.safetensors"))
+    report = pipe.with_loras([LoraChoice(tmp_path / "extra.safetensors", 1.0, 0.0)]).sync_loras()
+    assert report[0]["unmatched_keys"] == sorted(extra)
+    pipe.with_loras([]).sync_loras()
+
+    save_file(extra, str(tmp_path / "wan21.safetensors"))
+    with pytest.raises(LoraError, match=r"wan21.safetensors: none of its 3 tensors matches a layer"):
+        pipe.with_loras([LoraChoice(tmp_path / "wan21.safetensors")]).sync_loras()
+
+
+def test_bad_lora_files(pipe, tiny_models, tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
+    with pytest.raises(LoraError, match="junk.safetensors: not a readable .safetensors file"):
+        pipe.with_loras([LoraChoice(tmp_path / "junk.safetensors")]).sync_loras()
+    vae = next(Path(tiny_models("comfyui")).rglob("*vae*.safetensors"))
+    with pytest.raises(LoraError, match="holds no LoRA tensors.*a model checkpoint rather than a LoRA"):
+        pipe.with_loras([LoraChoice(vae)]).sync_loras()
+    bigger = write_tiny_lora(tmp_path / "big.safetensors", spec=TinySpec(dim=384, ffn_dim=384))
+    with pytest.raises(LoraError, match=r"big.safetensors: blocks\.0\.attn1\.to_k \(down\) has shape \[4, 384\], the model "
+                                        r"needs \[rank, 256\]; the LoRA is for another model"):
+        pipe.with_loras([LoraChoice(bigger)]).sync_loras()
+    # nothing half-applied stays behind
+    assert not any(hasattr(m, ADAPTER) for m in pipe.high_noise_model.modules())
+    with pytest.raises(InvalidParameter, match="17 LoRAs chained; at most 16"):
+        pipe.with_loras([LoraChoice(bigger)] * 17)
+
+
+# ============================================================================================ the recipe
+def test_euler_distill_schedule_is_the_recipe():
+    schedule = make_schedule("euler", 4, 5.0)
+    assert torch.allclose(schedule.sigmas, torch.tensor([1.0, 0.9375, 5 / 6, 0.625, 0.0]), atol=1e-7)
+    assert torch.allclose(schedule.timesteps, torch.tensor([1000.0, 937.5, 833.3333, 625.0]), atol=1e-3)
+    # euler: x + (sigma_next - sigma) * v, step by step
+    latent, velocity = torch.zeros(1, 3), torch.ones(1, 3)
+    for index, timestep in enumerate(schedule.timesteps):
+        latent = schedule.solver.step(velocity, timestep, latent, return_dict=False)[0]
+        assert torch.allclose(latent, -(1 - schedule.sigmas[index + 1]).expand(1, 3))
+
+
+def test_recipe_runs_two_steps_per_expert_with_no_unconditional_pass(pipe, test_image):
+    calls = []
+    hooks = [expert.register_forward_hook(lambda module, *_: calls.append(module))
+             for expert in (pipe.high_noise_model, pipe.low_noise_model)]
+    traces = []
+    embeds = pipe.encode_prompt("a dog", "")
+    try:
+        params = RECIPE.validated()
+        noise = pipe.prepare_noise(5, 5, 8, 8)
+        y = torch.zeros(20, 2, 8, 8)
+        pipe.denoise(noise, y, embeds, params, trace=traces.append)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [t.expert for t in traces] == ["high_noise_model"] * 2 + ["low_noise_model"] * 2
+    assert calls == [pipe.high_noise_model] * 2 + [pipe.low_noise_model] * 2
