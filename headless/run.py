@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from wan22 import spec
+from wan22.errors import InvalidParameter
 from wan22.intake import CheckedImage, read_image
 
 from .client import ComfyClient, Progress, output_files
 from .errors import Cancelled, OutputMissing, WaitTimeout, WorkflowError
-from .workflow import (ROLE_CORE_IMAGE, ROLE_I2V, ROLE_IMAGE, ROLE_SAVE, apply_overrides, apply_params, find_nodes,
-                       load_workflow)
+from .workflow import (ROLE_CORE_IMAGE, ROLE_I2V, ROLE_IMAGE, ROLE_LORA, ROLE_SAVE, apply_loras, apply_overrides,
+                       apply_params, find_nodes, load_workflow)
 
 __all__ = ["run", "run_checked", "execute", "Hooks", "Execution", "Result", "prepare_image", "collect_result",
            "resolve_random_seeds", "VIDEO_EXTENSIONS"]
@@ -125,6 +126,34 @@ def prepare_image(client: ComfyClient, prompt: dict, values: Mapping[str, Any], 
     for nid in ours:
         prompt[nid].setdefault("inputs", {}).update(inputs)
     return "image_url" if inputs["image_url"] else "image_base64"
+
+
+# ============================================================================================ LoRAs
+def server_lora_names(loras: List[Dict[str, Any]], object_info: dict, label: Callable[[str], str] = str) -> List[Dict[str, Any]]:
+    """`loras` with each name as the server's Wan22LoraLoader lists it. A name the server does not list may be
+    a local path to one of its files (a CLI on the server's machine): its file name is looked up in the list."""
+    try:
+        names = list(object_info[ROLE_LORA]["input"]["required"]["lora_name"][0])
+    except (KeyError, TypeError, IndexError):
+        raise WorkflowError("the server's Wan2.2 node pack has no Wan22LoraLoader node (an older version?): update "
+                            "the pack on the server to use LoRAs") from None
+    listed, problems = [], []
+    for index, entry in enumerate(loras):
+        name = entry["name"]
+        if name not in names:
+            local = Path(name).expanduser()
+            same_file = [n for n in names if Path(n).name == local.name] if local.is_file() else []
+            if len(same_file) != 1:
+                shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "none"
+                problems.append((f"{label('loras')}[{index}].name",
+                                 f"{name!r} is not one of the server's LoRA files ({shown}); put the file into a LoRA folder "
+                                 f"of the server (WAN_LORA_DIRS, else <model root>/loras and ComfyUI's models/loras)"))
+                continue
+            name = same_file[0]
+        listed.append({**entry, "name": name})
+    if problems:
+        raise InvalidParameter.from_problems(problems)
+    return listed
 
 
 # ============================================================================================ seeds
@@ -245,7 +274,9 @@ def run_checked(values: Mapping[str, Any], server: Union[str, ComfyClient, None]
     try:
         object_info = client.object_info()
         prompt = load_workflow(workflow, object_info=object_info)
-        apply_params(prompt, {k: v for k, v in values.items() if k not in spec.IMAGE_FIELDS}, object_info)
+        apply_params(prompt, {k: v for k, v in values.items() if k not in spec.IMAGE_FIELDS and k != "loras"}, object_info)
+        if values.get("loras") is not None:
+            apply_loras(prompt, server_lora_names(values["loras"], object_info, label))
         apply_overrides(prompt, overrides, object_info)
         client.check_node_types(prompt)
         prepare_image(client, prompt, values, image, hooks, label)

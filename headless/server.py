@@ -203,6 +203,7 @@ def start_comfyui(
     extra_args: Sequence[str] = (),
     startup_timeout: float = 180.0,
     die_with_parent: bool = True,
+    lora_dirs: Sequence[os.PathLike] = (),
 ) -> ComfyServer:
     """Start ComfyUI and wait until ``/system_stats`` answers; return a :class:`ComfyServer`.
 
@@ -215,6 +216,7 @@ def start_comfyui(
     python: interpreter that runs ComfyUI (default ``$COMFYUI_PYTHON``, else this interpreter).
     cpu: pass ``--cpu`` (default: ``$COMFYUI_CPU`` if set, else True; callers on GPU machines pass ``cpu=False``).
     die_with_parent: on Linux, the server gets SIGTERM when this process dies.
+    lora_dirs: folders added to ComfyUI's own ``loras`` folders (an extra model path).
     """
     comfyui_dir = Path(comfyui_dir) if comfyui_dir else default_comfyui_dir()
     comfyui_dir = comfyui_dir.expanduser().resolve()
@@ -242,7 +244,10 @@ def start_comfyui(
     (work / "temp").mkdir(exist_ok=True)
     extra_yaml = work / "extra_model_paths.yaml"
     # ComfyUI's loader reads any folder kind from this file, custom_nodes included. JSON is valid YAML.
-    extra_yaml.write_text(json.dumps({"wan22_headless": {"custom_nodes": str(custom_nodes)}}, indent=1) + "\n")
+    extra_paths = {"custom_nodes": str(custom_nodes)}
+    if lora_dirs:
+        extra_paths["loras"] = "\n".join(str(Path(d).resolve()) for d in lora_dirs)
+    extra_yaml.write_text(json.dumps({"wan22_headless": extra_paths}, indent=1) + "\n")
     log = Path(log_path).resolve() if log_path else work / "comfyui.log"
     log.parent.mkdir(parents=True, exist_ok=True)
 

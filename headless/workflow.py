@@ -16,16 +16,17 @@ from wan22 import spec
 from .errors import WorkflowError
 
 __all__ = ["load_workflow", "is_ui_workflow", "ui_to_api", "find_nodes", "find_node", "apply_params",
-           "apply_overrides", "parse_set", "default_workflow_path", "PARAM_TARGETS", "ROLE_LOADER",
+           "apply_overrides", "apply_loras", "parse_set", "default_workflow_path", "PARAM_TARGETS", "ROLE_LOADER",
            "ROLE_TEXT", "ROLE_I2V", "ROLE_SAVE", "ROLE_IMAGE", "ROLE_CORE_IMAGE"]
 
 ROLE_LOADER, ROLE_TEXT, ROLE_I2V, ROLE_SAVE, ROLE_IMAGE = spec.LOADER, spec.TEXT, spec.I2V, spec.SAVE, spec.LOAD_IMAGE
+ROLE_LORA = spec.LORA
 ROLE_CORE_IMAGE = "LoadImage"
 
 # parameter -> (node role, input name): every node input of the spec except the image sources, which
 # headless.run.prepare_image puts in (an upload for a core LoadImage, or Wan22LoadImage's inputs)
 PARAM_TARGETS: Dict[str, Tuple[str, str]] = {
-    p.name: (p.node, p.name) for p in spec.PARAMS if p.node is not None and p.node != ROLE_IMAGE}
+    p.name: (p.node, p.name) for p in spec.PARAMS if p.node not in (None, ROLE_IMAGE, ROLE_LORA)}
 
 SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
@@ -278,6 +279,39 @@ def apply_params(workflow: dict, params: Dict[str, Any], object_info: Optional[d
             raise WorkflowError(f"parameter '{key}' goes to a {role} node, and the workflow has none "
                                 f"(nodes: {describe_nodes(workflow)})")
         set_input(workflow, role, name, value, object_info)
+    return workflow
+
+
+def apply_loras(workflow: dict, loras: List[Dict[str, Any]]) -> dict:
+    """Make `loras` ({name, expert, strength}, checked) the workflow's LoRAs, in place: its own LoRA nodes are
+    taken out, and a chain of one Wan22LoraLoader per entry goes between the model loader and every node that
+    took the loader's model."""
+    def relink(old: list, new: list) -> None:
+        for node in workflow.values():
+            for name, value in (node.get("inputs") or {}).items():
+                if value == old:
+                    node["inputs"][name] = list(new)
+
+    for nid in [n for n, node in workflow.items() if node.get("class_type") == ROLE_LORA]:
+        source = (workflow[nid].get("inputs") or {}).get("model")
+        del workflow[nid]
+        relink([nid, 0], source)
+    if not loras:
+        return workflow
+    loader = find_node(workflow, ROLE_LOADER)
+    numeric = [int(n) for n in workflow if str(n).isdigit()]
+    next_id = max(numeric, default=0) + 1
+    previous = [loader, 0]
+    chain = []
+    for index, entry in enumerate(loras):
+        nid = str(next_id + index)
+        high = entry["strength"] if entry["expert"] in ("high", "both") else 0.0
+        low = entry["strength"] if entry["expert"] in ("low", "both") else 0.0
+        chain.append((nid, {"class_type": ROLE_LORA, "_meta": {"title": f"LoRA {index + 1} ({entry['expert']})"},
+                            "inputs": {"model": previous, "lora_name": entry["name"], "strength_high": high, "strength_low": low}}))
+        previous = [nid, 0]
+    relink([loader, 0], previous)
+    workflow.update(chain)  # after relinking, so the first LoRA node keeps the loader as its input
     return workflow
 
 

@@ -1,10 +1,12 @@
 """ComfyUI nodes of the pack: thin adapters; the work happens in ../wan22."""
 from .io_nodes import Wan22LoadImage, Wan22SaveVideo
+from .lora_nodes import Wan22LoraLoader
 from .model_nodes import Wan22ModelLoader, Wan22TextEncode
 from .sampler_nodes import Wan22ImageToVideo
 
 NODE_CLASS_MAPPINGS = {
     "Wan22ModelLoader": Wan22ModelLoader,
+    "Wan22LoraLoader": Wan22LoraLoader,
     "Wan22TextEncode": Wan22TextEncode,
     "Wan22ImageToVideo": Wan22ImageToVideo,
     "Wan22SaveVideo": Wan22SaveVideo,
@@ -13,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan22ModelLoader": "Wan2.2 I2V Model Loader",
+    "Wan22LoraLoader": "Wan2.2 LoRA (high / low noise)",
     "Wan22TextEncode": "Wan2.2 Text Encode",
     "Wan22ImageToVideo": "Wan2.2 Image to Video",
     "Wan22SaveVideo": "Wan2.2 Save Video (MP4)",

@@ -86,3 +86,11 @@ def save_path(filename_prefix: str, width: int, height: int):
 def input_roots() -> List[str]:
     """Where Wan22LoadImage may read absolute paths: WAN_INPUT_ROOTS plus ComfyUI's input folder."""
     return [*Limits.from_env().input_roots, folder_paths.get_input_directory()]
+
+
+def comfy_lora_folders() -> List[Path]:
+    """ComfyUI's `loras` folders (models/loras and extra model paths)."""
+    try:
+        return [Path(p) for p in folder_paths.get_folder_paths("loras")]
+    except KeyError:
+        return [Path(folder_paths.models_dir) / "loras"]

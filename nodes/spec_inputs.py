@@ -21,7 +21,9 @@ def node_inputs(node: str, choices: Mapping[str, List[str]] = {}) -> Dict[str, T
     parameter into a dropdown whose entries are only known at run time (model sets on disk)."""
     inputs: Dict[str, Tuple[Any, dict]] = {}
     for p in spec.node_params(node):
-        options: Dict[str, Any] = {"default": p.default, "tooltip": p.doc}
+        options: Dict[str, Any] = {"tooltip": p.doc}
+        if p.name not in choices or p.default in choices[p.name]:
+            options["default"] = p.default
         if p.kind in ("int", "float"):
             options.update(min=p.low, max=p.high)
         options.update(p.widget)

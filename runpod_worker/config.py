@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Mapping, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 from wan22 import spec
+from wan22.lora_files import lora_dirs
 from wan22.settings import MIB, Limits, Setting, read_settings
 
 VOLUME = "/runpod-volume"
@@ -43,6 +44,8 @@ WORKER_SETTINGS: Tuple[Setting, ...] = (
     Setting("WAN_EXTRA_NODE_PATHS", "extra_node_paths", "list", (), "colon-separated extra custom-node packs to load"),
     Setting("WAN22_WORKFLOW", "workflow", "text", "", "the API workflow the `request` action fills (by node class, never by id)",
             shown_default="the shipped workflows/api/wan22_i2v_a14b.json"),
+    Setting("WAN_LORA_DIRS", "lora_dirs", "list", (), "colon-separated folders a request's `loras` names are looked up in (relative names only; the LoRA node lists the same folders)",
+            shown_default="`<model root>/loras` and ComfyUI's `models/loras`"),
     Setting("WAN_LOG_LEVEL", "log_level", "choice", "info", "the worker's log level", choices=("debug", "info", "warning", "error")),
     # how the models are stored and placed: the operator's, so that no request makes a warm worker reload
     Setting("WAN_DTYPE", "dtype", "choice", spec.default("dtype"), "compute dtype of the experts and T5 (a request's `dtype` is ignored with a warning)",
@@ -96,6 +99,7 @@ class WorkerConfig:
     comfy_work_dir: str
     extra_node_paths: Tuple[str, ...]
     workflow: str
+    lora_dirs: Tuple[str, ...]
     log_level: str
     dtype: str
     weight_dtype: str
@@ -105,6 +109,16 @@ class WorkerConfig:
     def loader_values(self) -> dict:
         """The loader inputs the operator decides (see OPERATOR_PARAMS, FIXED_BY_WORKER)."""
         return {**{name: getattr(self, name) for name in OPERATOR_PARAMS}, **FIXED_BY_WORKER}
+
+    def lora_folders(self) -> List[Path]:
+        """Where a request's LoRA names are looked up: WAN_LORA_DIRS, else <model root>/loras and the
+        models/loras folder of the ComfyUI this worker starts (wan22.lora_files.lora_dirs, as the node)."""
+        from headless.server import default_comfyui_dir
+
+        if self.lora_dirs:
+            return [Path(p) for p in self.lora_dirs]
+        comfy_dir = Path(self.comfyui_dir) if self.comfyui_dir else default_comfyui_dir()
+        return lora_dirs(extra=[comfy_dir / "models" / "loras"], environ={})
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "WorkerConfig":

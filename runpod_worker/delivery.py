@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Tuple
 from .records import Record
 
 RESPONSE_FIELDS = ("request_id", "status", "output_path", "seed", "frames", "width", "height", "timings", "memory",
-                   "warnings")
+                   "loras", "warnings")
 MB = 1024 * 1024
 
 

@@ -72,7 +72,7 @@ def handle_job(job: Dict[str, Any], token: Optional[CancelToken] = None) -> Dict
         cfg = config_mod.WorkerConfig.from_env()
         request_id = validate_request_id(job.get("id"), "id (the RunPod job id)")
         parsed = parse_job_input(job.get("input"), limits=cfg.limits, max_workflow_images=cfg.max_workflow_images,
-                                 operator=cfg.loader_values())
+                                 operator=cfg.loader_values(), lora_folders=cfg.lora_folders())
         if isinstance(parsed, StatusRequest):
             return status_answer(parsed, cfg)
         if isinstance(parsed, WorkflowRequest):

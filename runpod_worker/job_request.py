@@ -46,7 +46,7 @@ def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, 
     timings = dict(record.data["timings"], **result.timings, total_s=round(time.monotonic() - started, 3))
     record.update(status="COMPLETED", seed=result.seed, frames=result.frames, width=result.width,
                   height=result.height, fps=req.values["fps"], timings=timings, progress=None,
-                  memory=result.info.get("memory"),
+                  memory=result.info.get("memory"), loras=result.info.get("loras"),
                   comfy={"prompt_id": result.prompt_id, "cached_nodes": result.cached_nodes})
     answer = pick_answer(record.data)
     answer.update(video_fields(record, Path(out_path), req.return_video, cfg, request_id))

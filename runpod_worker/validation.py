@@ -3,7 +3,7 @@
 Parameters are checked by wan22.spec (the same checks and messages as the node and the CLI); this module adds
 what only the worker has: the top-level actions, `request_id`, `extra_args` (upstream generate.py flags),
 `save_file` / `return_video`, and the raw workflow's shape. Everything here is pure (no network, no files
-written): a request is checked completely before anything is fetched or written, and each rejection names the
+written; LoRA names are only looked up): a request is checked completely before anything is fetched or written, and each rejection names the
 field as the caller spelled it (``params.num_frames``, ``params.extra_args (--size)``, ``request_id``).
 """
 from __future__ import annotations
@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
-from typing import Any, Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from wan22 import spec
 from wan22.errors import InvalidParameter
+from wan22.lora_files import resolve_lora
 from wan22.settings import Limits
 
 MAX_EXTRA_ARGS = 50
@@ -172,9 +174,10 @@ def parse_extra_args(value: Any, field: str = "params.extra_args") -> Dict[str, 
 
 # --------------------------------------------------------------------------------------------- request
 def validate_generate_params(params: Any, *, return_video: Any = None, limits: Optional[Limits] = None,
-                             operator: Optional[Dict[str, Any]] = None) -> GenerateRequest:
+                             operator: Optional[Dict[str, Any]] = None, lora_folders: Sequence[Path] = ()) -> GenerateRequest:
     """Check the seed's `params` object completely (every problem at once): the spec's checks, a required
-    image, extra_args, save_file and return_video. `operator`: loader values the worker's operator fixes
+    image, extra_args, save_file and return_video; each LoRA a relative name of a file in `lora_folders`
+    (WorkerConfig.lora_folders). `operator`: loader values the worker's operator fixes
     (WorkerConfig.loader_values); a request's different value is ignored with a warning."""
     if not isinstance(params, dict):
         raise InvalidParameter("params", f"must be an object with the generation parameters, got {type(params).__name__}")
@@ -193,6 +196,11 @@ def validate_generate_params(params: Any, *, return_video: Any = None, limits: O
     if request is not None and spec.image_source(request.values) is None:
         sources = ", ".join(spec.SPEC[name].aliases[0] for name in spec.IMAGE_FIELDS[1:])
         problems.append(("params.reference_image_url", f"a reference image is required: give one of {sources}"))
+    for index, entry in enumerate(request.values.get("loras", []) if request is not None else []):
+        try:
+            resolve_lora(entry["name"], lora_folders, f"{request.label('loras')}[{index}].name")
+        except InvalidParameter as exc:
+            problems += exc.problems
     try:
         return_video = _return_video(return_video, params.get("return_video"), request)
     except InvalidParameter as exc:
@@ -206,7 +214,7 @@ def validate_generate_params(params: Any, *, return_video: Any = None, limits: O
     kind, value = spec.image_source(values)
     image = ImageSource(kind, value, request.label(f"image_{kind}"))
     generation = spec.run_defaults("worker")
-    generation.update({k: v for k, v in values.items() if k in generation})
+    generation.update({k: v for k, v in values.items() if k in generation or k == "loras"})
     for name, fixed in (operator or {}).items():
         if name in values and values[name] != fixed:
             warnings.append(f"{request.label(name)}: {values[name]!r} ignored: this worker's models are loaded with "
@@ -281,7 +289,7 @@ def _action(job_input: Dict[str, Any], warnings: List[str]) -> str:
 
 
 def parse_job_input(job_input: Any, *, limits: Optional[Limits] = None, max_workflow_images: int = 16,
-                    operator: Optional[Dict[str, Any]] = None) -> Parsed:
+                    operator: Optional[Dict[str, Any]] = None, lora_folders: Sequence[Path] = ()) -> Parsed:
     """Dispatch on `action` (or the presence of `workflow`) and validate the whole input."""
     if not isinstance(job_input, dict):
         raise InvalidParameter("input", f"must be a JSON object, got {type(job_input).__name__}")
@@ -292,7 +300,7 @@ def parse_job_input(job_input: Any, *, limits: Optional[Limits] = None, max_work
         if "request_id" in job_input:
             warnings.append("request_id: ignored for action 'request'; the request id is the RunPod job id")
         req = validate_generate_params(job_input.get("params"), return_video=job_input.get("return_video"), limits=limits,
-                                       operator=operator)
+                                       operator=operator, lora_folders=lora_folders)
         req.warnings[:0] = warnings
         return req
     rv = job_input.get("return_video")

@@ -18,49 +18,65 @@ from wan22.settings import LIMIT_SETTINGS, Setting
 
 REPO = Path(__file__).resolve().parents[1]
 
-# the shipped graph: id, class_type, title, links {input: (from_id, slot, type)}, outputs [(name, type)], position.
-# Widget values are the spec defaults of each node's parameters (the core LoadImage has its own).
+# the shipped graphs: id, class_type, title, links {input: (from_id, slot, type)}, outputs [(name, type)], position.
+# Widget values are the spec defaults of each node's parameters (the core LoadImage has its own), and for a
+# preset's workflow the preset's values; its LoRAs become a chain of Wan22LoraLoader nodes (ids 6, 7, ...).
 CORE_IMAGE_WIDGETS = [("image", "example.png"), ("upload", "image")]
-NODES = [
-    (1, spec.LOADER, "Wan2.2 Model Loader", {}, [("model", "WAN22_MODEL")], (40, 80)),
-    (2, "LoadImage", "Reference Image", {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")], (40, 360)),
-    (3, spec.TEXT, "Wan2.2 Text Encode", {"model": (1, 0, "WAN22_MODEL")}, [("text", "WAN22_TEXT")], (420, 80)),
-    (4, spec.I2V, "Wan2.2 Image to Video",
-     {"model": (1, 0, "WAN22_MODEL"), "text": (3, 0, "WAN22_TEXT"), "image": (2, 0, "IMAGE")},
-     [("frames", "IMAGE"), ("seed", "INT")], (820, 80)),
-    (5, spec.SAVE, "Wan2.2 Save Video", {"images": (4, 0, "IMAGE")}, [("path", "STRING")], (1220, 80)),
-]
 LINK_ORDER = {"model": 0, "text": 1, "image": 2, "images": 0}
-WORKFLOW_NAME = "wan22_i2v_a14b.json"
+WORKFLOWS = {"none": "wan22_i2v_a14b.json", "4step": "wan22_i2v_a14b_4step_lora.json"}
 
 
-def widgets(class_type: str):
+def graph(preset: str = "none") -> list:
+    values = spec.PRESETS[preset]
+    loras = values.get("loras", [])
+    model = (6 + len(loras) - 1, 0, "WAN22_MODEL") if loras else (1, 0, "WAN22_MODEL")  # the last LoRA node
+    nodes = [(1, spec.LOADER, "Wan2.2 Model Loader", {}, [("model", "WAN22_MODEL")], (40, 80), {})]
+    for index, lora in enumerate(loras):
+        source = (1, 0, "WAN22_MODEL") if index == 0 else (6 + index - 1, 0, "WAN22_MODEL")
+        widget_values = {"lora_name": lora["name"], "strength_high": 1.0 if lora["expert"] != "low" else 0.0,
+                         "strength_low": 1.0 if lora["expert"] != "high" else 0.0}
+        nodes.append((6 + index, spec.LORA, f"LoRA ({lora['expert']} noise)", {"model": source}, [("model", "WAN22_MODEL")],
+                      (40, 240 + 170 * index), widget_values))
+    image_y = 240 + 170 * len(loras)
+    nodes += [
+        (2, "LoadImage", "Reference Image", {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")], (40, image_y), {}),
+        (3, spec.TEXT, "Wan2.2 Text Encode", {"model": model}, [("text", "WAN22_TEXT")], (420, 80), {}),
+        (4, spec.I2V, "Wan2.2 Image to Video",
+         {"model": model, "text": (3, 0, "WAN22_TEXT"), "image": (2, 0, "IMAGE")},
+         [("frames", "IMAGE"), ("seed", "INT")], (820, 80), values),
+        (5, spec.SAVE, "Wan2.2 Save Video", {"images": (4, 0, "IMAGE")}, [("path", "STRING")], (1220, 80), {}),
+    ]
+    return nodes
+
+
+def widgets(class_type: str, values: dict):
     if class_type == "LoadImage":
         return CORE_IMAGE_WIDGETS
-    return [(p.name, p.default) for p in spec.node_params(class_type)]
+    return [(p.name, values.get(p.name, p.default)) for p in spec.node_params(class_type)]
 
 
-def api_workflow() -> dict:
+def api_workflow(preset: str = "none") -> dict:
     workflow = {}
-    for node_id, class_type, title, links, _, _ in NODES:
-        inputs = {name: value for name, value in widgets(class_type) if name != "upload"}
+    for node_id, class_type, title, links, _, _, values in graph(preset):
+        inputs = {name: value for name, value in widgets(class_type, values) if name != "upload"}
         inputs.update({name: [str(src), slot] for name, (src, slot, _) in links.items()})
         workflow[str(node_id)] = {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
     return workflow
 
 
-def ui_workflow() -> dict:
+def ui_workflow(preset: str = "none") -> dict:
+    nodes_in = graph(preset)
     links, nodes = [], []
     outputs_links: Dict[tuple, list] = {}
-    for node_id, _, _, node_links, _, _ in NODES:
+    for node_id, _, _, node_links, _, _, _ in nodes_in:
         for name, (src, slot, kind) in sorted(node_links.items(), key=lambda item: LINK_ORDER[item[0]]):
             link_id = len(links) + 1
             links.append([link_id, src, slot, node_id, sorted(node_links, key=LINK_ORDER.get).index(name), kind])
             outputs_links.setdefault((src, slot), []).append(link_id)
     link_by_target = {(link[3], link[4]): link[0] for link in links}
-    for order, (node_id, class_type, title, node_links, outputs, pos) in enumerate(NODES):
+    for order, (node_id, class_type, title, node_links, outputs, pos, preset_values) in enumerate(nodes_in):
         values = []
-        for name, value in widgets(class_type):
+        for name, value in widgets(class_type, preset_values):
             values.append(value)
             if spec.SPEC.get(name) and spec.SPEC[name].widget.get("control_after_generate"):
                 values.append("fixed")  # keep the seed the workflow says
@@ -74,7 +90,7 @@ def ui_workflow() -> dict:
             "properties": {"Node name for S&R": class_type},
             "widgets_values": values,
         })
-    return {"last_node_id": len(NODES), "last_link_id": len(links), "nodes": nodes, "links": links,
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
@@ -123,11 +139,13 @@ def fill_blocks(text: str, blocks: Dict[str, str]) -> str:
 
 def outputs() -> Dict[Path, str]:
     """Every generated file with the text it must have."""
-    api, ui = api_workflow(), ui_workflow()
     # Subfolders of workflows/: newer ComfyUI also lists <pack>/workflows/*.json as templates but serves
     # only example_workflows/, so top-level files there would show as duplicate or broken templates.
-    files = {REPO / folder / WORKFLOW_NAME: json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
-             for folder, workflow in (("workflows/api", api), ("workflows/ui", ui), ("example_workflows", ui))}
+    files = {}
+    for preset, name in WORKFLOWS.items():
+        api, ui = api_workflow(preset), ui_workflow(preset)
+        for folder, workflow in (("workflows/api", api), ("workflows/ui", ui), ("example_workflows", ui)):
+            files[REPO / folder / name] = json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
     blocks = generated_blocks()
     for doc in DOCS:
         path = REPO / doc

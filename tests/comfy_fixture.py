@@ -15,6 +15,7 @@ TEST_NODES = TESTS_DIR / "headless_test_nodes"
 ARTIFACTS = TESTS_DIR / "_artifacts"
 SHIPPED_API_WORKFLOW = REPO_ROOT / "workflows" / "api" / "wan22_i2v_a14b.json"
 SHIPPED_UI_WORKFLOW = REPO_ROOT / "workflows" / "ui" / "wan22_i2v_a14b.json"
+SHIPPED_4STEP_WORKFLOW = REPO_ROOT / "workflows" / "api" / "wan22_i2v_a14b_4step_lora.json"
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -43,11 +44,23 @@ def build_models(folder: Path, name: str = "upstream") -> Path:
     return Path(build_tiny_model_set(folder, layout, fp8_scaled=bool(fp8)))
 
 
+def write_tiny_4step_loras(folder: Path) -> Path:
+    """The two tiny 4-step LoRAs under the file names ComfyUI distributes (lightx2v format)."""
+    from wan22.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
+    from wan22.tiny import write_tiny_lora
+
+    for seed, name in enumerate((LIGHTX2V_HIGH, LIGHTX2V_LOW)):
+        write_tiny_lora(folder / name, seed=seed)
+    return folder
+
+
 def start_server(work: Path, models: Path, extra_packs=(TEST_NODES,)):
+    """A ComfyUI on the tiny models, with <work>/loras (holding the tiny 4-step LoRAs) among its loras folders."""
     from headless.server import start_comfyui
 
     work.mkdir(parents=True, exist_ok=True)
     return start_comfyui(
+        lora_dirs=[write_tiny_4step_loras(work / "loras")],
         models_dir=models,
         custom_node_paths=[REPO_ROOT, *extra_packs],
         work_dir=work,

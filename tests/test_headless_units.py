@@ -72,7 +72,7 @@ def test_params_aliases_and_guidance():
     ({"seed": 2**63}, "seed", "must be from -1 to 2^63-1"),
     ({"seed": 1.5}, "seed", "must be an integer from -1 to 2^63-1, got 1.5"),
     ({"seed": True}, "seed", "must be an integer"),
-    ({"sample_solver": "euler"}, "sample_solver", "must be one of unipc, dpm++, got 'euler'"),
+    ({"sample_solver": "heun"}, "sample_solver", "must be one of unipc, dpm++, euler, got 'heun'"),
     ({"dtype": "int8"}, "dtype", "must be one of bf16, fp16, fp32, got 'int8'"),
     ({"t5_cpu": "maybe"}, "t5_cpu", "must be true or false, got 'maybe'"),
     ({"t5_fsdp": True}, "t5_fsdp", "is not supported: this runner drives one GPU; remove it or set it to false"),

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.comfy
 REPO = Path(__file__).resolve().parents[1]
 API_WORKFLOW = REPO / "workflows" / "api" / "wan22_i2v_a14b.json"
 UI_WORKFLOWS = [REPO / "workflows" / "ui" / "wan22_i2v_a14b.json", REPO / "example_workflows" / "wan22_i2v_a14b.json"]
-NODE_TYPES = ["Wan22ModelLoader", "Wan22TextEncode", "Wan22ImageToVideo", "Wan22SaveVideo", "Wan22LoadImage"]
+NODE_TYPES = ["Wan22ModelLoader", "Wan22LoraLoader", "Wan22TextEncode", "Wan22ImageToVideo", "Wan22SaveVideo", "Wan22LoadImage"]
 SMALL = {"size": "96*64", "frame_num": 5, "sample_steps": 2}
 
 
@@ -67,7 +67,7 @@ def test_object_info_declares_every_node(comfy_client):
     assert sampler["sample_steps"][1]["default"] == 40
     assert sampler["guide_scale_low"][1]["default"] == 3.5 and sampler["guide_scale_high"][1]["default"] == 3.5
     assert sampler["sample_shift"][1]["default"] == 5.0
-    assert sampler["sample_solver"][0] == ["unipc", "dpm++"]
+    assert sampler["sample_solver"][0] == ["unipc", "dpm++", "euler"]
     assert sampler["seed"][1]["default"] == -1 and sampler["seed"][1]["min"] == -1
     assert sampler["boundary"][1]["default"] == 0.9
     assert all("tooltip" in spec[1] for name, spec in sampler.items() if name not in ("model", "text"))

@@ -250,7 +250,7 @@ BAD_CASES = [
     ("steps", lambda c: _request(reference_image_base64=_b64(c), sample_steps=0), "params.sample_steps", "must be from 1 to 1000, got 0"),
     ("cfg", lambda c: _request(reference_image_base64=_b64(c), cfg_scale=-1), "params.cfg_scale", "must be from 0 to 100, got -1"),
     ("shift", lambda c: _request(reference_image_base64=_b64(c), sample_shift="lots"), "params.sample_shift", "must be a number"),
-    ("solver", lambda c: _request(reference_image_base64=_b64(c), sample_solver="euler"), "params.sample_solver", "must be one of unipc, dpm++"),
+    ("solver", lambda c: _request(reference_image_base64=_b64(c), sample_solver="heun"), "params.sample_solver", "must be one of unipc, dpm++, euler"),
     ("seed", lambda c: _request(reference_image_base64=_b64(c), seed="abc"), "params.seed", "must be an integer"),
     ("size", lambda c: _request(reference_image_base64=_b64(c), size="100*100"), "params.size", "multiples of 16"),
     ("prompt-long", lambda c: _request(reference_image_base64=_b64(c), prompt="x" * 6000), "params.prompt", "the limit is 5000"),
@@ -405,7 +405,7 @@ SAME_EVERYWHERE = [
     ("sample_steps", 0, "must be from 1 to 1000, got 0"),
     ("guide_scale_high", 101, "must be from 0 to 100, got 101"),
     ("sample_shift", -1, "must be from 0 to 100, got -1"),
-    ("sample_solver", "euler", "must be one of unipc, dpm++, got 'euler'"),
+    ("sample_solver", "heun", "must be one of unipc, dpm++, euler, got 'heun'"),
     ("seed", -2, "must be from -1 to 2^63-1, got -2"),
     ("boundary", 1.5, "must be from 0 to 1, got 1.5"),
     ("size", "1000*1000", "must be 'W*H' with W and H multiples of 16 and an area of at most 1920*1088 "

@@ -139,7 +139,7 @@ def test_model_and_file_names_never_come_from_the_network(key, value):
     ({"cfg_scale": float("nan")}, "params.cfg_scale"),
     ({"guidance_scale": [1, 2, 3]}, "params.guidance_scale"),
     ({"sample_shift": 1e9}, "params.sample_shift"),
-    ({"sample_solver": "euler"}, "params.sample_solver"),
+    ({"sample_solver": "heun"}, "params.sample_solver"),
     ({"seed": -2}, "params.seed"),
     ({"seed": 2**64}, "params.seed"),
     ({"seed": True}, "params.seed"),

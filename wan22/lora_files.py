@@ -147,7 +147,7 @@ def list_lora_files(folders: Sequence[Path]) -> List[str]:
     return names
 
 
-def resolve_lora(name: str, folders: Sequence[Path], field: str = "lora") -> Path:
+def resolve_lora(name: str, folders: Sequence[Path], field: str) -> Path:
     """The file `name` (relative) names in the first folder that has it, never outside that folder."""
     from .files import within
 

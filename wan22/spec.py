@@ -481,7 +481,7 @@ def image_source(values: Mapping[str, Any]) -> Optional[Tuple[str, str]]:
 
 # ============================================================================================ CLI flags
 def shown_default(p: Param) -> str:
-    if p.default is None or p.default == "":
+    if p.default is None or p.default == "" or p.default == ():
         return "none"
     if p.default == UPSTREAM_EXAMPLE_PROMPT:
         return "upstream's example prompt"
@@ -502,6 +502,8 @@ def add_flags(parser, params: List[Param]) -> None:
                                   "help": f"{p.doc} [{p.allowed}; default: {shown_default(p)}]".replace("%", "%%")}
         if p.kind == "bool":
             kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif p.kind == "loras":
+            kwargs.update(action="append", metavar="NAME_OR_PATH[:high|low|both][:STRENGTH]")
         elif p.kind == "choice":
             kwargs["metavar"] = "{" + ",".join(p.choices) + "}"
         parser.add_argument(*p.flags, **kwargs)

@@ -23,7 +23,7 @@ from wan22.pipeline import LoadOptions, load_pipeline
     ("guide_scale_low", {"guide_scale": (-1.0, 3.5)}, "must be from 0 to 100, got -1"),
     ("guide_scale_high", {"guide_scale": (3.5, -0.5)}, "must be from 0 to 100, got -0.5"),
     ("sample_shift", {"sample_shift": -1.0}, "must be from 0 to 100, got -1"),
-    ("sample_solver", {"sample_solver": "euler"}, "must be one of unipc, dpm++, got 'euler'"),
+    ("sample_solver", {"sample_solver": "heun"}, "must be one of unipc, dpm++, euler, got 'heun'"),
     ("seed", {"seed": -2}, "must be from -1 to 2^63-1, got -2"),
     ("boundary", {"boundary": 1.5}, "must be from 0 to 1, got 1.5"),
 ])
