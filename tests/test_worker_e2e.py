@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from wan22.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
 from wan22.video import read_mp4
 
 import comfy_fixture as cf
@@ -133,6 +134,18 @@ def stop_worker(proc, comfy_pid):
             pass
 
 
+def write_worker_loras(folder: Path) -> None:
+    """The tiny 4-step LoRAs, plus a model file that is no LoRA and a LoRA for a wider model."""
+    from safetensors.torch import save_file
+    import torch
+
+    from wan22.tiny import TinySpec, write_tiny_lora
+
+    cf.write_tiny_4step_loras(folder)
+    save_file({"decoder.conv_in.weight": torch.zeros(4, 4)}, str(folder / "not_a_lora.safetensors"))
+    write_tiny_lora(folder / "other_size.safetensors", spec=TinySpec(dim=384, ffn_dim=384))
+
+
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory, tiny_upstream, image_http):
     _need_comfyui()
@@ -141,15 +154,17 @@ def worker(tmp_path_factory, tiny_upstream, image_http):
     (tmp / "inputs" / "in.png").write_bytes(image_http["data"])
     (tmp / "secret.png").write_bytes(image_http["data"])
     os.symlink(tmp / "secret.png", tmp / "inputs" / "escape.png")
+    write_worker_loras(tmp / "loras")
     port = free_port()
     env = worker_env(tiny_upstream, tmp, {"WAN_URL_ALLOW_HOSTS": image_http["hostport"],
-                                          "WAN_PRELOAD": "1"})
+                                          "WAN_PRELOAD": "1", "WAN_LORA_DIRS": str(tmp / "loras")})
     log_path = tmp / "worker.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "runpod_worker", "--rp_serve_api", "--rp_api_port", str(port),
              "--rp_api_host", "127.0.0.1"], cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
     w = Worker(proc, f"http://127.0.0.1:{port}", log_path, tmp / "out", tmp / "inputs", tmp / "comfy" / "comfyui.log")
+    w.loras = tmp / "loras"
     deadline = time.monotonic() + float(env["WAN_COMFY_START_TIMEOUT_S"]) + 60
     try:
         while True:
@@ -274,6 +289,23 @@ BAD_CASES = [
     ("raw-image-size", lambda c: {"workflow": RAW_WORKFLOW, "images": [{"name": "x.png", "image": "A" * (2 * 1024 * 1024)}]}, "images[0].image", "limit"),
     ("raw-load-image-path", lambda c: {"workflow": {"1": {"class_type": "Wan22LoadImage", "inputs": {"image_path": "/etc/passwd"}}}},
      "workflow.1.inputs.image_path", "outside"),
+    ("lora-unknown", lambda c: _request(reference_image_base64=_b64(c), loras=[{"name": "nope.safetensors"}]),
+     "params.loras[0].name", "no LoRA file 'nope.safetensors' in the LoRA folders ("),
+    ("lora-absolute", lambda c: _request(reference_image_base64=_b64(c), loras=[{"name": str(c["worker"].loras / LIGHTX2V_HIGH)}]),
+     "params.loras[0].name", "must be a file name relative to a LoRA folder (no absolute path, no '..')"),
+    ("lora-dotdot", lambda c: _request(reference_image_base64=_b64(c), loras=[{"name": "../loras/" + LIGHTX2V_HIGH}]),
+     "params.loras[0].name", "must be a file name relative to a LoRA folder"),
+    ("lora-not-safetensors", lambda c: _request(reference_image_base64=_b64(c), loras=["weights.ckpt"]),
+     "params.loras[0].name", "must be a .safetensors file"),
+    ("lora-strength", lambda c: _request(reference_image_base64=_b64(c), loras=[{"name": LIGHTX2V_HIGH, "strength": 11}]),
+     "params.loras[0].strength", "must be a finite number from -10 to 10, got 11"),
+    ("lora-strength-nan", lambda c: _request(reference_image_base64=_b64(c), loras=[{"name": LIGHTX2V_HIGH, "strength": "nan"}]),
+     "params.loras[0].strength", "must be a finite number from -10 to 10, got nan"),
+    ("lora-expert", lambda c: _request(reference_image_base64=_b64(c), loras=[{"name": LIGHTX2V_HIGH, "expert": "middle"}]),
+     "params.loras[0].expert", "must be one of high, low, both, got 'middle'"),
+    ("lora-too-many", lambda c: _request(reference_image_base64=_b64(c), loras=[LIGHTX2V_HIGH] * 17),
+     "params.loras", "has 17 entries; at most 16 LoRAs are applied at once"),
+    ("preset", lambda c: _request(reference_image_base64=_b64(c), preset="8step"), "params.preset", "must be one of none, 4step"),
     ("raw-unknown-node", lambda c: {"workflow": {"1": {"class_type": "NoSuchNodeType", "inputs": {}}}}, "NoSuchNodeType", "unknown node type"),
 ]
 
@@ -285,6 +317,56 @@ def test_bad_input_is_rejected_naming_the_field(worker, image_http, build, field
     assert answer.get("status") == "FAILED", answer
     assert field in answer.get("error", "") and why in answer["error"], answer
     assert listing(worker.out_dir) == before, "a rejected request wrote something"
+
+
+def test_unknown_lora_names_the_folders_searched(worker, image_http):
+    answer = worker.runsync(_request(reference_image_base64=base64.b64encode(image_http["data"]).decode(),
+                                     loras=[{"name": "nope.safetensors"}]))
+    assert f"in the LoRA folders ({worker.loras}); put it in one of them or set WAN_LORA_DIRS" in answer["error"], answer
+
+
+@pytest.mark.parametrize("name, why", [
+    ("not_a_lora.safetensors", "LoRA not_a_lora.safetensors: holds no LoRA tensors"),
+    ("other_size.safetensors", "LoRA other_size.safetensors: blocks.0.attn1.to_k (down) has shape [4, 384], the model needs [rank, 256]"),
+])
+def test_a_file_that_does_not_fit_fails_the_job_and_the_worker_serves(worker, image_http, name, why):
+    answer = worker.runsync(_request(reference_image_base64=base64.b64encode(image_http["data"]).decode(),
+                                     loras=[{"name": name}]))
+    assert answer["status"] == "FAILED" and why in answer["error"], answer
+    assert "Traceback" not in answer["error"]
+    record = json.loads((worker.out_dir / f"{answer['id']}.json").read_text())
+    assert record["status"] == "FAILED" and not (worker.out_dir / f"{answer['id']}.mp4").exists()
+
+
+def test_worker_loras_give_the_node_path_video(worker, comfy_server, input_image, image_http, tmp_path):
+    """params.loras with the recipe spelled out on the worker, and the shipped 4-step workflow (its own LoRA
+    nodes) on another ComfyUI: the same tiny models and LoRA files give the same frames."""
+    from headless.run import run
+
+    seed = time.time_ns() % 10**6
+    node_out = tmp_path / "node.mp4"
+    run({"image": str(input_image), "prompt": "a red boat", "seed": seed, "size": "64*64", "frame_num": 5},
+        server=comfy_server.url, workflow=cf.SHIPPED_4STEP_WORKFLOW, out=node_out)
+    params = {"reference_image_base64": base64.b64encode(image_http["data"]).decode(), "prompt": "a red boat",
+              "seed": seed, "size": "64*64", "frame_num": 5, "sample_steps": 4, "sample_solver": "euler",
+              "sample_shift": 5, "sample_guide_scale": 1,
+              "loras": [{"name": LIGHTX2V_HIGH, "expert": "high"}, {"name": LIGHTX2V_LOW, "expert": "low", "strength": 1.0}]}
+    answer = worker.runsync({"action": "request", "params": params})
+    assert answer["status"] == "COMPLETED", answer
+    out = answer["output"]
+    assert out["loras"] == [
+        {"name": LIGHTX2V_HIGH, "strength_high": 1.0, "strength_low": 0.0, "layers": 23, "unmatched_keys": []},
+        {"name": LIGHTX2V_LOW, "strength_high": 0.0, "strength_low": 1.0, "layers": 23, "unmatched_keys": []}]
+    worker_out = tmp_path / "worker.mp4"
+    worker_out.write_bytes(base64.b64decode(out["video_base64"]))
+    assert (read_mp4(worker_out)[0] == read_mp4(node_out)[0]).all()
+    # the preset says the same in one word
+    answer = worker.runsync({"action": "request", "params": {**{k: v for k, v in params.items() if k in (
+        "reference_image_base64", "prompt", "seed", "size", "frame_num")}, "preset": "4step"}})
+    assert answer["status"] == "COMPLETED", answer
+    assert answer["output"]["loras"] == out["loras"]
+    record = json.loads((worker.out_dir / f"{answer['id']}.json").read_text())
+    assert record["params"]["sample_solver"] == "euler" and record["params"]["sample_steps"] == 4
 
 
 def test_worker_serves_after_bad_inputs(worker, image_http):
