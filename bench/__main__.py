@@ -3,13 +3,15 @@
   loader      synthetic upstream-layout expert (fp32 shards, 2.33 GB) -> bf16: streaming loader vs plain state dict
               vs raw read, seconds and peak RSS, each in a fresh subprocess (cold and warm page cache)
   diffusers   the same tiny generation through diffusers' WanImageToVideoPipeline and our engine
+  lora        the same tiny generation at 40 steps + CFG vs the 4-step recipe; applying / changing a LoRA vs
+              loading the experts again
   paths       the same tiny generation by the engine, through ComfyUI + shipped workflow (headless client) and
               through the RunPod worker's local API; plus warm vs cold through the worker
 
 Prints the ratios and writes bench/results/<name>.json (plus summary.json). Benchmarks report; they never fail
 because a machine is slow. `--quick` is the smoke-test size (tiny loader, one repetition, no servers).
 
-    python -m bench [--quick] [--only loader,diffusers,paths] [--reps N] [--loader-gb 2.2] [--results DIR]
+    python -m bench [--quick] [--only loader,diffusers,lora,paths] [--reps N] [--loader-gb 2.2] [--results DIR]
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from .common import RESULTS, log, machine_info, write_result
 
-BENCHMARKS = ("loader", "diffusers", "paths")
+BENCHMARKS = ("loader", "diffusers", "lora", "paths")
 
 
 def main(argv=None) -> int:
@@ -73,6 +75,12 @@ def main(argv=None) -> int:
                 data = diffusers_ref.run(reps=reps, results_dir=results_dir)
                 lines += diffusers_ref.report(data)
                 summary["diffusers_reference"] = data["summary"]
+            elif name == "lora":
+                from . import lora
+
+                data = lora.run(reps=min(reps, 3), results_dir=results_dir)
+                lines += lora.report(data)
+                summary["lora"] = data["summary"]
             elif name == "paths":
                 from . import paths
 

@@ -4,6 +4,8 @@
   engine     wan22.pipeline.Wan22I2VPipeline.denoise (our call path: input casts, CFG, UniPC flow solver)
   diffusers  diffusers.WanImageToVideoPipeline.__call__ with the same transformer (its denoising loop, CFG and
              UniPCMultistepScheduler, output_type="latent")
+  4step      the engine with the distilled recipe: euler, guidance 1 (one forward per step) and a random rank-64 LoRA
+             on every linear layer of the blocks (the runtime adapters), projected to 4 steps
 
 in one process, on the same weights. The expert is built the engine's way (meta device, then filled tensor by
 tensor straight on the GPU) with all 40 blocks by default (28.6 GB in bf16); both experts of A14B have this shape,
@@ -124,6 +126,46 @@ def run_engine(model, device, dtype_name: str, width, height, frames, steps, inp
     clock.start()
     pipe.denoise(noise, y, PromptEmbeds(context, context_null, "p", "n"), params, on_step=clock.tick)
     return clock.steps()
+
+
+LORA_RANK = 64
+
+
+def add_random_lora(model, device, rank: int = LORA_RANK):
+    """A rank-`rank` LoRA on every linear layer of the blocks, applied as the engine applies LoRAs (adapters)."""
+    import torch
+    from torch import nn
+
+    from wan22.lora import LoraFile, Patch, apply_loras
+
+    gen = torch.Generator().manual_seed(7)
+    patches = {}
+    for name, module in model.named_modules():
+        if name.startswith("blocks.") and (isinstance(module, nn.Linear) or hasattr(module, "scale_weight")):
+            out_features, in_features = module.weight.shape
+            patches[name] = Patch(down=(torch.randn(rank, in_features, generator=gen) * 0.01).to(device, torch.bfloat16),
+                                  up=(torch.randn(out_features, rank, generator=gen) * 0.01).to(device, torch.bfloat16))
+    return apply_loras(model, [(LoraFile(Path("random.safetensors"), patches, []), 1.0)], torch.bfloat16, ("bench",))
+
+
+def run_engine_4step(model, device, dtype_name: str, width, height, frames, steps, inputs) -> List[float]:
+    from wan22.params import GenerationParams
+    from wan22.pipeline import LoadOptions, Wan22I2VPipeline
+    from wan22.text import PromptEmbeds
+
+    noise, y, context, context_null, _ = inputs
+    applied = add_random_lora(model, device)
+    try:
+        options = LoadOptions(dtype=dtype_name, offload_model=False, t5_cpu=True, device=str(device))
+        pipe = Wan22I2VPipeline(model, model, None, None, options)
+        params = GenerationParams(size=f"{width}*{height}", frame_num=frames, sample_steps=steps, seed=1,
+                                  sample_solver="euler", sample_shift=5.0, guide_scale=(1.0, 1.0))
+        clock = Clock(device)
+        clock.start()
+        pipe.denoise(noise, y, PromptEmbeds(context, context_null, "p", "n"), params, on_step=clock.tick)
+        return clock.steps()
+    finally:
+        applied.remove()
 
 
 def placeholder_vae(device):
@@ -248,7 +290,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="timed steps per path and resolution (default 2)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed first steps (kernel selection, allocator)")
     ap.add_argument("--blocks", type=int, default=A14B_BLOCKS, help="transformer blocks to build (default all 40)")
-    ap.add_argument("--paths", default="engine,diffusers")
+    ap.add_argument("--paths", default="engine,diffusers,4step")
     ap.add_argument("--max-seconds", type=float, default=540.0,
                     help="skip a run that would end past this many seconds from the start (estimated from the runs "
                          "before it; default 540, to fit a 10-minute slot)")
@@ -323,6 +365,8 @@ def main(argv=None) -> int:
                         steps = run_engine(model, device, dtype_name, width, height, frames, total, inputs)
                     elif path == "diffusers":
                         steps = run_diffusers(model, device, dtype, width, height, frames, total, inputs)
+                    elif path == "4step":
+                        steps = run_engine_4step(model, device, dtype_name, width, height, frames, total, inputs)
                     else:
                         raise ValueError(f"unknown path {path}")
             except Exception as exc:  # noqa: BLE001 - report (e.g. out of memory) and go on
@@ -334,6 +378,8 @@ def main(argv=None) -> int:
             entry = {"step_s": round(per_step, 4), "steps_s": [round(s, 4) for s in steps],
                      "warmup_steps": args.warmup, "wall_s": round(time.perf_counter() - t, 2),
                      "projected_40_steps_s": round(per_step * FULL_STEPS, 1)}
+            if path == "4step":
+                entry["projected_4_steps_s"] = round(per_step * 4, 1)
             if device.type == "cuda":
                 entry["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
                 entry["peak_vram_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
@@ -348,6 +394,9 @@ def main(argv=None) -> int:
         e, d = results[res].get("engine", {}), results[res].get("diffusers", {})
         if e.get("step_s") and d.get("step_s"):
             results[res]["engine_over_diffusers"] = round(e["step_s"] / d["step_s"], 3)
+        f = results[res].get("4step", {})
+        if e.get("step_s") and f.get("step_s"):
+            results[res]["40_steps_cfg_over_4step"] = round(e["step_s"] * FULL_STEPS / (f["step_s"] * 4), 2)
 
     data = {"smoke": args.smoke, "device": str(device), "total_s": round(time.perf_counter() - began, 1), "dtype": dtype_name, "blocks_built": blocks,
             "blocks_scaled_to": A14B_BLOCKS if not args.smoke else blocks, "step_time_scale": scale,
@@ -355,8 +404,9 @@ def main(argv=None) -> int:
             "build_peak_rss_mb": round(peak_rss_since_reset_mb() - rss0, 1) if device.type == "cpu" else None,
             "config": {k: v for k, v in config.items() if not k.startswith("_")}, "results": results,
             "published_h100_s": PUBLISHED_H100_S,
-            "note": ("one step = cond + uncond forward (CFG 3.5 on both experts) + the UniPC update; one module "
-                     "stands for both experts; text encoding and VAE are not timed")}
+            "note": ("engine/diffusers: one step = cond + uncond forward (CFG 3.5 on both experts) + the UniPC update; "
+                     "4step: one forward (guidance 1) with a rank-64 LoRA on every block linear + the euler update; one "
+                     "module stands for both experts; text encoding and VAE are not timed")}
     if device.type == "cuda":
         data["gpu"] = torch.cuda.get_device_name(device)
     out = args.out or (RESULTS / ("gpu_smoke.json" if args.smoke else "gpu.json"))
@@ -378,6 +428,9 @@ def main(argv=None) -> int:
                   f"{e['projected_40_steps_s']:.1f} s{published}")
         if "engine_over_diffusers" in r:
             print(f"{res} engine/diffusers step time: {r['engine_over_diffusers']:.3f}x")
+        if "40_steps_cfg_over_4step" in r:
+            print(f"{res} 40 steps + CFG / 4-step recipe (denoising, projected): {r['40_steps_cfg_over_4step']:.2f}x "
+                  f"({r['4step']['projected_4_steps_s']:.1f} s for 4 steps)")
     print(f"(results in {data['path']})")
     return 0
 
