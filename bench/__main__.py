@@ -30,7 +30,7 @@ BENCHMARKS = ("loader", "diffusers", "lora", "paths")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
-                    help="smoke size: 16 MB loader expert (warm cache), 1 repetition, no ComfyUI/worker servers")
+                    help="smoke size: 16 MB loader expert (warm cache), 1 repetition, 8 instead of 40 steps, no ComfyUI/worker servers")
     ap.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma list of {', '.join(BENCHMARKS)}")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per path (default 10; quick 1)")
     ap.add_argument("--loader-gb", type=float, default=None, help="fp32 size of the synthetic expert (default 2.2)")
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
             elif name == "lora":
                 from . import lora
 
-                data = lora.run(reps=min(reps, 3), results_dir=results_dir)
+                data = lora.run(reps=min(reps, 3), results_dir=results_dir, full_steps=8 if args.quick else 40)
                 lines += lora.report(data)
                 summary["lora"] = data["summary"]
             elif name == "paths":

@@ -16,7 +16,7 @@ from typing import Dict, List
 from .common import PROMPT, fmt, input_image, log, ratio, stats, tiny_models, write_result
 
 
-def run(reps: int = 3, results_dir=None) -> Dict[str, object]:
+def run(reps: int = 3, results_dir=None, full_steps: int = 40) -> Dict[str, object]:
     from PIL import Image
 
     from wan22.lora import LoraChoice
@@ -30,7 +30,7 @@ def run(reps: int = 3, results_dir=None) -> Dict[str, object]:
     scratch = Path(tempfile.mkdtemp(prefix="wan22-bench-lora-"))
     high, low = (write_tiny_lora(scratch / f"{name}.safetensors", seed=seed) for seed, name in enumerate(("high", "low")))
     common = dict(size="96*64", frame_num=9, seed=3)
-    full = GenerationParams(sample_steps=40, guide_scale=(3.5, 3.5), sample_solver="unipc", **common)
+    full = GenerationParams(sample_steps=full_steps, guide_scale=(3.5, 3.5), sample_solver="unipc", **common)
     recipe = GenerationParams(sample_steps=4, guide_scale=(1.0, 1.0), sample_solver="euler", sample_shift=5.0, **common)
 
     pipe = load_pipeline(folder, options)
@@ -42,7 +42,7 @@ def run(reps: int = 3, results_dir=None) -> Dict[str, object]:
         fn()
         return time.perf_counter() - start
 
-    log("lora: warm-up of the 40-step and the 4-step generation")
+    log(f"lora: warm-up of the {full_steps}-step and the 4-step generation")
     pipe.generate(image, embeds, full)
     turbo.generate(image, embeds, recipe)
     full_s, recipe_s = [], []
@@ -58,7 +58,7 @@ def run(reps: int = 3, results_dir=None) -> Dict[str, object]:
         change_s.append(timed(lambda: pipe.with_loras([LoraChoice(high, 0.5 + index, 1.0)]).sync_loras()))
         reload_s.append(timed(lambda: load_pipeline(folder, options).release()))
     f, r, a, c, lo = stats(full_s), stats(recipe_s), stats(apply_s), stats(change_s), stats(reload_s)
-    data = {"generation": {**common, "full": "40 unipc steps, CFG 3.5 (80 forwards)",
+    data = {"generation": {**common, "full_steps": full_steps, "full": f"{full_steps} unipc steps, CFG 3.5 ({2 * full_steps} forwards)",
                            "recipe": "4 euler steps, shift 5, guidance 1, one LoRA per expert (4 forwards)"},
             "reps": reps, "full_s": f, "recipe_s": r, "apply_s": a, "change_s": c, "reload_s": lo,
             "summary": {"full_s": f["median"], "recipe_s": r["median"], "full_over_recipe": ratio(f["median"], r["median"]),
@@ -73,8 +73,9 @@ def run(reps: int = 3, results_dir=None) -> Dict[str, object]:
 
 def report(data: Dict[str, object]) -> List[str]:
     s = data["summary"]
-    return [f"4-step recipe (same tiny generation, median of {data['reps']}): 40 steps + CFG {fmt(s['full_s'], ' s')} | "
-            f"4-step + LoRAs {fmt(s['recipe_s'], ' s')} | 40-step/4-step {fmt(s['full_over_recipe'], 'x', 2)}",
+    steps = data["generation"]["full_steps"]
+    return [f"4-step recipe (same tiny generation, median of {data['reps']}): {steps} steps + CFG {fmt(s['full_s'], ' s')} | "
+            f"4-step + LoRAs {fmt(s['recipe_s'], ' s')} | {steps}-step/4-step {fmt(s['full_over_recipe'], 'x', 2)}",
             f"LoRA swap: apply {fmt(s['apply_s'], ' s')}, change strength {fmt(s['change_s'], ' s')} vs loading the "
             f"experts again {fmt(s['reload_s'], ' s')} (reload/apply {fmt(s['reload_over_apply'], 'x', 1)}, "
             f"reload/change {fmt(s['reload_over_change'], 'x', 1)})"]

@@ -30,4 +30,4 @@ class Wan22LoraLoader:
 
     def apply(self, model, lora_name, strength_high, strength_low):
         path = resolve_lora(lora_name, lora_folders(), field="lora_name")
-        return (model.with_loras(model.loras + (LoraChoice(path, strength_high, strength_low),)),)
+        return (model.with_loras(model.loras + (LoraChoice(path, strength_high, strength_low, lora_name),)),)

@@ -4,8 +4,9 @@ nothing here checks a speed, so a slow machine never fails these tests.
 - `python -m bench.gpu --smoke`: the GPU benchmark (random A14B-config expert built the engine's way, the engine's
   denoise loop and diffusers' WanImageToVideoPipeline loop on the same weights) with a tiny model on the CPU.
 - `python -m bench --quick`: the CPU benchmarks at smoke size: the loader benchmark (16 MB synthetic upstream expert,
-  read / stream / plain, each in its own subprocess), the diffusers reference and the engine path (no servers: the
-  ComfyUI and worker paths are exercised by the e2e tests).
+  read / stream / plain, each in its own subprocess), the diffusers reference, the 4-step recipe and LoRA swaps
+  (8 instead of 40 steps) and the engine path (no servers: the ComfyUI and worker paths are exercised by the e2e
+  tests).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def smoke_runs(tmp_path_factory):
     outputs = {}
     try:
         for name, proc in procs.items():
-            out, _ = proc.communicate(timeout=300)
+            out, _ = proc.communicate(timeout=450)
             outputs[name] = (proc.returncode, out)
     finally:
         for proc in procs.values():
@@ -59,11 +60,13 @@ def test_gpu_benchmark_smoke_on_cpu(smoke_runs):
     data = json.loads(out.read_text())
     assert data["smoke"] is True and data["dtype"] == "bf16"
     for res in ("480p", "720p"):
-        for path in ("engine", "diffusers"):
+        for path in ("engine", "diffusers", "4step"):
             entry = data["results"][res][path]
             assert "error" not in entry, entry
             assert len(entry["steps_s"]) == entry["warmup_steps"] + 2 and entry["step_s"] > 0
         assert data["results"][res]["engine_over_diffusers"] > 0
+        assert data["results"][res]["40_steps_cfg_over_4step"] > 0
+        assert f"{res} 40 steps + CFG / 4-step recipe" in stdout, stdout
 
 
 def test_gpu_memory_sweep_smoke_on_cpu(smoke_runs):
@@ -89,6 +92,9 @@ def test_cpu_benchmarks_quick(smoke_runs):
     assert warm["same_weights"] is True, loader
     for key in ("read_s", "stream_s", "plain_s", "fp8_s", "convert_s", "stream_peak_rss_mb", "plain_peak_rss_mb"):
         assert warm[key] is not None and warm[key] > 0, (key, warm)
+    assert "8 steps + CFG" in stdout and "LoRA swap: apply" in stdout, stdout
+    lora = json.loads((tmp_path / "quick_lora.json").read_text())["summary"]
+    assert all(lora[key] > 0 for key in ("full_s", "recipe_s", "apply_s", "change_s", "reload_s")), lora
     ref = json.loads((tmp_path / "quick_diffusers_reference.json").read_text())
     assert ref["summary"]["engine_over_diffusers"] > 0
     assert ref["output"]["engine_shape"] == ref["output"]["diffusers_shape"]

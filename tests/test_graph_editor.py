@@ -338,6 +338,29 @@ def test_example_workflow_served_as_template(comfy_server):
         assert isinstance(template.get("nodes"), list), f"template {name!r} is not a UI workflow"
 
 
+def test_4step_workflow_loads_with_its_lora_nodes(loaded_graph, browser):
+    """The shipped 4-step workflow: its two LoRA nodes resolve (the tiny lightx2v files are in a loras folder of the
+    server), the widgets hold the recipe, the links are the file's."""
+    workflow = json.loads((REPO / "example_workflows" / "wan22_i2v_a14b_4step_lora.json").read_text(encoding="utf-8"))
+    browser.evaluate(f"app.loadGraphData({json.dumps(workflow)}).then(() => true)", timeout=30)
+    browser.settle()
+    graph = browser.evaluate(READ_GRAPH_JS)
+    assert graph["missing_dialog"] is None and not graph["dialog_visible"], graph["dialog_text"]
+    assert sorted(n["type"] for n in graph["nodes"]) == sorted(EXPECTED_TYPES + ["Wan22LoraLoader"] * 2)
+    assert all(n["registered"] and not n["has_errors"] for n in graph["nodes"])
+    assert sorted(map(tuple, graph["links"])) == sorted(map(tuple, workflow["links"]))
+    by_id = {n["id"]: n for n in graph["nodes"]}
+    for wf_node in workflow["nodes"]:
+        assert [w["value"] for w in by_id[wf_node["id"]]["widgets"]] == wf_node["widgets_values"], wf_node["type"]
+    sampler = {w["name"]: w["value"] for w in next(n for n in graph["nodes"] if n["type"] == "Wan22ImageToVideo")["widgets"]}
+    assert (sampler["sample_steps"], sampler["sample_solver"], sampler["sample_shift"]) == (4, "euler", 5.0)
+    assert sampler["guide_scale_low"] == sampler["guide_scale_high"] == 1.0
+    loras = sorted((w["lora_name"], w["strength_high"], w["strength_low"]) for w in (
+        {x["name"]: x["value"] for x in n["widgets"]} for n in graph["nodes"] if n["type"] == "Wan22LoraLoader"))
+    assert loras == [("wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors", 1.0, 0.0),
+                     ("wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors", 0.0, 1.0)]
+
+
 def test_missing_node_detection_is_not_vacuous(loaded_graph, browser):
     """Control: a workflow with an unknown node type is caught by the same checks (dialog + placeholder node)."""
     workflow = json.loads(json.dumps(loaded_graph["workflow"]))
@@ -352,3 +375,4 @@ def test_missing_node_detection_is_not_vacuous(loaded_graph, browser):
     browser.evaluate("(() => { app.ui.dialog.close();"
                      " document.querySelectorAll('[role=\"dialog\"] .p-dialog-close-button').forEach(b => b.click());"
                      " return true; })()")
+

@@ -82,9 +82,10 @@ def test_object_info_declares_every_node(comfy_client):
     assert info["Wan22SaveVideo"]["input"]["required"]["fps"][1]["default"] == 16
 
 
-@pytest.mark.parametrize("ui_path", UI_WORKFLOWS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("ui_path", UI_WORKFLOWS + [REPO / folder / "wan22_i2v_a14b_4step_lora.json" for folder in ("workflows/ui", "example_workflows")],
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_ui_and_api_workflows_agree(comfy_client, ui_path):
-    api = json.loads(API_WORKFLOW.read_text())
+    api = json.loads((API_WORKFLOW.parent / ui_path.name).read_text())
     converted = ui_to_api(json.loads(ui_path.read_text()), comfy_client.object_info())
     assert {k: v["class_type"] for k, v in converted.items()} == {k: v["class_type"] for k, v in api.items()}
     for node_id, node in api.items():

@@ -51,10 +51,11 @@ class LoraChoice:
     path: Path
     strength_high: float = 1.0
     strength_low: float = 1.0
+    label: str = ""  # the name it was chosen by (relative to its LoRA folder); default the file name
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.label or self.path.name
 
     def strength(self, expert: str) -> float:
         return self.strength_high if expert == "high_noise_model" else self.strength_low
@@ -257,7 +258,8 @@ class Applied:
 
 
 def apply_loras(model: nn.Module, loras: Sequence[Tuple[LoraFile, float]], dtype: torch.dtype, key: tuple) -> Applied:
-    """Put `loras` ((file, strength) pairs; strength 0 skipped) on `model`, which must be on the host.
+    """Put `loras` ((file, strength) pairs; strength 0 skipped) on `model`, on the device each layer is on
+    (not while its blocks are streamed: the streamer's host copies would not see them).
 
     Returns what was applied; `Applied.remove()` restores the model exactly."""
     modules = dict(model.named_modules())
@@ -297,13 +299,15 @@ def apply_loras(model: nn.Module, loras: Sequence[Tuple[LoraFile, float]], dtype
         pairs = low_rank.get(target, [])
         down = torch.cat([d for d, _ in pairs]) if pairs else None
         up = torch.cat([u for _, u in pairs], dim=1) if pairs else None
-        layer.add_module(ADAPTER, LoraAdapter(down, up, full[target].to(dtype) if target in full else None))
+        device = layer.weight.device  # where the expert is now (host, or the GPU in full/offload mode)
+        layer.add_module(ADAPTER, LoraAdapter(down.to(device) if down is not None else None, up.to(device) if up is not None else None,
+                                              full[target].to(device, dtype) if target in full else None))
         applied.adapters.append(layer)
         applied.hooks.append(layer.register_forward_hook(_add_adapter_output))
     for (module, name), delta in in_place.items():
         original = module._parameters[name].data
         applied.saved[(module, name)] = original.clone()
-        module._parameters[name] = nn.Parameter((original.float() + delta).to(original.dtype), requires_grad=False)
+        module._parameters[name] = nn.Parameter((original.float() + delta.to(original.device)).to(original.dtype), requires_grad=False)
     return applied
 
 

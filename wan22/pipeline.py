@@ -402,8 +402,8 @@ class Wan22I2VPipeline:
         return self._shared.lora_files[key]
 
     def sync_loras(self) -> list:
-        """Make the experts carry this view's LoRAs (adapters swapped with every model on the host; the base
-        weights are not read again). Returns what each LoRA did: name, strengths, layers, unmatched keys."""
+        """Make the experts carry this view's LoRAs (adapters swapped where the experts are; the base weights
+        are not read again). Returns what each LoRA did: name, strengths, layers, unmatched keys."""
         files = {choice: self._lora_file(choice.path) for choice in self.loras}
         for expert in EXPERTS:
             wanted = [(files[c], c.strength(expert)) for c in self.loras if c.strength(expert) != 0]
@@ -411,7 +411,8 @@ class Wan22I2VPipeline:
             current = self._shared.applied.get(expert)
             if (current.key if current else ()) == key:
                 continue
-            self._evict()  # adapters and patched parameters are set up in host memory
+            if self._shared.streamer is not None:
+                self._evict()  # a streamed expert's blocks live in the streamer's host copies: set up on the host
             if current is not None:
                 current.remove()
                 del self._shared.applied[expert]

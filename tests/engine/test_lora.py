@@ -234,3 +234,19 @@ def test_recipe_runs_two_steps_per_expert_with_no_unconditional_pass(pipe, test_
             hook.remove()
     assert [t.expert for t in traces] == ["high_noise_model"] * 2 + ["low_noise_model"] * 2
     assert calls == [pipe.high_noise_model] * 2 + [pipe.low_noise_model] * 2
+
+
+def test_adapters_are_built_on_the_device_the_expert_is_on(pipe, tmp_path):
+    """In full or offload mode an expert may be on the GPU when its LoRAs change: nothing goes through the host.
+    The meta device stands in for the GPU here."""
+    import copy
+
+    from wan22.lora import apply_loras, read_lora
+
+    model = copy.deepcopy(pipe.high_noise_model).to("meta")
+    lora = read_lora(write_tiny_lora(tmp_path / "m.safetensors"), model)
+    applied = apply_loras(model, [(lora, 1.0)], torch.float32, ("key",))
+    assert len(applied.adapters) == 21 and len(applied.saved) == 21 + 4  # 20 block linears + head; biases, norm3
+    assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"meta"}
+    applied.remove()
+    assert not any(hasattr(m, ADAPTER) for m in model.modules())
