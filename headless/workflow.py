@@ -292,13 +292,13 @@ def apply_loras(workflow: dict, loras: List[Dict[str, Any]]) -> dict:
                 if value == old:
                     node["inputs"][name] = list(new)
 
+    loader = find_node(workflow, ROLE_LOADER)
     for nid in [n for n, node in workflow.items() if node.get("class_type") == ROLE_LORA]:
         source = (workflow[nid].get("inputs") or {}).get("model")
         del workflow[nid]
-        relink([nid, 0], source)
+        relink([nid, 0], source if isinstance(source, list) else [loader, 0])
     if not loras:
         return workflow
-    loader = find_node(workflow, ROLE_LOADER)
     numeric = [int(n) for n in workflow if str(n).isdigit()]
     next_id = max(numeric, default=0) + 1
     previous = [loader, 0]

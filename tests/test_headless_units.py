@@ -244,3 +244,20 @@ def test_cli_rejects_bad_values_before_contacting_a_server():
     proc = subprocess.run([sys.executable, "-m", "headless", "--help"], capture_output=True, text=True, cwd=REPO,
                           timeout=60)
     assert proc.returncode == 0 and "130" in proc.stdout and "--cfg-scale" in proc.stdout
+
+
+def test_apply_loras_replaces_the_workflows_lora_nodes_by_a_chain():
+    from headless.workflow import apply_loras, load_workflow
+
+    workflow = load_workflow(REPO / "workflows" / "api" / "wan22_i2v_a14b_4step_lora.json")
+    apply_loras(workflow, [{"name": "a.safetensors", "expert": "both", "strength": 0.5},
+                           {"name": "b.safetensors", "expert": "low", "strength": -2.0}])
+    loras = {nid: n for nid, n in workflow.items() if n["class_type"] == "Wan22LoraLoader"}
+    assert [(n["inputs"]["lora_name"], n["inputs"]["strength_high"], n["inputs"]["strength_low"]) for n in loras.values()] == [
+        ("a.safetensors", 0.5, 0.5), ("b.safetensors", 0.0, -2.0)]
+    first, second = loras
+    assert loras[first]["inputs"]["model"] == ["1", 0] and loras[second]["inputs"]["model"] == [first, 0]
+    assert workflow["3"]["inputs"]["model"] == workflow["4"]["inputs"]["model"] == [second, 0]
+    apply_loras(workflow, [])  # no LoRAs: the loader feeds the graph again
+    assert not any(n["class_type"] == "Wan22LoraLoader" for n in workflow.values())
+    assert workflow["3"]["inputs"]["model"] == workflow["4"]["inputs"]["model"] == ["1", 0]

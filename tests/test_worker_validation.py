@@ -621,3 +621,53 @@ def test_raw_workflow_path_inputs_must_be_literal(class_type, key):
     with pytest.raises(RequestError) as info:
         _sanitize_workflow_sources(workflow, config_mod.WorkerConfig.from_env())
     assert info.value.field == f"workflow.9.inputs.{key}"
+
+
+# ------------------------------------------------------------------------------------------------ LoRA names
+def test_lora_names_resolve_only_inside_the_lora_folders(tmp_path):
+    from wan22.lora_files import resolve_lora
+
+    folder, outside = tmp_path / "loras", tmp_path / "elsewhere"
+    (folder / "styles").mkdir(parents=True)
+    outside.mkdir()
+    (folder / "styles" / "ink.safetensors").write_bytes(b"x")
+    (outside / "secret.safetensors").write_bytes(b"x")
+    os.symlink(outside / "secret.safetensors", folder / "link.safetensors")
+    assert resolve_lora("styles/ink.safetensors", [folder], "f") == (folder / "styles" / "ink.safetensors").resolve()
+    for name, why in (("link.safetensors", "no LoRA file 'link.safetensors' in the LoRA folders"),
+                      ("../elsewhere/secret.safetensors", "must be a file name relative to a LoRA folder"),
+                      (str(outside / "secret.safetensors"), "must be a file name relative to a LoRA folder"),
+                      ("C:\\loras\\x.safetensors", "must be a file name relative to a LoRA folder"),
+                      ("styles/ink.ckpt", "must be a .safetensors file")):
+        with pytest.raises(RequestError, match=why) as info:
+            resolve_lora(name, [folder], "params.loras[0].name")
+        assert info.value.field == "params.loras[0].name"
+
+
+@pytest.mark.parametrize("text, entry", [
+    ("a.safetensors", ("a.safetensors", "both", 1.0)),
+    ("a.safetensors:low", ("a.safetensors", "low", 1.0)),
+    ("a.safetensors:0.25", ("a.safetensors", "both", 0.25)),
+    ("dir/a.safetensors:HIGH:-1.5", ("dir/a.safetensors", "high", -1.5)),
+    ("/abs/a.safetensors:both:2", ("/abs/a.safetensors", "both", 2.0)),
+])
+def test_cli_lora_text_is_name_expert_strength(text, entry):
+    from wan22.lora_files import parse_entry
+
+    parsed = parse_entry(text, "loras[0]")
+    assert (parsed.name, parsed.expert, parsed.strength) == entry
+
+
+def test_loras_param_is_checked_and_kept(tmp_path):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    (folder / "a.safetensors").write_bytes(b"x")
+    req = validate_generate_params({"reference_image_url": "https://example.com/a.png",
+                                    "loras": [{"name": "a.safetensors", "expert": "low", "strength": 0.5}]},
+                                   lora_folders=[folder])
+    assert req.values["loras"] == [{"name": "a.safetensors", "expert": "low", "strength": 0.5}]
+    with pytest.raises(RequestError) as info:
+        validate_generate_params({"reference_image_url": "https://example.com/a.png", "loras": ["b.safetensors"]},
+                                 lora_folders=[folder])
+    assert info.value.message == (f"params.loras[0].name: no LoRA file 'b.safetensors' in the LoRA folders ({folder}); "
+                                  f"put it in one of them or set WAN_LORA_DIRS")
