@@ -329,6 +329,58 @@ def test_paths_only_under_roots(tmp_path):
         read_under_roots(str(root / "a.png"), "f", roots, 10)
 
 
+@pytest.mark.parametrize("swap_at", ["after the name check", "just before the open"])
+def test_folder_swapped_for_a_symlink_after_the_check_is_refused(tmp_path, monkeypatch, swap_at):
+    """A folder under the root replaced by a symlink to outside between the path check and os.open: the file
+    actually opened (/proc/self/fd/N) is judged, and its bytes never come back."""
+    import wan22.intake as intake
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "d").mkdir(parents=True)
+    (outside / "d").mkdir(parents=True)
+    inside_bytes, secret = png_bytes(8, 8, (1, 2, 3)), b"SECRET-" + png_bytes(8, 8, (9, 9, 9))
+    (root / "d" / "a.png").write_bytes(inside_bytes)
+    (outside / "d" / "a.png").write_bytes(secret)
+    target = str(root / "d" / "a.png")
+    opened = []
+
+    def swap():
+        os.rename(root / "d", root / "d.old")
+        os.symlink(outside / "d", root / "d")
+
+    if swap_at == "after the name check":
+        real_within = intake.within
+
+        def within(path, roots):
+            ok = real_within(path, roots)
+            if not opened and not (root / "d").is_symlink():
+                swap()
+            return ok
+
+        monkeypatch.setattr(intake, "within", within)
+    real_open = os.open
+
+    def spy_open(path, flags, *args, **kwargs):
+        if swap_at == "just before the open" and str(path) == target and not (root / "d").is_symlink():
+            swap()
+        fd = real_open(path, flags, *args, **kwargs)
+        if str(path).endswith("a.png"):
+            opened.append(os.fstat(fd).st_ino)
+        return fd
+
+    monkeypatch.setattr(os, "open", spy_open)
+    with pytest.raises(RequestError, match="outside") as info:
+        data = read_under_roots(target, "f", [str(root)], 10**6)
+        if secret in data:
+            pytest.fail("read_file returned the bytes of a file outside the roots")
+    assert opened == [(outside / "d" / "a.png").stat().st_ino]  # the race really happened: the secret was opened
+    assert b"SECRET" not in str(info.value).encode()
+    monkeypatch.undo()
+    # the same read without the swap is fine
+    os.unlink(root / "d")
+    os.rename(root / "d.old", root / "d")
+    assert read_under_roots(target, "f", [str(root)], 10**6) == inside_bytes
+
 def test_public_address_classification():
     for ip in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "100.64.0.1", "::1", "fe80::1",
                "::ffff:127.0.0.1", "0.0.0.0", "fd00::1", "2002:7f00:1::", "2002:a9fe:a9fe::1", "64:ff9b::a9fe:a9fe"):
@@ -336,6 +388,50 @@ def test_public_address_classification():
     for ip in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "2002:808:808::1", "64:ff9b::808:808"):
         assert is_public_address(ip), ip
 
+
+
+def _v6(v4: str, prefix: int, shift: int = 0) -> str:
+    import ipaddress
+
+    return str(ipaddress.IPv6Address(prefix | int(ipaddress.IPv4Address(v4)) << shift))
+
+
+def _teredo(server: str, client: str) -> str:
+    """2001:0:<server>:<flags>:<port>:<client>, the client address stored inverted (RFC 4380)."""
+    import ipaddress
+
+    s, c = int(ipaddress.IPv4Address(server)), int(ipaddress.IPv4Address(client))
+    return str(ipaddress.IPv6Address(0x20010000 << 96 | s << 64 | 0x8000_1234 << 32 | (~c & 0xFFFFFFFF)))
+
+
+# every IPv6 form that embeds an IPv4 address: each is judged as the IPv4 it carries
+EMBEDDING_FORMS = {
+    "mapped ::ffff:a.b.c.d": lambda v4: f"::ffff:{v4}",
+    "6to4 2002::/16": lambda v4: _v6(v4, 0x2002 << 112, 80),
+    "teredo client": lambda v4: _teredo("8.8.4.4", v4),
+    "teredo server": lambda v4: _teredo(v4, "8.8.4.4"),
+    "nat64 64:ff9b::/96": lambda v4: f"64:ff9b::{v4}",
+    "nat64 local-use 64:ff9b:1::/48": lambda v4: _v6(v4, 0x0064_ff9b_0001 << 80),
+    "ipv4-compatible ::a.b.c.d": lambda v4: f"::{v4}",
+}
+
+
+@pytest.mark.parametrize("form", sorted(EMBEDDING_FORMS))
+@pytest.mark.parametrize("v4, public", [("127.0.0.1", False), ("10.1.2.3", False), ("169.254.169.254", False),
+                                        ("100.64.0.1", False), ("8.8.8.8", True), ("1.1.1.1", True)])
+def test_ipv6_with_embedded_ipv4_is_judged_as_that_ipv4(form, v4, public):
+    ip = EMBEDDING_FORMS[form](v4)
+    assert is_public_address(v4) is public
+    assert is_public_address(ip) is public, (form, ip)
+
+
+def test_embedded_ipv4_special_cases():
+    assert _teredo("8.8.4.4", "8.8.8.8").startswith("2001:0:808:404:")
+    assert not is_public_address("2002:7f00:1::")          # 6to4 of 127.0.0.1
+    assert not is_public_address(_teredo("10.0.0.1", "192.168.1.1"))
+    assert not is_public_address("64:ff9b:1:ffff::7f00:1")  # local-use NAT64: the last 32 bits count
+    for ip in ("::", "::1", "::0.0.0.2"):                    # unspecified, loopback, 0.0.0.0/8
+        assert not is_public_address(ip), ip
 
 @pytest.fixture(scope="module")
 def image_server():
@@ -613,13 +709,16 @@ def test_explicit_workflow_action_is_accepted():
 @pytest.mark.parametrize("class_type,key", [("Wan22ModelLoader", "model_path"), ("Wan22LoadImage", "image_path"),
                                             ("Wan22LoadImage", "image_url")])
 def test_raw_workflow_path_inputs_must_be_literal(class_type, key):
-    """A path fed by a link would reach the node unchecked: refused, naming the input."""
+    """A path or URL fed by a link would reach the node unchecked: refused, naming the input, by the intake
+    (before anything runs) or by the confinement (before anything is uploaded)."""
+    from runpod_worker.confine import confine_workflow
     from runpod_worker.job_workflow import sanitize_workflow_sources as _sanitize_workflow_sources
 
-    workflow = {"7": {"class_type": "PrimitiveString", "inputs": {"value": "/etc"}},
+    workflow = {"7": {"class_type": "PrimitiveString", "inputs": {"value": "x"}},
                 "9": {"class_type": class_type, "inputs": {key: ["7", 0]}}}
     with pytest.raises(RequestError) as info:
         _sanitize_workflow_sources(workflow, config_mod.WorkerConfig.from_env())
+        confine_workflow(workflow, {}, {})
     assert info.value.field == f"workflow.9.inputs.{key}"
 
 
@@ -671,3 +770,16 @@ def test_loras_param_is_checked_and_kept(tmp_path):
                                  lora_folders=[folder])
     assert info.value.message == (f"params.loras[0].name: no LoRA file 'b.safetensors' in the LoRA folders ({folder}); "
                                   f"put it in one of them or set WAN_LORA_DIRS")
+
+
+def test_raw_workflows_can_be_turned_off(monkeypatch, tmp_path):
+    """WAN_RAW_WORKFLOWS=off: a raw job is refused naming `workflow` and what to send instead; nothing written."""
+    from runpod_worker.handler import handle_job
+
+    monkeypatch.setenv("WAN_RAW_WORKFLOWS", "off")
+    monkeypatch.setenv("WAN_OUTPUT_DIR", str(tmp_path / "out"))
+    answer = handle_job({"id": "raw-off", "input": {"workflow": {"1": {"class_type": "EmptyImage", "inputs": {}}}}})
+    assert answer["error"].startswith("workflow: raw workflows are turned off on this worker (WAN_RAW_WORKFLOWS=off)")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("WAN_RAW_WORKFLOWS", "maybe")
+    assert "WAN_RAW_WORKFLOWS='maybe' must be" in handle_job({"id": "raw-bad", "input": {"workflow": {}}})["error"]

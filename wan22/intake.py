@@ -4,10 +4,11 @@ Used by the `Wan22LoadImage` node, the CLI, the RunPod worker and ``python -m wa
 (node, worker) is untrusted:
 
 - URL: http/https only; the host must resolve to public addresses (loopback, private, link-local such as the
-  169.254.169.254 metadata service, CGNAT and IPv4 hidden in 6to4/NAT64 addresses are refused unless listed in
-  WAN_URL_ALLOW_HOSTS); the connection is pinned to the checked address (no DNS rebinding); redirects are
-  followed by hand, at most WAN_URL_MAX_REDIRECTS, each target checked again; the body is capped at
-  WAN_MAX_IMAGE_MB and the whole download at WAN_URL_TIMEOUT_S seconds.
+  169.254.169.254 metadata service and CGNAT are refused unless listed in WAN_URL_ALLOW_HOSTS; an IPv6 address
+  that embeds an IPv4 one, IPv4-mapped, IPv4-compatible, 6to4, Teredo or NAT64, is judged as that IPv4); the
+  connection is pinned to the checked address (no DNS rebinding); redirects are followed by hand, at most
+  WAN_URL_MAX_REDIRECTS, each target checked again; the body is capped at WAN_MAX_IMAGE_MB and the whole
+  download at WAN_URL_TIMEOUT_S seconds.
 - base64 (optionally a data: URI): the encoded length is capped before decoding.
 - path: absolute, under WAN_INPUT_ROOTS once symlinks and `..` are resolved (checked again on the opened file),
   a regular file, capped size.
@@ -41,8 +42,10 @@ from .settings import Limits
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 REDIRECTS = (301, 302, 303, 307, 308)
 _EXTRA_BLOCKED = [ipaddress.ip_network("100.64.0.0/10")]
-_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IPv6 prefixes whose last 32 bits are an IPv4 address: NAT64 well-known (RFC 6052), NAT64 local-use (RFC 8215),
+# IPv4-compatible (deprecated, RFC 4291; :: and ::1 excepted)
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 
 
 @dataclasses.dataclass
@@ -163,17 +166,32 @@ def read_file(path: str, field: str, max_bytes: int, roots: Optional[Sequence[st
 
 
 # --------------------------------------------------------------------------------------------- URL
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> List[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address stands for (mapped, 6to4, Teredo server and client, NAT64,
+    IPv4-compatible); empty for a native IPv6 address."""
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if address.teredo is not None:
+        return list(address.teredo)
+    low32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if any(address in net for net in _NAT64):
+        return [low32]
+    if address in _IPV4_COMPATIBLE and int(address) > 1:  # not :: and ::1 (judged as IPv6 below)
+        return [low32]
+    return []
+
+
 def is_public_address(ip: str) -> bool:
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return False
     if address.version == 6:
-        embedded = address.ipv4_mapped or address.sixtofour
-        if embedded is None and address in _NAT64:
-            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if embedded is not None:
-            return is_public_address(str(embedded))
+        embedded = _embedded_ipv4(address)
+        if embedded:
+            return all(is_public_address(str(v4)) for v4 in embedded)
     if any(address in net for net in _EXTRA_BLOCKED if address.version == net.version):
         return False
     if (address.is_private or address.is_loopback or address.is_link_local or address.is_reserved
