@@ -143,11 +143,13 @@ def _comfyui_files(root: Path, variant: str = "") -> Dict[str, Optional[Path]]:
     return files
 
 
-def _found_listing(root: Path) -> str:
+def _found_summary(root: Path) -> str:
+    """How much the folder holds, never what: its names may be other users' files (the worker's output folder)."""
     if not root.is_dir():
         return "nothing (the folder does not exist)"
-    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-    return ", ".join(entries[:30]) + (" ..." if len(entries) > 30 else "") if entries else "nothing (empty folder)"
+    entries = list(root.iterdir())
+    folders = sum(p.is_dir() for p in entries)
+    return f"{len(entries) - folders} files and {folders} folders" if entries else "nothing (empty folder)"
 
 
 def discover_model_set(path: os.PathLike | str, variant: str = "") -> ModelSet:
@@ -173,13 +175,13 @@ def discover_model_set(path: os.PathLike | str, variant: str = "") -> ModelSet:
     layouts = "; ".join(f"{name}: {', '.join(parts.values())}" for name, parts in LAYOUT_PARTS.items())
     if best_count == 0:
         raise ModelFolderError(
-            f"{root} holds no Wan2.2 I2V-A14B model set. Looked for the layouts {layouts}. Found: {_found_listing(root)}"
+            f"{root} holds no Wan2.2 I2V-A14B model set. Looked for the layouts {layouts}. It holds {_found_summary(root)}, none a part of those layouts."
         )
     missing = [LAYOUT_PARTS[best_layout][part] for part, found in best_files.items() if found is None]
     present = [LAYOUT_PARTS[best_layout][part] for part, found in best_files.items() if found is not None]
     raise ModelFolderError(
         f"{root} looks like the {best_layout} layout but is incomplete: found {', '.join(present)}; "
-        f"missing {', '.join(missing)}. Folder holds: {_found_listing(root)}"
+        f"missing {', '.join(missing)}. The folder holds {_found_summary(root)}."
     )
 
 

@@ -63,6 +63,19 @@ def test_empty_folder_lists_layouts(tmp_path):
     assert "upstream" in message and "diffusers" in message and "comfyui" in message and "empty folder" in message
 
 
+def test_a_folder_of_other_files_is_counted_never_listed(tmp_path):
+    """The loader may be pointed at any folder (the worker's output folder holds other jobs' ids): its error
+    says how much is there and what was looked for, never the names found."""
+    for name in ("job-4f1c9a.mp4", "job-4f1c9a.json", "private_notes.txt"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "job-77aa01").mkdir()
+    with pytest.raises(ModelFolderError) as info:
+        discover_model_set(tmp_path)
+    message = str(info.value)
+    assert "3 files and 1 folders" in message and "high_noise_model" in message
+    assert "job-4f1c9a" not in message and "private_notes" not in message and "job-77aa01" not in message
+
+
 def test_partial_upstream_folder_names_missing_parts(tiny_models, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(tiny_models("upstream"), partial)
