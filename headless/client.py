@@ -13,6 +13,7 @@ Facts about the server it relies on (ComfyUI ``server.py`` / ``execution.py``):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, Iterator, List, Optional, Union
 from urllib.parse import urlencode, urlsplit
 
 import requests
@@ -108,6 +109,8 @@ class ComfyClient:
     """Talks to one ComfyUI server.
 
     ``timeout`` is the per-request HTTP timeout in seconds; :meth:`wait` takes its own overall timeout.
+    ``deadline`` (a time.monotonic() value, or None) bounds every call: no request waits past it, and one
+    that would raises WaitTimeout, so a server that stops answering cannot hold a job past its time limit.
     """
 
     def __init__(self, base_url: Optional[str] = None, client_id: Optional[str] = None, timeout: float = 30.0,
@@ -122,18 +125,36 @@ class ComfyClient:
         self.last_cached_nodes: List[str] = []
         self.ws_reconnects = 0
         self.history_polls = 0
+        self.deadline: Optional[float] = None
+
+    @contextlib.contextmanager
+    def grace(self, seconds: float) -> Iterator[None]:
+        """Calls made inside get `seconds` past the deadline (taking a prompt off the server after a timeout)."""
+        saved = self.deadline
+        self.deadline = None if saved is None else max(saved, time.monotonic()) + seconds
+        try:
+            yield
+        finally:
+            self.deadline = saved
 
     # ------------------------------------------------------------------ HTTP
     def _request(self, method: str, path: str, *, timeout: Optional[float] = None, **kwargs) -> requests.Response:
         url = self.base_url + path
         read_timeout = timeout or self.timeout
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(f"the time limit was reached before {method} {path} could be sent")
+            read_timeout = min(read_timeout, left)
         try:
             return self.session.request(method, url, timeout=(min(5.0, read_timeout), read_timeout), **kwargs)
         except requests.exceptions.ConnectionError as exc:
             raise ServerUnreachable(f"ComfyUI server not reachable at {self.base_url} ({_short(exc)})") from exc
         except requests.exceptions.Timeout as exc:
+            if self.deadline is not None and time.monotonic() >= self.deadline - 0.05:
+                raise WaitTimeout(f"the time limit was reached while ComfyUI did not answer {method} {path}") from exc
             raise ServerUnreachable(f"ComfyUI server at {self.base_url} did not answer {method} {path} "
-                                    f"within {timeout or self.timeout:g}s") from exc
+                                    f"within {read_timeout:g}s") from exc
 
     def _json(self, method: str, path: str, **kwargs) -> Any:
         resp = self._request(method, path, **kwargs)
@@ -251,6 +272,8 @@ class ComfyClient:
         with self._ws_lock:
             if self._ws is not None:
                 return True
+            if self.deadline is not None:
+                timeout = min(timeout, max(0.1, self.deadline - time.monotonic()))
             try:
                 ws = websocket.create_connection(self._ws_url(), timeout=timeout)
             except Exception:

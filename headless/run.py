@@ -26,7 +26,7 @@ from wan22.errors import InvalidParameter
 from wan22.intake import CheckedImage, read_image
 
 from .client import ComfyClient, Progress, output_files
-from .errors import Cancelled, OutputMissing, WaitTimeout, WorkflowError
+from .errors import Cancelled, ExecutionFailed, ExecutionInterrupted, OutputMissing, WorkflowError
 from .workflow import (ROLE_CORE_IMAGE, ROLE_I2V, ROLE_IMAGE, ROLE_LORA, ROLE_SAVE, apply_loras, apply_overrides,
                        apply_params, find_nodes, load_workflow)
 
@@ -205,7 +205,9 @@ def execute(client: ComfyClient, prompt: dict, *, timeout: Optional[float] = Non
     try:
         entry = client.wait(prompt_id, on_progress=hooks.on_progress, timeout=timeout, on_event=on_event,
                             should_stop=hooks.cancel.is_set if hooks.cancel is not None else None)
-    except (KeyboardInterrupt, WaitTimeout, Cancelled):
+    except (ExecutionFailed, ExecutionInterrupted):
+        raise  # the server is done with the prompt
+    except BaseException:  # timeout, cancel, Ctrl-C, a failing hook: the prompt must not run on
         _cancel_quietly(client, prompt_id, hooks.settle_s)
         raise
     running_from = started.get("at", queued_at)
@@ -214,12 +216,13 @@ def execute(client: ComfyClient, prompt: dict, *, timeout: Optional[float] = Non
 
 
 def _cancel_quietly(client: ComfyClient, prompt_id: str, settle_s: float) -> None:
-    try:
-        client.cancel(prompt_id)
-    except Exception:
-        return
-    if settle_s > 0:
-        client.wait_until_settled(prompt_id, settle_s)
+    with client.grace(settle_s + 3.0):  # past a deadline too, but bounded: the server may be hung
+        try:
+            client.cancel(prompt_id)
+        except Exception:
+            return
+        if settle_s > 0:
+            client.wait_until_settled(prompt_id, settle_s)
 
 
 def collect_result(entry: dict, prompt: dict) -> Tuple[Optional[dict], Dict[str, Any]]:
@@ -271,6 +274,9 @@ def run_checked(values: Mapping[str, Any], server: Union[str, ComfyClient, None]
     own_client = not isinstance(server, ComfyClient)
     client = server if isinstance(server, ComfyClient) else ComfyClient(server)
     started = time.monotonic()
+    saved_deadline = client.deadline
+    if timeout is not None:  # every call, the upload and the download included, ends by then
+        client.deadline = started + timeout if saved_deadline is None else min(saved_deadline, started + timeout)
     try:
         object_info = client.object_info()
         prompt = load_workflow(workflow, object_info=object_info)
@@ -287,6 +293,8 @@ def run_checked(values: Mapping[str, Any], server: Union[str, ComfyClient, None]
         if video is None:
             raise OutputMissing(f"prompt {execution.prompt_id} finished but its outputs list no video "
                                 f"(outputs: {list((execution.entry.get('outputs') or {}).keys())})")
+        if hooks.on_server_file and video["type"] == "output":  # before the download, which may fail
+            hooks.on_server_file("output", video["subfolder"], video["filename"])
         timings = dict(execution.timings)
         path = None
         if download:
@@ -296,8 +304,6 @@ def run_checked(values: Mapping[str, Any], server: Union[str, ComfyClient, None]
                 dest.mkdir(parents=True, exist_ok=True)
             path = str(client.download(video["filename"], video["subfolder"], video["type"], dest))
             timings["download_s"] = round(time.monotonic() - t0, 3)
-        if hooks.on_server_file and video["type"] == "output":
-            hooks.on_server_file("output", video["subfolder"], video["filename"])
         cached = set(find_nodes(prompt, ROLE_I2V)) <= set(execution.cached_nodes) if execution.cached_nodes else False
         cached_types = sorted({str(prompt.get(n, {}).get("class_type", n)) for n in execution.cached_nodes})
         return Result(output_path=path, prompt_id=execution.prompt_id, seed=info.get("seed", seed),
@@ -306,5 +312,6 @@ def run_checked(values: Mapping[str, Any], server: Union[str, ComfyClient, None]
                       subfolder=video["subfolder"], cached=cached, timings=timings, cached_nodes=cached_types,
                       info=info)
     finally:
+        client.deadline = saved_deadline
         if own_client:
             client.close()
