@@ -4,7 +4,7 @@ Exit codes:
   0    success (with --batch: every job succeeded)
   2    bad input: parameter out of range, unknown parameter/node/input, unreadable workflow or image,
        workflow rejected by the server's validation
-  3    server unreachable (or --start-server could not start ComfyUI)
+  3    server unreachable (or --start-server could not start ComfyUI, or the ComfyUI it started exited)
   4    generation error: a node failed on the server, or no video in the outputs
   5    timeout (--timeout)
   130  interrupted (Ctrl-C / SIGTERM): the server's job is interrupted first
@@ -14,10 +14,14 @@ With --batch, a failed job does not stop the others; the exit code is that of th
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO
@@ -134,7 +138,23 @@ def _error_code(exc: BaseException) -> int:
     return EXIT_GENERATION
 
 
-def _describe_error(exc: BaseException) -> str:
+def _private_server_exit_code(server) -> Optional[int]:
+    """The exit code of the ComfyUI that --start-server started, once it has exited; None while it runs. Waits a
+    moment: its port closes a little before its exit status can be read."""
+    if server is None:
+        return None
+    try:
+        return server.process.wait(timeout=2.0)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _describe_error(exc: BaseException, server=None) -> str:
+    """One message for `exc`; `server`: the CLI's own ComfyUI (--start-server), named when it died."""
+    if isinstance(exc, ServerUnreachable) and server is not None:
+        code = _private_server_exit_code(server)
+        if code is not None:
+            return f"the ComfyUI this command started exited (code {code}) during the run"
     if isinstance(exc, InvalidParameter):
         return f"bad parameter: {exc}"
     return str(exc) or type(exc).__name__
@@ -193,12 +213,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     def _sigterm(signum, frame):
         raise KeyboardInterrupt
 
+    # SIGTERM (and SIGINT, even when started with it ignored) raise KeyboardInterrupt, so that the server's job is
+    # interrupted and the `finally` clauses stop the private ComfyUI and remove its folder
+    previous = {}
     try:
-        signal.signal(signal.SIGTERM, _sigterm)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
-    except (ValueError, OSError):
+        for signum, handler in ((signal.SIGTERM, _sigterm), (signal.SIGINT, signal.default_int_handler)):
+            previous[signum] = signal.signal(signum, handler)
+    except (ValueError, OSError):  # not the main thread
         pass
+    try:
+        return _main(args)
+    finally:
+        for signum, handler in previous.items():
+            try:
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+            except (ValueError, OSError, TypeError):
+                pass
 
+
+def _main(args) -> int:
     if not args.batch:
         # check what the caller gave before any server work
         try:
@@ -215,37 +248,52 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_BAD_INPUT
 
     server = None
+    work_dir = None
     try:
         if args.start_server:
             from .server import ServerStartError, start_comfyui
 
+            # The private server's folder (custom_nodes link, the uploaded image, outputs, log) is made here, so
+            # that it is removed on every exit, a failed or interrupted start included. If Ctrl-C cuts the start
+            # short, the server is stopped at exit (start_comfyui's atexit hook, run first), then this removes
+            # what it may have written meanwhile.
+            work_dir = tempfile.mkdtemp(prefix="wan22-comfyui-")
+            atexit.register(shutil.rmtree, work_dir, True)
             _status(args, "starting ComfyUI...")
             try:
-                server = start_comfyui(args.comfyui_dir, models_dir=args.models_dir, cpu=not args.gpu)
+                server = start_comfyui(args.comfyui_dir, models_dir=args.models_dir, cpu=not args.gpu,
+                                       work_dir=work_dir)
             except ServerStartError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return EXIT_UNREACHABLE
             url = server.url
-            _status(args, f"ComfyUI ready at {url} (log {server.log_path})")
+            _status(args, f"ComfyUI ready at {url} (log {server.log_path}, removed at exit)")
         else:
             url = args.server or default_server_url()
         client = ComfyClient(url)
         if not client.ping():
-            print(f"error: ComfyUI server not reachable at {client.base_url} (start one, pass --server URL, "
-                  f"or use --start-server)", file=sys.stderr)
+            code = _private_server_exit_code(server)
+            if code is not None:
+                print(f"error: the ComfyUI this command started exited (code {code}) before the run",
+                      file=sys.stderr)
+            else:
+                print(f"error: ComfyUI server not reachable at {client.base_url} (start one, pass --server URL, "
+                      f"or use --start-server)", file=sys.stderr)
             return EXIT_UNREACHABLE
         if args.batch:
-            return _main_batch(args, client)
-        return _main_single(args, client)
+            return _main_batch(args, client, server)
+        return _main_single(args, client, server)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         if server is not None:
-            server.stop()
+            server.stop(remove_work_dir=True)
+        if work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _main_single(args, client: ComfyClient) -> int:
+def _main_single(args, client: ComfyClient, server=None) -> int:
     params = _params_from_args(args)
     job: Dict[str, Any] = {}
     try:
@@ -256,8 +304,9 @@ def _main_single(args, client: ComfyClient) -> int:
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - every error becomes an exit code
         code = _error_code(exc)
-        print(f"error: {_describe_error(exc)}", file=sys.stderr)
-        _emit(args, {"ok": False, "exit_code": code, "error": _describe_error(exc), **job})
+        message = _describe_error(exc, server)
+        print(f"error: {message}", file=sys.stderr)
+        _emit(args, {"ok": False, "exit_code": code, "error": message, **job})
         return code
     record = {"ok": True, **record}
     if args.json:
@@ -270,7 +319,7 @@ def _main_single(args, client: ComfyClient) -> int:
     return EXIT_OK
 
 
-def _main_batch(args, client: ComfyClient) -> int:
+def _main_batch(args, client: ComfyClient, server=None) -> int:
     try:
         jobs = _load_batch(args.batch)
     except InvalidParameter as exc:
@@ -306,9 +355,10 @@ def _main_batch(args, client: ComfyClient) -> int:
             code = _error_code(exc)
             if first_failure == EXIT_OK:
                 first_failure = code
-            message = _describe_error(exc).replace("\n", " | ")
+            description = _describe_error(exc, server)
+            message = description.replace("\n", " | ")
             summary = f"{label}FAILED line {line} (exit {code}): {message}"
-            record = {"ok": False, "job": index, "line": line, "exit_code": code, "error": _describe_error(exc),
+            record = {"ok": False, "job": index, "line": line, "exit_code": code, "error": description,
                       "seconds": round(time.monotonic() - started, 3)}
             if isinstance(exc, ServerUnreachable):
                 _emit(args, record)

@@ -86,9 +86,16 @@ class ComfyServer:
     def log_tail(self, lines: int = 40) -> str:
         return _tail(self.log_path, lines)
 
-    def stop(self, timeout: float = 15.0) -> Optional[int]:
-        """Terminate the server (SIGTERM, then SIGKILL after ``timeout``); idempotent. Returns the exit code."""
+    def stop(self, timeout: float = 15.0, *, remove_work_dir: bool = False) -> Optional[int]:
+        """Terminate the server (SIGTERM, then SIGKILL after ``timeout``); idempotent. Returns the exit code.
+
+        remove_work_dir: also remove the whole work folder (log, input copies, outputs left there, custom_nodes
+        links), whoever made it; pass it only for a folder made for this server alone (the CLI does). Without it
+        only the ``temp`` subfolder of a folder the launcher made itself is removed.
+        """
         if self._stopped:
+            if remove_work_dir:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
             return self.process.returncode
         self._stopped = True
         proc = self.process
@@ -111,7 +118,9 @@ class ComfyServer:
                 except (ProcessLookupError, PermissionError):
                     pass
                 proc.wait(10)
-        if self._owns_work_dir:
+        if remove_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+        elif self._owns_work_dir:
             # keep the log when the caller may want it; only remove the transient ComfyUI temp folder
             shutil.rmtree(self.work_dir / "temp", ignore_errors=True)
         return proc.returncode

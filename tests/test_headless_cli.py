@@ -144,15 +144,38 @@ def test_sigint_interrupts_the_server_job(comfy_url, input_image, tmp_path):
     assert ok.returncode == 0, ok.stderr
 
 
-def test_start_server_flag(input_image, tmp_path, tiny_upstream):
-    """--start-server launches a private ComfyUI with this pack and the models, runs, and stops it."""
+TINY_ARGS = ["--size", "64*64", "--frame-num", "5", "--sample-steps", "2"]
+
+
+def need_comfyui():
     if not cf.comfyui_available():
+        if os.environ.get("WAN22_REQUIRE_COMFYUI") == "1":
+            pytest.fail("no ComfyUI (make setup)")
         pytest.skip("no ComfyUI (make setup)")
-    args = ["--size", "64*64", "--frame-num", "5", "--sample-steps", "2", "--seed", "3"]
+
+
+def private_tmpdir(tmp_path: Path) -> Path:
+    """A TMPDIR for one CLI run: the private ComfyUI's wan22-comfyui-* folder is made there."""
+    folder = tmp_path / "tmpdir"
+    folder.mkdir()
+    return folder
+
+
+def work_folders_left(tmpdir: Path):
+    return sorted(p.name for p in tmpdir.glob("wan22-comfyui-*"))
+
+
+def test_start_server_flag(input_image, tmp_path, tiny_upstream):
+    """--start-server launches a private ComfyUI with this pack and the models, runs, stops it and removes its
+    work folder (custom_nodes link, uploaded image, outputs, log)."""
+    need_comfyui()
+    args = [*TINY_ARGS, "--seed", "3"]
+    tmpdir = private_tmpdir(tmp_path)
     started = time.monotonic()
     proc = cli("--start-server", "--models-dir", str(tiny_upstream), *args, "--image", str(input_image),
-               "--out", str(tmp_path / "o.mp4"), "--json", timeout=300)
+               "--out", str(tmp_path / "o.mp4"), "--json", timeout=300, env={"TMPDIR": str(tmpdir)})
     assert proc.returncode == 0, proc.stderr
+    assert work_folders_left(tmpdir) == [], proc.stderr
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert Path(record["output_path"]).is_file()
     assert record["frames"] == 5 and record["seed"] == 3
@@ -161,3 +184,113 @@ def test_start_server_flag(input_image, tmp_path, tiny_upstream):
     # the private server is gone afterwards
     url = proc.stderr.split("ComfyUI ready at ", 1)[1].split()[0]
     assert not ComfyClient(url).ping(timeout=2)
+
+
+def test_start_server_error_run_removes_the_work_folder(input_image, tmp_path, tiny_upstream):
+    """An error once the private ComfyUI is up (here an unknown --set node): exit 2, and no folder is left."""
+    need_comfyui()
+    tmpdir = private_tmpdir(tmp_path)
+    proc = cli("--start-server", "--models-dir", str(tiny_upstream), *TINY_ARGS, "--image", str(input_image),
+               "--set", "NoSuchNode.steps=3", "--out", str(tmp_path / "o.mp4"), timeout=300,
+               env={"TMPDIR": str(tmpdir)})
+    assert proc.returncode == 2, proc.stderr
+    assert "ComfyUI ready at" in proc.stderr and "NoSuchNode" in proc.stderr
+    assert work_folders_left(tmpdir) == [], proc.stderr
+    # a start that fails (no ComfyUI there) leaves nothing either
+    proc = cli("--start-server", "--comfyui-dir", str(tmp_path / "no-comfyui"), *TINY_ARGS, "--image",
+               str(input_image), timeout=60, env={"TMPDIR": str(tmpdir)})
+    assert proc.returncode == 3 and "No ComfyUI" in proc.stderr, proc.stderr
+    assert work_folders_left(tmpdir) == []
+
+
+class PrivateRun:
+    """`wan22-i2v --start-server ...` in the background; stderr is collected by a thread."""
+
+    def __init__(self, tmp_path: Path, *args):
+        import threading
+
+        self.tmpdir = private_tmpdir(tmp_path)
+        env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(self.tmpdir))
+        env.pop("COMFYUI_URL", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "headless", "--start-server", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        self.lines = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")),
+                                       daemon=True)
+        self.reader.start()
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def url(self, timeout: float = 240) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if "ComfyUI ready at " in self.stderr:
+                return self.stderr.split("ComfyUI ready at ", 1)[1].split()[0]
+            time.sleep(0.05)
+        pytest.fail("the private ComfyUI did not start:\n" + self.stderr)
+
+    def wait_job_started(self, timeout: float = 60) -> None:
+        client = ComfyClient(self.url())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            queue = client.queue()
+            if queue.get("queue_running") or queue.get("queue_pending"):
+                return
+            time.sleep(0.02)
+        pytest.fail(f"the job was never seen on the private ComfyUI (exit {self.proc.poll()}):\n{self.stderr}")
+
+    def comfyui_process(self):
+        import psutil
+
+        children = [p for p in psutil.Process(self.proc.pid).children()
+                    if any(part.endswith("main.py") for part in p.cmdline())]
+        assert len(children) == 1, children
+        return children[0]
+
+    def finish(self, timeout: float = 60) -> int:
+        try:
+            self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        self.reader.join(10)
+        return self.proc.returncode
+
+
+def test_private_comfyui_killed_mid_run_is_named(input_image, tmp_path, tiny_upstream):
+    """The ComfyUI that --start-server started dies during the job: the CLI says so (not 'not reachable'),
+    exits 3 and still removes the work folder."""
+    need_comfyui()
+    run = PrivateRun(tmp_path, "--models-dir", str(tiny_upstream), *TINY_ARGS, "--image", str(input_image),
+                     "--out", str(tmp_path / "o.mp4"))
+    try:
+        run.wait_job_started()
+        comfyui = run.comfyui_process()
+        comfyui.send_signal(signal.SIGKILL)
+        code = run.finish()
+    finally:
+        run.finish()
+    assert code == 3, run.stderr
+    assert f"error: the ComfyUI this command started exited (code {-signal.SIGKILL}) during the run" in run.stderr, run.stderr
+    assert "not reachable" not in run.stderr
+    assert not (tmp_path / "o.mp4").exists()
+    assert work_folders_left(run.tmpdir) == [], run.stderr
+
+
+def test_sigterm_stops_the_private_comfyui_and_removes_its_folder(input_image, tmp_path, tiny_upstream):
+    need_comfyui()
+    run = PrivateRun(tmp_path, "--models-dir", str(tiny_upstream), *TINY_ARGS, "--image", str(input_image),
+                     "--out", str(tmp_path / "o.mp4"))
+    try:
+        run.wait_job_started()
+        comfyui = run.comfyui_process()
+        run.proc.send_signal(signal.SIGTERM)
+        code = run.finish()
+    finally:
+        run.finish()
+    assert code == 130, run.stderr
+    assert not comfyui.is_running() or comfyui.status() == "zombie"
+    assert work_folders_left(run.tmpdir) == [], run.stderr

@@ -261,3 +261,27 @@ def test_apply_loras_replaces_the_workflows_lora_nodes_by_a_chain():
     apply_loras(workflow, [])  # no LoRAs: the loader feeds the graph again
     assert not any(n["class_type"] == "Wan22LoraLoader" for n in workflow.values())
     assert workflow["3"]["inputs"]["model"] == workflow["4"]["inputs"]["model"] == ["1", 0]
+
+
+@pytest.mark.parametrize("owns, remove, left", [
+    (True, False, ["comfyui.log", "custom_nodes", "input"]),   # today's default: only temp/ goes
+    (False, False, ["comfyui.log", "custom_nodes", "input", "temp"]),  # a caller's folder is left alone
+    (True, True, None),
+    (False, True, None),                                       # asked for: the whole folder goes (the CLI)
+])
+def test_server_stop_removes_the_work_folder_only_when_asked(tmp_path, owns, remove, left):
+    from headless.server import ComfyServer
+
+    work = tmp_path / "work"
+    for sub in ("custom_nodes", "input", "temp"):
+        (work / sub).mkdir(parents=True)
+    (work / "input" / "image.png").write_bytes(b"x")
+    (work / "comfyui.log").write_text("log\n")
+    (work / "custom_nodes" / "pack").symlink_to(REPO, target_is_directory=True)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    server = ComfyServer(proc, "http://127.0.0.1:1", 1, work, work / "comfyui.log", work / "output",
+                         work / "input", tmp_path, None, owns)
+    server.stop(timeout=5, remove_work_dir=remove) if remove else server.stop(timeout=5)
+    assert proc.poll() is not None
+    assert (sorted(p.name for p in work.iterdir()) if work.exists() else None) == left
+    assert (REPO / "headless" / "server.py").is_file()  # the symlinked pack itself is untouched
