@@ -18,6 +18,7 @@ from typing import List, Optional
 from . import handler as handler_mod
 from .comfy import CancelToken, ComfyBackend
 from .config import VOLUME, WorkerConfig
+from .supervisor import Supervisor
 
 log = logging.getLogger("runpod_worker")
 
@@ -46,7 +47,8 @@ def _model_folder_report() -> None:
 
 
 def start_backend(cfg: WorkerConfig) -> ComfyBackend:
-    """Use COMFYUI_URL if set (a ComfyUI someone else runs), else launch one with headless's launcher."""
+    """Use COMFYUI_URL if set (a ComfyUI someone else runs), else launch one with headless's launcher; either
+    way supervised (supervisor.py): a ComfyUI of ours that dies or hangs is restarted."""
     if cfg.comfyui_url:
         from headless.client import ComfyClient
 
@@ -58,24 +60,32 @@ def start_backend(cfg: WorkerConfig) -> ComfyBackend:
                                  f"{cfg.comfy_start_timeout_s:g}s (WAN_COMFY_START_TIMEOUT_S)")
             time.sleep(1.0)
         log.info("using the ComfyUI at %s", cfg.comfyui_url)
-        return ComfyBackend(cfg.comfyui_url, None, cfg.workflow)
+        supervisor = Supervisor(cfg.comfyui_url, hang_s=cfg.comfy_hang_s)
+        return ComfyBackend(supervisor.start_monitor(), cfg.workflow)
 
     from headless.server import REPO_ROOT, ServerStartError, default_comfyui_dir, start_comfyui
 
     packs: List[Path] = [REPO_ROOT, *(Path(p) for p in cfg.extra_node_paths)]
     comfy_dir = Path(cfg.comfyui_dir) if cfg.comfyui_dir else default_comfyui_dir()
+
+    def start(previous=None):
+        # a restart reuses the work folder (input/output folders, log) of the ComfyUI it replaces
+        work_dir = cfg.comfy_work_dir or (previous.work_dir if previous is not None else None)
+        return start_comfyui(
+            comfyui_dir=comfy_dir, port=cfg.comfyui_port or None, custom_node_paths=packs,
+            work_dir=work_dir, cpu=cfg.comfyui_cpu, listen="127.0.0.1",
+            extra_args=shlex.split(cfg.comfyui_args), startup_timeout=cfg.comfy_start_timeout_s)
+
     log.info("starting ComfyUI from %s (at most %gs)", comfy_dir, cfg.comfy_start_timeout_s)
     try:
-        server = start_comfyui(
-            comfyui_dir=comfy_dir, port=cfg.comfyui_port or None, custom_node_paths=packs,
-            work_dir=cfg.comfy_work_dir or None, cpu=cfg.comfyui_cpu, listen="127.0.0.1",
-            extra_args=shlex.split(cfg.comfyui_args), startup_timeout=cfg.comfy_start_timeout_s)
+        server = start()
     except ServerStartError as exc:
         print(f"runpod_worker: ComfyUI failed to start, so this worker cannot serve jobs.\n{exc}", file=sys.stderr,
               flush=True)
         raise SystemExit(EXIT_COMFY_START) from None
     log.info("ComfyUI ready at %s (pid %d, log %s)", server.url, server.pid, server.log_path)
-    return ComfyBackend(server.url, server, cfg.workflow)
+    supervisor = Supervisor(server.url, server, start, hang_s=cfg.comfy_hang_s, restarts=cfg.comfy_restarts)
+    return ComfyBackend(supervisor.start_monitor(), cfg.workflow)
 
 
 def warm_up(backend: ComfyBackend, cfg: WorkerConfig) -> None:
@@ -128,8 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         })
         return 0
     finally:
-        if backend.server is not None:
-            backend.server.stop()
+        backend.supervisor.stop()
 
 
 if __name__ == "__main__":

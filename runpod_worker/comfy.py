@@ -25,9 +25,12 @@ from headless.workflow import load_workflow
 from wan22.files import within
 from wan22.intake import CheckedImage
 
+from .confine import confine_workflow
 from .errors import JobFailed
+from .supervisor import Supervisor
 
 NODE_PREFIX = "wan22_"
+JOB_FOLDER_PREFIX = "wan22_job_"  # a raw job's uploads: input/wan22_job_<id>/<name>
 SETTLE_S = 30.0  # after a timeout or cancel: the next job starts on an empty queue
 
 
@@ -49,28 +52,36 @@ def namespaced(workflow: dict, prefix: str) -> dict:
 
 
 class CancelToken:
-    """Set by the async handler when RunPod cancels the job; the job's wait sees it within a second."""
+    """Set by the async handler when RunPod cancels the job, or by the supervisor when ComfyUI fails under it;
+    the job's wait sees it within a second."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
-        self.reason = ""
+        self.reason = ""  # a cancel: RunPod's cancel request or execution timeout
+        self.fault = ""  # ComfyUI died or stopped answering
         self.prompt_id: Optional[str] = None
 
     def cancel(self, reason: str) -> None:
         self.reason = reason
         self.event.set()
 
+    def fail(self, fault: str) -> None:
+        self.fault = fault
+        self.event.set()
+
     @property
     def cancelled(self) -> bool:
-        return self.event.is_set()
+        return bool(self.reason)
 
 
 def job_failure(exc: HeadlessError, token: CancelToken) -> JobFailed:
     """What the caller is told when the run path raised `exc`."""
-    if isinstance(exc, WaitTimeout):
-        return JobFailed("the job ran past its time limit (WAN_JOB_TIMEOUT_S); ComfyUI was interrupted")
+    if token.fault:
+        return JobFailed(token.fault)
     if isinstance(exc, (Cancelled, ExecutionInterrupted)) and token.cancelled:
-        return JobFailed(f"cancelled: {token.reason}")
+        return JobFailed(f"cancelled: {token.reason}", status="CANCELLED")
+    if isinstance(exc, WaitTimeout):
+        return JobFailed("the job ran past its time limit (WAN_JOB_TIMEOUT_S); its ComfyUI prompt was stopped")
     if isinstance(exc, ExecutionInterrupted):
         return JobFailed("ComfyUI interrupted the prompt (someone called /interrupt)")
     if isinstance(exc, ExecutionFailed):
@@ -80,41 +91,41 @@ def job_failure(exc: HeadlessError, token: CancelToken) -> JobFailed:
     if isinstance(exc, WorkflowError):
         return JobFailed(f"workflow error: {exc}")
     if isinstance(exc, ServerUnreachable):
-        return JobFailed(f"ComfyUI is not reachable: {exc}")
+        return JobFailed("ComfyUI did not answer the worker; the job failed (the worker checks and restarts it)")
     if isinstance(exc, OutputMissing):
         return JobFailed(f"the video could not be collected from ComfyUI: {exc}")
     return JobFailed(str(exc))
 
 
 class ComfyBackend:
-    """Runs jobs on the ComfyUI at `url`. `server` is the headless ComfyServer when this process started it."""
+    """Runs jobs on the supervised ComfyUI (`supervisor.url`; `supervisor.server` when this process started it)."""
 
-    def __init__(self, url: str, server: Any = None, workflow_path: Optional[str] = None):
-        self.url = url
-        self.server = server
+    def __init__(self, supervisor: Supervisor, workflow_path: Optional[str] = None):
+        self.supervisor = supervisor
         self.workflow_path = workflow_path or None
         self._object_info: Optional[dict] = None
 
-    # ----------------------------------------------------------------- health
-    def alive(self) -> bool:
-        return self.server is None or self.server.alive()
+    @property
+    def server(self) -> Any:
+        return self.supervisor.server
 
-    def describe_death(self) -> str:
-        if self.server is None:
-            return f"ComfyUI at {self.url} is not answering"
-        tail = self.server.log_tail(30)
-        return f"ComfyUI (pid {self.server.pid}) exited with code {self.server.process.poll()}; last log lines:\n{tail}"
+    @property
+    def refresh_needed(self) -> bool:
+        """Restarts failed: RunPod should replace this worker (the answer's `refresh_worker`)."""
+        return bool(self.supervisor.broken)
 
     # ----------------------------------------------------------------- one job
     @contextlib.contextmanager
     def _session(self, token: CancelToken, deadline: float, on_progress: Callable[[Progress], None],
                  on_running: Callable[[], None], on_queued: Optional[Callable[[str], None]] = None,
                  tag: str = "") -> Iterator[Tuple[ComfyClient, Hooks, float]]:
-        """A client, the run hooks of this job and its seconds left; the run path's errors become JobFailed and
-        the job's files in ComfyUI's folders are removed at the end."""
-        left = deadline - time.monotonic()
-        if left <= 0:
+        """A client bound to the job's deadline, the run hooks of this job and its seconds left; the run path's
+        errors become JobFailed and the job's files in ComfyUI's folders are removed at the end (on success
+        too: the worker keeps its own copy)."""
+        if deadline - time.monotonic() <= 0:
             raise JobFailed("the job ran past its time limit (WAN_JOB_TIMEOUT_S) before it reached ComfyUI")
+        url = self.supervisor.wait_ready(deadline)
+        server = self.server
         leftovers: List[Path] = []
 
         def queued(prompt_id: str) -> None:
@@ -123,28 +134,45 @@ class ComfyBackend:
                 on_queued(prompt_id)
 
         def server_file(folder: str, subfolder: str, filename: str) -> None:
-            if self.server is not None:
-                base = self.server.input_dir if folder == "input" else self.server.output_dir
+            if server is not None:
+                base = server.input_dir if folder == "input" else server.output_dir
                 leftovers.append(Path(base) / subfolder / filename)
 
         hooks = Hooks(on_queued=queued, on_running=on_running, on_progress=on_progress, on_server_file=server_file,
                       upload_name=lambda png: f"wan22_worker_{tag}_{uuid.uuid4().hex[:8]}.png",
                       cancel=token.event, settle_s=SETTLE_S)
-        client = ComfyClient(self.url, timeout=30)
+        client = ComfyClient(url, timeout=30)
+        client.deadline = deadline
         try:
-            yield client, hooks, left
-        except HeadlessError as exc:
-            raise job_failure(exc, token) from None
+            with self.supervisor.track(token):
+                try:
+                    yield client, hooks, deadline - time.monotonic()
+                except HeadlessError as exc:
+                    if isinstance(exc, ServerUnreachable):
+                        self.supervisor.await_fault(token)
+                    elif isinstance(exc, WaitTimeout) and not token.fault and self.supervisor.stop_if_silent(
+                            "a job reached its time limit and ComfyUI did not answer"):
+                        raise JobFailed("the job ran past its time limit (WAN_JOB_TIMEOUT_S) and ComfyUI stopped "
+                                        "answering; it is restarted") from None
+                    raise job_failure(exc, token) from None
         finally:
             client.close()
-            self._remove(leftovers)
+            self._remove(leftovers, server)
 
-    def _remove(self, paths: List[Path]) -> None:
-        roots = [self.server.input_dir, self.server.output_dir] if self.server is not None else []
+    @staticmethod
+    def _remove(paths: List[Path], server: Any) -> None:
+        """The job's files in ComfyUI's input and output folders, and the per-job folders they leave empty."""
+        if server is None:
+            return
+        roots = [server.input_dir, server.output_dir]
         for path in paths:
             if within(path, roots):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.realpath(path))
+                parent = Path(os.path.realpath(path)).parent
+                if parent.name.startswith(JOB_FOLDER_PREFIX) and within(parent, roots):
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
 
     def _shipped_workflow(self, client: ComfyClient) -> dict:
         if self._object_info is None:
@@ -170,33 +198,47 @@ class ComfyBackend:
     def run_workflow(self, workflow: dict, images: List[Tuple[str, bytes]], *, token: CancelToken, deadline: float,
                      on_progress: Callable[[Progress], None], on_running: Callable[[], None],
                      on_queued: Callable[[str], None]) -> Tuple[Execution, Dict[str, Any], List[dict]]:
-        """Upload `images` [(name, bytes)], run `workflow`; return (execution, the sampler's info, [file dicts
-        with `data` bytes and `video`])."""
+        """Confine `workflow` to this job's images, upload `images` [(name, bytes)] into a per-job folder of
+        ComfyUI's input folder, run it; return (execution, the sampler's info, [file dicts with `data` bytes
+        and `video`]). A workflow that reads anything else raises InvalidParameter before anything is sent."""
         with self._session(token, deadline, on_progress, on_running, on_queued) as (client, hooks, left):
-            # a per-job prefix: two concurrent jobs sending 'input.png' must not overwrite (or clean up) each
-            # other's upload; the workflow's references are renamed to match
-            prefix = f"job_{uuid.uuid4().hex[:12]}_"
-            renamed = {}
+            folder = f"{JOB_FOLDER_PREFIX}{uuid.uuid4().hex[:12]}"
+            uploads = {name: f"{folder}/{name}" for name, _ in images}
+            info = self._object_info_for(client, workflow)
+            workflow = confine_workflow(workflow, info, uploads, self._input_file_exists)
             for name, data in images:
-                renamed[name] = client.upload_image(data, name=prefix + name)
-                hooks.on_server_file("input", "", renamed[name])
-            workflow = {nid: dict(node, inputs={k: renamed.get(v, v) if isinstance(v, str) else v
-                                                for k, v in (node.get("inputs") or {}).items()})
-                        for nid, node in workflow.items()}
+                hooks.on_server_file("input", folder, name)
+                client.upload_image(data, name=name, subfolder=folder)
             execution = execute(client, workflow, timeout=left, hooks=hooks)
             t0 = time.monotonic()
             files = []
-            for f in output_files(execution.entry):
-                if f.get("type") == "temp":
-                    continue
-                resp = client.view(f["filename"], f["subfolder"], f["type"])
-                try:
-                    data = resp.content
-                finally:
-                    resp.close()
-                # outputs of a raw workflow stay in ComfyUI's folder: a later identical prompt is served from the
-                # cache and points at the same files
-                files.append(dict(f, data=data, video=bool(f["animated"]) or f["filename"].lower().endswith(VIDEO_EXTENSIONS)))
+            saved = [f for f in output_files(execution.entry) if f.get("type") != "temp"]
+            try:
+                for f in saved:
+                    resp = client.view(f["filename"], f["subfolder"], f["type"])
+                    try:
+                        data = resp.content
+                    finally:
+                        resp.close()
+                    files.append(dict(f, data=data, video=bool(f["animated"]) or f["filename"].lower().endswith(VIDEO_EXTENSIONS)))
+            except BaseException:
+                # a job that fails leaves nothing behind; a finished one's outputs stay in ComfyUI's folder, where a
+                # later identical prompt served from ComfyUI's cache points at them
+                for f in saved:
+                    hooks.on_server_file("output", f["subfolder"], f["filename"])
+                raise
             execution.timings["download_s"] = round(time.monotonic() - t0, 3)
             execution.cached_nodes = sorted({str(workflow.get(n, {}).get("class_type", n)) for n in execution.cached_nodes})
             return execution, collect_result(execution.entry, workflow)[1], files
+
+    def _object_info_for(self, client: ComfyClient, workflow: dict) -> dict:
+        """The node specs the confinement reads (which inputs upload files); unknown types are left to ComfyUI."""
+        if self._object_info is None:
+            self._object_info = client.object_info()
+        return self._object_info
+
+    def _input_file_exists(self, name: str) -> bool:
+        server = self.server
+        if server is None or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+            return False
+        return os.path.lexists(os.path.join(server.input_dir, name))

@@ -30,7 +30,10 @@ WORKER_SETTINGS: Tuple[Setting, ...] = (
     Setting("WAN_PRELOAD", "preload", "flag", False, "one tiny warm-up generation at start so the first job finds the models loaded"),
     Setting("WAN_PRELOAD_SIZE", "preload_size", "text", "64*64", "size of that warm-up"),
     Setting("WAN_PRELOAD_TIMEOUT_S", "preload_timeout_s", "float", 1800.0, "time limit of that warm-up", low=1),
-    Setting("WAN_COMFY_START_TIMEOUT_S", "comfy_start_timeout_s", "float", 300.0, "how long start-up waits for ComfyUI", low=1),
+    Setting("WAN_COMFY_START_TIMEOUT_S", "comfy_start_timeout_s", "float", 300.0, "how long start-up (and each restart) waits for ComfyUI", low=1),
+    Setting("WAN_COMFY_HANG_S", "comfy_hang_s", "float", 120.0, "ComfyUI giving no answer to the worker's liveness call for this long is hung: the job in flight fails saying so, ComfyUI is killed and restarted", low=5),
+    Setting("WAN_COMFY_RESTARTS", "comfy_restarts", "int", 3, "attempts to restart a ComfyUI that died or hung (pauses 0, 2, 5 s...); when all fail the worker asks RunPod to replace it (`refresh_worker`)", low=1),
+    Setting("WAN_RAW_WORKFLOWS", "raw_workflows", "flag", True, "accept raw worker-comfyui `{\"workflow\", \"images\"}` jobs (confined to the job's own images; docs/runpod.md)"),
     Setting("BUCKET_ENDPOINT_URL", "bucket_endpoint_url", "text", "", "S3-compatible bucket: videos too large to inline are uploaded (content type `video/mp4`, SDK `rp_upload`) and a presigned `video_url` (7 days) is returned"),
     Setting("BUCKET_ACCESS_KEY_ID", "bucket_access_key_id", "text", "", "that bucket's access key (read by the SDK)"),
     Setting("BUCKET_SECRET_ACCESS_KEY", "bucket_secret_access_key", "text", "", "that bucket's secret key (read by the SDK)"),
@@ -87,6 +90,9 @@ class WorkerConfig:
     preload_size: str
     preload_timeout_s: float
     comfy_start_timeout_s: float
+    comfy_hang_s: float
+    comfy_restarts: int
+    raw_workflows: bool
     bucket_endpoint_url: str
     bucket_access_key_id: str
     bucket_secret_access_key: str

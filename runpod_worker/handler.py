@@ -7,7 +7,8 @@
 
 `handler(job)` is async: the blocking work runs in a thread, so the SDK can cancel the job (its task is
 cancelled); the job's CancelToken then stops the ComfyUI prompt. Every answer is a dict; a failure is
-``{"error": "<field>: <why>", ...}`` (RunPod's convention: the job is marked FAILED with that message).
+``{"error": "<field>: <why>", ...}`` (RunPod's convention: the job is marked FAILED with that message); details
+the caller must not see (tracebacks, log tails) are in the worker log under the answer's log reference.
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-import traceback
 from typing import Any, Dict, Optional
 
 from wan22.errors import InvalidParameter
 
 from . import config as config_mod
-from .comfy import CancelToken, ComfyBackend, JobFailed
+from .comfy import CancelToken, ComfyBackend
+from .errors import JobFailed, storage_failure, unexpected_failure
 from .job_request import run_request_job
 from .job_status import status_answer
 from .job_workflow import run_workflow_job
@@ -76,6 +77,9 @@ def handle_job(job: Dict[str, Any], token: Optional[CancelToken] = None) -> Dict
         if isinstance(parsed, StatusRequest):
             return status_answer(parsed, cfg)
         if isinstance(parsed, WorkflowRequest):
+            if not cfg.raw_workflows:
+                raise InvalidParameter("workflow", "raw workflows are turned off on this worker (WAN_RAW_WORKFLOWS=off); "
+                                                   "send action 'request' with params")
             return run_workflow_job(job, request_id, parsed, cfg, get_backend(), token, started)
         return run_request_job(job, request_id, parsed, cfg, get_backend(), token, started)
     except InvalidParameter as exc:
@@ -83,9 +87,10 @@ def handle_job(job: Dict[str, Any], token: Optional[CancelToken] = None) -> Dict
         return {"error": exc.message}
     except (JobFailed, ValueError) as exc:  # ValueError: a bad WAN_* environment variable
         return {"error": str(exc)}
+    except OSError as exc:  # before a record exists (e.g. the output folder refuses the first write)
+        return {"error": str(storage_failure(exc))}
     except Exception as exc:  # noqa: BLE001 - the worker keeps serving
-        log.error("job %s: unexpected error\n%s", job.get("id"), traceback.format_exc())
-        return {"error": f"internal error in the worker: {type(exc).__name__}: {exc}"}
+        return {"error": str(unexpected_failure(job.get("id"), exc))}
 
 
 def concurrency_modifier(current: int) -> int:

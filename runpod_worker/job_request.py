@@ -1,14 +1,17 @@
 """Action `request`: the seed's parameters -> the shipped workflow -> `<request_id>.mp4` and its record."""
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict
 
 from wan22.intake import read_image
 
-from .comfy import CancelToken, ComfyBackend, JobFailed
+from .comfy import CancelToken, ComfyBackend
 from .delivery import pick_answer, video_fields
+from .errors import as_job_failure, storage_failure
 from .progress import ProgressReporter
 from .records import Record, resolve_save_file
 from .validation import GenerateRequest
@@ -20,10 +23,8 @@ def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, 
     t_fetch = time.monotonic()
     image = read_image(req.image.kind, req.image.value, req.image.field, cfg.limits)
     fetch_s = round(time.monotonic() - t_fetch, 3)
-    if not backend.alive():
-        return {"error": backend.describe_death(), "refresh_worker": True}
 
-    # the request is valid: from here on it has a record
+    # the request is valid: from here on it has a record, and the record ends whatever happens
     params = req.record_params()
     params["reference_image"].update({"width": image.width, "height": image.height, "format": image.format})
     record = Record(cfg.output_dir, request_id, "request", params, out_path)
@@ -31,23 +32,27 @@ def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, 
         out_path.parent.mkdir(parents=True, exist_ok=True)
         record.update(warnings=list(req.warnings), timings={"fetch_s": fetch_s})
     except OSError as exc:
-        return {"error": f"the output folder {cfg.output_dir} (WAN_OUTPUT_DIR) is not writable: {exc}"}
+        return {"error": str(storage_failure(exc))}
     try:
         result = backend.run_request(req.values, image, out_path, token=token, deadline=started + cfg.job_timeout_s,
                                      on_progress=ProgressReporter(job, lambda: record),
-                                     on_running=lambda: record.update(status="RUNNING"), tag=request_id)
-    except JobFailed as exc:
-        record.update(status="FAILED", error=str(exc), timings=dict(record.data["timings"], total_s=round(time.monotonic() - started, 3)))
+                                     on_running=lambda: record.write(status="RUNNING"), tag=request_id)
+        timings = dict(record.data["timings"], **result.timings, total_s=round(time.monotonic() - started, 3))
+        record.write(status="COMPLETED", seed=result.seed, frames=result.frames, width=result.width,
+                     height=result.height, fps=req.values["fps"], timings=timings, progress=None,
+                     memory=result.info.get("memory"), loras=result.info.get("loras"),
+                     comfy={"prompt_id": result.prompt_id, "cached_nodes": result.cached_nodes})
+    except BaseException as exc:  # noqa: BLE001 - the record ends, the video is not left half-done
+        failure = as_job_failure(job.get("id"), exc)
+        with contextlib.suppress(OSError):
+            os.unlink(out_path)
+        record.end(failure, started)
+        if not isinstance(exc, Exception):
+            raise
         answer = pick_answer(record.data)
-        if not backend.alive():
-            answer["error"] += "\n" + backend.describe_death()
+        if backend.refresh_needed:
             answer["refresh_worker"] = True
         return answer
-    timings = dict(record.data["timings"], **result.timings, total_s=round(time.monotonic() - started, 3))
-    record.update(status="COMPLETED", seed=result.seed, frames=result.frames, width=result.width,
-                  height=result.height, fps=req.values["fps"], timings=timings, progress=None,
-                  memory=result.info.get("memory"), loras=result.info.get("loras"),
-                  comfy={"prompt_id": result.prompt_id, "cached_nodes": result.cached_nodes})
     answer = pick_answer(record.data)
     answer.update(video_fields(record, Path(out_path), req.return_video, cfg, request_id))
     return answer

@@ -38,7 +38,4 @@ class ProgressReporter:
         record = self.record()
         if record is not None and (now - self.last_write > 0.5 or p.value >= total):
             self.last_write = now
-            try:
-                record.update(status="RUNNING", progress={"step": p.value, "total": total})
-            except OSError:
-                log.warning("could not update the record", exc_info=True)
+            record.write(status="RUNNING", progress={"step": p.value, "total": total})  # a refused write ends the job

@@ -6,17 +6,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from wan22.errors import InvalidParameter
 from wan22.files import atomic_file, within
+from .errors import JobFailed, storage_failure
 from .validation import validate_request_id
 
-STATUSES = ("IN_QUEUE", "RUNNING", "COMPLETED", "FAILED")
+log = logging.getLogger("runpod_worker")
+
+STATUSES = ("IN_QUEUE", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")
+UNSAVED_KEPT = 256
 SAVE_PART_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
@@ -75,7 +81,10 @@ def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
 
 
 def read_record(output_dir: Path, request_id: str) -> Optional[Dict[str, Any]]:
+    """The record of `request_id`: this process's last word on it if the folder refused it, else the file."""
     path = record_path(output_dir, request_id)
+    if str(path) in Record.unsaved:
+        return dict(Record.unsaved[str(path)])
     try:
         with open(path, "r", encoding="utf-8") as fh:
             data = json.load(fh)
@@ -87,7 +96,12 @@ def read_record(output_dir: Path, request_id: str) -> Optional[Dict[str, Any]]:
 
 
 class Record:
-    """The JSON record of one request, rewritten atomically on every change."""
+    """The JSON record of one request, rewritten atomically on every change.
+
+    `end()` always ends it: when the output folder refuses the final write (full, read-only), the final record
+    is kept in this process (`unsaved`, the latest UNSAVED_KEPT) so `status` still answers it, and logged."""
+
+    unsaved: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
 
     def __init__(self, output_dir: Path, request_id: str, kind: str, params: Dict[str, Any], output_path: Optional[Path]):
         self.path = record_path(output_dir, request_id)
@@ -124,3 +138,22 @@ class Record:
         self.data.update(fields)
         self.data["updated_at"] = time.time()
         write_json_atomic(self.path, self.data)
+
+    def end(self, failure: JobFailed, started: float) -> None:
+        """FAILED (or CANCELLED) with the reason; never raises for the folder."""
+        fields = dict(status=failure.status, error=str(failure), progress=None,
+                      timings=dict(self.data.get("timings") or {}, total_s=round(time.monotonic() - started, 3)))
+        try:
+            self.update(**fields)
+        except OSError as exc:
+            log.error("record %s could not be written (%s): kept in memory as %s", self.path, exc, failure.status)
+            Record.unsaved[str(self.path)] = dict(self.data)
+            while len(Record.unsaved) > UNSAVED_KEPT:
+                Record.unsaved.popitem(last=False)
+
+    def write(self, **fields: Any) -> None:
+        """update() for the job's own steps: a folder that refuses the record fails the job at once."""
+        try:
+            self.update(**fields)
+        except OSError as exc:
+            raise storage_failure(exc, "the job's record") from None

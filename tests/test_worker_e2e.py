@@ -220,6 +220,8 @@ def test_raw_workflow_mode_returns_every_saved_image(worker, image_http):
     assert record["status"] == "COMPLETED" and record["kind"] == "workflow"
     status = worker.runsync({"action": "status", "request_id": answer["id"]})
     assert status["output"]["status"] == "COMPLETED"
+    # the upload lived in a folder of its own job, removed with it
+    assert not list((worker.comfy_log.parent / "input").glob("wan22_job_*/raw_in.png"))
 
 
 def test_sdk_run_then_status_endpoint(worker, image_http):
@@ -236,6 +238,20 @@ def test_sdk_run_then_status_endpoint(worker, image_http):
 def _request(**params):
     merged = {"prompt": "a cat", **TINY, **params}
     return {"action": "request", "params": {k: v for k, v in merged.items() if v is not None}}
+
+
+def _raw(ctx, image_value, extra=None) -> dict:
+    """The raw test workflow reading `image_value`, sent with one upload named raw_in.png."""
+    workflow = {**RAW_WORKFLOW, "1": {"class_type": "LoadImage", "inputs": {"image": image_value}}, **(extra or {})}
+    return {"workflow": workflow, "images": [{"name": "raw_in.png", "image": _b64(ctx)}]}
+
+
+def _other_upload(ctx) -> str:
+    """A file another job left in the worker's ComfyUI input folder (as a job running at the same time has)."""
+    folder = ctx["worker"].comfy_log.parent / "input" / "wan22_job_0123456789ab"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "victim.png").write_bytes(ctx["image_http"]["data"])
+    return "wan22_job_0123456789ab/victim.png"
 
 
 def _b64(ctx) -> str:
@@ -288,7 +304,17 @@ BAD_CASES = [
     ("raw-image-name", lambda c: {"workflow": RAW_WORKFLOW, "images": [{"name": "../../x.png", "image": _b64(c)}]}, "images[0].name", "plain file name"),
     ("raw-image-size", lambda c: {"workflow": RAW_WORKFLOW, "images": [{"name": "x.png", "image": "A" * (2 * 1024 * 1024)}]}, "images[0].image", "limit"),
     ("raw-load-image-path", lambda c: {"workflow": {"1": {"class_type": "Wan22LoadImage", "inputs": {"image_path": "/etc/passwd"}}}},
-     "workflow.1.inputs.image_path", "outside"),
+     "workflow.1.inputs.image_path", "paths are the operator's in raw mode"),
+    # confined raw mode: LoadImage may read only what this job uploaded
+    ("raw-absolute", lambda c: _raw(c, str(c["worker"].inputs / "in.png")), "workflow.1.inputs.image", "is not an image uploaded with this job"),
+    ("raw-dotdot", lambda c: _raw(c, "../secret.png"), "workflow.1.inputs.image", "(this job uploaded: raw_in.png)"),
+    ("raw-output-annotation", lambda c: _raw(c, "raw_test_00001_.png [output]"), "workflow.1.inputs.image", "is not an image uploaded with this job"),
+    ("raw-another-jobs-upload", lambda c: _raw(c, _other_upload(c)), "workflow.1.inputs.image", "is not an image uploaded with this job"),
+    ("raw-link-into-loader", lambda c: _raw(c, ["2", 0]), "workflow.1.inputs.image", "is a link to node 2"),
+    ("raw-path-in-any-node", lambda c: _raw(c, "raw_in.png", extra={"9": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "/tmp/x"}}}),
+     "workflow.9.inputs.filename_prefix", "absolute path on the worker's disk"),
+    ("raw-model-path", lambda c: {"workflow": {"1": {"class_type": "Wan22ModelLoader", "inputs": {"model_path": str(c["worker"].inputs)}}}},
+     "workflow.1.inputs.model_path", "paths are the operator's in raw mode"),
     ("lora-unknown", lambda c: _request(reference_image_base64=_b64(c), loras=[{"name": "nope.safetensors"}]),
      "params.loras[0].name", "no LoRA file 'nope.safetensors' in the LoRA folders ("),
     ("lora-absolute", lambda c: _request(reference_image_base64=_b64(c), loras=[{"name": str(c["worker"].loras / LIGHTX2V_HIGH)}]),

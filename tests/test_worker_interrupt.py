@@ -41,9 +41,10 @@ def slow_job(job_id: str, steps: int = 400, delay: float = 0.05) -> dict:
 def backend(comfy_url, tmp_path, monkeypatch):
     from runpod_worker import handler
     from runpod_worker.comfy import ComfyBackend
+    from runpod_worker.supervisor import Supervisor
 
     monkeypatch.setenv("WAN_OUTPUT_DIR", str(tmp_path / "out"))
-    handler.set_backend(ComfyBackend(comfy_url))
+    handler.set_backend(ComfyBackend(Supervisor(comfy_url)))
     yield tmp_path / "out"
     handler.set_backend(None)
 
@@ -98,10 +99,10 @@ def test_runpod_cancel_interrupts_comfyui(backend, comfy_client, monkeypatch):
     record = {}
     while time.monotonic() < deadline:  # the job thread records the outcome
         record = json.loads((backend / "cancel-job.json").read_text())
-        if record["status"] == "FAILED":
+        if record["status"] == "CANCELLED":
             break
         time.sleep(0.2)
-    assert record["status"] == "FAILED" and "cancelled" in record["error"], record
+    assert record["status"] == "CANCELLED" and "cancelled" in record["error"], record
     assert "execution_interrupted" in (history_messages(comfy_client, record["comfy"]["prompt_id"]) or [])
 
 
@@ -122,3 +123,42 @@ def test_two_jobs_at_once_each_get_their_own_result(backend, monkeypatch):
         record = json.loads((backend / f"{job_id}.json").read_text())
         assert record["status"] == "COMPLETED"
     assert a["images"][0]["filename"] != b["images"][0]["filename"]
+
+
+def test_a_job_cancelled_while_pending_is_cancelled_and_the_running_one_finishes(backend, comfy_client, monkeypatch):
+    """Two jobs at once: the second waits in ComfyUI's queue behind the first; cancelling it takes it off the
+    queue and records CANCELLED (not 'generation failed'); the first is untouched."""
+    from runpod_worker.handler import handler
+
+    monkeypatch.setenv("RUNPOD_MAX_CONCURRENCY", "2")
+    monkeypatch.setenv("WAN_JOB_TIMEOUT_S", "120")
+
+    async def scenario():
+        first = asyncio.create_task(handler(slow_job("pending-a", steps=60, delay=0.05)))
+        await asyncio.sleep(1.0)
+        second = asyncio.create_task(handler(slow_job("pending-b", steps=60, delay=0.05)))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # wait until the second prompt is pending behind the first
+            q = await asyncio.to_thread(comfy_client.queue)
+            if q.get("queue_running") and q.get("queue_pending"):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the second prompt never waited in ComfyUI's queue")
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        return await first
+
+    first_answer = asyncio.run(scenario())
+    assert first_answer["status"] == "COMPLETED", first_answer
+    deadline = time.monotonic() + 15
+    record = {}
+    while time.monotonic() < deadline:
+        record = json.loads((backend / "pending-b.json").read_text())
+        if record["status"] not in ("IN_QUEUE", "RUNNING"):
+            break
+        time.sleep(0.2)
+    assert record["status"] == "CANCELLED" and record["error"].startswith("cancelled:"), record
+    prompt_id = record["comfy"]["prompt_id"]
+    assert comfy_client.history(prompt_id) is None and not comfy_client.in_queue(prompt_id)
