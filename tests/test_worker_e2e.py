@@ -114,6 +114,22 @@ def worker_env(tiny_upstream, tmp, extra=None):
     return env
 
 
+def wait_for_api(proc, url, log, timeout):
+    """Until the SDK's local API answers; fail with the worker's log if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited with {proc.returncode}:\n{log()[-4000:]}")
+        try:
+            if requests.get(url + "/openapi.json", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail("worker API did not come up:\n" + log()[-4000:])
+        time.sleep(0.5)
+
+
 def stop_worker(proc, comfy_pid):
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -165,19 +181,8 @@ def worker(tmp_path_factory, tiny_upstream, image_http):
              "--rp_api_host", "127.0.0.1"], cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
     w = Worker(proc, f"http://127.0.0.1:{port}", log_path, tmp / "out", tmp / "inputs", tmp / "comfy" / "comfyui.log")
     w.loras = tmp / "loras"
-    deadline = time.monotonic() + float(env["WAN_COMFY_START_TIMEOUT_S"]) + 60
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"worker exited with {proc.returncode}:\n{w.log()[-4000:]}")
-            try:
-                if requests.get(w.url + "/openapi.json", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("worker API did not come up:\n" + w.log()[-4000:])
-            time.sleep(0.5)
+        wait_for_api(proc, w.url, w.log, float(env["WAN_COMFY_START_TIMEOUT_S"]) + 60)
         yield w
     finally:
         pid = w.comfy_pid()

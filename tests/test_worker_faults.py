@@ -28,7 +28,7 @@ import pytest
 import requests
 
 import comfy_fixture as cf
-from test_worker_e2e import TINY, count_frames, free_port, png_bytes, stop_worker, worker_env
+from test_worker_e2e import TINY, count_frames, free_port, png_bytes, stop_worker, wait_for_api, worker_env
 
 REPO = cf.REPO_ROOT
 pytestmark = [pytest.mark.comfy]
@@ -114,23 +114,11 @@ def fault_worker(tmp_path_factory, tiny_upstream):
 
     threading.Thread(target=drain, daemon=True).start()
     w = FaultWorker(proc, f"http://127.0.0.1:{port}", log_path, tmp / "out", tmp / "comfy")
-    deadline = time.monotonic() + float(env["WAN_COMFY_START_TIMEOUT_S"]) + 60
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"worker exited with {proc.returncode}:\n{w.log()[-4000:] if log_path.exists() else ''}")
-            try:
-                if requests.get(w.url + "/openapi.json", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("worker API did not come up:\n" + w.log()[-4000:])
-            time.sleep(0.5)
+        wait_for_api(proc, w.url, lambda: w.log() if log_path.exists() else "", float(env["WAN_COMFY_START_TIMEOUT_S"]) + 60)
         yield w
     finally:
-        with_limit_removed = proc.poll() is None
-        if with_limit_removed:
+        if proc.poll() is None:
             w.file_size_limit(None)
         stop_worker(proc, w.comfy_pid())
         cf.ARTIFACTS.mkdir(parents=True, exist_ok=True)
