@@ -174,10 +174,14 @@ class ComfyBackend:
                     with contextlib.suppress(OSError):
                         parent.rmdir()
 
-    def _shipped_workflow(self, client: ComfyClient) -> dict:
+    def _node_specs(self, client: ComfyClient) -> dict:
+        """The server's /object_info, read once (a restarted ComfyUI loads the same node packs)."""
         if self._object_info is None:
             self._object_info = client.object_info()
-        return namespaced(load_workflow(self.workflow_path, object_info=self._object_info), NODE_PREFIX)
+        return self._object_info
+
+    def _shipped_workflow(self, client: ComfyClient) -> dict:
+        return namespaced(load_workflow(self.workflow_path, object_info=self._node_specs(client)), NODE_PREFIX)
 
     # ----------------------------------------------------------------- the seed's request
     def run_request(self, values: Dict[str, Any], image: CheckedImage, out_path: Path, *, token: CancelToken,
@@ -204,8 +208,7 @@ class ComfyBackend:
         with self._session(token, deadline, on_progress, on_running, on_queued) as (client, hooks, left):
             folder = f"{JOB_FOLDER_PREFIX}{uuid.uuid4().hex[:12]}"
             uploads = {name: f"{folder}/{name}" for name, _ in images}
-            info = self._object_info_for(client, workflow)
-            workflow = confine_workflow(workflow, info, uploads, self._input_file_exists)
+            workflow = confine_workflow(workflow, self._node_specs(client), uploads, self._input_file_exists)
             for name, data in images:
                 hooks.on_server_file("input", folder, name)
                 client.upload_image(data, name=name, subfolder=folder)
@@ -231,14 +234,10 @@ class ComfyBackend:
             execution.cached_nodes = sorted({str(workflow.get(n, {}).get("class_type", n)) for n in execution.cached_nodes})
             return execution, collect_result(execution.entry, workflow)[1], files
 
-    def _object_info_for(self, client: ComfyClient, workflow: dict) -> dict:
-        """The node specs the confinement reads (which inputs upload files); unknown types are left to ComfyUI."""
-        if self._object_info is None:
-            self._object_info = client.object_info()
-        return self._object_info
-
     def _input_file_exists(self, name: str) -> bool:
+        """Whether `name` is a file (or link) in ComfyUI's input folder; '' and folders are not."""
         server = self.server
-        if server is None or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        if server is None or not name.strip() or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
             return False
-        return os.path.lexists(os.path.join(server.input_dir, name))
+        path = os.path.join(server.input_dir, name)
+        return os.path.islink(path) or os.path.isfile(path)

@@ -229,6 +229,23 @@ def test_raw_workflow_mode_returns_every_saved_image(worker, image_http):
     assert not list((worker.comfy_log.parent / "input").glob("wan22_job_*/raw_in.png"))
 
 
+def test_raw_workflow_with_the_packs_image_node_runs(worker, image_http):
+    """Wan22LoadImage in a raw workflow: its base64 goes through the intake, its empty URL and path are no
+    paths, and nothing is uploaded."""
+    workflow = {
+        "1": {"class_type": "Wan22LoadImage", "inputs": {"image_base64": base64.b64encode(image_http["data"]).decode(),
+                                                         "image_url": "", "image_path": ""}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "raw_pack"}},
+    }
+    answer = worker.runsync({"workflow": workflow})
+    assert answer["status"] == "COMPLETED", answer
+    from PIL import Image
+
+    [img] = answer["output"]["images"]
+    assert Image.open(io.BytesIO(base64.b64decode(img["data"]))).size == (120, 80)
+
+
 def test_sdk_run_then_status_endpoint(worker, image_http):
     """The SDK's asynchronous pair: /run stores the job, /status/{id} runs it."""
     body = {"input": {"workflow": RAW_WORKFLOW,
