@@ -47,7 +47,7 @@ class CheckpointError(Wan22Error, ValueError):
 
 
 class GenerationCancelled(Wan22Error):
-    """The caller's cancel check asked to stop between two denoising steps."""
+    """The caller's cancel check asked to stop (checked before each denoising step and each transformer block)."""
 
 
 class MemoryPlanError(Wan22Error, ValueError):

@@ -79,6 +79,28 @@ def test_cancel_between_steps(tiny_models, test_image):
     assert seen == [1]
 
 
+def test_cancel_inside_a_step_stops_before_the_next_block(tiny_models, test_image):
+    """A cancel that arrives mid-step takes effect before the next transformer block, not at the next step: the
+    check runs before each block. Here the flag goes up once the first block of step 1 has run."""
+    from wan22.errors import GenerationCancelled
+
+    pipe = load_pipeline(tiny_models("upstream"), FP32_CPU)
+    embeds = pipe.encode_prompt("a dog", "")
+    blocks_run = []
+    for expert in (pipe.high_noise_model, pipe.low_noise_model):
+        for number, block in enumerate(expert.blocks, 1):
+            block.register_forward_hook(lambda module, args, out, number=number: blocks_run.append(number))
+    steps = []
+    with pytest.raises(GenerationCancelled, match=r"cancelled in step 1, before block 2 of 2"):
+        pipe.generate(test_image, embeds, PARAMS, on_step=lambda i, n: steps.append(i),
+                      should_cancel=lambda: len(blocks_run) >= 1)
+    assert blocks_run == [1] and steps == []
+    # the checks are gone afterwards: the same pipeline runs a whole generation
+    blocks_run.clear()
+    pipe.generate(test_image, embeds, PARAMS)
+    assert len(blocks_run) == len(pipe.high_noise_model.blocks) * 2 * PARAMS.sample_steps  # cond + uncond per step
+
+
 def test_list_model_sets_finds_every_layout(tiny_models):
     roots = [tiny_models(name).parent for name in ("upstream", "diffusers", "comfyui", "comfyui_fp8")]
     found = {(m.layout, m.variant) for m in list_model_sets(roots)}
