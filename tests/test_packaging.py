@@ -39,10 +39,13 @@ SKIP_DIRS = {".git", ".venv", ".comfyui", ".cache", "demo_out", "build", "_artif
 
 
 def requirement_lines(path: Path) -> list[str]:
+    """The requirement lines of a pip requirements file, following `-r other.txt`."""
     lines = []
     for raw in path.read_text(encoding="utf-8").splitlines():
         line = raw.split("#", 1)[0].strip()
-        if line:
+        if line.startswith("-r "):
+            lines += requirement_lines(path.parent / line[3:].strip())
+        elif line:
             lines.append(line)
     return lines
 
@@ -119,6 +122,28 @@ def test_pyproject_dependencies_mirror_requirements_txt():
     from_project = {normalize(Requirement(dep).name): str(Requirement(dep).specifier)
                     for dep in PROJECT["dependencies"]}
     assert from_project == from_file
+
+
+def _pins(path: Path) -> dict:
+    return {normalize(Requirement(line).name): next(iter(Requirement(line).specifier)).version
+            for line in requirement_lines(path)}
+
+
+def test_the_image_installs_the_tested_versions():
+    """The RunPod image installs requirements/runtime.txt (which the tests install too) and torch/torchvision at
+    requirements/test.txt's versions; nothing in the Dockerfile pins or loosens a runtime package on its own."""
+    dockerfile = (REPO / "runpod_worker" / "Dockerfile").read_text(encoding="utf-8")
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.M))
+    tested = _pins(REPO / "requirements" / "test.txt")
+    assert args["TORCH_VERSION"] == tested["torch"] and args["TORCHVISION_VERSION"] == tested["torchvision"]
+    assert args["TORCHAUDIO_VERSION"] == tested["torch"]
+    assert args["COMFYUI_REF"] == "v0.3.64"  # the newer ComfyUI the suite runs against
+    assert "COPY requirements/runtime.txt" in dockerfile and "pip install -r /tmp/runtime.txt" in dockerfile
+    runtime = _pins(REPO / "requirements" / "runtime.txt")
+    assert runtime.items() <= tested.items(), "requirements/test.txt must include runtime.txt unchanged"
+    assert {"diffusers", "transformers", "runpod", "safetensors"} <= set(runtime)
+    loose = re.findall(r'"([A-Za-z0-9_.-]+)(?:[<>=!~]=?)[^"]*"', dockerfile)
+    assert not loose, f"the Dockerfile installs packages outside requirements/runtime.txt: {loose}"
 
 
 def test_pinned_test_requirements_satisfy_the_loose_ones():
