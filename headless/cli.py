@@ -109,9 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--start-server", action="store_true",
                    help="start ComfyUI ($COMFYUI_DIR, else the copy `make setup` prepared) with this node pack, "
                         "wait until it answers, stop it at the end")
-    s.add_argument("--comfyui-dir", help="ComfyUI folder for --start-server (default $COMFYUI_DIR or .comfyui)")
+    s.add_argument("--comfyui-dir", help="ComfyUI folder for --start-server (default $COMFYUI_DIR, else .comfyui in the pack's checkout)")
+    s.add_argument("--pack-dir", help="the node pack's checkout for --start-server (default $WAN22_PACK_DIR, else the "
+                                      "checkout this command runs from; needed by an installed wan22-i2v)")
     s.add_argument("--models-dir", help="WAN_CKPT_DIR for --start-server (default: inherited $WAN_CKPT_DIR)")
-    s.add_argument("--gpu", action="store_true", help="with --start-server: do not pass --cpu to ComfyUI")
+    device = s.add_mutually_exclusive_group()
+    device.add_argument("--gpu", dest="cpu", action="store_false", default=None,
+                        help="with --start-server: run ComfyUI on the GPU (default: the GPU when torch sees one, else --cpu)")
+    device.add_argument("--cpu", dest="cpu", action="store_true", help="with --start-server: run ComfyUI with --cpu")
     s.add_argument("--timeout", type=float, default=None, help="overall seconds per job (default: none)")
     o = p.add_argument_group("reporting")
     o.add_argument("--json", action="store_true", help="print the result as JSON on stdout (one line per job)")
@@ -261,13 +266,17 @@ def _main(args) -> int:
             atexit.register(shutil.rmtree, work_dir, True)
             _status(args, "starting ComfyUI...")
             try:
-                server = start_comfyui(args.comfyui_dir, models_dir=args.models_dir, cpu=not args.gpu,
-                                       work_dir=work_dir)
+                packs = [Path(args.pack_dir).expanduser().resolve()] if args.pack_dir else None
+                comfyui_dir = args.comfyui_dir or (None if os.environ.get("COMFYUI_DIR") or not packs
+                                                   else packs[0] / ".comfyui")
+                server = start_comfyui(comfyui_dir, models_dir=args.models_dir, cpu=args.cpu, work_dir=work_dir,
+                                       custom_node_paths=packs)
             except ServerStartError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return EXIT_UNREACHABLE
             url = server.url
-            _status(args, f"ComfyUI ready at {url} (log {server.log_path}, removed at exit)")
+            _status(args, f"ComfyUI ready at {url} on the {'CPU' if server.cpu else 'GPU'}: {server.cpu_reason} "
+                          f"(log {server.log_path}, removed at exit)")
         else:
             url = args.server or default_server_url()
         client = ComfyClient(url)

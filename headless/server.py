@@ -27,22 +27,73 @@ import urllib.error
 import urllib.request
 from collections import deque
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_NAME = "comfyui-wan22-i2v"
 
-__all__ = ["ComfyServer", "ServerStartError", "start_comfyui", "default_comfyui_dir", "free_port", "REPO_ROOT", "PACK_NAME"]
+__all__ = ["ComfyServer", "ServerStartError", "start_comfyui", "default_comfyui_dir", "default_pack_dir", "free_port",
+           "REPO_ROOT", "PACK_NAME"]
 
 
 class ServerStartError(RuntimeError):
     """The server process died or did not answer in time; the message ends with the last log lines."""
 
 
+def is_pack_dir(path: os.PathLike) -> bool:
+    """Whether `path` is this node pack's checkout (what ComfyUI loads as a custom node folder)."""
+    path = Path(path)
+    return (path / "__init__.py").is_file() and (path / "nodes" / "sampler_nodes.py").is_file()
+
+
+def default_pack_dir() -> Optional[Path]:
+    """``$WAN22_PACK_DIR``, else the checkout this module runs from; None for an installed copy (site-packages
+    holds the engine, runner and worker, never the nodes)."""
+    env = os.environ.get("WAN22_PACK_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    return REPO_ROOT if is_pack_dir(REPO_ROOT) else None
+
+
 def default_comfyui_dir() -> Path:
-    """``$COMFYUI_DIR``, else ``<repo>/.comfyui`` (what ``make setup`` unpacks)."""
+    """``$COMFYUI_DIR``, else ``<pack checkout>/.comfyui`` (what ``make setup`` unpacks)."""
     env = os.environ.get("COMFYUI_DIR")
-    return Path(env).expanduser() if env else REPO_ROOT / ".comfyui"
+    if env:
+        return Path(env).expanduser()
+    return (default_pack_dir() or REPO_ROOT) / ".comfyui"
+
+
+PACK_MISSING = ("--start-server needs the node pack's checkout (the folder ComfyUI loads as a custom node), and this "
+                "wan22-i2v is an installed copy without it: pass --pack-dir /path/to/comfyui-wan22-i2v (or set "
+                "WAN22_PACK_DIR) and, unless that checkout has ComfyUI in .comfyui (`make setup`), --comfyui-dir DIR; "
+                "or install from the checkout with `pip install -e .`; or use --server URL with a ComfyUI that has "
+                "the pack in its custom_nodes")
+
+
+def gpu_visible(python: str, timeout: float = 120.0, cwd: Optional[os.PathLike] = None) -> bool:
+    """Whether torch, as the interpreter that will run ComfyUI imports it, sees a CUDA (or ROCm) GPU; this
+    module never imports torch itself."""
+    probe = "import sys, torch; sys.stdout.write('1' if torch.cuda.is_available() else '0')"
+    try:
+        done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, cwd=str(cwd) if cwd else None)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and done.stdout.strip() == "1"
+
+
+def resolve_cpu(cpu: Optional[bool], python: str, cwd: Optional[os.PathLike] = None) -> Tuple[bool, str]:
+    """The one rule of every entry point: `cpu` when given (a --cpu/--gpu flag), else ``$COMFYUI_CPU`` when set
+    (1/0), else the GPU when torch sees one. Returns (pass --cpu, why), the why to show the user."""
+    if cpu is not None:
+        return cpu, "as asked (--cpu)" if cpu else "as asked (--gpu)"
+    env_cpu = os.environ.get("COMFYUI_CPU", "").strip().lower()
+    if env_cpu and env_cpu != "auto":
+        forced = env_cpu not in ("0", "false", "no", "off")
+        return forced, f"COMFYUI_CPU={env_cpu}"
+    if gpu_visible(python, cwd=cwd):
+        return False, "torch sees a GPU"
+    return True, "torch sees no GPU, so ComfyUI runs with --cpu (pass --gpu or COMFYUI_CPU=0 to insist)"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -75,6 +126,8 @@ class ComfyServer:
         self.models_dir = models_dir
         self._owns_work_dir = owns_work_dir
         self._stopped = False
+        self.cpu: Optional[bool] = None  # whether it runs with --cpu, and why (resolve_cpu)
+        self.cpu_reason = ""
 
     @property
     def pid(self) -> int:
@@ -184,7 +237,7 @@ def _link_packs(custom_nodes: Path, comfyui_dir: Path, packs: Iterable[os.PathLi
         pack = Path(pack).resolve()
         if pack in installed:
             continue
-        name = PACK_NAME if pack == REPO_ROOT else pack.name
+        name = PACK_NAME if is_pack_dir(pack) else pack.name
         link = custom_nodes / name
         if link.is_symlink() or link.exists():
             link.unlink()
@@ -220,31 +273,36 @@ def start_comfyui(
     port: default a free loopback port.
     models_dir: exported as ``WAN_CKPT_DIR`` (default: inherit the caller's environment).
     output_dir / input_dir: default ``<work_dir>/output`` and ``<work_dir>/input``.
-    custom_node_paths: node packs to load (default: this repository, as ``comfyui-wan22-i2v``).
+    custom_node_paths: node packs to load (default: this pack's checkout, :func:`default_pack_dir`, as
+        ``comfyui-wan22-i2v``).
     work_dir: private folder for custom_nodes link, temp, log (default: a new temp folder).
     python: interpreter that runs ComfyUI (default ``$COMFYUI_PYTHON``, else this interpreter).
-    cpu: pass ``--cpu`` (default: ``$COMFYUI_CPU`` if set, else True; callers on GPU machines pass ``cpu=False``).
+    cpu: pass ``--cpu``; None (the default): ``$COMFYUI_CPU`` if set, else only when torch sees no GPU
+        (:func:`resolve_cpu`; the server's ``cpu`` and ``cpu_reason`` say what was decided and why).
     die_with_parent: on Linux, the server gets SIGTERM when this process dies.
     lora_dirs: folders added to ComfyUI's own ``loras`` folders (an extra model path).
     """
+    if custom_node_paths is None:
+        pack = default_pack_dir()
+        if pack is None:
+            raise ServerStartError(PACK_MISSING)
+        custom_node_paths = [pack]
     comfyui_dir = Path(comfyui_dir) if comfyui_dir else default_comfyui_dir()
     comfyui_dir = comfyui_dir.expanduser().resolve()
     if not (comfyui_dir / "main.py").is_file():
         raise ServerStartError(
-            f"No ComfyUI in {comfyui_dir} (main.py missing). Run `make setup`, or set COMFYUI_DIR to a ComfyUI checkout.")
+            f"No ComfyUI in {comfyui_dir} (main.py missing): pass --comfyui-dir DIR (or set COMFYUI_DIR) naming a "
+            "ComfyUI checkout, or run `make setup` in the pack's checkout (it unpacks one into .comfyui).")
     owns = work_dir is None
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="wan22-comfyui-"))
     work = work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     custom_nodes = work / "custom_nodes"
     custom_nodes.mkdir(exist_ok=True)
-    packs = list(custom_node_paths) if custom_node_paths is not None else [REPO_ROOT]
+    packs = list(custom_node_paths)
     for pack in packs:
         if not (Path(pack) / "__init__.py").is_file():
-            raise ServerStartError(
-                f"{pack} is not a ComfyUI node pack (no __init__.py): --start-server needs this repository checked "
-                "out (an installed wan22-i2v has no nodes); run from the checkout or point --server at a ComfyUI "
-                "that has the pack in its custom_nodes")
+            raise ServerStartError(f"{pack} is not a ComfyUI node pack (no __init__.py). " + PACK_MISSING)
     _link_packs(custom_nodes, comfyui_dir, packs)
     out_dir = Path(output_dir).resolve() if output_dir else work / "output"
     in_dir = Path(input_dir).resolve() if input_dir else work / "input"
@@ -260,16 +318,14 @@ def start_comfyui(
     log = Path(log_path).resolve() if log_path else work / "comfyui.log"
     log.parent.mkdir(parents=True, exist_ok=True)
 
-    if cpu is None:
-        env_cpu = os.environ.get("COMFYUI_CPU")
-        cpu = env_cpu.lower() not in ("0", "false", "no") if env_cpu else True
+    interpreter = python or os.environ.get("COMFYUI_PYTHON") or sys.executable
+    cpu, cpu_reason = resolve_cpu(cpu, interpreter, cwd=comfyui_dir)
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     if models_dir is not None:
         env["WAN_CKPT_DIR"] = str(Path(models_dir).resolve())
     if extra_env:
         env.update({k: str(v) for k, v in extra_env.items()})
-    interpreter = python or os.environ.get("COMFYUI_PYTHON") or sys.executable
 
     attempts = 1 if port else 3
     for attempt in range(attempts):
@@ -291,6 +347,7 @@ def start_comfyui(
         url = f"http://{host}:{use_port}"
         server = ComfyServer(proc, url, use_port, work, log, out_dir, in_dir, comfyui_dir,
                              Path(models_dir).resolve() if models_dir else None, owns)
+        server.cpu, server.cpu_reason = cpu, cpu_reason
         atexit.register(server.stop)
         try:
             _wait_ready(proc, url, log, startup_timeout)
@@ -313,11 +370,14 @@ def _main(argv=None) -> int:
     ap.add_argument("--models")
     ap.add_argument("--port", type=int)
     ap.add_argument("--output-dir")
-    ap.add_argument("--gpu", action="store_true", help="do not pass --cpu")
+    device = ap.add_mutually_exclusive_group()
+    device.add_argument("--gpu", dest="cpu", action="store_false", default=None, help="never pass --cpu")
+    device.add_argument("--cpu", dest="cpu", action="store_true", help="always pass --cpu")
     args = ap.parse_args(argv)
     server = start_comfyui(args.comfyui_dir, port=args.port, models_dir=args.models, output_dir=args.output_dir,
-                           cpu=not args.gpu)
-    print(f"ComfyUI ready at {server.url} (log {server.log_path})", flush=True)
+                           cpu=args.cpu)
+    print(f"ComfyUI ready at {server.url} on the {'CPU' if server.cpu else 'GPU'}: {server.cpu_reason} "
+          f"(log {server.log_path})", flush=True)
 
     def _stop(signum, frame):
         raise KeyboardInterrupt

@@ -83,7 +83,8 @@ def start_backend(cfg: WorkerConfig) -> ComfyBackend:
         print(f"runpod_worker: ComfyUI failed to start, so this worker cannot serve jobs.\n{exc}", file=sys.stderr,
               flush=True)
         raise SystemExit(EXIT_COMFY_START) from None
-    log.info("ComfyUI ready at %s (pid %d, log %s)", server.url, server.pid, server.log_path)
+    log.info("ComfyUI ready at %s (pid %d, log %s) on the %s: %s", server.url, server.pid, server.log_path,
+             "CPU" if server.cpu else "GPU", server.cpu_reason)
     supervisor = Supervisor(server.url, server, start, hang_s=cfg.comfy_hang_s, restarts=cfg.comfy_restarts)
     return ComfyBackend(supervisor.start_monitor(), cfg.workflow)
 

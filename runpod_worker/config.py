@@ -41,7 +41,8 @@ WORKER_SETTINGS: Tuple[Setting, ...] = (
     Setting("COMFYUI_URL", "comfyui_url", "text", "", "use this running ComfyUI instead of starting one (the pack must be installed there)"),
     Setting("COMFYUI_DIR", "comfyui_dir", "text", "", "the ComfyUI checkout to start", shown_default="/opt/ComfyUI in the image, else .comfyui"),
     Setting("COMFYUI_ARGS", "comfyui_args", "text", "", "extra flags for ComfyUI's `main.py` (e.g. `--highvram`)"),
-    Setting("COMFYUI_CPU", "comfyui_cpu", "flag", False, "start ComfyUI with `--cpu` (tests, machines without a GPU)"),
+    Setting("COMFYUI_CPU", "comfyui_cpu", "flag", None, "1: start ComfyUI with `--cpu`; 0: never; unset: `--cpu` only when torch sees no GPU (the start-up log says which and why)",
+            shown_default="unset (auto)"),
     Setting("COMFYUI_PORT", "comfyui_port", "int", 0, "ComfyUI's port on 127.0.0.1", low=0, shown_default="a free port"),
     Setting("WAN_COMFY_WORK_DIR", "comfy_work_dir", "text", "", "ComfyUI's private input/output/temp folders and `comfyui.log`", shown_default="a temp folder"),
     Setting("WAN_EXTRA_NODE_PATHS", "extra_node_paths", "list", (), "colon-separated extra custom-node packs to load"),
@@ -100,7 +101,7 @@ class WorkerConfig:
     comfyui_url: str
     comfyui_dir: str
     comfyui_args: str
-    comfyui_cpu: bool
+    comfyui_cpu: Optional[bool]
     comfyui_port: int
     comfy_work_dir: str
     extra_node_paths: Tuple[str, ...]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -294,3 +295,29 @@ def test_sigterm_stops_the_private_comfyui_and_removes_its_folder(input_image, t
     assert code == 130, run.stderr
     assert not comfyui.is_running() or comfyui.status() == "zombie"
     assert work_folders_left(run.tmpdir) == [], run.stderr
+
+
+def test_an_installed_copy_says_what_start_server_needs_and_runs_with_it(input_image, tmp_path, tiny_upstream):
+    """`pip install .` (not editable) puts wan22, headless and runpod_worker into site-packages, not the nodes:
+    --start-server then names --pack-dir (and the editable install); given the pack's checkout, it runs."""
+    need_comfyui()
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv*", ".comfyui*", ".cache", "_artifacts",
+                                                                 "__pycache__", "*.egg-info", "build", "demo_out"))
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "--target", str(site), str(source)], check=True, capture_output=True)
+    assert (site / "headless" / "cli.py").is_file() and not (site / "nodes").exists()
+    env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_DIR", "WAN22_PACK_DIR")}
+    env.update(PYTHONPATH=str(site), TMPDIR=str(tmp_path))
+    args = [sys.executable, "-m", "headless", "--start-server", "--models-dir", str(tiny_upstream), *TINY_ARGS,
+            "--image", str(input_image), "--out", str(tmp_path / "o.mp4")]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+    assert first.returncode == 3, first.stderr
+    assert "pass --pack-dir /path/to/comfyui-wan22-i2v" in first.stderr and "pip install -e ." in first.stderr
+    second = subprocess.run(args + ["--pack-dir", str(REPO), "--comfyui-dir", str(cf.comfyui_dir())],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert second.returncode == 0, second.stderr
+    from wan22.video import read_mp4
+
+    assert len(read_mp4(tmp_path / "o.mp4")[0]) == 5

@@ -285,3 +285,25 @@ def test_server_stop_removes_the_work_folder_only_when_asked(tmp_path, owns, rem
     assert proc.poll() is not None
     assert (sorted(p.name for p in work.iterdir()) if work.exists() else None) == left
     assert (REPO / "headless" / "server.py").is_file()  # the symlinked pack itself is untouched
+
+
+def test_one_rule_for_cpu_or_gpu(monkeypatch):
+    """--cpu/--gpu win, then COMFYUI_CPU, then what torch (in the interpreter that runs ComfyUI) sees."""
+    import torch
+
+    from headless.server import resolve_cpu
+
+    monkeypatch.delenv("COMFYUI_CPU", raising=False)
+    assert resolve_cpu(True, sys.executable) == (True, "as asked (--cpu)")
+    assert resolve_cpu(False, sys.executable) == (False, "as asked (--gpu)")
+    monkeypatch.setenv("COMFYUI_CPU", "0")
+    assert resolve_cpu(None, sys.executable) == (False, "COMFYUI_CPU=0")
+    monkeypatch.setenv("COMFYUI_CPU", "yes")
+    assert resolve_cpu(None, sys.executable) == (True, "COMFYUI_CPU=yes")
+    monkeypatch.setenv("COMFYUI_CPU", "auto")
+    cpu, why = resolve_cpu(None, sys.executable)
+    assert cpu is (not torch.cuda.is_available())
+    assert why == ("torch sees a GPU" if not cpu else
+                   "torch sees no GPU, so ComfyUI runs with --cpu (pass --gpu or COMFYUI_CPU=0 to insist)")
+    cpu, why = resolve_cpu(None, "/nonexistent/python")  # an interpreter that cannot say: the CPU, and why
+    assert cpu is True and "torch sees no GPU" in why

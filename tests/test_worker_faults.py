@@ -99,8 +99,9 @@ def fault_worker(tmp_path_factory, tiny_upstream):
     tmp = tmp_path_factory.mktemp("fault_worker")
     (tmp / "inputs").mkdir()
     port = free_port()
+    # COMFYUI_CPU unset: the worker decides by what torch sees (no GPU here), as on a real machine
     env = worker_env(tiny_upstream, tmp, {"WAN_COMFY_HANG_S": str(HANG_S), "WAN_JOB_TIMEOUT_S": "60",
-                                          "WAN_COMFY_RESTARTS": "3"})
+                                          "WAN_COMFY_RESTARTS": "3", "COMFYUI_CPU": ""})
     log_path = tmp / "worker.log"
     proc = subprocess.Popen([sys.executable, "-m", "runpod_worker", "--rp_serve_api", "--rp_api_port", str(port),
                              "--rp_api_host", "127.0.0.1"], cwd=str(REPO), env=env, stdout=subprocess.PIPE,
@@ -118,9 +119,11 @@ def fault_worker(tmp_path_factory, tiny_upstream):
         wait_for_api(proc, w.url, lambda: w.log() if log_path.exists() else "", float(env["WAN_COMFY_START_TIMEOUT_S"]) + 60)
         yield w
     finally:
-        if proc.poll() is None:
-            w.file_size_limit(None)
-        stop_worker(proc, w.comfy_pid())
+        try:
+            if proc.poll() is None:
+                w.file_size_limit(None)
+        finally:
+            stop_worker(proc, w.comfy_pid())
         cf.ARTIFACTS.mkdir(parents=True, exist_ok=True)
         for src, name in ((log_path, "fault_worker.log"), (tmp / "comfy" / "comfyui.log", "fault_worker_comfyui.log")):
             try:
@@ -155,6 +158,13 @@ def no_leftovers(w):
     parts = [p.name for p in w.out_dir.rglob("*.part")]
     job_folders = [p.name for p in (w.comfy_dir / "input").glob("wan22_job_*")]
     return parts, job_folders
+
+
+def test_the_worker_says_where_comfyui_runs_and_why(fault_worker):
+    import torch
+
+    expected = "GPU: torch sees a GPU" if torch.cuda.is_available() else "CPU: torch sees no GPU"
+    assert re.search(rf"ComfyUI ready at \S+ \(pid \d+, log \S+\) on the {expected}", fault_worker.log())
 
 
 # ------------------------------------------------------------------------------------------------ ComfyUI dies
