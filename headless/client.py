@@ -27,8 +27,8 @@ from urllib.parse import urlencode, urlsplit
 
 import requests
 
-from .errors import (Cancelled, ExecutionFailed, ExecutionInterrupted, OutputMissing, PromptRejected, ServerError,
-                     ServerUnreachable, WaitTimeout, WorkflowError)
+from .errors import (Cancelled, ExecutionFailed, ExecutionInterrupted, HeadlessError, OutputMissing, PromptRejected,
+                     ServerError, ServerUnreachable, WaitTimeout, WorkflowError)
 from wan22.files import atomic_file
 
 __all__ = ["ComfyClient", "Progress", "format_node_errors", "DEFAULT_SERVER"]
@@ -171,6 +171,13 @@ class ComfyClient:
 
     def system_stats(self) -> dict:
         return self._json("GET", "/system_stats")
+
+    def comfyui_version(self) -> Optional[str]:
+        """The server's version as /system_stats reports it (ComfyUI 0.3 and later), else None."""
+        try:
+            return (self.system_stats().get("system") or {}).get("comfyui_version")
+        except (HeadlessError, AttributeError):
+            return None
 
     def ping(self, timeout: float = 3.0) -> bool:
         try:
@@ -319,9 +326,12 @@ class ComfyClient:
                 missing.append(f"node {node_id} ('{title}')" if title else f"node {node_id}")
                 missing[-1] += f" uses unknown node type '{node['class_type']}'"
         if missing:
+            version = self.comfyui_version()
+            server = f"ComfyUI {version}" if version else "this ComfyUI (too old to report its version)"
             raise WorkflowError(
-                "the server does not know these node types (custom node pack not installed or failed to "
-                "import; see the server log):\n" + "\n".join("  " + m for m in missing))
+                f"the server has no such node types: they are neither core nodes of {server} (core nodes change "
+                "with the version: a newer ComfyUI may have them) nor nodes of an installed custom pack (not "
+                "installed, or it failed to import: see the server log)", missing)
 
     def queue_prompt(self, prompt: dict, extra_data: Optional[dict] = None, check_types: bool = True) -> str:
         """Queue an API-format prompt with this client's id; returns the prompt_id.

@@ -17,7 +17,12 @@ class BadInput(HeadlessError):
 
 
 class WorkflowError(BadInput):
-    """A workflow that cannot be loaded, converted or filled in (unknown node type, unknown input...)."""
+    """A workflow that cannot be loaded, converted or filled in (unknown node type, unknown input...); `lines`
+    has one readable line per problem when there are several."""
+
+    def __init__(self, message: str, lines: Optional[List[str]] = None):
+        self.lines = list(lines or [])
+        super().__init__(message + "".join("\n  " + line for line in self.lines))
 
 
 class ServerUnreachable(HeadlessError):

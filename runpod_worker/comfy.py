@@ -87,9 +87,9 @@ def job_failure(exc: HeadlessError, token: CancelToken) -> JobFailed:
     if isinstance(exc, ExecutionFailed):
         return JobFailed(f"generation failed in ComfyUI: {exc}")
     if isinstance(exc, PromptRejected):
-        return JobFailed(f"ComfyUI rejected the workflow: {exc}")
+        return JobFailed(f"ComfyUI rejected the workflow: {exc}", details=exc.lines)
     if isinstance(exc, WorkflowError):
-        return JobFailed(f"workflow error: {exc}")
+        return JobFailed(f"workflow error: {exc}", details=exc.lines)
     if isinstance(exc, ServerUnreachable):
         return JobFailed("ComfyUI did not answer the worker; the job failed (the worker checks and restarts it)")
     if isinstance(exc, OutputMissing):

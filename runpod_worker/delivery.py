@@ -16,6 +16,8 @@ def pick_answer(record: Dict[str, Any]) -> Dict[str, Any]:
     answer = {k: record.get(k) for k in RESPONSE_FIELDS}
     if record.get("error"):
         answer["error"] = record["error"]
+    if record.get("details"):
+        answer["details"] = record["details"]
     return answer
 
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 import errno
 import logging
 import uuid
+from typing import Sequence
 
 log = logging.getLogger("runpod_worker")
 
 
 class JobFailed(RuntimeError):
-    """A valid request that failed while running (ComfyUI error, timeout, cancellation)."""
+    """A valid request that failed while running (ComfyUI error, timeout, cancellation); `details`: one line per
+    problem when there are several (worker-comfyui's `details`)."""
 
-    def __init__(self, message: str, status: str = "FAILED"):
+    def __init__(self, message: str, status: str = "FAILED", details: Sequence[str] = ()):
         self.status = status
+        self.details = list(details)
         super().__init__(message)
 
 

@@ -7,7 +7,8 @@
 
 `handler(job)` is async: the blocking work runs in a thread, so the SDK can cancel the job (its task is
 cancelled); the job's CancelToken then stops the ComfyUI prompt. Every answer is a dict; a failure is
-``{"error": "<field>: <why>", ...}`` (RunPod's convention: the job is marked FAILED with that message); details
+``{"error": "<field>: <why>", "details": [one line per problem, when several]}`` (RunPod's convention, and
+worker-comfyui's shape: the job is marked FAILED with that message); details
 the caller must not see (tracebacks, log tails) are in the worker log under the answer's log reference.
 """
 from __future__ import annotations
@@ -84,8 +85,10 @@ def handle_job(job: Dict[str, Any], token: Optional[CancelToken] = None) -> Dict
         return run_request_job(job, request_id, parsed, cfg, get_backend(), token, started)
     except InvalidParameter as exc:
         log.info("job %s rejected: %s", job.get("id"), exc.message)
-        return {"error": exc.message}
-    except (JobFailed, ValueError) as exc:  # ValueError: a bad WAN_* environment variable
+        return {"error": exc.message, **({"details": [f"{f}: {why}" for f, why in exc.problems]} if len(exc.problems) > 1 else {})}
+    except JobFailed as exc:
+        return {"error": str(exc), **({"details": exc.details} if exc.details else {})}
+    except ValueError as exc:  # a bad WAN_* environment variable
         return {"error": str(exc)}
     except OSError as exc:  # before a record exists (e.g. the output folder refuses the first write)
         return {"error": str(storage_failure(exc))}

@@ -111,7 +111,8 @@ def run_workflow_job(job: Dict[str, Any], request_id: str, req: WorkflowRequest,
             raise  # refused before it was queued (a bad input, nothing written), or the worker is stopping
         failure = as_job_failure(job.get("id"), exc)
         if "record" not in holder:
-            return {"error": str(failure), **({"refresh_worker": True} if backend.refresh_needed else {})}
+            return {"error": str(failure), **({"details": failure.details} if failure.details else {}),
+                    **({"refresh_worker": True} if backend.refresh_needed else {})}
         with contextlib.suppress(OSError):
             shutil.rmtree(folder)
         record = holder["record"]
@@ -123,10 +124,13 @@ def run_workflow_job(job: Dict[str, Any], request_id: str, req: WorkflowRequest,
             answer["refresh_worker"] = True
         return answer
     answer = pick_answer(record.data)
-    answer["images"] = [item for item, f in zip(items, saved) if not f["video"]]
+    # worker-comfyui's shape: every saved file in `images` ({filename, type, data}), videos too; `videos` repeats
+    # the videos for clients that look for them there; `errors` are the non-fatal problems
+    answer["images"] = items
     answer["videos"] = [item for item, f in zip(items, saved) if f["video"]]
     if not files:
         answer["warnings"] = list(answer.get("warnings") or []) + ["the workflow saved no image or video"]
     if messages:
         answer["message"] = "; ".join(messages)
+        answer["errors"] = messages
     return answer

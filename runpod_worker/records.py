@@ -141,7 +141,7 @@ class Record:
 
     def end(self, failure: JobFailed, started: float) -> None:
         """FAILED (or CANCELLED) with the reason; never raises for the folder."""
-        fields = dict(status=failure.status, error=str(failure), progress=None,
+        fields = dict(status=failure.status, error=str(failure), details=failure.details or None, progress=None,
                       timings=dict(self.data.get("timings") or {}, total_s=round(time.monotonic() - started, 3)))
         try:
             self.update(**fields)

@@ -246,6 +246,52 @@ def test_raw_workflow_with_the_packs_image_node_runs(worker, image_http):
     assert Image.open(io.BytesIO(base64.b64decode(img["data"]))).size == (120, 80)
 
 
+def test_a_worker_comfyui_client_finds_every_saved_file_in_output_images(worker, image_http, tmp_path):
+    """worker-comfyui's documented request (`workflow` + `images` as a data: URI) and response (`output.images`:
+    {filename, type, data} for every saved file, the video included; `videos` repeats the videos)."""
+    data_uri = "data:image/png;base64," + base64.b64encode(image_http["data"]).decode()
+    workflow = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "input_image_1.png"}, "_meta": {"title": "Load Image"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "wc_still"}},
+        "4": {"class_type": "Wan22SaveVideo", "inputs": {"images": ["2", 0], "filename_prefix": "wc_clip", "fps": 16}},
+    }
+    answer = worker.runsync({"workflow": workflow, "images": [{"name": "input_image_1.png", "image": data_uri}]})
+    assert answer["status"] == "COMPLETED", answer
+    out = answer["output"]
+    by_name = {item["filename"]: item for item in out["images"]}
+    assert all(set(item) == {"filename", "type", "data"} and item["type"] == "base64" for item in out["images"])
+    [still] = [n for n in by_name if n.startswith("wc_still")]
+    [clip] = [n for n in by_name if n.endswith(".mp4")]
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(base64.b64decode(by_name[still]["data"]))).size == (120, 80)
+    frames, shape = count_frames(base64.b64decode(by_name[clip]["data"]), tmp_path)
+    assert frames == 1 and shape[:2] == (80, 120)
+    assert [v["filename"] for v in out["videos"]] == [clip]
+
+
+def test_core_nodes_missing_from_an_old_comfyui_are_named_as_such(worker, comfy_client):
+    """A worker-comfyui style workflow using core nodes the pinned 2024 ComfyUI predates: the answer says the
+    server's core nodes lack them (a newer ComfyUI has them), not only 'custom node pack not installed'."""
+    workflow = {
+        "27": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "35": {"class_type": "FluxGuidance", "inputs": {"guidance": 3.5, "conditioning": ["6", 0]}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a ball", "clip": ["30", 1]}},
+    }
+    known = comfy_client.object_info()
+    answer = worker.runsync({"workflow": workflow})
+    assert answer["status"] == "FAILED"
+    if "EmptySD3LatentImage" in known:
+        assert "EmptySD3LatentImage" not in answer["error"]  # a newer server has them: it fails later, for inputs
+        return
+    version = comfy_client.comfyui_version()
+    server = f"ComfyUI {version}" if version else "this ComfyUI (too old to report its version)"
+    assert f"neither core nodes of {server}" in answer["error"] and "a newer ComfyUI may have them" in answer["error"]
+    assert "node 27 uses unknown node type 'EmptySD3LatentImage'" in answer["error"]
+    assert "node 35 uses unknown node type 'FluxGuidance'" in answer["error"]
+
+
 def test_sdk_run_then_status_endpoint(worker, image_http):
     """The SDK's asynchronous pair: /run stores the job, /status/{id} runs it."""
     body = {"input": {"workflow": RAW_WORKFLOW,

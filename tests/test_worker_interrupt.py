@@ -1,4 +1,5 @@
-"""The worker's time limit and RunPod cancellation stop the ComfyUI prompt (REAL ComfyUI fixture, in process).
+"""The worker in process against the REAL ComfyUI fixture: its time limit and RunPod cancellation stop the
+ComfyUI prompt; failures carry worker-comfyui's `details`.
 
 A raw workflow with the headless test node `HeadlessTestSteps` (slow steps, progress bar) stands in for a long
 generation, so these tests do not depend on the engine's speed.
@@ -162,3 +163,21 @@ def test_a_job_cancelled_while_pending_is_cancelled_and_the_running_one_finishes
     assert record["status"] == "CANCELLED" and record["error"].startswith("cancelled:"), record
     prompt_id = record["comfy"]["prompt_id"]
     assert comfy_client.history(prompt_id) is None and not comfy_client.in_queue(prompt_id)
+
+
+def test_failures_carry_worker_comfyuis_details_list(backend):
+    """worker-comfyui's error shape: `error` plus `details`, one line per problem, for the worker's own refusals
+    and for ComfyUI's validation alike (in process: the SDK's local API passes only `error` on)."""
+    from runpod_worker.handler import handle_job
+
+    refused = handle_job({"id": "details-confine", "input": {"workflow": {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "/etc/a.png"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "b.png [output]"}}}}})
+    assert [line.split(":", 1)[0] for line in refused["details"]] == ["workflow.1.inputs.image", "workflow.2.inputs.image"]
+    assert refused["error"].startswith("workflow.1.inputs.image: ")
+
+    rejected = handle_job({"id": "details-comfy", "input": {"workflow": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": -5, "height": 0, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "details"}}}}})
+    assert rejected["error"].startswith("ComfyUI rejected the workflow"), rejected
+    assert len(rejected["details"]) >= 2 and all("width" in line or "height" in line for line in rejected["details"])
