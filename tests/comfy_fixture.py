@@ -12,7 +12,7 @@ from typing import Optional
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TESTS_DIR = Path(__file__).resolve().parent
 TEST_NODES = TESTS_DIR / "headless_test_nodes"
-ARTIFACTS = TESTS_DIR / "_artifacts"
+ARTIFACTS = REPO_ROOT / os.environ.get("WAN22_ARTIFACTS", "tests/_artifacts")  # make test-current: its own folder
 SHIPPED_API_WORKFLOW = REPO_ROOT / "workflows" / "api" / "wan22_i2v_a14b.json"
 SHIPPED_UI_WORKFLOW = REPO_ROOT / "workflows" / "ui" / "wan22_i2v_a14b.json"
 SHIPPED_4STEP_WORKFLOW = REPO_ROOT / "workflows" / "api" / "wan22_i2v_a14b_4step_lora.json"

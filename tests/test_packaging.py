@@ -34,8 +34,8 @@ IMPORT_TO_DIST = {"PIL": "pillow", "imageio_ffmpeg": "imageio-ffmpeg", "websocke
 # provided by ComfyUI itself (torch, its modules) or optional and guarded by try/except ImportError
 PROVIDED = {"torch", "comfy", "folder_paths", "ftfy"}
 # never copied into temp trees (big, machine-local, or build output)
-SKIP_DIRS = {".git", ".venv", ".comfyui", ".cache", "demo_out", "build", "_artifacts", "__pycache__", ".ruff_cache",
-             ".pytest_cache", "node_modules"}
+SKIP_DIRS = {".git", ".venv", ".comfyui", ".comfyui-current", ".venv-comfyui-current", ".cache", "demo_out", "build",
+             "_artifacts", "__pycache__", ".ruff_cache", ".pytest_cache", "node_modules"}
 
 
 def requirement_lines(path: Path) -> list[str]:
