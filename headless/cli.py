@@ -242,14 +242,28 @@ def _main(args) -> int:
         try:
             params = _params_from_args(args)
             request = spec.normalize(params, "cli")
-            if args.workflow is None and spec.image_source(request.values) is None:
+            source = spec.image_source(request.values)
+            if args.workflow is None and source is None:
                 raise InvalidParameter("image", "required with the shipped workflow (--image PATH_OR_URL)")
+            if source is not None and source[0] == "path":  # your file, named, before anything reaches a server
+                from wan22.intake import read_image
+
+                read_image("path", source[1], f"{request.label('image_path')} {source[1]!r}", trusted=True)
             from .workflow import parse_set
 
             for item in args.set:
                 parse_set(item)
         except (InvalidParameter, HeadlessError) as exc:
             print(f"error: {_describe_error(exc)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    if args.start_server and args.models_dir:  # a wrong folder is said before a server is started for it
+        from wan22.discover import discover_model_set
+        from wan22.errors import ModelFolderError
+
+        try:
+            discover_model_set(args.models_dir)
+        except ModelFolderError as exc:
+            print(f"error: --models-dir: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
 
     server = None

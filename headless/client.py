@@ -67,7 +67,7 @@ def format_node_errors(node_errors: Any, prompt: Optional[dict] = None) -> List[
     """One readable line per problem from ``/prompt``'s ``node_errors``.
 
     A node's ``VALIDATE_INPUTS`` message comes back once per input it was given (``custom_validation_failed``,
-    details ``"<input> - <message>"``): printed once. This pack's messages name each bad input
+    details ``"<input> - <message>"``): printed once, one line per problem it names. This pack's messages name each bad input
     (``frame_num: must be ...``); ComfyUI's own generic error for such an input (min/max, list, type) says the
     same less clearly and is left out.
     """
@@ -85,10 +85,11 @@ def format_node_errors(node_errors: Any, prompt: Optional[dict] = None) -> List[
             name = (err.get("extra_info") or {}).get("input_name")
             details = err.get("details") or ""
             if err.get("type") == "custom_validation_failed" and name and details.startswith(f"{name} - "):
-                text = details[len(name) + 3:]
-                if text not in custom:
-                    custom.append(text)
-        covered = {n for text in custom for n in re.findall(r"(?:^|; )(\w+): ", text)}
+                # one line per problem: this pack's message is "field: why; field: why"
+                for text in re.split(r"; (?=\w+: )", details[len(name) + 3:]):
+                    if text not in custom:
+                        custom.append(text)
+        covered = {n for text in custom for n in re.findall(r"^(\w+): ", text)}
         lines += [f"{where}: {text}" for text in custom]
         for err in errors:
             name = (err.get("extra_info") or {}).get("input_name")

@@ -44,14 +44,33 @@ def cli(*args, timeout=120, env=None, **kwargs):
                           timeout=timeout, env=full_env, cwd=kwargs.get("cwd", REPO))
 
 
-def test_server_not_running_exit_code_fast(tmp_path):
+def test_server_not_running_exit_code_fast(tmp_path, input_image):
     from headless.server import free_port
 
     started = time.monotonic()
-    proc = cli("--image", "x.png", "--server", f"http://127.0.0.1:{free_port()}", timeout=30)
+    proc = cli("--image", str(input_image), "--server", f"http://127.0.0.1:{free_port()}", timeout=30)
     assert proc.returncode == 3, proc.stderr
     assert time.monotonic() - started < 10
     assert "not reachable" in proc.stderr
+
+
+def test_your_image_and_model_folder_are_checked_before_any_server(tmp_path):
+    """A file that is not an image, or a model folder that holds no model set: exit 2 naming your file or the
+    folder, before a server is contacted or started (the port below has no server)."""
+    from headless.server import free_port
+
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    proc = cli("--image", str(not_an_image), "--server", f"http://127.0.0.1:{free_port()}", timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert str(not_an_image) in proc.stderr and "not reachable" not in proc.stderr
+    (tmp_path / "models").mkdir()
+    started = time.monotonic()
+    proc = cli("--start-server", "--models-dir", str(tmp_path / "models"), "--image", str(REPO / "docs" / "icon.png"),
+               timeout=60, env={"TMPDIR": str(tmp_path)})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --models-dir: ") and "holds no Wan2.2 I2V-A14B model set" in proc.stderr
+    assert "starting ComfyUI" not in proc.stderr and time.monotonic() - started < 20
 
 
 def test_run_with_set_and_json(comfy_url, input_image, tmp_path):

@@ -163,3 +163,19 @@ def test_format_node_errors_custom_validation_once():
     lines = format_node_errors({"4": {"class_type": "Wan22ImageToVideo", "errors": errors}})
     assert lines == [f"node 4 (Wan22ImageToVideo): {message}",
                      "node 4 (Wan22ImageToVideo) input 'image': Custom validation failed for node"]
+
+
+def test_format_node_errors_one_line_per_problem_of_a_node():
+    """Several bad inputs of one node: this pack's message names them all ("a: why; b: why"), repeated by the server
+    for every input; each problem is one line, and ComfyUI's own generic error for a named input is left out."""
+    message = ("frame_num: must be 4n+1 (e.g. 5, 33, 49, 81), got 6; size: must be W*H; "
+               "sample_steps: must be from 1 to 1000")
+    errors = [{"type": "custom_validation_failed", "message": "Custom validation failed for node",
+               "details": f"{name} - {message}", "extra_info": {"input_name": name}}
+              for name in ("size", "frame_num", "seed", "sample_steps")]
+    errors.append({"type": "value_smaller_than_min", "message": "Value smaller than min", "details": "sample_steps 0 < 1",
+                   "extra_info": {"input_name": "sample_steps"}})
+    lines = format_node_errors({"4": {"class_type": "Wan22ImageToVideo", "errors": errors}})
+    assert lines == ["node 4 (Wan22ImageToVideo): frame_num: must be 4n+1 (e.g. 5, 33, 49, 81), got 6",
+                     "node 4 (Wan22ImageToVideo): size: must be W*H",
+                     "node 4 (Wan22ImageToVideo): sample_steps: must be from 1 to 1000"]

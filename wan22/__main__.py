@@ -1,5 +1,10 @@
 import sys
 
-from .generate import main
+try:
+    from .generate import main  # imports torch: seconds, during which Ctrl-C must not print a traceback
 
-sys.exit(main())
+    code = main()
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    code = 130
+sys.exit(code)
