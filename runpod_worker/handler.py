@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+import uuid
 from typing import Any, Dict, Optional
 
 from wan22.errors import InvalidParameter
@@ -30,6 +31,7 @@ from .job_workflow import run_workflow_job
 from .validation import StatusRequest, WorkflowRequest, parse_job_input, validate_request_id
 
 log = logging.getLogger("runpod_worker")
+LOCAL_TEST_ID = "local_test"  # the id the SDK gives every --test_input job that names none
 
 _backend: Optional[ComfyBackend] = None
 _executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
@@ -75,6 +77,10 @@ def handle_job(job: Dict[str, Any], token: Optional[CancelToken] = None) -> Dict
         request_id = validate_request_id(job.get("id"), "id (the RunPod job id)")
         parsed = parse_job_input(job.get("input"), limits=cfg.limits, max_workflow_images=cfg.max_workflow_images,
                                  operator=cfg.loader_values(), lora_folders=cfg.lora_folders())
+        if request_id == LOCAL_TEST_ID and not isinstance(parsed, StatusRequest):
+            request_id = f"{LOCAL_TEST_ID}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            parsed.warnings.append(f"id: every --test_input run without an \"id\" is '{LOCAL_TEST_ID}'; this one "
+                                   f"is recorded as {request_id} so it overwrites no earlier run")
         if isinstance(parsed, StatusRequest):
             return status_answer(parsed, cfg)
         if isinstance(parsed, WorkflowRequest):

@@ -562,15 +562,19 @@ def test_too_large_video_falls_back_to_path_via_test_input(tiny_upstream, tmp_pa
     env = worker_env(tiny_upstream, tmp_path, {"WAN_MAX_INLINE_MB": "0.0001"})
     job = {"input": {"action": "request", "params": {"reference_image_path": str(tmp_path / "inputs" / "in.png"),
                                                       "prompt": "p", "seed": 3, **TINY}}}
-    proc = subprocess.run([str(REPO / "runpod_worker" / "start.sh"), "--test_input", json.dumps(job)], cwd=str(REPO),
-                          env=env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert "not inlined" in log and "WAN_MAX_INLINE_MB" in log
-    assert "video_base64" not in log
-    assert (tmp_path / "out" / "local_test.mp4").stat().st_size > 0
-    record = json.loads((tmp_path / "out" / "local_test.json").read_text())
-    assert record["status"] == "COMPLETED" and record["seed"] == 3
+    for run in (1, 2):  # each --test_input run keeps its own video and record
+        proc = subprocess.run([str(REPO / "runpod_worker" / "start.sh"), "--test_input", json.dumps(job)],
+                              cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-4000:]
+        assert "not inlined" in log and "WAN_MAX_INLINE_MB" in log
+        assert "video_base64" not in log
+        assert "so it overwrites no earlier run" in log
+        videos = sorted((tmp_path / "out").glob("local_test-*.mp4"))
+        assert len(videos) == run and all(v.stat().st_size > 0 for v in videos)
+    for video in videos:
+        record = json.loads(video.with_suffix(".json").read_text())
+        assert record["status"] == "COMPLETED" and record["seed"] == 3 and record["request_id"] == video.stem
 
 
 # ------------------------------------------------------------------------------------------------ one policy
