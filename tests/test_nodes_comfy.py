@@ -178,6 +178,30 @@ def test_interrupt_stops_within_two_steps_and_server_recovers(comfy_client, tiny
     assert sampler_info(entry, ok)["seed"] == 6
 
 
+def test_interrupt_takes_effect_within_a_slow_step(comfy_client, tiny_models, uploaded_image):
+    """A slow step (832*480, 33 frames: a second here, 2 blocks x cond and uncond): /interrupt right after step 2
+    ends the prompt within a block, well before step 3 would end (the check runs before every block)."""
+    workflow = shipped(uploaded_image, tiny_models("upstream"), Wan22ImageToVideo__sample_steps=3,
+                       Wan22ImageToVideo__size="832*480", Wan22ImageToVideo__frame_num=33,
+                       Wan22ImageToVideo__seed=time.time_ns() % 10**9)
+    step_ends, asked = [], []
+
+    def on_progress(progress):
+        step_ends.append(time.monotonic())
+        if progress.value == 2:
+            asked.append(time.monotonic())
+            threading.Thread(target=ComfyClient(comfy_client.base_url).interrupt).start()
+
+    prompt_id = comfy_client.queue_prompt(workflow)
+    with pytest.raises(ExecutionInterrupted):
+        comfy_client.wait(prompt_id, on_progress=on_progress, timeout=300)
+    stopped = time.monotonic() - asked[0]
+    step = step_ends[1] - step_ends[0]
+    assert len(step_ends) == 2, "step 3 ran to its end"
+    assert step > 0.5, f"the step ({step:.2f} s) is too short to show anything"
+    assert stopped < 0.6 * step, f"stopped {stopped:.2f} s after the interrupt; a step takes {step:.2f} s"
+
+
 def test_frame_num_50_is_a_validation_error_naming_the_input(comfy_client, tiny_models, uploaded_image):
     workflow = shipped(uploaded_image, tiny_models("upstream"), Wan22ImageToVideo__frame_num=50)
     with pytest.raises(PromptRejected) as info:
