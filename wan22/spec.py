@@ -154,7 +154,7 @@ PARAMS: Tuple[Param, ...] = (
     Param("negative_prompt", "text", UPSTREAM_NEGATIVE_PROMPT, "What to avoid (empty means the default).",
           aliases=("neg_prompt",), node=TEXT, widget={"multiline": True}),
     # --- sampling
-    Param("size", "size", "1280*720", "Target area W*H (upstream: 1280*720, 720*1280, 832*480, 480*832); the image gives the aspect ratio.",
+    Param("size", "size", "1280*720", "Target area W*H (upstream: 1280*720, 720*1280, 832*480, 480*832): the video has the image's aspect ratio at about that area, in multiples of 16, as upstream (e.g. 1232x736 for a 5:3 image at 1280*720), not W x H itself.",
           node=I2V, upstream_flag="--size"),
     Param("frame_num", "int", 81, "Frames, 4n+1 (81 = 5 s at 16 fps).", aliases=("num_frames",), low=1, high=1001, every=4,
           node=I2V, upstream_flag="--frame_num", widget={"step": 4}),
