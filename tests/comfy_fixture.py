@@ -31,6 +31,17 @@ def comfyui_available() -> bool:
     return (comfyui_dir() / "main.py").is_file()
 
 
+def need_comfyui() -> None:
+    """Skip without a ComfyUI folder, or fail when WAN22_REQUIRE_COMFYUI=1 (make test, CI) says it must be there."""
+    import pytest
+
+    if not comfyui_available():
+        message = f"no ComfyUI in {comfyui_dir()} (run `make setup` or set COMFYUI_DIR)"
+        if os.environ.get("WAN22_REQUIRE_COMFYUI") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 TINY_LAYOUTS = ("upstream", "diffusers", "comfyui", "comfyui_fp8")
 
 

@@ -8,7 +8,6 @@ Without a ComfyUI folder the tests that need it are skipped, unless ``WAN22_REQU
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -16,14 +15,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_fixture as cf  # noqa: E402
-
-
-def _need_comfyui():
-    if not cf.comfyui_available():
-        message = (f"no ComfyUI in {cf.comfyui_dir()} (run `make setup` or set COMFYUI_DIR)")
-        if os.environ.get("WAN22_REQUIRE_COMFYUI") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +39,7 @@ def tiny_upstream(tiny_models) -> Path:
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory, tiny_upstream):
     """The shared real ComfyUI server (a headless.server.ComfyServer: .url, .output_dir, .log_path...)."""
-    _need_comfyui()
+    cf.need_comfyui()
     work = tmp_path_factory.mktemp("comfyui")
     server = cf.start_server(work, tiny_upstream)
     try:

@@ -167,13 +167,6 @@ def test_sigint_interrupts_the_server_job(comfy_url, input_image, tmp_path):
 TINY_ARGS = ["--size", "64*64", "--frame-num", "5", "--sample-steps", "2"]
 
 
-def need_comfyui():
-    if not cf.comfyui_available():
-        if os.environ.get("WAN22_REQUIRE_COMFYUI") == "1":
-            pytest.fail("no ComfyUI (make setup)")
-        pytest.skip("no ComfyUI (make setup)")
-
-
 def private_tmpdir(tmp_path: Path) -> Path:
     """A TMPDIR for one CLI run: the private ComfyUI's wan22-comfyui-* folder is made there."""
     folder = tmp_path / "tmpdir"
@@ -188,7 +181,7 @@ def work_folders_left(tmpdir: Path):
 def test_start_server_flag(input_image, tmp_path, tiny_upstream):
     """--start-server launches a private ComfyUI with this pack and the models, runs, stops it and removes its
     work folder (custom_nodes link, uploaded image, outputs, log)."""
-    need_comfyui()
+    cf.need_comfyui()
     args = [*TINY_ARGS, "--seed", "3"]
     tmpdir = private_tmpdir(tmp_path)
     started = time.monotonic()
@@ -208,7 +201,7 @@ def test_start_server_flag(input_image, tmp_path, tiny_upstream):
 
 def test_start_server_error_run_removes_the_work_folder(input_image, tmp_path, tiny_upstream):
     """An error once the private ComfyUI is up (here an unknown --set node): exit 2, and no folder is left."""
-    need_comfyui()
+    cf.need_comfyui()
     tmpdir = private_tmpdir(tmp_path)
     proc = cli("--start-server", "--models-dir", str(tiny_upstream), *TINY_ARGS, "--image", str(input_image),
                "--set", "NoSuchNode.steps=3", "--out", str(tmp_path / "o.mp4"), timeout=300,
@@ -283,7 +276,7 @@ class PrivateRun:
 def test_private_comfyui_killed_mid_run_is_named(input_image, tmp_path, tiny_upstream):
     """The ComfyUI that --start-server started dies during the job: the CLI says so (not 'not reachable'),
     exits 3 and still removes the work folder."""
-    need_comfyui()
+    cf.need_comfyui()
     run = PrivateRun(tmp_path, "--models-dir", str(tiny_upstream), *TINY_ARGS, "--image", str(input_image),
                      "--out", str(tmp_path / "o.mp4"))
     try:
@@ -301,7 +294,7 @@ def test_private_comfyui_killed_mid_run_is_named(input_image, tmp_path, tiny_ups
 
 
 def test_sigterm_stops_the_private_comfyui_and_removes_its_folder(input_image, tmp_path, tiny_upstream):
-    need_comfyui()
+    cf.need_comfyui()
     run = PrivateRun(tmp_path, "--models-dir", str(tiny_upstream), *TINY_ARGS, "--image", str(input_image),
                      "--out", str(tmp_path / "o.mp4"))
     try:
@@ -319,7 +312,7 @@ def test_sigterm_stops_the_private_comfyui_and_removes_its_folder(input_image, t
 def test_an_installed_copy_says_what_start_server_needs_and_runs_with_it(input_image, tmp_path, tiny_upstream):
     """`pip install .` (not editable) puts wan22, headless and runpod_worker into site-packages, not the nodes:
     --start-server then names --pack-dir (and the editable install); given the pack's checkout, it runs."""
-    need_comfyui()
+    cf.need_comfyui()
     source = tmp_path / "src"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv*", ".comfyui*", ".cache", "_artifacts",
                                                                  "__pycache__", "*.egg-info", "build", "demo_out"))

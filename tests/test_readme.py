@@ -27,10 +27,7 @@ def doc_block(doc: str, name: str) -> str:
 
 
 def run_block(script: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    if not cf.comfyui_available():
-        if os.environ.get("WAN22_REQUIRE_COMFYUI") == "1":
-            pytest.fail(f"no ComfyUI in {cf.comfyui_dir()}")
-        pytest.skip("no ComfyUI")
+    cf.need_comfyui()
     ours = ("PYTHONPATH", "WAN_CKPT_DIR", "COMFYUI_CPU", "WAN_OUTPUT_DIR", "WAN_INPUT_ROOTS")  # a newcomer's shell
     env = {k: v for k, v in os.environ.items() if k not in ours}
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=str(REPO), env=env, capture_output=True,

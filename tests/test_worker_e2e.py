@@ -31,14 +31,6 @@ pytestmark = [pytest.mark.comfy]
 TINY = {"size": "64*64", "frame_num": 5, "sample_steps": 2}
 
 
-def _need_comfyui():
-    if not cf.comfyui_available():
-        message = f"no ComfyUI in {cf.comfyui_dir()} (run `make setup` or set COMFYUI_DIR)"
-        if os.environ.get("WAN22_REQUIRE_COMFYUI") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 def png_bytes(w=120, h=80) -> bytes:
     from PIL import Image
 
@@ -164,7 +156,7 @@ def write_worker_loras(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory, tiny_upstream, image_http):
-    _need_comfyui()
+    cf.need_comfyui()
     tmp = tmp_path_factory.mktemp("worker")
     (tmp / "inputs").mkdir()
     (tmp / "inputs" / "in.png").write_bytes(image_http["data"])
@@ -556,7 +548,7 @@ def test_second_request_reloads_nothing(worker, first_request, tmp_path):
 def test_too_large_video_falls_back_to_path_via_test_input(tiny_upstream, tmp_path, image_http):
     """`--test_input` (the SDK's local one-job mode) through the image's entry point start.sh, with
     WAN_MAX_INLINE_MB tiny: the answer has the path and a message, no base64."""
-    _need_comfyui()
+    cf.need_comfyui()
     (tmp_path / "inputs").mkdir()
     (tmp_path / "inputs" / "in.png").write_bytes(image_http["data"])
     env = worker_env(tiny_upstream, tmp_path, {"WAN_MAX_INLINE_MB": "0.0001"})

@@ -35,14 +35,6 @@ pytestmark = [pytest.mark.comfy]
 HANG_S = 6
 
 
-def _need_comfyui():
-    if not cf.comfyui_available():
-        message = f"no ComfyUI in {cf.comfyui_dir()} (run `make setup` or set COMFYUI_DIR)"
-        if os.environ.get("WAN22_REQUIRE_COMFYUI") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 class FaultWorker:
     def __init__(self, proc, url, log_path, out_dir, comfy_dir):
         self.proc, self.url, self.log_path, self.out_dir, self.comfy_dir = proc, url, log_path, out_dir, comfy_dir
@@ -95,7 +87,7 @@ class FaultWorker:
 
 @pytest.fixture(scope="module")
 def fault_worker(tmp_path_factory, tiny_upstream):
-    _need_comfyui()
+    cf.need_comfyui()
     tmp = tmp_path_factory.mktemp("fault_worker")
     (tmp / "inputs").mkdir()
     port = free_port()
@@ -281,7 +273,7 @@ def test_cli_timeout_is_kept_against_a_frozen_server(tmp_path, tiny_upstream, in
     from headless.server import start_comfyui
     from test_headless_cli import slow_workflow
 
-    _need_comfyui()
+    cf.need_comfyui()
     server = start_comfyui(models_dir=tiny_upstream, custom_node_paths=[REPO, cf.TEST_NODES],
                            work_dir=tmp_path / "comfy", cpu=True)
     try:
