@@ -192,8 +192,6 @@ def execute(client: ComfyClient, prompt: dict, *, timeout: Optional[float] = Non
         raise Cancelled("cancelled before the prompt was queued")
     queued_at = time.monotonic()
     prompt_id = client.queue_prompt(prompt, check_types=check_types)
-    if hooks.on_queued is not None:
-        hooks.on_queued(prompt_id)
     started: Dict[str, float] = {}
 
     def on_event(kind: str, data: dict) -> None:
@@ -203,6 +201,8 @@ def execute(client: ComfyClient, prompt: dict, *, timeout: Optional[float] = Non
                 hooks.on_running()
 
     try:
+        if hooks.on_queued is not None:
+            hooks.on_queued(prompt_id)
         entry = client.wait(prompt_id, on_progress=hooks.on_progress, timeout=timeout, on_event=on_event,
                             should_stop=hooks.cancel.is_set if hooks.cancel is not None else None)
     except (ExecutionFailed, ExecutionInterrupted):

@@ -108,6 +108,8 @@ class Supervisor:
     def _loop(self) -> None:
         last_ping = 0.0
         while not self._stop.wait(0.5):
+            if self.broken:
+                return  # restarts failed: every job now answers refresh_worker, RunPod replaces the worker
             server = self.server
             if server is not None and not server.alive():
                 code = server.process.poll()

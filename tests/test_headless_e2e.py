@@ -181,8 +181,8 @@ def test_cli_refuses_a_broken_image_before_the_server(comfy_url, image_url, tmp_
     bad.write_text("hello")
     proc = cli("--server", comfy_url, "--image", str(bad), *TINY)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("error: bad parameter: image: is not an image in an accepted format "
-                                   "(PNG, JPEG, WEBP, BMP, GIF, TIFF)")
+    assert proc.stderr.strip() == (f"error: bad parameter: image {str(bad)!r}: is not an image in an accepted "
+                                   "format (PNG, JPEG, WEBP, BMP, GIF, TIFF)")
     proc = cli("--server", comfy_url, "--image", image_url + "/missing.png", *TINY)
     assert proc.returncode == 2 and "image: answered HTTP 404" in proc.stderr, proc.stderr
 

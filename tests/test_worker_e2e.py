@@ -657,8 +657,9 @@ def test_worker_on_an_external_comfyui(comfy_url, comfy_server, tiny_upstream, t
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert f"using the ComfyUI at {comfy_url}" in log and "starting ComfyUI" not in log
-    record = json.loads((tmp_path / "out" / "local_test.json").read_text())
+    [record_path] = (tmp_path / "out").glob("local_test-*.json")  # each --test_input run has its own id
+    record = json.loads(record_path.read_text())
     assert record["status"] == "COMPLETED" and record["seed"] == 8
-    frames, _ = read_mp4(tmp_path / "out" / "local_test.mp4")
+    frames, _ = read_mp4(record_path.with_suffix(".mp4"))
     assert len(frames) == 5
     assert not (tmp_path / "comfy").exists()  # no private ComfyUI folder was made

@@ -300,3 +300,42 @@ def test_cli_timeout_is_kept_against_a_frozen_server(tmp_path, tiny_upstream, in
         except OSError:
             pass
         server.stop()
+
+
+def test_when_restarts_fail_the_worker_asks_runpod_to_replace_it(tmp_path, tiny_upstream, monkeypatch):
+    """A real ComfyUI dies and the restarts fail for real (the launcher finds no ComfyUI where it must start it):
+    the job in flight is failed naming the death, the supervisor gives up after WAN_COMFY_RESTARTS attempts and
+    every job then answers `refresh_worker`, which makes RunPod replace the worker."""
+    from headless.server import start_comfyui
+    from runpod_worker import handler
+    from runpod_worker.comfy import CancelToken, ComfyBackend
+    from runpod_worker.errors import JobFailed
+    from runpod_worker.supervisor import Supervisor
+
+    cf.need_comfyui()
+    server = start_comfyui(models_dir=tiny_upstream, work_dir=tmp_path / "comfy", cpu=True)
+    supervisor = Supervisor(server.url, server, start=lambda old: start_comfyui(comfyui_dir=tmp_path / "gone"),
+                            restarts=2).start_monitor()
+    monkeypatch.setenv("WAN_OUTPUT_DIR", str(tmp_path / "out"))
+    handler.set_backend(ComfyBackend(supervisor))
+    token = CancelToken()
+    try:
+        with supervisor.track(token):
+            os.kill(server.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while not token.fault and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert token.fault.startswith("ComfyUI stopped (exit code -9) during the job"), token.fault
+        deadline = time.monotonic() + 30
+        while not supervisor.broken and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert supervisor.broken == ("ComfyUI could not be restarted (2 attempts, WAN_COMFY_RESTARTS); this worker "
+                                     "asks RunPod to replace it")
+        with pytest.raises(JobFailed, match="could not be restarted"):
+            supervisor.wait_ready(time.monotonic() + 5)
+        answer = handler.handle_job({"id": "after-broken", "input": slow_job(steps=1)})
+        assert answer["refresh_worker"] is True and "could not be restarted" in answer["error"], answer
+        assert not (tmp_path / "out" / "after-broken.json").exists()
+    finally:
+        handler.set_backend(None)
+        supervisor.stop()
