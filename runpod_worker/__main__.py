@@ -69,11 +69,12 @@ def start_backend(cfg: WorkerConfig) -> ComfyBackend:
     comfy_dir = Path(cfg.comfyui_dir) if cfg.comfyui_dir else default_comfyui_dir()
 
     def start(previous=None):
-        # a restart reuses the work folder (input/output folders, log) of the ComfyUI it replaces
+        # a restart reuses the work folder (input/output folders, log) and the CPU/GPU decision of the ComfyUI it
+        # replaces: no second probe of torch
         work_dir = cfg.comfy_work_dir or (previous.work_dir if previous is not None else None)
         return start_comfyui(
-            comfyui_dir=comfy_dir, port=cfg.comfyui_port or None, custom_node_paths=packs,
-            work_dir=work_dir, cpu=cfg.comfyui_cpu, listen="127.0.0.1",
+            comfyui_dir=comfy_dir, port=cfg.comfyui_port or None, custom_node_paths=packs, work_dir=work_dir,
+            cpu=previous.cpu if previous is not None else cfg.comfyui_cpu, listen="127.0.0.1",
             extra_args=shlex.split(cfg.comfyui_args), startup_timeout=cfg.comfy_start_timeout_s)
 
     log.info("starting ComfyUI from %s (at most %gs)", comfy_dir, cfg.comfy_start_timeout_s)

@@ -5,6 +5,7 @@ import base64
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+from .errors import JobFailed
 from .records import Record
 
 RESPONSE_FIELDS = ("request_id", "status", "output_path", "seed", "frames", "width", "height", "timings", "memory",
@@ -18,6 +19,16 @@ def pick_answer(record: Dict[str, Any]) -> Dict[str, Any]:
         answer["error"] = record["error"]
     if record.get("details"):
         answer["details"] = record["details"]
+    return answer
+
+
+def failed_answer(record: Record, failure: JobFailed, started: float, refresh_worker: bool) -> Dict[str, Any]:
+    """End `record` with `failure` and answer with it; `refresh_worker` when RunPod should replace
+    this worker."""
+    record.end(failure, started)
+    answer = pick_answer(record.data)
+    if refresh_worker:
+        answer["refresh_worker"] = True
     return answer
 
 

@@ -23,6 +23,10 @@ class JobFailed(RuntimeError):
         self.details = list(details)
         super().__init__(message)
 
+    def answer(self) -> dict:
+        """The answer of a job that failed before it had a record: the reason, and `details` when several."""
+        return {"error": str(self), **({"details": self.details} if self.details else {})}
+
 
 def log_reference(details: str) -> str:
     """Log `details` under a new reference; return the reference."""
@@ -51,7 +55,7 @@ def unexpected_failure(job_id: object, exc: BaseException) -> JobFailed:
 
 
 def as_job_failure(job_id: object, exc: BaseException) -> JobFailed:
-    """Whatever ended a job after its record exists, as the record and the caller get it."""
+    """Whatever ended a job, as the record and the caller get it."""
     from wan22.errors import InvalidParameter
 
     if isinstance(exc, JobFailed):
@@ -59,7 +63,7 @@ def as_job_failure(job_id: object, exc: BaseException) -> JobFailed:
     if isinstance(exc, OSError):
         return storage_failure(exc)
     if isinstance(exc, InvalidParameter):
-        return JobFailed(exc.message)
+        return JobFailed(exc.message, details=[f"{f}: {why}" for f, why in exc.problems] if len(exc.problems) > 1 else ())
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         return JobFailed("the worker was stopped during the job; send the request again")
     return unexpected_failure(job_id, exc)

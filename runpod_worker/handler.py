@@ -24,7 +24,7 @@ from wan22.errors import InvalidParameter
 
 from . import config as config_mod
 from .comfy import CancelToken, ComfyBackend
-from .errors import JobFailed, storage_failure, unexpected_failure
+from .errors import JobFailed, as_job_failure
 from .job_request import run_request_job
 from .job_status import status_answer
 from .job_workflow import run_workflow_job
@@ -91,15 +91,11 @@ def handle_job(job: Dict[str, Any], token: Optional[CancelToken] = None) -> Dict
         return run_request_job(job, request_id, parsed, cfg, get_backend(), token, started)
     except InvalidParameter as exc:
         log.info("job %s rejected: %s", job.get("id"), exc.message)
-        return {"error": exc.message, **({"details": [f"{f}: {why}" for f, why in exc.problems]} if len(exc.problems) > 1 else {})}
-    except JobFailed as exc:
-        return {"error": str(exc), **({"details": exc.details} if exc.details else {})}
+        return as_job_failure(job.get("id"), exc).answer()
     except ValueError as exc:  # a bad WAN_* environment variable
         return {"error": str(exc)}
-    except OSError as exc:  # before a record exists (e.g. the output folder refuses the first write)
-        return {"error": str(storage_failure(exc))}
-    except Exception as exc:  # noqa: BLE001 - the worker keeps serving
-        return {"error": str(unexpected_failure(job.get("id"), exc))}
+    except Exception as exc:  # noqa: BLE001 - the worker keeps serving (JobFailed, an OSError before a record...)
+        return as_job_failure(job.get("id"), exc).answer()
 
 
 def concurrency_modifier(current: int) -> int:

@@ -10,7 +10,7 @@ from typing import Any, Dict
 from wan22.intake import read_image
 
 from .comfy import CancelToken, ComfyBackend
-from .delivery import pick_answer, video_fields
+from .delivery import failed_answer, pick_answer, video_fields
 from .errors import as_job_failure, storage_failure
 from .progress import ProgressReporter
 from .records import Record, resolve_save_file
@@ -43,15 +43,11 @@ def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, 
                      memory=result.info.get("memory"), loras=result.info.get("loras"),
                      comfy={"prompt_id": result.prompt_id, "cached_nodes": result.cached_nodes})
     except BaseException as exc:  # noqa: BLE001 - the record ends, the video is not left half-done
-        failure = as_job_failure(job.get("id"), exc)
         with contextlib.suppress(OSError):
             os.unlink(out_path)
-        record.end(failure, started)
+        answer = failed_answer(record, as_job_failure(job.get("id"), exc), started, backend.refresh_needed)
         if not isinstance(exc, Exception):
             raise
-        answer = pick_answer(record.data)
-        if backend.refresh_needed:
-            answer["refresh_worker"] = True
         return answer
     answer = pick_answer(record.data)
     answer.update(video_fields(record, Path(out_path), req.return_video, cfg, request_id))

@@ -16,7 +16,7 @@ from wan22.files import atomic_file
 from wan22.intake import check_image, decode_base64, read_image
 
 from .comfy import CancelToken, ComfyBackend
-from .delivery import file_items, pick_answer
+from .delivery import failed_answer, file_items, pick_answer
 from .errors import as_job_failure
 from .progress import ProgressReporter
 from .records import Record
@@ -111,17 +111,12 @@ def run_workflow_job(job: Dict[str, Any], request_id: str, req: WorkflowRequest,
             raise  # refused before it was queued (a bad input, nothing written), or the worker is stopping
         failure = as_job_failure(job.get("id"), exc)
         if "record" not in holder:
-            return {"error": str(failure), **({"details": failure.details} if failure.details else {}),
-                    **({"refresh_worker": True} if backend.refresh_needed else {})}
+            return {**failure.answer(), **({"refresh_worker": True} if backend.refresh_needed else {})}
         with contextlib.suppress(OSError):
             shutil.rmtree(folder)
-        record = holder["record"]
-        record.end(failure, started)
+        answer = failed_answer(holder["record"], failure, started, backend.refresh_needed)
         if not isinstance(exc, Exception):
             raise
-        answer: Dict[str, Any] = pick_answer(record.data)
-        if backend.refresh_needed:
-            answer["refresh_worker"] = True
         return answer
     answer = pick_answer(record.data)
     # worker-comfyui's shape: every saved file in `images` ({filename, type, data}), videos too; `videos` repeats

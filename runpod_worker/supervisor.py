@@ -40,7 +40,6 @@ class Supervisor:
         self._start = start
         self.hang_s = hang_s
         self.max_restarts = restarts
-        self.restarts = 0
         self.broken: Optional[str] = None
         self.ready = threading.Event()
         self.ready.set()
@@ -49,6 +48,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._kill_reason: Optional[str] = None
         self._last_answer = time.monotonic()
+        self._pinger: Optional[ComfyClient] = None  # the monitor's own client
         self._thread: Optional[threading.Thread] = None
 
     # ----------------------------------------------------------------- lifecycle
@@ -95,10 +95,17 @@ class Supervisor:
                 return
             time.sleep(0.1)
 
+    def _answers(self, timeout: float) -> bool:
+        """One liveness call, on a client kept until the next restart (one connection, not a new session every
+        ping)."""
+        if self._pinger is None:
+            self._pinger = ComfyClient(self.url, timeout=timeout)
+        return self._pinger.ping(timeout=timeout)
+
     def stop_if_silent(self, why: str) -> bool:
         """At a job's deadline: if ComfyUI does not answer, kill it (the monitor restarts it) so the prompt does
         not run on into later jobs. True when it was silent."""
-        if ComfyClient(self.url, timeout=PING_TIMEOUT_S).ping(timeout=3.0):
+        if ComfyClient(self.url).ping(timeout=3.0):  # the job's thread: not the monitor's client
             return False
         if self.server is not None and self.server.alive():
             self._kill(why)
@@ -126,7 +133,7 @@ class Supervisor:
             if now - last_ping < PING_S:
                 continue
             last_ping = now
-            if ComfyClient(self.url, timeout=PING_TIMEOUT_S).ping(timeout=PING_TIMEOUT_S):
+            if self._answers(PING_TIMEOUT_S):
                 self._last_answer = time.monotonic()
             elif time.monotonic() - self._last_answer > self.hang_s:
                 reason = (f"ComfyUI stopped answering (no answer for {self.hang_s:g} s, WAN_COMFY_HANG_S)"
@@ -172,7 +179,7 @@ class Supervisor:
                 log.error("ComfyUI restart %d/%d failed (log reference %s)", attempt + 1, self.max_restarts, ref)
                 continue
             self.server, self.url = server, server.url
-            self.restarts += 1
+            self._pinger = None  # a new process: no connection of the old one is reused
             self._last_answer = time.monotonic()
             log.info("ComfyUI restarted at %s (pid %d, log %s)", server.url, server.pid, server.log_path)
             self.ready.set()

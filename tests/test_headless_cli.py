@@ -273,19 +273,26 @@ class PrivateRun:
         return self.proc.returncode
 
 
-def test_private_comfyui_killed_mid_run_is_named(input_image, tmp_path, tiny_upstream):
-    """The ComfyUI that --start-server started dies during the job: the CLI says so (not 'not reachable'),
-    exits 3 and still removes the work folder."""
+def signal_mid_run(tmp_path, tiny_upstream, input_image, send):
+    """A tiny --start-server run; once its job runs, `send(run, comfyui_process)`: (run, ComfyUI's process, exit)."""
     cf.need_comfyui()
     run = PrivateRun(tmp_path, "--models-dir", str(tiny_upstream), *TINY_ARGS, "--image", str(input_image),
                      "--out", str(tmp_path / "o.mp4"))
     try:
         run.wait_job_started()
         comfyui = run.comfyui_process()
-        comfyui.send_signal(signal.SIGKILL)
+        send(run, comfyui)
         code = run.finish()
     finally:
         run.finish()
+    return run, comfyui, code
+
+
+def test_private_comfyui_killed_mid_run_is_named(input_image, tmp_path, tiny_upstream):
+    """The ComfyUI that --start-server started dies during the job: the CLI says so (not 'not reachable'),
+    exits 3 and still removes the work folder."""
+    run, _, code = signal_mid_run(tmp_path, tiny_upstream, input_image,
+                                  lambda run, comfyui: comfyui.send_signal(signal.SIGKILL))
     assert code == 3, run.stderr
     assert f"error: the ComfyUI this command started exited (code {-signal.SIGKILL}) during the run" in run.stderr, run.stderr
     assert "not reachable" not in run.stderr
@@ -294,16 +301,8 @@ def test_private_comfyui_killed_mid_run_is_named(input_image, tmp_path, tiny_ups
 
 
 def test_sigterm_stops_the_private_comfyui_and_removes_its_folder(input_image, tmp_path, tiny_upstream):
-    cf.need_comfyui()
-    run = PrivateRun(tmp_path, "--models-dir", str(tiny_upstream), *TINY_ARGS, "--image", str(input_image),
-                     "--out", str(tmp_path / "o.mp4"))
-    try:
-        run.wait_job_started()
-        comfyui = run.comfyui_process()
-        run.proc.send_signal(signal.SIGTERM)
-        code = run.finish()
-    finally:
-        run.finish()
+    run, comfyui, code = signal_mid_run(tmp_path, tiny_upstream, input_image,
+                                        lambda run, comfyui: run.proc.send_signal(signal.SIGTERM))
     assert code == 130, run.stderr
     assert not comfyui.is_running() or comfyui.status() == "zombie"
     assert work_folders_left(run.tmpdir) == [], run.stderr

@@ -79,6 +79,15 @@ class FaultWorker:
             time.sleep(0.1)
         pytest.fail("no job started running:\n" + self.log()[-3000:])
 
+    def signal_comfyui_mid_job(self, signum):
+        """Start the slow raw job, and once it runs send `signum` to ComfyUI: (job box, its record, ComfyUI's pid,
+        when the signal went)."""
+        box = self.in_background(slow_job())
+        record = self.wait_running()
+        pid = self.comfy_pid()
+        os.kill(pid, signum)
+        return box, record, pid, time.monotonic()
+
     def file_size_limit(self, limit_bytes) -> None:
         """The soft limit only: the hard one stays, so the test can lift it again without privileges."""
         hard = resource.prlimit(self.proc.pid, resource.RLIMIT_FSIZE)[1]
@@ -162,11 +171,7 @@ def test_the_worker_says_where_comfyui_runs_and_why(fault_worker):
 # ------------------------------------------------------------------------------------------------ ComfyUI dies
 def test_comfyui_killed_mid_job_fails_the_job_at_once_and_is_restarted(fault_worker, tmp_path):
     w = fault_worker
-    box = w.in_background(slow_job())
-    record = w.wait_running()
-    pid = w.comfy_pid()
-    os.kill(pid, signal.SIGKILL)
-    killed_at = time.monotonic()
+    box, record, pid, killed_at = w.signal_comfyui_mid_job(signal.SIGKILL)
     box["thread"].join(60)
     answer = box["answer"]
     assert box["ended_at"] - killed_at < 5, f"the job took {box['ended_at'] - killed_at:.1f}s to notice"
@@ -184,11 +189,7 @@ def test_comfyui_killed_mid_job_fails_the_job_at_once_and_is_restarted(fault_wor
 # ------------------------------------------------------------------------------------------------ ComfyUI hangs
 def test_comfyui_frozen_mid_job_fails_by_the_hang_bound_and_is_replaced(fault_worker, tmp_path):
     w = fault_worker
-    box = w.in_background(slow_job())
-    record = w.wait_running()
-    pid = w.comfy_pid()
-    os.kill(pid, signal.SIGSTOP)
-    stopped_at = time.monotonic()
+    box, record, pid, stopped_at = w.signal_comfyui_mid_job(signal.SIGSTOP)
     try:
         box["thread"].join(60)
         answer = box["answer"]
