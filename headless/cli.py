@@ -76,6 +76,16 @@ class ProgressBar:
             self.stream.write(line + "\n")
         self.stream.flush()
 
+    def node(self, node_id: str, title: str) -> None:
+        """A node starts (loading, encoding, sampling...): the step bar alone would be silent until step 1."""
+        line = f"{self.label}running {title} (node {node_id})"
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+            self._open = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
     def close(self) -> None:
         if self._open:
             self.stream.write("\n")
@@ -177,7 +187,8 @@ def _run_job(args, client: ComfyClient, params: Dict[str, Any], workflow, out, o
     bar = None if args.quiet else ProgressBar(sys.stderr, label=label)
     try:
         result = run(params, server=client, workflow=workflow, out=out, on_progress=bar, timeout=args.timeout,
-                     overrides=overrides, on_queued=lambda prompt_id: job.update(prompt_id=prompt_id))
+                     overrides=overrides, on_queued=lambda prompt_id: job.update(prompt_id=prompt_id),
+                     on_node=bar.node if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()

@@ -54,6 +54,7 @@ class Hooks:
     on_queued: Optional[Callable[[str], None]] = None
     on_running: Optional[Callable[[], None]] = None
     on_progress: Optional[Callable[[Progress], None]] = None
+    on_node: Optional[Callable[[str, str], None]] = None  # (node id, its title or class type) as it starts
     on_server_file: Optional[Callable[[str, str, str], None]] = None
     upload_name: Callable[[bytes], str] = content_name
     cancel: Optional[threading.Event] = None
@@ -199,6 +200,9 @@ def execute(client: ComfyClient, prompt: dict, *, timeout: Optional[float] = Non
             started["at"] = time.monotonic()
             if hooks.on_running is not None:
                 hooks.on_running()
+        elif kind == "executing" and hooks.on_node is not None and data.get("node") in prompt:
+            node = prompt[data["node"]]
+            hooks.on_node(data["node"], (node.get("_meta") or {}).get("title") or node.get("class_type", "?"))
 
     try:
         if hooks.on_queued is not None:
@@ -246,7 +250,7 @@ def run(params: Dict[str, Any], server: Union[str, ComfyClient, None] = None,
         workflow: Union[str, Path, dict, None] = None, out: Union[str, Path, None] = None,
         on_progress: Optional[Callable[[Progress], None]] = None, timeout: Optional[float] = None,
         overrides: Iterable = (), download: bool = True, on_queued: Optional[Callable[[str], None]] = None,
-        hooks: Optional[Hooks] = None) -> Result:
+        hooks: Optional[Hooks] = None, on_node: Optional[Callable[[str, str], None]] = None) -> Result:
     """Run one image-to-video job on a ComfyUI server and download the MP4.
 
     params: the seed's parameter names and aliases (wan22.spec; docs/parameters.md). server: URL or a
@@ -257,7 +261,7 @@ def run(params: Dict[str, Any], server: Union[str, ComfyClient, None] = None,
     headless.errors.
     """
     request = spec.normalize(params or {}, "cli")
-    hooks = hooks or Hooks(on_progress=on_progress, on_queued=on_queued)
+    hooks = hooks or Hooks(on_progress=on_progress, on_queued=on_queued, on_node=on_node)
     result = run_checked(request.values, server, workflow, out, timeout=timeout, overrides=overrides,
                          download=download, hooks=hooks, label=request.label)
     result.warnings[:0] = request.warnings

@@ -83,6 +83,9 @@ def test_run_with_set_and_json(comfy_url, input_image, tmp_path):
     assert record["ok"] and record["output_path"] == str(out) and out.read_bytes()[:4] == b"\x89PNG"
     assert record["prompt_id"] and record["seconds"] > 0
     assert "step 3/3" in proc.stderr  # the progress bar
+    lines = proc.stderr.splitlines()  # not a tty: a line per node as it starts, before its steps
+    assert lines.index("running Slow (node 2)") < lines.index(next(l for l in lines if "step 3/3" in l))
+    assert "running Save (node 3)" in lines
 
 
 def test_bad_inputs_give_exit_2_and_readable_errors(comfy_url, input_image, tmp_path):

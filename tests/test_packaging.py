@@ -390,3 +390,7 @@ def test_pip_install_no_deps_installs_no_nodes_package(wheel, tmp_path):
                            env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip().startswith(str(target)), probe.stdout
+    # docs/headless.md's `pip install .` then `wan22-i2v --help`: the console script pip wrote
+    helped = subprocess.run([str(target / "bin" / "wan22-i2v"), "--help"], env=env, capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: wan22-i2v"), helped.stdout + helped.stderr

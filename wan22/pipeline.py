@@ -138,26 +138,34 @@ CancelCheck = Callable[[], bool]
 class BlockChecks:
     """The cancel check before every transformer block, not only between steps: a 720p step is tens of seconds
     on a GPU, a block a fortieth of that. A forward pre-hook per block, on each expert a denoise uses, removed
-    at its end. The check is a flag read (no device sync)."""
+    at its end; the VAE gets one before each chunk of frames its encoder or decoder takes (a 720p encode is
+    21 chunks). The check is a flag read (no device sync)."""
 
     def __init__(self, should_cancel: Optional[CancelCheck]):
         self.should_cancel = should_cancel
         self.step = 0
         self._handles: Dict[int, list] = {}
 
-    def watch(self, model: torch.nn.Module) -> torch.nn.Module:
+    def _hook(self, model: torch.nn.Module, modules: list, where: Callable[[int], str]) -> torch.nn.Module:
         if self.should_cancel is None or id(model) in self._handles:
             return model
-        blocks = list(getattr(model, "blocks", ()))
 
         def hook_for(number: int):
             def check(module, args):
                 if self.should_cancel():
-                    raise GenerationCancelled(f"cancelled in step {self.step}, before block {number} of {len(blocks)}")
+                    raise GenerationCancelled(f"cancelled {where(number)}")
             return check
 
-        self._handles[id(model)] = [block.register_forward_pre_hook(hook_for(i + 1)) for i, block in enumerate(blocks)]
+        self._handles[id(model)] = [module.register_forward_pre_hook(hook_for(i + 1)) for i, module in enumerate(modules)]
         return model
+
+    def watch(self, model: torch.nn.Module) -> torch.nn.Module:
+        blocks = list(getattr(model, "blocks", ()))
+        return self._hook(model, blocks, lambda number: f"in step {self.step}, before block {number} of {len(blocks)}")
+
+    def watch_vae(self, vae: torch.nn.Module, doing: str) -> torch.nn.Module:
+        parts = [part for part in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)) if part is not None]
+        return self._hook(vae, parts, lambda number: f"while {doing}")
 
     def remove(self) -> None:
         for handles in self._handles.values():
@@ -552,6 +560,8 @@ class Wan22I2VPipeline:
         checks = BlockChecks(should_cancel)
         try:
             steps = len(schedule.values)
+            if on_step:
+                on_step(0, steps)  # sampling has begun (after loading and encoding): progress shows it at once
             for index, value in enumerate(schedule.values):
                 checks.step = index + 1
                 if should_cancel and should_cancel():
@@ -602,7 +612,7 @@ class Wan22I2VPipeline:
         timings = {}
         start = time.perf_counter()
         try:
-            with out_of_memory_guard(self, "encoding the image"):
+            with out_of_memory_guard(self, "encoding the image"), self._vae_checks(should_cancel, "encoding the image"):
                 resized, lat_h, lat_w = self.prepare_image(image, params.max_area)
                 self._place_vae(plan)
                 y = self.prepare_conditioning(resized, params.frame_num, lat_h, lat_w)
@@ -613,7 +623,7 @@ class Wan22I2VPipeline:
                 latent = self.denoise(noise, y, embeds, params, on_step, should_cancel, plan=plan)
             timings["denoise_s"] = time.perf_counter() - start
             start = time.perf_counter()
-            with out_of_memory_guard(self, "decoding the video"):
+            with out_of_memory_guard(self, "decoding the video"), self._vae_checks(should_cancel, "decoding the video"):
                 self._place_vae(plan)
                 video = self.decode(latent)
             timings["decode_s"] = time.perf_counter() - start
@@ -622,6 +632,16 @@ class Wan22I2VPipeline:
                 self._evict()
         return VideoResult(frames=video_to_uint8(video), video=video, latent=latent.cpu(), seed=params.seed,
                            timings=timings, plan=plan.as_dict(), loras=loras)
+
+
+    @contextlib.contextmanager
+    def _vae_checks(self, should_cancel: Optional[CancelCheck], doing: str):
+        checks = BlockChecks(should_cancel)
+        checks.watch_vae(self.vae, doing)
+        try:
+            yield
+        finally:
+            checks.remove()
 
 
 def video_to_uint8(video: torch.Tensor) -> torch.Tensor:

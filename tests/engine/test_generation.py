@@ -20,7 +20,7 @@ def test_layout_generates_mp4(tiny_models, test_image, tmp_path, layout):
     out = tmp_path / "video.mp4"
     result = generate_mp4(test_image, "A small cat walks slowly", out, PARAMS, model_dir=tiny_models(layout),
                           options=FP32_CPU, on_step=lambda i, n: steps.append((i, n)))
-    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert steps == [(0, 3), (1, 3), (2, 3), (3, 3)]  # 0: sampling has begun
     frames, fps = read_mp4(out)
     # 120x80 image, area 96*64 -> upstream max-area resize gives 96x64
     assert frames.shape == (9, 64, 96, 3) and fps == 16
@@ -75,8 +75,8 @@ def test_cancel_between_steps(tiny_models, test_image):
     embeds = pipe.encode_prompt("a dog", "")
     seen = []
     with pytest.raises(GenerationCancelled):
-        pipe.generate(test_image, embeds, PARAMS, on_step=lambda i, n: seen.append(i), should_cancel=lambda: len(seen) >= 1)
-    assert seen == [1]
+        pipe.generate(test_image, embeds, PARAMS, on_step=lambda i, n: seen.append(i), should_cancel=lambda: 1 in seen)
+    assert seen == [0, 1]
 
 
 def test_cancel_inside_a_step_stops_before_the_next_block(tiny_models, test_image):
@@ -94,11 +94,35 @@ def test_cancel_inside_a_step_stops_before_the_next_block(tiny_models, test_imag
     with pytest.raises(GenerationCancelled, match=r"cancelled in step 1, before block 2 of 2"):
         pipe.generate(test_image, embeds, PARAMS, on_step=lambda i, n: steps.append(i),
                       should_cancel=lambda: len(blocks_run) >= 1)
-    assert blocks_run == [1] and steps == []
+    assert blocks_run == [1] and steps == [0]
     # the checks are gone afterwards: the same pipeline runs a whole generation
     blocks_run.clear()
     pipe.generate(test_image, embeds, PARAMS)
     assert len(blocks_run) == len(pipe.high_noise_model.blocks) * 2 * PARAMS.sample_steps  # cond + uncond per step
+
+
+@pytest.mark.parametrize("stage, part", [("encoding the image", "encoder"), ("decoding the video", "decoder")])
+def test_cancel_inside_the_vae_stops_before_its_next_chunk(tiny_models, test_image, stage, part):
+    """The VAE runs its encoder once per chunk of frames (1, then 4 at a time) and its decoder once per latent
+    frame: a cancel takes effect before the next chunk, not after the whole 720p encode or decode."""
+    from wan22.errors import GenerationCancelled
+
+    pipe = load_pipeline(tiny_models("upstream"), FP32_CPU)
+    embeds = pipe.encode_prompt("a dog", "")
+    chunks = []
+    handle = getattr(pipe.vae, part).register_forward_hook(lambda *args: chunks.append(1))
+    steps = []
+    try:
+        with pytest.raises(GenerationCancelled, match=f"cancelled while {stage}"):
+            pipe.generate(test_image, embeds, PARAMS, on_step=lambda i, n: steps.append(i),
+                          should_cancel=lambda: len(chunks) >= 1)
+        assert len(chunks) == 1  # of 3 chunks (9 frames: 1 + 4 + 4; 3 latent frames)
+        assert steps == ([] if part == "encoder" else [0, 1, 2, 3])
+        chunks.clear()
+        pipe.generate(test_image, embeds, PARAMS, should_cancel=lambda: False)  # the checks are gone afterwards
+        assert len(chunks) == 3
+    finally:
+        handle.remove()
 
 
 def test_list_model_sets_finds_every_layout(tiny_models):
