@@ -7,6 +7,8 @@
               loading the experts again
   paths       the same tiny generation by the engine, through ComfyUI + shipped workflow (headless client) and
               through the RunPod worker's local API; plus warm vs cold through the worker
+  t5          one request's prompt encoding at full UMT5-XXL width (2 of 24 blocks, scaled): ours (real tokens only,
+              cached negative prompt, the CPU's fast dtype) vs upstream's way (padded to 512, bf16)
 
 Prints the ratios and writes bench/results/<name>.json (plus summary.json). Benchmarks report; they never fail
 because a machine is slow. `--quick` is the smoke-test size (tiny loader, one repetition, no servers).
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from .common import RESULTS, log, machine_info, write_result
 
-BENCHMARKS = ("loader", "diffusers", "lora", "paths")
+BENCHMARKS = ("loader", "diffusers", "lora", "paths", "t5")
 
 
 def main(argv=None) -> int:
@@ -87,6 +89,12 @@ def main(argv=None) -> int:
                 data = paths.run(reps=reps, servers=not (args.quick or args.no_servers), results_dir=results_dir)
                 lines += paths.report(data)
                 summary.update({k: v["summary"] for k, v in data.items()})
+            elif name == "t5":
+                from . import t5
+
+                data = t5.run(blocks=1 if args.quick else 2, results_dir=results_dir, quick=args.quick)
+                lines += t5.report(data)
+                summary["t5_encode"] = data["summary"]
         except Exception as exc:  # noqa: BLE001 - report and go on with the others
             traceback.print_exc()
             failed.append(name)

@@ -5,8 +5,8 @@ nothing here checks a speed, so a slow machine never fails these tests.
   denoise loop and diffusers' WanImageToVideoPipeline loop on the same weights) with a tiny model on the CPU.
 - `python -m bench --quick`: the CPU benchmarks at smoke size: the loader benchmark (16 MB synthetic upstream expert,
   read / stream / plain, each in its own subprocess), the diffusers reference, the 4-step recipe and LoRA swaps
-  (8 instead of 40 steps) and the engine path (no servers: the ComfyUI and worker paths are exercised by the e2e
-  tests).
+  (8 instead of 40 steps), the engine path (no servers: the ComfyUI and worker paths are exercised by the e2e
+  tests) and the T5 encode (one block at d_model 512).
 """
 from __future__ import annotations
 
@@ -95,6 +95,11 @@ def test_cpu_benchmarks_quick(smoke_runs):
     assert "8 steps + CFG" in stdout and "LoRA swap: apply" in stdout, stdout
     lora = json.loads((tmp_path / "quick_lora.json").read_text())["summary"]
     assert all(lora[key] > 0 for key in ("full_s", "recipe_s", "apply_s", "change_s", "reload_s")), lora
+    assert "T5 encode, one request" in stdout and "T5 embeddings vs the exact encode" in stdout, stdout
+    t5 = json.loads((tmp_path / "quick_t5_encode.json").read_text())["summary"]
+    assert t5["ours_s"] > 0 and t5["upstream_way_s"] > 0 and t5["speedup"] > 0
+    assert t5["tokens"]["prompt"] < t5["padded_to"] and t5["blocks_run"] == 1
+    assert t5["max_abs_diff"] < 0.1 and t5["upstream_way_max_abs_diff"] < 0.1  # bf16 rounding at most
     ref = json.loads((tmp_path / "quick_diffusers_reference.json").read_text())
     assert ref["summary"]["engine_over_diffusers"] > 0
     assert ref["output"]["engine_shape"] == ref["output"]["diffusers_shape"]

@@ -474,7 +474,9 @@ class Wan22I2VPipeline:
         spec.check("negative_prompt", negative_prompt or "")
         self._check_usable()
         negative = negative_prompt or UPSTREAM_NEGATIVE_PROMPT  # upstream: "" means the default
-        on_gpu = not self.options.t5_cpu and self._gpu()
+        device = self.device if not self.options.t5_cpu and self._gpu() else torch.device("cpu")
+        # cached embeddings (the negative prompt, a repeated prompt) need no encoder on the GPU
+        on_gpu = device.type != "cpu" and bool(self.prompt_encoder.missing([prompt, negative], device))
         if on_gpu:
             budget = self.budget().gpu_bytes  # our resident models included
             resident = sum(placement.module_bytes(self._modules()[n]) for n in self._shared.on_gpu)
@@ -483,7 +485,7 @@ class Wan22I2VPipeline:
             self._to_gpu("text_encoder")
         try:
             with out_of_memory_guard(self, "encoding the prompt"):
-                context, context_null = self.prompt_encoder.encode([prompt, negative], device=self.device if on_gpu else torch.device("cpu"))
+                context, context_null = self.prompt_encoder.encode([prompt, negative], device=device)
         finally:
             if on_gpu:
                 self._evict(keep=EXPERTS)  # T5 leaves the GPU after encoding, as upstream with offload

@@ -1,17 +1,31 @@
-"""Prompt encoding as upstream: UMT5 ids padded to 512, encoder output trimmed to the real tokens."""
+"""Prompt encoding as upstream (UMT5, the output trimmed to the real tokens), at a fraction of its cost.
+
+Upstream pads every prompt to 512 tokens and encodes it in the checkpoint's dtype (bf16) on every request. The
+output at the real tokens does not depend on the padding (padded keys are masked out, positions are relative),
+so only the real tokens are encoded; recent embeddings are kept per encoder (the negative prompt is usually the
+same on every request); on a CPU whose bf16 matmuls are slow, each block computes in fp32 over its bf16 weights.
+"""
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import functools
 import html
+import logging
 import re
+import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .errors import CheckpointError
 
 TEXT_LEN = 512
+CACHED_PROMPTS = 16  # embeddings kept per encoder: [tokens, 4096] fp32, at most 8 MiB each
+
+log = logging.getLogger("wan22")
 
 
 def clean_prompt(text: str) -> str:
@@ -77,20 +91,108 @@ def pad_tokens(token_lists: List[List[int]], pad_id: int = 0) -> Tuple[torch.Ten
 
 
 class PromptEncoder:
-    def __init__(self, tokenizer, model, device: torch.device):
+    """Texts -> UMT5 embeddings [L, dim] (fp32, CPU): each text alone at its real length, recent ones cached."""
+
+    def __init__(self, tokenizer, model, device: torch.device, cache_size: int = CACHED_PROMPTS):
         self.tokenizer, self.model, self.device = tokenizer, model, device
+        self.cache_size = cache_size
+        self._cache: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+
+    def _key(self, text: str, device: torch.device) -> tuple:
+        return clean_prompt(text), device.type  # the GPU and the CPU round differently
+
+    def missing(self, texts: List[str], device: Optional[torch.device] = None) -> List[str]:
+        """The texts that are not cached for `device` (so the caller can leave the encoder where it is)."""
+        device = device or self.device
+        return [t for t in texts if self._key(t, device) not in self._cache]
 
     @torch.no_grad()
     def encode(self, texts: List[str], device: Optional[torch.device] = None) -> List[torch.Tensor]:
         device = device or self.device
-        token_lists = self.tokenizer.token_lists([clean_prompt(t) for t in texts])
-        ids, mask = pad_tokens(token_lists)
-        hidden = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-        return [h[: len(tokens)] for h, tokens in zip(hidden, token_lists)]
+        keys = [self._key(t, device) for t in texts]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        if todo:
+            with compute_dtype_for(self.model, device):
+                for key, tokens in zip(todo, self.tokenizer.token_lists([k[0] for k in todo])):
+                    ids = torch.tensor([tokens], dtype=torch.long, device=device)
+                    hidden = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+                    self._cache[key] = hidden.float().cpu()
+        for key in keys:
+            self._cache.move_to_end(key)
+        found = [self._cache[k] for k in keys]
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return found
 
     def token_ids(self, text: str) -> Tuple[torch.Tensor, torch.Tensor]:
         ids, mask = pad_tokens(self.tokenizer.token_lists([clean_prompt(text)]))
         return ids[0], mask[0]
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_is_slow() -> bool:
+    """Whether UMT5-XXL's work (a 4096-wide projection, 64-head attention over ~128 tokens) runs slower in bf16
+    than in fp32 on this CPU: with AMX or AVX512-BF16 bf16 is the faster; without, torch's bf16 matmuls and
+    especially bmms can be many times slower. A probe of ~0.1 s, once per process; a projection is ~97 % of the
+    FLOPs at these lengths, attention the rest."""
+    def per_flop(fn, flops: float) -> float:
+        fn()  # warm-up: oneDNN builds its kernels on the first call
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times) / flops
+
+    def cost(dtype) -> float:
+        x, w = torch.randn(128, 4096, dtype=dtype), torch.randn(4096, 1024, dtype=dtype)
+        q, k = torch.randn(64, 128, 64, dtype=dtype), torch.randn(64, 64, 128, dtype=dtype)
+        return 0.97 * per_flop(lambda: x @ w, 2 * 128 * 4096 * 1024) + 0.03 * per_flop(lambda: torch.bmm(q, k), 2 * 64 * 128 * 64 * 128)
+
+    with torch.no_grad():
+        slow = cost(torch.bfloat16) > 1.1 * cost(torch.float32)
+    log.info("Wan22 text encoder on the CPU: bf16 %s than fp32 here, computing in %s", "slower" if slow else "not slower",
+             "fp32 over the bf16 weights" if slow else "bf16")
+    return slow
+
+
+def compute_dtype_for(model: torch.nn.Module, device: torch.device):
+    """fp32 compute over 16-bit weights where that is faster (a CPU without fast bf16), else the weights' dtype."""
+    storage = next(model.parameters()).dtype
+    if device.type == "cpu" and storage in (torch.bfloat16, torch.float16) and (storage == torch.float16 or cpu_bf16_is_slow()):
+        return computing_in(model, torch.float32)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def computing_in(model: torch.nn.Module, dtype: torch.dtype):
+    """Run a UMT5 encoder in `dtype` with its weights stored as they are: each block's weights are cast just
+    before it runs and the stored ones put back after it (one block's worth of extra memory, not a model's)."""
+    encoder = getattr(model, "encoder", model)
+    parts = [*encoder.block, encoder.final_layer_norm]
+    stored: Dict[int, list] = {}
+
+    def cast(module, args):
+        stored[id(module)] = [(p, p.data) for p in module.parameters()]
+        for p, data in stored[id(module)]:
+            p.data = data.to(dtype)
+
+    def restore(module, args, output):
+        for p, data in stored.pop(id(module), ()):
+            p.data = data
+
+    handles = [encoder.embed_tokens.register_forward_hook(lambda module, args, output: output.to(dtype))]
+    for part in parts:
+        handles += [part.register_forward_pre_hook(cast), part.register_forward_hook(restore)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module_params in stored.values():  # a forward that raised
+            for p, data in module_params:
+                p.data = data
+        stored.clear()
 
 
 def pad_context(contexts: List[torch.Tensor], length: int = TEXT_LEN) -> torch.Tensor:

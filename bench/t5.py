@@ -1,0 +1,132 @@
+"""The prompt encoding of one request at full UMT5-XXL width (CPU): ours vs upstream's way, side by side in one run.
+
+  upstream's way  each text alone, padded to 512 tokens with its mask, computed in the checkpoint's bf16 (upstream's
+                  T5EncoderModel with t5_cpu), the prompt and the negative prompt on every request
+  ours            wan22.text.PromptEncoder: the real tokens only, fp32 compute over the bf16 weights where bf16 is
+                  slow on this CPU; a first request (nothing cached) and a second one with a new prompt (the
+                  negative prompt comes from the cache)
+
+The weights are random at the real width (d_model 4096, 64 heads, d_ff 10240, 32 relative-position buckets) with
+`blocks` of UMT5-XXL's 24 blocks: a block costs the same at any depth, so the times are scaled by 24/blocks (said so
+in the result). The vocabulary is cut to 4096 rows (a lookup costs the same at any size). The real UMT5 tokenizer is
+not on this machine: token counts are estimated, generously (1.3 tokens per English word, 1 per character of the
+Chinese negative prompt, plus EOS), and fed as ids.
+
+Embeddings: `max_abs_diff` is ours against the exact encode of the same bf16 weights (padded to 512, fp32
+compute): what trimming and the compute dtype change; `upstream_way_max_abs_diff` is upstream's bf16 way against
+that same exact encode, `ours_vs_upstream_way_max_abs_diff` the two against each other.
+"""
+from __future__ import annotations
+
+import re
+import time
+import zlib
+from typing import Dict, List
+
+from .common import log, write_result
+
+FULL_BLOCKS = 24
+
+
+class EstimatedTokenizer:
+    """UMT5-sized token lists without the UMT5 tokenizer: the estimated count, deterministic ids, EOS (1) last."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    @staticmethod
+    def count(text: str) -> int:
+        words = len(re.findall(r"[A-Za-z0-9']+", text))
+        other = len(re.findall(r"[^\sA-Za-z0-9']", text))  # CJK characters and punctuation: one each
+        return min(round(1.3 * words) + other, 511) + 1
+
+    def token_lists(self, texts: List[str]) -> List[List[int]]:
+        out = []
+        for text in texts:
+            seed = zlib.crc32(text.encode())
+            out.append([2 + (seed + 7919 * i) % (self.vocab - 2) for i in range(self.count(text) - 1)] + [1])
+        return out
+
+
+def build_encoder(blocks: int, width: Dict[str, int]):
+    import torch
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from wan22.configs import load_config
+
+    config = load_config("umt5_xxl_encoder.json")
+    config.update(num_layers=blocks, num_decoder_layers=blocks, **width)
+    torch.manual_seed(0)
+    return UMT5EncoderModel(UMT5Config(**config)).to(torch.bfloat16).eval()
+
+
+def run(blocks: int = 2, results_dir=None, quick: bool = False) -> Dict[str, object]:
+    import torch
+
+    from wan22 import spec
+    from wan22.pipeline import UPSTREAM_NEGATIVE_PROMPT
+    from wan22.text import TEXT_LEN, PromptEncoder, clean_prompt, computing_in, cpu_bf16_is_slow
+
+    width = (dict(vocab_size=4096, d_model=512, d_kv=64, num_heads=8, d_ff=1280) if quick else
+             dict(vocab_size=4096, d_model=4096, d_kv=64, num_heads=64, d_ff=10240))
+    log(f"t5: UMT5 encoder, {blocks} of {FULL_BLOCKS} blocks at d_model {width['d_model']} (random bf16 weights)")
+    model = build_encoder(blocks, width)
+    tokenizer = EstimatedTokenizer(width["vocab_size"])
+    prompt = spec.default("prompt")
+    second_prompt = prompt.replace("cat", "dog").replace("sunglasses", "a scarf")
+    counts = {"prompt": tokenizer.count(clean_prompt(prompt)), "negative_prompt": tokenizer.count(clean_prompt(UPSTREAM_NEGATIVE_PROMPT))}
+
+    def padded(text: str, compute=None) -> torch.Tensor:
+        tokens = tokenizer.token_lists([clean_prompt(text)])[0]
+        ids = torch.tensor([tokens + [0] * (TEXT_LEN - len(tokens))])
+        mask = (torch.arange(TEXT_LEN) < len(tokens)).long()[None]
+        with torch.no_grad():
+            if compute is None:
+                hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            else:
+                with computing_in(model, compute):
+                    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return hidden[0, : len(tokens)].float()
+
+    def timed(fn):
+        start = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - start, out
+
+    scale = FULL_BLOCKS / blocks
+    slow_bf16 = cpu_bf16_is_slow()
+    upstream_s, upstream = timed(lambda: [padded(prompt), padded(UPSTREAM_NEGATIVE_PROMPT)])
+    log(f"t5: upstream's way {upstream_s:.1f} s for {blocks} blocks")
+    encoder = PromptEncoder(tokenizer, model, torch.device("cpu"))
+    ours_s, ours = timed(lambda: encoder.encode([prompt, UPSTREAM_NEGATIVE_PROMPT]))
+    repeat_s, _ = timed(lambda: encoder.encode([second_prompt, UPSTREAM_NEGATIVE_PROMPT]))
+    log(f"t5: ours {ours_s:.1f} s (next request {repeat_s:.1f} s)")
+    _, exact = timed(lambda: [padded(prompt, torch.float32), padded(UPSTREAM_NEGATIVE_PROMPT, torch.float32)])
+    diff = max(float((a - b).abs().max()) for a, b in zip(ours, exact))
+    upstream_diff = max(float((a - b).abs().max()) for a, b in zip(upstream, exact))
+    ours_vs_upstream = max(float((a - b).abs().max()) for a, b in zip(ours, upstream))
+    summary = {
+        "ours_s": round(ours_s * scale, 2), "upstream_way_s": round(upstream_s * scale, 2),
+        "speedup": round(upstream_s / ours_s, 2), "next_request_s": round(repeat_s * scale, 2),
+        "next_request_speedup": round(upstream_s / repeat_s, 2),
+        "max_abs_diff": diff, "upstream_way_max_abs_diff": upstream_diff, "ours_vs_upstream_way_max_abs_diff": ours_vs_upstream,
+        "tokens": counts, "padded_to": TEXT_LEN, "cpu_bf16_slow": slow_bf16,
+        "ours_compute": "fp32 over bf16 weights" if slow_bf16 else "bf16",
+        "blocks_run": blocks, "scaled_to_blocks": FULL_BLOCKS, "width": width, "threads": torch.get_num_threads(),
+    }
+    data = {"summary": summary, "note": __doc__.split("\n\n", 1)[1].strip()}
+    write_result("t5_encode", data, results_dir)
+    return data
+
+
+def report(data: Dict[str, object]) -> List[str]:
+    s = data["summary"]
+    scaled = f"{s['blocks_run']} of {s['scaled_to_blocks']} blocks run, times scaled"
+    return [
+        f"T5 encode, one request ({s['tokens']['prompt']} + {s['tokens']['negative_prompt']} tokens; {scaled}): "
+        f"upstream's way (padded to {s['padded_to']}, bf16) {s['upstream_way_s']:.1f} s, ours ({s['ours_compute']}) "
+        f"{s['ours_s']:.1f} s: {s['speedup']:.1f}x; next request (negative prompt cached) {s['next_request_s']:.1f} s: "
+        f"{s['next_request_speedup']:.1f}x",
+        f"T5 embeddings vs the exact encode: ours max abs diff {s['max_abs_diff']:.2e}, upstream's way "
+        f"{s['upstream_way_max_abs_diff']:.2e}; ours vs upstream's way {s['ours_vs_upstream_way_max_abs_diff']:.2e}",
+    ]

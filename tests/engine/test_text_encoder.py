@@ -1,0 +1,98 @@
+"""The text encoder's shortcuts against upstream's way on a tiny UMT5: only the real tokens, cached embeddings,
+fp32 compute over bf16 weights."""
+import copy
+
+import pytest
+import torch
+
+from wan22 import models, text
+from wan22.discover import discover_model_set
+from wan22.pipeline import LoadOptions, UPSTREAM_NEGATIVE_PROMPT, load_pipeline
+
+PROMPT = "A small cat walks slowly across the green field at sunset."
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_models):
+    return load_pipeline(tiny_models("upstream"), LoadOptions(dtype="fp32", device="cpu")).prompt_encoder
+
+
+def counting_forwards(model):
+    calls = []
+    handle = model.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape[1]),
+                                         with_kwargs=True)
+    return calls, handle
+
+
+def upstream_way(encoder, prompt: str) -> torch.Tensor:
+    """Upstream's T5EncoderModel: ids padded to 512 with the mask, the output cut at the real length."""
+    ids, mask = encoder.token_ids(prompt)
+    with torch.no_grad():
+        hidden = encoder.model(input_ids=ids[None], attention_mask=mask[None]).last_hidden_state[0]
+    return hidden[: int(mask.sum())].float()
+
+
+def test_real_tokens_only_give_upstreams_embeddings(encoder):
+    calls, handle = counting_forwards(encoder.model)
+    try:
+        ours = text.PromptEncoder(encoder.tokenizer, encoder.model, torch.device("cpu")).encode([PROMPT, UPSTREAM_NEGATIVE_PROMPT])
+    finally:
+        handle.remove()
+    for got, prompt in zip(ours, (PROMPT, UPSTREAM_NEGATIVE_PROMPT)):
+        want = upstream_way(encoder, prompt)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert (got - want).abs().max() < 1e-5
+    assert calls == [got.shape[0] for got in ours] and max(calls) < text.TEXT_LEN  # never 512
+
+
+def test_recent_embeddings_are_cached_per_text_and_device(encoder):
+    fresh = text.PromptEncoder(encoder.tokenizer, encoder.model, torch.device("cpu"), cache_size=3)
+    calls, handle = counting_forwards(encoder.model)
+    try:
+        first = fresh.encode([PROMPT, UPSTREAM_NEGATIVE_PROMPT])
+        assert len(calls) == 2
+        fresh.encode(["waves at night", UPSTREAM_NEGATIVE_PROMPT])
+        assert len(calls) == 3  # the negative prompt came from the cache
+        again = fresh.encode([f"  {PROMPT} ", UPSTREAM_NEGATIVE_PROMPT])  # the same text once cleaned
+        assert len(calls) == 3 and all(torch.equal(a, b) for a, b in zip(first, again))
+        assert fresh.missing([PROMPT, "new"]) == ["new"] and fresh.missing([PROMPT], torch.device("meta")) == [PROMPT]
+        fresh.encode(["one", "two"])  # 3 kept: the least recently used ("waves at night", then PROMPT) go
+        assert fresh.missing(["waves at night", PROMPT, UPSTREAM_NEGATIVE_PROMPT]) == ["waves at night", PROMPT]
+    finally:
+        handle.remove()
+
+
+def bf16_encoder(tiny_models):
+    model_set = discover_model_set(tiny_models("upstream"))
+    model = models.load_t5_from_upstream_pth(model_set.files["text_encoder"], torch.bfloat16, "cpu")
+    return model
+
+
+def test_fp32_compute_over_bf16_weights_matches_an_fp32_copy_and_keeps_the_weights(tiny_models, encoder):
+    model = bf16_encoder(tiny_models)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    widened = copy.deepcopy(model).float()  # the same (bf16-rounded) weights, all in fp32
+    ids = torch.tensor([encoder.tokenizer.token_lists([PROMPT])[0]])
+    with torch.no_grad():
+        want = widened(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        plain = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        with text.computing_in(model, torch.float32):
+            got = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert got.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    assert (got - want).abs().max() < 1e-5
+    assert (plain.float() - want).abs().max() > 10 * (got - want).abs().max()  # bf16 compute rounds visibly
+    assert model.shared.weight.dtype == torch.bfloat16
+    for name, p in model.named_parameters():  # stored as before (bf16; `wo` fp32 as transformers keeps it), unchanged
+        assert p.dtype == before[name].dtype and torch.equal(p, before[name]), name
+
+
+def test_the_cpu_compute_dtype_follows_the_machine(tiny_models, encoder, monkeypatch):
+    model = bf16_encoder(tiny_models)
+    widened = copy.deepcopy(model).float()
+    reference = text.PromptEncoder(encoder.tokenizer, widened, torch.device("cpu")).encode([PROMPT])[0]
+    assert isinstance(text.cpu_bf16_is_slow(), bool)  # this machine's answer (a timing probe)
+    for slow in (True, False):
+        monkeypatch.setattr(text, "cpu_bf16_is_slow", lambda: slow)
+        got = text.PromptEncoder(encoder.tokenizer, model, torch.device("cpu")).encode([PROMPT])[0]
+        diff = (got - reference).abs().max()
+        assert (diff < 1e-5) if slow else (diff > 1e-4), (slow, diff)
