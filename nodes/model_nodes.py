@@ -5,7 +5,8 @@ import gc
 import logging
 
 from ..wan22.discover import default_model_root, discover_model_set, list_model_sets
-from ..wan22 import spec
+from ..wan22 import kernels, spec
+from ..wan22.errors import InvalidParameter
 from ..wan22.pipeline import LoadOptions, load_pipeline
 from . import comfy_bridge
 from .spec_inputs import node_inputs, spec_validator
@@ -70,6 +71,15 @@ def resolve_model_set(model_set: str, model_path: str):
     raise ValueError(f"model_set {model_set!r} is no longer on disk; choose one of: {', '.join(model_set_choices())}")
 
 
+def runnable_here(values) -> list:
+    """The loader options this server's device cannot run (an attention kernel that is not installed)."""
+    try:
+        kernels.resolve(values.get("attention_backend") or "auto", kernels.device_capability(comfy_bridge.torch_device()))
+    except InvalidParameter as exc:
+        return exc.problems
+    return []
+
+
 class Wan22ModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
@@ -80,7 +90,8 @@ class Wan22ModelLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads both Wan2.2 I2V-A14B experts, the UMT5 text encoder and the VAE. Stays loaded until its inputs change or /free."
-    VALIDATE_INPUTS = spec_validator(spec.LOADER, skip=("model_set",))  # the dropdown is ComfyUI's to check
+    VALIDATE_INPUTS = spec_validator(spec.LOADER, skip=("model_set",),  # the dropdown is ComfyUI's to check
+                                     also=runnable_here)
 
     @staticmethod
     def _key(model_set, model_path, **options):

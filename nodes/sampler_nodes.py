@@ -51,5 +51,5 @@ class Wan22ImageToVideo:
         frames = result.frames.float().div(255.0)
         info = {"seed": result.seed, "frames": result.num_frames, "width": result.width, "height": result.height,
                 "model_loads": LoadedModels.loads, "timings": {k: round(v, 3) for k, v in result.timings.items()},
-                "memory": result.plan, "loras": result.loras}
+                "memory": result.plan, "loras": result.loras, "kernels": result.kernels}
         return {"ui": {"wan22": [info]}, "result": (frames, result.seed)}

@@ -59,10 +59,12 @@ WORKER_SETTINGS: Tuple[Setting, ...] = (
     Setting("WAN_MEMORY_MODE", "memory_mode", "choice", spec.default("memory_mode"), "where the models live on the GPU (docs/memory.md); a request's `offload_model: false` still asks for `full`",
             choices=spec.SPEC["memory_mode"].choices),
     Setting("WAN_FP8_MATMUL", "fp8_matmul", "flag", spec.default("fp8_matmul"), "fp8 weights: multiply in fp8 on GPUs of compute capability 8.9+"),
+    Setting("WAN_COMPILE", "compile", "choice", spec.default("compile"), "`blocks`: torch.compile the experts' blocks; the first job at each size compiles (minutes), later ones are faster (WAN_PRELOAD with WAN_PRELOAD_SIZE at the size your jobs use warms it)",
+            choices=spec.SPEC["compile"].choices),
 )
 
 # a request's value for these is replaced by the operator's (with a warning when they differ)
-OPERATOR_PARAMS = ("dtype", "weight_dtype", "memory_mode", "fp8_matmul")
+OPERATOR_PARAMS = ("dtype", "weight_dtype", "memory_mode", "fp8_matmul", "compile")
 FIXED_BY_WORKER = {"convert_model_dtype": True}  # the seed's wrapper default; false would reload fp32 experts
 
 
@@ -112,6 +114,7 @@ class WorkerConfig:
     weight_dtype: str
     memory_mode: str
     fp8_matmul: bool
+    compile: str
 
     def loader_values(self) -> dict:
         """The loader inputs the operator decides (see OPERATOR_PARAMS, FIXED_BY_WORKER)."""

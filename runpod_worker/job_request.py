@@ -40,7 +40,7 @@ def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, 
         timings = dict(record.data["timings"], **result.timings, total_s=round(time.monotonic() - started, 3))
         record.write(status="COMPLETED", seed=result.seed, frames=result.frames, width=result.width,
                      height=result.height, fps=req.values["fps"], timings=timings, progress=None,
-                     memory=result.info.get("memory"), loras=result.info.get("loras"),
+                     memory=result.info.get("memory"), kernels=result.info.get("kernels"), loras=result.info.get("loras"),
                      comfy={"prompt_id": result.prompt_id, "cached_nodes": result.cached_nodes})
     except BaseException as exc:  # noqa: BLE001 - the record ends, the video is not left half-done
         with contextlib.suppress(OSError):

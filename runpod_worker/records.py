@@ -121,6 +121,7 @@ class Record:
             "error": None,
             "progress": None,
             "memory": None,
+            "kernels": None,
             "params": params,
             "created_at": now,
             "updated_at": now,

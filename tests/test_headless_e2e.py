@@ -196,3 +196,21 @@ def test_cli_memory_options_reach_the_loader(comfy_url, input_image, tmp_path):
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert record["info"]["memory"]["mode"] == "cpu"  # the test server runs with --cpu: no GPU to plan for
     assert count_frames(out)[0] == 5
+
+
+def test_cli_kernel_options_reach_the_sampler_and_a_missing_kernel_is_bad_input(comfy_url, input_image, tmp_path):
+    """--attention-backend / --cfg-batch: the run says what it used; a kernel the server lacks is refused by
+    ComfyUI's validation (exit 2), naming the field and what this server can run."""
+    out = tmp_path / "batched.mp4"
+    proc = cli("--server", comfy_url, "--image", str(input_image), *TINY, "--seed", str(time.time_ns() % 10**6),
+               "--attention-backend", "native", "--cfg-batch", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    kernels = json.loads(proc.stdout.strip().splitlines()[-1])["info"]["kernels"]
+    assert kernels == {"attention_backend": "native", "attention_why": "asked for", "compile": "off",
+                       "compiles_this_run": False, "cfg_batch": True}
+    assert count_frames(out)[0] == 5
+    refused = cli("--server", comfy_url, "--image", str(input_image), *TINY, "--attention-backend", "flash",
+                  "--out", str(tmp_path / "no.mp4"))
+    assert refused.returncode == 2, refused.stderr
+    assert "attention_backend: flash: it needs a CUDA GPU; usable here: auto, native" in refused.stderr
+    assert not (tmp_path / "no.mp4").exists()

@@ -122,6 +122,20 @@ def test_storage_options_are_the_operators():
     assert "operator sets it (WAN_WEIGHT_DTYPE)" in exc.value.message
 
 
+def test_kernel_options_a_request_may_set_and_compile_is_the_operators():
+    """attention_backend and cfg_batch change no weights (a request's own); compile costs minutes per size (WAN_COMPILE)."""
+    operator = config_mod.WorkerConfig.from_env({"WAN_COMPILE": "blocks"}).loader_values()
+    r = validate_generate_params({"reference_image_url": "https://x/y.png", "attention_backend": "cudnn", "cfg_batch": True},
+                                 operator=operator)
+    assert (r.values["attention_backend"], r.values["cfg_batch"], r.values["compile"]) == ("cudnn", True, "blocks")
+    with pytest.raises(RequestError) as exc:
+        validate_generate_params({"reference_image_url": "https://x/y.png", "compile": "off", "attention_backend": "xformers"},
+                                 operator=operator)
+    assert sorted(fields_of(exc.value)) == ["params.attention_backend", "params.compile"]
+    assert "must be one of auto, native, cudnn, flash, flash3, sage, got 'xformers'" in exc.value.message
+    assert "operator sets it (WAN_COMPILE)" in exc.value.message
+
+
 @pytest.mark.parametrize("key, value", [("model_path", "/etc"), ("model_set", "x"), ("filename_prefix", "../x")])
 def test_model_and_file_names_never_come_from_the_network(key, value):
     with pytest.raises(RequestError) as exc:

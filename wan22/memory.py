@@ -126,6 +126,7 @@ class Plan:
     gpu_budget_bytes: Optional[int]
     host_budget_bytes: Optional[int]
     why: str
+    cfg_batch: bool = False   # cond and uncond in one forward (twice the activations)
 
     def as_dict(self) -> Dict[str, object]:
         out = dataclasses.asdict(self)
@@ -136,14 +137,28 @@ class Plan:
     def describe(self) -> str:
         blocks = f", {self.resident_blocks}/{self.num_blocks} blocks resident" if self.mode == "stream" else ""
         budget = f" of {self.gpu_budget_bytes / GIB:.1f} GiB" if self.gpu_budget_bytes else ""
-        return (f"memory_mode {self.mode}{blocks}, T5 on {'GPU' if self.t5_on_gpu else 'CPU'}, VAE "
+        return (f"memory_mode {self.mode}{blocks}, T5 on {'GPU' if self.t5_on_gpu else 'CPU'}, "
+                f"CFG {'in one batch' if self.cfg_batch else 'in two passes'}, VAE "
                 f"{'tiled' if self.vae_tiling else 'untiled'}; expected peak GPU {self.peak_gpu_bytes / GIB:.1f} GiB"
                 f"{budget}, host {self.peak_host_bytes / GIB:.1f} GiB ({self.why})")
 
 
 def make_plan(sizes: Sizes, request: Request, budget: Budget, mode: str = "auto", t5_cpu: bool = True,
-              offload_model: bool = True) -> Plan:
-    """Pick the placement for one run. Raises MemoryPlanError (with the numbers) when even streaming cannot fit."""
+              offload_model: bool = True, cfg_batch: bool = False) -> Plan:
+    """Pick the placement for one run. Raises MemoryPlanError (with the numbers) when even streaming cannot fit.
+    cfg_batch: batch CFG's two passes where the chosen placement has room for a second set of activations."""
+    plan = _placement(sizes, request, budget, mode, t5_cpu, offload_model)
+    if not cfg_batch:
+        return plan
+    if budget.gpu_bytes is None:
+        return dataclasses.replace(plan, cfg_batch=True)
+    act = activation_bytes(request.tokens, sizes.dim)
+    if plan.mode != "stream" and plan.peak_gpu_bytes + act <= usable_gpu_bytes(budget.gpu_bytes):
+        return dataclasses.replace(plan, cfg_batch=True, peak_gpu_bytes=plan.peak_gpu_bytes + act)
+    return dataclasses.replace(plan, why=plan.why + "; CFG in two passes: no room for twice the activations")
+
+
+def _placement(sizes: Sizes, request: Request, budget: Budget, mode: str, t5_cpu: bool, offload_model: bool) -> Plan:
     act = activation_bytes(request.tokens, sizes.dim)
     host = _host_peak(sizes)
     if budget.gpu_bytes is None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import lora as lora_mod, memory, models, placement, spec
+from . import kernels, lora as lora_mod, memory, models, placement, spec
 from .discover import ModelSet, discover_model_set
 from .errors import GenerationCancelled, GpuOutOfMemory, InvalidParameter
 from .params import GenerationParams, image_size_for_area
@@ -30,7 +30,8 @@ VAE_STRIDE = (4, 8, 8)
 PATCH = (1, 2, 2)
 
 
-LOAD_FIELDS = ("dtype", "offload_model", "t5_cpu", "convert_model_dtype", "weight_dtype", "memory_mode", "fp8_matmul")
+LOAD_FIELDS = ("dtype", "offload_model", "t5_cpu", "convert_model_dtype", "weight_dtype", "memory_mode", "fp8_matmul",
+               "attention_backend", "compile", "cfg_batch")
 STORAGE_FIELDS = ("dtype", "convert_model_dtype", "weight_dtype")  # changing these means loading again
 
 
@@ -40,7 +41,8 @@ class LoadOptions:
 
     Storage (a change reloads): dtype (compute), convert_model_dtype (store the experts in dtype rather than
     the checkpoint's own), weight_dtype (auto | bf16 | fp16 | fp8_e4m3fn_scaled). Placement (no reload, see
-    wan22.memory): memory_mode, offload_model (false asks for full), t5_cpu, fp8_matmul. gpu_memory_gib caps
+    wan22.memory): memory_mode, offload_model (false asks for full), t5_cpu, fp8_matmul; and how the experts run
+    (wan22.kernels, no reload either): attention_backend, compile, cfg_batch. gpu_memory_gib caps
     the GPU memory the plan may use (None: what is free), e.g. to run as a 24 GB card would.
     """
 
@@ -51,6 +53,9 @@ class LoadOptions:
     weight_dtype: str = spec.default("weight_dtype")
     memory_mode: str = spec.default("memory_mode")
     fp8_matmul: bool = spec.default("fp8_matmul")
+    attention_backend: str = spec.default("attention_backend")
+    compile: str = spec.default("compile")
+    cfg_batch: bool = spec.default("cfg_batch")
     device: Optional[str] = None  # cuda when available, else cpu
     gpu_memory_gib: Optional[float] = None
 
@@ -64,6 +69,11 @@ class LoadOptions:
         for name in LOAD_FIELDS:
             try:
                 checked[name] = spec.check(name, getattr(self, name))
+            except InvalidParameter as exc:
+                problems += exc.problems
+        if not problems:
+            try:  # an installed kernel for this device, before anything is loaded
+                kernels.resolve(checked["attention_backend"], kernels.device_capability(self.torch_device))
             except InvalidParameter as exc:
                 problems += exc.problems
         if problems:
@@ -105,6 +115,7 @@ class VideoResult:
     timings: Dict[str, float]
     plan: Optional[dict] = None  # the memory plan it ran with (wan22.memory.Plan.as_dict)
     loras: list = dataclasses.field(default_factory=list)  # the LoRAs applied (Wan22I2VPipeline.sync_loras)
+    kernels: dict = dataclasses.field(default_factory=dict)  # attention backend, compile, cfg_batch of this run
 
     @property
     def num_frames(self) -> int:
@@ -297,6 +308,7 @@ class _Shared:
         self.streamer: Optional[placement.BlockStreamer] = None
         self.lora_files: Dict[tuple, lora_mod.LoraFile] = {}
         self.applied: Dict[str, lora_mod.Applied] = {}
+        self.compiled_for: set = set()  # (tokens, batch) the compiled blocks have run at
 
 
 EXPERTS = ("high_noise_model", "low_noise_model")
@@ -386,7 +398,7 @@ class Wan22I2VPipeline:
             width, height = spec.parse_size(params.size)
         request = memory.Request(width, height, params.frame_num)
         return memory.make_plan(self.sizes(), request, self.budget(), self.options.memory_mode, self.options.t5_cpu,
-                                self.options.offload_model)
+                                self.options.offload_model, self.options.cfg_batch)
 
     def _gpu(self) -> bool:
         return self.device.type != "cpu"
@@ -535,19 +547,22 @@ class Wan22I2VPipeline:
         return torch.randn(16, lat_f, lat_h, lat_w, dtype=torch.float32, generator=generator)
 
     # ------------------------------------------------------------------ stage 4: denoise
-    def _predict(self, model, latent, timestep, y, context) -> torch.Tensor:
+    def _predict(self, model, latent, timestep, y, contexts) -> torch.Tensor:
+        """The expert's flow prediction [B, C, F, H, W] (float32) for the same latent under each of `contexts`
+        [B, 512, dim]: B=1 for one pass, B=2 for CFG in one batch."""
         dtype = model.patch_embedding.weight.dtype  # the storage dtype (some small modules stay fp32)
         compute = self.options.torch_dtype
+        batch = contexts.shape[0]
         inputs = torch.cat([latent, y])[None].to(self.device, compute if dtype == compute else dtype)
         autocast = dtype != compute and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=compute, enabled=autocast):
             out = model(
-                hidden_states=inputs,
-                timestep=timestep.view(1).to(self.device),
-                encoder_hidden_states=context.to(self.device, inputs.dtype),
+                hidden_states=inputs.expand(batch, *inputs.shape[1:]),
+                timestep=timestep.view(1).to(self.device).expand(batch),
+                encoder_hidden_states=contexts.to(self.device, inputs.dtype),
                 return_dict=False,
             )[0]
-        return out[0].float()
+        return out.float()
 
     @torch.no_grad()
     def denoise(self, noise, y, embeds: PromptEmbeds, params: GenerationParams,
@@ -572,11 +587,14 @@ class Wan22I2VPipeline:
                 high = value >= boundary_timestep
                 model = checks.watch(self._activate_expert(EXPERTS[0] if high else EXPERTS[1], plan))
                 guide = params.guide_scale[1] if high else params.guide_scale[0]
-                cond = self._predict(model, latent, timestep, y, context)
                 if guide == 1.0:
-                    prediction = cond
+                    prediction = self._predict(model, latent, timestep, y, context)[0]
                 else:
-                    uncond = self._predict(model, latent, timestep, y, context_null)
+                    if plan.cfg_batch:
+                        cond, uncond = self._predict(model, latent, timestep, y, torch.cat([context, context_null]))
+                    else:
+                        cond = self._predict(model, latent, timestep, y, context)[0]
+                        uncond = self._predict(model, latent, timestep, y, context_null)[0]
                     prediction = uncond + guide * (cond - uncond)
                 latent = schedule.solver.step(prediction[None], timestep, latent[None], return_dict=False)[0][0]
                 if trace:
@@ -611,6 +629,7 @@ class Wan22I2VPipeline:
             layer.fast = self.options.fp8_matmul
         for _, layer in fp8_layers(self.low_noise_model):
             layer.fast = self.options.fp8_matmul
+        run_kernels = self._set_kernels(plan, params, image)
         timings = {}
         start = time.perf_counter()
         try:
@@ -633,7 +652,22 @@ class Wan22I2VPipeline:
             if plan.mode != "full":
                 self._evict()
         return VideoResult(frames=video_to_uint8(video), video=video, latent=latent.cpu(), seed=params.seed,
-                           timings=timings, plan=plan.as_dict(), loras=loras)
+                           timings=timings, plan=plan.as_dict(), loras=loras, kernels=run_kernels)
+
+    def _set_kernels(self, plan: memory.Plan, params: GenerationParams, image: Image.Image) -> Dict[str, object]:
+        """Point both experts at this run's attention kernel and compile setting; say what this run uses."""
+        backend, why = kernels.resolve(self.options.attention_backend, kernels.device_capability(self.device))
+        compiled = self.options.compile == "blocks"
+        for expert in (self.high_noise_model, self.low_noise_model):
+            kernels.apply(expert, backend)
+            kernels.compile_blocks(expert, compiled)
+        _, _, height, width = image_size_for_area(image.height, image.width, params.max_area, VAE_STRIDE[1], PATCH[1])
+        shape = (memory.Request(width, height, params.frame_num).tokens, 2 if plan.cfg_batch else 1)
+        first_at_shape = compiled and shape not in self._shared.compiled_for
+        if compiled:
+            self._shared.compiled_for.add(shape)
+        return {"attention_backend": backend, "attention_why": why, "compile": self.options.compile,
+                "compiles_this_run": first_at_shape, "cfg_batch": plan.cfg_batch}
 
 
     @contextlib.contextmanager

@@ -207,6 +207,12 @@ PARAMS: Tuple[Param, ...] = (
           choices=("auto", "full", "offload", "stream"), node=LOADER, refused={"worker": _WORKER_OPERATOR.format("WAN_MEMORY_MODE")}),
     Param("fp8_matmul", "bool", False, "fp8 weights: multiply in fp8 (torch._scaled_mm) on GPUs that have it (compute capability 8.9+); otherwise they are upcast per layer.",
           node=LOADER, refused={"worker": _WORKER_OPERATOR.format("WAN_FP8_MATMUL")}),
+    Param("attention_backend", "choice", "auto", "The experts' attention kernel: auto takes the fastest one installed for the GPU (FlashAttention-3 on Hopper, cuDNN on Hopper and Blackwell, FlashAttention-2, else PyTorch SDPA); sage (8-bit) changes the numerics, so it runs only when asked for. The CPU runs native.",
+          choices=("auto", "native", "cudnn", "flash", "flash3", "sage"), node=LOADER),
+    Param("compile", "choice", "off", "blocks: torch.compile the experts' transformer blocks; the first run at each size compiles (minutes), later runs are faster.",
+          choices=("off", "blocks"), node=LOADER, refused={"worker": _WORKER_OPERATOR.format("WAN_COMPILE")}),
+    Param("cfg_batch", "bool", False, "Run the conditional and unconditional passes as one batch of two where the memory plan has room for twice the activations (faster on a GPU, the same video); otherwise two passes, as upstream.",
+          node=LOADER),
     # --- seed options that need several GPUs or a prompt-extension model: only the default is accepted
     Param("t5_fsdp", "bool", False, "FSDP sharding of T5 (several GPUs).", flag=False, only=False, why=SINGLE_GPU, upstream_flag="--t5_fsdp", upstream_switch=True),
     Param("dit_fsdp", "bool", False, "FSDP sharding of the DiT (several GPUs).", flag=False, only=False, why=SINGLE_GPU, upstream_flag="--dit_fsdp", upstream_switch=True),

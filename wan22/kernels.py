@@ -1,0 +1,103 @@
+"""How the experts run on the GPU: which attention kernel (spec `attention_backend`, through diffusers' attention
+dispatcher) and whether their blocks are compiled (spec `compile`).
+
+Self-attention is ~72 % of an A14B forward at 720p, so the kernel matters more than anything else on a GPU:
+`auto` takes the fastest one installed for the card (FlashAttention-3 on Hopper when `flash_attn_interface`
+imports, cuDNN's fused SDPA on Hopper and Blackwell, FlashAttention-2 when `flash-attn` is installed, else
+PyTorch's SDPA). `sage` (8-bit attention) changes the numerics, so it is only used when asked for.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .errors import InvalidParameter
+
+# ours -> (diffusers AttentionBackendName value, the module it needs, the least compute capability)
+BACKENDS = {
+    "native": ("native", None, None),
+    "cudnn": ("_native_cudnn", None, (8, 0)),
+    "flash": ("flash", "flash_attn", (8, 0)),
+    "flash3": ("_flash_3", "flash_attn_interface", (9, 0)),
+    "sage": ("sage", "sageattention", (8, 0)),
+}
+PACKAGES = {"flash_attn": "flash-attn", "flash_attn_interface": "FlashAttention-3 (flash_attn_interface)",
+            "sageattention": "sageattention"}
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def usable(name: str, capability: Optional[Tuple[int, int]], importable: Callable[[str], bool] = _importable) -> Optional[str]:
+    """None when backend `name` can run on a device of `capability` (None: the CPU), else why not."""
+    _, module, least = BACKENDS[name]
+    if least is not None and capability is None:
+        return "it needs a CUDA GPU"
+    if least is not None and capability < least:
+        return f"it needs compute capability {least[0]}.{least[1]}+ (this GPU has {capability[0]}.{capability[1]})"
+    if module is not None and not importable(module):
+        return f"the {PACKAGES[module]} package is not installed on this server"
+    return None
+
+
+def resolve(requested: str, capability: Optional[Tuple[int, int]],
+            importable: Callable[[str], bool] = _importable) -> Tuple[str, str]:
+    """(backend, why) for a request; an explicit backend that cannot run here is an InvalidParameter."""
+    if requested == "auto":
+        if capability is None:
+            return "native", "auto on the CPU"
+        if (9, 0) <= capability < (10, 0) and usable("flash3", capability, importable) is None:
+            return "flash3", "auto: FlashAttention-3 on Hopper"
+        if capability >= (9, 0):
+            return "cudnn", "auto: cuDNN's fused attention on Hopper/Blackwell"
+        if usable("flash", capability, importable) is None:
+            return "flash", "auto: FlashAttention-2 is installed"
+        return "native", "auto: PyTorch SDPA (no faster kernel installed for this GPU)"
+    why_not = usable(requested, capability, importable)
+    if why_not is not None:
+        here = [name for name in BACKENDS if usable(name, capability, importable) is None]
+        raise InvalidParameter("attention_backend", f"{requested}: {why_not}; usable here: auto, {', '.join(here)}")
+    return requested, "asked for"
+
+
+def device_capability(device) -> Optional[Tuple[int, int]]:
+    device = torch.device(device)
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def apply(model: torch.nn.Module, backend: str) -> None:
+    """Point every attention processor of `model` at `backend` (once per change; a flag on the model)."""
+    if getattr(model, "_wan22_attention_backend", None) == backend:
+        return
+    diffusers_logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = diffusers_logger.level
+    diffusers_logger.setLevel(logging.ERROR)  # "Attention backends are an experimental feature"
+    try:
+        model.set_attention_backend(BACKENDS[backend][0])
+    finally:
+        diffusers_logger.setLevel(level)
+    model._wan22_attention_backend = backend
+
+
+def compile_blocks(model: torch.nn.Module, on: bool) -> bool:
+    """torch.compile the forward of each repeated block (diffusers' `_repeated_blocks`: WanTransformerBlock), as
+    diffusers' compile_repeated_blocks does, but the forward only: the cancel check before each block stays an
+    eager hook, so adding it per run recompiles nothing. One compile per input shape (a new size compiles again).
+    Returns whether anything changed."""
+    if bool(getattr(model, "_wan22_compiled", False)) == on:
+        return False
+    names = set(getattr(model, "_repeated_blocks", ()) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no repeated blocks to compile")
+    for block in blocks:
+        if on:
+            block.forward = torch.compile(block.forward, dynamic=False)
+        else:
+            del block.forward  # the class's forward again
+    model._wan22_compiled = on
+    return True
