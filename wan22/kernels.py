@@ -65,8 +65,9 @@ def resolve(requested: str, capability: Optional[Tuple[int, int]],
 
 
 def device_capability(device) -> Optional[Tuple[int, int]]:
+    """The CUDA compute capability of `device`; None on the CPU (and for the memory simulation's fake GPU)."""
     device = torch.device(device)
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.cuda.is_available() else None
 
 
 def apply(model: torch.nn.Module, backend: str) -> None:

@@ -424,7 +424,7 @@ class Wan22I2VPipeline:
         if not self._gpu():
             return model
         if plan.mode == "full":
-            self._evict(keep=EXPERTS)
+            self._evict(keep=EXPERTS + ("vae",))  # the full plan counts the VAE resident too
             for expert in EXPERTS:
                 self._to_gpu(expert)
         elif plan.mode == "offload":

@@ -22,16 +22,38 @@ def _tensor_to(tensor: torch.Tensor, device: torch.device, non_blocking: bool = 
     return tensor if tensor.device == device else tensor.to(device, non_blocking=non_blocking)
 
 
+HOST_MASTERS = "_wan22_host_masters"
+
+
 def move(module: nn.Module, device, non_blocking: bool = False) -> nn.Module:
-    """Every parameter and buffer of `module` onto `device` (a no-op for those already there)."""
+    """Every parameter and buffer of `module` onto `device` (a no-op for those already there).
+
+    Onto an accelerator, the host tensors stay behind as the master copy (pinned, once, where CUDA is there, so
+    the next copy in is faster); back onto the host, the master is put back and the device copy dropped: no
+    device-to-host copy of an expert, ever. Weights are never written in place (LoRAs are hooks), so the master
+    is current; a tensor that changed shape or dtype meanwhile is copied back instead."""
     device = torch.device(device)
+    pin = cuda_ready(device)
     for sub in module.modules():
-        for name, param in list(sub._parameters.items()):
-            if param is not None and param.device != device:
-                sub._parameters[name] = nn.Parameter(_tensor_to(param.data, device, non_blocking), requires_grad=False)
-        for name, buf in list(sub._buffers.items()):
-            if buf is not None and buf.device != device:
-                sub._buffers[name] = _tensor_to(buf, device, non_blocking)
+        masters = sub.__dict__.setdefault(HOST_MASTERS, {})
+        for kind, table in (("param", sub._parameters), ("buffer", sub._buffers)):
+            for name, tensor in list(table.items()):
+                if tensor is None or tensor.device == device:
+                    continue
+                key = (kind, name)
+                if device.type == "cpu":
+                    master = masters.pop(key, None)
+                    if master is not None and master.shape == tensor.shape and master.dtype == tensor.dtype:
+                        table[name] = master
+                        continue
+                    moved = tensor.data.to(device)
+                else:
+                    if tensor.device.type == "cpu":
+                        if pin and not tensor.is_pinned():
+                            tensor = nn.Parameter(tensor.data.pin_memory(), requires_grad=False) if kind == "param" else tensor.pin_memory()
+                        masters[key] = tensor
+                    moved = _tensor_to(tensor.data, device, non_blocking or pin)
+                table[name] = nn.Parameter(moved, requires_grad=False) if kind == "param" else moved
     return module
 
 

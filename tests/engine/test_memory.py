@@ -117,8 +117,34 @@ def test_out_of_memory_leaves_nothing_on_the_gpu_and_the_next_run_works():
     assert result["retry_error"] is None and result["gpu_bytes_after_run"] == 0
 
 
-def test_full_mode_keeps_the_experts_for_the_next_run():
-    """A warm server on an 80 GB card: the second run finds both experts resident and plans full again."""
+def test_full_mode_keeps_the_experts_for_the_next_run(monkeypatch):
+    """A warm server on an 80 GB card: the second run finds both experts resident, plans full again and moves
+    nothing: every module went to the GPU once, in the first run."""
+    from wan22 import placement
+
+    moved = []
+    real_move = placement.move
+    monkeypatch.setattr(placement, "move", lambda module, device, **kw: (moved.append((type(module).__name__, str(device))),
+                                                                         real_move(module, device, **kw))[1])
     result = _simulate(gpu_gib=80, size="832*480", weight_dtype="bf16", runs=2, steps=2)
     assert result["modes"] == ["full", "full"]  # not "stream" for want of the memory its own experts hold
     assert result["gpu_bytes_after_run"] > 53 * GIB  # both bf16 experts stayed on the GPU
+    to_gpu = [name for name, device in moved if device.startswith("cuda")]
+    assert sorted(to_gpu) == sorted(["WanTransformer3DModel"] * 2 + ["AutoencoderKLWan"]), moved
+    assert not [entry for entry in moved if entry[1] == "cpu" and entry[0] == "WanTransformer3DModel"], moved
+
+
+def test_an_expert_leaving_the_accelerator_gets_its_host_master_back_without_a_copy(tiny_models):
+    """`move` keeps the host tensors while an expert is on the accelerator and puts them back afterwards: nothing
+    is copied back. The meta device stands in for the GPU: a copy out of it would raise."""
+    from wan22 import placement
+
+    expert = load_pipeline(tiny_models("upstream"), LoadOptions(dtype="fp32", device="cpu")).high_noise_model
+    before = {name: p for name, p in expert.named_parameters()}
+    buffers = {name: b for name, b in expert.named_buffers()}
+    placement.move(expert, "meta")
+    assert {p.device.type for p in expert.parameters()} == {"meta"}
+    placement.move(expert, "cpu")  # would raise "Cannot copy out of meta tensor" had it copied
+    assert all(p is before[name] for name, p in expert.named_parameters())
+    assert all(b is buffers[name] for name, b in expert.named_buffers())
+    assert all(not module.__dict__.get(placement.HOST_MASTERS) for module in expert.modules())  # nothing held twice
