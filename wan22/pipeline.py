@@ -323,6 +323,7 @@ class Wan22I2VPipeline:
         self.load_timings: Dict[str, float] = {}  # seconds per part, filled by load_pipeline
         self._shared = shared or _Shared()
         self.last_plan: Optional[memory.Plan] = None
+        self.last_kernels: Dict[str, object] = {}  # what the latest denoise ran with (wan22.kernels)
         self.loras: Tuple[lora_mod.LoraChoice, ...] = tuple(loras)
 
     def _view(self, options: LoadOptions, loras: tuple) -> "Wan22I2VPipeline":
@@ -574,6 +575,7 @@ class Wan22I2VPipeline:
         context, context_null = pad_context([embeds.context]), pad_context([embeds.context_null])
         y = y.to(self.device)
         latent = noise.to(self.device)
+        self.last_kernels = self._set_kernels(plan, latent)
         checks = BlockChecks(should_cancel)
         try:
             steps = len(schedule.values)
@@ -629,7 +631,6 @@ class Wan22I2VPipeline:
             layer.fast = self.options.fp8_matmul
         for _, layer in fp8_layers(self.low_noise_model):
             layer.fast = self.options.fp8_matmul
-        run_kernels = self._set_kernels(plan, params, image)
         timings = {}
         start = time.perf_counter()
         try:
@@ -652,23 +653,22 @@ class Wan22I2VPipeline:
             if plan.mode != "full":
                 self._evict()
         return VideoResult(frames=video_to_uint8(video), video=video, latent=latent.cpu(), seed=params.seed,
-                           timings=timings, plan=plan.as_dict(), loras=loras, kernels=run_kernels)
+                           timings=timings, plan=plan.as_dict(), loras=loras, kernels=self.last_kernels)
 
-    def _set_kernels(self, plan: memory.Plan, params: GenerationParams, image: Image.Image) -> Dict[str, object]:
+    def _set_kernels(self, plan: memory.Plan, latent: torch.Tensor) -> Dict[str, object]:
         """Point both experts at this run's attention kernel and compile setting; say what this run uses."""
         backend, why = kernels.resolve(self.options.attention_backend, kernels.device_capability(self.device))
         compiled = self.options.compile == "blocks"
         for expert in (self.high_noise_model, self.low_noise_model):
             kernels.apply(expert, backend)
             kernels.compile_blocks(expert, compiled)
-        _, _, height, width = image_size_for_area(image.height, image.width, params.max_area, VAE_STRIDE[1], PATCH[1])
-        shape = (memory.Request(width, height, params.frame_num).tokens, 2 if plan.cfg_batch else 1)
+        frames, height, width = latent.shape[1:]
+        shape = (frames * (height // PATCH[1]) * (width // PATCH[2]), 2 if plan.cfg_batch else 1)
         first_at_shape = compiled and shape not in self._shared.compiled_for
         if compiled:
             self._shared.compiled_for.add(shape)
         return {"attention_backend": backend, "attention_why": why, "compile": self.options.compile,
                 "compiles_this_run": first_at_shape, "cfg_batch": plan.cfg_batch}
-
 
     @contextlib.contextmanager
     def _vae_checks(self, should_cancel: Optional[CancelCheck], doing: str):
