@@ -7,6 +7,8 @@
               loading the experts again
   paths       the same tiny generation by the engine, through ComfyUI + shipped workflow (headless client) and
               through the RunPod worker's local API; plus warm vs cold through the worker
+  fidelity    one expert forward at the real A14B width (2 of 40 blocks) in bf16 against fp32: diffusers' bf16
+              residual stream vs upstream's fp32 one (the fp32_residual option)
   t5          one request's prompt encoding at full UMT5-XXL width (2 of 24 blocks, scaled): ours (real tokens only,
               cached negative prompt, the CPU's fast dtype) vs upstream's way (padded to 512, bf16)
 
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from .common import RESULTS, log, machine_info, write_result
 
-BENCHMARKS = ("loader", "diffusers", "lora", "paths", "t5")
+BENCHMARKS = ("loader", "diffusers", "lora", "paths", "t5", "fidelity")
 
 
 def main(argv=None) -> int:
@@ -95,6 +97,12 @@ def main(argv=None) -> int:
                 data = t5.run(blocks=1 if args.quick else 2, results_dir=results_dir, quick=args.quick)
                 lines += t5.report(data)
                 summary["t5_encode"] = data["summary"]
+            elif name == "fidelity":
+                from . import fidelity
+
+                data = fidelity.run(blocks=2, quick=args.quick, results_dir=results_dir)
+                lines += fidelity.report(data)
+                summary["fidelity"] = data["summary"]
         except Exception as exc:  # noqa: BLE001 - report and go on with the others
             traceback.print_exc()
             failed.append(name)

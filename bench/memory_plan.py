@@ -224,7 +224,7 @@ def _staged(tracker: StorageTracker, pipe) -> None:
 
 def simulate(gpu_gib: float, host_gib: float, size: str, frame_num: int, mode: str = "auto",
              weight_dtype: str = "auto", steps: int = 4, t5_cpu: bool = True, folder: Optional[Path] = None,
-             fail_at: Optional[str] = None, runs: int = 1) -> dict:
+             fail_at: Optional[str] = None, runs: int = 1, **options) -> dict:
     """Load and run the full-size pipeline on the simulated machine; returns what was measured.
 
     `fail_at` ("denoise"): raise a CUDA out-of-memory error inside the first expert forward, to check that the
@@ -247,7 +247,7 @@ def simulate(gpu_gib: float, host_gib: float, size: str, frame_num: int, mode: s
         result: Dict[str, object] = {"simulated": True, "gpu_gib": gpu_gib, "host_gib": host_gib, "size": size,
                                      "frame_num": frame_num, "requested_mode": mode, "weight_dtype": weight_dtype}
         with simulated_machine(gpu_gib, host_gib) as tracker:
-            options = LoadOptions(device="cuda", memory_mode=mode, weight_dtype=weight_dtype, t5_cpu=t5_cpu)
+            options = LoadOptions(device="cuda", memory_mode=mode, weight_dtype=weight_dtype, t5_cpu=t5_cpu, **options)
             pipe = load_pipeline(model_set, options)
             _staged(tracker, pipe)
             params = GenerationParams(size=size, frame_num=frame_num, sample_steps=steps, seed=0)

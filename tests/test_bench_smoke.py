@@ -6,7 +6,7 @@ nothing here checks a speed, so a slow machine never fails these tests.
 - `python -m bench --quick`: the CPU benchmarks at smoke size: the loader benchmark (16 MB synthetic upstream expert,
   read / stream / plain, each in its own subprocess), the diffusers reference, the 4-step recipe and LoRA swaps
   (8 instead of 40 steps), the engine path (no servers: the ComfyUI and worker paths are exercised by the e2e
-  tests) and the T5 encode (one block at d_model 512).
+  tests), the T5 encode (one block at d_model 512) and the bf16 fidelity comparison (two blocks at dim 256).
 """
 from __future__ import annotations
 
@@ -100,6 +100,9 @@ def test_cpu_benchmarks_quick(smoke_runs):
     assert t5["ours_s"] > 0 and t5["upstream_way_s"] > 0 and t5["speedup"] > 0
     assert t5["tokens"]["prompt"] < t5["padded_to"] and t5["blocks_run"] == 1
     assert t5["max_abs_diff"] < 0.1 and t5["upstream_way_max_abs_diff"] < 0.1  # bf16 rounding at most
+    fidelity = json.loads((tmp_path / "quick_fidelity.json").read_text())["summary"]
+    assert "bf16 fidelity" in stdout and fidelity["quick"] is True
+    assert 0 < fidelity["upstream"]["rel_l2"] < 0.05 and 0 < fidelity["diffusers"]["rel_l2"] < 0.05, fidelity
     ref = json.loads((tmp_path / "quick_diffusers_reference.json").read_text())
     assert ref["summary"]["engine_over_diffusers"] > 0
     assert ref["output"]["engine_shape"] == ref["output"]["diffusers_shape"]

@@ -207,7 +207,7 @@ def test_cli_kernel_options_reach_the_sampler_and_a_missing_kernel_is_bad_input(
     assert proc.returncode == 0, proc.stderr
     kernels = json.loads(proc.stdout.strip().splitlines()[-1])["info"]["kernels"]
     assert kernels == {"attention_backend": "native", "attention_why": "asked for", "compile": "off",
-                       "compiles_this_run": False, "cfg_batch": True}
+                       "compiles_this_run": False, "cfg_batch": True, "fp32_residual": False}
     assert count_frames(out)[0] == 5
     refused = cli("--server", comfy_url, "--image", str(input_image), *TINY, "--attention-backend", "flash",
                   "--out", str(tmp_path / "no.mp4"))

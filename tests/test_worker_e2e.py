@@ -492,7 +492,7 @@ def test_seed_request_returns_base64_mp4(worker, first_request, tmp_path):
     assert out["seed"] == 42 and out["frames"] == 5
     assert out["memory"]["mode"] == "cpu" and out["memory"]["resident_blocks"] == out["memory"]["num_blocks"]
     assert out["kernels"] == {"attention_backend": "native", "attention_why": "auto on the CPU", "compile": "off",
-                              "compiles_this_run": False, "cfg_batch": False}
+                              "compiles_this_run": False, "cfg_batch": False, "fp32_residual": False}
     data = base64.b64decode(out["video_base64"])
     n, shape = count_frames(data, tmp_path)
     assert n == 5 and (out["width"], out["height"]) == (shape[1], shape[0])

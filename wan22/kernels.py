@@ -8,6 +8,7 @@ PyTorch's SDPA). `sage` (8-bit attention) changes the numerics, so it is only us
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from typing import Callable, Optional, Tuple
@@ -102,3 +103,21 @@ def compile_blocks(model: torch.nn.Module, on: bool) -> bool:
             del block.forward  # the class's forward again
     model._wan22_compiled = on
     return True
+
+
+@contextlib.contextmanager
+def fp32_residual_stream(model: torch.nn.Module, on: bool):
+    """Upstream's blocks add each sub-layer's output to the residual under fp32 autocast, so the residual stream
+    is fp32 from the first block on; diffusers' blocks keep it in their input's dtype (`type_as`). Handing each
+    block an fp32 hidden state (the matmuls still run in bf16 under autocast) makes diffusers' blocks do as
+    upstream's do."""
+    if not on:
+        yield
+        return
+    handles = [block.register_forward_pre_hook(lambda module, args: (args[0].float(), *args[1:]))
+               for block in getattr(model, "blocks", ())]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

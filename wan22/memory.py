@@ -31,6 +31,7 @@ GPU_RESERVE_FRACTION = 0.10    # at least 2 GiB, 10 % of a large card
 HOST_RESERVE = 4 * GIB          # the process itself, ComfyUI, the OS
 ACTIVATION_BYTES_PER_TOKEN_DIM = 3 * 4 + 5 * 2
 ACTIVATION_MARGIN = 1.10
+FP32_RESIDUAL_EXTRA_BYTES = 16  # fp32_residual: the fp32 residual, its sums and autocast's bf16 copies (measured: +6.4 GiB at 720p, bench/memory_plan.py)
 VAE_DECODE_BYTES_PER_PIXEL = 260
 VAE_ENCODE_BYTES_PER_PIXEL = 180
 VAE_TILE = 256  # diffusers' AutoencoderKLWan tile (pixels), used when tiling
@@ -101,8 +102,9 @@ class Request:
         return self.width * self.height * self.frames
 
 
-def activation_bytes(tokens: int, dim: int) -> int:
-    return int(tokens * dim * ACTIVATION_BYTES_PER_TOKEN_DIM * ACTIVATION_MARGIN)
+def activation_bytes(tokens: int, dim: int, fp32_residual: bool = False) -> int:
+    per = ACTIVATION_BYTES_PER_TOKEN_DIM + (FP32_RESIDUAL_EXTRA_BYTES if fp32_residual else 0)
+    return int(tokens * dim * per * ACTIVATION_MARGIN)
 
 
 def vae_bytes(request: Request, tiled: bool, decode: bool) -> int:
@@ -144,22 +146,23 @@ class Plan:
 
 
 def make_plan(sizes: Sizes, request: Request, budget: Budget, mode: str = "auto", t5_cpu: bool = True,
-              offload_model: bool = True, cfg_batch: bool = False) -> Plan:
+              offload_model: bool = True, cfg_batch: bool = False, fp32_residual: bool = False) -> Plan:
     """Pick the placement for one run. Raises MemoryPlanError (with the numbers) when even streaming cannot fit.
     cfg_batch: batch CFG's two passes where the chosen placement has room for a second set of activations."""
-    plan = _placement(sizes, request, budget, mode, t5_cpu, offload_model)
+    plan = _placement(sizes, request, budget, mode, t5_cpu, offload_model, fp32_residual)
     if not cfg_batch:
         return plan
     if budget.gpu_bytes is None:
         return dataclasses.replace(plan, cfg_batch=True)
-    act = activation_bytes(request.tokens, sizes.dim)
+    act = activation_bytes(request.tokens, sizes.dim, fp32_residual)
     if plan.mode != "stream" and plan.peak_gpu_bytes + act <= usable_gpu_bytes(budget.gpu_bytes):
         return dataclasses.replace(plan, cfg_batch=True, peak_gpu_bytes=plan.peak_gpu_bytes + act)
     return dataclasses.replace(plan, why=plan.why + "; CFG in two passes: no room for twice the activations")
 
 
-def _placement(sizes: Sizes, request: Request, budget: Budget, mode: str, t5_cpu: bool, offload_model: bool) -> Plan:
-    act = activation_bytes(request.tokens, sizes.dim)
+def _placement(sizes: Sizes, request: Request, budget: Budget, mode: str, t5_cpu: bool, offload_model: bool,
+               fp32_residual: bool) -> Plan:
+    act = activation_bytes(request.tokens, sizes.dim, fp32_residual)
     host = _host_peak(sizes)
     if budget.gpu_bytes is None:
         return Plan("cpu", sizes.num_blocks, sizes.num_blocks, False, False, 0, host, None, budget.host_bytes,

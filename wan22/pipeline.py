@@ -31,7 +31,7 @@ PATCH = (1, 2, 2)
 
 
 LOAD_FIELDS = ("dtype", "offload_model", "t5_cpu", "convert_model_dtype", "weight_dtype", "memory_mode", "fp8_matmul",
-               "attention_backend", "compile", "cfg_batch")
+               "attention_backend", "compile", "cfg_batch", "fp32_residual")
 STORAGE_FIELDS = ("dtype", "convert_model_dtype", "weight_dtype")  # changing these means loading again
 
 
@@ -42,7 +42,7 @@ class LoadOptions:
     Storage (a change reloads): dtype (compute), convert_model_dtype (store the experts in dtype rather than
     the checkpoint's own), weight_dtype (auto | bf16 | fp16 | fp8_e4m3fn_scaled). Placement (no reload, see
     wan22.memory): memory_mode, offload_model (false asks for full), t5_cpu, fp8_matmul; and how the experts run
-    (wan22.kernels, no reload either): attention_backend, compile, cfg_batch. gpu_memory_gib caps
+    (wan22.kernels, no reload either): attention_backend, compile, cfg_batch, fp32_residual. gpu_memory_gib caps
     the GPU memory the plan may use (None: what is free), e.g. to run as a 24 GB card would.
     """
 
@@ -56,6 +56,7 @@ class LoadOptions:
     attention_backend: str = spec.default("attention_backend")
     compile: str = spec.default("compile")
     cfg_batch: bool = spec.default("cfg_batch")
+    fp32_residual: bool = spec.default("fp32_residual")
     device: Optional[str] = None  # cuda when available, else cpu
     gpu_memory_gib: Optional[float] = None
 
@@ -399,7 +400,7 @@ class Wan22I2VPipeline:
             width, height = spec.parse_size(params.size)
         request = memory.Request(width, height, params.frame_num)
         return memory.make_plan(self.sizes(), request, self.budget(), self.options.memory_mode, self.options.t5_cpu,
-                                self.options.offload_model, self.options.cfg_batch)
+                                self.options.offload_model, self.options.cfg_batch, self.options.fp32_residual)
 
     def _gpu(self) -> bool:
         return self.device.type != "cpu"
@@ -555,8 +556,9 @@ class Wan22I2VPipeline:
         compute = self.options.torch_dtype
         batch = contexts.shape[0]
         inputs = torch.cat([latent, y])[None].to(self.device, compute if dtype == compute else dtype)
-        autocast = dtype != compute and self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=compute, enabled=autocast):
+        fp32_residual = self.options.fp32_residual and compute != torch.float32
+        autocast = (dtype != compute and self.device.type == "cuda") or fp32_residual
+        with torch.autocast(self.device.type, dtype=compute, enabled=autocast), kernels.fp32_residual_stream(model, fp32_residual):
             out = model(
                 hidden_states=inputs.expand(batch, *inputs.shape[1:]),
                 timestep=timestep.view(1).to(self.device).expand(batch),
@@ -668,7 +670,7 @@ class Wan22I2VPipeline:
         if compiled:
             self._shared.compiled_for.add(shape)
         return {"attention_backend": backend, "attention_why": why, "compile": self.options.compile,
-                "compiles_this_run": first_at_shape, "cfg_batch": plan.cfg_batch}
+                "compiles_this_run": first_at_shape, "cfg_batch": plan.cfg_batch, "fp32_residual": self.options.fp32_residual}
 
     @contextlib.contextmanager
     def _vae_checks(self, should_cancel: Optional[CancelCheck], doing: str):

@@ -213,6 +213,8 @@ PARAMS: Tuple[Param, ...] = (
           choices=("off", "blocks"), node=LOADER, refused={"worker": _WORKER_OPERATOR.format("WAN_COMPILE")}),
     Param("cfg_batch", "bool", False, "Run the conditional and unconditional passes as one batch of two where the memory plan has room for twice the activations (faster on a GPU, the same video); otherwise two passes, as upstream.",
           node=LOADER),
+    Param("fp32_residual", "bool", False, "Keep the experts' residual stream in fp32 between sub-layers, as upstream does (diffusers' blocks round it to bf16 after each): 9 % less bf16 error at 8 blocks (bench/fidelity.py), more activation memory.",
+          node=LOADER),
     # --- seed options that need several GPUs or a prompt-extension model: only the default is accepted
     Param("t5_fsdp", "bool", False, "FSDP sharding of T5 (several GPUs).", flag=False, only=False, why=SINGLE_GPU, upstream_flag="--t5_fsdp", upstream_switch=True),
     Param("dit_fsdp", "bool", False, "FSDP sharding of the DiT (several GPUs).", flag=False, only=False, why=SINGLE_GPU, upstream_flag="--dit_fsdp", upstream_switch=True),

@@ -125,3 +125,22 @@ def test_compiled_blocks_match_eager_and_still_stop_before_a_block(tiny_models, 
     back = pipe.generate(test_image, embeds, PARAMS)  # compile off again: the class's forward
     assert "forward" not in pipe.high_noise_model.blocks[0].__dict__
     assert torch.equal(back.latent, eager.latent)
+
+
+def test_fp32_residual_runs_diffusers_blocks_upstreams_way(tiny_models, test_image):
+    """bf16 weights: with fp32_residual each block gets an fp32 hidden state (sub-layers in bf16 under autocast),
+    which lands closer to the fp32 run than diffusers' bf16 residual (bench/fidelity.py measures it at full width)."""
+    fp32 = load_pipeline(tiny_models("upstream"), LoadOptions(dtype="fp32", device="cpu"))
+    bf16 = load_pipeline(tiny_models("upstream"), LoadOptions(dtype="bf16", device="cpu"))
+    embeds = fp32.encode_prompt("a cat on a wall")
+    seen = []
+    handle = bf16.high_noise_model.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    try:
+        reference = fp32.generate(test_image, embeds, PARAMS).latent
+        plain = bf16.generate(test_image, embeds, PARAMS)
+        upstream = bf16.with_options(LoadOptions(dtype="bf16", device="cpu", fp32_residual=True)).generate(test_image, embeds, PARAMS)
+    finally:
+        handle.remove()
+    assert torch.bfloat16 in seen and torch.float32 in seen
+    assert plain.kernels["fp32_residual"] is False and upstream.kernels["fp32_residual"] is True
+    assert (upstream.latent - reference).norm() < (plain.latent - reference).norm()
