@@ -6,6 +6,12 @@
              UniPCMultistepScheduler, output_type="latent")
   4step      the engine with the distilled recipe: euler, guidance 1 (one forward per step) and a random rank-64 LoRA
              on every linear layer of the blocks (the runtime adapters), projected to 4 steps
+  engine_cfg_batch, engine_compiled, engine@BACKEND
+             the engine path with cfg_batch, compile=blocks, or one attention backend (native, cudnn, flash, flash3,
+             sage; one the GPU cannot run is reported, not failed): speedups over `engine` (attention auto)
+  whole, whole_4step
+             a whole video through the engine's generate(): random UMT5-XXL-shaped T5 on the GPU, random Wan2.1 VAE
+             (encode and decode at the real size), the steps; each stage timed, projected to 40 / 4 steps
 
 in one process, on the same weights. The expert is built the engine's way (meta device, then filled tensor by
 tensor straight on the GPU) with all 40 blocks by default (28.6 GB in bf16); both experts of A14B have this shape,
@@ -13,8 +19,8 @@ so one module serves as high- and low-noise expert (the step cost is the same; V
 is not counted: add 28.6 GB, or use offload_model as upstream does). `--blocks N` builds N of the 40 blocks and
 scales the step time by 40/N (the blocks are >99% of the compute) when memory or time is short; the result says so.
 
-Text encoding, VAE encode of the conditioning and VAE decode are not timed (random conditioning and prompt
-embeddings stand in); the published upstream figures (H100: 327.8 s at 480p, 1055.9 s at 720p for 40 steps) are
+The step paths time the denoising only (random conditioning and prompt embeddings stand in); the whole paths add
+the text encoder and the VAE; the published upstream figures (H100: 327.8 s at 480p, 1055.9 s at 720p for 40 steps) are
 whole runs, so the projection (40 x the step time) is a lower bound to compare with them.
 
     python -m bench.gpu                 # the GPU run (cuda required unless --device cpu)
@@ -195,6 +201,68 @@ def run_engine_4step(model, device, dtype_name: str, width, height, frames, step
         applied.remove()
 
 
+def random_module(module, device, dtype):
+    """A meta-built module filled with random tensors directly on `device` (norm weights 1), as build_random_expert."""
+    import torch
+
+    from wan22 import convert
+    from wan22.load import fill_module
+
+    def getter(key, shape):
+        def get():
+            t = torch.empty(shape, device=device, dtype=torch.float32 if dtype is None else dtype)
+            return t.fill_(1.0) if len(shape) == 1 and "norm" in key else t.normal_(0.0, 0.02)
+        return get
+
+    shapes = [(name, tuple(p.shape)) for name, p in module.named_parameters()]
+    return fill_module(module, ((k, getter(k, s)) for k, s in shapes), convert.identity, dtype, device, "random").to(device)
+
+
+def whole_pipeline(model, device, dtype_name: str, smoke: bool):
+    """The engine's whole pipeline around `model` (both experts): a random UMT5-XXL-shaped T5 (bf16, on the GPU:
+    t5_cpu=false) with UMT5-sized token counts, and a random VAE of the real Wan2.1 config (fp32, as upstream)."""
+    import torch
+    from transformers import UMT5Config
+
+    from wan22.configs import load_config
+    from wan22.models import build_t5_encoder, build_vae
+    from wan22.pipeline import LoadOptions, Wan22I2VPipeline
+    from wan22.text import PromptEncoder
+
+    from .t5 import EstimatedTokenizer
+
+    t5_config = load_config("umt5_xxl_encoder.json")
+    t5_config.update(vocab_size=4096)  # the lookup costs the same at any vocabulary size
+    if smoke:
+        t5_config.update(d_kv=16, num_heads=4, d_ff=128, num_layers=1, num_decoder_layers=1)  # d_model: the experts' text_dim
+    t5 = random_module(build_t5_encoder(UMT5Config(**t5_config)), device, torch.bfloat16).eval()
+    vae_config = {k: v for k, v in load_config("wan21_vae.json").items() if not k.startswith("_")}
+    if smoke:
+        vae_config["base_dim"] = 8
+    vae = random_module(build_vae(vae_config), device, None).eval()
+    options = LoadOptions(dtype=dtype_name, offload_model=False, t5_cpu=False, device=str(device)).validated()
+    return Wan22I2VPipeline(model, model, PromptEncoder(EstimatedTokenizer(t5_config["vocab_size"]), t5, device), vae, options)
+
+
+def run_whole(pipe, device, width, height, frames, steps, four_step: bool) -> dict:
+    """One whole video (T5 encode, VAE encode, `steps` denoising steps, VAE decode), each stage timed."""
+    from PIL import Image
+
+    from wan22 import spec
+    from wan22.params import GenerationParams
+
+    image = Image.new("RGB", (width, height), (90, 120, 160))
+    clock = Clock(device)
+    clock.start()
+    embeds = pipe.encode_prompt(spec.default("prompt") + f" ({time.perf_counter()})")  # never a cached prompt
+    clock.tick()
+    recipe = dict(sample_solver="euler", sample_shift=5.0, guide_scale=(1.0, 1.0)) if four_step else {}
+    params = GenerationParams(size=f"{width}*{height}", frame_num=frames, sample_steps=steps, seed=1, **recipe)
+    result = pipe.generate(image, embeds, params)
+    return {"t5_s": round(clock.steps()[0], 3), **{k: round(v, 3) for k, v in result.timings.items()},
+            "kernels": result.kernels, "memory_mode": result.plan["mode"]}
+
+
 def same_backend_as_engine(model, device) -> str:
     """diffusers' pipeline runs the same module: give it the kernel the engine's `auto` picks here."""
     from wan22 import kernels
@@ -326,9 +394,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="timed steps per path and resolution (default 2)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed first steps (kernel selection, allocator)")
     ap.add_argument("--blocks", type=int, default=A14B_BLOCKS, help="transformer blocks to build (default all 40)")
-    ap.add_argument("--paths", default="engine,engine_cfg_batch,diffusers,4step",
+    ap.add_argument("--paths", default="engine,engine_cfg_batch,diffusers,4step,whole,whole_4step",
                     help="engine, engine_cfg_batch, engine_compiled, engine@BACKEND (native, cudnn, flash, flash3, sage), "
-                         "diffusers, 4step")
+                         "diffusers, 4step; whole / whole_4step: a whole video through the engine (T5 and VAE on the "
+                         "GPU, random weights), each stage timed, the steps projected to 40 / 4")
     ap.add_argument("--backends", default="native,cudnn,flash,flash3",
                     help="also run engine@BACKEND for each (a backend this GPU cannot run is reported, not run)")
     ap.add_argument("--max-seconds", type=float, default=540.0,
@@ -376,6 +445,7 @@ def main(argv=None) -> int:
     log(f"  {params_n / 1e9:.2f} B parameters, {weights_gb:.2f} GB, built in {build_s:.1f} s")
 
     results: Dict[str, Dict[str, dict]] = {}
+    whole = None  # the whole pipeline (T5 + VAE around the expert), built at its first use
     began = time.perf_counter() - build_s
     last: Optional[tuple] = None  # (tokens, seconds per step) of the latest run, for the time estimate
     for res in names:
@@ -401,6 +471,22 @@ def main(argv=None) -> int:
                 f"({args.warmup} warm-up)")
             t = time.perf_counter()
             used = {}
+            if path in ("whole", "whole_4step"):
+                try:
+                    whole = whole or whole_pipeline(model, device, dtype_name, args.smoke)
+                    n = 4 if path == "whole_4step" else args.steps
+                    entry = run_whole(whole, device, width, height, frames, n, path == "whole_4step")
+                    per_step = entry["denoise_s"] / n * scale
+                    full = 4 if path == "whole_4step" else FULL_STEPS
+                    entry.update(steps=n, projected_video_s=round(entry["t5_s"] + entry["prepare_s"] + entry["decode_s"]
+                                                                  + per_step * full, 1), projected_steps=full)
+                    if device.type == "cuda":
+                        entry["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+                except Exception as exc:  # noqa: BLE001
+                    entry = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+                results[res][path] = entry
+                log(f"  {path}: {entry}")
+                continue
             try:
                 with torch.no_grad():
                     if path == "diffusers":
@@ -467,6 +553,11 @@ def main(argv=None) -> int:
         r = results[res]
         for path in paths:
             e = r.get(path, {})
+            if "projected_video_s" in e:
+                print(f"{res} {path}: T5 {e['t5_s']:.2f} s, VAE encode {e['prepare_s']:.2f} s, {e['steps']} steps "
+                      f"{e['denoise_s']:.2f} s, decode {e['decode_s']:.2f} s: projected video ({e['projected_steps']} "
+                      f"steps) {e['projected_video_s']:.1f} s")
+                continue
             if "skipped" in e:
                 print(f"{res} {path:9s}: not run here ({e['skipped']})")
                 continue

@@ -57,6 +57,8 @@ def test_gpu_benchmark_smoke_on_cpu(smoke_runs):
         assert f"{res} engine" in stdout and f"{res} diffusers" in stdout, stdout
         assert f"{res} engine/diffusers step time" in stdout, stdout
     assert "projected 40 steps" in stdout
+    for res in ("480p", "720p"):  # whole videos: T5, VAE encode, steps, decode, each timed
+        assert f"{res} whole: T5" in stdout and f"{res} whole_4step: T5" in stdout, stdout
     data = json.loads(out.read_text())
     assert data["smoke"] is True and data["dtype"] == "bf16"
     for res in ("480p", "720p"):
@@ -67,6 +69,11 @@ def test_gpu_benchmark_smoke_on_cpu(smoke_runs):
         assert data["results"][res]["engine_over_diffusers"] > 0
         assert data["results"][res]["40_steps_cfg_over_4step"] > 0
         assert f"{res} 40 steps + CFG / 4-step recipe" in stdout, stdout
+        for path, steps in (("whole", 40), ("whole_4step", 4)):
+            whole = data["results"][res][path]
+            assert whole["projected_steps"] == steps and whole["projected_video_s"] > 0, whole
+            assert all(whole[k] > 0 for k in ("t5_s", "prepare_s", "denoise_s", "decode_s")), whole
+        assert data["results"][res]["engine_cfg_batch"]["kernels"]["cfg_batch"] is True
 
 
 def test_gpu_memory_sweep_smoke_on_cpu(smoke_runs):
