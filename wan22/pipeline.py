@@ -116,7 +116,7 @@ class VideoResult:
     timings: Dict[str, float]
     plan: Optional[dict] = None  # the memory plan it ran with (wan22.memory.Plan.as_dict)
     loras: list = dataclasses.field(default_factory=list)  # the LoRAs applied (Wan22I2VPipeline.sync_loras)
-    kernels: dict = dataclasses.field(default_factory=dict)  # attention backend, compile, cfg_batch of this run
+    kernels: dict = dataclasses.field(default_factory=dict)  # attention backend, compile, cfg_batch, fp32_residual
 
     @property
     def num_frames(self) -> int:
@@ -663,7 +663,8 @@ class Wan22I2VPipeline:
         compiled = self.options.compile == "blocks"
         for expert in (self.high_noise_model, self.low_noise_model):
             kernels.apply(expert, backend)
-            kernels.compile_blocks(expert, compiled)
+            if kernels.compile_blocks(expert, compiled):
+                self._shared.compiled_for.clear()  # compiled anew (or eager again): every shape compiles again
         frames, height, width = latent.shape[1:]
         shape = (frames * (height // PATCH[1]) * (width // PATCH[2]), 2 if plan.cfg_batch else 1)
         first_at_shape = compiled and shape not in self._shared.compiled_for
