@@ -18,8 +18,9 @@ def encoder(tiny_models):
 
 
 def counting_forwards(model):
+    """Each forward's input_ids shape (batch, tokens)."""
     calls = []
-    handle = model.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape[1]),
+    handle = model.register_forward_hook(lambda module, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)),
                                          with_kwargs=True)
     return calls, handle
 
@@ -42,7 +43,7 @@ def test_real_tokens_only_give_upstreams_embeddings(encoder):
         want = upstream_way(encoder, prompt)
         assert got.shape == want.shape and got.dtype == torch.float32
         assert (got - want).abs().max() < 1e-5
-    assert calls == [got.shape[0] for got in ours] and max(calls) < text.TEXT_LEN  # never 512
+    assert calls == [(2, max(got.shape[0] for got in ours))] and calls[0][1] < text.TEXT_LEN  # one batch, never 512
 
 
 def test_recent_embeddings_are_cached_per_text_and_device(encoder):
@@ -50,11 +51,11 @@ def test_recent_embeddings_are_cached_per_text_and_device(encoder):
     calls, handle = counting_forwards(encoder.model)
     try:
         first = fresh.encode([PROMPT, UPSTREAM_NEGATIVE_PROMPT])
-        assert len(calls) == 2
+        assert [batch for batch, _ in calls] == [2]
         fresh.encode(["waves at night", UPSTREAM_NEGATIVE_PROMPT])
-        assert len(calls) == 3  # the negative prompt came from the cache
+        assert [batch for batch, _ in calls] == [2, 1]  # the negative prompt came from the cache
         again = fresh.encode([f"  {PROMPT} ", UPSTREAM_NEGATIVE_PROMPT])  # the same text once cleaned
-        assert len(calls) == 3 and all(torch.equal(a, b) for a, b in zip(first, again))
+        assert len(calls) == 2 and all(torch.equal(a, b) for a, b in zip(first, again))
         assert fresh.missing([PROMPT, "new"]) == ["new"] and fresh.missing([PROMPT], torch.device("meta")) == [PROMPT]
         fresh.encode(["one", "two"])  # 3 kept: the least recently used ("waves at night", then PROMPT) go
         assert fresh.missing(["waves at night", PROMPT, UPSTREAM_NEGATIVE_PROMPT]) == ["waves at night", PROMPT]
