@@ -11,7 +11,8 @@
              sage; one the GPU cannot run is reported, not failed): speedups over `engine` (attention auto)
   whole, whole_4step
              a whole video through the engine's generate(): random UMT5-XXL-shaped T5 on the GPU, random Wan2.1 VAE
-             (encode and decode at the real size), the steps; each stage timed, projected to 40 / 4 steps
+             (encode and decode at the real size), the steps; each stage timed, projected to 40 / 4 steps;
+             `whole@offload` etc.: the same under one memory mode, with a second, distinct expert
 
 in one process, on the same weights. The expert is built the engine's way (meta device, then filled tensor by
 tensor straight on the GPU) with all 40 blocks by default (28.6 GB in bf16); both experts of A14B have this shape,
@@ -397,7 +398,8 @@ def main(argv=None) -> int:
     ap.add_argument("--paths", default="engine,engine_cfg_batch,diffusers,4step,whole,whole_4step",
                     help="engine, engine_cfg_batch, engine_compiled, engine@BACKEND (native, cudnn, flash, flash3, sage), "
                          "diffusers, 4step; whole / whole_4step: a whole video through the engine (T5 and VAE on the "
-                         "GPU, random weights), each stage timed, the steps projected to 40 / 4")
+                         "GPU, random weights), each stage timed, the steps projected to 40 / 4; whole@MODE, "
+                         "whole_4step@MODE: with memory_mode MODE (full, offload, stream) and two distinct experts")
     ap.add_argument("--backends", default="native,cudnn,flash,flash3",
                     help="also run engine@BACKEND for each (a backend this GPU cannot run is reported, not run)")
     ap.add_argument("--max-seconds", type=float, default=540.0,
@@ -471,13 +473,20 @@ def main(argv=None) -> int:
                 f"({args.warmup} warm-up)")
             t = time.perf_counter()
             used = {}
-            if path in ("whole", "whole_4step"):
+            kind, _, mode = path.partition("@")
+            if kind in ("whole", "whole_4step"):
                 try:
                     whole = whole or whole_pipeline(model, device, dtype_name, args.smoke)
-                    n = 4 if path == "whole_4step" else args.steps
-                    entry = run_whole(whole, device, width, height, frames, n, path == "whole_4step")
+                    if mode and whole.low_noise_model is whole.high_noise_model and not args.smoke:
+                        # the memory modes move experts: give it a second one (28.6 GB more; H100/H200 only)
+                        whole.low_noise_model = build_random_expert(config, device, dtype, seed=1)
+                    from wan22.pipeline import LoadOptions
+
+                    run_pipe = whole.with_options(LoadOptions(**{**whole.options.__dict__, "memory_mode": mode or "auto"}))
+                    n = 4 if kind == "whole_4step" else args.steps
+                    entry = run_whole(run_pipe, device, width, height, frames, n, kind == "whole_4step")
                     per_step = entry["denoise_s"] / n * scale
-                    full = 4 if path == "whole_4step" else FULL_STEPS
+                    full = 4 if kind == "whole_4step" else FULL_STEPS
                     entry.update(steps=n, projected_video_s=round(entry["t5_s"] + entry["prepare_s"] + entry["decode_s"]
                                                                   + per_step * full, 1), projected_steps=full)
                     if device.type == "cuda":

@@ -97,7 +97,8 @@ class Wan22ModelLoader:
     def _key(model_set, model_path, **options):
         found = resolve_model_set(model_set, model_path)
         options = LoadOptions.from_values(options, device=comfy_bridge.torch_device()).validated()
-        # placement options (memory_mode, offload_model, t5_cpu, fp8_matmul) reuse the loaded models
+        # placement and speed options (memory_mode, offload_model, t5_cpu, fp8_matmul, attention_backend, compile,
+        # cfg_batch, fp32_residual) reuse the loaded models
         return found, options, (found.name, options.storage_key)
 
     @classmethod

@@ -334,7 +334,8 @@ class Wan22I2VPipeline:
         return view
 
     def with_options(self, options: LoadOptions) -> "Wan22I2VPipeline":
-        """The same loaded models with other placement options (memory_mode, offload_model, t5_cpu, fp8_matmul)."""
+        """The same loaded models with other placement and speed options (memory_mode, offload_model, t5_cpu,
+        fp8_matmul, attention_backend, compile, cfg_batch, fp32_residual)."""
         options = options.validated()
         if options.storage_key != self.options.storage_key:
             raise ValueError("these options change how the models are stored: load them again")
