@@ -112,8 +112,9 @@ def reply(handler, status: int, body: bytes = b"", content_type: str = "applicat
 
 @contextlib.contextmanager
 def loopback_http(routes: dict):
-    """A threaded http.server on 127.0.0.1 only: GET `path` calls routes[path](handler), other paths are 404.
-    Yields its base URL; the port is also `url.rsplit(':', 1)[1]`."""
+    """A threaded http.server on 127.0.0.1 only: GET `path` calls routes[path](handler), POST `path` calls
+    routes["POST " + path](handler), other requests are 404. Yields its base URL; the port is also
+    `url.rsplit(':', 1)[1]`."""
     import http.server
     import socketserver
     import threading
@@ -121,6 +122,13 @@ def loopback_http(routes: dict):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
             route = routes.get(self.path.split("?")[0])
+            if route is None:
+                reply(self, 404)
+            else:
+                route(self)
+
+        def do_POST(self):  # noqa: N802
+            route = routes.get("POST " + self.path.split("?")[0])
             if route is None:
                 reply(self, 404)
             else:

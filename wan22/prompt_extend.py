@@ -1,0 +1,202 @@
+"""Prompt extension, as upstream's generate.py --use_prompt_extend does for image-to-video: a vision-language model
+looks at the reference image and the user's short prompt and writes the detailed, camera-aware video description
+the text encoder then gets.
+
+- `local_qwen`: Qwen2.5-VL through transformers, from a local folder only (never a download): `prompt_extend_model`
+  is one of upstream's names (QwenVL2.5_7B, QwenVL2.5_3B) or a folder name, looked up under the model roots.
+- `dashscope`: Alibaba Cloud's multimodal generation API (`qwen-vl-max` by default), `DASH_API_KEY` and
+  `DASH_API_URL`, at most `DASH_API_TIMEOUT_S` (60) seconds, the image sent inline.
+
+As upstream, a failed extension falls back to the original prompt (the reason is reported); strict mode makes it
+an error instead. Generation is seeded with the request's seed, at most 512 new tokens.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import os
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Optional
+
+from .errors import InvalidParameter, Wan22Error
+
+METHODS = ("local_qwen", "dashscope")
+LANGUAGES = ("zh", "en")
+LOCAL_FOLDERS = {"QwenVL2.5_7B": "Qwen2.5-VL-7B-Instruct", "QwenVL2.5_3B": "Qwen2.5-VL-3B-Instruct"}
+DEFAULT_MODELS = {"local_qwen": "QwenVL2.5_7B", "dashscope": "qwen-vl-max"}
+MODEL_SUBFOLDERS = ("", "prompt_extend", "LLM")  # under each model root
+MAX_NEW_TOKENS = 512
+DASHSCOPE_URL = "https://dashscope.aliyuncs.com/api/v1/services/aigc/multimodal-generation/generation"
+DASHSCOPE_TIMEOUT_S = 60.0
+
+# our own wording, with upstream's intent: keep what the image shows, say what moves and how the camera moves
+SYSTEM_PROMPTS = {
+    "en": ("You turn a short request for an image-to-video model into one detailed video description. Look at the "
+           "image first and keep its subject, setting, style, lighting and composition. Then say what moves, how it "
+           "moves, and how the camera moves (static, pan, tilt, dolly, orbit or zoom). Keep every detail the request "
+           "gives and invent nothing that contradicts the image; no captions or on-screen text. Write one paragraph "
+           "of 80 to 120 words in English and answer with the description only."),
+    "zh": ("你把给图生视频模型的一句简短要求改写成一段详细的视频描述。先看图片，保留其中的主体、场景、风格、光线和构图；"
+           "再写清楚什么在动、怎样动，以及镜头怎样运动（固定、横摇、俯仰、推拉、环绕或变焦）。保留要求中的每个细节，"
+           "不编造与图片矛盾的内容，不加字幕或画面文字。用一段80到150字的中文，只回答这段描述。"),
+}
+
+
+class PromptExtendFailed(Wan22Error):
+    """Strict mode: the extension failed (the reason is the message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Extension:
+    prompt: str   # what the text encoder gets
+    status: str   # "extended", or "fallback: <why>" (the original prompt is used)
+    method: str
+    model: str
+
+    def as_dict(self) -> Dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+def model_name(method: str, model: str) -> str:
+    return model or DEFAULT_MODELS[method]
+
+
+def check_model_name(name: str) -> str:
+    """A name, never a path: requests come from the network."""
+    if not name or os.path.isabs(name) or any(c in name for c in ("/", "\\", ":")) or name.startswith(".") or ".." in name:
+        raise InvalidParameter("prompt_extend_model", f"{name!r}: give a model name ({', '.join(LOCAL_FOLDERS)}) or "
+                                                      "a folder name under the model roots, not a path")
+    return name
+
+
+def find_local_model(name: str, roots: Iterable[Path]) -> Path:
+    """The Qwen2.5-VL folder for `name` (upstream's name or a folder name) under the model roots."""
+    folder = LOCAL_FOLDERS.get(check_model_name(name), name)
+    roots = [Path(r) for r in roots]
+    for root in roots:
+        for sub in MODEL_SUBFOLDERS:
+            candidate = root / sub / folder
+            if (candidate / "config.json").is_file():
+                return candidate
+    where = ", ".join(f"<root>/{sub + '/' if sub else ''}{folder}" for sub in MODEL_SUBFOLDERS)
+    raise InvalidParameter("prompt_extend_model", f"{name}: no {folder} folder with a config.json under the model "
+                                                  f"roots ({', '.join(str(r) for r in roots) or 'none'}); looked at {where}")
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class LocalQwenExpander:
+    """Qwen2.5-VL from a local folder, loaded once and kept (the caller holds it); `to("cpu")` takes it off the GPU
+    before an expert needs the memory."""
+
+    def __init__(self, folder: Path, device: str = "cpu"):
+        import torch
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        self.folder, self.device = Path(folder), device
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        try:
+            self.processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(folder), local_files_only=True,
+                                                                            dtype=dtype).to(device).eval()
+        except Exception as exc:
+            raise InvalidParameter("prompt_extend_model", f"{self.folder.name}: not a readable Qwen2.5-VL folder ({exc})") from exc
+
+    def to(self, device: str) -> "LocalQwenExpander":
+        self.model.to(device)
+        self.device = device
+        return self
+
+    def expand(self, image, prompt: str, lang: str, seed: int) -> str:
+        import torch
+
+        messages = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPTS[lang]}]},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(text=[text], images=[image.convert("RGB")], return_tensors="pt").to(self.device)
+        with torch.random.fork_rng(devices=[self.device] if str(self.device).startswith("cuda") else []), torch.no_grad():
+            torch.manual_seed(seed)
+            out = self.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS)
+        new_tokens = out[0, inputs["input_ids"].shape[1]:]
+        return self.processor.batch_decode([new_tokens], skip_special_tokens=True)[0].strip()
+
+
+def dashscope_expand(image, prompt: str, lang: str, seed: int, model: str, api_key: str, url: str = DASHSCOPE_URL,
+                     timeout: float = DASHSCOPE_TIMEOUT_S) -> str:
+    """One call of DashScope's multimodal generation API (result_format message); raises with the reason."""
+    import requests
+
+    body = {"model": model,
+            "input": {"messages": [
+                {"role": "system", "content": [{"text": SYSTEM_PROMPTS[lang]}]},
+                {"role": "user", "content": [{"image": "data:image/png;base64," + base64.b64encode(_png(image)).decode()},
+                                             {"text": prompt}]}]},
+            "parameters": {"seed": seed % 2**31, "max_tokens": MAX_NEW_TOKENS, "result_format": "message"}}
+    try:
+        reply = requests.post(url, json=body, timeout=timeout, allow_redirects=False,
+                              headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"})
+    except requests.Timeout:
+        raise RuntimeError(f"DashScope gave no answer within {timeout:g} s") from None
+    except requests.RequestException as exc:
+        raise RuntimeError(f"DashScope unreachable ({type(exc).__name__})") from None
+    try:
+        data = reply.json()
+    except ValueError:
+        raise RuntimeError(f"DashScope answered HTTP {reply.status_code} with a body that is not JSON") from None
+    if reply.status_code != 200:
+        code = data.get("code", "") if isinstance(data, dict) else ""
+        message = str(data.get("message", "") if isinstance(data, dict) else "")[:200]
+        raise RuntimeError(f"DashScope answered HTTP {reply.status_code} {code}: {message}".rstrip(": "))
+    try:
+        content = data["output"]["choices"][0]["message"]["content"]
+        text = content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise RuntimeError("DashScope's answer has no output.choices[0].message.content") from None
+    if not text.strip():
+        raise RuntimeError("DashScope answered with an empty description")
+    return text.strip()
+
+
+def extend(image, prompt: str, seed: int, method: str = "local_qwen", model: str = "", lang: str = "zh",
+           strict: bool = False, roots: Iterable[Path] = (), local: Optional[Callable[[Path], LocalQwenExpander]] = None,
+           environ: Optional[Dict[str, str]] = None) -> Extension:
+    """Extend `prompt` for `image`. Bad settings (method, language, a model not on disk, no DashScope key) raise
+    InvalidParameter; a failed extension falls back to `prompt`, or raises PromptExtendFailed when strict.
+    `local(folder)` gives the loaded expander for a folder (the caller keeps it warm)."""
+    if method not in METHODS:
+        raise InvalidParameter("prompt_extend_method", f"must be one of {', '.join(METHODS)}, got {method!r}")
+    if lang not in LANGUAGES:
+        raise InvalidParameter("prompt_extend_target_lang", f"must be one of {', '.join(LANGUAGES)}, got {lang!r}")
+    environ = os.environ if environ is None else environ
+    name = model_name(method, model)
+    if method == "local_qwen":
+        folder = find_local_model(name, roots)
+        run = lambda: (local or LocalQwenExpander)(folder).expand(image, prompt, lang, seed)
+    else:
+        check_model_name(name)
+        key = environ.get("DASH_API_KEY", "")
+        if not key:
+            raise InvalidParameter("prompt_extend_method", "dashscope needs DASH_API_KEY set on the server")
+        url = environ.get("DASH_API_URL") or DASHSCOPE_URL
+        try:
+            timeout = float(environ.get("DASH_API_TIMEOUT_S") or DASHSCOPE_TIMEOUT_S)
+        except ValueError:
+            timeout = DASHSCOPE_TIMEOUT_S
+        run = lambda: dashscope_expand(image, prompt, lang, seed, name, key, url, timeout)
+    try:
+        extended = run()
+        if not extended:
+            raise RuntimeError("the model wrote nothing")
+    except InvalidParameter:
+        raise
+    except Exception as exc:  # noqa: BLE001 - upstream falls back to the original prompt
+        why = str(exc) or type(exc).__name__
+        if strict:
+            raise PromptExtendFailed(f"prompt extension ({method}, {name}) failed: {why}") from exc
+        return Extension(prompt, f"fallback: {why}", method, name)
+    return Extension(extended, "extended", method, name)
