@@ -27,8 +27,8 @@ from wan22.intake import CheckedImage, read_image
 
 from .client import ComfyClient, Progress, output_files
 from .errors import Cancelled, ExecutionFailed, ExecutionInterrupted, OutputMissing, WorkflowError
-from .workflow import (ROLE_CORE_IMAGE, ROLE_I2V, ROLE_IMAGE, ROLE_LORA, ROLE_SAVE, apply_loras, apply_overrides,
-                       apply_params, find_nodes, load_workflow)
+from .workflow import (PARAM_TARGETS, ROLE_CORE_IMAGE, ROLE_EXTEND, ROLE_I2V, ROLE_IMAGE, ROLE_LORA, ROLE_SAVE,
+                       apply_loras, apply_overrides, apply_params, apply_prompt_extend, find_nodes, load_workflow)
 
 __all__ = ["run", "run_checked", "execute", "Hooks", "Execution", "Result", "prepare_image", "collect_result",
            "resolve_random_seeds", "VIDEO_EXTENSIONS"]
@@ -180,6 +180,10 @@ def resolve_random_seeds(prompt: dict, object_info: Optional[dict] = None, rng: 
             inputs["seed"] = chosen
         elif isinstance(seed, int) and chosen is None:
             chosen = seed
+    for nid in find_nodes(prompt, ROLE_EXTEND):  # the extension is seeded with the request's seed, as upstream
+        inputs = prompt[nid].setdefault("inputs", {})
+        if isinstance(inputs.get("seed"), int) and inputs["seed"] < 0 and chosen is not None:
+            inputs["seed"] = chosen
     return chosen
 
 
@@ -240,8 +244,12 @@ def collect_result(entry: dict, prompt: dict) -> Tuple[Optional[dict], Dict[str,
     for nid in find_nodes(prompt, ROLE_I2V) + list(outputs):
         items = (outputs.get(nid) or {}).get("wan22")
         if isinstance(items, list) and items and isinstance(items[0], dict):
-            info = items[0]
+            info = dict(items[0])
             break
+    for nid in find_nodes(prompt, ROLE_EXTEND):  # the prompt used and how the extension went
+        items = (outputs.get(nid) or {}).get("wan22_prompt_extend")
+        if isinstance(items, list) and items and isinstance(items[0], dict):
+            info["prompt_extend"] = items[0]
     return (ranked[0] if ranked else None), info
 
 
@@ -284,7 +292,11 @@ def run_checked(values: Mapping[str, Any], server: Union[str, ComfyClient, None]
     try:
         object_info = client.object_info()
         prompt = load_workflow(workflow, object_info=object_info)
-        apply_params(prompt, {k: v for k, v in values.items() if k not in spec.IMAGE_FIELDS and k != "loras"}, object_info)
+        if values.get("use_prompt_extend") is not None:
+            apply_prompt_extend(prompt, values["use_prompt_extend"])
+        extending = bool(find_nodes(prompt, ROLE_EXTEND))
+        apply_params(prompt, {k: v for k, v in values.items() if k in PARAM_TARGETS
+                              and (extending or k not in spec.EXTENSION_OPTIONS)}, object_info)
         if values.get("loras") is not None:
             apply_loras(prompt, server_lora_names(values["loras"], object_info, label))
         apply_overrides(prompt, overrides, object_info)

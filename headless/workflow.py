@@ -21,6 +21,7 @@ __all__ = ["load_workflow", "is_ui_workflow", "ui_to_api", "find_nodes", "find_n
 
 ROLE_LOADER, ROLE_TEXT, ROLE_I2V, ROLE_SAVE, ROLE_IMAGE = spec.LOADER, spec.TEXT, spec.I2V, spec.SAVE, spec.LOAD_IMAGE
 ROLE_LORA = spec.LORA
+ROLE_EXTEND = spec.EXTEND
 ROLE_CORE_IMAGE = "LoadImage"
 
 # parameter -> (node role, input name): every node input of the spec except the image sources, which
@@ -242,29 +243,33 @@ def _known_inputs(workflow: dict, node_id: str, object_info: Optional[dict]) -> 
 
 
 def set_input(workflow: dict, role: str, name: str, value: Any, object_info: Optional[dict] = None,
-              all_matches: bool = True) -> List[str]:
-    """Set ``name`` on every node matching ``role``; raises WorkflowError naming valid inputs if unknown."""
+              all_matches: bool = True, skip: Iterable[str] = ()) -> List[str]:
+    """Set ``name`` on every node matching ``role`` (but those in `skip`); raises WorkflowError naming valid
+    inputs if unknown. An explicit value replaces a link."""
     ids = find_nodes(workflow, role)
     if not ids:
         raise WorkflowError(f"no node '{role}' in the workflow (nodes: {describe_nodes(workflow)})")
     if not all_matches:
         ids = ids[:1]
-    for nid in ids:
+    for nid in [n for n in ids if n not in set(skip)]:
         known = _known_inputs(workflow, nid, object_info)
         if name not in known:
             raise WorkflowError(f"node {nid} ({workflow[nid].get('class_type')}) has no input '{name}' "
                                 f"(inputs: {', '.join(known) or 'none'})")
-        current = workflow[nid].setdefault("inputs", {}).get(name)
-        if isinstance(current, list) and len(current) == 2 and isinstance(current[0], str) and not isinstance(value, list):
-            # it was a link; an explicit value replaces it
-            pass
-        workflow[nid]["inputs"][name] = value
+        workflow[nid].setdefault("inputs", {})[name] = value
     return ids
+
+
+def _fed_by(workflow: dict, nid: str, name: str, sources: Iterable[str]) -> bool:
+    value = (workflow[nid].get("inputs") or {}).get(name)
+    return isinstance(value, list) and len(value) == 2 and str(value[0]) in set(sources)
 
 
 def apply_params(workflow: dict, params: Dict[str, Any], object_info: Optional[dict] = None) -> dict:
     """Fill canonical parameters (wan22.spec names) into the nodes that take them, in place; returns it.
 
+    A parameter that `also` goes to other nodes (the seed, and the prompt of a prompt-extension node) is set
+    there too; an input fed by such a node (the text encoder's prompt, from the extension) keeps its link.
     The image sources are not handled here (they need an upload or the Wan22LoadImage node; see
     :func:`headless.run.prepare_image`). Raises WorkflowError when a parameter's node is missing.
     """
@@ -278,7 +283,38 @@ def apply_params(workflow: dict, params: Dict[str, Any], object_info: Optional[d
         if not find_nodes(workflow, role):
             raise WorkflowError(f"parameter '{key}' goes to a {role} node, and the workflow has none "
                                 f"(nodes: {describe_nodes(workflow)})")
-        set_input(workflow, role, name, value, object_info)
+        others = [nid for other in spec.SPEC[key].also for nid in find_nodes(workflow, other)]
+        fed = [nid for nid in find_nodes(workflow, role) if _fed_by(workflow, nid, name, others)]
+        set_input(workflow, role, name, value, object_info, skip=fed)
+        for other in {workflow[nid]["class_type"] for nid in others}:
+            set_input(workflow, other, name, value, object_info)
+    return workflow
+
+
+def apply_prompt_extend(workflow: dict, on: bool) -> dict:
+    """use_prompt_extend, in place: on, a Wan22PromptExtend node (the sampler's image, the text encoder's prompt)
+    feeds each text encoder's prompt; off, such nodes are taken out and the text encoders get their prompt back."""
+    extenders = [nid for nid, node in workflow.items() if node.get("class_type") == ROLE_EXTEND]
+    texts = find_nodes(workflow, ROLE_TEXT)
+    if not on:
+        for nid in extenders:
+            for text in texts:
+                if _fed_by(workflow, text, "prompt", [nid]):
+                    workflow[text]["inputs"]["prompt"] = (workflow[nid].get("inputs") or {}).get("prompt", "")
+            del workflow[nid]
+        return workflow
+    if extenders:
+        return workflow
+    sampler = find_node(workflow, ROLE_I2V)
+    sampler_inputs = workflow[sampler].get("inputs") or {}
+    numeric = [int(n) for n in workflow if str(n).isdigit()]
+    for offset, text in enumerate(texts):
+        nid = str(max(numeric, default=0) + 1 + offset)
+        inputs = {"image": sampler_inputs.get("image"), "prompt": workflow[text]["inputs"].get("prompt", ""),
+                  **{p.name: p.default for p in spec.node_params(ROLE_EXTEND) if p.name not in ("prompt", "image")},
+                  "seed": sampler_inputs.get("seed", spec.default("seed"))}
+        workflow[nid] = {"class_type": ROLE_EXTEND, "_meta": {"title": "Wan2.2 Prompt Extend"}, "inputs": inputs}
+        workflow[text]["inputs"]["prompt"] = [nid, 0]
     return workflow
 
 

@@ -2,12 +2,14 @@
 from .io_nodes import Wan22LoadImage, Wan22SaveVideo
 from .lora_nodes import Wan22LoraLoader
 from .model_nodes import Wan22ModelLoader, Wan22TextEncode
+from .prompt_extend_nodes import Wan22PromptExtend
 from .sampler_nodes import Wan22ImageToVideo
 
 NODE_CLASS_MAPPINGS = {
     "Wan22ModelLoader": Wan22ModelLoader,
     "Wan22LoraLoader": Wan22LoraLoader,
     "Wan22TextEncode": Wan22TextEncode,
+    "Wan22PromptExtend": Wan22PromptExtend,
     "Wan22ImageToVideo": Wan22ImageToVideo,
     "Wan22SaveVideo": Wan22SaveVideo,
     "Wan22LoadImage": Wan22LoadImage,
@@ -17,6 +19,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan22ModelLoader": "Wan2.2 I2V Model Loader",
     "Wan22LoraLoader": "Wan2.2 LoRA (high / low noise)",
     "Wan22TextEncode": "Wan2.2 Text Encode",
+    "Wan22PromptExtend": "Wan2.2 Prompt Extend (Qwen2.5-VL / DashScope)",
     "Wan22ImageToVideo": "Wan2.2 Image to Video",
     "Wan22SaveVideo": "Wan2.2 Save Video (MP4)",
     "Wan22LoadImage": "Wan2.2 Load Image (URL / base64 / path)",

@@ -9,7 +9,7 @@ from .errors import JobFailed
 from .records import Record
 
 RESPONSE_FIELDS = ("request_id", "status", "output_path", "seed", "frames", "width", "height", "timings", "memory",
-                   "kernels", "loras", "warnings")
+                   "kernels", "loras", "prompt_extend", "warnings")
 MB = 1024 * 1024
 
 

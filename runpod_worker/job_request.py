@@ -41,6 +41,7 @@ def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, 
         record.write(status="COMPLETED", seed=result.seed, frames=result.frames, width=result.width,
                      height=result.height, fps=req.values["fps"], timings=timings, progress=None,
                      memory=result.info.get("memory"), kernels=result.info.get("kernels"), loras=result.info.get("loras"),
+                     prompt_extend=result.info.get("prompt_extend"),
                      comfy={"prompt_id": result.prompt_id, "cached_nodes": result.cached_nodes})
     except BaseException as exc:  # noqa: BLE001 - the record ends, the video is not left half-done
         with contextlib.suppress(OSError):

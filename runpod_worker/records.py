@@ -122,6 +122,7 @@ class Record:
             "progress": None,
             "memory": None,
             "kernels": None,
+            "prompt_extend": None,
             "params": params,
             "created_at": now,
             "updated_at": now,

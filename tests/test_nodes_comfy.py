@@ -18,7 +18,8 @@ pytestmark = pytest.mark.comfy
 REPO = Path(__file__).resolve().parents[1]
 API_WORKFLOW = REPO / "workflows" / "api" / "wan22_i2v_a14b.json"
 UI_WORKFLOWS = [REPO / "workflows" / "ui" / "wan22_i2v_a14b.json", REPO / "example_workflows" / "wan22_i2v_a14b.json"]
-NODE_TYPES = ["Wan22ModelLoader", "Wan22LoraLoader", "Wan22TextEncode", "Wan22ImageToVideo", "Wan22SaveVideo", "Wan22LoadImage"]
+NODE_TYPES = ["Wan22ModelLoader", "Wan22LoraLoader", "Wan22TextEncode", "Wan22PromptExtend", "Wan22ImageToVideo",
+              "Wan22SaveVideo", "Wan22LoadImage"]
 SMALL = {"size": "96*64", "frame_num": 5, "sample_steps": 2}
 
 
@@ -72,6 +73,11 @@ def test_object_info_declares_every_node(comfy_client):
     assert sampler["boundary"][1]["default"] == 0.9
     assert all("tooltip" in spec[1] for name, spec in sampler.items() if name not in ("model", "text"))
     assert info["Wan22ImageToVideo"]["output"] == ["IMAGE", "INT"]
+    extend = info["Wan22PromptExtend"]["input"]["required"]
+    assert list(extend) == ["image", "prompt", "seed", "prompt_extend_method", "prompt_extend_model",
+                            "prompt_extend_target_lang", "prompt_extend_strict"]
+    assert extend["prompt_extend_method"][0] == ["local_qwen", "dashscope"] and extend["prompt_extend_target_lang"][0] == ["zh", "en"]
+    assert info["Wan22PromptExtend"]["output"] == ["STRING"]
     loader = info["Wan22ModelLoader"]["input"]["required"]
     assert loader["model_set"][0][0] == "default (WAN_CKPT_DIR)"
     assert [loader[k][1]["default"] for k in ("offload_model", "t5_cpu", "convert_model_dtype")] == [True, True, True]

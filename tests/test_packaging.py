@@ -26,9 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 PROJECT = PYPROJECT["project"]
 COMFY = PYPROJECT["tool"]["comfy"]
-RUNTIME_DEPS = {"diffusers", "transformers", "safetensors", "sentencepiece", "imageio-ffmpeg", "pillow", "numpy",
-                "requests", "websocket-client"}
-NODE_TYPES = {"Wan22ModelLoader", "Wan22LoraLoader", "Wan22TextEncode", "Wan22ImageToVideo", "Wan22SaveVideo", "Wan22LoadImage"}
+RUNTIME_DEPS = {"diffusers", "transformers", "safetensors", "sentencepiece", "tokenizers", "imageio-ffmpeg", "pillow",
+                "numpy", "requests", "websocket-client"}
+NODE_TYPES = {"Wan22ModelLoader", "Wan22LoraLoader", "Wan22TextEncode", "Wan22PromptExtend", "Wan22ImageToVideo",
+              "Wan22SaveVideo", "Wan22LoadImage"}
 # import name -> distribution, for the third-party modules the pack's code imports
 IMPORT_TO_DIST = {"PIL": "pillow", "imageio_ffmpeg": "imageio-ffmpeg", "websocket": "websocket-client"}
 # provided by ComfyUI itself (torch, its modules) or optional and guarded by try/except ImportError

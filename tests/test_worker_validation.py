@@ -169,7 +169,9 @@ def test_model_and_file_names_never_come_from_the_network(key, value):
     ({"dit_fsdp": True}, "params.dit_fsdp"),
     ({"t5_fsdp": "true"}, "params.t5_fsdp"),
     ({"ulysses_size": 2}, "params.ulysses_size"),
-    ({"use_prompt_extend": True}, "params.use_prompt_extend"),
+    ({"use_prompt_extend": "maybe"}, "params.use_prompt_extend"),
+    ({"use_prompt_extend": True, "prompt_extend_target_lang": "fr"}, "params.prompt_extend_target_lang"),
+    ({"use_prompt_extend": True, "prompt_extend_model": "/runpod-volume/models"}, "params.prompt_extend_model"),
     ({"fps": 0}, "params.fps"),
     ({"save_file": 3}, "params.save_file"),
 ])

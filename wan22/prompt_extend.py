@@ -16,6 +16,8 @@ import base64
 import dataclasses
 import io
 import os
+import random
+import unicodedata
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
 
@@ -64,7 +66,7 @@ def model_name(method: str, model: str) -> str:
 
 def check_model_name(name: str) -> str:
     """A name, never a path: requests come from the network."""
-    if not name or os.path.isabs(name) or any(c in name for c in ("/", "\\", ":")) or name.startswith(".") or ".." in name:
+    if not name or os.path.isabs(name) or any(c in name for c in ("/", "\\", ":")) or name.startswith("."):
         raise InvalidParameter("prompt_extend_model", f"{name!r}: give a model name ({', '.join(LOCAL_FOLDERS)}) or "
                                                       "a folder name under the model roots, not a path")
     return name
@@ -162,6 +164,30 @@ def dashscope_expand(image, prompt: str, lang: str, seed: int, model: str, api_k
     return text.strip()
 
 
+def clean_description(text: str) -> str:
+    """A model's or a service's text as a prompt: control characters (NUL...) dropped, whitespace collapsed, at
+    most WAN_MAX_PROMPT_CHARS characters (the text encoder reads 512 tokens anyway)."""
+    from .settings import Limits
+
+    text = " ".join("".join(c if unicodedata.category(c)[0] != "C" else " " for c in str(text)).split())
+    limit = Limits.from_env().max_prompt_chars
+    if len(text) > limit:
+        text = text[:limit]
+        text = text[: text.rindex(" ")] if " " in text else text  # at a word's end
+    return text.strip()
+
+
+def check_settings(method: str, model: str, roots: Iterable[Path], environ: Optional[Dict[str, str]] = None) -> Optional[Path]:
+    """What can be checked before a run: the local model's folder (returned), DashScope's key."""
+    environ = os.environ if environ is None else environ
+    name = check_model_name(model_name(method, model))
+    if method == "local_qwen":
+        return find_local_model(name, roots)
+    if not environ.get("DASH_API_KEY"):
+        raise InvalidParameter("prompt_extend_method", "dashscope needs DASH_API_KEY set on the server")
+    return None
+
+
 def extend(image, prompt: str, seed: int, method: str = "local_qwen", model: str = "", lang: str = "zh",
            strict: bool = False, roots: Iterable[Path] = (), local: Optional[Callable[[Path], LocalQwenExpander]] = None,
            environ: Optional[Dict[str, str]] = None) -> Extension:
@@ -174,14 +200,12 @@ def extend(image, prompt: str, seed: int, method: str = "local_qwen", model: str
         raise InvalidParameter("prompt_extend_target_lang", f"must be one of {', '.join(LANGUAGES)}, got {lang!r}")
     environ = os.environ if environ is None else environ
     name = model_name(method, model)
+    folder = check_settings(method, model, roots, environ)
+    seed = seed if seed >= 0 else random.SystemRandom().randint(0, 2**31 - 1)  # -1: a random one, as upstream
     if method == "local_qwen":
-        folder = find_local_model(name, roots)
         run = lambda: (local or LocalQwenExpander)(folder).expand(image, prompt, lang, seed)
     else:
-        check_model_name(name)
-        key = environ.get("DASH_API_KEY", "")
-        if not key:
-            raise InvalidParameter("prompt_extend_method", "dashscope needs DASH_API_KEY set on the server")
+        key = environ["DASH_API_KEY"]
         url = environ.get("DASH_API_URL") or DASHSCOPE_URL
         try:
             timeout = float(environ.get("DASH_API_TIMEOUT_S") or DASHSCOPE_TIMEOUT_S)
@@ -189,9 +213,9 @@ def extend(image, prompt: str, seed: int, method: str = "local_qwen", model: str
             timeout = DASHSCOPE_TIMEOUT_S
         run = lambda: dashscope_expand(image, prompt, lang, seed, name, key, url, timeout)
     try:
-        extended = run()
+        extended = clean_description(run())
         if not extended:
-            raise RuntimeError("the model wrote nothing")
+            raise RuntimeError("the model wrote nothing usable")
     except InvalidParameter:
         raise
     except Exception as exc:  # noqa: BLE001 - upstream falls back to the original prompt

@@ -44,6 +44,7 @@ MAX_SEED = 2**63 - 1
 # the node classes parameters belong to (their input has the parameter's name)
 LOADER, TEXT, I2V, SAVE, LOAD_IMAGE = "Wan22ModelLoader", "Wan22TextEncode", "Wan22ImageToVideo", "Wan22SaveVideo", "Wan22LoadImage"
 LORA = "Wan22LoraLoader"
+EXTEND = "Wan22PromptExtend"
 SURFACES = ("node", "cli", "worker")
 IMAGE_FIELDS = ("image", "image_url", "image_path", "image_base64")
 SINGLE_GPU = "this runner drives one GPU"
@@ -55,7 +56,7 @@ class Param:
     experts) | image (a path or an http(s) URL).
 
     `kind` loras: a list of {name, expert, strength} (wan22.lora_files).
-    `node`: the node class with an input of this name. `refused`: surface -> why that surface does not take it
+    `node`: the node class with an input of this name (`also`: others with the same input). `refused`: surface -> why that surface does not take it
     (any other surface does). `flag`: the CLI has ``--name`` (and ``--alias``) for it. `only`: the only value
     this runner supports (seed flags for several GPUs), with `why`. `upstream_flag`: upstream generate.py's
     flag, accepted in the worker's ``extra_args``. `widget`: extra ComfyUI widget options.
@@ -73,6 +74,7 @@ class Param:
     spellings: Mapping[str, str] = dataclasses.field(default_factory=dict)  # other spellings of a choice
     max_chars: Optional[int] = None  # None for text: the prompt limit (WAN_MAX_PROMPT_CHARS)
     node: Optional[str] = None
+    also: Tuple[str, ...] = ()  # other node classes with the same input (the extension's seed)
     refused: Mapping[str, str] = dataclasses.field(default_factory=dict)
     flag: bool = True
     only: Any = None
@@ -81,6 +83,7 @@ class Param:
     upstream_switch: bool = False  # the upstream flag is store_true (takes no value)
     widget: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     bound: str = ""  # for text checked elsewhere too: what bounds it, in words
+    name_only: bool = False  # text that names something on the server: never a path (requests come from the network)
 
     def taken_by(self, surface: str) -> bool:
         return surface not in self.refused and (surface != "node" or self.node is not None)
@@ -150,7 +153,7 @@ PARAMS: Tuple[Param, ...] = (
           aliases=("reference_image_path",), max_chars=4096, node=LOAD_IMAGE),
     # --- prompts
     Param("prompt", "text", UPSTREAM_EXAMPLE_PROMPT, "What should happen in the video.",
-          node=TEXT, upstream_flag="--prompt", widget={"multiline": True}),
+          node=TEXT, also=(EXTEND,), upstream_flag="--prompt", widget={"multiline": True}),
     Param("negative_prompt", "text", UPSTREAM_NEGATIVE_PROMPT, "What to avoid (empty means the default).",
           aliases=("neg_prompt",), node=TEXT, widget={"multiline": True}),
     # --- sampling
@@ -169,7 +172,7 @@ PARAMS: Tuple[Param, ...] = (
           choices=("unipc", "dpm++", "euler"), spellings={"dpmpp": "dpm++", "dpm": "dpm++"},
           node=I2V, upstream_flag="--sample_solver"),
     Param("seed", "int", -1, "-1 draws a random seed; the seed used is reported.", aliases=("base_seed",), low=-1, high=MAX_SEED,
-          node=I2V, upstream_flag="--base_seed", widget={"control_after_generate": True}),
+          node=I2V, also=(EXTEND,), upstream_flag="--base_seed", widget={"control_after_generate": True}),
     Param("boundary", "float", 0.9, "Steps with timestep >= boundary*1000 use the high-noise expert (upstream: 0.900).",
           low=0.0, high=1.0, node=I2V, widget={"step": 0.001}),
     # --- LoRAs and the 4-step recipe (docs/lora.md)
@@ -220,15 +223,17 @@ PARAMS: Tuple[Param, ...] = (
     Param("dit_fsdp", "bool", False, "FSDP sharding of the DiT (several GPUs).", flag=False, only=False, why=SINGLE_GPU, upstream_flag="--dit_fsdp", upstream_switch=True),
     Param("ulysses_size", "int", 1, "Ulysses sequence parallelism (several GPUs).", low=1, high=64, flag=False, only=1, why=SINGLE_GPU,
           upstream_flag="--ulysses_size"),
-    Param("use_prompt_extend", "bool", False, "Prompt extension with a Qwen model or DashScope.", flag=False, only=False,
-          why="no prompt-extension model is available yet; send the full prompt", upstream_flag="--use_prompt_extend",
-          upstream_switch=True),
-    Param("prompt_extend_method", "text", "", "Prompt extension method (ignored while use_prompt_extend is false).", max_chars=200, flag=False,
-          upstream_flag="--prompt_extend_method"),
-    Param("prompt_extend_model", "text", "", "Prompt extension model (ignored while use_prompt_extend is false).", max_chars=200, flag=False,
-          upstream_flag="--prompt_extend_model"),
-    Param("prompt_extend_target_lang", "text", "", "Prompt extension language (ignored while use_prompt_extend is false).", max_chars=200,
-          flag=False, upstream_flag="--prompt_extend_target_lang"),
+    Param("use_prompt_extend", "bool", False, "Extend the prompt with a vision-language model that sees the image (upstream's prompt extension); the prompt used and the extension's status are reported (docs/prompt_extend.md).",
+          upstream_flag="--use_prompt_extend", upstream_switch=True),
+    Param("prompt_extend_method", "choice", "local_qwen", "local_qwen: Qwen2.5-VL from a folder under the model roots; dashscope: Alibaba Cloud's API (DASH_API_KEY on the server).",
+          choices=("local_qwen", "dashscope"), node=EXTEND, upstream_flag="--prompt_extend_method"),
+    Param("prompt_extend_model", "text", "", "QwenVL2.5_7B or QwenVL2.5_3B (folders Qwen2.5-VL-7B/3B-Instruct), another folder name under the model roots, or a DashScope model; empty: QwenVL2.5_7B / qwen-vl-max.",
+          max_chars=200, node=EXTEND, upstream_flag="--prompt_extend_model", name_only=True,
+          bound="a model or folder name, at most 200 characters, not a path"),
+    Param("prompt_extend_target_lang", "choice", "zh", "Language of the extended prompt (upstream: zh).", choices=("zh", "en"),
+          node=EXTEND, upstream_flag="--prompt_extend_target_lang"),
+    Param("prompt_extend_strict", "bool", False, "A failed extension is an error instead of falling back to the original prompt (upstream falls back).",
+          node=EXTEND),
     # --- the worker's delivery (the seed's request fields)
     Param("save_file", "text", "", "MP4 name inside the worker's output folder (default <request_id>.mp4).", max_chars=1024, flag=False,
           bound="a .mp4 name inside the output folder (up to 3 subfolders; an absolute path must lie in it; no '..', no other request's file)",
@@ -250,7 +255,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
               "loras": [{"name": LIGHTX2V_HIGH, "expert": "high", "strength": 1.0},
                         {"name": LIGHTX2V_LOW, "expert": "low", "strength": 1.0}]},
 }
-EXTENSION_OPTIONS = ("prompt_extend_method", "prompt_extend_model", "prompt_extend_target_lang")
+EXTENSION_OPTIONS = ("prompt_extend_method", "prompt_extend_model", "prompt_extend_target_lang", "prompt_extend_strict")
 WORKER_FIELDS = ("save_file", "return_video", "extra_args")  # checked by the worker itself
 
 
@@ -260,7 +265,7 @@ def default(name: str) -> Any:
 
 def node_params(node: str) -> List[Param]:
     """The parameters that are inputs of `node`, in declaration order (the order of its widgets)."""
-    return [p for p in PARAMS if p.node == node]
+    return [p for p in PARAMS if p.node == node or node in p.also]
 
 
 def run_defaults(surface: str) -> Dict[str, Any]:
@@ -387,6 +392,10 @@ def _check_kind(p: Param, value: Any, limits: Optional[Limits]) -> Any:
     if len(value) > limit:
         source = " (WAN_MAX_PROMPT_CHARS)" if p.max_chars is None else ""
         raise bad(f"is {len(value)} characters long; the limit is {limit}{source}")
+    if p.name_only and value:
+        from .prompt_extend import check_model_name
+
+        check_model_name(value)
     return value
 
 

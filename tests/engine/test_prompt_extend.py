@@ -39,8 +39,8 @@ def test_local_qwen_extension_is_the_seeded_decoded_generation(roots, expander):
     inputs = expander.processor(text=[text], images=[IMAGE], return_tensors="pt")
     torch.manual_seed(7)
     out = expander.model.generate(**inputs, max_new_tokens=pe.MAX_NEW_TOKENS)
-    want = expander.processor.batch_decode([out[0, inputs["input_ids"].shape[1]:]], skip_special_tokens=True)[0].strip()
-    assert first.prompt == want and first.prompt != "a cat"
+    want = expander.processor.batch_decode([out[0, inputs["input_ids"].shape[1]:]], skip_special_tokens=True)[0]
+    assert first.prompt == pe.clean_description(want) and first.prompt and first.prompt != "a cat"
     assert pe.extend(IMAGE, "a cat", 7, roots=roots, local=lambda folder: expander).prompt == first.prompt
     assert pe.extend(IMAGE, "a cat", 8, roots=roots, local=lambda folder: expander).prompt != first.prompt
     english = pe.extend(IMAGE, "a cat", 7, lang="en", roots=roots, local=lambda folder: expander)
@@ -112,3 +112,9 @@ def test_dashscope_failures_fall_back_with_the_reason(answer, why):
         got = pe.extend(IMAGE, "a red square", 3, method="dashscope",
                         environ={"DASH_API_KEY": "k", "DASH_API_URL": url + "/api", "DASH_API_TIMEOUT_S": "0.5"})
     assert (got.prompt, got.status) == ("a red square", why)
+
+
+def test_a_description_becomes_a_clean_bounded_prompt(monkeypatch):
+    monkeypatch.setenv("WAN_MAX_PROMPT_CHARS", "20")
+    assert pe.clean_description("A cat\x00 walks\n\tslowly \u200b across the long field") == "A cat walks slowly"
+    assert pe.clean_description("\x00\x07 ") == ""
