@@ -214,7 +214,7 @@ def validate_generate_params(params: Any, *, return_video: Any = None, limits: O
     kind, value = spec.image_source(values)
     image = ImageSource(kind, value, request.label(f"image_{kind}"))
     generation = spec.run_defaults("worker")
-    generation.update({k: v for k, v in values.items() if k in generation or k == "loras"})
+    generation.update({k: v for k, v in values.items() if k in generation or k in ("loras", "use_prompt_extend")})
     for name, fixed in (operator or {}).items():
         if name in values and values[name] != fixed:
             warnings.append(f"{request.label(name)}: {values[name]!r} ignored: this worker's models are loaded with "

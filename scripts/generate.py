@@ -22,11 +22,20 @@ REPO = Path(__file__).resolve().parents[1]
 # Widget values are the spec defaults of each node's parameters (the core LoadImage has its own), and for a
 # preset's workflow the preset's values; its LoRAs become a chain of Wan22LoraLoader nodes (ids 6, 7, ...).
 CORE_IMAGE_WIDGETS = [("image", "example.png"), ("upload", "image")]
-LINK_ORDER = {"model": 0, "text": 1, "image": 2, "images": 0}
-WORKFLOWS = {"none": "wan22_i2v_a14b.json", "4step": "wan22_i2v_a14b_4step_lora.json"}
+LINK_ORDER = {"model": 0, "text": 1, "image": 2, "images": 0, "prompt": 3}
+EXTEND = "extend"  # the variant with a prompt-extension node before the text encoder
+WORKFLOWS = {"none": "wan22_i2v_a14b.json", "4step": "wan22_i2v_a14b_4step_lora.json",
+             EXTEND: "wan22_i2v_a14b_prompt_extend.json"}
 
 
 def graph(preset: str = "none") -> list:
+    if preset == EXTEND:
+        nodes = graph("none")
+        text = next(n for n in nodes if n[1] == spec.TEXT)
+        nodes[nodes.index(text)] = (*text[:3], {**text[3], "prompt": (8, 0, "STRING")}, *text[4:])
+        extender = (8, spec.EXTEND, "Wan2.2 Prompt Extend", {"image": (2, 0, "IMAGE")}, [("prompt", "STRING")],
+                    (420, 420), {})
+        return nodes[:3] + [extender] + nodes[3:]
     values = spec.PRESETS[preset]
     loras = values.get("loras", [])
     model = (6 + len(loras) - 1, 0, "WAN22_MODEL") if loras else (1, 0, "WAN22_MODEL")  # the last LoRA node
@@ -80,11 +89,13 @@ def ui_workflow(preset: str = "none") -> dict:
             values.append(value)
             if spec.SPEC.get(name) and spec.SPEC[name].widget.get("control_after_generate"):
                 values.append("fixed")  # keep the seed the workflow says
-        linked = sorted(node_links, key=LINK_ORDER.get)
+        linked = sorted(node_links, key=LINK_ORDER.get)  # a widget's input fed by a link names its widget
         nodes.append({
             "id": node_id, "type": class_type, "title": title, "pos": list(pos), "size": [360, 260 if len(values) > 4 else 160],
             "flags": {}, "order": order, "mode": 0,
-            "inputs": [{"name": name, "type": node_links[name][2], "link": link_by_target[(node_id, i)]} for i, name in enumerate(linked)],
+            "inputs": [{"name": name, "type": node_links[name][2], "link": link_by_target[(node_id, i)],
+                        **({"widget": {"name": name}} if name in dict(widgets(class_type, preset_values)) else {})}
+                       for i, name in enumerate(linked)],
             "outputs": [{"name": name, "type": kind, "links": outputs_links.get((node_id, slot), []), "slot_index": slot}
                         for slot, (name, kind) in enumerate(outputs)],
             "properties": {"Node name for S&R": class_type},

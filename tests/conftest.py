@@ -37,6 +37,18 @@ def tiny_upstream(tiny_models) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen_folder(tiny_upstream) -> Path:
+    """A tiny random Qwen2.5-VL under the tiny models' root (WAN_CKPT_DIR of the servers and workers), where
+    prompt extension looks for QwenVL2.5_7B: <root>/LLM/Qwen2.5-VL-7B-Instruct."""
+    from wan22.tiny import build_tiny_qwen_vl
+
+    folder = tiny_upstream / "LLM" / "Qwen2.5-VL-7B-Instruct"
+    if not (folder / "config.json").is_file():
+        build_tiny_qwen_vl(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory, tiny_upstream):
     """The shared real ComfyUI server (a headless.server.ComfyServer: .url, .output_dir, .log_path...)."""
     cf.need_comfyui()

@@ -13,6 +13,7 @@ from headless.client import ComfyClient
 from headless.errors import ExecutionFailed, ExecutionInterrupted, PromptRejected
 from headless.workflow import find_node, ui_to_api
 from wan22.video import read_mp4
+import comfy_fixture as cf
 
 pytestmark = pytest.mark.comfy
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +89,8 @@ def test_object_info_declares_every_node(comfy_client):
     assert info["Wan22SaveVideo"]["input"]["required"]["fps"][1]["default"] == 16
 
 
-@pytest.mark.parametrize("ui_path", UI_WORKFLOWS + [REPO / folder / "wan22_i2v_a14b_4step_lora.json" for folder in ("workflows/ui", "example_workflows")],
+@pytest.mark.parametrize("ui_path", UI_WORKFLOWS + [REPO / folder / name for folder in ("workflows/ui", "example_workflows")
+                                                    for name in ("wan22_i2v_a14b_4step_lora.json", "wan22_i2v_a14b_prompt_extend.json")],
                          ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_ui_and_api_workflows_agree(comfy_client, ui_path):
     api = json.loads((API_WORKFLOW.parent / ui_path.name).read_text())
@@ -150,11 +152,14 @@ def test_free_releases_models_and_next_prompt_reloads(comfy_client, tiny_models,
     workflow = shipped(uploaded_image, tiny_models("comfyui"), Wan22ImageToVideo__seed=50)
     _, entry = run(comfy_client, workflow)
     loads = sampler_info(entry, workflow)["model_loads"]
+    released = lambda: Path(comfy_server.log_path).read_text(errors="replace").count("Wan22: releasing")
+    assert cf.wait_queue_empty(comfy_client, timeout=120)  # ComfyUI acts on /free between prompts
+    before = released()  # earlier tests may have released models too: wait for this /free's line
     comfy_client.free(unload_models=True, free_memory=False)
-    deadline = time.monotonic() + 30
-    while "Wan22: releasing" not in comfy_server.log_tail(200) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+    while released() == before and time.monotonic() < deadline:
         time.sleep(0.2)  # the flag is acted on by ComfyUI's queue loop
-    assert "Wan22: releasing" in comfy_server.log_tail(200)
+    assert released() > before, comfy_server.log_tail(30)
     workflow[find_node(workflow, "Wan22ImageToVideo")]["inputs"]["seed"] = 51
     _, entry = run(comfy_client, workflow)
     assert sampler_info(entry, workflow)["model_loads"] == loads + 1

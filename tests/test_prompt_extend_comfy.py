@@ -21,16 +21,6 @@ pytestmark = [pytest.mark.comfy]
 TINY = ["--size", "64*64", "--frame-num", "5", "--sample-steps", "2"]
 
 
-@pytest.fixture(scope="module")
-def qwen_folder(tiny_upstream):
-    from wan22.tiny import build_tiny_qwen_vl
-
-    folder = tiny_upstream / "LLM" / "Qwen2.5-VL-7B-Instruct"
-    if not (folder / "config.json").is_file():
-        build_tiny_qwen_vl(folder)
-    return folder
-
-
 def cli(*args, timeout=300):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("COMFYUI_URL", None)
@@ -66,3 +56,20 @@ def test_a_model_that_is_not_on_the_server_is_bad_input(comfy_url, input_image, 
                   "--prompt-extend-model", "../../etc", "--out", str(tmp_path / "no.mp4"))
     assert refused.returncode == 2 and "not a path" in refused.stderr, refused.stderr
     assert not (tmp_path / "no.mp4").exists()
+
+
+def test_the_shipped_prompt_extend_workflow_runs_and_reports(comfy_url, input_image, qwen_folder, tmp_path):
+    """workflows/api/wan22_i2v_a14b_prompt_extend.json as shipped: its extension node feeds the text encoder."""
+    out = tmp_path / "shipped.mp4"
+    proc = cli("--server", comfy_url, "--workflow", str(REPO / "workflows/api/wan22_i2v_a14b_prompt_extend.json"),
+               "--image", str(input_image), "--prompt", "waves", *TINY, "--seed", "11", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])["info"]["prompt_extend"]
+    want = pe.extend(Image.open(input_image), "waves", 11, roots=[qwen_folder.parents[1]])  # zh, upstream's default
+    assert report["status"] == "extended" and report["prompt"] == want.prompt
+    assert len(read_mp4(out)[0]) == 5
+    off = cli("--server", comfy_url, "--workflow", str(REPO / "workflows/api/wan22_i2v_a14b_prompt_extend.json"),
+              "--image", str(input_image), "--prompt", "waves", *TINY, "--seed", "11", "--use-prompt-extend", "false",
+              "--out", str(tmp_path / "off.mp4"), "--json")
+    assert off.returncode == 0, off.stderr
+    assert "prompt_extend" not in json.loads(off.stdout.strip().splitlines()[-1])["info"]  # the node was taken out

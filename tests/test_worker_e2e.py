@@ -666,3 +666,24 @@ def test_worker_on_an_external_comfyui(comfy_url, comfy_server, tiny_upstream, t
     frames, _ = read_mp4(record_path.with_suffix(".mp4"))
     assert len(frames) == 5
     assert not (tmp_path / "comfy").exists()  # no private ComfyUI folder was made
+
+
+def test_a_seed_request_with_prompt_extension_reports_the_prompt_used(worker, qwen_folder, image_http):
+    """use_prompt_extend and the seed's option names: the worker's ComfyUI runs the extension (the tiny Qwen2.5-VL
+    under its WAN_CKPT_DIR) and the answer says what the text encoder got."""
+    import io
+
+    from PIL import Image
+
+    from wan22 import prompt_extend
+
+    params = {"reference_image_url": image_http["base"] + "/in.png", "prompt": "a small cat", "seed": 9,
+              "use_prompt_extend": True, "prompt_extend_method": "local_qwen", "prompt_extend_model": "QwenVL2.5_7B",
+              "prompt_extend_target_lang": "en", **TINY}
+    answer = worker.runsync({"action": "request", "params": params, "return_video": False})
+    out = answer["output"]
+    assert out["status"] == "COMPLETED", answer
+    want = prompt_extend.extend(Image.open(io.BytesIO(image_http["data"])), "a small cat", 9, lang="en",
+                                roots=[qwen_folder.parents[1]])
+    assert out["prompt_extend"] == {"prompt": want.prompt, "status": "extended", "method": "local_qwen",
+                                    "model": "QwenVL2.5_7B"}
