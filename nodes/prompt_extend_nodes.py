@@ -20,22 +20,7 @@ class Expanders:
         key = str(folder)
         if key not in cls.loaded:
             cls.loaded[key] = prompt_extend.LocalQwenExpander(folder, "cpu")
-        return _OnDeviceWhileWriting(cls.loaded[key])
-
-
-class _OnDeviceWhileWriting:
-    def __init__(self, expander):
-        self.expander = expander
-
-    def expand(self, *args):
-        device = comfy_bridge.torch_device()
-        if device == "cpu":
-            return self.expander.expand(*args)
-        comfy_bridge.make_room()
-        try:
-            return self.expander.to(device).expand(*args)
-        finally:
-            self.expander.to("cpu")  # the experts need the memory next
+        return cls.loaded[key]
 
 
 def model_roots():
@@ -72,8 +57,9 @@ class Wan22PromptExtend:
 
     def extend(self, image, prompt, seed, prompt_extend_method, prompt_extend_model, prompt_extend_target_lang,
                prompt_extend_strict):
+        comfy_bridge.make_room()
         result = prompt_extend.extend(
             tensor_to_pil(image), prompt or spec.default("prompt"), seed, prompt_extend_method, prompt_extend_model,
             prompt_extend_target_lang, prompt_extend_strict,
-            roots=model_roots(), local=Expanders.get)
+            roots=model_roots(), local=Expanders.get, device=comfy_bridge.torch_device())
         return {"ui": {"wan22_prompt_extend": [result.as_dict()]}, "result": (result.prompt,)}

@@ -37,7 +37,8 @@ def test_cli_extends_the_prompt_the_text_encoder_gets_and_reports_it(comfy_url, 
     report = record["info"]["prompt_extend"]
     # the same extension in this process: the prompt the server used is the seeded generation of the tiny model
     want = pe.extend(Image.open(input_image), "a small cat", seed, lang="en", roots=[qwen_folder.parents[1]])
-    assert report == {"prompt": want.prompt, "status": "extended", "method": "local_qwen", "model": "QwenVL2.5_7B"}
+    assert report == {"prompt": want.prompt, "status": "extended", "method": "local_qwen", "model": "QwenVL2.5_7B",
+                      "device": "cpu"}  # the test server runs with --cpu
     assert "running Wan2.2 Prompt Extend" in extended.stderr
     plain = cli(*common, "--out", str(tmp_path / "plain.mp4"))
     assert plain.returncode == 0, plain.stderr

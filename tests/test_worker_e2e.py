@@ -686,4 +686,4 @@ def test_a_seed_request_with_prompt_extension_reports_the_prompt_used(worker, qw
     want = prompt_extend.extend(Image.open(io.BytesIO(image_http["data"])), "a small cat", 9, lang="en",
                                 roots=[qwen_folder.parents[1]])
     assert out["prompt_extend"] == {"prompt": want.prompt, "status": "extended", "method": "local_qwen",
-                                    "model": "QwenVL2.5_7B"}
+                                    "model": "QwenVL2.5_7B", "device": "cpu"}

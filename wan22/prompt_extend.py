@@ -55,6 +55,7 @@ class Extension:
     status: str   # "extended", or "fallback: <why>" (the original prompt is used)
     method: str
     model: str
+    device: str = ""  # where a local model wrote it (cpu when the GPU had no room); "remote" for DashScope
 
     def as_dict(self) -> Dict[str, str]:
         return dataclasses.asdict(self)
@@ -113,6 +114,28 @@ class LocalQwenExpander:
         self.model.to(device)
         self.device = device
         return self
+
+    def fits(self, device: str) -> bool:
+        """Whether the model and its generation fit the GPU's free memory now (else it writes on the CPU:
+        minutes for 512 tokens of a 7B model instead of seconds)."""
+        import torch
+
+        from .placement import module_bytes
+
+        if not str(device).startswith("cuda") or not torch.cuda.is_available():
+            return False
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free >= module_bytes(self.model) + 2 * 1024**3
+
+    def expand_on(self, device: str, image, prompt: str, lang: str, seed: int):
+        """(text, the device it was written on): on `device` when it fits there, then back to the CPU (kept warm
+        in RAM, out of the experts' way), else on the CPU."""
+        where = device if device != "cpu" and self.fits(device) else "cpu"
+        try:
+            return self.to(where).expand(image, prompt, lang, seed), where
+        finally:
+            if where != "cpu":
+                self.to("cpu")
 
     def expand(self, image, prompt: str, lang: str, seed: int) -> str:
         import torch
@@ -190,10 +213,11 @@ def check_settings(method: str, model: str, roots: Iterable[Path], environ: Opti
 
 def extend(image, prompt: str, seed: int, method: str = "local_qwen", model: str = "", lang: str = "zh",
            strict: bool = False, roots: Iterable[Path] = (), local: Optional[Callable[[Path], LocalQwenExpander]] = None,
-           environ: Optional[Dict[str, str]] = None) -> Extension:
+           environ: Optional[Dict[str, str]] = None, device: str = "cpu") -> Extension:
     """Extend `prompt` for `image`. Bad settings (method, language, a model not on disk, no DashScope key) raise
     InvalidParameter; a failed extension falls back to `prompt`, or raises PromptExtendFailed when strict.
-    `local(folder)` gives the loaded expander for a folder (the caller keeps it warm)."""
+    `local(folder)` gives the loaded expander for a folder (the caller keeps it warm); `device`: where it may
+    write (the GPU when it fits there beside what is loaded, else the CPU)."""
     if method not in METHODS:
         raise InvalidParameter("prompt_extend_method", f"must be one of {', '.join(METHODS)}, got {method!r}")
     if lang not in LANGUAGES:
@@ -203,7 +227,7 @@ def extend(image, prompt: str, seed: int, method: str = "local_qwen", model: str
     folder = check_settings(method, model, roots, environ)
     seed = seed if seed >= 0 else random.SystemRandom().randint(0, 2**31 - 1)  # -1: a random one, as upstream
     if method == "local_qwen":
-        run = lambda: (local or LocalQwenExpander)(folder).expand(image, prompt, lang, seed)
+        run = lambda: (local or LocalQwenExpander)(folder).expand_on(device, image, prompt, lang, seed)
     else:
         key = environ["DASH_API_KEY"]
         url = environ.get("DASH_API_URL") or DASHSCOPE_URL
@@ -211,9 +235,11 @@ def extend(image, prompt: str, seed: int, method: str = "local_qwen", model: str
             timeout = float(environ.get("DASH_API_TIMEOUT_S") or DASHSCOPE_TIMEOUT_S)
         except ValueError:
             timeout = DASHSCOPE_TIMEOUT_S
-        run = lambda: dashscope_expand(image, prompt, lang, seed, name, key, url, timeout)
+        run = lambda: (dashscope_expand(image, prompt, lang, seed, name, key, url, timeout), "remote")
+    where = ""
     try:
-        extended = clean_description(run())
+        text, where = run()
+        extended = clean_description(text)
         if not extended:
             raise RuntimeError("the model wrote nothing usable")
     except InvalidParameter:
@@ -222,5 +248,5 @@ def extend(image, prompt: str, seed: int, method: str = "local_qwen", model: str
         why = str(exc) or type(exc).__name__
         if strict:
             raise PromptExtendFailed(f"prompt extension ({method}, {name}) failed: {why}") from exc
-        return Extension(prompt, f"fallback: {why}", method, name)
-    return Extension(extended, "extended", method, name)
+        return Extension(prompt, f"fallback: {why}", method, name, where)
+    return Extension(extended, "extended", method, name, where)

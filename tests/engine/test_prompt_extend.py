@@ -88,7 +88,8 @@ def test_dashscope_request_and_answer_in_the_documented_shapes():
     with cf.loopback_http(routes) as url:
         got = pe.extend(IMAGE, "a red square", 2**40 + 5, method="dashscope", lang="en",
                         environ={"DASH_API_KEY": "sk-test", "DASH_API_URL": url + "/api"})
-    assert (got.prompt, got.status, got.model) == ("A red square glows; the camera dollies in slowly.", "extended", "qwen-vl-max")
+    assert (got.prompt, got.status, got.model, got.device) == ("A red square glows; the camera dollies in slowly.", "extended",
+                                                               "qwen-vl-max", "remote")
     [(auth, body)] = seen
     assert auth == "Bearer sk-test" and body["model"] == "qwen-vl-max"
     system, user = body["input"]["messages"]
@@ -112,6 +113,17 @@ def test_dashscope_failures_fall_back_with_the_reason(answer, why):
         got = pe.extend(IMAGE, "a red square", 3, method="dashscope",
                         environ={"DASH_API_KEY": "k", "DASH_API_URL": url + "/api", "DASH_API_TIMEOUT_S": "0.5"})
     assert (got.prompt, got.status) == ("a red square", why)
+
+
+def test_the_model_writes_on_the_gpu_only_when_it_fits_there(expander, monkeypatch):
+    """No GPU here: a cuda device that is not there (or too full) means writing on the CPU, said in `device`."""
+    moved = []
+    monkeypatch.setattr(expander, "to", lambda device: moved.append(device) or expander)
+    text, where = expander.expand_on("cuda:0", IMAGE, "a cat", "en", 1)
+    assert where == "cpu" and moved == ["cpu"] and text
+    monkeypatch.setattr(expander, "fits", lambda device: True)
+    _, where = expander.expand_on("cuda:0", IMAGE, "a cat", "en", 1)
+    assert where == "cuda:0" and moved[-2:] == ["cuda:0", "cpu"]  # and back to the CPU after writing
 
 
 def test_a_description_becomes_a_clean_bounded_prompt(monkeypatch):
