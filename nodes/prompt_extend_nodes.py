@@ -5,7 +5,7 @@ from ..wan22 import prompt_extend, spec
 from ..wan22.discover import default_model_root
 from ..wan22.errors import InvalidParameter
 from . import comfy_bridge
-from .model_nodes import CATEGORY
+from .model_nodes import CATEGORY, LoadedModels
 from .sampler_nodes import tensor_to_pil
 from .spec_inputs import node_inputs, spec_validator
 
@@ -20,7 +20,12 @@ class Expanders:
         key = str(folder)
         if key not in cls.loaded:
             cls.loaded[key] = prompt_extend.LocalQwenExpander(folder, "cpu")
-        return cls.loaded[key]
+        expander = cls.loaded[key]
+        device = comfy_bridge.torch_device()
+        if device != "cpu" and not expander.fits(device) and LoadedModels.pipeline is not None:
+            LoadedModels.pipeline.leave_gpu()  # experts kept in full mode make way: seconds to bring back, not
+                                               # the minutes a 7B model takes to write on the CPU
+        return expander
 
 
 def model_roots():

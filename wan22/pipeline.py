@@ -352,6 +352,11 @@ class Wan22I2VPipeline:
     def released(self) -> bool:
         return self._shared.released
 
+    def leave_gpu(self) -> None:
+        """Every model off the GPU, for another model's turn (prompt extension): the host masters stay, so this
+        copies nothing back; the next run places them again."""
+        self._evict()
+
     def release(self) -> None:
         """Free every weight now (modules go to the meta device); the pipeline cannot be used afterwards."""
         self._evict()

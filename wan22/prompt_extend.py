@@ -97,12 +97,13 @@ class LocalQwenExpander:
     """Qwen2.5-VL from a local folder, loaded once and kept (the caller holds it); `to("cpu")` takes it off the GPU
     before an expert needs the memory."""
 
-    def __init__(self, folder: Path, device: str = "cpu"):
+    def __init__(self, folder: Path, device: str = "cpu", dtype=None):
         import torch
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
         self.folder, self.device = Path(folder), device
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        if dtype is None:  # bf16 (16 GB for 7B) where a GPU will run it, fp32 for a CPU-only machine
+            dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         try:
             self.processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
             self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(folder), local_files_only=True,
