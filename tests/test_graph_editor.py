@@ -361,6 +361,22 @@ def test_4step_workflow_loads_with_its_lora_nodes(loaded_graph, browser):
                      ("wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors", 0.0, 1.0)]
 
 
+def test_prompt_extend_workflow_loads_with_its_prompt_link(loaded_graph, browser):
+    """The shipped prompt-extension workflow in the graph editor: the extension node resolves and its STRING
+    output feeds the text encoder's prompt (a widget turned into an input), with the file's links and widgets."""
+    workflow = json.loads((REPO / "example_workflows" / "wan22_i2v_a14b_prompt_extend.json").read_text(encoding="utf-8"))
+    browser.evaluate(f"app.loadGraphData({json.dumps(workflow)}).then(() => true)", timeout=30)
+    browser.settle()
+    graph = browser.evaluate(READ_GRAPH_JS)
+    assert graph["missing_dialog"] is None and not graph["dialog_visible"], graph["dialog_text"]
+    assert sorted(n["type"] for n in graph["nodes"]) == sorted(EXPECTED_TYPES + ["Wan22PromptExtend"])
+    assert all(n["registered"] and not n["has_errors"] for n in graph["nodes"])
+    assert sorted(map(tuple, graph["links"])) == sorted(map(tuple, workflow["links"]))
+    extend = next(n for n in workflow["nodes"] if n["type"] == "Wan22PromptExtend")
+    text = next(n for n in workflow["nodes"] if n["type"] == "Wan22TextEncode")
+    assert [extend["id"], 0, text["id"], "STRING"] in [[l[1], l[2], l[3], l[5]] for l in graph["links"]]
+
+
 def test_missing_node_detection_is_not_vacuous(loaded_graph, browser):
     """Control: a workflow with an unknown node type is caught by the same checks (dialog + placeholder node)."""
     workflow = json.loads(json.dumps(loaded_graph["workflow"]))
