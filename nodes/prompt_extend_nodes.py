@@ -11,7 +11,8 @@ from .spec_inputs import node_inputs, spec_validator
 
 
 class Expanders:
-    """Local Qwen2.5-VL models, loaded once per folder and kept in RAM; on the GPU only while they write."""
+    """Local Qwen2.5-VL models, loaded once per folder and kept in RAM (until POST /free); on the GPU only while
+    they write."""
 
     loaded: dict = {}
 
@@ -26,6 +27,13 @@ class Expanders:
             LoadedModels.pipeline.leave_gpu()  # experts kept in full mode make way: seconds to bring back, not
                                                # the minutes a 7B model takes to write on the CPU
         return expander
+
+    @classmethod
+    def release(cls):
+        cls.loaded.clear()
+
+
+comfy_bridge.call_on_unload_all_models(Expanders.release)  # POST /free, or ComfyUI making room
 
 
 def model_roots():
@@ -54,7 +62,7 @@ class Wan22PromptExtend:
     CATEGORY = CATEGORY
     DESCRIPTION = ("Upstream's prompt extension: Qwen2.5-VL (local folder) or DashScope looks at the image and writes a "
                    "detailed video description from the prompt; on failure the prompt is passed on unchanged.")
-    VALIDATE_INPUTS = spec_validator(spec.EXTEND, also=lambda values: usable_here(values))
+    VALIDATE_INPUTS = spec_validator(spec.EXTEND, also=usable_here)
 
     @classmethod
     def IS_CHANGED(cls, seed=None, **_):
