@@ -129,6 +129,7 @@ class Plan:
     host_budget_bytes: Optional[int]
     why: str
     cfg_batch: bool = False   # cond and uncond in one forward (twice the activations)
+    prefetch: bool = False    # offload: the low-noise expert comes in while the last high-noise step runs
 
     def as_dict(self) -> Dict[str, object]:
         out = dataclasses.asdict(self)
@@ -150,11 +151,14 @@ def make_plan(sizes: Sizes, request: Request, budget: Budget, mode: str = "auto"
     """Pick the placement for one run. Raises MemoryPlanError (with the numbers) when even streaming cannot fit.
     cfg_batch: batch CFG's two passes where the chosen placement has room for a second set of activations."""
     plan = _placement(sizes, request, budget, mode, t5_cpu, offload_model, fp32_residual)
+    act = activation_bytes(request.tokens, sizes.dim, fp32_residual)
+    if plan.mode == "offload" and 2 * sizes.expert + act <= usable_gpu_bytes(budget.gpu_bytes):
+        # the expert switch overlaps the last high-noise step instead of following it
+        plan = dataclasses.replace(plan, prefetch=True, peak_gpu_bytes=max(plan.peak_gpu_bytes, 2 * sizes.expert + act))
     if not cfg_batch:
         return plan
     if budget.gpu_bytes is None:
         return dataclasses.replace(plan, cfg_batch=True)
-    act = activation_bytes(request.tokens, sizes.dim, fp32_residual)
     if plan.mode != "stream" and plan.peak_gpu_bytes + act <= usable_gpu_bytes(budget.gpu_bytes):
         return dataclasses.replace(plan, cfg_batch=True, peak_gpu_bytes=plan.peak_gpu_bytes + act)
     return dataclasses.replace(plan, why=plan.why + "; CFG in two passes: no room for twice the activations")

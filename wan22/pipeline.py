@@ -310,6 +310,7 @@ class _Shared:
         self.lora_files: Dict[tuple, lora_mod.LoraFile] = {}
         self.applied: Dict[str, lora_mod.Applied] = {}
         self.compiled_for: set = set()  # (tokens, batch) the compiled blocks have run at
+        self.copies_in_flight: Dict[str, object] = {}  # expert -> the CUDA event its prefetch records
 
 
 EXPERTS = ("high_noise_model", "low_noise_model")
@@ -416,6 +417,12 @@ class Wan22I2VPipeline:
             placement.move(self._modules()[name], self.device)
             self._shared.on_gpu.add(name)
 
+    def _prefetch(self, name: str) -> None:
+        """Start copying `name` onto the GPU now (a side stream where CUDA is there), for the next step."""
+        if self._gpu() and name not in self._shared.on_gpu:
+            self._shared.copies_in_flight[name] = placement.move_async(self._modules()[name], self.device)
+            self._shared.on_gpu.add(name)
+
     def _evict(self, keep=()) -> None:
         """Everything but `keep` back to host memory (a streamed expert included)."""
         if self._shared.streamer is not None:
@@ -438,6 +445,7 @@ class Wan22I2VPipeline:
         elif plan.mode == "offload":
             self._evict(keep=(name,))
             self._to_gpu(name)
+            placement.wait_for(self._shared.copies_in_flight.pop(name, None), model)
         elif self._shared.streamer is None or self._shared.streamer.model is not model:
             self._evict()
             self._shared.streamer = placement.BlockStreamer(model, self.device, plan.resident_blocks).attach()
@@ -587,6 +595,7 @@ class Wan22I2VPipeline:
         checks = BlockChecks(should_cancel)
         try:
             steps = len(schedule.values)
+            last_high = max((i for i, v in enumerate(schedule.values) if v >= boundary_timestep), default=None)
             if on_step:
                 on_step(0, steps)  # sampling has begun (after loading and encoding): progress shows it at once
             for index, value in enumerate(schedule.values):
@@ -596,6 +605,8 @@ class Wan22I2VPipeline:
                 timestep = schedule.timesteps[index]
                 high = value >= boundary_timestep
                 model = checks.watch(self._activate_expert(EXPERTS[0] if high else EXPERTS[1], plan))
+                if plan.prefetch and index == last_high and index + 1 < steps:
+                    self._prefetch(EXPERTS[1])  # comes in while this step runs
                 guide = params.guide_scale[1] if high else params.guide_scale[0]
                 if guide == 1.0:
                     prediction = self._predict(model, latent, timestep, y, context)[0]

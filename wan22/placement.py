@@ -57,6 +57,34 @@ def move(module: nn.Module, device, non_blocking: bool = False) -> nn.Module:
     return module
 
 
+def move_async(module: nn.Module, device):
+    """`move` onto the GPU on a side stream (from the pinned host masters), returning the event a consumer waits
+    for (wait_for); where CUDA is not there (the CPU, the memory simulation) it moves at once and returns None."""
+    device = torch.device(device)
+    if not cuda_ready(device):
+        move(module, device)
+        return None
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        move(module, device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+    return event
+
+
+def wait_for(event, module: nn.Module) -> None:
+    """The current stream waits for `module`'s move_async copy (no host sync), and its tensors, made on the side
+    stream, are marked as used by the current one (so the allocator cannot hand their memory out too early)."""
+    if event is None:
+        return
+    current = torch.cuda.current_stream()
+    current.wait_event(event)
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_cuda:
+            tensor.record_stream(current)
+
+
 def module_bytes(module: nn.Module) -> int:
     tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -101,7 +101,8 @@ def test_simulation_reproduces_todays_default_peak():
     expert = params * 2 + kept_fp32 * 2
     tokens = 21 * (720 // 16) * (1280 // 16)
     activations = tokens * 5120 * (3 * 4 + 5 * 2)  # three fp32 and five bf16 copies of the hidden state
-    result = _simulate(gpu_gib=80, size="1280*720", mode="offload", weight_dtype="bf16")
+    # 48 GB: offload without the prefetch of the second expert (which needs room for both)
+    result = _simulate(gpu_gib=48, size="1280*720", mode="offload", weight_dtype="bf16")
     assert abs(result["peak_gpu_bytes"] - (expert + activations)) / (expert + activations) < 0.03, (
         result["peak_gpu_bytes"] / GIB, (expert + activations) / GIB)
 
@@ -157,3 +158,25 @@ def test_fp32_residual_plans_its_larger_activations():
     assert result["peak_gpu_bytes"] <= result["expected_peak_gpu_bytes"] * 1.02, result
     assert result["peak_gpu_bytes"] >= result["expected_peak_gpu_bytes"] * 0.9, result
     assert result["peak_gpu_bytes"] > 40 * GIB  # the default's peak is ~35 GiB (test_simulation_reproduces_todays_default_peak)
+
+
+def test_offload_brings_the_low_noise_expert_in_during_the_last_high_noise_step(monkeypatch):
+    """memory_mode offload on an 80 GB card (room for both experts for a moment): the low-noise expert's copy
+    starts before the last high-noise step runs, not after it (simulated at full size; on CUDA a side stream)."""
+    from wan22 import placement
+
+    from wan22.pipeline import Wan22I2VPipeline
+
+    events = []
+    real_move_async, real_predict = placement.move_async, Wan22I2VPipeline._predict
+    monkeypatch.setattr(placement, "move_async", lambda module, device: (events.append("prefetch"),
+                                                                          real_move_async(module, device))[1])
+    monkeypatch.setattr(Wan22I2VPipeline, "_predict", lambda self, model, *args: (
+        events.append("high" if model is self.high_noise_model else "low"), real_predict(self, model, *args))[1])
+    plan = memory.make_plan(A14B, memory.Request(832, 480, 81), memory.Budget(80 * GIB, 256 * GIB), "offload")
+    assert plan.prefetch and plan.peak_gpu_bytes >= 2 * A14B.expert
+    assert not memory.make_plan(A14B, P720, memory.Budget(48 * GIB, 256 * GIB), "offload").prefetch  # no room: after
+    result = _simulate(gpu_gib=80, size="832*480", mode="offload", weight_dtype="bf16", steps=4)
+    # 4 steps at shift 5: 2 on the high-noise expert, each cond + uncond
+    assert result["mode"] == "offload" and events == ["high", "high", "prefetch", "high", "high"] + ["low"] * 4, events
+    assert result["peak_gpu_bytes"] <= result["expected_peak_gpu_bytes"] * 1.02, result
