@@ -91,8 +91,8 @@ def pad_tokens(token_lists: List[List[int]], pad_id: int = 0) -> Tuple[torch.Ten
 
 
 class PromptEncoder:
-    """Texts -> UMT5 embeddings [L, dim] (fp32, CPU): the uncached ones in one batch padded to the longest of them
-    (upstream pads each to 512), recent ones cached."""
+    """Texts -> UMT5 embeddings [L, dim] (fp32, CPU): each text alone at its real length (upstream pads each to
+    512), recent ones cached."""
 
     def __init__(self, tokenizer, model, device: torch.device, cache_size: int = CACHED_PROMPTS):
         self.tokenizer, self.model, self.device = tokenizer, model, device
@@ -112,15 +112,14 @@ class PromptEncoder:
         device = device or self.device
         keys = [self._key(t, device) for t in texts]
         todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
-        if todo:  # one batch, padded to its longest text (not to 512); the mask hides the padding
-            token_lists = self.tokenizer.token_lists([k[0] for k in todo])
-            longest = max(len(tokens) for tokens in token_lists)
-            ids = torch.tensor([t + [0] * (longest - len(t)) for t in token_lists], dtype=torch.long, device=device)
-            mask = torch.tensor([[1] * len(t) + [0] * (longest - len(t)) for t in token_lists], dtype=torch.long, device=device)
+        if todo:
+            # each text alone, never batched: its embedding must not depend on what else is encoded with it
+            # (a batch changes the matmuls' rounding), so a seed gives the same video whatever the cache holds
             with compute_dtype_for(self.model, device):
-                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float().cpu()
-            for key, tokens, row in zip(todo, token_lists, hidden):
-                self._cache[key] = row[: len(tokens)].clone()
+                for key, tokens in zip(todo, self.tokenizer.token_lists([k[0] for k in todo])):
+                    ids = torch.tensor([tokens], dtype=torch.long, device=device)
+                    hidden = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+                    self._cache[key] = hidden.float().cpu()
         for key in keys:
             self._cache.move_to_end(key)
         found = [self._cache[k] for k in keys]
