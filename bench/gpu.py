@@ -64,27 +64,12 @@ def build_random_expert(config: dict, device, dtype, seed: int = 0):
     directly on `device`: no host copy of 28 GB."""
     import torch
 
-    from wan22 import convert
-    from wan22.load import fill_module
     from wan22.models import build_transformer
 
     torch.manual_seed(seed)
-    model = build_transformer(config)
-    shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
-
-    def getter(key, shape):
-        def get():
-            t = torch.empty(shape, device=device, dtype=dtype)
-            if len(shape) == 1 and "norm" in key:
-                return t.fill_(1.0)
-            return t.normal_(0.0, 0.02)
-        return get
-
-    model = fill_module(model, ((k, getter(k, s)) for k, s in shapes), convert.identity, dtype, device,
-                        "random A14B expert")
     # fill_module places parameters; the RoPE tables are non-persistent buffers made on the host by __init__
-    # (the engine moves the expert with .to(device) when it offloads): move them too
-    return model.to(device)
+    # (the engine moves the expert with .to(device) when it offloads): random_module moves them too
+    return random_module(build_transformer(config), device, dtype)
 
 
 class Clock:
@@ -203,7 +188,8 @@ def run_engine_4step(model, device, dtype_name: str, width, height, frames, step
 
 
 def random_module(module, device, dtype):
-    """A meta-built module filled with random tensors directly on `device` (norm weights 1), as build_random_expert."""
+    """A meta-built module filled with random tensors (normal, std 0.02; norm weights 1) made directly on `device`
+    in `dtype` (None: fp32, the module's own kept dtypes), then its buffers moved there too."""
     import torch
 
     from wan22 import convert
