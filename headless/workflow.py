@@ -260,6 +260,11 @@ def set_input(workflow: dict, role: str, name: str, value: Any, object_info: Opt
     return ids
 
 
+def _next_id(workflow: dict) -> int:
+    """The first free numeric node id (after the highest one) for nodes this module adds."""
+    return max((int(n) for n in workflow if str(n).isdigit()), default=0) + 1
+
+
 def _fed_by(workflow: dict, nid: str, name: str, sources: Iterable[str]) -> bool:
     value = (workflow[nid].get("inputs") or {}).get(name)
     return isinstance(value, list) and len(value) == 2 and str(value[0]) in set(sources)
@@ -307,9 +312,9 @@ def apply_prompt_extend(workflow: dict, on: bool) -> dict:
         return workflow
     sampler = find_node(workflow, ROLE_I2V)
     sampler_inputs = workflow[sampler].get("inputs") or {}
-    numeric = [int(n) for n in workflow if str(n).isdigit()]
+    first = _next_id(workflow)
     for offset, text in enumerate(texts):
-        nid = str(max(numeric, default=0) + 1 + offset)
+        nid = str(first + offset)
         inputs = {"image": sampler_inputs.get("image"), "prompt": workflow[text]["inputs"].get("prompt", ""),
                   **{p.name: p.default for p in spec.node_params(ROLE_EXTEND) if p.name not in ("prompt", "image")},
                   "seed": sampler_inputs.get("seed", spec.default("seed"))}
@@ -335,8 +340,7 @@ def apply_loras(workflow: dict, loras: List[Dict[str, Any]]) -> dict:
         relink([nid, 0], source if isinstance(source, list) else [loader, 0])
     if not loras:
         return workflow
-    numeric = [int(n) for n in workflow if str(n).isdigit()]
-    next_id = max(numeric, default=0) + 1
+    next_id = _next_id(workflow)
     previous = [loader, 0]
     chain = []
     for index, entry in enumerate(loras):
