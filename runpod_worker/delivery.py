@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from .errors import JobFailed
-from .records import Record
+from .records import RUN_INFO, Record
 
-RESPONSE_FIELDS = ("request_id", "status", "output_path", "seed", "frames", "width", "height", "timings", "memory",
-                   "kernels", "loras", "prompt_extend", "warnings")
+RESPONSE_FIELDS = ("request_id", "status", "output_path", "seed", "frames", "width", "height", "timings", *RUN_INFO,
+                   "warnings")
 MB = 1024 * 1024
 
 

@@ -13,7 +13,7 @@ from .comfy import CancelToken, ComfyBackend
 from .delivery import failed_answer, pick_answer, video_fields
 from .errors import as_job_failure, storage_failure
 from .progress import ProgressReporter
-from .records import Record, resolve_save_file
+from .records import RUN_INFO, Record, resolve_save_file
 from .validation import GenerateRequest
 
 
@@ -40,8 +40,7 @@ def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, 
         timings = dict(record.data["timings"], **result.timings, total_s=round(time.monotonic() - started, 3))
         record.write(status="COMPLETED", seed=result.seed, frames=result.frames, width=result.width,
                      height=result.height, fps=req.values["fps"], timings=timings, progress=None,
-                     memory=result.info.get("memory"), kernels=result.info.get("kernels"), loras=result.info.get("loras"),
-                     prompt_extend=result.info.get("prompt_extend"),
+                     **{name: result.info.get(name) for name in RUN_INFO},
                      comfy={"prompt_id": result.prompt_id, "cached_nodes": result.cached_nodes})
     except BaseException as exc:  # noqa: BLE001 - the record ends, the video is not left half-done
         with contextlib.suppress(OSError):

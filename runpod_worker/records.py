@@ -95,6 +95,11 @@ def read_record(output_dir: Path, request_id: str) -> Optional[Dict[str, Any]]:
     return data if isinstance(data, dict) else None
 
 
+# what a run's nodes report of it (the sampler's memory plan, kernels and LoRAs, the prompt extension), kept in
+# the record and answered as they are
+RUN_INFO = ("memory", "kernels", "loras", "prompt_extend")
+
+
 class Record:
     """The JSON record of one request, rewritten atomically on every change.
 
@@ -120,9 +125,7 @@ class Record:
             "warnings": [],
             "error": None,
             "progress": None,
-            "memory": None,
-            "kernels": None,
-            "prompt_extend": None,
+            **dict.fromkeys(RUN_INFO),
             "params": params,
             "created_at": now,
             "updated_at": now,
