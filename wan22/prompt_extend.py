@@ -21,10 +21,9 @@ import unicodedata
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
 
+from . import spec
 from .errors import InvalidParameter, Wan22Error
 
-METHODS = ("local_qwen", "dashscope")
-LANGUAGES = ("zh", "en")
 LOCAL_FOLDERS = {"QwenVL2.5_7B": "Qwen2.5-VL-7B-Instruct", "QwenVL2.5_3B": "Qwen2.5-VL-3B-Instruct"}
 DEFAULT_MODELS = {"local_qwen": "QwenVL2.5_7B", "dashscope": "qwen-vl-max"}
 MODEL_SUBFOLDERS = ("", "prompt_extend", "LLM")  # under each model root
@@ -219,10 +218,7 @@ def extend(image, prompt: str, seed: int, method: str = "local_qwen", model: str
     InvalidParameter; a failed extension falls back to `prompt`, or raises PromptExtendFailed when strict.
     `local(folder)` gives the loaded expander for a folder (the caller keeps it warm); `device`: where it may
     write (the GPU when it fits there beside what is loaded, else the CPU)."""
-    if method not in METHODS:
-        raise InvalidParameter("prompt_extend_method", f"must be one of {', '.join(METHODS)}, got {method!r}")
-    if lang not in LANGUAGES:
-        raise InvalidParameter("prompt_extend_target_lang", f"must be one of {', '.join(LANGUAGES)}, got {lang!r}")
+    method, lang = spec.check("prompt_extend_method", method), spec.check("prompt_extend_target_lang", lang)
     environ = os.environ if environ is None else environ
     name = model_name(method, model)
     folder = check_settings(method, model, roots, environ)
