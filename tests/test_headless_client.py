@@ -106,6 +106,9 @@ def test_cancel_pending_prompt(comfy_client):
     first = comfy_client.queue_prompt(graph(steps=200, delay=0.05, seed=time.time_ns() % 10**9))
     second = comfy_client.queue_prompt(graph(steps=2, seed=time.time_ns() % 10**9 + 1))
     comfy_client.cancel(second)  # pending: removed from the queue
+    deadline = time.monotonic() + 30  # a busy machine may not have started the first one yet
+    while first not in [item[1] for item in comfy_client.queue().get("queue_running", [])] and time.monotonic() < deadline:
+        time.sleep(0.05)
     comfy_client.cancel(first)  # running: interrupted
     with pytest.raises(ExecutionInterrupted):
         comfy_client.wait(first, timeout=30)
