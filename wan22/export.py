@@ -6,8 +6,8 @@ writes `DST/diffusion_models/wan2.2_i2v_{high,low}_noise_14B_{bf16,fp8_scaled}.s
 `DST/text_encoders/umt5_xxl_bf16.safetensors` (the tokenizer embedded as `spiece_model`) and
 `DST/vae/wan_2.1_vae.safetensors` (fp32). A RunPod volume holding the upstream fp32 folder (2 x 57 GB) becomes
 2 x 28.6 GB (bf16) or 2 x 14.3 GB (fp8), once, so every cold start reads a half or a quarter of the bytes.
-The tensors the loader keeps in fp32 (the experts' time embedding, modulation and norms, 0.2 % of them, and
-T5's `wo`) stay fp32 in the file, so a bf16 output loads into the same numbers as its source loaded in bf16.
+The tensors the loader keeps in fp32 (the experts' time embedding, modulation and norms, 0.2 % of them) stay
+fp32 in the file, so a bf16 output loads into the same numbers as its source loaded in bf16.
 
 Each output's header is written first (every shape and dtype is known from the source headers), then the
 tensors one at a time: the peak RSS stays near the largest tensor. fp8 uses the loader's quantizer on the same
@@ -119,12 +119,12 @@ def tokenizer_bytes(model_set: ModelSet) -> bytes:
 # ------------------------------------------------------------------------------------------ writing
 def _kept_in_fp32(part: str, name: str) -> bool:
     """The modules the loader keeps in fp32 whatever the dtype (the libraries' _keep_in_fp32_modules: the
-    experts' time embedding, modulation tables and norms, T5's `wo`): stored in fp32 too, so a converted file
+    experts' time embedding, modulation tables and norms; nothing of T5): stored in fp32 too, so a converted file
     loads into the same numbers as its source."""
     if part == "text_encoder":
-        from transformers import UMT5EncoderModel
+        from .models import T5_KEPT_IN_FP32
 
-        keep, target = UMT5EncoderModel._keep_in_fp32_modules, name
+        keep, target = T5_KEPT_IN_FP32, name
     else:
         from diffusers import WanTransformer3DModel
 

@@ -167,35 +167,58 @@ def compute_dtype_for(model: torch.nn.Module, device: torch.device):
     return contextlib.nullcontext()
 
 
+CAST_CHUNK_ELEMENTS = 1 << 22  # weight elements cast at a time (16 MiB in fp32), in whole 64-row tiles
+
+
+def _linear_computing_in(linear: torch.nn.Linear, dtype: torch.dtype):
+    """`linear`'s forward in `dtype` over its stored weight, cast a slice of output rows at a time: casting a whole
+    16-bit weight first costs about as much memory traffic as the matmul itself."""
+    rows = max(64, CAST_CHUNK_ELEMENTS // linear.in_features // 64 * 64)  # a ragged slice runs ~10 % slower
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x, weight, bias = x.to(dtype), linear.weight, linear.bias
+        if weight.dtype == dtype:
+            return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(dtype))
+        out = x.new_empty(*x.shape[:-1], linear.out_features)
+        for first in range(0, linear.out_features, rows):
+            part = slice(first, first + rows)
+            out[..., part] = torch.nn.functional.linear(x, weight[part].to(dtype), None if bias is None else bias[part].to(dtype))
+        return out
+
+    return forward
+
+
+def _gated_ff_forward(ff: torch.nn.Module):
+    """transformers' UMT5DenseGatedActDense.forward without its cast of the activations to `wo`'s stored dtype."""
+    return lambda hidden: ff.wo(ff.dropout(ff.act(ff.wi_0(hidden)) * ff.wi_1(hidden)))
+
+
 @contextlib.contextmanager
 def computing_in(model: torch.nn.Module, dtype: torch.dtype):
-    """Run a UMT5 encoder in `dtype` with its weights stored as they are: each block's weights are cast just
-    before it runs and the stored ones put back after it (one block's worth of extra memory, not a model's)."""
+    """Run a UMT5 encoder in `dtype` with its weights stored as they are: each projection casts its weight slice by
+    slice as it runs; the norms and position biases (a few MB) are cast for the call; the embedding lookup's rows
+    are cast after it."""
     encoder = getattr(model, "encoder", model)
-    parts = [*encoder.block, encoder.final_layer_norm]
-    stored: Dict[int, list] = {}
-
-    def cast(module, args):
-        stored[id(module)] = [(p, p.data) for p in module.parameters()]
-        for p, data in stored[id(module)]:
-            p.data = data.to(dtype)
-
-    def restore(module, args, output):
-        for p, data in stored.pop(id(module), ()):
-            p.data = data
-
-    handles = [encoder.embed_tokens.register_forward_hook(lambda module, args, output: output.to(dtype))]
-    for part in parts:
-        handles += [part.register_forward_pre_hook(cast), part.register_forward_hook(restore)]
+    linears = [m for m in encoder.modules() if isinstance(m, torch.nn.Linear)]
+    gated_ffs = [m for m in encoder.modules() if all(hasattr(m, name) for name in ("wi_0", "wi_1", "wo"))]
+    small = [p for m in encoder.modules() if not isinstance(m, torch.nn.Linear) and m is not encoder.embed_tokens
+             for p in m.parameters(recurse=False)]
+    stored = [(p, p.data) for p in small]
+    handle = encoder.embed_tokens.register_forward_hook(lambda module, args, output: output.to(dtype))
     try:
+        for p, data in stored:
+            p.data = data.to(dtype)
+        for linear in linears:
+            linear.forward = _linear_computing_in(linear, dtype)
+        for ff in gated_ffs:
+            ff.forward = _gated_ff_forward(ff)
         yield
     finally:
-        for handle in handles:
-            handle.remove()
-        for module_params in stored.values():  # a forward that raised
-            for p, data in module_params:
-                p.data = data
-        stored.clear()
+        handle.remove()
+        for module in linears + gated_ffs:
+            module.__dict__.pop("forward", None)
+        for p, data in stored:
+            p.data = data
 
 
 def pad_context(contexts: List[torch.Tensor], length: int = TEXT_LEN) -> torch.Tensor:

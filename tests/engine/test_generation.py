@@ -160,3 +160,15 @@ def test_loaded_modules_sit_wholly_on_the_target_device(tiny_models):
         assert param.dtype == expected, name
     assert expert.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
     assert expert.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+
+
+def test_the_text_encoder_is_wholly_bf16_as_upstream(tiny_models):
+    """transformers would keep UMT5's `wo` in fp32 (an fp16 overflow guard); in bf16 upstream computes it in bf16
+    like everything else, and in fp32 it would cost 2 GB and, on an AMX CPU, 1.5x the encode."""
+    from wan22 import models
+
+    for layout, load, source in (("upstream", models.load_t5_from_upstream_pth, "models_t5_umt5-xxl-enc-bf16.pth"),
+                                 ("comfyui", models.load_t5_from_comfy_file, "text_encoders/umt5_xxl_fp16.safetensors")):
+        t5 = load(tiny_models(layout) / source, torch.bfloat16, "cpu")
+        assert {p.dtype for p in t5.parameters()} == {torch.bfloat16}, layout
+        assert t5.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.bfloat16

@@ -83,8 +83,20 @@ def test_fp32_compute_over_bf16_weights_matches_an_fp32_copy_and_keeps_the_weigh
     assert (got - want).abs().max() < 1e-5
     assert (plain.float() - want).abs().max() > 10 * (got - want).abs().max()  # bf16 compute rounds visibly
     assert model.shared.weight.dtype == torch.bfloat16
-    for name, p in model.named_parameters():  # stored as before (bf16; `wo` fp32 as transformers keeps it), unchanged
+    for name, p in model.named_parameters():  # stored as before (bf16), unchanged
         assert p.dtype == before[name].dtype and torch.equal(p, before[name]), name
+
+
+def test_a_projection_computes_in_fp32_slice_by_slice_over_its_stored_weight(monkeypatch):
+    """Slices of 64 output rows (150 = 64 + 64 + 22, bias included) give the fp32 projection of the same weights."""
+    monkeypatch.setattr(text, "CAST_CHUNK_ELEMENTS", 64 * 100)
+    linear = torch.nn.Linear(100, 150).to(torch.bfloat16)
+    x = torch.randn(2, 7, 100, dtype=torch.bfloat16)
+    got = text._linear_computing_in(linear, torch.float32)(x)
+    want = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+    assert got.dtype == torch.float32 and got.shape == (2, 7, 150)
+    assert (got - want).abs().max() < 1e-5
+    assert linear.weight.dtype == torch.bfloat16  # stored as it was
 
 
 def test_the_cpu_compute_dtype_follows_the_machine(tiny_models, encoder, monkeypatch):
