@@ -10,7 +10,8 @@
   fidelity    one expert forward at the real A14B width (2 of 40 blocks) in bf16 against fp32: diffusers' bf16
               residual stream vs upstream's fp32 one (the fp32_residual option)
   t5          one request's prompt encoding at full UMT5-XXL width (2 of 24 blocks, scaled): ours (real tokens only,
-              cached negative prompt, the CPU's fast dtype) vs upstream's way (padded to 512, bf16)
+              cached negative prompt, the CPU's fast dtype) vs upstream's way (padded to 512, bf16), on this CPU and
+              on the CPU classes it can emulate (oneDNN capped below AMX, below BF16)
 
 Prints the ratios and writes bench/results/<name>.json (plus summary.json). Benchmarks report; they never fail
 because a machine is slow. `--quick` is the smoke-test size (tiny loader, one repetition, no servers).
