@@ -199,7 +199,7 @@ def computing_in(model: torch.nn.Module, dtype: torch.dtype):
     slice as it runs; the norms and position biases (a few MB) are cast for the call; the embedding lookup's rows
     are cast after it."""
     encoder = getattr(model, "encoder", model)
-    linears = [m for m in encoder.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in encoder.modules() if type(m) is torch.nn.Linear]  # a subclass (fp8) keeps its forward
     gated_ffs = [m for m in encoder.modules() if all(hasattr(m, name) for name in ("wi_0", "wi_1", "wo"))]
     small = [p for m in encoder.modules() if not isinstance(m, torch.nn.Linear) and m is not encoder.embed_tokens
              for p in m.parameters(recurse=False)]
