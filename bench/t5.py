@@ -24,6 +24,7 @@ limited to that class's instructions (`ONEDNN_MAX_CPU_ISA`): emulated on this ma
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -170,13 +171,10 @@ def measure_emulated(isa: str, blocks: int, quick: bool) -> Dict[str, object]:
     """`measure` in a child process whose oneDNN uses at most `isa` (the cap must be set before torch loads)."""
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "bench.t5", "--blocks", str(blocks)] + (["--quick"] if quick else [])
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)  # its progress: stderr, live
     if done.returncode != 0:
-        raise RuntimeError(f"the T5 benchmark with ONEDNN_MAX_CPU_ISA={isa} failed: {done.stderr.strip()[-2000:]}")
-    *progress, result = done.stdout.strip().splitlines()
-    for line in progress:
-        print(line, flush=True)
-    return json.loads(result)
+        raise RuntimeError(f"the T5 benchmark with ONEDNN_MAX_CPU_ISA={isa} exited with {done.returncode} (its output is above)")
+    return json.loads(done.stdout)
 
 
 def run(blocks: int = 2, results_dir=None, quick: bool = False) -> Dict[str, object]:
@@ -213,14 +211,16 @@ def report(data: Dict[str, object]) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """`measure` alone, its summary as the last line of stdout (what `measure_emulated` runs)."""
+    """`measure` alone: its progress on stderr, its summary as JSON on stdout (what `measure_emulated` runs)."""
     import argparse
 
     parser = argparse.ArgumentParser(description="One T5 measurement on this process's CPU (see `make bench`).")
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.blocks, args.quick)))
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = measure(args.blocks, args.quick)
+    print(json.dumps(summary))
     return 0
 
 
