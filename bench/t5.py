@@ -86,15 +86,16 @@ def matmul_gflops() -> Dict[str, float]:
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         x, w = torch.randn(128, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
         x @ w
-        best = min(_seconds(lambda: x @ w) for _ in range(3))
+        best = min(timed(lambda: x @ w)[0] for _ in range(3))
         rates[name] = round(2 * 128 * 4096 * 4096 / best / 1e9, 1)
     return rates
 
 
-def _seconds(fn) -> float:
+def timed(fn):
+    """(seconds, result) of one call."""
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    out = fn()
+    return time.perf_counter() - start, out
 
 
 def measure(blocks: int, quick: bool) -> Dict[str, object]:
@@ -125,11 +126,6 @@ def measure(blocks: int, quick: bool) -> Dict[str, object]:
                 with computing_in(model, compute):
                     hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
         return hidden[0, : len(tokens)].float()
-
-    def timed(fn):
-        start = time.perf_counter()
-        out = fn()
-        return time.perf_counter() - start, out
 
     scale = FULL_BLOCKS / blocks
     slow_bf16 = cpu_bf16_is_slow()
