@@ -4,7 +4,7 @@ from __future__ import annotations
 import gc
 import logging
 
-from ..wan22.discover import default_model_root, discover_model_set, list_model_sets
+from ..wan22.discover import CKPT_FOLDER, default_model_root, discover_model_set, list_model_sets
 from ..wan22 import kernels, spec
 from ..wan22.errors import InvalidParameter
 from ..wan22.pipeline import LoadOptions, load_pipeline
@@ -63,12 +63,13 @@ def resolve_model_set(model_set: str, model_path: str):
     if model_path.strip():
         return discover_model_set(model_path.strip())
     if model_set == DEFAULT_MODEL_SET:
-        return discover_model_set(default_model_root())
+        return discover_model_set(default_model_root(), label=CKPT_FOLDER)
     roots = [default_model_root(), *comfy_bridge.comfy_model_roots()]
     for candidate in list_model_sets(roots):
         if candidate.name == model_set:
             return candidate
-    raise ValueError(f"model_set {model_set!r} is no longer on disk; choose one of: {', '.join(model_set_choices())}")
+    raise ValueError(f"model_set: {model_set!r} is no longer on disk; choose another one of the loader's model_set "
+                     f"list, or {DEFAULT_MODEL_SET!r}")
 
 
 def runnable_here(values) -> list:

@@ -784,8 +784,11 @@ def test_loras_param_is_checked_and_kept(tmp_path):
     with pytest.raises(RequestError) as info:
         validate_generate_params({"reference_image_url": "https://example.com/a.png", "loras": ["b.safetensors"]},
                                  lora_folders=[folder])
-    assert info.value.message == (f"params.loras[0].name: no LoRA file 'b.safetensors' in the LoRA folders ({folder}); "
-                                  f"put it in one of them or set WAN_LORA_DIRS")
+    assert info.value.message == ("params.loras[0].name: no LoRA file 'b.safetensors' in the LoRA folders (WAN_LORA_DIRS, "
+                                  "else <model root>/loras and ComfyUI's models/loras); give the name of a .safetensors "
+                                  "file in one of them, relative to its folder (the operator puts the files there; "
+                                  "docs/lora.md)")
+    assert str(tmp_path) not in info.value.message  # a network caller never reads the worker's folders
 
 
 def test_raw_workflows_can_be_turned_off(monkeypatch, tmp_path):

@@ -152,12 +152,18 @@ def _found_summary(root: Path) -> str:
     return f"{len(entries) - folders} files and {folders} folders" if entries else "nothing (empty folder)"
 
 
-def discover_model_set(path: os.PathLike | str, variant: str = "") -> ModelSet:
-    """Detect the layout of `path` and return its parts; raise ModelFolderError saying what is missing."""
+# how a message names the folder WAN_CKPT_DIR chose: network callers never see the path
+CKPT_FOLDER = "the model folder (WAN_CKPT_DIR)"
+
+
+def discover_model_set(path: os.PathLike | str, variant: str = "", label: str = "") -> ModelSet:
+    """Detect the layout of `path` and return its parts; raise ModelFolderError saying what is missing, naming the
+    folder `label` (e.g. CKPT_FOLDER) or, without one, its path (a folder the caller gave)."""
     root = Path(path).expanduser()
+    label = label or f"model folder {root}"
     if not root.is_dir():
         raise ModelFolderError(
-            f"model folder {root} does not exist (set WAN_CKPT_DIR or the loader's model_path; "
+            f"{label} does not exist (set WAN_CKPT_DIR or the loader's model_path; "
             f"default /workspace/models, fallback /runpod-volume)"
         )
     detectors = {"upstream": _upstream_files, "diffusers": _diffusers_files, "comfyui": lambda r: _comfyui_files(r, variant)}
@@ -175,12 +181,12 @@ def discover_model_set(path: os.PathLike | str, variant: str = "") -> ModelSet:
     layouts = "; ".join(f"{name}: {', '.join(parts.values())}" for name, parts in LAYOUT_PARTS.items())
     if best_count == 0:
         raise ModelFolderError(
-            f"{root} holds no Wan2.2 I2V-A14B model set. Looked for the layouts {layouts}. It holds {_found_summary(root)}, none a part of those layouts."
+            f"{label} holds no Wan2.2 I2V-A14B model set. Looked for the layouts {layouts}. It holds {_found_summary(root)}, none a part of those layouts."
         )
     missing = [LAYOUT_PARTS[best_layout][part] for part, found in best_files.items() if found is None]
     present = [LAYOUT_PARTS[best_layout][part] for part, found in best_files.items() if found is not None]
     raise ModelFolderError(
-        f"{root} looks like the {best_layout} layout but is incomplete: found {', '.join(present)}; "
+        f"{label} looks like the {best_layout} layout but is incomplete: found {', '.join(present)}; "
         f"missing {', '.join(missing)}. The folder holds {_found_summary(root)}."
     )
 

@@ -90,7 +90,9 @@ def _read_tensors(path: Path) -> Dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise LoraError(f"LoRA {path.name}: not a readable .safetensors file ({exc})") from None
+        # the file's name, never its folder: the message reaches network callers
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).replace(str(path), path.name)
+        raise LoraError(f"LoRA {path.name}: not a readable .safetensors file ({cause})") from None
 
 
 def _split(key: str) -> Optional[Tuple[str, str, str]]:

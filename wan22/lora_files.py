@@ -20,6 +20,10 @@ EXPERTS = ("high", "low", "both")
 MAX_LORAS = 16
 MAX_STRENGTH = 10.0
 LORA_SUFFIXES = (".safetensors",)
+# how messages name the folders (never their paths: a network caller reads them) and how a name is chosen
+LORA_FOLDERS = "the LoRA folders (WAN_LORA_DIRS, else <model root>/loras and ComfyUI's models/loras)"
+CHOOSE_LORA = ("give the name of a .safetensors file in one of them, relative to its folder (the operator puts the "
+               "files there; docs/lora.md)")
 
 # the 4-step distilled LoRAs as ComfyUI distributes them (Comfy-Org/Wan_2.2_ComfyUI_Repackaged, loras/)
 LIGHTX2V_HIGH = "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors"
@@ -156,6 +160,4 @@ def resolve_lora(name: str, folders: Sequence[Path], field: str) -> Path:
         candidate = folder / relative
         if candidate.is_file() and within(candidate, [folder]):
             return candidate.resolve()
-    searched = ", ".join(str(f) for f in folders) or "none"
-    raise InvalidParameter(field, f"no LoRA file {name!r} in the LoRA folders ({searched}); put it in one of them "
-                                  f"or set WAN_LORA_DIRS")
+    raise InvalidParameter(field, f"no LoRA file {name!r} in {LORA_FOLDERS}; {CHOOSE_LORA}")
