@@ -7,6 +7,7 @@ from typing import Any, Dict
 
 from . import config as config_mod
 from .delivery import pick_answer, video_fields
+from .errors import caller_answer
 from .records import Record, read_record
 from .validation import StatusRequest
 
@@ -15,9 +16,14 @@ def status_answer(req: StatusRequest, cfg) -> Dict[str, Any]:
     record = read_record(cfg.output_dir, req.request_id)
     if record is None:
         hint = "" if str(cfg.output_dir).startswith(config_mod.VOLUME) else (
-            f" (this worker keeps records in {cfg.output_dir}; for lookups across workers mount a network volume"
-            f" at {config_mod.VOLUME} or set WAN_OUTPUT_DIR to a shared folder)")
-        return {"error": f"request_id: no request {req.request_id!r} is known in {cfg.output_dir}{hint}"}
+            f"; this worker keeps its records in a folder of its own: for lookups across workers mount a network "
+            f"volume at {config_mod.VOLUME} or set WAN_OUTPUT_DIR to a shared folder")
+        return {"error": f"request_id: no request {req.request_id!r} is known in the output folder (WAN_OUTPUT_DIR)"
+                         f"{hint}"}
+    return caller_answer(_record_answer(record, req, cfg))
+
+
+def _record_answer(record: Dict[str, Any], req: StatusRequest, cfg) -> Dict[str, Any]:
     answer = pick_answer(record)
     answer["params"] = record.get("params")
     if record.get("progress"):
