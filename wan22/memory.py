@@ -20,9 +20,12 @@ the fp32 VAE needs about 260 bytes per output pixel-frame to decode and 180 to e
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Dict, Optional
 
 from .errors import MemoryPlanError
+
+log = logging.getLogger("wan22")
 
 GIB = 1024**3
 MODES = ("auto", "full", "offload", "stream")
@@ -131,8 +134,17 @@ class Plan:
     cfg_batch: bool = False   # cond and uncond in one forward (twice the activations)
     prefetch: bool = False    # offload: the low-noise expert comes in while the last high-noise step runs
 
+    @property
+    def host_fits(self) -> Optional[bool]:
+        """Whether host RAM holds the loaded models with HOST_RESERVE to spare (None: unknown)."""
+        return None if self.host_budget_bytes is None else self.host_budget_bytes >= HOST_RESERVE
+
     def as_dict(self) -> Dict[str, object]:
+        """The plan as a run reports it (to the node's UI, the CLI, the worker's answer): the host's free RAM is
+        said as fits or not (`host_fits`), never in bytes."""
         out = dataclasses.asdict(self)
+        del out["host_budget_bytes"]
+        out["host_fits"] = self.host_fits
         out["peak_gpu_gib"] = round(self.peak_gpu_bytes / GIB, 2)
         out["peak_host_gib"] = round(self.peak_host_bytes / GIB, 2)
         return out
@@ -235,7 +247,10 @@ def check_host_fits(expert_bytes: int, t5_bytes: int, vae_bytes_: int, host_byte
     """Before loading: the models are all held in host RAM; refuse at once when they cannot fit."""
     need = 2 * expert_bytes + t5_bytes + vae_bytes_
     if host_bytes is not None and need > host_bytes - HOST_RESERVE:
+        # how much is free is the machine's business: the log says it, the message that it does not fit
+        log.warning("host RAM: the models need %.1f GiB, %.1f GiB are available (keeping %.0f GiB for the rest)",
+                    need / GIB, host_bytes / GIB, HOST_RESERVE / GIB)
         raise MemoryPlanError(
-            f"the models need about {need / GIB:.1f} GiB of host RAM and {host_bytes / GIB:.1f} GiB are available "
-            f"(keeping {HOST_RESERVE / GIB:.0f} GiB for the rest): use weight_dtype fp8_e4m3fn_scaled (half the "
-            f"experts' size) or a machine with more RAM")
+            f"the models need about {need / GIB:.1f} GiB of host RAM, more than this machine has free (keeping "
+            f"{HOST_RESERVE / GIB:.0f} GiB for the rest): use weight_dtype fp8_e4m3fn_scaled (half the experts' "
+            f"size) or a machine with more RAM")
