@@ -15,8 +15,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
+import logging
 import os
 import random
+import re
 import unicodedata
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
@@ -24,12 +27,15 @@ from typing import Callable, Dict, Iterable, Optional
 from . import spec
 from .errors import InvalidParameter, Wan22Error
 
+log = logging.getLogger("wan22")
+
 LOCAL_FOLDERS = {"QwenVL2.5_7B": "Qwen2.5-VL-7B-Instruct", "QwenVL2.5_3B": "Qwen2.5-VL-3B-Instruct"}
 DEFAULT_MODELS = {"local_qwen": "QwenVL2.5_7B", "dashscope": "qwen-vl-max"}
 MODEL_SUBFOLDERS = ("", "prompt_extend", "LLM")  # under each model root
 MAX_NEW_TOKENS = 512
 DASHSCOPE_URL = "https://dashscope.aliyuncs.com/api/v1/services/aigc/multimodal-generation/generation"
 DASHSCOPE_TIMEOUT_S = 60.0
+DASHSCOPE_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")  # e.g. InvalidApiKey, Throttling.RateQuota
 
 # our own wording, with upstream's intent: keep what the image shows, say what moves and how the camera moves
 SYSTEM_PROMPTS = {
@@ -72,18 +78,55 @@ def check_model_name(name: str) -> str:
     return name
 
 
+MODEL_ROOTS = "the model roots (WAN_CKPT_DIR and ComfyUI's models folder)"  # as messages name them: never a path
+QWEN_MODEL_TYPE = "qwen2_5_vl"
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+def qwen_vl_kind(folder: Path) -> str:
+    """'' when `folder`'s config.json is a Qwen2.5-VL one (model_type qwen2_5_vl, or an architecture
+    Qwen2_5_VL...); otherwise what the folder is instead, as a message says it."""
+    try:
+        with open(folder / "config.json", "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        config = json.loads(raw) if len(raw) <= MAX_CONFIG_BYTES else None
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        return "its config.json is not a readable model configuration"
+    model_type = config.get("model_type")
+    architectures = config.get("architectures")
+    architectures = [a for a in architectures if isinstance(a, str)] if isinstance(architectures, list) else []
+    if model_type == QWEN_MODEL_TYPE or any(a.startswith("Qwen2_5_VL") for a in architectures):
+        return ""
+    kind = model_type if isinstance(model_type, str) and model_type else \
+        (architectures[0] if architectures else config.get("_class_name"))
+    shown = repr(kind[:64]) if isinstance(kind, str) and kind else "none given"
+    return f"its config.json names model type {shown}"
+
+
 def find_local_model(name: str, roots: Iterable[Path]) -> Path:
-    """The Qwen2.5-VL folder for `name` (upstream's name or a folder name) under the model roots."""
+    """The Qwen2.5-VL folder for `name` (upstream's name or a folder name) under the model roots: the first folder
+    of that name with a config.json that is a Qwen2.5-VL one (any other model, e.g. an expert's folder, is refused:
+    it must never reach from_pretrained)."""
     folder = LOCAL_FOLDERS.get(check_model_name(name), name)
-    roots = [Path(r) for r in roots]
-    for root in roots:
+    other = ""
+    for root in [Path(r) for r in roots]:
         for sub in MODEL_SUBFOLDERS:
             candidate = root / sub / folder
             if (candidate / "config.json").is_file():
-                return candidate
+                kind = qwen_vl_kind(candidate)
+                if not kind:
+                    return candidate
+                other = other or kind
+    if other:
+        raise InvalidParameter("prompt_extend_model", f"{name}: the folder {folder} is not a Qwen2.5-VL model ({other}; "
+                                                      f"expected model_type {QWEN_MODEL_TYPE!r}); give "
+                                                      f"{' or '.join(LOCAL_FOLDERS)}, or the name of a Qwen2.5-VL "
+                                                      f"folder under {MODEL_ROOTS}")
     where = ", ".join(f"<root>/{sub + '/' if sub else ''}{folder}" for sub in MODEL_SUBFOLDERS)
-    raise InvalidParameter("prompt_extend_model", f"{name}: no {folder} folder with a config.json under the model "
-                                                  f"roots ({', '.join(str(r) for r in roots) or 'none'}); looked at {where}")
+    raise InvalidParameter("prompt_extend_model", f"{name}: no {folder} folder with a config.json under {MODEL_ROOTS}; "
+                                                  f"looked at {where}")
 
 
 def _png(image) -> bytes:
@@ -107,8 +150,10 @@ class LocalQwenExpander:
             self.processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
             self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(folder), local_files_only=True,
                                                                             dtype=dtype).to(device).eval()
-        except Exception as exc:
-            raise InvalidParameter("prompt_extend_model", f"{self.folder.name}: not a readable Qwen2.5-VL folder ({exc})") from exc
+        except Exception as exc:  # its text may hold the folder's path: the log gets it, the caller the kind
+            log.warning("prompt extension: %s cannot be loaded: %s", self.folder, exc)
+            raise InvalidParameter("prompt_extend_model", f"{self.folder.name}: not a readable Qwen2.5-VL folder "
+                                                          f"({type(exc).__name__})") from exc
 
     def to(self, device: str) -> "LocalQwenExpander":
         self.model.to(device)
@@ -174,9 +219,12 @@ def dashscope_expand(image, prompt: str, lang: str, seed: int, model: str, api_k
     except ValueError:
         raise RuntimeError(f"DashScope answered HTTP {reply.status_code} with a body that is not JSON") from None
     if reply.status_code != 200:
-        code = data.get("code", "") if isinstance(data, dict) else ""
-        message = str(data.get("message", "") if isinstance(data, dict) else "")[:200]
-        raise RuntimeError(f"DashScope answered HTTP {reply.status_code} {code}: {message}".rstrip(": "))
+        # the status and the API's error code only: its message and body are the service's words (they may echo the
+        # request or name the account) and go to the log
+        code = data.get("code") if isinstance(data, dict) else None
+        code = code if isinstance(code, str) and DASHSCOPE_CODE.fullmatch(code) else ""
+        log.warning("DashScope answered HTTP %s: %.500s", reply.status_code, reply.text)
+        raise RuntimeError(f"DashScope answered HTTP {reply.status_code}" + (f" ({code})" if code else ""))
     try:
         content = data["output"]["choices"][0]["message"]["content"]
         text = content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
@@ -242,7 +290,7 @@ def extend(image, prompt: str, seed: int, method: str = "local_qwen", model: str
     except InvalidParameter:
         raise
     except Exception as exc:  # noqa: BLE001 - upstream falls back to the original prompt
-        why = str(exc) or type(exc).__name__
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]  # its first line, bounded
         if strict:
             raise PromptExtendFailed(f"prompt extension ({method}, {name}) failed: {why}") from exc
         return Extension(prompt, f"fallback: {why}", method, name, where)

@@ -68,7 +68,7 @@ def test_bad_settings_are_refused_naming_the_field(roots, kwargs, field, message
         pe.extend(IMAGE, "a cat", 1, roots=roots, environ={}, **kwargs)
     assert info.value.field == field and message in str(info.value)
     if kwargs.get("model") == "QwenVL2.5_3B":
-        assert "<root>/LLM/Qwen2.5-VL-3B-Instruct" in str(info.value) and str(roots[0]) in str(info.value)
+        assert "<root>/LLM/Qwen2.5-VL-3B-Instruct" in str(info.value) and str(roots[0]) not in str(info.value)
 
 
 def dashscope_routes(answer):
@@ -100,7 +100,7 @@ def test_dashscope_request_and_answer_in_the_documented_shapes():
 
 @pytest.mark.parametrize("answer, why", [
     (lambda h: cf.reply(h, 401, json.dumps({"code": "InvalidApiKey", "message": "Invalid API-key provided."}).encode(),
-                        "application/json"), "fallback: DashScope answered HTTP 401 InvalidApiKey: Invalid API-key provided."),
+                        "application/json"), "fallback: DashScope answered HTTP 401 (InvalidApiKey)"),
     (lambda h: cf.reply(h, 200, b"<html>gateway</html>", "text/html"),
      "fallback: DashScope answered HTTP 200 with a body that is not JSON"),
     (lambda h: cf.reply(h, 200, json.dumps({"output": {"text": "old format"}}).encode(), "application/json"),
