@@ -187,6 +187,20 @@ class ComfyClient:
         except (ServerUnreachable, ServerError):
             return False
 
+    def prompt_thread(self, timeout: float = 3.0) -> Optional[dict]:
+        """{"alive": bool, "error": ...} from this pack's GET /wan22/prompt_thread: whether ComfyUI's prompt thread
+        still runs prompts; None where the server lacks the route (this pack is not loaded there)."""
+        resp = self._request("GET", "/wan22/prompt_thread", timeout=timeout)
+        if resp.status_code == 404:
+            return None
+        if resp.status_code >= 400:
+            raise ServerError(f"GET /wan22/prompt_thread answered HTTP {resp.status_code}")
+        try:
+            data = resp.json()
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) and isinstance(data.get("alive"), bool) else None
+
     def object_info(self, refresh: bool = False) -> dict:
         if self._object_info is None or refresh:
             self._object_info = self._json("GET", "/object_info", timeout=max(self.timeout, 60))

@@ -3,6 +3,7 @@ from .io_nodes import Wan22LoadImage, Wan22SaveVideo
 from .lora_nodes import Wan22LoraLoader
 from .model_nodes import Wan22ModelLoader, Wan22TextEncode
 from .prompt_extend_nodes import Wan22PromptExtend
+from .prompt_thread_route import register as _register_prompt_thread_route
 from .sampler_nodes import Wan22ImageToVideo
 
 NODE_CLASS_MAPPINGS = {
@@ -24,3 +25,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan22SaveVideo": "Wan2.2 Save Video (MP4)",
     "Wan22LoadImage": "Wan2.2 Load Image (URL / base64 / path)",
 }
+
+_register_prompt_thread_route()

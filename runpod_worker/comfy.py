@@ -104,6 +104,8 @@ class ComfyBackend:
         self.supervisor = supervisor
         self.workflow_path = workflow_path or None
         self._object_info: Optional[dict] = None
+        self._kept: set = set()  # ComfyUI's copies of the last finished raw job's outputs
+        self._kept_lock = threading.Lock()
 
     @property
     def server(self) -> Any:
@@ -150,10 +152,12 @@ class ComfyBackend:
                 except HeadlessError as exc:
                     if isinstance(exc, ServerUnreachable):
                         self.supervisor.await_fault(token)
-                    elif isinstance(exc, WaitTimeout) and not token.fault and self.supervisor.stop_if_silent(
-                            "a job reached its time limit and ComfyUI did not answer"):
-                        raise JobFailed("the job ran past its time limit (WAN_JOB_TIMEOUT_S) and ComfyUI stopped "
-                                        "answering; it is restarted") from None
+                    elif isinstance(exc, (WaitTimeout, Cancelled)) and not token.fault:
+                        hung = self.supervisor.stop_if_hung(token.prompt_id)
+                        if hung:
+                            failure = job_failure(exc, token)
+                            raise JobFailed(f"{str(failure).split(';')[0]}, and {hung}; it is restarted",
+                                            status=failure.status) from None
                     raise job_failure(exc, token) from None
         finally:
             client.close()
@@ -199,40 +203,57 @@ class ComfyBackend:
             return result
 
     # ----------------------------------------------------------------- raw worker-comfyui mode
-    def run_workflow(self, workflow: dict, images: List[Tuple[str, bytes]], *, token: CancelToken, deadline: float,
-                     on_progress: Callable[[Progress], None], on_running: Callable[[], None],
-                     on_queued: Callable[[str], None]) -> Tuple[Execution, Dict[str, Any], List[dict]]:
+    def run_workflow(self, workflow: dict, images: List[Tuple[str, bytes]], outputs: Any, *, token: CancelToken,
+                     deadline: float, on_progress: Callable[[Progress], None], on_running: Callable[[], None],
+                     on_queued: Callable[[str], None]) -> Tuple[Execution, Dict[str, Any]]:
         """Confine `workflow` to this job's images, upload `images` [(name, bytes)] into a per-job folder of
-        ComfyUI's input folder, run it; return (execution, the sampler's info, [file dicts with `data` bytes
-        and `video`]). A workflow that reads anything else raises InvalidParameter before anything is sent."""
+        ComfyUI's input folder, run it and store every saved file in `outputs` (job_workflow.OutputFolder), one
+        at a time; return (execution, the sampler's info). A workflow that reads anything else raises
+        InvalidParameter before anything is sent."""
         with self._session(token, deadline, on_progress, on_running, on_queued) as (client, hooks, left):
             folder = f"{JOB_FOLDER_PREFIX}{uuid.uuid4().hex[:12]}"
             uploads = {name: f"{folder}/{name}" for name, _ in images}
+            client.check_node_types(workflow)  # unknown node types first: its message tells core from custom nodes
             workflow = confine_workflow(workflow, self._node_specs(client), uploads, self._input_file_exists)
             for name, data in images:
                 hooks.on_server_file("input", folder, name)
                 client.upload_image(data, name=name, subfolder=folder)
             execution = execute(client, workflow, timeout=left, hooks=hooks)
             t0 = time.monotonic()
-            files = []
             saved = [f for f in output_files(execution.entry) if f.get("type") != "temp"]
+            ok = False
             try:
+                outputs.expect(len(saved))
                 for f in saved:
                     resp = client.view(f["filename"], f["subfolder"], f["type"])
                     try:
-                        data = resp.content
+                        video = bool(f["animated"]) or f["filename"].lower().endswith(VIDEO_EXTENSIONS)
+                        outputs.write(f, resp.iter_content(1 << 20), video)
                     finally:
                         resp.close()
-                    files.append(dict(f, data=data, video=bool(f["animated"]) or f["filename"].lower().endswith(VIDEO_EXTENSIONS)))
-            except BaseException:
-                # a job that fails leaves nothing behind; a finished one's outputs stay in ComfyUI's folder, where a
-                # later identical prompt served from ComfyUI's cache points at them
-                for f in saved:
-                    hooks.on_server_file("output", f["subfolder"], f["filename"])
-                raise
+                ok = True
+            finally:
+                self._keep_comfy_copies([self._server_path("output", f) for f in saved], ok)
             execution.timings["download_s"] = round(time.monotonic() - t0, 3)
             execution.cached_nodes = sorted({str(workflow.get(n, {}).get("class_type", n)) for n in execution.cached_nodes})
-            return execution, collect_result(execution.entry, workflow)[1], files
+            return execution, collect_result(execution.entry, workflow)[1]
+
+    def _server_path(self, folder: str, f: dict) -> Optional[Path]:
+        server = self.server
+        if server is None:
+            return None
+        return Path(server.input_dir if folder == "input" else server.output_dir) / f["subfolder"] / f["filename"]
+
+    def _keep_comfy_copies(self, paths: List[Optional[Path]], finished: bool) -> None:
+        """ComfyUI's own copies of raw jobs' outputs: those of the last finished job stay (an identical next prompt
+        is answered from ComfyUI's cache, which points at them; its cache holds the last prompt only), every
+        older one and a failed job's are removed."""
+        current = {p for p in paths if p is not None}
+        with self._kept_lock:
+            stale = (self._kept - current) if finished else (current - self._kept)
+            if finished:
+                self._kept = current
+        self._remove(sorted(stale), self.server)
 
     def _input_file_exists(self, name: str) -> bool:
         """Whether `name` is a file (or link) in ComfyUI's input folder; '' and folders are not."""

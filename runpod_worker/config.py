@@ -24,9 +24,11 @@ WORKER_SETTINGS: Tuple[Setting, ...] = (
     Setting("RUNPOD_MAX_CONCURRENCY", "max_concurrency", "int", 1, "jobs one worker takes at once (`concurrency_modifier`); ComfyUI runs them one after another", low=1),
     Setting("WAN_OUTPUT_DIR", "output_dir", "text", "", "where `<request_id>.mp4` and `<request_id>.json` go. Serverless `/workspace` is local to one worker: only a shared volume lets any worker answer `status`",
             shown_default="/runpod-volume/outputs when /runpod-volume exists, else /workspace/outputs"),
-    Setting("WAN_MAX_INLINE_MB", "max_inline_bytes", "float", 15.0, "largest MP4 returned as `video_base64` (base64 adds a third; RunPod refuses results over 20 MB on `/runsync`, 10 MB on `/run`)", low=0, scale=MIB),
+    Setting("WAN_MAX_INLINE_MB", "max_inline_bytes", "float", 19.0, "most base64 one answer carries (`video_base64`, raw mode's `images`), counted as sent: a file inlines as a third more than its size. RunPod refuses results over 20 MB on `/runsync`, 10 MB on `/run` (there: 9); what does not fit is returned by path or `video_url`", low=0, scale=MIB),
     Setting("WAN_JOB_TIMEOUT_S", "job_timeout_s", "float", 1800.0, "overall limit of one job (image download included); past it the ComfyUI prompt is interrupted and the job fails saying so", low=0),
     Setting("WAN_MAX_WORKFLOW_IMAGES", "max_workflow_images", "int", 16, "longest `images` list in raw mode", low=0),
+    Setting("WAN_MAX_OUTPUTS", "max_outputs", "int", 64, "most files one raw job may save; a job that saves more fails saying so and keeps none", low=1),
+    Setting("WAN_MAX_OUTPUT_MB", "max_output_bytes", "float", 2048.0, "most bytes one raw job's saved files may hold together; past it the job fails and keeps none", low=0.01, scale=MIB),
     Setting("WAN_PRELOAD", "preload", "flag", False, "one tiny warm-up generation at start so the first job finds the models loaded"),
     Setting("WAN_PRELOAD_SIZE", "preload_size", "text", "64*64", "size of that warm-up"),
     Setting("WAN_PRELOAD_TIMEOUT_S", "preload_timeout_s", "float", 1800.0, "time limit of that warm-up", low=1),
@@ -89,6 +91,8 @@ class WorkerConfig:
     max_inline_bytes: int
     job_timeout_s: float
     max_workflow_images: int
+    max_outputs: int
+    max_output_bytes: int
     preload: bool
     preload_size: str
     preload_timeout_s: float

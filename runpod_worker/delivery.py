@@ -13,6 +13,11 @@ RESPONSE_FIELDS = ("request_id", "status", "output_path", "seed", "frames", "wid
 MB = 1024 * 1024
 
 
+def inline_size(size: int) -> int:
+    """What a file of `size` bytes adds to an answer as base64."""
+    return 4 * ((size + 2) // 3)
+
+
 def pick_answer(record: Dict[str, Any]) -> Dict[str, Any]:
     answer = {k: record.get(k) for k in RESPONSE_FIELDS}
     if record.get("error"):
@@ -51,11 +56,11 @@ def video_fields(record: Record, path: Path, return_video: bool, cfg, request_id
         size = path.stat().st_size
     except OSError:
         return {"message": f"the video {path} is missing from the output folder"}
-    if size <= cfg.max_inline_bytes:
+    if inline_size(size) <= cfg.max_inline_bytes:
         return {"video_base64": base64.b64encode(path.read_bytes()).decode("ascii")}
     limit = cfg.max_inline_bytes / MB
-    message = (f"the video is {size / MB:.1f} MB, over WAN_MAX_INLINE_MB={limit:g}: not inlined as base64 "
-               f"(RunPod refuses large results: /run 10 MB, /runsync 20 MB)")
+    message = (f"the video is {size / MB:.1f} MB ({inline_size(size) / MB:.1f} MB as base64), over WAN_MAX_INLINE_MB="
+               f"{limit:g}: not inlined (RunPod refuses large results: /run 10 MB, /runsync 20 MB)")
     fields: Dict[str, Any] = {}
     url = record.data.get("video_url")
     if not url and cfg.bucket_endpoint_url:
@@ -74,17 +79,17 @@ def video_fields(record: Record, path: Path, return_video: bool, cfg, request_id
 
 
 def file_items(files: List[Dict[str, Any]], return_video: bool, cfg, request_id: str) -> Tuple[List[Dict[str, Any]], List[str]]:
-    """worker-comfyui's output items for the saved files of a raw workflow ({filename, path, data}): inline while
-    their total stays under WAN_MAX_INLINE_MB, then an s3_url (bucket configured) or the path; and the messages
-    saying why."""
+    """worker-comfyui's output items for the saved files of a raw workflow ({filename, path, bytes}): inline while
+    their base64 stays within WAN_MAX_INLINE_MB for the whole answer, then an s3_url (bucket configured) or the
+    path; and the messages saying why."""
     budget = cfg.max_inline_bytes if return_video else -1
     items: List[Dict[str, Any]] = []
     messages: List[str] = []
     for f in files:
         item: Dict[str, Any] = {"filename": f["filename"]}
-        if len(f["data"]) <= budget:
-            budget -= len(f["data"])
-            item.update(type="base64", data=base64.b64encode(f["data"]).decode("ascii"))
+        if inline_size(f["bytes"]) <= budget:
+            budget -= inline_size(f["bytes"])
+            item.update(type="base64", data=base64.b64encode(Path(f["path"]).read_bytes()).decode("ascii"))
         else:
             url = None
             if cfg.bucket_endpoint_url and return_video:
@@ -94,7 +99,7 @@ def file_items(files: List[Dict[str, Any]], return_video: bool, cfg, request_id:
                     messages.append(f"{f['filename']}: upload to BUCKET_ENDPOINT_URL failed: {exc}")
             item.update(type="s3_url", data=url) if url else item.update(type="path", data=f["path"])
             if return_video:
-                messages.append(f"{f['filename']} ({len(f['data']) / MB:.1f} MB) not inlined: over the "
+                messages.append(f"{f['filename']} ({f['bytes'] / MB:.1f} MB) not inlined: over the "
                                 f"WAN_MAX_INLINE_MB={cfg.max_inline_bytes / MB:g} budget of this answer")
         items.append(item)
     return items, messages

@@ -13,15 +13,23 @@ from .comfy import CancelToken, ComfyBackend
 from .delivery import failed_answer, pick_answer, video_fields
 from .errors import as_job_failure, storage_failure
 from .progress import ProgressReporter
-from .records import RUN_INFO, Record, resolve_save_file
+from .records import RUN_INFO, Record, reserve_save_file, resolve_save_file
 from .validation import GenerateRequest
 
 
 def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, cfg, backend: ComfyBackend,
                     token: CancelToken, started: float) -> Dict[str, Any]:
     out_path = resolve_save_file(cfg.output_dir, req.save_file, request_id)
+    if req.save_file:
+        reserve_save_file(out_path, req.save_file)
     t_fetch = time.monotonic()
-    image = read_image(req.image.kind, req.image.value, req.image.field, cfg.limits)
+    try:
+        image = read_image(req.image.kind, req.image.value, req.image.field, cfg.limits)
+    except BaseException:
+        if req.save_file:
+            with contextlib.suppress(OSError):
+                os.unlink(out_path)
+        raise
     fetch_s = round(time.monotonic() - t_fetch, 3)
 
     # the request is valid: from here on it has a record, and the record ends whatever happens
@@ -32,6 +40,8 @@ def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, 
         out_path.parent.mkdir(parents=True, exist_ok=True)
         record.update(warnings=list(req.warnings), timings={"fetch_s": fetch_s})
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(out_path)
         return {"error": str(storage_failure(exc))}
     try:
         result = backend.run_request(req.values, image, out_path, token=token, deadline=started + cfg.job_timeout_s,

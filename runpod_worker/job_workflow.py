@@ -5,10 +5,9 @@ import base64
 import contextlib
 import os
 import re
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterable, List
 
 from wan22 import spec
 from wan22.errors import InvalidParameter
@@ -16,8 +15,8 @@ from wan22.files import atomic_file
 from wan22.intake import check_image, decode_base64, read_image
 
 from .comfy import CancelToken, ComfyBackend
-from .delivery import failed_answer, file_items, pick_answer
-from .errors import as_job_failure
+from .delivery import MB, failed_answer, file_items, pick_answer
+from .errors import JobFailed, as_job_failure
 from .progress import ProgressReporter
 from .records import Record
 from .validation import WorkflowRequest
@@ -46,31 +45,71 @@ def sanitize_workflow_sources(workflow: Dict[str, Any], cfg) -> None:
         inputs.update(image_base64=base64.b64encode(checked.png).decode("ascii"), image_url="", image_path="")
 
 
-def _save_outputs(files: List[dict], folder: Path) -> List[Dict[str, Any]]:
-    """Every output under `folder` with a flat, unique, safe name ('a/b.png' and 'a_b.png' must not collide);
-    all of them or, when one cannot be written, none."""
-    used: set = set()
-    saved: List[Dict[str, Any]] = []
-    try:
-        for f in files:
-            name = SAFE_NAME.sub("_", f"{f['subfolder']}_{f['filename']}" if f["subfolder"] else f["filename"]).lstrip(".") or "output"
-            stem, dot, suffix = name.rpartition(".")
-            count = 1
-            while name in used:
-                count += 1
-                name = f"{stem}_{count}.{suffix}" if dot else f"{suffix}_{count}"
-            used.add(name)
-            with atomic_file(folder / name) as handle:
-                handle.write(f["data"])
-            saved.append(dict(f, path=str(folder / name)))
-    except BaseException:
-        for f in saved:
+def apply_operator_settings(workflow: Dict[str, Any], cfg) -> List[str]:
+    """The model loader's operator-owned inputs (WorkerConfig.loader_values: dtype, weight_dtype, memory_mode, ...)
+    set to the operator's values, as in a request: a raw job that changed them would reload the 14B experts for
+    itself and again for the next job. One warning per input replaced."""
+    warnings = []
+    for node_id, node in workflow.items():
+        if node.get("class_type") != spec.LOADER or not isinstance(node.get("inputs"), dict):
+            continue
+        for name, fixed in cfg.loader_values().items():
+            given = node["inputs"].get(name, fixed)
+            if given != fixed:
+                warnings.append(f"workflow.{node_id}.inputs.{name}: {given!r} replaced by {fixed!r}: this worker's "
+                                f"models are loaded with the operator's setting; a job that changed it would reload them")
+            node["inputs"][name] = fixed
+    return warnings
+
+
+class OutputFolder:
+    """Where a raw job's outputs go, one file at a time: flat, unique, safe names ('a/b.png' and 'a_b.png' must not
+    collide), at most `max_files` files and `max_bytes` bytes (the operator's WAN_MAX_OUTPUTS, WAN_MAX_OUTPUT_MB);
+    `discard()` removes all of them (a failed job leaves nothing)."""
+
+    def __init__(self, folder: Path, max_files: int, max_bytes: int):
+        self.folder, self.max_files, self.max_bytes = folder, max_files, max_bytes
+        self.saved: List[Dict[str, Any]] = []
+        self.total = 0
+        self._used: set = set()
+
+    def expect(self, count: int) -> None:
+        if count > self.max_files:
+            raise JobFailed(f"the workflow saved {count} files; this worker returns at most {self.max_files} per job "
+                            "(WAN_MAX_OUTPUTS): save fewer (e.g. a smaller batch)")
+
+    def _name(self, f: Dict[str, Any]) -> str:
+        name = SAFE_NAME.sub("_", f"{f['subfolder']}_{f['filename']}" if f["subfolder"] else f["filename"]).lstrip(".") or "output"
+        stem, dot, suffix = name.rpartition(".")
+        count = 1
+        while name in self._used:
+            count += 1
+            name = f"{stem}_{count}.{suffix}" if dot else f"{suffix}_{count}"
+        self._used.add(name)
+        return name
+
+    def write(self, f: Dict[str, Any], chunks: Iterable[bytes], video: bool) -> None:
+        """Store one output from `chunks`, counting its bytes against the job's limit as they come."""
+        path = self.folder / self._name(f)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        size = 0
+        with atomic_file(path) as handle:
+            for chunk in chunks:
+                size += len(chunk)
+                if self.total + size > self.max_bytes:
+                    raise JobFailed(f"the workflow's outputs are over {self.max_bytes / MB:g} MB, the most this worker "
+                                    "returns per job (WAN_MAX_OUTPUT_MB): save fewer or smaller files")
+                handle.write(chunk)
+        self.total += size
+        self.saved.append(dict(f, path=str(path), bytes=size, video=video))
+
+    def discard(self) -> None:
+        for f in self.saved:
             with contextlib.suppress(OSError):
                 os.unlink(f["path"])
+        self.saved = []
         with contextlib.suppress(OSError):
-            folder.rmdir()
-        raise
-    return saved
+            self.folder.rmdir()
 
 
 def run_workflow_job(job: Dict[str, Any], request_id: str, req: WorkflowRequest, cfg, backend: ComfyBackend,
@@ -78,9 +117,11 @@ def run_workflow_job(job: Dict[str, Any], request_id: str, req: WorkflowRequest,
     images = []
     for item in req.images:
         data = decode_base64(item.data, item.field, cfg.limits.max_image_bytes)
-        check_image(data, item.field, cfg.limits.max_image_pixels)  # must be an image; the original bytes are uploaded
+        # must be an image; the original bytes are uploaded, and LoadImage decodes every frame of them
+        check_image(data, item.field, cfg.limits.max_image_pixels, single_frame=True)
         images.append((item.name, data))
     sanitize_workflow_sources(req.workflow, cfg)
+    req.warnings.extend(apply_operator_settings(req.workflow, cfg))
     holder: Dict[str, Record] = {}
 
     def on_queued(prompt_id: str) -> None:
@@ -93,18 +134,18 @@ def run_workflow_job(job: Dict[str, Any], request_id: str, req: WorkflowRequest,
         if "record" in holder:
             holder["record"].write(status="RUNNING")
 
-    folder = Path(cfg.output_dir) / request_id
+    outputs = OutputFolder(Path(cfg.output_dir) / request_id, cfg.max_outputs, cfg.max_output_bytes)
     try:
-        execution, info, files = backend.run_workflow(
-            req.workflow, images, token=token, deadline=started + cfg.job_timeout_s,
+        execution, info = backend.run_workflow(
+            req.workflow, images, outputs, token=token, deadline=started + cfg.job_timeout_s,
             on_progress=ProgressReporter(job, lambda: holder.get("record")), on_running=on_running, on_queued=on_queued)
         record = holder["record"]
-        saved = _save_outputs(files, folder)
+        saved = outputs.saved
         items, messages = file_items(saved, req.return_video, cfg, request_id)
         record.write(status="COMPLETED", seed=info.get("seed"), frames=info.get("frames"), width=info.get("width"),
                      height=info.get("height"), timings=dict(execution.timings, total_s=round(time.monotonic() - started, 3)),
-                     outputs=[{"filename": f["filename"], "path": f["path"], "video": f["video"], "bytes": len(f["data"])} for f in saved],
-                     progress=None, output_path=str(folder) if saved else None,
+                     outputs=[{"filename": f["filename"], "path": f["path"], "video": f["video"], "bytes": f["bytes"]} for f in saved],
+                     progress=None, output_path=str(outputs.folder) if saved else None,
                      comfy={"prompt_id": execution.prompt_id, "cached_nodes": execution.cached_nodes})
     except BaseException as exc:  # noqa: BLE001 - the record ends, no output is left half-written
         if "record" not in holder and (isinstance(exc, InvalidParameter) or not isinstance(exc, Exception)):
@@ -112,18 +153,18 @@ def run_workflow_job(job: Dict[str, Any], request_id: str, req: WorkflowRequest,
         failure = as_job_failure(job.get("id"), exc)
         if "record" not in holder:
             return {**failure.answer(), **({"refresh_worker": True} if backend.refresh_needed else {})}
-        with contextlib.suppress(OSError):
-            shutil.rmtree(folder)
+        outputs.discard()
         answer = failed_answer(holder["record"], failure, started, backend.refresh_needed)
         if not isinstance(exc, Exception):
             raise
         return answer
     answer = pick_answer(record.data)
-    # worker-comfyui's shape: every saved file in `images` ({filename, type, data}), videos too; `videos` repeats
-    # the videos for clients that look for them there; `errors` are the non-fatal problems
+    # worker-comfyui's shape: every saved file in `images` ({filename, type, data}), videos too; `videos` names the
+    # videos among them (each file's data once: the answer must stay under RunPod's size limit); `errors` are the
+    # non-fatal problems
     answer["images"] = items
-    answer["videos"] = [item for item, f in zip(items, saved) if f["video"]]
-    if not files:
+    answer["videos"] = [f["filename"] for f in saved if f["video"]]
+    if not saved:
         answer["warnings"] = list(answer.get("warnings") or []) + ["the workflow saved no image or video"]
     if messages:
         answer["message"] = "; ".join(messages)

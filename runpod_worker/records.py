@@ -57,7 +57,7 @@ def resolve_save_file(output_dir: Path, save_file: Optional[str], request_id: st
                 rel = os.path.relpath(candidate, base)
                 break
         else:
-            raise InvalidParameter(field, f"{save_file!r} is outside the output folder {out} (WAN_OUTPUT_DIR); give a name inside it")
+            raise InvalidParameter(field, f"{save_file!r} is outside the output folder (WAN_OUTPUT_DIR); give a name inside it")
     else:
         rel = save_file
     parts = rel.replace("\\", "/").split("/")
@@ -68,10 +68,21 @@ def resolve_save_file(output_dir: Path, save_file: Optional[str], request_id: st
     target = out.joinpath(*parts)
     real_target = os.path.realpath(target)
     if not within(real_target, [real_out]):
-        raise InvalidParameter(field, f"{save_file!r} resolves outside the output folder {out} (symlink?)")
+        raise InvalidParameter(field, f"{save_file!r} resolves outside the output folder (WAN_OUTPUT_DIR); give another name")
     if os.path.realpath(default) != real_target and os.path.lexists(target):
         raise InvalidParameter(field, f"{save_file!r} already exists in the output folder; choose a new name")
     return target
+
+
+def reserve_save_file(path: Path, save_file: str, field: str = "params.save_file") -> None:
+    """Claim `path` for one job when it is accepted: created empty and exclusively (O_EXCL), so of two jobs naming the
+    same file at once the second is refused; the finished video replaces it, a failed job removes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        raise InvalidParameter(field, f"{save_file!r} already exists in the output folder or another job is writing "
+                                      "it; choose a new name") from None
 
 
 def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:

@@ -1,9 +1,10 @@
 """The worker's ComfyUI, watched: a dead process is restarted, a silent one killed and restarted.
 
 One monitor thread checks the process twice a second and asks `/system_stats` every `PING_S` (ComfyUI answers it
-from its server thread while a prompt runs). When the process exits, or gives no answer for `hang_s`
-(WAN_COMFY_HANG_S), every job in flight is failed at once with the cause (its CancelToken), the process is
-killed and ComfyUI is started again: at most `restarts` attempts (WAN_COMFY_RESTARTS) with a growing pause.
+from its server thread while a prompt runs), then this pack's `/wan22/prompt_thread`: HTTP answering proves
+nothing about the thread that runs the prompts, which a workflow can end. When the process exits, gives no
+answer for `hang_s` (WAN_COMFY_HANG_S), or its prompt thread has ended, every job in flight is failed at once
+with the cause (its CancelToken), the process is killed and ComfyUI is started again: at most `restarts` attempts (WAN_COMFY_RESTARTS) with a growing pause.
 Only when those fail is the worker `broken`, and jobs answer `refresh_worker` so RunPod replaces it.
 
 A ComfyUI this worker did not start (COMFYUI_URL) is pinged the same way; it cannot be restarted from here.
@@ -102,14 +103,25 @@ class Supervisor:
             self._pinger = ComfyClient(self.url, timeout=timeout)
         return self._pinger.ping(timeout=timeout)
 
-    def stop_if_silent(self, why: str) -> bool:
-        """At a job's deadline: if ComfyUI does not answer, kill it (the monitor restarts it) so the prompt does
-        not run on into later jobs. True when it was silent."""
-        if ComfyClient(self.url).ping(timeout=3.0):  # the job's thread: not the monitor's client
-            return False
+    def stop_if_hung(self, prompt_id: Optional[str]) -> str:
+        """At a job's deadline or cancel, after its prompt was interrupted and the settle period passed: if ComfyUI
+        does not answer, or still runs that prompt, it runs no more prompts: kill it (the monitor restarts it) and
+        say why; '' when it is well."""
+        client = ComfyClient(self.url)  # the job's thread: not the monitor's client
+        try:
+            if not client.ping(timeout=3.0):
+                why = "ComfyUI stopped answering"
+            elif prompt_id and prompt_id in [item[1] for item in client.queue().get("queue_running", []) if len(item) > 1]:
+                why = "ComfyUI did not stop its prompt after an interrupt"
+            else:
+                return ""
+        except Exception:  # noqa: BLE001 - /queue failed while /system_stats answered: the monitor decides
+            return ""
+        finally:
+            client.close()
         if self.server is not None and self.server.alive():
             self._kill(why)
-        return True
+        return why
 
     # ----------------------------------------------------------------- the monitor
     def _loop(self) -> None:
@@ -135,16 +147,34 @@ class Supervisor:
             last_ping = now
             if self._answers(PING_TIMEOUT_S):
                 self._last_answer = time.monotonic()
+                ended = self._prompt_thread_ended()
+                if ended:
+                    self._replace(ended, server)
             elif time.monotonic() - self._last_answer > self.hang_s:
-                reason = (f"ComfyUI stopped answering (no answer for {self.hang_s:g} s, WAN_COMFY_HANG_S)"
-                          + ("; it is restarted" if server is not None else f" at {self.url}"))
-                self._fail_jobs(reason)
-                if server is not None:
-                    self._kill(reason)
-                    self._kill_reason = None
-                    self._restart()
-                else:
-                    self._last_answer = time.monotonic()  # fail the jobs once per hang_s, not every ping
+                self._replace(f"ComfyUI stopped answering (no answer for {self.hang_s:g} s, WAN_COMFY_HANG_S)", server)
+
+    def _prompt_thread_ended(self) -> str:
+        """Why ComfyUI can run no more prompts although it answers, or ''."""
+        try:
+            state = self._pinger.prompt_thread(timeout=PING_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - no answer: the hang bound covers it
+            return ""
+        if state is None or state["alive"]:
+            return ""
+        error = state.get("error")
+        return ("ComfyUI's prompt thread stopped" + (f" ({error})" if isinstance(error, str) and error else "")
+                + ": a workflow made ComfyUI fail outside any node, so it could run no more prompts")
+
+    def _replace(self, reason: str, server: Any) -> None:
+        """Fail the jobs in flight with `reason`; kill and restart our ComfyUI (an external one: the jobs only)."""
+        reason += "; it is restarted" if server is not None else f" at {self.url}"
+        self._fail_jobs(reason)
+        if server is not None:
+            self._kill(reason)
+            self._kill_reason = None
+            self._restart()
+        else:
+            self._last_answer = time.monotonic()  # fail the jobs once per hang_s, not every ping
 
     def _fail_jobs(self, reason: str) -> None:
         with self._lock:

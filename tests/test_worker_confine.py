@@ -20,7 +20,7 @@ from wan22.errors import InvalidParameter  # noqa: E402
 
 FILES = ["example.png", "wan22_job_other/raw_in.png"]
 OBJECT_INFO = {
-    "LoadImage": {"input": {"required": {"image": [FILES, {"image_upload": True}]}}},
+    "LoadImage": {"input": {"required": {"image": [FILES, {"image_upload": True}]}}, "output": ["IMAGE", "MASK"]},
     "LoadImageMask": {"input": {"required": {"image": [FILES, {"image_upload": True}],
                                              "channel": [["alpha", "red", "green", "blue"]]}}},
     "LoadImageOutput": {"input": {"required": {"image": ["COMBO", {
@@ -30,16 +30,22 @@ OBJECT_INFO = {
     "LoadVideo": {"input": {"required": {"file": ["COMBO", {"options": ["clip.mp4"], "video_upload": True}]}}},
     "LoadAudio": {"input": {"required": {"audio": [["a.wav"], {"audio_upload": True}]}}},
     "CLIPTextEncode": {"input": {"required": {"text": ["STRING", {"multiline": True, "dynamicPrompts": True}],
-                                              "clip": ["CLIP"]}}},
+                                              "clip": ["CLIP"]}}, "output": ["CONDITIONING"]},
+    "CLIPLoader": {"input": {"required": {"clip_name": [["t5.safetensors"]], "type": [["wan"]]}}, "output": ["CLIP"]},
+    "SomeCustomNode": {"input": {"optional": {name: ["STRING", {}] for name in (
+        "some_path", "path", "cache_dir", "out_directory", "lora_folder", "directory", "folder", "text", "name", "other",
+        "source", "filename")}}, "output": []},
+    "SomeStringNode": {"input": {"required": {"value": ["STRING", {}]}}, "output": ["STRING"]},
     "SaveImage": {"input": {"required": {"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}]},
-                            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}},
+                            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}, "output": []},
     "Wan22ModelLoader": {"input": {"required": {
         "model_set": [["Wan2.2-I2V-A14B"], {"default": "Wan2.2-I2V-A14B"}],
         "model_path": ["STRING", {"default": "", "tooltip": "model folder"}]}}},
     "Wan22LoadImage": {"input": {"required": {
         "image_url": ["STRING", {"default": ""}], "image_base64": ["STRING", {"default": "", "multiline": True}],
-        "image_path": ["STRING", {"default": ""}]}}},
+        "image_path": ["STRING", {"default": ""}]}}, "output": ["IMAGE"]},
 }
+CLIP = {"2": {"class_type": "CLIPLoader", "inputs": {"clip_name": "t5.safetensors", "type": "wan"}}}
 UPLOADS = {"raw_in.png": "wan22_job_3f9a/raw_in.png"}
 
 
@@ -184,12 +190,12 @@ def test_unknown_custom_node_path_named_input(name):
 
 def test_multiline_prompt_with_paths_is_allowed():
     prompt = "a cat reading /etc/passwd\nthen walking ../ into the sunset [output]"
-    workflow = {"1": node("CLIPTextEncode", text=prompt, clip=["2", 1])}
+    workflow = {"1": node("CLIPTextEncode", text=prompt, clip=["2", 0]), **CLIP}
     assert confine_workflow(workflow, OBJECT_INFO, UPLOADS) == workflow
 
 
 def test_single_line_prompt_in_a_text_box_is_allowed_but_not_elsewhere():
-    workflow = {"1": node("CLIPTextEncode", text="/imagine ../ a cat [output]", clip=["2", 1])}
+    workflow = {"1": node("CLIPTextEncode", text="/imagine ../ a cat [output]", clip=["2", 0]), **CLIP}
     assert confine_workflow(workflow, OBJECT_INFO, UPLOADS) == workflow
     problems = refused({"1": node("SomeCustomNode", text="/imagine a cat")})
     assert "looks like an absolute path on the worker's disk" in problems["workflow.1.inputs.text"]
@@ -200,10 +206,67 @@ def test_several_problems_are_all_named():
                 "2": node("LoadImage", image="raw_in.png"),
                 "3": node("Wan22ModelLoader", model_set="Wan2.2-I2V-A14B", model_path="/x"),
                 "4": node("SaveImage", images=["2", 0], filename_prefix="../../escape"),
-                "5": node("CLIPTextEncode", text="fine", clip=["9", 1])}
+                "5": node("CLIPTextEncode", text="fine", clip=["6", 0]), "6": CLIP["2"]}
     with pytest.raises(InvalidParameter) as info:
         confine_workflow(workflow, OBJECT_INFO, UPLOADS)
     assert [field for field, _ in info.value.problems] == [
         "workflow.1.inputs.image", "workflow.3.inputs.model_path", "workflow.4.inputs.filename_prefix"]
     assert info.value.field == "workflow.1.inputs.image"
     assert "workflow.4.inputs.filename_prefix: '../../escape' looks like a path with a '..' segment" in str(info.value)
+
+
+# ---------------------------------------------------------------- the graph: what ComfyUI's validation does not check
+POISON = {"1": node("LoadImage", image="raw_in.png"),
+          "2": node("SaveImage", images=["1", 0], filename_prefix="a", junk=["nope", 0])}
+
+
+def test_an_undeclared_input_is_refused_naming_node_input_and_the_declared_ones():
+    problems = refused(POISON)
+    assert problems == {"workflow.2.inputs.junk": "SaveImage has no input 'junk'; its inputs: extra_pnginfo, "
+                                                  "filename_prefix, images, prompt"}
+
+
+def test_hidden_inputs_are_declared_ones():
+    workflow = {"1": node("LoadImage", image="raw_in.png"),
+                "2": node("SaveImage", images=["1", 0], filename_prefix="a", prompt={}, extra_pnginfo={})}
+    assert confine_workflow(workflow, OBJECT_INFO, UPLOADS)["2"]["inputs"]["prompt"] == {}
+
+
+@pytest.mark.parametrize("link, why", [
+    (["nope", 0], "links to node 'nope', which is not in the workflow"),
+    (["1", 2], "links to output 2 of node 1 (LoadImage), which has outputs 0 to 1"),
+    (["1", -1], "links to output -1 of node 1 (LoadImage), which has outputs 0 to 1"),
+    (["3", 0], "links to output 0 of node 3 (SaveImage), which has outputs none: it has no outputs"),
+    (["1", "0"], "['1', '0']: a list is a link in ComfyUI's API format: [node id (a string), output index]"),
+    ([1, 0], "[1, 0]: a list is a link in ComfyUI's API format"),
+    (["1", 0, 0], "['1', 0, 0]: a list is a link in ComfyUI's API format"),
+    (["1", True], "['1', True]: a list is a link in ComfyUI's API format"),
+    ([], "[]: a list is a link in ComfyUI's API format"),
+])
+def test_every_link_names_an_existing_node_and_one_of_its_outputs(link, why):
+    problems = refused({"1": node("LoadImage", image="raw_in.png"), "2": node("SaveImage", images=link, filename_prefix="a"),
+                        "3": node("SaveImage", images=["1", 0], filename_prefix="b")})
+    assert why in problems["workflow.2.inputs.images"]
+
+
+def test_unknown_node_classes_and_shapes_are_refused():
+    problems = refused({"1": node("NoSuchNode", x=1), "2": "not a node", "3": {"class_type": "LoadImage", "inputs": [1]},
+                        "4": {"inputs": {}}})
+    assert problems["workflow.1.class_type"].startswith("'NoSuchNode' is not a node this worker's ComfyUI has")
+    assert problems["workflow.2"].startswith("must be a node")
+    assert problems["workflow.3.inputs"].startswith("must be an object")
+    assert problems["workflow.4.class_type"].startswith("None is not a node")
+
+
+def test_a_loop_of_links_is_refused():
+    problems = refused({"1": node("SomeStringNode", value=["2", 0]), "2": node("SomeStringNode", value=["1", 0]),
+                        "3": node("SomeStringNode", value=["3", 0])})
+    loops = {k: v for k, v in problems.items() if "loop" in v}
+    assert len(loops) == 1 and ("(1 -> 2 -> 1)" in next(iter(loops.values())) or "(3 -> 3)" in next(iter(loops.values())))
+
+
+@pytest.mark.parametrize("value", ["../../x\n", "/etc/x\r\n", "fine\n../../x", " x.png [output]\n"])
+def test_a_line_break_hides_no_path_outside_text_boxes(value):
+    problems = refused({"1": node("LoadImage", image="raw_in.png"),
+                        "2": node("SaveImage", images=["1", 0], filename_prefix=value)})
+    assert "on the worker's disk" in problems["workflow.2.inputs.filename_prefix"]

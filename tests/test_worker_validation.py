@@ -732,9 +732,11 @@ def test_raw_workflow_path_inputs_must_be_literal(class_type, key):
 
     workflow = {"7": {"class_type": "PrimitiveString", "inputs": {"value": "x"}},
                 "9": {"class_type": class_type, "inputs": {key: ["7", 0]}}}
+    specs = {"PrimitiveString": {"input": {"required": {"value": ["STRING", {}]}}, "output": ["STRING"]},
+             class_type: {"input": {"required": {key: ["STRING", {}]}}, "output": ["IMAGE"]}}
     with pytest.raises(RequestError) as info:
         _sanitize_workflow_sources(workflow, config_mod.WorkerConfig.from_env())
-        confine_workflow(workflow, {}, {})
+        confine_workflow(workflow, specs, {})
     assert info.value.field == f"workflow.9.inputs.{key}"
 
 

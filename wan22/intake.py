@@ -65,8 +65,10 @@ class CheckedImage:
 
 
 # --------------------------------------------------------------------------------------------- decode
-def check_image(data: bytes, field: str, max_pixels: int) -> CheckedImage:
-    """Decode `data` as an image (allowed formats only, bounded pixel count) into RGB."""
+def check_image(data: bytes, field: str, max_pixels: int, single_frame: bool = False) -> CheckedImage:
+    """Decode `data` as an image (allowed formats only, bounded pixel count) into RGB: its first frame, or with
+    `single_frame` refused when it has several (where the original bytes go on to a decoder that reads every
+    frame, e.g. ComfyUI's LoadImage: a small GIF can hold thousands of full-size frames)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -81,6 +83,10 @@ def check_image(data: bytes, field: str, max_pixels: int) -> CheckedImage:
     if width * height > max_pixels:
         raise InvalidParameter(field, f"is {width}x{height} = {width * height} pixels; the limit is {max_pixels} (WAN_MAX_IMAGE_PIXELS)")
     fmt = img.format or "?"
+    frames = getattr(img, "n_frames", 1)
+    if single_frame and frames != 1:
+        raise InvalidParameter(field, f"is an image of {frames} frames ({fmt}); send a single-frame image (e.g. the "
+                                      "frame you want as PNG or JPEG)")
     try:
         img.seek(0)
         img.load()

@@ -2,7 +2,8 @@
 
 ``HeadlessTestSteps`` sleeps ``delay`` seconds per step and drives ComfyUI's progress bar, so the client's
 progress, websocket-drop and interrupt handling can be tested with a predictable duration, independent of
-the engine's speed. ``fail_at`` > 0 raises at that step (an ``execution_error``).
+the engine's speed. ``fail_at`` > 0 raises at that step (an ``execution_error``). ``HeadlessTestEndPromptThread`` ends ComfyUI's prompt
+thread, as a failure outside any node would.
 """
 import time
 
@@ -34,5 +35,24 @@ class HeadlessTestSteps:
         return (images,)
 
 
-NODE_CLASS_MAPPINGS = {"HeadlessTestSteps": HeadlessTestSteps}
-NODE_DISPLAY_NAME_MAPPINGS = {"HeadlessTestSteps": "Headless test: slow steps"}
+class EndsThePromptThread(BaseException):
+    """Not an Exception: ComfyUI's executor does not catch it, so it ends the prompt thread as an error outside any
+    node does (the raw-workflow confinement refuses the known ways to cause one)."""
+
+
+class HeadlessTestEndPromptThread:
+    CATEGORY = "testing/headless"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",)}}
+
+    def run(self, images):
+        raise EndsThePromptThread("the test ended ComfyUI's prompt thread")
+
+
+NODE_CLASS_MAPPINGS = {"HeadlessTestSteps": HeadlessTestSteps, "HeadlessTestEndPromptThread": HeadlessTestEndPromptThread}
+NODE_DISPLAY_NAME_MAPPINGS = {"HeadlessTestSteps": "Headless test: slow steps",
+                              "HeadlessTestEndPromptThread": "Headless test: end the prompt thread"}
