@@ -181,8 +181,7 @@ def _placement(sizes: Sizes, request: Request, budget: Budget, mode: str, t5_cpu
     act = activation_bytes(request.tokens, sizes.dim, fp32_residual)
     host = _host_peak(sizes)
     if budget.gpu_bytes is None:
-        return Plan("cpu", sizes.num_blocks, sizes.num_blocks, False, False, 0, host, None, budget.host_bytes,
-                    "no GPU: everything runs on the CPU")
+        return _cpu_plan(sizes, request, budget.host_bytes, host, fp32_residual)
     usable = usable_gpu_bytes(budget.gpu_bytes)
     if mode == "auto" and not offload_model:
         mode = "full"
@@ -232,6 +231,27 @@ def _placement(sizes: Sizes, request: Request, budget: Budget, mode: str, t5_cpu
         f"blocks {sizes.expert_rest / GIB:.1f} GiB, activations {act / GIB:.1f} GiB, {PREFETCH_BLOCKS} streamed blocks "
         f"{PREFETCH_BLOCKS * sizes.block / GIB:.1f} GiB), and {usable / GIB:.1f} GiB are usable; use a smaller size or "
         f"fewer frames" + ("" if mode in ("auto", "stream") else ", or memory_mode stream or auto"))
+
+
+def _cpu_plan(sizes: Sizes, request: Request, host_budget: Optional[int], host: int, fp32_residual: bool) -> Plan:
+    """No GPU: the activations and the VAE's work live in host RAM beside the models (already there, so the budget
+    is what is left): checked before anything is allocated, untiled VAE where it fits, else tiled."""
+    def need(req: Request, tiled: bool) -> int:
+        return max(activation_bytes(req.tokens, sizes.dim, fp32_residual), vae_bytes(req, tiled, True),
+                   vae_bytes(req, tiled, False))
+
+    usable = None if host_budget is None else host_budget - HOST_RESERVE
+    for tiled in (False, True):
+        if usable is None or need(request, tiled) <= usable:
+            return Plan("cpu", sizes.num_blocks, sizes.num_blocks, False, tiled, 0, host + need(request, tiled), None,
+                        host_budget, "no GPU: everything runs on the CPU")
+    fitting = [f for f in range(request.frames - 4, 0, -4)
+               if need(Request(request.width, request.height, f), True) <= usable][:1]
+    hint = (f"at this size frame_num {fitting[0]} fits" if fitting else "no frame_num fits at this size: use a smaller size")
+    raise MemoryPlanError(
+        f"size / frame_num: a {request.width}*{request.height} video (the size at the image's aspect ratio) of "
+        f"{request.frames} frames needs about {need(request, True) / GIB:.1f} GiB of host RAM on the CPU (activations "
+        f"and the VAE), more than this machine has free beside the models; use a smaller size or fewer frames ({hint})")
 
 
 def usable_gpu_bytes(free: int) -> int:

@@ -180,3 +180,25 @@ def test_offload_brings_the_low_noise_expert_in_during_the_last_high_noise_step(
     # 4 steps at shift 5: 2 on the high-noise expert, each cond + uncond
     assert result["mode"] == "offload" and events == ["high", "high", "prefetch", "high", "high"] + ["low"] * 4, events
     assert result["peak_gpu_bytes"] <= result["expected_peak_gpu_bytes"] * 1.02, result
+
+
+def test_a_cpu_run_is_checked_against_host_ram_before_anything_is_allocated():
+    """No GPU: activations and the VAE live in host RAM; the plan refuses what cannot fit (naming size and frame_num
+    and a frame_num that fits), tiles the VAE where only that fits, and says nothing of how much RAM is free."""
+    budget = memory.Budget(None, 20 * GIB)
+    small = memory.make_plan(A14B, memory.Request(832, 480, 81), budget)
+    assert small.mode == "cpu" and not small.vae_tiling
+    large = memory.make_plan(A14B, P720, budget)  # untiled decode: 1280*720*81 pixels x 260 B = 18 GiB > 20 - 4 kept
+    assert large.mode == "cpu" and large.vae_tiling
+    with pytest.raises(MemoryPlanError) as info:
+        memory.make_plan(A14B, memory.Request(1920, 1088, 1001), budget)
+    message = str(info.value)
+    assert message.startswith("size / frame_num: a 1920*1088 video (the size at the image's aspect ratio) of 1001 frames "
+                              "needs about ")
+    fits = int(message.rsplit("frame_num ", 1)[1].split(" fits")[0])
+    assert fits % 4 == 1 and fits < 1001
+    assert memory.make_plan(A14B, memory.Request(1920, 1088, fits), budget).mode == "cpu"  # what it says fits, fits
+    with pytest.raises(MemoryPlanError):
+        memory.make_plan(A14B, memory.Request(1920, 1088, fits + 4), budget)
+    assert "20.0" not in message and "16.0" not in message  # the host's free RAM is the machine's business
+    assert memory.make_plan(A14B, memory.Request(1920, 1088, 1001), memory.Budget(None, None)).mode == "cpu"  # unknown
