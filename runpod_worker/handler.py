@@ -78,7 +78,7 @@ def handle_job(job: Dict[str, Any], token: Optional[CancelToken] = None) -> Dict
         parsed = parse_job_input(job.get("input"), limits=cfg.limits, max_workflow_images=cfg.max_workflow_images,
                                  operator=cfg.loader_values(), lora_folders=cfg.lora_folders())
         if request_id == LOCAL_TEST_ID and not isinstance(parsed, StatusRequest):
-            request_id = f"{LOCAL_TEST_ID}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            request_id = f"{LOCAL_TEST_ID}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex}"  # unguessable: see status
             parsed.warnings.append(f"id: every --test_input run without an \"id\" is '{LOCAL_TEST_ID}'; this one "
                                    f"is recorded as {request_id} so it overwrites no earlier run")
         if isinstance(parsed, StatusRequest):

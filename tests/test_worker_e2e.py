@@ -670,6 +670,7 @@ def test_worker_on_an_external_comfyui(comfy_url, comfy_server, tiny_upstream, t
     assert proc.returncode == 0, log[-4000:]
     assert f"using the ComfyUI at {comfy_url}" in log and "starting ComfyUI" not in log
     [record_path] = (tmp_path / "out").glob("local_test-*.json")  # each --test_input run has its own id
+    assert re.fullmatch(r"local_test-\d{8}-\d{6}-[0-9a-f]{32}", record_path.stem)  # unguessable: `status` has no tenants
     record = json.loads(record_path.read_text())
     assert record["status"] == "COMPLETED" and record["seed"] == 8
     frames, _ = read_mp4(record_path.with_suffix(".mp4"))
