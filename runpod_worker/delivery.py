@@ -55,7 +55,7 @@ def video_fields(record: Record, path: Path, return_video: bool, cfg, request_id
     try:
         size = path.stat().st_size
     except OSError:
-        return {"message": f"the video {path} is missing from the output folder"}
+        return {"message": f"the video {path.name} is missing from the output folder (WAN_OUTPUT_DIR)"}
     if inline_size(size) <= cfg.max_inline_bytes:
         return {"video_base64": base64.b64encode(path.read_bytes()).decode("ascii")}
     limit = cfg.max_inline_bytes / MB

@@ -24,7 +24,7 @@ from wan22.errors import InvalidParameter
 
 from . import config as config_mod
 from .comfy import CancelToken, ComfyBackend
-from .errors import JobFailed, as_job_failure
+from .errors import JobFailed, as_job_failure, caller_answer
 from .job_request import run_request_job
 from .job_status import status_answer
 from .job_workflow import run_workflow_job
@@ -69,7 +69,12 @@ async def handler(job: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def handle_job(job: Dict[str, Any], token: Optional[CancelToken] = None) -> Dict[str, Any]:
-    """Synchronous body of the handler (also what tests call)."""
+    """Synchronous body of the handler (also what tests call): every answer's texts pass caller_answer (no path of
+    the worker's folders, no class path reaches the caller)."""
+    return caller_answer(_handle_job(job, token))
+
+
+def _handle_job(job: Dict[str, Any], token: Optional[CancelToken] = None) -> Dict[str, Any]:
     token = token or CancelToken()
     started = time.monotonic()
     try:
