@@ -3,7 +3,8 @@
 Upstream pads every prompt to 512 tokens and encodes it in the checkpoint's dtype (bf16) on every request. The
 output at the real tokens does not depend on the padding (padded keys are masked out, positions are relative),
 so only the real tokens are encoded; recent embeddings are kept per encoder (the negative prompt is usually the
-same on every request); on a CPU whose bf16 matmuls are slow, each block computes in fp32 over its bf16 weights.
+same on every request); on a CPU without native bf16 matmul instructions (AMX-BF16, AVX512-BF16), each block
+computes in fp32 over its bf16 weights.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import dataclasses
 import functools
 import html
 import logging
+import os
 import re
-import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -132,37 +133,55 @@ class PromptEncoder:
         return ids[0], mask[0]
 
 
+# oneDNN's CPU ISA levels (`ONEDNN_MAX_CPU_ISA` values), lowest first; names on one line are aliases of one level
+ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16",
+               "AVX10_1_512 AVX512_CORE_FP16", "AVX10_1_512_AMX AVX512_CORE_AMX", "AVX10_1_512_AMX_FP16 AVX512_CORE_AMX_FP16")
+ONEDNN_ISA_LEVEL = {name: level for level, names in enumerate(ONEDNN_ISAS) for name in names.split()}
+# the CPU's native bf16 matmul instructions and the least oneDNN ISA level that uses each
+BF16_MATMUL_ISA = {"amx_bf16": "AVX10_1_512_AMX", "avx512_bf16": "AVX512_CORE_BF16"}
+
+
+def cpu_bf16_instructions() -> set:
+    """Which of BF16_MATMUL_ISA this CPU has: torch's own detection (cpuinfo) where it has one, else /proc/cpuinfo."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is not None:
+        return {flag for flag in BF16_MATMUL_ISA if capabilities().get(flag)}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return set(flags) & set(BF16_MATMUL_ISA)
+
+
 @functools.lru_cache(maxsize=None)
-def cpu_bf16_is_slow() -> bool:
-    """Whether UMT5-XXL's work (a 4096-wide projection, 64-head attention over ~128 tokens) runs slower in bf16
-    than in fp32 on this CPU: with AMX or AVX512-BF16 bf16 is the faster; without, torch's bf16 matmuls and
-    especially bmms can be many times slower. A probe of ~0.1 s, once per process; a projection is ~97 % of the
-    FLOPs at these lengths, attention the rest."""
-    def per_flop(fn, flops: float) -> float:
-        fn()  # warm-up: oneDNN builds its kernels on the first call
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times) / flops
-
-    def cost(dtype) -> float:
-        x, w = torch.randn(128, 4096, dtype=dtype), torch.randn(4096, 1024, dtype=dtype)
-        q, k = torch.randn(64, 128, 64, dtype=dtype), torch.randn(64, 64, 128, dtype=dtype)
-        return 0.97 * per_flop(lambda: x @ w, 2 * 128 * 4096 * 1024) + 0.03 * per_flop(lambda: torch.bmm(q, k), 2 * 64 * 128 * 64 * 128)
-
-    with torch.no_grad():
-        slow = cost(torch.bfloat16) > 1.1 * cost(torch.float32)
-    log.info("Wan22 text encoder on the CPU: bf16 %s than fp32 here, computing in %s", "slower" if slow else "not slower",
-             "fp32 over the bf16 weights" if slow else "bf16")
-    return slow
+def cpu_has_fast_bf16() -> Tuple[bool, str]:
+    """(whether oneDNN, torch's CPU matmuls, can run bf16 on this CPU's native bf16 instructions, why): AMX-BF16 or
+    AVX512-BF16, not capped away by `ONEDNN_MAX_CPU_ISA` (or the older `DNNL_MAX_CPU_ISA`). Without them oneDNN emulates
+    bf16 matmuls with fp32 instructions: bf16 compute then only adds rounding, and on most such CPUs it is several
+    times slower. Decided from what the CPU and oneDNN support, never from a timing; once per process."""
+    have = sorted(cpu_bf16_instructions())
+    var = next((v for v in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA") if os.environ.get(v, "").strip()), None)
+    cap = os.environ[var].strip().upper() if var else "DEFAULT"
+    if not have:
+        fast, why = False, "this CPU has no native bf16 matmul instructions (neither amx_bf16 nor avx512_bf16)"
+    elif cap not in ONEDNN_ISA_LEVEL:  # DEFAULT, ALL, or a name oneDNN does not know and so ignores
+        fast, why = True, f"this CPU has {' and '.join(have)} and oneDNN's ISA is not capped"
+    else:
+        usable = [f for f in have if ONEDNN_ISA_LEVEL[cap] >= ONEDNN_ISA_LEVEL[BF16_MATMUL_ISA[f]]]
+        fast = bool(usable)
+        why = f"this CPU has {' and '.join(have)}; {var}={cap} " + (
+            f"lets oneDNN use {' and '.join(usable)}" if usable else
+            "keeps oneDNN below " + " and ".join(f"{BF16_MATMUL_ISA[f]} ({f})" for f in have))
+    log.info("Wan22 text encoder on the CPU: %s, so it computes in %s", why, "bf16" if fast else "fp32 over the bf16 weights")
+    return fast, why
 
 
 def compute_dtype_for(model: torch.nn.Module, device: torch.device):
-    """fp32 compute over 16-bit weights where that is faster (a CPU without fast bf16), else the weights' dtype."""
+    """fp32 compute over 16-bit weights on a CPU without native bf16 matmuls (and always over fp16 weights on a CPU),
+    else the weights' dtype."""
     storage = next(model.parameters()).dtype
-    if device.type == "cpu" and storage in (torch.bfloat16, torch.float16) and (storage == torch.float16 or cpu_bf16_is_slow()):
+    if device.type == "cpu" and storage in (torch.bfloat16, torch.float16) and (storage == torch.float16 or not cpu_has_fast_bf16()[0]):
         return computing_in(model, torch.float32)
     return contextlib.nullcontext()
 

@@ -103,12 +103,93 @@ def test_the_cpu_compute_dtype_follows_the_machine(tiny_models, encoder, monkeyp
     model = bf16_encoder(tiny_models)
     widened = copy.deepcopy(model).float()
     reference = text.PromptEncoder(encoder.tokenizer, widened, torch.device("cpu")).encode([PROMPT])[0]
-    assert isinstance(text.cpu_bf16_is_slow(), bool)  # this machine's answer (a timing probe)
-    for slow in (True, False):
-        monkeypatch.setattr(text, "cpu_bf16_is_slow", lambda: slow)
+    fast, why = text.cpu_has_fast_bf16()  # this machine's answer, from its capabilities
+    assert isinstance(fast, bool) and why
+    for fast in (False, True):
+        monkeypatch.setattr(text, "cpu_has_fast_bf16", lambda: (fast, "test"))
         got = text.PromptEncoder(encoder.tokenizer, model, torch.device("cpu")).encode([PROMPT])[0]
         diff = (got - reference).abs().max()
-        assert (diff < 1e-5) if slow else (diff > 1e-4), (slow, diff)
+        assert (diff > 1e-4) if fast else (diff < 1e-5), (fast, diff)
+
+
+# (this CPU's bf16 instructions, the ISA cap (ONEDNN_MAX_CPU_ISA value; None: unset), bf16 compute?)
+BF16_DECISIONS = [
+    (set(), None, False), (set(), "AVX10_1_512_AMX", False), (set(), "DEFAULT", False),
+    ({"avx512_bf16"}, None, True), ({"avx512_bf16"}, "ALL", True), ({"avx512_bf16"}, "default", True),
+    ({"avx512_bf16"}, "NOT_AN_ISA", True),  # oneDNN ignores a name it does not know
+    ({"avx512_bf16"}, "AVX512_CORE_BF16", True), ({"avx512_bf16"}, "avx512_core_bf16", True),
+    ({"avx512_bf16"}, "AVX10_1_512", True), ({"avx512_bf16"}, "AVX512_CORE_FP16", True),
+    ({"avx512_bf16"}, "AVX512_CORE_AMX", True), ({"avx512_bf16"}, "AVX10_1_512_AMX_FP16", True),
+    ({"avx512_bf16"}, "AVX512_CORE_VNNI", False), ({"avx512_bf16"}, "AVX512_CORE", False),
+    ({"avx512_bf16"}, "avx512_core", False), ({"avx512_bf16"}, "AVX2_VNNI_2", False), ({"avx512_bf16"}, "AVX2_VNNI", False),
+    ({"avx512_bf16"}, "AVX2", False), ({"avx512_bf16"}, "AVX", False), ({"avx512_bf16"}, "SSE41", False),
+    ({"amx_bf16", "avx512_bf16"}, None, True), ({"amx_bf16", "avx512_bf16"}, "AVX10_1_512_AMX", True),
+    ({"amx_bf16", "avx512_bf16"}, "AVX512_CORE_BF16", True), ({"amx_bf16", "avx512_bf16"}, "AVX512_CORE", False),
+    ({"amx_bf16"}, "AVX512_CORE_AMX", True), ({"amx_bf16"}, "AVX512_CORE_AMX_FP16", True),
+    ({"amx_bf16"}, "AVX10_1_512", False), ({"amx_bf16"}, "AVX512_CORE_BF16", False),
+]
+
+
+@pytest.fixture
+def bf16_decision(monkeypatch):
+    """cpu_has_fast_bf16() for a given CPU and ISA cap, computed afresh (it is cached per process)."""
+    def decide(instructions, cap, var="ONEDNN_MAX_CPU_ISA"):
+        monkeypatch.setattr(text, "cpu_bf16_instructions", lambda: set(instructions))
+        for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+            monkeypatch.delenv(name, raising=False)
+        if cap is not None:
+            monkeypatch.setenv(var, cap)
+        text.cpu_has_fast_bf16.cache_clear()
+        return text.cpu_has_fast_bf16()
+
+    yield decide
+    text.cpu_has_fast_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("instructions, cap, fast", BF16_DECISIONS)
+def test_bf16_compute_where_onednn_can_use_native_bf16_matmuls(bf16_decision, instructions, cap, fast):
+    got, why = bf16_decision(instructions, cap)
+    assert got is fast, why
+    assert all(f in why for f in instructions) if instructions else "no native bf16" in why, why
+    if instructions and not fast:  # the cap is what kept them out
+        assert f"ONEDNN_MAX_CPU_ISA={cap.upper()} keeps oneDNN below" in why, why
+
+
+def test_the_older_dnnl_cap_counts_and_the_onednn_one_wins(bf16_decision, monkeypatch):
+    assert bf16_decision({"avx512_bf16"}, "AVX512_CORE", var="DNNL_MAX_CPU_ISA") == (
+        False, "this CPU has avx512_bf16; DNNL_MAX_CPU_ISA=AVX512_CORE keeps oneDNN below AVX512_CORE_BF16 (avx512_bf16)")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    text.cpu_has_fast_bf16.cache_clear()
+    assert text.cpu_has_fast_bf16()[0] is True
+
+
+def test_the_decision_is_made_once_and_logged_once(bf16_decision, monkeypatch, caplog):
+    bf16_decision({"avx512_bf16"}, None)  # no ISA cap in the environment
+    calls = []
+    monkeypatch.setattr(text, "cpu_bf16_instructions", lambda: calls.append(1) or {"avx512_bf16"})
+    text.cpu_has_fast_bf16.cache_clear()
+    with caplog.at_level("INFO", logger="wan22"):
+        first, again = text.cpu_has_fast_bf16(), text.cpu_has_fast_bf16()
+    assert first == again and len(calls) == 1
+    assert [r.getMessage() for r in caplog.records] == [f"Wan22 text encoder on the CPU: {first[1]}, so it computes in bf16"]
+
+
+def test_the_cpus_bf16_instructions_come_from_torch_or_proc_cpuinfo(monkeypatch):
+    assert text.cpu_bf16_instructions() <= set(text.BF16_MATMUL_ISA)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": False, "avx512_bf16": True, "avx2": True},
+                        raising=False)
+    assert text.cpu_bf16_instructions() == {"avx512_bf16"}
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    monkeypatch.setattr(text, "Path", lambda name: FakeFile("processor : 0\nflags : fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"))
+    assert text.cpu_bf16_instructions() == {"avx512_bf16", "amx_bf16"}
+
+
+class FakeFile:
+    def __init__(self, content: str):
+        self.content = content
+
+    def read_text(self) -> str:
+        return self.content
 
 
 def test_an_embedding_does_not_depend_on_what_the_cache_holds(encoder):
