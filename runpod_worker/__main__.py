@@ -61,7 +61,7 @@ def start_backend(cfg: WorkerConfig) -> ComfyBackend:
             time.sleep(1.0)
         log.info("using the ComfyUI at %s", cfg.comfyui_url)
         supervisor = Supervisor(cfg.comfyui_url, hang_s=cfg.comfy_hang_s)
-        return ComfyBackend(supervisor.start_monitor(), cfg.workflow)
+        return ComfyBackend(supervisor.start_monitor(), cfg.workflow, cfg.comfy_settle_s)
 
     from headless.server import REPO_ROOT, ServerStartError, default_comfyui_dir, start_comfyui
 
@@ -87,7 +87,7 @@ def start_backend(cfg: WorkerConfig) -> ComfyBackend:
     log.info("ComfyUI ready at %s (pid %d, log %s) on the %s: %s", server.url, server.pid, server.log_path,
              "CPU" if server.cpu else "GPU", server.cpu_reason)
     supervisor = Supervisor(server.url, server, start, hang_s=cfg.comfy_hang_s, restarts=cfg.comfy_restarts)
-    return ComfyBackend(supervisor.start_monitor(), cfg.workflow)
+    return ComfyBackend(supervisor.start_monitor(), cfg.workflow, cfg.comfy_settle_s)
 
 
 def warm_up(backend: ComfyBackend, cfg: WorkerConfig) -> None:

@@ -31,7 +31,6 @@ from .supervisor import Supervisor
 
 NODE_PREFIX = "wan22_"
 JOB_FOLDER_PREFIX = "wan22_job_"  # a raw job's uploads: input/wan22_job_<id>/<name>
-SETTLE_S = 30.0  # after a timeout or cancel: the next job starts on an empty queue
 
 
 def namespaced(workflow: dict, prefix: str) -> dict:
@@ -100,9 +99,12 @@ def job_failure(exc: HeadlessError, token: CancelToken) -> JobFailed:
 class ComfyBackend:
     """Runs jobs on the supervised ComfyUI (`supervisor.url`; `supervisor.server` when this process started it)."""
 
-    def __init__(self, supervisor: Supervisor, workflow_path: Optional[str] = None):
+    def __init__(self, supervisor: Supervisor, workflow_path: Optional[str] = None, settle_s: float = 30.0):
+        """settle_s: after a timeout or cancel, how long the interrupted prompt has to end (WAN_COMFY_SETTLE_S);
+        one still running then is a hung ComfyUI."""
         self.supervisor = supervisor
         self.workflow_path = workflow_path or None
+        self.settle_s = settle_s
         self._object_info: Optional[dict] = None
         self._kept: set = set()  # ComfyUI's copies of the last finished raw job's outputs
         self._kept_lock = threading.Lock()
@@ -142,7 +144,7 @@ class ComfyBackend:
 
         hooks = Hooks(on_queued=queued, on_running=on_running, on_progress=on_progress, on_server_file=server_file,
                       upload_name=lambda png: f"wan22_worker_{tag}_{uuid.uuid4().hex[:8]}.png",
-                      cancel=token.event, settle_s=SETTLE_S)
+                      cancel=token.event, settle_s=self.settle_s)
         client = ComfyClient(url, timeout=30)
         client.deadline = deadline
         try:
@@ -218,7 +220,11 @@ class ComfyBackend:
             for name, data in images:
                 hooks.on_server_file("input", folder, name)
                 client.upload_image(data, name=name, subfolder=folder)
-            execution = execute(client, workflow, timeout=left, hooks=hooks)
+            try:
+                execution = execute(client, workflow, timeout=left, hooks=hooks)
+            except BaseException:
+                self._keep_comfy_copies(self._partial_outputs(client, token.prompt_id), False)
+                raise
             t0 = time.monotonic()
             saved = [f for f in output_files(execution.entry) if f.get("type") != "temp"]
             ok = False
@@ -243,6 +249,16 @@ class ComfyBackend:
         if server is None:
             return None
         return Path(server.input_dir if folder == "input" else server.output_dir) / f["subfolder"] / f["filename"]
+
+    def _partial_outputs(self, client: ComfyClient, prompt_id: Optional[str]) -> List[Optional[Path]]:
+        """What a prompt that failed, was interrupted or timed out saved before it ended (its history lists the
+        outputs of the nodes that ran); [] when ComfyUI cannot say."""
+        try:
+            with client.grace(5.0):  # past the job's deadline too, briefly
+                entry = client.history(prompt_id) if prompt_id else None
+        except Exception:  # noqa: BLE001 - a dead ComfyUI: nothing to ask, its restart keeps the folder
+            return []
+        return [self._server_path("output", f) for f in output_files(entry or {}) if f.get("type") != "temp"]
 
     def _keep_comfy_copies(self, paths: List[Optional[Path]], finished: bool) -> None:
         """ComfyUI's own copies of raw jobs' outputs: those of the last finished job stay (an identical next prompt

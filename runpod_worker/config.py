@@ -34,6 +34,7 @@ WORKER_SETTINGS: Tuple[Setting, ...] = (
     Setting("WAN_PRELOAD_TIMEOUT_S", "preload_timeout_s", "float", 1800.0, "time limit of that warm-up", low=1),
     Setting("WAN_COMFY_START_TIMEOUT_S", "comfy_start_timeout_s", "float", 300.0, "how long start-up (and each restart) waits for ComfyUI", low=1),
     Setting("WAN_COMFY_HANG_S", "comfy_hang_s", "float", 120.0, "ComfyUI giving no answer to the worker's liveness call for this long is hung: the job in flight fails saying so, ComfyUI is killed and restarted", low=5),
+    Setting("WAN_COMFY_SETTLE_S", "comfy_settle_s", "float", 30.0, "after a job's time limit or cancel its prompt is interrupted and has this long to end (a node checks between steps); one still running then means ComfyUI runs no more prompts: it is killed and restarted", low=1),
     Setting("WAN_COMFY_RESTARTS", "comfy_restarts", "int", 3, "attempts to restart a ComfyUI that died or hung (pauses 0, 2, 5 s...); when all fail the worker asks RunPod to replace it (`refresh_worker`)", low=1),
     Setting("WAN_RAW_WORKFLOWS", "raw_workflows", "flag", True, "accept raw worker-comfyui `{\"workflow\", \"images\"}` jobs (confined to the job's own images; docs/runpod.md)"),
     Setting("BUCKET_ENDPOINT_URL", "bucket_endpoint_url", "text", "", "S3-compatible bucket: videos too large to inline are uploaded (content type `video/mp4`, SDK `rp_upload`) and a presigned `video_url` (7 days) is returned"),
@@ -98,6 +99,7 @@ class WorkerConfig:
     preload_timeout_s: float
     comfy_start_timeout_s: float
     comfy_hang_s: float
+    comfy_settle_s: float
     comfy_restarts: int
     raw_workflows: bool
     bucket_endpoint_url: str

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import copy
 import io
 import json
+import os
+import re
+import subprocess
 import time
 
 import pytest
+import requests
 
 import comfy_fixture as cf
-from test_worker_e2e import image_http, running_worker  # noqa: F401 - image_http is a fixture used here
+from test_worker_e2e import REPO, image_http, running_worker, worker_env  # noqa: F401 - image_http is a fixture used here
 
 pytestmark = [pytest.mark.comfy]
 
@@ -85,6 +88,48 @@ def test_a_prompt_thread_that_ends_fails_the_job_at_once_and_comfyui_is_restarte
     assert time.monotonic() - started < 60  # found by the supervisor, not by WAN_JOB_TIMEOUT_S
     assert_serves(worker, image_http, within_s=240)
     assert worker.comfy_pid() != pid
+
+
+def test_a_prompt_still_running_after_an_interrupt_is_a_hung_comfyui_and_is_replaced(tiny_upstream, tmp_path, image_http):
+    """A node stuck in one call ignores /interrupt: at the job's time limit the prompt is interrupted, and when it has
+    not ended after the settle period the worker kills that ComfyUI (restarted for the next job) and says so. One
+    `--test_input` job, so the short time limit is this test's alone."""
+    cf.need_comfyui()
+    (tmp_path / "inputs").mkdir()
+    env = worker_env(tiny_upstream, tmp_path, {"WAN_JOB_TIMEOUT_S": "20", "WAN_COMFY_SETTLE_S": "3"})
+    stuck = raw(("LoadImage", {"image": "in.png"}), ("HeadlessTestIgnoreInterrupt", {"images": ["1", 0], "seconds": 600.0}),
+                ("SaveImage", {"images": ["2", 0], "filename_prefix": "stuck"}))
+    job = {"input": {"workflow": stuck, "images": upload(image_http)}}
+    proc = subprocess.run([str(REPO / "runpod_worker" / "start.sh"), "--test_input", json.dumps(job)], cwd=str(REPO),
+                          env=env, capture_output=True, text=True, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert ("the job ran past its time limit (WAN_JOB_TIMEOUT_S), and ComfyUI did not stop its prompt after an "
+            "interrupt; it is restarted") in log, log[-4000:]
+    [first] = re.findall(r"ComfyUI ready at \S+ \(pid (\d+)", log)[:1]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # the stuck ComfyUI was killed, not left sleeping
+        try:
+            os.kill(int(first), 0)
+        except OSError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the stuck ComfyUI was not killed")
+
+
+def test_a_failed_raw_job_leaves_none_of_what_it_saved(worker, image_http):
+    """The first output node saves, a later node fails: ComfyUI's copy of what was saved goes with the job."""
+    half = raw(("LoadImage", {"image": "in.png"}), ("SaveImage", {"images": ["1", 0], "filename_prefix": "partial"}),
+               ("HeadlessTestSteps", {"images": ["1", 0], "steps": 3, "delay": 0.0, "fail_at": 2, "seed": 0}),
+               ("ImageInvert", {"image": ["3", 0]}), ("SaveImage", {"images": ["4", 0], "filename_prefix": "never"}))
+    answer = worker.runsync({"workflow": half, "images": upload(image_http)}, timeout=120)
+    assert "HeadlessTestSteps failed at step 2" in failed(answer)
+    url = re.findall(r"ComfyUI (?:ready|restarted) at (\S+) ", worker.log())[-1]
+    history = requests.get(url + "/history", timeout=30).json()
+    saved = [image["filename"] for entry in history.values() for out in (entry.get("outputs") or {}).values()
+             for image in out.get("images", []) if image["filename"].startswith("partial")]
+    assert saved, "the first SaveImage did not run before the failure: the test proves nothing"
+    assert comfy_outputs(worker, "partial") == [] and comfy_outputs(worker, "never") == []
 
 
 # ------------------------------------------------------------------------------------------------- 2. multi-frame images

@@ -3,7 +3,7 @@
 ``HeadlessTestSteps`` sleeps ``delay`` seconds per step and drives ComfyUI's progress bar, so the client's
 progress, websocket-drop and interrupt handling can be tested with a predictable duration, independent of
 the engine's speed. ``fail_at`` > 0 raises at that step (an ``execution_error``). ``HeadlessTestEndPromptThread`` ends ComfyUI's prompt
-thread, as a failure outside any node would.
+thread, as a failure outside any node would; ``HeadlessTestIgnoreInterrupt`` sleeps through an interrupt.
 """
 import time
 
@@ -53,6 +53,23 @@ class HeadlessTestEndPromptThread:
         raise EndsThePromptThread("the test ended ComfyUI's prompt thread")
 
 
-NODE_CLASS_MAPPINGS = {"HeadlessTestSteps": HeadlessTestSteps, "HeadlessTestEndPromptThread": HeadlessTestEndPromptThread}
+class HeadlessTestIgnoreInterrupt:
+    """Sleeps `seconds` without looking at /interrupt: a node stuck in one call (a hung kernel, a dead lock)."""
+    CATEGORY = "testing/headless"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "seconds": ("FLOAT", {"default": 60.0, "min": 0.0, "max": 3600.0})}}
+
+    def run(self, images, seconds):
+        time.sleep(seconds)
+        return (images,)
+
+
+NODE_CLASS_MAPPINGS = {"HeadlessTestSteps": HeadlessTestSteps, "HeadlessTestEndPromptThread": HeadlessTestEndPromptThread,
+                       "HeadlessTestIgnoreInterrupt": HeadlessTestIgnoreInterrupt}
 NODE_DISPLAY_NAME_MAPPINGS = {"HeadlessTestSteps": "Headless test: slow steps",
-                              "HeadlessTestEndPromptThread": "Headless test: end the prompt thread"}
+                              "HeadlessTestEndPromptThread": "Headless test: end the prompt thread",
+                              "HeadlessTestIgnoreInterrupt": "Headless test: ignore interrupts"}
