@@ -9,11 +9,12 @@ a `threading.excepthook` that only observes (it hands every exception on to the 
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 ROUTE = "/wan22/prompt_thread"
 THREAD_NAME_END = "(prompt_worker)"  # Python names a thread "Thread-N (<target name>)"
 _ended: Dict[str, str] = {}
+_registered: List[bool] = []  # the route is added once per process
 
 
 def _is_prompt_thread(thread: Optional[threading.Thread]) -> bool:
@@ -46,7 +47,7 @@ def register() -> bool:
     except ImportError:
         return False
     instance = getattr(PromptServer, "instance", None)
-    if instance is None or getattr(register, "done", False):
+    if instance is None or _registered:
         return False
 
     @instance.routes.get(ROUTE)
@@ -54,5 +55,5 @@ def register() -> bool:
         return web.json_response(state())
 
     _observe_exceptions()
-    register.done = True
+    _registered.append(True)
     return True
