@@ -33,7 +33,8 @@ NODE_TYPES = {"Wan22ModelLoader", "Wan22LoraLoader", "Wan22TextEncode", "Wan22Pr
 # import name -> distribution, for the third-party modules the pack's code imports
 IMPORT_TO_DIST = {"PIL": "pillow", "imageio_ffmpeg": "imageio-ffmpeg", "websocket": "websocket-client"}
 # provided by ComfyUI itself (torch, its modules) or optional and guarded by try/except ImportError
-PROVIDED = {"torch", "comfy", "folder_paths", "ftfy"}
+# ComfyUI's own modules and what its server runs on (aiohttp: the pack's route is registered only inside ComfyUI)
+PROVIDED = {"torch", "comfy", "folder_paths", "server", "aiohttp", "ftfy"}
 # never copied into temp trees (big, machine-local, or build output)
 SKIP_DIRS = {".git", ".venv", ".comfyui", ".comfyui-current", ".venv-comfyui-current", ".cache", "demo_out", "build",
              "_artifacts", "__pycache__", ".ruff_cache", ".pytest_cache", "node_modules"}
