@@ -22,7 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Union
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 from urllib.parse import urlencode, urlsplit
 
 import requests
@@ -226,9 +226,7 @@ class ComfyClient:
 
         When the queue cannot be read, nothing is interrupted: a blind /interrupt could stop another
         client's prompt."""
-        q = self.queue()
-        running = [item[1] for item in q.get("queue_running", []) if len(item) > 1]
-        pending = [item[1] for item in q.get("queue_pending", []) if len(item) > 1]
+        running, pending = self.queued_ids()
         if prompt_id in pending:
             self._request("POST", "/queue", json={"delete": [prompt_id]}, timeout=10)
         if prompt_id in running:
@@ -423,16 +421,18 @@ class ComfyClient:
                 return
             time.sleep(0.2)
 
+    def queued_ids(self) -> Tuple[List[str], List[str]]:
+        """The prompt ids ComfyUI runs now and those waiting (GET /queue)."""
+        q = self.queue()
+        return tuple([item[1] for item in q.get(key, []) or [] if isinstance(item, (list, tuple)) and len(item) > 1]
+                     for key in ("queue_running", "queue_pending"))
+
     def in_queue(self, prompt_id: str) -> bool:
         try:
-            q = self.queue()
+            running, pending = self.queued_ids()
         except Exception:
             return True
-        for key in ("queue_running", "queue_pending"):
-            for item in q.get(key, []) or []:
-                if isinstance(item, (list, tuple)) and len(item) > 1 and item[1] == prompt_id:
-                    return True
-        return False
+        return prompt_id in running or prompt_id in pending
 
     def _outcome(self, prompt_id: str, entry: dict, error_event: Optional[dict],
                  interrupted_event: Optional[dict]) -> dict:

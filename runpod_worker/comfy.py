@@ -50,6 +50,13 @@ def namespaced(workflow: dict, prefix: str) -> dict:
     return out
 
 
+def comfy_file(server: Any, folder: str, subfolder: str, filename: str) -> Optional[Path]:
+    """Where a file of ComfyUI's input or output folder is on disk (None for a ComfyUI this worker did not start)."""
+    if server is None:
+        return None
+    return Path(server.input_dir if folder == "input" else server.output_dir) / subfolder / filename
+
+
 class CancelToken:
     """Set by the async handler when RunPod cancels the job, or by the supervisor when ComfyUI fails under it;
     the job's wait sees it within a second."""
@@ -138,9 +145,9 @@ class ComfyBackend:
                 on_queued(prompt_id)
 
         def server_file(folder: str, subfolder: str, filename: str) -> None:
-            if server is not None:
-                base = server.input_dir if folder == "input" else server.output_dir
-                leftovers.append(Path(base) / subfolder / filename)
+            path = comfy_file(server, folder, subfolder, filename)
+            if path is not None:
+                leftovers.append(path)
 
         hooks = Hooks(on_queued=queued, on_running=on_running, on_progress=on_progress, on_server_file=server_file,
                       upload_name=lambda png: f"wan22_worker_{tag}_{uuid.uuid4().hex[:8]}.png",
@@ -239,16 +246,10 @@ class ComfyBackend:
                         resp.close()
                 ok = True
             finally:
-                self._keep_comfy_copies([self._server_path("output", f) for f in saved], ok)
+                self._keep_comfy_copies([comfy_file(self.server, "output", f["subfolder"], f["filename"]) for f in saved], ok)
             execution.timings["download_s"] = round(time.monotonic() - t0, 3)
             execution.cached_nodes = sorted({str(workflow.get(n, {}).get("class_type", n)) for n in execution.cached_nodes})
             return execution, collect_result(execution.entry, workflow)[1]
-
-    def _server_path(self, folder: str, f: dict) -> Optional[Path]:
-        server = self.server
-        if server is None:
-            return None
-        return Path(server.input_dir if folder == "input" else server.output_dir) / f["subfolder"] / f["filename"]
 
     def _partial_outputs(self, client: ComfyClient, prompt_id: Optional[str]) -> List[Optional[Path]]:
         """What a prompt that failed, was interrupted or timed out saved before it ended (its history lists the
@@ -258,7 +259,8 @@ class ComfyBackend:
                 entry = client.history(prompt_id) if prompt_id else None
         except Exception:  # noqa: BLE001 - a dead ComfyUI: nothing to ask, its restart keeps the folder
             return []
-        return [self._server_path("output", f) for f in output_files(entry or {}) if f.get("type") != "temp"]
+        return [comfy_file(self.server, "output", f["subfolder"], f["filename"])
+                for f in output_files(entry or {}) if f.get("type") != "temp"]
 
     def _keep_comfy_copies(self, paths: List[Optional[Path]], finished: bool) -> None:
         """ComfyUI's own copies of raw jobs' outputs: those of the last finished job stay (an identical next prompt

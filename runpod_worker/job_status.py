@@ -7,7 +7,6 @@ from typing import Any, Dict
 
 from . import config as config_mod
 from .delivery import pick_answer, video_fields
-from .errors import caller_answer
 from .records import Record, read_record
 from .validation import StatusRequest
 
@@ -20,10 +19,6 @@ def status_answer(req: StatusRequest, cfg) -> Dict[str, Any]:
             f"volume at {config_mod.VOLUME} or set WAN_OUTPUT_DIR to a shared folder")
         return {"error": f"request_id: no request {req.request_id!r} is known in the output folder (WAN_OUTPUT_DIR)"
                          f"{hint}"}
-    return caller_answer(_record_answer(record, req, cfg))
-
-
-def _record_answer(record: Dict[str, Any], req: StatusRequest, cfg) -> Dict[str, Any]:
     answer = pick_answer(record)
     answer["params"] = record.get("params")
     if record.get("progress"):

@@ -4,7 +4,8 @@ One monitor thread checks the process twice a second and asks `/system_stats` ev
 from its server thread while a prompt runs), then this pack's `/wan22/prompt_thread`: HTTP answering proves
 nothing about the thread that runs the prompts, which a workflow can end. When the process exits, gives no
 answer for `hang_s` (WAN_COMFY_HANG_S), or its prompt thread has ended, every job in flight is failed at once
-with the cause (its CancelToken), the process is killed and ComfyUI is started again: at most `restarts` attempts (WAN_COMFY_RESTARTS) with a growing pause.
+with the cause (its CancelToken), the process is killed and ComfyUI is started again: at most `restarts`
+attempts (WAN_COMFY_RESTARTS) with a growing pause.
 Only when those fail is the worker `broken`, and jobs answer `refresh_worker` so RunPod replaces it.
 
 A ComfyUI this worker did not start (COMFYUI_URL) is pinged the same way; it cannot be restarted from here.
@@ -111,7 +112,7 @@ class Supervisor:
         try:
             if not client.ping(timeout=3.0):
                 why = "ComfyUI stopped answering"
-            elif prompt_id and prompt_id in [item[1] for item in client.queue().get("queue_running", []) if len(item) > 1]:
+            elif prompt_id and prompt_id in client.queued_ids()[0]:
                 why = "ComfyUI did not stop its prompt after an interrupt"
             else:
                 return ""

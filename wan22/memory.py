@@ -245,9 +245,9 @@ def _cpu_plan(sizes: Sizes, request: Request, host_budget: Optional[int], host: 
         if usable is None or need(request, tiled) <= usable:
             return Plan("cpu", sizes.num_blocks, sizes.num_blocks, False, tiled, 0, host + need(request, tiled), None,
                         host_budget, "no GPU: everything runs on the CPU")
-    fitting = [f for f in range(request.frames - 4, 0, -4)
-               if need(Request(request.width, request.height, f), True) <= usable][:1]
-    hint = (f"at this size frame_num {fitting[0]} fits" if fitting else "no frame_num fits at this size: use a smaller size")
+    fitting = next((f for f in range(request.frames - 4, 0, -4)
+                    if need(Request(request.width, request.height, f), True) <= usable), None)
+    hint = f"at this size frame_num {fitting} fits" if fitting else "no frame_num fits at this size: use a smaller size"
     raise MemoryPlanError(
         f"size / frame_num: a {request.width}*{request.height} video (the size at the image's aspect ratio) of "
         f"{request.frames} frames needs about {need(request, True) / GIB:.1f} GiB of host RAM on the CPU (activations "
