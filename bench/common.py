@@ -130,7 +130,7 @@ def tiny_models(layout: str) -> Path:
     if not marker.is_file():
         import shutil
 
-        from wan22.tiny import build_tiny_model_set
+        from wan22.testing.tiny import build_tiny_model_set
 
         shutil.rmtree(folder, ignore_errors=True)
         log(f"building tiny {layout} models in {folder}")

@@ -1,6 +1,6 @@
 """diffusers reference: the same tiny generation through diffusers' own WanImageToVideoPipeline and through our engine.
 
-Both read the same tiny weights (wan22.tiny builds every layout from one seed): the engine from the upstream
+Both read the same tiny weights (wan22.testing.tiny builds every layout from one seed): the engine from the upstream
 layout (as in production), diffusers from the diffusers layout with `WanImageToVideoPipeline.from_pretrained`
 (Wan2.2: image_encoder/image_processor None, transformer + transformer_2, boundary_ratio 0.9; guidance_scale drives
 the high-noise expert, guidance_scale_2 the low-noise one). Same dtypes: transformers and UMT5 in bf16, VAE in
@@ -47,8 +47,8 @@ def run(reps: int = 3, results_dir=None) -> Dict[str, object]:
         pass
     from PIL import Image
 
-    from wan22.params import GenerationParams
-    from wan22.spec import UPSTREAM_NEGATIVE_PROMPT
+    from wan22.request.params import GenerationParams
+    from wan22.request.spec import UPSTREAM_NEGATIVE_PROMPT
     from wan22.pipeline import LoadOptions, load_pipeline
 
     image = Image.open(input_image()).convert("RGB")

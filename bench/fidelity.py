@@ -28,9 +28,9 @@ def _errors(out, reference) -> Dict[str, float]:
 def run(blocks: int = 2, quick: bool = False, results_dir=None) -> Dict[str, object]:
     import torch
 
-    from wan22 import convert
-    from wan22.load import fill_module
-    from wan22.models import build_transformer
+    from wan22.checkpoints import key_maps
+    from wan22.checkpoints.tensors import fill_module
+    from wan22.checkpoints.modules import build_transformer
 
     from .gpu import SMOKE_MODEL, build_random_expert, model_config
 
@@ -41,7 +41,7 @@ def run(blocks: int = 2, quick: bool = False, results_dir=None) -> Dict[str, obj
     reference_model = build_random_expert(config, "cpu", torch.float32)
     state = reference_model.state_dict()
     bf16_model = fill_module(build_transformer(config), ((k, (lambda v=v: v)) for k, v in state.items()),
-                             convert.identity, torch.bfloat16, "cpu", "bf16 copy")  # the engine's bf16 load
+                             key_maps.identity, torch.bfloat16, "cpu", "bf16 copy")  # the engine's bf16 load
     gen = torch.Generator().manual_seed(3)
     lat_f, lat_h, lat_w = (2, 16, 16) if quick else (2, 60, 104)
     latent = torch.randn(1, 36, lat_f, lat_h, lat_w, generator=gen)

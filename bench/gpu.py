@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from wan22.errors import InvalidParameter
+from wan22.request.errors import InvalidParameter
 
 from .common import RESULTS, log, peak_rss_since_reset_mb, reset_peak_rss, write_result
 
@@ -49,7 +49,7 @@ PROMPT_TOKENS, NEGATIVE_TOKENS = 24, 126  # real lengths of a short prompt and u
 
 
 def model_config(blocks: int, smoke: bool) -> dict:
-    from wan22.configs import load_config
+    from wan22.checkpoints.configs import load_config
 
     config = load_config("wan22_i2v_a14b_transformer.json")
     if smoke:
@@ -64,7 +64,7 @@ def build_random_expert(config: dict, device, dtype, seed: int = 0):
     directly on `device`: no host copy of 28 GB."""
     import torch
 
-    from wan22.models import build_transformer
+    from wan22.checkpoints.modules import build_transformer
 
     torch.manual_seed(seed)
     # fill_module places parameters; the RoPE tables are non-persistent buffers made on the host by __init__
@@ -110,7 +110,7 @@ def latent_inputs(width: int, height: int, frames: int, seed: int = 1):
     return noise, y, context, context_null, (lat_f, lat_h, lat_w)
 
 
-ENGINE_VARIANTS = {  # path -> LoadOptions fields (wan22.spec) on top of the engine's defaults
+ENGINE_VARIANTS = {  # path -> LoadOptions fields (wan22.request.spec) on top of the engine's defaults
     "engine": {},
     "engine_cfg_batch": {"cfg_batch": True},
     "engine_compiled": {"compile": "blocks"},
@@ -126,10 +126,10 @@ def engine_options(path: str) -> dict:
 
 
 def run_engine(model, device, dtype_name: str, width, height, frames, steps, inputs, path: str = "engine"):
-    """Seconds per step and what the run used (wan22.kernels: backend, compile, cfg_batch)."""
-    from wan22.params import GenerationParams
+    """Seconds per step and what the run used (wan22.runtime.kernels: backend, compile, cfg_batch)."""
+    from wan22.request.params import GenerationParams
     from wan22.pipeline import LoadOptions, Wan22I2VPipeline
-    from wan22.text import PromptEmbeds
+    from wan22.runtime.text_encoder import PromptEmbeds
 
     noise, y, context, context_null, _ = inputs
     options = LoadOptions(dtype=dtype_name, offload_model=False, t5_cpu=True, device=str(device),
@@ -141,7 +141,7 @@ def run_engine(model, device, dtype_name: str, width, height, frames, steps, inp
     try:
         pipe.denoise(noise, y, PromptEmbeds(context, context_null, "p", "n"), params, on_step=clock.tick)
     finally:
-        from wan22 import kernels
+        from wan22.runtime import kernels
 
         kernels.compile_blocks(model, False)  # the next path runs eager
     return clock.steps(), pipe.last_kernels
@@ -155,7 +155,7 @@ def add_random_lora(model, device, rank: int = LORA_RANK):
     import torch
     from torch import nn
 
-    from wan22.lora import LoraFile, Patch, apply_loras
+    from wan22.runtime.lora import LoraFile, Patch, apply_loras
 
     gen = torch.Generator().manual_seed(7)
     patches = {}
@@ -168,9 +168,9 @@ def add_random_lora(model, device, rank: int = LORA_RANK):
 
 
 def run_engine_4step(model, device, dtype_name: str, width, height, frames, steps, inputs) -> List[float]:
-    from wan22.params import GenerationParams
+    from wan22.request.params import GenerationParams
     from wan22.pipeline import LoadOptions, Wan22I2VPipeline
-    from wan22.text import PromptEmbeds
+    from wan22.runtime.text_encoder import PromptEmbeds
 
     noise, y, context, context_null, _ = inputs
     applied = add_random_lora(model, device)
@@ -192,8 +192,8 @@ def random_module(module, device, dtype):
     in `dtype` (None: fp32, the module's own kept dtypes), then its buffers moved there too."""
     import torch
 
-    from wan22 import convert
-    from wan22.load import fill_module
+    from wan22.checkpoints import key_maps
+    from wan22.checkpoints.tensors import fill_module
 
     def getter(key, shape):
         def get():
@@ -202,7 +202,7 @@ def random_module(module, device, dtype):
         return get
 
     shapes = [(name, tuple(p.shape)) for name, p in module.named_parameters()]
-    return fill_module(module, ((k, getter(k, s)) for k, s in shapes), convert.identity, dtype, device, "random").to(device)
+    return fill_module(module, ((k, getter(k, s)) for k, s in shapes), key_maps.identity, dtype, device, "random").to(device)
 
 
 def whole_pipeline(model, device, dtype_name: str, smoke: bool):
@@ -211,10 +211,10 @@ def whole_pipeline(model, device, dtype_name: str, smoke: bool):
     import torch
     from transformers import UMT5Config
 
-    from wan22.configs import load_config
-    from wan22.models import build_t5_encoder, build_vae
+    from wan22.checkpoints.configs import load_config
+    from wan22.checkpoints.modules import build_t5_encoder, build_vae
     from wan22.pipeline import LoadOptions, Wan22I2VPipeline
-    from wan22.text import PromptEncoder
+    from wan22.runtime.text_encoder import PromptEncoder
 
     from .t5 import EstimatedTokenizer
 
@@ -235,8 +235,8 @@ def run_whole(pipe, device, width, height, frames, steps, four_step: bool) -> di
     """One whole video (T5 encode, VAE encode, `steps` denoising steps, VAE decode), each stage timed."""
     from PIL import Image
 
-    from wan22 import spec
-    from wan22.params import GenerationParams
+    from wan22.request import spec
+    from wan22.request.params import GenerationParams
 
     image = Image.new("RGB", (width, height), (90, 120, 160))
     clock = Clock(device)
@@ -252,7 +252,7 @@ def run_whole(pipe, device, width, height, frames, steps, four_step: bool) -> di
 
 def same_backend_as_engine(model, device) -> str:
     """diffusers' pipeline runs the same module: give it the kernel the engine's `auto` picks here."""
-    from wan22 import kernels
+    from wan22.runtime import kernels
 
     backend, _ = kernels.resolve("auto", kernels.device_capability(device))
     kernels.apply(model, backend)
@@ -264,7 +264,7 @@ def placeholder_vae(device):
     (prepare_latents is replaced, output_type is "latent")."""
     from diffusers import AutoencoderKLWan
 
-    from wan22.configs import load_config
+    from wan22.checkpoints.configs import load_config
 
     config = {k: v for k, v in load_config("wan21_vae.json").items() if not k.startswith("_")}
     return AutoencoderKLWan(**{**config, "base_dim": 8}).to(device).eval()
@@ -275,8 +275,8 @@ def run_diffusers(model, device, dtype, width, height, frames, steps, inputs) ->
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
     from PIL import Image
 
-    from wan22.params import GenerationParams
-    from wan22.text import pad_context
+    from wan22.request.params import GenerationParams
+    from wan22.runtime.text_encoder import pad_context
 
     noise, y, context, context_null, _ = inputs
     defaults = GenerationParams()
@@ -306,7 +306,7 @@ def run_diffusers(model, device, dtype, width, height, frames, steps, inputs) ->
 
 def to_fp8(model) -> None:
     """Quantize the block linears of a built expert in place, as weight_dtype fp8_e4m3fn_scaled loads them."""
-    from wan22.fp8 import ScaledFP8Linear, is_fp8_layer, quantize
+    from wan22.runtime.fp8 import ScaledFP8Linear, is_fp8_layer, quantize
 
     for name, module in [(n, m) for n, m in model.named_modules() if is_fp8_layer(n, m)]:
         layer = ScaledFP8Linear.like(module)
@@ -324,9 +324,9 @@ def memory_sweep(args, device, sizes, names, frames) -> dict:
     and the measured peak and step time of `--steps` denoising steps (all on the high-noise expert)."""
     import torch
 
-    from wan22.params import GenerationParams
+    from wan22.request.params import GenerationParams
     from wan22.pipeline import LoadOptions, Wan22I2VPipeline
-    from wan22.text import PromptEmbeds
+    from wan22.runtime.text_encoder import PromptEmbeds
 
     blocks = SMOKE_MODEL["num_layers"] if args.smoke else A14B_BLOCKS
     model = build_random_expert(model_config(blocks, args.smoke), torch.device("cpu"), torch.bfloat16)

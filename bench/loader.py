@@ -2,9 +2,9 @@
 subprocess so its peak RSS is its own:
 
   read    raw read of every shard file into a reused 64 MiB buffer (the I/O limit), in a process with torch imported
-  stream  wan22.models.load_transformer_from_upstream_shards (meta-device build, per-tensor read on a thread + cast)
+  stream  wan22.checkpoints.modules.load_transformer_from_upstream_shards (meta-device build, per-tensor read on a thread + cast)
   fp8     the same, the block linears quantized to scaled fp8 as they stream in (weight_dtype fp8_e4m3fn_scaled)
-  convert python -m wan22.convert's writer for this expert (fp8_e4m3fn_scaled ComfyUI file), read + quantize + write
+  convert python -m wan22.checkpoints.convert's writer for this expert (fp8_e4m3fn_scaled ComfyUI file), read + quantize + write
   plain   build the model (random init) and cast it to bf16, safetensors load_file of every shard into one state
           dict, .to(bfloat16) of every tensor, rename, load_state_dict
 
@@ -37,7 +37,7 @@ APPROACHES = ("read", "stream", "fp8", "convert", "plain")
 # ------------------------------------------------------------------------------------------- synthetic expert
 def expert_shape(target_gb: float, dim: int, ffn: int, head_dim: int = 128) -> Dict[str, int]:
     """Width/ffn as given, as many layers as it takes to reach `target_gb` of fp32 (at least 1)."""
-    from wan22.models import build_transformer, transformer_config_from_upstream
+    from wan22.checkpoints.modules import build_transformer, transformer_config_from_upstream
 
     def params(layers: int) -> int:
         up = upstream_config(dim, ffn, layers, head_dim)
@@ -63,14 +63,14 @@ def write_expert(folder: Path, config: dict, shards: int, seed: int = 0) -> Dict
     import torch
     from safetensors.torch import save_file
 
-    from wan22 import convert
-    from wan22.models import build_transformer, transformer_config_from_upstream
+    from wan22.checkpoints import key_maps
+    from wan22.checkpoints.modules import build_transformer, transformer_config_from_upstream
 
     folder.mkdir(parents=True, exist_ok=True)
     model = build_transformer(transformer_config_from_upstream(config))
     shapes = []  # (upstream name, shape) in the model's order, persistent tensors only
     for name, tensor in list(model.named_parameters()):
-        upstream = convert.diffusers_to_upstream_transformer(name)
+        upstream = key_maps.diffusers_to_upstream_transformer(name)
         if upstream is None:
             raise KeyError(f"no upstream name for {name}")
         shapes.append((upstream, tuple(tensor.shape)))
@@ -177,8 +177,8 @@ def child(approach: str, folder: Path, warm_up: bool = True) -> dict:
         import torch
         from diffusers import WanTransformer3DModel  # imported before the baseline in both approaches
 
-        from wan22 import convert
-        from wan22.models import read_json, load_transformer_from_upstream_shards, transformer_config_from_upstream
+        from wan22.checkpoints import key_maps
+        from wan22.checkpoints.modules import read_json, load_transformer_from_upstream_shards, transformer_config_from_upstream
 
         config = transformer_config_from_upstream(read_json(folder / "config.json"))
         if warm_up:
@@ -189,8 +189,8 @@ def child(approach: str, folder: Path, warm_up: bool = True) -> dict:
         if approach == "convert":
             import tempfile
 
-            from wan22.discover import ModelSet
-            from wan22.export import convert_part
+            from wan22.request.model_sets import ModelSet
+            from wan22.checkpoints.convert import convert_part
 
             with tempfile.TemporaryDirectory(prefix="wan22-convert-", dir=folder.parent) as tmp:
                 written = convert_part(ModelSet("upstream", folder.parent, {"high_noise_model": folder}, ""),
@@ -223,7 +223,7 @@ def child(approach: str, folder: Path, warm_up: bool = True) -> dict:
                 state.update(load_file(str(file)))
             phases["load_file_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            state = {convert.upstream_to_diffusers_transformer(k): v for k, v in state.items()}
+            state = {key_maps.upstream_to_diffusers_transformer(k): v for k, v in state.items()}
             state = {k: v.to(dtype_for(k)) for k, v in state.items()}
             phases["cast_s"] = time.perf_counter() - t
             t = time.perf_counter()

@@ -19,10 +19,10 @@ from .common import PROMPT, fmt, input_image, log, ratio, stats, tiny_models, wr
 def run(reps: int = 3, results_dir=None, full_steps: int = 40) -> Dict[str, object]:
     from PIL import Image
 
-    from wan22.lora import LoraChoice
-    from wan22.params import GenerationParams
+    from wan22.runtime.lora import LoraChoice
+    from wan22.request.params import GenerationParams
     from wan22.pipeline import LoadOptions, load_pipeline
-    from wan22.tiny import write_tiny_lora
+    from wan22.testing.tiny import write_tiny_lora
 
     folder = tiny_models("upstream")
     options = LoadOptions(dtype="bf16", device="cpu")

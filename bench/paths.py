@@ -68,7 +68,7 @@ class EnginePath:
 
     def request(self, i: int) -> dict:
         from wan22.generate import generate_mp4
-        from wan22.params import GenerationParams
+        from wan22.request.params import GenerationParams
 
         t = time.perf_counter()
         result = generate_mp4(str(self.image), _prompt(i), self.work / f"engine_{i}.mp4",

@@ -2,7 +2,7 @@
 
   upstream's way  each text alone, padded to 512 tokens with its mask, computed in the checkpoint's bf16 (upstream's
                   T5EncoderModel with t5_cpu), the prompt and the negative prompt on every request
-  ours            wan22.text.PromptEncoder: the real tokens only, fp32 compute over the bf16 weights where the CPU
+  ours            wan22.runtime.text_encoder.PromptEncoder: the real tokens only, fp32 compute over the bf16 weights where the CPU
                   (as oneDNN may use it) has no native bf16 matmul instructions, else bf16 (`ours_compute`, and
                   `compute_reason` says why); a first request (nothing cached) and a second one with a new prompt
                   (the negative prompt comes from the cache)
@@ -75,7 +75,7 @@ def build_encoder(blocks: int, width: Dict[str, int]):
     import torch
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from wan22.configs import load_config
+    from wan22.checkpoints.configs import load_config
 
     config = load_config("umt5_xxl_encoder.json")
     config.update(num_layers=blocks, num_decoder_layers=blocks, **width)
@@ -107,9 +107,9 @@ def measure(blocks: int, quick: bool) -> Dict[str, object]:
     """One request's encode, ours and upstream's way, on this process's CPU (as oneDNN sees it)."""
     import torch
 
-    from wan22 import spec
+    from wan22.request import spec
     from wan22.pipeline import UPSTREAM_NEGATIVE_PROMPT
-    from wan22.text import TEXT_LEN, PromptEncoder, clean_prompt, computing_in, cpu_has_fast_bf16
+    from wan22.runtime.text_encoder import TEXT_LEN, PromptEncoder, clean_prompt, computing_in, cpu_has_fast_bf16
 
     width = (dict(vocab_size=4096, d_model=512, d_kv=64, num_heads=8, d_ff=1280) if quick else
              dict(vocab_size=4096, d_model=4096, d_kv=64, num_heads=64, d_ff=10240))
@@ -169,7 +169,7 @@ def measure_emulated(isa: str, blocks: int, quick: bool) -> Dict[str, object]:
 
 
 def run(blocks: int = 2, results_dir=None, quick: bool = False) -> Dict[str, object]:
-    from wan22.text import cpu_bf16_instructions
+    from wan22.runtime.text_encoder import cpu_bf16_instructions
 
     summary = measure(blocks, quick)
     have = cpu_bf16_instructions()

@@ -28,8 +28,8 @@ from typing import Any, Dict, List, Optional, TextIO
 
 from .client import ComfyClient, Progress, default_server_url
 from .errors import HeadlessError, ServerUnreachable
-from wan22 import spec
-from wan22.errors import InvalidParameter
+from wan22.request import spec
+from wan22.request.errors import InvalidParameter
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_GENERATION, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 130
 
@@ -257,7 +257,7 @@ def _main(args) -> int:
             if args.workflow is None and source is None:
                 raise InvalidParameter("image", "required with the shipped workflow (--image PATH_OR_URL)")
             if source is not None and source[0] == "path":  # your file, named, before anything reaches a server
-                from wan22.intake import read_image
+                from wan22.request.intake import read_image
 
                 read_image("path", source[1], f"{request.label('image_path')} {source[1]!r}", trusted=True)
             from .workflow import parse_set
@@ -268,8 +268,8 @@ def _main(args) -> int:
             print(f"error: {_describe_error(exc)}", file=sys.stderr)
             return EXIT_BAD_INPUT
     if args.start_server and args.models_dir:  # a wrong folder is said before a server is started for it
-        from wan22.discover import discover_model_set
-        from wan22.errors import ModelFolderError
+        from wan22.request.model_sets import discover_model_set
+        from wan22.request.errors import ModelFolderError
 
         try:
             discover_model_set(args.models_dir)

@@ -29,7 +29,7 @@ import requests
 
 from .errors import (Cancelled, ExecutionFailed, ExecutionInterrupted, HeadlessError, OutputMissing, PromptRejected,
                      ServerError, ServerUnreachable, WaitTimeout, WorkflowError)
-from wan22.files import atomic_file
+from wan22.request.files import atomic_file
 
 __all__ = ["ComfyClient", "Progress", "format_node_errors", "DEFAULT_SERVER"]
 

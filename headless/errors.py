@@ -66,11 +66,11 @@ def _not_one_of_the_files(match: "re.Match") -> str:
         return match[0]
     said = "" if match["said"] else f"{name}: "  # the line names the input already
     if name == "lora_name":
-        from wan22.lora_files import CHOOSE_LORA, LORA_FOLDERS
+        from wan22.request.lora_files import CHOOSE_LORA, LORA_FOLDERS
 
         return f"{said}{value!r} is not one of the LoRA files in {LORA_FOLDERS}; {CHOOSE_LORA}"
     if name == "model_set":
-        from wan22.spec import DEFAULT_MODEL_SET
+        from wan22.request.spec import DEFAULT_MODEL_SET
 
         return f"{said}{value!r} is not one of the server's model sets; use {DEFAULT_MODEL_SET!r}"
     return f"{said}{value!r} is not one of the available files (the server's list is not shown)"
@@ -105,7 +105,7 @@ class ExecutionFailed(HeadlessError):
                  exception_type: Optional[str] = None, traceback: Optional[list] = None, prompt_id: Optional[str] = None):
         self.node_id = node_id
         self.node_type = node_type
-        self.exception_type = exception_type  # e.g. comfyui-wan22-i2v.wan22.lora.LoraError: kept here, not said
+        self.exception_type = exception_type  # e.g. comfyui-wan22-i2v.wan22.runtime.lora.LoraError: kept here, not said
         self.traceback = traceback or []
         self.prompt_id = prompt_id
         super().__init__(_without_type(message, exception_type))

@@ -5,7 +5,7 @@
                  out="cat.mp4")
     print(result.output_path, result.seed, result.frames)
 
-:func:`run` checks the parameters (wan22.spec), then :func:`run_checked` fills the workflow, puts the image in,
+:func:`run` checks the parameters (wan22.request.spec), then :func:`run_checked` fills the workflow, puts the image in,
 :func:`execute`\\ s the prompt (queue, wait with a deadline and a cancel event, progress) and downloads the MP4.
 :class:`Hooks` carry what a caller adds around that: the worker's records, RunPod progress, per-job upload
 names and clean-up of the files a job leaves in ComfyUI's folders.
@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
-from wan22 import spec
-from wan22.errors import InvalidParameter
-from wan22.intake import CheckedImage, read_image
+from wan22.request import spec
+from wan22.request.errors import InvalidParameter
+from wan22.request.intake import CheckedImage, read_image
 
 from .client import ComfyClient, Progress, output_files
 from .errors import Cancelled, ExecutionFailed, ExecutionInterrupted, OutputMissing, WorkflowError
@@ -261,7 +261,7 @@ def run(params: Dict[str, Any], server: Union[str, ComfyClient, None] = None,
         hooks: Optional[Hooks] = None, on_node: Optional[Callable[[str, str], None]] = None) -> Result:
     """Run one image-to-video job on a ComfyUI server and download the MP4.
 
-    params: the seed's parameter names and aliases (wan22.spec; docs/parameters.md). server: URL or a
+    params: the seed's parameter names and aliases (wan22.request.spec; docs/parameters.md). server: URL or a
     ComfyClient (default ``$COMFYUI_URL`` or http://127.0.0.1:8188). workflow: API/UI file or dict (default:
     the shipped API workflow). out: file or folder for the MP4 (default: the server's file name in the current
     folder). overrides: ``NODE_OR_TITLE.input=VALUE`` strings. timeout: seconds for the whole job. Ctrl-C

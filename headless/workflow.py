@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
-from wan22 import spec
+from wan22.request import spec
 
 from .errors import WorkflowError
 
@@ -271,7 +271,7 @@ def _fed_by(workflow: dict, nid: str, name: str, sources: Iterable[str]) -> bool
 
 
 def apply_params(workflow: dict, params: Dict[str, Any], object_info: Optional[dict] = None) -> dict:
-    """Fill canonical parameters (wan22.spec names) into the nodes that take them, in place; returns it.
+    """Fill canonical parameters (wan22.request.spec names) into the nodes that take them, in place; returns it.
 
     A parameter that `also` goes to other nodes (the seed, and the prompt of a prompt-extension node) is set
     there too; an input fed by such a node (the text encoder's prompt, from the extension) keeps its link.

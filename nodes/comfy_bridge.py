@@ -8,7 +8,7 @@ import comfy.model_management as model_management
 import comfy.utils
 import folder_paths
 
-from ..wan22.settings import Limits
+from ..wan22.request.settings import Limits
 
 
 def torch_device() -> str:

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import torch
 
-from ..wan22 import spec
-from ..wan22.intake import read_image
-from ..wan22.settings import Limits
+from ..wan22.request import spec
+from ..wan22.request.intake import read_image
+from ..wan22.request.settings import Limits
 from ..wan22.video import write_mp4
 from . import comfy_bridge
 from .model_nodes import CATEGORY

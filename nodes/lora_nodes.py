@@ -1,9 +1,9 @@
 """The LoRA node: a Wan2.2 model in, the same loaded model carrying one more LoRA out (chainable)."""
 from __future__ import annotations
 
-from ..wan22 import spec
-from ..wan22.lora import LoraChoice
-from ..wan22.lora_files import lora_dirs, list_lora_files, resolve_lora
+from ..wan22.request import spec
+from ..wan22.runtime.lora import LoraChoice
+from ..wan22.request.lora_files import lora_dirs, list_lora_files, resolve_lora
 from . import comfy_bridge
 from .model_nodes import CATEGORY
 from .spec_inputs import node_inputs, spec_validator

@@ -4,9 +4,10 @@ from __future__ import annotations
 import gc
 import logging
 
-from ..wan22.discover import CKPT_FOLDER, default_model_root, discover_model_set, list_model_sets
-from ..wan22 import kernels, spec
-from ..wan22.errors import InvalidParameter
+from ..wan22.request.model_sets import CKPT_FOLDER, default_model_root, discover_model_set, list_model_sets
+from ..wan22.runtime import kernels
+from ..wan22.request import spec
+from ..wan22.request.errors import InvalidParameter
 from ..wan22.pipeline import LoadOptions, load_pipeline
 from . import comfy_bridge
 from .spec_inputs import node_inputs, spec_validator

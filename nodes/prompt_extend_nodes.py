@@ -1,9 +1,10 @@
 """The prompt-extension node: image + prompt -> the extended prompt (STRING) for Wan22TextEncode."""
 from __future__ import annotations
 
-from ..wan22 import prompt_extend, spec
-from ..wan22.discover import default_model_root
-from ..wan22.errors import InvalidParameter
+from ..wan22 import prompt_extend
+from ..wan22.request import spec
+from ..wan22.request.model_sets import default_model_root
+from ..wan22.request.errors import InvalidParameter
 from . import comfy_bridge
 from .model_nodes import CATEGORY, LoadedModels
 from .sampler_nodes import tensor_to_pil

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..wan22 import spec
-from ..wan22.params import GenerationParams
+from ..wan22.request import spec
+from ..wan22.request.params import GenerationParams
 from . import comfy_bridge
 from .model_nodes import CATEGORY, LoadedModels
 from .spec_inputs import node_inputs, spec_validator

@@ -1,4 +1,4 @@
-"""Node inputs and their /prompt-time validation, both read from wan22.spec (nothing ComfyUI-specific is imported).
+"""Node inputs and their /prompt-time validation, both read from wan22.request.spec (nothing ComfyUI-specific is imported).
 
 ComfyUI skips its own combo check (and, on newer servers, its min/max check) for every input that
 VALIDATE_INPUTS names in its signature, so the generated validator names each spec input of the node: the
@@ -10,8 +10,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from ..wan22 import spec
-from ..wan22.errors import InvalidParameter
+from ..wan22.request import spec
+from ..wan22.request.errors import InvalidParameter
 
 COMFY_TYPES = {"int": "INT", "float": "FLOAT", "bool": "BOOLEAN", "text": "STRING", "size": "STRING"}
 

@@ -36,7 +36,7 @@ def _model_folder_fallback() -> None:
 
 def _model_folder_report() -> None:
     """Say which model folder the nodes will read, and whether it holds a known layout (no torch import)."""
-    from wan22.discover import default_model_root, discover_model_set
+    from wan22.request.model_sets import default_model_root, discover_model_set
 
     root = default_model_root()
     try:
@@ -97,7 +97,7 @@ def warm_up(backend: ComfyBackend, cfg: WorkerConfig) -> None:
 
     from PIL import Image
 
-    from wan22.intake import check_image
+    from wan22.request.intake import check_image
 
     from .validation import validate_generate_params
 

@@ -22,8 +22,8 @@ from headless.errors import (Cancelled, ExecutionFailed, ExecutionInterrupted, H
                              PromptRejected, ServerUnreachable, WaitTimeout, WorkflowError)
 from headless.run import VIDEO_EXTENSIONS, Execution, Hooks, Result, collect_result, execute, run_checked
 from headless.workflow import load_workflow
-from wan22.files import within
-from wan22.intake import CheckedImage
+from wan22.request.files import within
+from wan22.request.intake import CheckedImage
 
 from .confine import confine_workflow
 from .errors import JobFailed
@@ -200,7 +200,7 @@ class ComfyBackend:
     def run_request(self, values: Dict[str, Any], image: CheckedImage, out_path: Path, *, token: CancelToken,
                     deadline: float, on_progress: Callable[[Progress], None], on_running: Callable[[], None],
                     tag: str) -> Result:
-        """The shipped workflow filled with `values` (wan22.spec names) and `image`, run, its MP4 downloaded."""
+        """The shipped workflow filled with `values` (wan22.request.spec names) and `image`, run, its MP4 downloaded."""
         with self._session(token, deadline, on_progress, on_running, tag=tag) as (client, hooks, left):
             values = dict(values, filename_prefix=f"wan22_worker/{tag}")
             result = run_checked(values, client, self._shipped_workflow(client), out_path, timeout=left,

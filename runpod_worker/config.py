@@ -2,7 +2,7 @@
 
 `WorkerConfig.from_env()` is called at start-up and once per job (so tests and operators can change settings
 between jobs). The request limits that every surface shares (prompt length, image size, URLs, input folders,
-unknown parameters) are wan22.settings' `LIMIT_SETTINGS`, held in `WorkerConfig.limits`. docs/runpod.md's table
+unknown parameters) are wan22.request.settings' `LIMIT_SETTINGS`, held in `WorkerConfig.limits`. docs/runpod.md's table
 is generated from both declarations.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import List, Mapping, Optional, Tuple
 
-from wan22 import spec
-from wan22.lora_files import lora_dirs
-from wan22.settings import MIB, Limits, Setting, read_settings
+from wan22.request import spec
+from wan22.request.lora_files import lora_dirs
+from wan22.request.settings import MIB, Limits, Setting, read_settings
 
 VOLUME = "/runpod-volume"
 
@@ -128,7 +128,7 @@ class WorkerConfig:
 
     def lora_folders(self) -> List[Path]:
         """Where a request's LoRA names are looked up: WAN_LORA_DIRS, else <model root>/loras and the
-        models/loras folder of the ComfyUI this worker starts (wan22.lora_files.lora_dirs, as the node)."""
+        models/loras folder of the ComfyUI this worker starts (wan22.request.lora_files.lora_dirs, as the node)."""
         from headless.server import default_comfyui_dir
 
         if self.lora_dirs:

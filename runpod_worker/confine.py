@@ -22,7 +22,7 @@ import os
 import re
 from typing import Any, Callable, Dict, List, Mapping, Set, Tuple
 
-from wan22.errors import InvalidParameter
+from wan22.request.errors import InvalidParameter
 
 ANNOTATION = re.compile(r"\[(input|output|temp)\]$")  # ComfyUI strips these with or without the space
 WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
@@ -161,7 +161,7 @@ def confine_workflow(workflow: dict, object_info: dict, uploads: Mapping[str, st
                      input_file_exists: Callable[[str], bool] = lambda name: False) -> dict:
     """Return a new workflow (input dict copied, not mutated) where every reference to an uploaded image's
     original name is replaced by its job-folder name (uploads: {"raw_in.png": "wan22_job_x/raw_in.png"}),
-    or raise wan22.errors.InvalidParameter naming the field `workflow.<node_id>.inputs.<input>` (every problem of
+    or raise wan22.request.errors.InvalidParameter naming the field `workflow.<node_id>.inputs.<input>` (every problem of
     `check_graph` first)."""
     own = set(uploads) | set(uploads.values())
     hint = (f'send the file in "images" and use its name (this job uploaded: {", ".join(sorted(uploads))})'

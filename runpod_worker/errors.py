@@ -1,7 +1,7 @@
 """The error of a valid job that failed while running, the log reference that stands in for details, and the
 last look every text a caller gets from the worker passes through.
 
-A rejected input is wan22.errors.InvalidParameter, which names the field at fault; nothing is written for it.
+A rejected input is wan22.request.errors.InvalidParameter, which names the field at fault; nothing is written for it.
 Details a caller must not see (log tails, command lines, tracebacks, folder contents) go to the worker log under
 a short reference, and the answer carries the reference.
 
@@ -31,7 +31,7 @@ def known_roots() -> List[Tuple[str, str]]:
     roots, ComfyUI's folder and its input/output/temp (and those of the ComfyUI this worker runs), this pack, the
     home and temp folders."""
     from headless.server import REPO_ROOT, default_comfyui_dir
-    from wan22.discover import DEFAULT_MODEL_ROOT, default_model_root
+    from wan22.request.model_sets import DEFAULT_MODEL_ROOT, default_model_root
 
     from .config import VOLUME, WorkerConfig
 
@@ -73,7 +73,7 @@ def known_roots() -> List[Tuple[str, str]]:
 # a folder's spelling ends where a path component ends; it starts where no path character comes before it
 _END = r"(?=$|[/\s'\"`,.;:()\[\]{}<>|])"
 _START = r"(?<![\w.~/\\-])"
-# `comfyui-wan22-i2v.wan22.lora.LoraError`, `torch.OutOfMemoryError`: ComfyUI's exception_type (module.Class)
+# `comfyui-wan22-i2v.wan22.runtime.lora.LoraError`, `torch.OutOfMemoryError`: ComfyUI's exception_type (module.Class)
 DOTTED_CLASS = re.compile(r"(?<![\w.\\/-])(?:[a-z_][\w-]*\.)+([A-Z]\w*)\b")
 
 
@@ -152,7 +152,7 @@ def unexpected_failure(job_id: object, exc: BaseException) -> JobFailed:
 
 def as_job_failure(job_id: object, exc: BaseException) -> JobFailed:
     """Whatever ended a job, as the record and the caller get it."""
-    from wan22.errors import InvalidParameter
+    from wan22.request.errors import InvalidParameter
 
     if isinstance(exc, JobFailed):
         return exc

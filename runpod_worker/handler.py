@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Any, Dict, Optional
 
-from wan22.errors import InvalidParameter
+from wan22.request.errors import InvalidParameter
 
 from . import config as config_mod
 from .comfy import CancelToken, ComfyBackend

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
-from wan22.intake import read_image
+from wan22.request.intake import read_image
 
 from .comfy import CancelToken, ComfyBackend
 from .delivery import failed_answer, pick_answer, video_fields

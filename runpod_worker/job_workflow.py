@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List
 
-from wan22 import spec
-from wan22.errors import InvalidParameter
-from wan22.files import atomic_file
-from wan22.intake import check_image, decode_base64, read_image
+from wan22.request import spec
+from wan22.request.errors import InvalidParameter
+from wan22.request.files import atomic_file
+from wan22.request.intake import check_image, decode_base64, read_image
 
 from .comfy import CancelToken, ComfyBackend
 from .delivery import MB, failed_answer, file_items, pick_answer

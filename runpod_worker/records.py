@@ -14,8 +14,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from wan22.errors import InvalidParameter
-from wan22.files import atomic_file, within
+from wan22.request.errors import InvalidParameter
+from wan22.request.files import atomic_file, within
 from .errors import JobFailed, storage_failure
 from .validation import validate_request_id
 

@@ -1,6 +1,6 @@
 """Validation of job inputs: the seed's request/status API and the raw worker-comfyui workflow mode.
 
-Parameters are checked by wan22.spec (the same checks and messages as the node and the CLI); this module adds
+Parameters are checked by wan22.request.spec (the same checks and messages as the node and the CLI); this module adds
 what only the worker has: the top-level actions, `request_id`, `extra_args` (upstream generate.py flags),
 `save_file` / `return_video`, and the raw workflow's shape. Everything here is pure (no network, no files
 written; LoRA names are only looked up): a request is checked completely before anything is fetched or written, and each rejection names the
@@ -14,10 +14,10 @@ import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from wan22 import spec
-from wan22.errors import InvalidParameter
-from wan22.lora_files import resolve_lora
-from wan22.settings import Limits
+from wan22.request import spec
+from wan22.request.errors import InvalidParameter
+from wan22.request.lora_files import resolve_lora
+from wan22.request.settings import Limits
 
 MAX_EXTRA_ARGS = 50
 MAX_WORKFLOW_NODES = 2000
@@ -56,7 +56,7 @@ class ImageSource:
 
 @dataclasses.dataclass
 class GenerateRequest:
-    values: Dict[str, Any]  # every node input a request may set (wan22.spec names), defaults filled in
+    values: Dict[str, Any]  # every node input a request may set (wan22.request.spec names), defaults filled in
     image: ImageSource
     save_file: Optional[str]
     return_video: bool

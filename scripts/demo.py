@@ -1,6 +1,6 @@
 """make demo: the shipped workflow through a real ComfyUI on tiny random weights -> demo_out/wan22_demo.mp4.
 
-Builds a tiny upstream-layout model set (wan22.tiny, cached in .cache/demo_models), starts ComfyUI with this
+Builds a tiny upstream-layout model set (wan22.testing.tiny, cached in .cache/demo_models), starts ComfyUI with this
 node pack (headless.server), runs workflows/api/wan22_i2v_a14b.json through the headless runner (the same
 code path as the wan22-i2v CLI and the RunPod worker), downloads the MP4 and stops the server.
 
@@ -33,7 +33,7 @@ def tiny_models(cache: Path) -> Path:
     folder = cache / "upstream"
     marker = folder / ".complete"
     if not marker.is_file():
-        from wan22.tiny import build_tiny_model_set
+        from wan22.testing.tiny import build_tiny_model_set
 
         print(f"building tiny models in {folder} ...", flush=True)
         build_tiny_model_set(folder, "upstream")

@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kills", type=int, default=5)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    from wan22.tiny import build_tiny_model_set
+    from wan22.testing.tiny import build_tiny_model_set
 
     rng = random.Random(0)
     image = png_b64()

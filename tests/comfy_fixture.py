@@ -47,7 +47,7 @@ TINY_LAYOUTS = ("upstream", "diffusers", "comfyui", "comfyui_fp8")
 
 def build_models(folder: Path, name: str = "upstream") -> Path:
     """A tiny random-weight model set (the engine's builder): a layout, or comfyui_fp8 (fp8_scaled split files)."""
-    from wan22.tiny import build_tiny_model_set
+    from wan22.testing.tiny import build_tiny_model_set
 
     if name not in TINY_LAYOUTS:
         raise ValueError(f"no tiny model set {name!r}; one of {', '.join(TINY_LAYOUTS)}")
@@ -57,8 +57,8 @@ def build_models(folder: Path, name: str = "upstream") -> Path:
 
 def write_tiny_4step_loras(folder: Path) -> Path:
     """The two tiny 4-step LoRAs under the file names ComfyUI distributes (lightx2v format)."""
-    from wan22.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
-    from wan22.tiny import write_tiny_lora
+    from wan22.request.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
+    from wan22.testing.tiny import write_tiny_lora
 
     for seed, name in enumerate((LIGHTX2V_HIGH, LIGHTX2V_LOW)):
         write_tiny_lora(folder / name, seed=seed)

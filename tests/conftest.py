@@ -40,7 +40,7 @@ def tiny_upstream(tiny_models) -> Path:
 def qwen_folder(tiny_upstream) -> Path:
     """A tiny random Qwen2.5-VL under the tiny models' root (WAN_CKPT_DIR of the servers and workers), where
     prompt extension looks for QwenVL2.5_7B: <root>/LLM/Qwen2.5-VL-7B-Instruct."""
-    from wan22.tiny import build_tiny_qwen_vl
+    from wan22.testing.tiny import build_tiny_qwen_vl
 
     folder = tiny_upstream / "LLM" / "Qwen2.5-VL-7B-Instruct"
     if not (folder / "config.json").is_file():

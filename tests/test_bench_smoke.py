@@ -108,7 +108,7 @@ def test_cpu_benchmarks_quick(smoke_runs):
     assert t5["tokens"]["prompt"] < t5["padded_to"] and t5["blocks_run"] == 1
     assert t5["max_abs_diff"] < 0.1 and t5["upstream_way_max_abs_diff"] < 0.1  # bf16 rounding at most
     from bench import t5 as bench_t5
-    from wan22.text import cpu_bf16_instructions, cpu_has_fast_bf16
+    from wan22.runtime.text_encoder import cpu_bf16_instructions, cpu_has_fast_bf16
 
     # decisions and numerics only: the compute is chosen by what the CPU and oneDNN support, never by a timing, and
     # the matmul rates are reported, never compared here (a busy or unusual machine must not fail this)

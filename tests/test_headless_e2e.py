@@ -170,7 +170,7 @@ def test_cli_image_from_url_and_base64(comfy_url, input_image, image_url, tmp_pa
     assert proc.returncode == 0, proc.stderr
     frames, _ = read_mp4(out)
     # the 120x80 input at area 64*64, resized as upstream does: the image did arrive
-    from wan22.params import image_size_for_area
+    from wan22.request.params import image_size_for_area
 
     _, _, height, width = image_size_for_area(80, 120, 64 * 64)
     assert frames.shape == (5, height, width, 3)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from headless.errors import WorkflowError
-from wan22 import spec
-from wan22.errors import InvalidParameter
-from wan22.settings import Limits
+from wan22.request import spec
+from wan22.request.errors import InvalidParameter
+from wan22.request.settings import Limits
 from headless.workflow import (apply_overrides, apply_params, find_node, find_nodes, load_workflow, parse_set,
                                ui_to_api)
 
@@ -32,11 +32,6 @@ def design_workflow():
                          "sample_solver": "unipc", "seed": -1, "boundary": 0.9}},
         "5": {"class_type": "Wan22SaveVideo", "inputs": {"images": ["4", 0], "filename_prefix": "wan22", "fps": 16}},
     }
-
-
-def test_no_torch_import():
-    code = "import headless.cli, headless.run, headless.server, headless.client, sys; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 def normalize_params(raw, **kwargs):

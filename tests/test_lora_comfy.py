@@ -8,7 +8,7 @@ import time
 import pytest
 
 from headless.run import run
-from wan22.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
+from wan22.request.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
 from wan22.video import read_mp4
 
 import comfy_fixture as cf

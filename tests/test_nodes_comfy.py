@@ -278,7 +278,7 @@ def test_model_set_picked_from_the_loader_dropdown(comfy_client, comfy_server, u
     """The dropdown lists what is on disk under WAN_CKPT_DIR; a listed name loads, an unlisted one is refused."""
     choices = comfy_client.object_info(refresh=True)["Wan22ModelLoader"]["input"]["required"]["model_set"][0]
     assert choices[0] == "default (WAN_CKPT_DIR)" and len(choices) >= 2
-    from wan22.discover import list_model_sets
+    from wan22.request.model_sets import list_model_sets
 
     [listed] = [s.name for s in list_model_sets([tiny_upstream])]
     assert listed in choices

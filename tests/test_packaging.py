@@ -361,7 +361,7 @@ def test_wheel_holds_engine_runner_worker_and_no_nodes(wheel):
     assert tops == {"wan22", "headless", "runpod_worker"}, tops
     assert "headless/workflows/wan22_i2v_a14b.json" in names, "the installed runner needs the shipped workflow"
     assert not any(n.startswith("nodes/") or n == "nodes.py" for n in names)
-    assert "wan22/configs/wan22_i2v_a14b_transformer.json" in names
+    assert "wan22/checkpoints/configs/wan22_i2v_a14b_transformer.json" in names
     dist_info = next(n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info"))
     assert dist_info.startswith(PROJECT["name"].replace("-", "_") + "-" + PROJECT["version"])
     zf = zipfile.ZipFile(wheel)
@@ -387,7 +387,7 @@ def test_pip_install_no_deps_installs_no_nodes_package(wheel, tmp_path):
     assert not (target / "nodes").exists() and not (target / "nodes.py").exists()
     # the installed runner and engine parameters import from there (the repository is not on the path)
     env = dict(isolated_env(tmp_path), PYTHONPATH=str(target))
-    probe = subprocess.run([sys.executable, "-c", "import headless.cli, headless.workflow, wan22.params; "
+    probe = subprocess.run([sys.executable, "-c", "import headless.cli, headless.workflow, wan22.request.params; "
                             "assert headless.workflow.default_workflow_path().is_file(); print(headless.cli.__file__)"],
                            env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert probe.returncode == 0, probe.stderr

@@ -135,7 +135,7 @@ def docs_server(tmp_path_factory):
         pytest.skip("127.0.0.1:8188 is taken: the docs' commands address a ComfyUI there")
     from headless.client import ComfyClient
     from headless.server import start_comfyui
-    from wan22.tiny import write_tiny_lora
+    from wan22.testing.tiny import write_tiny_lora
 
     work = tmp_path_factory.mktemp("docs-server")
     models = cf.build_models(work / "models")

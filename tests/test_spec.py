@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from wan22 import spec
+from wan22.request import spec
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_DIRS = ("wan22", "headless", "runpod_worker", "nodes", "scripts")  # bench/ is a client: it may spell requests
@@ -26,7 +26,7 @@ def source_files():
 def test_generated_workflows_and_docs_match_the_spec():
     from scripts import generate
 
-    assert generate.stale() == [], "run python -m scripts.generate"
+    assert generate.stale() == [], "run python -m scripts.regenerate"
     # the check sees a change: a workflow default edited by hand is stale
     api = REPO / "workflows" / "api" / "wan22_i2v_a14b.json"
     edited = json.loads(api.read_text())
@@ -121,7 +121,7 @@ def test_http_500_is_a_server_error_not_unreachable(broken_server, tmp_path):
 
 def test_runpod_hub_lists_only_declared_settings():
     from runpod_worker.config import WORKER_SETTINGS
-    from wan22.settings import LIMIT_SETTINGS
+    from wan22.request.settings import LIMIT_SETTINGS
 
     declared = {s.name for s in (*WORKER_SETTINGS, *LIMIT_SETTINGS)} | {"SERVE_API_LOCALLY"}  # start.sh's own
     hub = json.loads((REPO / ".runpod" / "hub.json").read_text())

@@ -16,7 +16,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from runpod_worker.confine import confine_workflow, file_inputs  # noqa: E402
-from wan22.errors import InvalidParameter  # noqa: E402
+from wan22.request.errors import InvalidParameter  # noqa: E402
 
 FILES = ["example.png", "wan22_job_other/raw_in.png"]
 OBJECT_INFO = {

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from wan22.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
+from wan22.request.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
 from wan22.video import read_mp4
 
 import comfy_fixture as cf
@@ -148,7 +148,7 @@ def write_worker_loras(folder: Path) -> None:
     from safetensors.torch import save_file
     import torch
 
-    from wan22.tiny import TinySpec, write_tiny_lora
+    from wan22.testing.tiny import TinySpec, write_tiny_lora
 
     cf.write_tiny_4step_loras(folder)
     save_file({"decoder.conv_in.weight": torch.zeros(4, 4)}, str(folder / "not_a_lora.safetensors"))
@@ -629,7 +629,7 @@ def test_every_surface_refuses_the_same_value_the_same_way(worker, comfy_client,
 
 
 def test_other_spellings_are_accepted_by_the_cli_and_the_worker(worker, image_http):
-    from wan22 import spec
+    from wan22.request import spec
 
     spelled = {"sample_solver": "DPM++", "size": "64x64", "base_seed": 11}
     assert spec.normalize(spelled, "cli").values == {"sample_solver": "dpm++", "size": "64*64", "seed": 11}

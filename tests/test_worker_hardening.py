@@ -154,7 +154,7 @@ def test_an_image_of_many_frames_is_refused_before_upload(worker, image_http):
 
 # ------------------------------------------------------------------------------------- 3. the operator's model settings
 def test_a_raw_workflow_runs_with_the_operators_model_settings(worker, image_http):
-    from wan22 import spec
+    from wan22.request import spec
 
     workflow = json.loads((cf.REPO_ROOT / "workflows" / "api" / "wan22_i2v_a14b.json").read_text())
     [loader] = [i for i, n in workflow.items() if n["class_type"] == spec.LOADER]

@@ -18,7 +18,7 @@ import pytest
 
 import comfy_fixture as cf
 from test_worker_e2e import RAW_WORKFLOW, REPO, TINY, image_http, worker, worker_env  # noqa: F401 - fixtures
-from wan22.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
+from wan22.request.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
 
 pytestmark = [pytest.mark.comfy]
 

@@ -13,8 +13,9 @@ import pytest
 import comfy_fixture as cf
 from headless.errors import ExecutionFailed, PromptRejected, hide_file_lists
 from runpod_worker.errors import JobFailed, as_job_failure, caller_answer, caller_text, known_roots
-from wan22 import memory, prompt_extend as pe
-from wan22.errors import InvalidParameter
+from wan22.memory import planner
+from wan22 import prompt_extend as pe
+from wan22.request.errors import InvalidParameter
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def test_every_kind_of_folder_is_known(folders):
 
 
 def test_dotted_class_paths_become_class_names():
-    assert caller_text("node 5 (Wan22LoraLoader) failed: comfyui-wan22-i2v.wan22.lora.LoraError: LoRA x.safetensors: "
+    assert caller_text("node 5 (Wan22LoraLoader) failed: comfyui-wan22-i2v.wan22.runtime.lora.LoraError: LoRA x.safetensors: "
                        "holds no LoRA tensors", [("/nowhere", "<x>")]) == \
         "node 5 (Wan22LoraLoader) failed: LoraError: LoRA x.safetensors: holds no LoRA tensors"
     assert caller_text("torch.OutOfMemoryError and comfy.model_management.InterruptProcessingException", [("/n", "<x>")]) == \
@@ -94,9 +95,9 @@ def test_an_unknown_request_id_names_the_setting_not_the_folder(folders):
 
 
 def test_folders_are_named_by_their_setting_at_the_source(tmp_path):
-    from wan22.discover import CKPT_FOLDER, discover_model_set
-    from wan22.errors import ModelFolderError
-    from wan22.lora_files import resolve_lora
+    from wan22.request.model_sets import CKPT_FOLDER, discover_model_set
+    from wan22.request.errors import ModelFolderError
+    from wan22.request.lora_files import resolve_lora
 
     with pytest.raises(InvalidParameter) as info:
         resolve_lora("nope.safetensors", [tmp_path], "params.loras[0].name")
@@ -131,20 +132,20 @@ def test_a_rejected_file_dropdown_does_not_list_the_files():
 
 
 def test_an_execution_error_is_its_message_without_the_class_path():
-    failed = ExecutionFailed("node 5 (Wan22LoraLoader) failed: comfyui-wan22-i2v.wan22.lora.LoraError: LoRA x: holds "
-                             "no LoRA tensors", node_id="5", exception_type="comfyui-wan22-i2v.wan22.lora.LoraError")
+    failed = ExecutionFailed("node 5 (Wan22LoraLoader) failed: comfyui-wan22-i2v.wan22.runtime.lora.LoraError: LoRA x: holds "
+                             "no LoRA tensors", node_id="5", exception_type="comfyui-wan22-i2v.wan22.runtime.lora.LoraError")
     assert str(failed) == "node 5 (Wan22LoraLoader) failed: LoRA x: holds no LoRA tensors"
-    assert failed.exception_type == "comfyui-wan22-i2v.wan22.lora.LoraError"  # kept for the log
+    assert failed.exception_type == "comfyui-wan22-i2v.wan22.runtime.lora.LoraError"  # kept for the log
     assert str(ExecutionFailed("node 1 (X) failed: ValueError: bad", exception_type="ValueError")) == "node 1 (X) failed: bad"
 
 
 def test_the_memory_plan_says_whether_the_host_fits_not_its_free_ram():
-    sizes = memory.Sizes(expert=10, expert_blocks=8, block=2, num_blocks=4, t5=1, vae=1, dim=8)
-    plan = memory.make_plan(sizes, memory.Request(64, 64, 5), memory.Budget(None, 64 * memory.GIB))
+    sizes = planner.Sizes(expert=10, expert_blocks=8, block=2, num_blocks=4, t5=1, vae=1, dim=8)
+    plan = planner.make_plan(sizes, planner.Request(64, 64, 5), planner.Budget(None, 64 * planner.GIB))
     assert "host_budget_bytes" not in plan.as_dict() and plan.as_dict()["host_fits"] is True
-    assert memory.make_plan(sizes, memory.Request(64, 64, 5), memory.Budget(None, None)).as_dict()["host_fits"] is None
+    assert planner.make_plan(sizes, planner.Request(64, 64, 5), planner.Budget(None, None)).as_dict()["host_fits"] is None
     with pytest.raises(Exception) as info:
-        memory.check_host_fits(40 * memory.GIB, 1, 1, 33 * memory.GIB)
+        planner.check_host_fits(40 * planner.GIB, 1, 1, 33 * planner.GIB)
     assert "33.0" not in str(info.value) and "more than this machine has free" in str(info.value)
 
 

@@ -2,7 +2,7 @@
 
     python -m wan22 --model-dir /workspace/models --image in.png --prompt "..." --out out.mp4
 
-Its flags are the spec's (wan22.spec), as the CLI's.
+Its flags are the spec's (wan22.request.spec), as the CLI's.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .discover import default_model_root, discover_model_set
-from . import spec
-from .errors import InvalidParameter, Wan22Error
-from .intake import open_image
-from .params import GenerationParams
+from .request.model_sets import default_model_root, discover_model_set
+from .request import spec
+from .request.errors import InvalidParameter, Wan22Error
+from .request.intake import open_image
+from .request.params import GenerationParams
 from .pipeline import CancelCheck, LoadOptions, StepCallback, VideoResult, load_pipeline
 from .video import write_mp4
 

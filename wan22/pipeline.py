@@ -14,15 +14,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import kernels, lora as lora_mod, memory, models, placement, spec
-from .discover import ModelSet, discover_model_set
-from .errors import GenerationCancelled, GpuOutOfMemory, InvalidParameter
-from .params import GenerationParams, image_size_for_area
-from .spec import UPSTREAM_NEGATIVE_PROMPT
-from .schedule import NUM_TRAIN_TIMESTEPS, make_schedule
-from .fp8 import FP8_DTYPES, fp8_layers
-from .lora_files import MAX_LORAS
-from .text import HuggingFaceTokenizer, PromptEmbeds, PromptEncoder, SentencePieceTokenizer, pad_context
+from .runtime import kernels, lora as lora_mod
+from .memory import placement, planner, streaming
+from .checkpoints import modules
+from .request import spec
+from .request.model_sets import ModelSet, discover_model_set
+from .request.errors import GenerationCancelled, GpuOutOfMemory, InvalidParameter
+from .request.params import GenerationParams, image_size_for_area
+from .request.spec import UPSTREAM_NEGATIVE_PROMPT
+from .runtime.schedule import NUM_TRAIN_TIMESTEPS, make_schedule
+from .runtime.fp8 import FP8_DTYPES, fp8_layers
+from .request.lora_files import MAX_LORAS
+from .runtime.text_encoder import HuggingFaceTokenizer, PromptEmbeds, PromptEncoder, SentencePieceTokenizer, pad_context
 
 log = logging.getLogger("wan22")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -37,12 +40,12 @@ STORAGE_FIELDS = ("dtype", "convert_model_dtype", "weight_dtype")  # changing th
 
 @dataclasses.dataclass(frozen=True)
 class LoadOptions:
-    """Loader options (wan22.spec names and defaults) with the meanings of upstream generate.py's flags.
+    """Loader options (wan22.request.spec names and defaults) with the meanings of upstream generate.py's flags.
 
     Storage (a change reloads): dtype (compute), convert_model_dtype (store the experts in dtype rather than
     the checkpoint's own), weight_dtype (auto | bf16 | fp16 | fp8_e4m3fn_scaled). Placement (no reload, see
-    wan22.memory): memory_mode, offload_model (false asks for full), t5_cpu, fp8_matmul; and how the experts run
-    (wan22.kernels, no reload either): attention_backend, compile, cfg_batch, fp32_residual. gpu_memory_gib caps
+    wan22.memory.planner): memory_mode, offload_model (false asks for full), t5_cpu, fp8_matmul; and how the experts run
+    (wan22.runtime.kernels, no reload either): attention_backend, compile, cfg_batch, fp32_residual. gpu_memory_gib caps
     the GPU memory the plan may use (None: what is free), e.g. to run as a 24 GB card would.
     """
 
@@ -62,7 +65,7 @@ class LoadOptions:
 
     @classmethod
     def from_values(cls, values, device: Optional[str] = None) -> "LoadOptions":
-        """From canonical parameter values (wan22.spec names); missing ones keep their defaults."""
+        """From canonical parameter values (wan22.request.spec names); missing ones keep their defaults."""
         return cls(device=device, **{f: values[f] for f in LOAD_FIELDS if f in values})
 
     def validated(self) -> "LoadOptions":
@@ -114,7 +117,7 @@ class VideoResult:
     latent: torch.Tensor  # the latent passed to the VAE decoder
     seed: int
     timings: Dict[str, float]
-    plan: Optional[dict] = None  # the memory plan it ran with (wan22.memory.Plan.as_dict)
+    plan: Optional[dict] = None  # the memory plan it ran with (wan22.memory.planner.Plan.as_dict)
     loras: list = dataclasses.field(default_factory=list)  # the LoRAs applied (Wan22I2VPipeline.sync_loras)
     kernels: dict = dataclasses.field(default_factory=dict)  # attention backend, compile, cfg_batch, fp32_residual
 
@@ -187,21 +190,21 @@ class BlockChecks:
 
 
 LOADERS = {
-    "upstream": (models.load_transformer_from_upstream_shards, models.load_t5_from_upstream_pth, models.load_vae_from_upstream_pth),
-    "diffusers": (models.load_transformer_from_diffusers_folder, models.load_t5_from_diffusers_folder, models.load_vae_from_diffusers_folder),
-    "comfyui": (models.load_transformer_from_comfy_file, models.load_t5_from_comfy_file, models.load_vae_from_comfy_file),
+    "upstream": (modules.load_transformer_from_upstream_shards, modules.load_t5_from_upstream_pth, modules.load_vae_from_upstream_pth),
+    "diffusers": (modules.load_transformer_from_diffusers_folder, modules.load_t5_from_diffusers_folder, modules.load_vae_from_diffusers_folder),
+    "comfyui": (modules.load_transformer_from_comfy_file, modules.load_t5_from_comfy_file, modules.load_vae_from_comfy_file),
 }
 
 
 def load_tokenizer(model_set: ModelSet):
     if model_set.layout == "comfyui":
-        proto = models.comfy_embedded_tokenizer(model_set.files["text_encoder"])
+        proto = modules.comfy_embedded_tokenizer(model_set.files["text_encoder"])
         if proto is not None:
             return SentencePieceTokenizer(proto)
         fallback = model_set.root / "google" / "umt5-xxl"
         if fallback.is_dir():
             return HuggingFaceTokenizer(fallback)
-        raise models.CheckpointError(
+        raise modules.CheckpointError(
             f"{model_set.files['text_encoder']} carries no spiece_model tensor and no google/umt5-xxl/ tokenizer folder is beside it"
         )
     return HuggingFaceTokenizer(model_set.files["tokenizer"])
@@ -209,12 +212,12 @@ def load_tokenizer(model_set: ModelSet):
 
 def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = LoadOptions()) -> "Wan22I2VPipeline":
     """Load both experts, the text encoder and the VAE of a model set into host memory, stored as the options
-    say (see LoadOptions); where they run is decided per run by the memory plan (wan22.memory)."""
+    say (see LoadOptions); where they run is decided per run by the memory plan (wan22.memory.planner)."""
     options = options.validated()
     model_set = source if isinstance(source, ModelSet) else discover_model_set(source)
     load_transformer, load_t5, load_vae = LOADERS[model_set.layout]
     check_safetensors_headers(model_set)
-    memory.check_host_fits(*estimate_host_bytes(model_set, options), memory.host_available())
+    planner.check_host_fits(*estimate_host_bytes(model_set, options), planner.host_available())
     fp8 = options.keeps_fp8(model_set)
     expert_dtype = options.expert_dtype(model_set)
     # upstream runs T5 in bf16 whatever the DiT dtype (fp16 overflows in UMT5); fp32 stays fp32
@@ -239,7 +242,7 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
 
 def estimate_host_bytes(model_set: ModelSet, options: LoadOptions) -> tuple:
     """(one expert, T5, VAE) bytes once loaded, from the checkpoint headers and file sizes, before loading."""
-    from .load import open_safetensors, safetensors_files
+    from .checkpoints.tensors import open_safetensors, safetensors_files
 
     fp8, dtype = options.keeps_fp8(model_set), options.expert_dtype(model_set)
     expert = 0
@@ -261,8 +264,8 @@ def estimate_host_bytes(model_set: ModelSet, options: LoadOptions) -> tuple:
 def check_safetensors_headers(model_set: ModelSet) -> None:
     """Read every safetensors header before loading: sizes against the file (a truncated shard), and in a
     scaled-fp8 file (marker `scaled_fp8`) a scale_weight beside every fp8 weight."""
-    from .convert import FP8_MARKER, FP8_SCALE_SUFFIX
-    from .load import open_safetensors, safetensors_files
+    from .checkpoints.key_maps import FP8_MARKER, FP8_SCALE_SUFFIX
+    from .checkpoints.tensors import open_safetensors, safetensors_files
 
     for part in ("high_noise_model", "low_noise_model", "text_encoder", "vae"):
         path = model_set.files[part]
@@ -275,7 +278,7 @@ def check_safetensors_headers(model_set: ModelSet) -> None:
                         if dtype in FP8_DTYPES and key.endswith(".weight")
                         and key[: -len(".weight")] + FP8_SCALE_SUFFIX not in shard.entries]
             if unscaled:
-                raise models.CheckpointError(
+                raise modules.CheckpointError(
                     f"{shard.path}: a scaled fp8 file whose fp8 weights {', '.join(unscaled[:3])}"
                     f"{f' and {len(unscaled) - 3} more' if len(unscaled) > 3 else ''} have no scale_weight: the file is "
                     f"damaged or was converted wrongly")
@@ -306,7 +309,7 @@ class _Shared:
     def __init__(self) -> None:
         self.released = False
         self.on_gpu: set = set()
-        self.streamer: Optional[placement.BlockStreamer] = None
+        self.streamer: Optional[streaming.BlockStreamer] = None
         self.lora_files: Dict[tuple, lora_mod.LoraFile] = {}
         self.applied: Dict[str, lora_mod.Applied] = {}
         self.compiled_for: set = set()  # (tokens, batch) the compiled blocks have run at
@@ -324,8 +327,8 @@ class Wan22I2VPipeline:
         self.device = options.torch_device
         self.load_timings: Dict[str, float] = {}  # seconds per part, filled by load_pipeline
         self._shared = shared or _Shared()
-        self.last_plan: Optional[memory.Plan] = None
-        self.last_kernels: Dict[str, object] = {}  # what the latest denoise ran with (wan22.kernels)
+        self.last_plan: Optional[planner.Plan] = None
+        self.last_kernels: Dict[str, object] = {}  # what the latest denoise ran with (wan22.runtime.kernels)
         self.loras: Tuple[lora_mod.LoraChoice, ...] = tuple(loras)
 
     def _view(self, options: LoadOptions, loras: tuple) -> "Wan22I2VPipeline":
@@ -372,41 +375,41 @@ class Wan22I2VPipeline:
         if self.released:
             raise RuntimeError("these Wan2.2 models were released (another model set was loaded, or /free); run the loader again")
 
-    # ------------------------------------------------------------------ placement (wan22.memory, wan22.placement)
+    # ------------------------------------------------------------------ placement (wan22.memory.planner, wan22.memory.placement)
     def _modules(self) -> Dict[str, torch.nn.Module]:
         modules = {"high_noise_model": self.high_noise_model, "low_noise_model": self.low_noise_model,
                    "text_encoder": self.prompt_encoder.model if self.prompt_encoder is not None else None, "vae": self.vae}
         return {name: module for name, module in modules.items() if module is not None}
 
-    def sizes(self) -> memory.Sizes:
+    def sizes(self) -> planner.Sizes:
         expert = self.high_noise_model
         blocks = [placement.module_bytes(b) for b in expert.blocks]
         text = self.prompt_encoder.model if self.prompt_encoder is not None else None
-        return memory.Sizes(expert=placement.module_bytes(expert), expert_blocks=sum(blocks), block=max(blocks),
+        return planner.Sizes(expert=placement.module_bytes(expert), expert_blocks=sum(blocks), block=max(blocks),
                             num_blocks=len(blocks), t5=placement.module_bytes(text) if text is not None else 0,
                             vae=placement.module_bytes(self.vae) if self.vae is not None else 0,
                             dim=expert.config.num_attention_heads * expert.config.attention_head_dim)
 
-    def budget(self) -> memory.Budget:
+    def budget(self) -> planner.Budget:
         """What a run may use: the GPU's free memory plus what our own models hold there now (full mode keeps
         the experts resident across runs), at most gpu_memory_gib."""
-        detected = memory.Budget.detect(self.device)
+        detected = planner.Budget.detect(self.device)
         gpu = detected.gpu_bytes
         if gpu is not None:
             gpu += sum(placement.module_bytes(self._modules()[name]) for name in self._shared.on_gpu)
         if self.options.gpu_memory_gib is not None and self._gpu():
-            cap = int(self.options.gpu_memory_gib * memory.GIB)
+            cap = int(self.options.gpu_memory_gib * planner.GIB)
             gpu = cap if gpu is None else min(gpu, cap)
-        return memory.Budget(gpu, detected.host_bytes)
+        return planner.Budget(gpu, detected.host_bytes)
 
-    def plan(self, params: GenerationParams, image: Optional[Image.Image] = None) -> memory.Plan:
+    def plan(self, params: GenerationParams, image: Optional[Image.Image] = None) -> planner.Plan:
         """The placement of a run of `params` (on `image`'s aspect ratio; else the size as given)."""
         if image is not None:
             _, _, height, width = image_size_for_area(image.height, image.width, params.max_area, VAE_STRIDE[1], PATCH[1])
         else:
             width, height = spec.parse_size(params.size)
-        request = memory.Request(width, height, params.frame_num)
-        return memory.make_plan(self.sizes(), request, self.budget(), self.options.memory_mode, self.options.t5_cpu,
+        request = planner.Request(width, height, params.frame_num)
+        return planner.make_plan(self.sizes(), request, self.budget(), self.options.memory_mode, self.options.t5_cpu,
                                 self.options.offload_model, self.options.cfg_batch, self.options.fp32_residual)
 
     def _gpu(self) -> bool:
@@ -434,7 +437,7 @@ class Wan22I2VPipeline:
                 self._shared.on_gpu.discard(name)
         placement.empty_cache(self.device)
 
-    def _activate_expert(self, name: str, plan: memory.Plan) -> torch.nn.Module:
+    def _activate_expert(self, name: str, plan: planner.Plan) -> torch.nn.Module:
         model = self._modules()[name]
         if not self._gpu():
             return model
@@ -448,10 +451,10 @@ class Wan22I2VPipeline:
             placement.wait_for(self._shared.copies_in_flight.pop(name, None), model)
         elif self._shared.streamer is None or self._shared.streamer.model is not model:
             self._evict()
-            self._shared.streamer = placement.BlockStreamer(model, self.device, plan.resident_blocks).attach()
+            self._shared.streamer = streaming.BlockStreamer(model, self.device, plan.resident_blocks).attach()
         return model
 
-    def _place_vae(self, plan: memory.Plan) -> None:
+    def _place_vae(self, plan: planner.Plan) -> None:
         """The VAE runs with no expert on the GPU (except in full mode), tiled when the plan says so."""
         if self._gpu():
             self._evict(keep=EXPERTS + ("vae",) if plan.mode == "full" else ("vae",))
@@ -461,7 +464,7 @@ class Wan22I2VPipeline:
         else:
             self.vae.disable_tiling()
 
-    # ------------------------------------------------------------------ LoRAs (wan22.lora)
+    # ------------------------------------------------------------------ LoRAs (wan22.runtime.lora)
     def _lora_file(self, path: Path) -> lora_mod.LoraFile:
         key = lora_mod.file_key(path)
         if key not in self._shared.lora_files:
@@ -508,7 +511,7 @@ class Wan22I2VPipeline:
         if on_gpu:
             budget = self.budget().gpu_bytes  # our resident models included
             resident = sum(placement.module_bytes(self._modules()[n]) for n in self._shared.on_gpu)
-            if budget is not None and memory.usable_gpu_bytes(budget) < resident + placement.module_bytes(self.prompt_encoder.model):
+            if budget is not None and planner.usable_gpu_bytes(budget) < resident + placement.module_bytes(self.prompt_encoder.model):
                 self._evict()  # T5 first, the experts come back for the denoising
             self._to_gpu("text_encoder")
         try:
@@ -584,7 +587,7 @@ class Wan22I2VPipeline:
     @torch.no_grad()
     def denoise(self, noise, y, embeds: PromptEmbeds, params: GenerationParams,
                 on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None,
-                trace: Optional[Callable[[StepTrace], None]] = None, plan: Optional[memory.Plan] = None) -> torch.Tensor:
+                trace: Optional[Callable[[StepTrace], None]] = None, plan: Optional[planner.Plan] = None) -> torch.Tensor:
         plan = plan or self.plan(params)
         schedule = make_schedule(params.sample_solver, params.sample_steps, params.sample_shift)
         boundary_timestep = params.boundary * NUM_TRAIN_TIMESTEPS
@@ -674,7 +677,7 @@ class Wan22I2VPipeline:
         return VideoResult(frames=video_to_uint8(video), video=video, latent=latent.cpu(), seed=params.seed,
                            timings=timings, plan=plan.as_dict(), loras=loras, kernels=self.last_kernels)
 
-    def _set_kernels(self, plan: memory.Plan, latent: torch.Tensor) -> Dict[str, object]:
+    def _set_kernels(self, plan: planner.Plan, latent: torch.Tensor) -> Dict[str, object]:
         """Point both experts at this run's attention kernel and compile setting; say what this run uses."""
         backend, why = kernels.resolve(self.options.attention_backend, kernels.device_capability(self.device))
         compiled = self.options.compile == "blocks"

@@ -24,13 +24,12 @@ import unicodedata
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
 
-from . import spec
-from .errors import InvalidParameter, Wan22Error
+from .request import spec
+from .request.extension_models import LOCAL_FOLDERS, check_model_name, model_name
+from .request.errors import InvalidParameter, Wan22Error
 
 log = logging.getLogger("wan22")
 
-LOCAL_FOLDERS = {"QwenVL2.5_7B": "Qwen2.5-VL-7B-Instruct", "QwenVL2.5_3B": "Qwen2.5-VL-3B-Instruct"}
-DEFAULT_MODELS = {"local_qwen": "QwenVL2.5_7B", "dashscope": "qwen-vl-max"}
 MODEL_SUBFOLDERS = ("", "prompt_extend", "LLM")  # under each model root
 MAX_NEW_TOKENS = 512
 DASHSCOPE_URL = "https://dashscope.aliyuncs.com/api/v1/services/aigc/multimodal-generation/generation"
@@ -64,18 +63,6 @@ class Extension:
 
     def as_dict(self) -> Dict[str, str]:
         return dataclasses.asdict(self)
-
-
-def model_name(method: str, model: str) -> str:
-    return model or DEFAULT_MODELS[method]
-
-
-def check_model_name(name: str) -> str:
-    """A name, never a path: requests come from the network."""
-    if not name or os.path.isabs(name) or any(c in name for c in ("/", "\\", ":")) or name.startswith("."):
-        raise InvalidParameter("prompt_extend_model", f"{name!r}: give a model name ({', '.join(LOCAL_FOLDERS)}) or "
-                                                      "a folder name under the model roots, not a path")
-    return name
 
 
 MODEL_ROOTS = "the model roots (WAN_CKPT_DIR and ComfyUI's models folder)"  # as messages name them: never a path
@@ -165,7 +152,7 @@ class LocalQwenExpander:
         minutes for 512 tokens of a 7B model instead of seconds)."""
         import torch
 
-        from .placement import module_bytes
+        from .memory.placement import module_bytes
 
         if not str(device).startswith("cuda") or not torch.cuda.is_available():
             return False
@@ -238,7 +225,7 @@ def dashscope_expand(image, prompt: str, lang: str, seed: int, model: str, api_k
 def clean_description(text: str) -> str:
     """A model's or a service's text as a prompt: control characters (NUL...) dropped, whitespace collapsed, at
     most WAN_MAX_PROMPT_CHARS characters (the text encoder reads 512 tokens anyway)."""
-    from .settings import Limits
+    from .request.settings import Limits
 
     text = " ".join("".join(c if unicodedata.category(c)[0] != "C" else " " for c in str(text)).split())
     limit = Limits.from_env().max_prompt_chars

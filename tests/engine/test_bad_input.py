@@ -4,12 +4,12 @@ import shutil
 import pytest
 import torch
 
-from wan22.discover import discover_model_set
-from wan22.errors import CheckpointError, InvalidParameter, ModelFolderError
+from wan22.request.model_sets import discover_model_set
+from wan22.request.errors import CheckpointError, InvalidParameter, ModelFolderError
 from wan22.generate import generate_mp4
-from wan22.intake import open_image
-from wan22.params import GenerationParams
-from wan22.spec import parse_size
+from wan22.request.intake import open_image
+from wan22.request.params import GenerationParams
+from wan22.request.spec import parse_size
 from wan22.pipeline import LoadOptions, load_pipeline
 
 

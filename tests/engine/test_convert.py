@@ -1,4 +1,4 @@
-"""python -m wan22.convert: any layout -> ComfyUI split files, bf16 or fp8; the output loads and makes the same
+"""python -m wan22.checkpoints.convert: any layout -> ComfyUI split files, bf16 or fp8; the output loads and makes the same
 video as its source (tiny models)."""
 import subprocess
 import sys
@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from wan22.discover import discover_model_set
-from wan22.export import convert_model_set
-from wan22.load import SafetensorsFile
-from wan22.params import GenerationParams
+from wan22.request.model_sets import discover_model_set
+from wan22.checkpoints.convert import convert_model_set
+from wan22.checkpoints.tensors import SafetensorsFile
+from wan22.request.params import GenerationParams
 from wan22.pipeline import LoadOptions, load_pipeline
 
 PARAMS = GenerationParams(size="96*64", frame_num=5, sample_steps=3, seed=11)
@@ -42,7 +42,7 @@ def test_bf16_output_makes_the_same_video_as_its_source(tiny_models, tmp_path, l
 def test_fp8_output_equals_quantizing_on_load(tiny_models, tmp_path):
     """A bf16 file quantized on load, or converted once to fp8_scaled and loaded as it is: identical."""
     source = tiny_models("comfyui")
-    subprocess.run([sys.executable, "-m", "wan22.convert", str(source), str(tmp_path / "fp8"), "--to",
+    subprocess.run([sys.executable, "-m", "wan22.checkpoints.convert", str(source), str(tmp_path / "fp8"), "--to",
                     "fp8_e4m3fn_scaled"], check=True, capture_output=True)
     converted = discover_model_set(tmp_path / "fp8")
     assert converted.variant == "fp8_scaled"
@@ -57,10 +57,10 @@ def test_fp8_output_equals_quantizing_on_load(tiny_models, tmp_path):
 
 
 def test_convert_refuses_bad_targets_and_leaves_nothing(tiny_models, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "wan22.convert", str(tmp_path / "nowhere"), str(tmp_path / "out"),
+    proc = subprocess.run([sys.executable, "-m", "wan22.checkpoints.convert", str(tmp_path / "nowhere"), str(tmp_path / "out"),
                            "--to", "bf16"], capture_output=True, text=True)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "wan22.convert", str(tiny_models("upstream")), str(tmp_path / "o"),
+    proc = subprocess.run([sys.executable, "-m", "wan22.checkpoints.convert", str(tiny_models("upstream")), str(tmp_path / "o"),
                            "--to", "int4"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice: 'int4'" in proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()

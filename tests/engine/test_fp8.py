@@ -1,15 +1,15 @@
-"""fp8 weights that stay fp8 (wan22.fp8): quantization error, the upcast layer, fp8_scaled files kept as they
+"""fp8 weights that stay fp8 (wan22.runtime.fp8): quantization error, the upcast layer, fp8_scaled files kept as they
 are, and fp8 runs against their dequantized reference, on tiny models (CPU)."""
 import pytest
 import torch
 
-from wan22.discover import discover_model_set
-from wan22.errors import CheckpointError
-from wan22.fp8 import FP8, ScaledFP8Linear, fp8_layers, quantize
-from wan22.load import SafetensorsFile
-from wan22.params import GenerationParams
+from wan22.request.model_sets import discover_model_set
+from wan22.request.errors import CheckpointError
+from wan22.runtime.fp8 import FP8, ScaledFP8Linear, fp8_layers, quantize
+from wan22.checkpoints.tensors import SafetensorsFile
+from wan22.request.params import GenerationParams
 from wan22.pipeline import LoadOptions, load_pipeline
-from wan22.placement import module_bytes
+from wan22.memory.placement import module_bytes
 
 SMALL = GenerationParams(size="96*64", frame_num=5, sample_steps=3, seed=7)
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from wan22.discover import discover_model_set, list_model_sets
+from wan22.request.model_sets import discover_model_set, list_model_sets
 from wan22.generate import generate_mp4
-from wan22.params import GenerationParams
+from wan22.request.params import GenerationParams
 from wan22.pipeline import LoadOptions, load_pipeline
 from wan22.video import read_mp4
 
@@ -69,7 +69,7 @@ def test_guidance_one_skips_the_unconditional_pass(tiny_models, test_image):
 
 
 def test_cancel_between_steps(tiny_models, test_image):
-    from wan22.errors import GenerationCancelled
+    from wan22.request.errors import GenerationCancelled
 
     pipe = load_pipeline(tiny_models("upstream"), FP32_CPU)
     embeds = pipe.encode_prompt("a dog", "")
@@ -82,7 +82,7 @@ def test_cancel_between_steps(tiny_models, test_image):
 def test_cancel_inside_a_step_stops_before_the_next_block(tiny_models, test_image):
     """A cancel that arrives mid-step takes effect before the next transformer block, not at the next step: the
     check runs before each block. Here the flag goes up once the first block of step 1 has run."""
-    from wan22.errors import GenerationCancelled
+    from wan22.request.errors import GenerationCancelled
 
     pipe = load_pipeline(tiny_models("upstream"), FP32_CPU)
     embeds = pipe.encode_prompt("a dog", "")
@@ -105,7 +105,7 @@ def test_cancel_inside_a_step_stops_before_the_next_block(tiny_models, test_imag
 def test_cancel_inside_the_vae_stops_before_its_next_chunk(tiny_models, test_image, stage, part):
     """The VAE runs its encoder once per chunk of frames (1, then 4 at a time) and its decoder once per latent
     frame: a cancel takes effect before the next chunk, not after the whole 720p encode or decode."""
-    from wan22.errors import GenerationCancelled
+    from wan22.request.errors import GenerationCancelled
 
     pipe = load_pipeline(tiny_models("upstream"), FP32_CPU)
     embeds = pipe.encode_prompt("a dog", "")
@@ -132,26 +132,26 @@ def test_list_model_sets_finds_every_layout(tiny_models):
 
 
 def test_default_root_falls_back_to_runpod_volume(monkeypatch, tmp_path):
-    from wan22 import discover
+    from wan22.request import model_sets
 
     monkeypatch.delenv("WAN_CKPT_DIR", raising=False)
-    monkeypatch.setattr(discover, "DEFAULT_MODEL_ROOT", tmp_path / "workspace" / "models")
-    monkeypatch.setattr(discover, "RUNPOD_VOLUME", tmp_path / "runpod-volume")
-    assert discover.default_model_root() == tmp_path / "workspace" / "models"
+    monkeypatch.setattr(model_sets, "DEFAULT_MODEL_ROOT", tmp_path / "workspace" / "models")
+    monkeypatch.setattr(model_sets, "RUNPOD_VOLUME", tmp_path / "runpod-volume")
+    assert model_sets.default_model_root() == tmp_path / "workspace" / "models"
     (tmp_path / "runpod-volume").mkdir()
-    assert discover.default_model_root() == tmp_path / "runpod-volume"
+    assert model_sets.default_model_root() == tmp_path / "runpod-volume"
     monkeypatch.setenv("WAN_CKPT_DIR", str(tmp_path / "mine"))
-    assert discover.default_model_root() == tmp_path / "runpod-volume", "a missing WAN_CKPT_DIR falls back too"
+    assert model_sets.default_model_root() == tmp_path / "runpod-volume", "a missing WAN_CKPT_DIR falls back too"
     (tmp_path / "mine").mkdir()
-    assert discover.default_model_root() == tmp_path / "mine"
+    assert model_sets.default_model_root() == tmp_path / "mine"
 
 
 def test_loaded_modules_sit_wholly_on_the_target_device(tiny_models):
     """Parameters and buffers (RoPE tables are built in __init__) all end on the requested device (the meta
     device stands in for a GPU here), in the requested dtype except the modules diffusers keeps in fp32."""
-    from wan22 import models
+    from wan22.checkpoints import modules
 
-    expert = models.load_transformer_from_upstream_shards(tiny_models("upstream") / "high_noise_model", torch.bfloat16, "meta")
+    expert = modules.load_transformer_from_upstream_shards(tiny_models("upstream") / "high_noise_model", torch.bfloat16, "meta")
     devices = {t.device.type for t in list(expert.parameters()) + list(expert.buffers())}
     assert devices == {"meta"}
     keep_fp32 = set(expert._keep_in_fp32_modules)
@@ -165,10 +165,10 @@ def test_loaded_modules_sit_wholly_on_the_target_device(tiny_models):
 def test_the_text_encoder_is_wholly_bf16_as_upstream(tiny_models):
     """transformers would keep UMT5's `wo` in fp32 (an fp16 overflow guard); in bf16 upstream computes it in bf16
     like everything else, and in fp32 it would cost 2 GB and, on an AMX CPU, 1.5x the encode."""
-    from wan22 import models
+    from wan22.checkpoints import modules
 
-    for layout, load, source in (("upstream", models.load_t5_from_upstream_pth, "models_t5_umt5-xxl-enc-bf16.pth"),
-                                 ("comfyui", models.load_t5_from_comfy_file, "text_encoders/umt5_xxl_fp16.safetensors")):
+    for layout, load, source in (("upstream", modules.load_t5_from_upstream_pth, "models_t5_umt5-xxl-enc-bf16.pth"),
+                                 ("comfyui", modules.load_t5_from_comfy_file, "text_encoders/umt5_xxl_fp16.safetensors")):
         t5 = load(tiny_models(layout) / source, torch.bfloat16, "cpu")
         assert {p.dtype for p in t5.parameters()} == {torch.bfloat16}, layout
         assert t5.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.bfloat16

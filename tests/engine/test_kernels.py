@@ -1,15 +1,16 @@
-"""How the experts run (wan22.kernels and the plan's cfg_batch): the backend choice per GPU, clear refusals, and CPU
+"""How the experts run (wan22.runtime.kernels and the plan's cfg_batch): the backend choice per GPU, clear refusals, and CPU
 numerics of the native backend, CFG in one batch and compiled blocks against the plain two-pass run."""
 import pytest
 import torch
 
-from wan22 import kernels, memory
-from wan22.errors import GenerationCancelled, InvalidParameter
-from wan22.params import GenerationParams
+from wan22.runtime import kernels
+from wan22.memory import planner
+from wan22.request.errors import GenerationCancelled, InvalidParameter
+from wan22.request.params import GenerationParams
 from wan22.pipeline import LoadOptions, load_pipeline
 
-GIB = memory.GIB
-A14B = memory.Sizes(expert=int(26.67 * GIB), expert_blocks=int(26.60 * GIB), block=int(0.665 * GIB), num_blocks=40,
+GIB = planner.GIB
+A14B = planner.Sizes(expert=int(26.67 * GIB), expert_blocks=int(26.60 * GIB), block=int(0.665 * GIB), num_blocks=40,
                     t5=int(12.46 * GIB), vae=int(0.47 * GIB), dim=5120)
 PARAMS = GenerationParams(size="96*64", frame_num=5, sample_steps=3, seed=5)
 HOPPER, BLACKWELL, ADA, AMPERE = (9, 0), (12, 0), (8, 9), (8, 0)
@@ -54,14 +55,14 @@ def test_load_options_refuse_a_gpu_kernel_on_the_cpu_before_loading():
 
 
 def test_the_plan_batches_cfg_only_where_twice_the_activations_fit():
-    p480 = memory.Request(832, 480, 81)
-    two = memory.make_plan(A14B, p480, memory.Budget(80 * GIB, 256 * GIB), cfg_batch=False)
-    one = memory.make_plan(A14B, p480, memory.Budget(80 * GIB, 256 * GIB), cfg_batch=True)
+    p480 = planner.Request(832, 480, 81)
+    two = planner.make_plan(A14B, p480, planner.Budget(80 * GIB, 256 * GIB), cfg_batch=False)
+    one = planner.make_plan(A14B, p480, planner.Budget(80 * GIB, 256 * GIB), cfg_batch=True)
     assert (two.cfg_batch, one.cfg_batch, one.mode) == (False, True, two.mode)
-    assert one.peak_gpu_bytes - two.peak_gpu_bytes == memory.activation_bytes(p480.tokens, A14B.dim)
-    tight = memory.make_plan(A14B, memory.Request(1280, 720, 81), memory.Budget(24 * GIB, 256 * GIB), cfg_batch=True)
+    assert one.peak_gpu_bytes - two.peak_gpu_bytes == planner.activation_bytes(p480.tokens, A14B.dim)
+    tight = planner.make_plan(A14B, planner.Request(1280, 720, 81), planner.Budget(24 * GIB, 256 * GIB), cfg_batch=True)
     assert not tight.cfg_batch and "CFG in two passes: no room for twice the activations" in tight.why
-    assert "CFG in one batch" in one.describe() and memory.make_plan(A14B, p480, memory.Budget(None, None), cfg_batch=True).cfg_batch
+    assert "CFG in one batch" in one.describe() and planner.make_plan(A14B, p480, planner.Budget(None, None), cfg_batch=True).cfg_batch
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from wan22 import convert, models
-from wan22.configs import load_config
-from wan22.load import _parameter_owners
+from wan22.checkpoints import key_maps, modules
+from wan22.checkpoints.configs import load_config
+from wan22.checkpoints.tensors import _parameter_owners
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE = Path(os.environ.get("WAN22_REFERENCE", REPO.parent / "shared" / "reference"))
@@ -28,7 +28,7 @@ def manifest():
 
 @pytest.fixture(scope="module")
 def a14b_transformer():
-    return models.build_transformer(models.transformer_config_from_upstream(UPSTREAM_A14B_CONFIG))
+    return modules.build_transformer(modules.transformer_config_from_upstream(UPSTREAM_A14B_CONFIG))
 
 
 def target_shapes(model):
@@ -63,58 +63,58 @@ def test_a14b_transformer_is_14b_on_meta(a14b_transformer):
 
 def test_upstream_transformer_keys(manifest, a14b_transformer):
     assert len(manifest["transformer"]) == 1095
-    assert_covers(manifest["transformer"], convert.upstream_to_diffusers_transformer, a14b_transformer)
+    assert_covers(manifest["transformer"], key_maps.upstream_to_diffusers_transformer, a14b_transformer)
 
 
-@pytest.mark.parametrize("prefix", ["", convert.COMFY_DIFFUSION_PREFIX])
+@pytest.mark.parametrize("prefix", ["", key_maps.COMFY_DIFFUSION_PREFIX])
 def test_comfyui_transformer_keys(manifest, a14b_transformer, prefix):
     """ComfyUI's Wan2.2 I2V files hold the upstream keys, optionally prefixed; config comes from shapes."""
     shapes = {prefix + k: v for k, v in manifest["transformer"].items()}
-    inferred = models.transformer_config_from_upstream_shapes(manifest["transformer"], "manifest")
+    inferred = modules.transformer_config_from_upstream_shapes(manifest["transformer"], "manifest")
     assert inferred == load_config("wan22_i2v_a14b_transformer.json")
-    assert_covers(shapes, convert.comfy_to_diffusers_transformer, a14b_transformer)
+    assert_covers(shapes, key_maps.comfy_to_diffusers_transformer, a14b_transformer)
 
 
 def test_comfyui_fp8_scaled_transformer_keys(manifest, a14b_transformer):
     shapes = dict(manifest["transformer"])
     for key, shape in manifest["transformer"].items():
         if key.endswith(".weight") and len(shape) == 2:
-            shapes[key[: -len(".weight")] + convert.FP8_SCALE_SUFFIX] = ()
-    shapes[convert.FP8_MARKER] = (0,)
-    from wan22.load import is_fp8_aux_key
+            shapes[key[: -len(".weight")] + key_maps.FP8_SCALE_SUFFIX] = ()
+    shapes[key_maps.FP8_MARKER] = (0,)
+    from wan22.checkpoints.tensors import is_fp8_aux_key
 
-    assert_covers(shapes, convert.comfy_to_diffusers_transformer, a14b_transformer, ignore=is_fp8_aux_key)
+    assert_covers(shapes, key_maps.comfy_to_diffusers_transformer, a14b_transformer, ignore=is_fp8_aux_key)
 
 
 def test_upstream_t5_keys(manifest):
     shapes = {k: tuple(v) for k, v in manifest["text_encoder"].items()}
-    config = models.t5_config_from_shapes(shapes, "manifest", hf_names=False)
+    config = modules.t5_config_from_shapes(shapes, "manifest", hf_names=False)
     shipped = load_config("umt5_xxl_encoder.json")
     for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets"):
         assert getattr(config, field) == shipped[field], field
-    model = models.build_t5_encoder(config)
+    model = modules.build_t5_encoder(config)
     assert abs(sum(p.numel() for p in model.parameters()) - 5.68e9) < 0.01e9
-    assert_covers(shapes, convert.upstream_to_hf_t5, model)
+    assert_covers(shapes, key_maps.upstream_to_hf_t5, model)
 
 
 def test_comfyui_t5_keys():
     data = json.loads((REFERENCE / "comfyui_umt5_xxl_keys.json").read_text())["text_encoder"]
     shapes = {k: tuple(v) for k, v in data.items()}
-    model = models.build_t5_encoder(models.t5_config_from_shapes(shapes, "manifest", hf_names=True))
-    shapes[convert.COMFY_TOKENIZER_KEY] = (4548313,)
-    assert_covers(shapes, convert.comfy_to_hf_t5, model, ignore=lambda k: k == convert.COMFY_TOKENIZER_KEY)
+    model = modules.build_t5_encoder(modules.t5_config_from_shapes(shapes, "manifest", hf_names=True))
+    shapes[key_maps.COMFY_TOKENIZER_KEY] = (4548313,)
+    assert_covers(shapes, key_maps.comfy_to_hf_t5, model, ignore=lambda k: k == key_maps.COMFY_TOKENIZER_KEY)
 
 
 def test_upstream_and_comfyui_vae_keys(manifest):
     shapes = {k: tuple(v) for k, v in manifest["vae"].items()}
-    config = models.vae_config_from_upstream_shapes(shapes, "manifest")
+    config = modules.vae_config_from_upstream_shapes(shapes, "manifest")
     assert config == load_config("wan21_vae.json")
-    assert_covers(shapes, convert.upstream_to_diffusers_vae, models.build_vae(config))
+    assert_covers(shapes, key_maps.upstream_to_diffusers_vae, modules.build_vae(config))
 
 
 def test_diffusers_layout_names_are_the_runtime_names(manifest, a14b_transformer):
     """The diffusers folder stores exactly the runtime names: the upstream keys renamed are that set."""
-    renamed = {convert.upstream_to_diffusers_transformer(k) for k in manifest["transformer"]}
+    renamed = {key_maps.upstream_to_diffusers_transformer(k) for k in manifest["transformer"]}
     assert renamed == set(target_shapes(a14b_transformer))
-    back = {convert.diffusers_to_upstream_transformer(k) for k in renamed}
+    back = {key_maps.diffusers_to_upstream_transformer(k) for k in renamed}
     assert back == set(manifest["transformer"])

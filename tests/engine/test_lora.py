@@ -1,4 +1,4 @@
-"""LoRAs on the tiny experts (wan22.lora): every format against an independent computation and against
+"""LoRAs on the tiny experts (wan22.runtime.lora): every format against an independent computation and against
 diffusers' own loader, fp8 experts, strength 0, swapping without a reload, bad files; and the euler schedule
 of the 4-step recipe."""
 from pathlib import Path
@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wan22 import convert
-from wan22.errors import InvalidParameter
-from wan22.lora import ADAPTER, LoraChoice, LoraError, effective_weight
-from wan22.params import GenerationParams
+from wan22.checkpoints import key_maps
+from wan22.request.errors import InvalidParameter
+from wan22.runtime.lora import ADAPTER, LoraChoice, LoraError, effective_weight
+from wan22.request.params import GenerationParams
 from wan22.pipeline import LoadOptions, load_pipeline
-from wan22.schedule import make_schedule
-from wan22.tiny import LORA_FORMATS, TinySpec, tiny_lora_tensors, write_tiny_lora
+from wan22.runtime.schedule import make_schedule
+from wan22.testing.tiny import LORA_FORMATS, TinySpec, tiny_lora_tensors, write_tiny_lora
 
 FP32_CPU = LoadOptions(dtype="fp32", device="cpu")
 RECIPE = GenerationParams(size="64*64", frame_num=5, sample_steps=4, sample_solver="euler", sample_shift=5.0,
@@ -37,7 +37,7 @@ def expected_deltas(strength: float, fmt: str):
         module = key[len("diffusion_model."): -len(".lora_down.weight")]
         up = tensors[key.replace("lora_down", "lora_up")]
         scale = ALPHA / RANK if fmt in ("lightx2v", "kohya") else 1.0
-        target = convert.upstream_to_diffusers_transformer(module + ".weight")
+        target = key_maps.upstream_to_diffusers_transformer(module + ".weight")
         deltas[target] = strength * scale * (up.float() @ down.float())
         if fmt in ("lightx2v", "diffusers"):
             deltas[target[: -len("weight")] + "bias"] = strength * tensors[f"diffusion_model.{module}.diff_b"].float()
@@ -46,7 +46,7 @@ def expected_deltas(strength: float, fmt: str):
             if ".norm3." in key:
                 part = "weight" if key.endswith(".diff") else "bias"
                 module = key[len("diffusion_model."):].rsplit(".", 1)[0]
-                deltas[convert.upstream_to_diffusers_transformer(f"{module}.{part}")] = strength * value.float()
+                deltas[key_maps.upstream_to_diffusers_transformer(f"{module}.{part}")] = strength * value.float()
     return deltas
 
 
@@ -108,13 +108,13 @@ def test_equal_to_diffusers_load_lora_weights_and_fuse(pipe, tmp_path, fmt):
 
 
 def test_several_loras_add_and_strengths_change_without_reading_the_experts(pipe, tmp_path, monkeypatch):
-    from wan22 import models
+    from wan22.checkpoints import modules
 
     a = write_tiny_lora(tmp_path / "a.safetensors", seed=1)
     b = write_tiny_lora(tmp_path / "b.safetensors", seed=2, fmt="kohya")
     reads = []
     for name in ("load_transformer_from_upstream_shards", "load_transformer_from_comfy_file", "load_transformer_from_diffusers_folder"):
-        monkeypatch.setattr(models, name, lambda *a, **k: reads.append(1))
+        monkeypatch.setattr(modules, name, lambda *a, **k: reads.append(1))
     base = weights_of(pipe.low_noise_model)
     pipe.with_loras([LoraChoice(a, 0.0, 0.5)]).sync_loras()
     only_a = weights_of(pipe.low_noise_model)
@@ -158,15 +158,15 @@ def test_fp8_expert_keeps_its_fp8_weights_and_adds_the_lora_in_full_precision(ti
 def test_lora_follows_the_expert_through_block_streaming(tiny_models, tmp_path, test_image):
     """A streamed expert (meta 'cuda' is not available here: the CPU streamer swaps copies) gives the same
     video with a LoRA as a resident one."""
-    from wan22 import placement
+    from wan22.memory import streaming
 
     pipe = load_pipeline(tiny_models("upstream"), FP32_CPU)
     path = write_tiny_lora(tmp_path / "s.safetensors")
     view = pipe.with_loras([LoraChoice(path, 1.0, 1.0)])
     embeds = view.encode_prompt("a boat", "")
     resident = view.generate(test_image, embeds, RECIPE)
-    with placement.streamed(pipe.high_noise_model, "cpu", resident=1) as streamer:
-        with placement.streamed(pipe.low_noise_model, "cpu", resident=0):
+    with streaming.streamed(pipe.high_noise_model, "cpu", resident=1) as streamer:
+        with streaming.streamed(pipe.low_noise_model, "cpu", resident=0):
             streamed = view.generate(test_image, embeds, RECIPE)
     assert streamer.onloads > 0
     assert torch.equal(resident.video, streamed.video)
@@ -241,7 +241,7 @@ def test_adapters_are_built_on_the_device_the_expert_is_on(pipe, tmp_path):
     The meta device stands in for the GPU here."""
     import copy
 
-    from wan22.lora import apply_loras, read_lora
+    from wan22.runtime.lora import apply_loras, read_lora
 
     model = copy.deepcopy(pipe.high_noise_model).to("meta")
     lora = read_lora(write_tiny_lora(tmp_path / "m.safetensors"), model)

@@ -1,23 +1,23 @@
-"""The memory plan (wan22.memory), streamed blocks (wan22.placement) and the full-size simulation
-(bench/memory_plan.py) that proves the plans without a GPU."""
+"""The memory plan (wan22.memory.planner), streamed blocks (wan22.memory.placement) and the full-size simulation
+(wan22/testing/simulated_machine.py) that proves the plans without a GPU."""
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from wan22 import memory
-from wan22.errors import MemoryPlanError
-from wan22.params import GenerationParams
+from wan22.memory import planner
+from wan22.request.errors import MemoryPlanError
+from wan22.request.params import GenerationParams
 from wan22.pipeline import LoadOptions, load_pipeline
-from wan22.placement import streamed
+from wan22.memory.streaming import streamed
 
-GIB = memory.GIB
+GIB = planner.GIB
 REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"
 # an A14B expert in bf16 (40 blocks of 0.665 GiB), T5 and VAE, as loaded
-A14B = memory.Sizes(expert=int(26.67 * GIB), expert_blocks=int(26.60 * GIB), block=int(0.665 * GIB), num_blocks=40,
+A14B = planner.Sizes(expert=int(26.67 * GIB), expert_blocks=int(26.60 * GIB), block=int(0.665 * GIB), num_blocks=40,
                     t5=int(12.46 * GIB), vae=int(0.47 * GIB), dim=5120)
-P720 = memory.Request(1280, 720, 81)
+P720 = planner.Request(1280, 720, 81)
 
 
 def test_stream_mode_is_bit_identical_to_resident_weights(tiny_models, test_image):
@@ -38,40 +38,40 @@ def test_stream_mode_is_bit_identical_to_resident_weights(tiny_models, test_imag
 
 @pytest.mark.parametrize("gpu_gib, request_, expected_mode", [
     (80, P720, "full"), (48, P720, "offload"), (32, P720, "stream"), (24, P720, "stream"),
-    (24, memory.Request(832, 480, 81), "stream"),
+    (24, planner.Request(832, 480, 81), "stream"),
 ])
 def test_auto_takes_the_first_mode_that_fits(gpu_gib, request_, expected_mode):
-    plan = memory.make_plan(A14B, request_, memory.Budget(int(gpu_gib * GIB), 256 * GIB))
+    plan = planner.make_plan(A14B, request_, planner.Budget(int(gpu_gib * GIB), 256 * GIB))
     assert plan.mode == expected_mode
-    assert plan.peak_gpu_bytes <= memory.usable_gpu_bytes(int(gpu_gib * GIB))
+    assert plan.peak_gpu_bytes <= planner.usable_gpu_bytes(int(gpu_gib * GIB))
     if expected_mode == "stream":
         assert 0 < plan.resident_blocks < 40
 
 
 def test_seed_flags_map_onto_the_modes():
-    budget = memory.Budget(80 * GIB, 256 * GIB)
-    assert memory.make_plan(A14B, P720, budget, "auto", offload_model=False).mode == "full"
-    assert memory.make_plan(A14B, P720, budget, "offload").mode == "offload"
-    assert memory.make_plan(A14B, P720, budget, "stream").mode == "stream"
-    assert memory.make_plan(A14B, P720, memory.Budget(None, None)).mode == "cpu"
-    assert memory.make_plan(A14B, P720, budget, t5_cpu=False).t5_on_gpu
+    budget = planner.Budget(80 * GIB, 256 * GIB)
+    assert planner.make_plan(A14B, P720, budget, "auto", offload_model=False).mode == "full"
+    assert planner.make_plan(A14B, P720, budget, "offload").mode == "offload"
+    assert planner.make_plan(A14B, P720, budget, "stream").mode == "stream"
+    assert planner.make_plan(A14B, P720, planner.Budget(None, None)).mode == "cpu"
+    assert planner.make_plan(A14B, P720, budget, t5_cpu=False).t5_on_gpu
 
 
 def test_a_plan_that_cannot_fit_says_why_with_numbers():
     with pytest.raises(MemoryPlanError) as info:
-        memory.make_plan(A14B, P720, memory.Budget(8 * GIB, 256 * GIB))
+        planner.make_plan(A14B, P720, planner.Budget(8 * GIB, 256 * GIB))
     message = str(info.value)
     assert "1280x720, 81 frames needs about" in message and "as 'stream'" in message
     assert "activations 8.7 GiB" in message and "6.0 GiB are usable" in message and "smaller size" in message
     with pytest.raises(MemoryPlanError, match="memory_mode offload.*or memory_mode stream or auto"):
-        memory.make_plan(A14B, P720, memory.Budget(24 * GIB, 256 * GIB), "offload")
+        planner.make_plan(A14B, P720, planner.Budget(24 * GIB, 256 * GIB), "offload")
     with pytest.raises(MemoryPlanError, match="need about 66.3 GiB of host RAM, more than this machine has free"):
-        memory.check_host_fits(A14B.expert, A14B.t5, A14B.vae, 32 * GIB)
+        planner.check_host_fits(A14B.expert, A14B.t5, A14B.vae, 32 * GIB)
 
 
 # ------------------------------------------------------------------------------------------ full size, simulated
 def _simulate(**kwargs):
-    from bench.memory_plan import simulate
+    from wan22.testing.simulated_machine import simulate
 
     if not (REFERENCE / "wan22_i2v_a14b_upstream_keys.json").is_file():
         pytest.skip("the full-size key manifests of ../shared/reference are not here")
@@ -108,7 +108,7 @@ def test_simulation_reproduces_todays_default_peak():
 
 
 def test_out_of_memory_leaves_nothing_on_the_gpu_and_the_next_run_works():
-    from bench.memory_plan import simulate
+    from wan22.testing.simulated_machine import simulate
 
     result = simulate(gpu_gib=24, host_gib=128, size="832*480", frame_num=81, weight_dtype="fp8_e4m3fn_scaled",
                       fail_at="denoise")
@@ -121,7 +121,7 @@ def test_out_of_memory_leaves_nothing_on_the_gpu_and_the_next_run_works():
 def test_full_mode_keeps_the_experts_for_the_next_run(monkeypatch):
     """A warm server on an 80 GB card: the second run finds both experts resident, plans full again and moves
     nothing: every module went to the GPU once, in the first run."""
-    from wan22 import placement
+    from wan22.memory import placement
 
     moved = []
     real_move = placement.move
@@ -138,7 +138,7 @@ def test_full_mode_keeps_the_experts_for_the_next_run(monkeypatch):
 def test_an_expert_leaving_the_accelerator_gets_its_host_master_back_without_a_copy(tiny_models):
     """`move` keeps the host tensors while an expert is on the accelerator and puts them back afterwards: nothing
     is copied back. The meta device stands in for the GPU: a copy out of it would raise."""
-    from wan22 import placement
+    from wan22.memory import placement
 
     expert = load_pipeline(tiny_models("upstream"), LoadOptions(dtype="fp32", device="cpu")).high_noise_model
     before = {name: p for name, p in expert.named_parameters()}
@@ -163,7 +163,7 @@ def test_fp32_residual_plans_its_larger_activations():
 def test_offload_brings_the_low_noise_expert_in_during_the_last_high_noise_step(monkeypatch):
     """memory_mode offload on an 80 GB card (room for both experts for a moment): the low-noise expert's copy
     starts before the last high-noise step runs, not after it (simulated at full size; on CUDA a side stream)."""
-    from wan22 import placement
+    from wan22.memory import placement
 
     from wan22.pipeline import Wan22I2VPipeline
 
@@ -173,9 +173,9 @@ def test_offload_brings_the_low_noise_expert_in_during_the_last_high_noise_step(
                                                                           real_move_async(module, device))[1])
     monkeypatch.setattr(Wan22I2VPipeline, "_predict", lambda self, model, *args: (
         events.append("high" if model is self.high_noise_model else "low"), real_predict(self, model, *args))[1])
-    plan = memory.make_plan(A14B, memory.Request(832, 480, 81), memory.Budget(80 * GIB, 256 * GIB), "offload")
+    plan = planner.make_plan(A14B, planner.Request(832, 480, 81), planner.Budget(80 * GIB, 256 * GIB), "offload")
     assert plan.prefetch and plan.peak_gpu_bytes >= 2 * A14B.expert
-    assert not memory.make_plan(A14B, P720, memory.Budget(48 * GIB, 256 * GIB), "offload").prefetch  # no room: after
+    assert not planner.make_plan(A14B, P720, planner.Budget(48 * GIB, 256 * GIB), "offload").prefetch  # no room: after
     result = _simulate(gpu_gib=80, size="832*480", mode="offload", weight_dtype="bf16", steps=4)
     # 4 steps at shift 5: 2 on the high-noise expert, each cond + uncond
     assert result["mode"] == "offload" and events == ["high", "high", "prefetch", "high", "high"] + ["low"] * 4, events
@@ -185,20 +185,20 @@ def test_offload_brings_the_low_noise_expert_in_during_the_last_high_noise_step(
 def test_a_cpu_run_is_checked_against_host_ram_before_anything_is_allocated():
     """No GPU: activations and the VAE live in host RAM; the plan refuses what cannot fit (naming size and frame_num
     and a frame_num that fits), tiles the VAE where only that fits, and says nothing of how much RAM is free."""
-    budget = memory.Budget(None, 20 * GIB)
-    small = memory.make_plan(A14B, memory.Request(832, 480, 81), budget)
+    budget = planner.Budget(None, 20 * GIB)
+    small = planner.make_plan(A14B, planner.Request(832, 480, 81), budget)
     assert small.mode == "cpu" and not small.vae_tiling
-    large = memory.make_plan(A14B, P720, budget)  # untiled decode: 1280*720*81 pixels x 260 B = 18 GiB > 20 - 4 kept
+    large = planner.make_plan(A14B, P720, budget)  # untiled decode: 1280*720*81 pixels x 260 B = 18 GiB > 20 - 4 kept
     assert large.mode == "cpu" and large.vae_tiling
     with pytest.raises(MemoryPlanError) as info:
-        memory.make_plan(A14B, memory.Request(1920, 1088, 1001), budget)
+        planner.make_plan(A14B, planner.Request(1920, 1088, 1001), budget)
     message = str(info.value)
     assert message.startswith("size / frame_num: a 1920*1088 video (the size at the image's aspect ratio) of 1001 frames "
                               "needs about ")
     fits = int(message.rsplit("frame_num ", 1)[1].split(" fits")[0])
     assert fits % 4 == 1 and fits < 1001
-    assert memory.make_plan(A14B, memory.Request(1920, 1088, fits), budget).mode == "cpu"  # what it says fits, fits
+    assert planner.make_plan(A14B, planner.Request(1920, 1088, fits), budget).mode == "cpu"  # what it says fits, fits
     with pytest.raises(MemoryPlanError):
-        memory.make_plan(A14B, memory.Request(1920, 1088, fits + 4), budget)
+        planner.make_plan(A14B, planner.Request(1920, 1088, fits + 4), budget)
     assert "20.0" not in message and "16.0" not in message  # the host's free RAM is the machine's business
-    assert memory.make_plan(A14B, memory.Request(1920, 1088, 1001), memory.Budget(None, None)).mode == "cpu"  # unknown
+    assert planner.make_plan(A14B, planner.Request(1920, 1088, 1001), planner.Budget(None, None)).mode == "cpu"  # unknown

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from wan22.params import GenerationParams
+from wan22.request.params import GenerationParams
 from wan22.pipeline import LoadOptions, load_pipeline
 
 REPO = Path(__file__).resolve().parents[2]

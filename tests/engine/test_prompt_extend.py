@@ -9,8 +9,8 @@ from PIL import Image
 
 import comfy_fixture as cf
 from wan22 import prompt_extend as pe
-from wan22.errors import InvalidParameter
-from wan22.tiny import build_tiny_qwen_vl
+from wan22.request.errors import InvalidParameter
+from wan22.testing.tiny import build_tiny_qwen_vl
 
 IMAGE = Image.new("RGB", (120, 80), (200, 40, 40))
 

@@ -5,8 +5,9 @@ import copy
 import pytest
 import torch
 
-from wan22 import models, text
-from wan22.discover import discover_model_set
+from wan22.checkpoints import modules
+from wan22.runtime import text_encoder
+from wan22.request.model_sets import discover_model_set
 from wan22.pipeline import LoadOptions, UPSTREAM_NEGATIVE_PROMPT, load_pipeline
 
 PROMPT = "A small cat walks slowly across the green field at sunset."
@@ -36,18 +37,18 @@ def upstream_way(encoder, prompt: str) -> torch.Tensor:
 def test_real_tokens_only_give_upstreams_embeddings(encoder):
     calls, handle = counting_forwards(encoder.model)
     try:
-        ours = text.PromptEncoder(encoder.tokenizer, encoder.model, torch.device("cpu")).encode([PROMPT, UPSTREAM_NEGATIVE_PROMPT])
+        ours = text_encoder.PromptEncoder(encoder.tokenizer, encoder.model, torch.device("cpu")).encode([PROMPT, UPSTREAM_NEGATIVE_PROMPT])
     finally:
         handle.remove()
     for got, prompt in zip(ours, (PROMPT, UPSTREAM_NEGATIVE_PROMPT)):
         want = upstream_way(encoder, prompt)
         assert got.shape == want.shape and got.dtype == torch.float32
         assert (got - want).abs().max() < 1e-5
-    assert calls == [(1, got.shape[0]) for got in ours] and max(n for _, n in calls) < text.TEXT_LEN  # never 512
+    assert calls == [(1, got.shape[0]) for got in ours] and max(n for _, n in calls) < text_encoder.TEXT_LEN  # never 512
 
 
 def test_recent_embeddings_are_cached_per_text_and_device(encoder):
-    fresh = text.PromptEncoder(encoder.tokenizer, encoder.model, torch.device("cpu"), cache_size=3)
+    fresh = text_encoder.PromptEncoder(encoder.tokenizer, encoder.model, torch.device("cpu"), cache_size=3)
     calls, handle = counting_forwards(encoder.model)
     try:
         first = fresh.encode([PROMPT, UPSTREAM_NEGATIVE_PROMPT])
@@ -65,7 +66,7 @@ def test_recent_embeddings_are_cached_per_text_and_device(encoder):
 
 def bf16_encoder(tiny_models):
     model_set = discover_model_set(tiny_models("upstream"))
-    model = models.load_t5_from_upstream_pth(model_set.files["text_encoder"], torch.bfloat16, "cpu")
+    model = modules.load_t5_from_upstream_pth(model_set.files["text_encoder"], torch.bfloat16, "cpu")
     return model
 
 
@@ -77,7 +78,7 @@ def test_fp32_compute_over_bf16_weights_matches_an_fp32_copy_and_keeps_the_weigh
     with torch.no_grad():
         want = widened(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
         plain = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
-        with text.computing_in(model, torch.float32):
+        with text_encoder.computing_in(model, torch.float32):
             got = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
     assert got.dtype == torch.float32 and plain.dtype == torch.bfloat16
     assert (got - want).abs().max() < 1e-5
@@ -89,10 +90,10 @@ def test_fp32_compute_over_bf16_weights_matches_an_fp32_copy_and_keeps_the_weigh
 
 def test_a_projection_computes_in_fp32_slice_by_slice_over_its_stored_weight(monkeypatch):
     """Slices of 64 output rows (150 = 64 + 64 + 22, bias included) give the fp32 projection of the same weights."""
-    monkeypatch.setattr(text, "CAST_CHUNK_ELEMENTS", 64 * 100)
+    monkeypatch.setattr(text_encoder, "CAST_CHUNK_ELEMENTS", 64 * 100)
     linear = torch.nn.Linear(100, 150).to(torch.bfloat16)
     x = torch.randn(2, 7, 100, dtype=torch.bfloat16)
-    got = text._linear_computing_in(linear, torch.float32)(x)
+    got = text_encoder._linear_computing_in(linear, torch.float32)(x)
     want = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
     assert got.dtype == torch.float32 and got.shape == (2, 7, 150)
     assert (got - want).abs().max() < 1e-5
@@ -102,12 +103,12 @@ def test_a_projection_computes_in_fp32_slice_by_slice_over_its_stored_weight(mon
 def test_the_cpu_compute_dtype_follows_the_machine(tiny_models, encoder, monkeypatch):
     model = bf16_encoder(tiny_models)
     widened = copy.deepcopy(model).float()
-    reference = text.PromptEncoder(encoder.tokenizer, widened, torch.device("cpu")).encode([PROMPT])[0]
-    fast, why = text.cpu_has_fast_bf16()  # this machine's answer, from its capabilities
+    reference = text_encoder.PromptEncoder(encoder.tokenizer, widened, torch.device("cpu")).encode([PROMPT])[0]
+    fast, why = text_encoder.cpu_has_fast_bf16()  # this machine's answer, from its capabilities
     assert isinstance(fast, bool) and why
     for fast in (False, True):
-        monkeypatch.setattr(text, "cpu_has_fast_bf16", lambda: (fast, "test"))
-        got = text.PromptEncoder(encoder.tokenizer, model, torch.device("cpu")).encode([PROMPT])[0]
+        monkeypatch.setattr(text_encoder, "cpu_has_fast_bf16", lambda: (fast, "test"))
+        got = text_encoder.PromptEncoder(encoder.tokenizer, model, torch.device("cpu")).encode([PROMPT])[0]
         diff = (got - reference).abs().max()
         assert (diff > 1e-4) if fast else (diff < 1e-5), (fast, diff)
 
@@ -134,16 +135,16 @@ BF16_DECISIONS = [
 def bf16_decision(monkeypatch):
     """cpu_has_fast_bf16() for a given CPU and ISA cap, computed afresh (it is cached per process)."""
     def decide(instructions, cap, var="ONEDNN_MAX_CPU_ISA"):
-        monkeypatch.setattr(text, "cpu_bf16_instructions", lambda: set(instructions))
+        monkeypatch.setattr(text_encoder, "cpu_bf16_instructions", lambda: set(instructions))
         for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
             monkeypatch.delenv(name, raising=False)
         if cap is not None:
             monkeypatch.setenv(var, cap)
-        text.cpu_has_fast_bf16.cache_clear()
-        return text.cpu_has_fast_bf16()
+        text_encoder.cpu_has_fast_bf16.cache_clear()
+        return text_encoder.cpu_has_fast_bf16()
 
     yield decide
-    text.cpu_has_fast_bf16.cache_clear()
+    text_encoder.cpu_has_fast_bf16.cache_clear()
 
 
 @pytest.mark.parametrize("instructions, cap, fast", BF16_DECISIONS)
@@ -159,29 +160,29 @@ def test_the_older_dnnl_cap_counts_and_the_onednn_one_wins(bf16_decision, monkey
     assert bf16_decision({"avx512_bf16"}, "AVX512_CORE", var="DNNL_MAX_CPU_ISA") == (
         False, "this CPU has avx512_bf16; DNNL_MAX_CPU_ISA=AVX512_CORE keeps oneDNN below AVX512_CORE_BF16 (avx512_bf16)")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-    text.cpu_has_fast_bf16.cache_clear()
-    assert text.cpu_has_fast_bf16()[0] is True
+    text_encoder.cpu_has_fast_bf16.cache_clear()
+    assert text_encoder.cpu_has_fast_bf16()[0] is True
 
 
 def test_the_decision_is_made_once_and_logged_once(bf16_decision, monkeypatch, caplog):
     bf16_decision({"avx512_bf16"}, None)  # no ISA cap in the environment
     calls = []
-    monkeypatch.setattr(text, "cpu_bf16_instructions", lambda: calls.append(1) or {"avx512_bf16"})
-    text.cpu_has_fast_bf16.cache_clear()
+    monkeypatch.setattr(text_encoder, "cpu_bf16_instructions", lambda: calls.append(1) or {"avx512_bf16"})
+    text_encoder.cpu_has_fast_bf16.cache_clear()
     with caplog.at_level("INFO", logger="wan22"):
-        first, again = text.cpu_has_fast_bf16(), text.cpu_has_fast_bf16()
+        first, again = text_encoder.cpu_has_fast_bf16(), text_encoder.cpu_has_fast_bf16()
     assert first == again and len(calls) == 1
     assert [r.getMessage() for r in caplog.records] == [f"Wan22 text encoder on the CPU: {first[1]}, so it computes in bf16"]
 
 
 def test_the_cpus_bf16_instructions_come_from_torch_or_proc_cpuinfo(monkeypatch):
-    assert text.cpu_bf16_instructions() <= set(text.BF16_MATMUL_ISA)
+    assert text_encoder.cpu_bf16_instructions() <= set(text_encoder.BF16_MATMUL_ISA)
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": False, "avx512_bf16": True, "avx2": True},
                         raising=False)
-    assert text.cpu_bf16_instructions() == {"avx512_bf16"}
+    assert text_encoder.cpu_bf16_instructions() == {"avx512_bf16"}
     monkeypatch.delattr(torch.cpu, "get_capabilities")
-    monkeypatch.setattr(text, "Path", lambda name: FakeFile("processor : 0\nflags : fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"))
-    assert text.cpu_bf16_instructions() == {"avx512_bf16", "amx_bf16"}
+    monkeypatch.setattr(text_encoder, "Path", lambda name: FakeFile("processor : 0\nflags : fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"))
+    assert text_encoder.cpu_bf16_instructions() == {"avx512_bf16", "amx_bf16"}
 
 
 class FakeFile:
@@ -195,6 +196,6 @@ class FakeFile:
 def test_an_embedding_does_not_depend_on_what_the_cache_holds(encoder):
     """The same text, encoded alone or beside another uncached one, gives the same bits: a seed's video must not
     change with the cache."""
-    alone = text.PromptEncoder(encoder.tokenizer, encoder.model, torch.device("cpu")).encode([PROMPT])[0]
-    beside = text.PromptEncoder(encoder.tokenizer, encoder.model, torch.device("cpu")).encode([PROMPT, UPSTREAM_NEGATIVE_PROMPT])[0]
+    alone = text_encoder.PromptEncoder(encoder.tokenizer, encoder.model, torch.device("cpu")).encode([PROMPT])[0]
+    beside = text_encoder.PromptEncoder(encoder.tokenizer, encoder.model, torch.device("cpu")).encode([PROMPT, UPSTREAM_NEGATIVE_PROMPT])[0]
     assert torch.equal(alone, beside)

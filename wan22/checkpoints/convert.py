@@ -1,6 +1,6 @@
 """One-time conversion of any supported layout into ComfyUI split files, streaming:
 
-    python -m wan22.convert SRC DST --to bf16|fp8_e4m3fn_scaled
+    python -m wan22.checkpoints.convert SRC DST --to bf16|fp8_e4m3fn_scaled
 
 writes `DST/diffusion_models/wan2.2_i2v_{high,low}_noise_14B_{bf16,fp8_scaled}.safetensors`,
 `DST/text_encoders/umt5_xxl_bf16.safetensors` (the tokenizer embedded as `spiece_model`) and
@@ -11,7 +11,7 @@ fp32 in the file, so a bf16 output loads into the same numbers as its source loa
 
 Each output's header is written first (every shape and dtype is known from the source headers), then the
 tensors one at a time: the peak RSS stays near the largest tensor. fp8 uses the loader's quantizer on the same
-layers (wan22.fp8), so a converted file loads into exactly the weights that quantizing on load gives. Every
+layers (wan22.runtime.fp8), so a converted file loads into exactly the weights that quantizing on load gives. Every
 file is written to a temporary name and renamed when complete: an interrupted conversion leaves nothing.
 """
 from __future__ import annotations
@@ -23,12 +23,12 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import convert
-from .discover import ModelSet, discover_model_set
-from .errors import CheckpointError
-from .files import atomic_file
-from .fp8 import FP8, quantize
-from .load import load_pth_state_dict, safetensors_files
+from . import key_maps
+from ..request.model_sets import ModelSet, discover_model_set
+from ..request.errors import CheckpointError
+from ..request.files import atomic_file
+from ..runtime.fp8 import FP8, quantize
+from .tensors import load_pth_state_dict, safetensors_files
 
 TARGETS = ("bf16", "fp8_e4m3fn_scaled")
 NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", FP8: "F8_E4M3", torch.uint8: "U8",
@@ -38,7 +38,7 @@ Entry = Tuple[str, torch.dtype, Tuple[int, ...], Callable[[], torch.Tensor]]  # 
 
 # ------------------------------------------------------------------------------------------ reading any layout
 def _safetensors_tensors(files: List[Path]) -> Iterator[Tuple[str, torch.dtype, Tuple[int, ...], Callable]]:
-    from .load import open_safetensors
+    from .tensors import open_safetensors
 
     for shard in open_safetensors(files):
         for key in shard.keys():
@@ -58,11 +58,11 @@ def _source_tensors(path: Path) -> Iterator[Tuple[str, torch.dtype, Tuple[int, .
 def _dequantizing(items, scales) -> Iterator[Tuple[str, torch.dtype, Tuple[int, ...], Callable]]:
     """A ComfyUI file's tensors with fp8 weights dequantized (times their scale_weight) and aux keys dropped."""
     for key, dtype, shape, get in items:
-        if convert.FP8_MARKER == key or key.endswith(convert.FP8_SCALE_SUFFIX) or key.endswith(".scale_input"):
+        if key_maps.FP8_MARKER == key or key.endswith(key_maps.FP8_SCALE_SUFFIX) or key.endswith(".scale_input"):
             continue
         if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            scale = scales.get(key[: -len(".weight")] + convert.FP8_SCALE_SUFFIX)
-            yield key, torch.float32, shape, (lambda get=get, scale=scale: convert.dequantize_fp8(get(), scale() if scale else None))
+            scale = scales.get(key[: -len(".weight")] + key_maps.FP8_SCALE_SUFFIX)
+            yield key, torch.float32, shape, (lambda get=get, scale=scale: key_maps.dequantize_fp8(get(), scale() if scale else None))
         else:
             yield key, dtype, shape, get
 
@@ -83,28 +83,28 @@ def part_tensors(model_set: ModelSet, part: str):
     path = model_set.files[part]
     items = _source_tensors(path)
     if model_set.layout == "comfyui":
-        scales = {k: g for k, _, _, g in _safetensors_tensors([path]) if k.endswith(convert.FP8_SCALE_SUFFIX)}
+        scales = {k: g for k, _, _, g in _safetensors_tensors([path]) if k.endswith(key_maps.FP8_SCALE_SUFFIX)}
         items = _dequantizing(items, scales)
     if part in ("high_noise_model", "low_noise_model"):
-        rename = {"upstream": convert.identity, "diffusers": convert.diffusers_to_upstream_transformer,
-                  "comfyui": lambda k: k[len(convert.COMFY_DIFFUSION_PREFIX):] if k.startswith(convert.COMFY_DIFFUSION_PREFIX) else k}
+        rename = {"upstream": key_maps.identity, "diffusers": key_maps.diffusers_to_upstream_transformer,
+                  "comfyui": lambda k: k[len(key_maps.COMFY_DIFFUSION_PREFIX):] if k.startswith(key_maps.COMFY_DIFFUSION_PREFIX) else k}
     elif part == "text_encoder":
-        rename = {"upstream": convert.upstream_to_hf_t5,
+        rename = {"upstream": key_maps.upstream_to_hf_t5,
                   "diffusers": lambda k: "shared.weight" if k == "encoder.embed_tokens.weight" else k,
-                  "comfyui": lambda k: None if k == convert.COMFY_TOKENIZER_KEY else k}
+                  "comfyui": lambda k: None if k == key_maps.COMFY_TOKENIZER_KEY else k}
         if model_set.layout == "comfyui":
-            items = ((k, d, s, g) for k, d, s, g in items if k != convert.COMFY_TOKENIZER_KEY)
+            items = ((k, d, s, g) for k, d, s, g in items if k != key_maps.COMFY_TOKENIZER_KEY)
     else:
-        rename = {"upstream": convert.identity, "diffusers": convert.diffusers_to_upstream_vae, "comfyui": convert.identity}
+        rename = {"upstream": key_maps.identity, "diffusers": key_maps.diffusers_to_upstream_vae, "comfyui": key_maps.identity}
     return _renamed(items, rename[model_set.layout])
 
 
 def tokenizer_bytes(model_set: ModelSet) -> bytes:
     """The sentencepiece model to embed beside the text encoder (ComfyUI's `spiece_model`)."""
-    from . import models
+    from . import modules
 
     if model_set.layout == "comfyui":
-        data = models.comfy_embedded_tokenizer(model_set.files["text_encoder"])
+        data = modules.comfy_embedded_tokenizer(model_set.files["text_encoder"])
         if data is not None:
             return data
         folder = model_set.root / "google" / "umt5-xxl"
@@ -122,13 +122,13 @@ def _kept_in_fp32(part: str, name: str) -> bool:
     experts' time embedding, modulation tables and norms; nothing of T5): stored in fp32 too, so a converted file
     loads into the same numbers as its source."""
     if part == "text_encoder":
-        from .models import T5_KEPT_IN_FP32
+        from .modules import T5_KEPT_IN_FP32
 
         keep, target = T5_KEPT_IN_FP32, name
     else:
         from diffusers import WanTransformer3DModel
 
-        keep, target = WanTransformer3DModel._keep_in_fp32_modules, convert.upstream_to_diffusers_transformer(name) or ""
+        keep, target = WanTransformer3DModel._keep_in_fp32_modules, key_maps.upstream_to_diffusers_transformer(name) or ""
     return bool(set(keep or []) & set(target.split(".")))
 
 
@@ -159,13 +159,13 @@ def _converted(items, part: str, target: str) -> List[Entry]:
         elif fp8 and name.startswith("blocks.") and name.endswith(".weight") and len(shape) == 2:
             layer = _Quantized(get)
             entries.append((name, FP8, shape, layer.weight))
-            entries.append((name[: -len(".weight")] + convert.FP8_SCALE_SUFFIX, torch.float32, (), layer.scale))
+            entries.append((name[: -len(".weight")] + key_maps.FP8_SCALE_SUFFIX, torch.float32, (), layer.scale))
         elif source_dtype.is_floating_point:
             entries.append((name, dtype, shape, lambda get=get: get().to(dtype)))
         else:
             entries.append((name, source_dtype, shape, get))
     if fp8:
-        entries.append((convert.FP8_MARKER, FP8, (0,), lambda: torch.empty(0, dtype=FP8)))
+        entries.append((key_maps.FP8_MARKER, FP8, (0,), lambda: torch.empty(0, dtype=FP8)))
     return entries
 
 
@@ -219,7 +219,7 @@ def convert_part(model_set: ModelSet, part: str, path: Path, target: str) -> dic
     entries = _converted(part_tensors(model_set, part), part, target)
     if part == "text_encoder":
         spiece = torch.frombuffer(bytearray(tokenizer_bytes(model_set)), dtype=torch.uint8)
-        entries.append((convert.COMFY_TOKENIZER_KEY, torch.uint8, tuple(spiece.shape), lambda spiece=spiece: spiece))
+        entries.append((key_maps.COMFY_TOKENIZER_KEY, torch.uint8, tuple(spiece.shape), lambda spiece=spiece: spiece))
     written = write_streaming(path, entries)
     return {"path": str(path), "bytes": written, "seconds": round(time.perf_counter() - started, 3)}
 
@@ -228,9 +228,9 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    from .errors import Wan22Error
+    from ..request.errors import Wan22Error
 
-    parser = argparse.ArgumentParser(prog="python -m wan22.convert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m wan22.checkpoints.convert", description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path, help="a model set folder in any layout (upstream, diffusers, ComfyUI)")
     parser.add_argument("destination", type=Path, help="the folder to write the ComfyUI split files into")
     parser.add_argument("--to", required=True, choices=TARGETS, help="bf16, or fp8_e4m3fn_scaled (experts only)")
@@ -244,3 +244,7 @@ def main(argv=None) -> int:
         print("interrupted: nothing half-written was left", file=sys.stderr)
         return 130
     return 0
+
+
+if __name__ == "__main__":  # python -m wan22.checkpoints.convert SRC DST --to bf16|fp8_e4m3fn_scaled
+    raise SystemExit(main())

@@ -13,11 +13,11 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import convert
+from . import key_maps
 from .configs import load_config
-from .errors import CheckpointError
-from .fp8 import swap_in_fp8_layers
-from .load import (
+from ..request.errors import CheckpointError
+from ..runtime.fp8 import swap_in_fp8_layers
+from .tensors import (
     fill_module,
     fp8_scale_getters,
     is_fp8_aux_key,
@@ -90,7 +90,7 @@ def transformer_config_from_upstream_shapes(shapes: Shapes, source: str) -> dict
 
 
 def build_transformer(config: dict, fp8: bool = False):
-    """The expert on the meta device; with `fp8`, its block linears are ScaledFP8Linear (see wan22.fp8)."""
+    """The expert on the meta device; with `fp8`, its block linears are ScaledFP8Linear (see wan22.runtime.fp8)."""
     from diffusers import WanTransformer3DModel
 
     config = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -111,24 +111,24 @@ def read_json(path: Path) -> dict:
 def load_transformer_from_upstream_shards(folder: Path, dtype, device, fp8: bool = False):
     files = safetensors_files(folder)
     model = build_transformer(transformer_config_from_upstream(read_json(Path(folder) / "config.json")), fp8)
-    return fill_module(model, stream_safetensors(files), convert.upstream_to_diffusers_transformer, dtype, device, str(folder))
+    return fill_module(model, stream_safetensors(files), key_maps.upstream_to_diffusers_transformer, dtype, device, str(folder))
 
 
 def load_transformer_from_diffusers_folder(folder: Path, dtype, device, fp8: bool = False):
     files = safetensors_files(folder)
     model = build_transformer(read_json(Path(folder) / "config.json"), fp8)
-    return fill_module(model, stream_safetensors(files), convert.identity, dtype, device, str(folder))
+    return fill_module(model, stream_safetensors(files), key_maps.identity, dtype, device, str(folder))
 
 
 def load_transformer_from_comfy_file(file: Path, dtype, device, fp8: bool = False):
     """ComfyUI diffusion_models/*.safetensors: upstream names (maybe prefixed), fp16/bf16 or fp8_scaled."""
     shapes = safetensors_shapes([file])
-    prefix = convert.COMFY_DIFFUSION_PREFIX if any(k.startswith(convert.COMFY_DIFFUSION_PREFIX) for k in shapes) else ""
+    prefix = key_maps.COMFY_DIFFUSION_PREFIX if any(k.startswith(key_maps.COMFY_DIFFUSION_PREFIX) for k in shapes) else ""
     unprefixed = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
     model = build_transformer(transformer_config_from_upstream_shapes(unprefixed, str(file)), fp8)
     scales = fp8_scale_getters(dict(iter_safetensors([file])))  # read on demand, beside the stream
     return fill_module(
-        model, stream_safetensors([file]), convert.comfy_to_diffusers_transformer, dtype, device, str(file),
+        model, stream_safetensors([file]), key_maps.comfy_to_diffusers_transformer, dtype, device, str(file),
         ignore=is_fp8_aux_key, fp8_scales=scales,
     )
 
@@ -139,7 +139,7 @@ def t5_config_from_shapes(shapes: Shapes, source: str, hf_names: bool):
     """UMT5 encoder dims from the tensors (upstream has no config file for its T5)."""
     from transformers import UMT5Config
 
-    names = (lambda up: convert.upstream_to_hf_t5(up)) if hf_names else (lambda up: up)
+    names = (lambda up: key_maps.upstream_to_hf_t5(up)) if hf_names else (lambda up: up)
     vocab, dim = _require(shapes, names("token_embedding.weight"), source)
     dim_attn = _require(shapes, names("blocks.0.attn.q.weight"), source)[0]
     buckets, heads = _require(shapes, names("blocks.0.pos_embedding.embedding.weight"), source)
@@ -172,7 +172,7 @@ def load_t5_from_upstream_pth(file: Path, dtype, device):
     state = load_pth_state_dict(file)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     model = build_t5_encoder(t5_config_from_shapes(shapes, str(file), hf_names=False))
-    return fill_module(model, iter_state_dict(state), convert.upstream_to_hf_t5, dtype, device, str(file))
+    return fill_module(model, iter_state_dict(state), key_maps.upstream_to_hf_t5, dtype, device, str(file))
 
 
 def load_t5_from_diffusers_folder(folder: Path, dtype, device):
@@ -190,15 +190,15 @@ def load_t5_from_comfy_file(file: Path, dtype, device):
     model = build_t5_encoder(t5_config_from_shapes(shapes, str(file), hf_names=True))
     tensors = dict(iter_safetensors([file]))
     scales = fp8_scale_getters(tensors)
-    ignore = lambda key: is_fp8_aux_key(key) or key == convert.COMFY_TOKENIZER_KEY
-    return fill_module(model, iter(tensors.items()), convert.comfy_to_hf_t5, dtype, device, str(file), ignore=ignore, fp8_scales=scales)
+    ignore = lambda key: is_fp8_aux_key(key) or key == key_maps.COMFY_TOKENIZER_KEY
+    return fill_module(model, iter(tensors.items()), key_maps.comfy_to_hf_t5, dtype, device, str(file), ignore=ignore, fp8_scales=scales)
 
 
 def comfy_embedded_tokenizer(file: Path) -> Optional[bytes]:
     """ComfyUI text-encoder files often carry their sentencepiece model as a uint8 tensor."""
     (shard,) = open_safetensors([file])
-    if convert.COMFY_TOKENIZER_KEY in shard.keys():
-        return shard.read(convert.COMFY_TOKENIZER_KEY).numpy().tobytes()
+    if key_maps.COMFY_TOKENIZER_KEY in shard.keys():
+        return shard.read(key_maps.COMFY_TOKENIZER_KEY).numpy().tobytes()
     return None
 
 
@@ -220,7 +220,7 @@ def build_vae(config: dict):
 
 def _load_vae_with_upstream_names(tensors, shapes: Shapes, device, source: str):
     model = build_vae(vae_config_from_upstream_shapes(shapes, source))
-    return fill_module(model, tensors, convert.upstream_to_diffusers_vae, torch.float32, device, source)
+    return fill_module(model, tensors, key_maps.upstream_to_diffusers_vae, torch.float32, device, source)
 
 
 def load_vae_from_upstream_pth(file: Path, device):
@@ -235,4 +235,4 @@ def load_vae_from_comfy_file(file: Path, device):
 
 def load_vae_from_diffusers_folder(folder: Path, device):
     model = build_vae(read_json(Path(folder) / "config.json"))
-    return fill_module(model, iter_safetensors(safetensors_files(folder)), convert.identity, torch.float32, device, str(folder))
+    return fill_module(model, iter_safetensors(safetensors_files(folder)), key_maps.identity, torch.float32, device, str(folder))

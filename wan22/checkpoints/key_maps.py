@@ -131,9 +131,3 @@ def dequantize_fp8(weight: torch.Tensor, scale: Optional[torch.Tensor]) -> torch
 
 
 KeyMap = Callable[[str], Optional[str]]
-
-
-if __name__ == "__main__":  # python -m wan22.convert SRC DST --to bf16|fp8_e4m3fn_scaled (see wan22.export)
-    from .export import main
-
-    raise SystemExit(main())

@@ -1,8 +1,8 @@
-"""Write every generated file from wan22.spec and the settings declarations, so none can drift from them:
+"""Write every generated file from wan22.request.spec and the settings declarations, so none can drift from them:
 the shipped workflows (API and UI format), docs/parameters.md and the generated blocks of the docs.
 
-    .venv/bin/python -m scripts.generate            # rewrite what is stale
-    .venv/bin/python -m scripts.generate --check    # exit 1 naming what is stale (a test runs this)
+    .venv/bin/python -m scripts.regenerate            # rewrite what is stale
+    .venv/bin/python -m scripts.regenerate --check    # exit 1 naming what is stale (a test runs this)
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from wan22 import spec
-from wan22.settings import LIMIT_SETTINGS, Setting
+from wan22.request import spec
+from wan22.request.settings import LIMIT_SETTINGS, Setting
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def generated_blocks() -> Dict[str, str]:
             "worker-settings": settings_table(list(WORKER_SETTINGS))}
 
 
-BLOCK = re.compile(r"(<!-- generated: ([\w-]+) \(python -m scripts.generate\) -->\n)(.*?)(<!-- end generated -->)", re.S)
+BLOCK = re.compile(r"(<!-- generated: ([\w-]+) \(python -m scripts.regenerate\) -->\n)(.*?)(<!-- end generated -->)", re.S)
 DOCS = ["docs/parameters.md", "docs/runpod.md"]
 
 
@@ -169,13 +169,13 @@ def stale() -> List[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scripts.generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.regenerate", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only say which generated files are stale (exit 1)")
     args = parser.parse_args(argv)
     if args.check:
         old = stale()
         for path in old:
-            print(f"stale: {path.relative_to(REPO)} (run python -m scripts.generate)", file=sys.stderr)
+            print(f"stale: {path.relative_to(REPO)} (run python -m scripts.regenerate)", file=sys.stderr)
         return 1 if old else 0
     for path, text in outputs().items():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .discover import default_model_root
+from .model_sets import default_model_root
 from .errors import InvalidParameter
 
 EXPERTS = ("high", "low", "both")

@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .errors import CheckpointError
+from ..request.errors import CheckpointError
 
 TEXT_LEN = 512
 CACHED_PROMPTS = 16  # embeddings kept per encoder: [tokens, 4096] fp32, at most 8 MiB each

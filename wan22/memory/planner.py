@@ -13,7 +13,7 @@ Modes (`memory_mode`):
 when no expert is on the GPU (except in `full`), tiled when its untiled peak would not fit.
 
 Activation and VAE figures are estimates from the architecture, checked against the full-size simulation
-(bench/memory_plan.py, which runs the real pipeline on fake tensors and measures every live tensor):
+(wan22/testing/simulated_machine.py, which runs the real pipeline on fake tensors and measures every live tensor):
 a DiT forward at its peak holds three fp32 and five bf16 copies of the hidden state (tokens x dim);
 the fp32 VAE needs about 260 bytes per output pixel-frame to decode and 180 to encode, untiled.
 """
@@ -23,7 +23,7 @@ import dataclasses
 import logging
 from typing import Dict, Optional
 
-from .errors import MemoryPlanError
+from ..request.errors import MemoryPlanError
 
 log = logging.getLogger("wan22")
 
@@ -34,7 +34,7 @@ GPU_RESERVE_FRACTION = 0.10    # at least 2 GiB, 10 % of a large card
 HOST_RESERVE = 4 * GIB          # the process itself, ComfyUI, the OS
 ACTIVATION_BYTES_PER_TOKEN_DIM = 3 * 4 + 5 * 2
 ACTIVATION_MARGIN = 1.10
-FP32_RESIDUAL_EXTRA_BYTES = 16  # fp32_residual: the fp32 residual, its sums and autocast's bf16 copies (measured: +6.4 GiB at 720p, bench/memory_plan.py)
+FP32_RESIDUAL_EXTRA_BYTES = 16  # fp32_residual: the fp32 residual, its sums and autocast's bf16 copies (measured: +6.4 GiB at 720p, wan22/testing/simulated_machine.py)
 VAE_DECODE_BYTES_PER_PIXEL = 260
 VAE_ENCODE_BYTES_PER_PIXEL = 180
 VAE_TILE = 256  # diffusers' AutoencoderKLWan tile (pixels), used when tiling

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import convert
-from .errors import Wan22Error
+from ..checkpoints import key_maps
+from ..request.errors import Wan22Error
 
 log = logging.getLogger("wan22")
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_")
@@ -126,7 +126,7 @@ class _Names:
         self.kohya: Dict[str, str] = {}
         for name in self.modules:
             self.kohya[name.replace(".", "_")] = name
-            upstream = convert.diffusers_to_upstream_transformer(name + ".weight")
+            upstream = key_maps.diffusers_to_upstream_transformer(name + ".weight")
             if upstream is not None:
                 self.kohya[upstream[: -len(".weight")].replace(".", "_")] = name
 
@@ -135,12 +135,12 @@ class _Names:
             return self.kohya.get(name)
         if diffusers_names:
             return name if name and name in self.modules else None
-        mapped = convert.upstream_to_diffusers_transformer(name + ".weight")
+        mapped = key_maps.upstream_to_diffusers_transformer(name + ".weight")
         return mapped[: -len(".weight")] if mapped is not None and mapped[: -len(".weight")] in self.modules else None
 
     def parameter(self, name: str, diffusers_names: bool) -> Optional[str]:
         """A `diff` target that is a parameter rather than a module's weight (upstream head.modulation)."""
-        mapped = name if diffusers_names else convert.upstream_to_diffusers_transformer(name)
+        mapped = name if diffusers_names else key_maps.upstream_to_diffusers_transformer(name)
         return mapped if mapped in self.params else None
 
 

@@ -15,9 +15,9 @@ from typing import Dict
 
 import torch
 
-from . import convert
-from .configs import load_config
-from .spec import UPSTREAM_NEGATIVE_PROMPT
+from ..checkpoints import key_maps
+from ..checkpoints.configs import load_config
+from ..request.spec import UPSTREAM_NEGATIVE_PROMPT
 
 LAYOUTS = ("upstream", "diffusers", "comfyui")
 
@@ -161,21 +161,21 @@ def _fp8_scaled(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         if key.endswith(".weight") and value.ndim == 2 and "embed" not in key and key != "shared.weight":
             scale = value.abs().max().float().clamp(min=1e-12) / 448.0
             out[key] = (value.float() / scale).to(torch.float8_e4m3fn)
-            out[key[: -len(".weight")] + convert.FP8_SCALE_SUFFIX] = scale.reshape(())
+            out[key[: -len(".weight")] + key_maps.FP8_SCALE_SUFFIX] = scale.reshape(())
         else:
             out[key] = value
-    out[convert.FP8_MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    out[key_maps.FP8_MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
     return out
 
 
 def write_upstream_layout(folder: Path, models, spiece: Path, spec: TinySpec) -> None:
     high, low, text_encoder, vae = models
     for name, model in (("high_noise_model", high), ("low_noise_model", low)):
-        state = _renamed(model.state_dict(), convert.diffusers_to_upstream_transformer)
+        state = _renamed(model.state_dict(), key_maps.diffusers_to_upstream_transformer)
         _save_sharded(state, folder / name, "diffusion_pytorch_model")
         (folder / name / "config.json").write_text(json.dumps(_upstream_transformer_config(spec), indent=2))
-    torch.save(_renamed(_t5_state(text_encoder), convert.hf_to_upstream_t5, torch.bfloat16), folder / "models_t5_umt5-xxl-enc-bf16.pth")
-    torch.save(_renamed(vae.state_dict(), convert.diffusers_to_upstream_vae), folder / "Wan2.1_VAE.pth")
+    torch.save(_renamed(_t5_state(text_encoder), key_maps.hf_to_upstream_t5, torch.bfloat16), folder / "models_t5_umt5-xxl-enc-bf16.pth")
+    torch.save(_renamed(vae.state_dict(), key_maps.diffusers_to_upstream_vae), folder / "Wan2.1_VAE.pth")
     save_hf_tokenizer(spiece, folder / "google" / "umt5-xxl")
 
 
@@ -206,19 +206,19 @@ def write_comfyui_layout(folder: Path, models, spiece: Path, fp8_scaled: bool = 
     suffix = "fp8_scaled" if fp8_scaled else "fp16"
     for folder_name in ("diffusion_models", "text_encoders", "vae"):
         (folder / folder_name).mkdir(parents=True, exist_ok=True)
-    for name, model, prefix in (("high_noise", high, convert.COMFY_DIFFUSION_PREFIX), ("low_noise", low, "")):
+    for name, model, prefix in (("high_noise", high, key_maps.COMFY_DIFFUSION_PREFIX), ("low_noise", low, "")):
         # some ComfyUI files keep the `model.diffusion_model.` prefix: write one of each
-        state = _renamed(model.state_dict(), lambda k, p=prefix: p + convert.diffusers_to_upstream_transformer(k), torch.float16)
+        state = _renamed(model.state_dict(), lambda k, p=prefix: p + key_maps.diffusers_to_upstream_transformer(k), torch.float16)
         if fp8_scaled:
             state = _fp8_scaled(state)
         save_file(state, str(folder / "diffusion_models" / f"wan2.2_i2v_{name}_14B_{suffix}.safetensors"))
     t5 = _renamed(_t5_state(text_encoder), lambda k: k, torch.float16)
     if fp8_scaled:
         t5 = _fp8_scaled(t5)
-    t5[convert.COMFY_TOKENIZER_KEY] = torch.frombuffer(bytearray(spiece.read_bytes()), dtype=torch.uint8)
+    t5[key_maps.COMFY_TOKENIZER_KEY] = torch.frombuffer(bytearray(spiece.read_bytes()), dtype=torch.uint8)
     encoder_name = "umt5_xxl_fp8_e4m3fn_scaled.safetensors" if fp8_scaled else "umt5_xxl_fp16.safetensors"
     save_file(t5, str(folder / "text_encoders" / encoder_name))
-    save_file(_renamed(vae.state_dict(), convert.diffusers_to_upstream_vae), str(folder / "vae" / "wan_2.1_vae.safetensors"))
+    save_file(_renamed(vae.state_dict(), key_maps.diffusers_to_upstream_vae), str(folder / "vae" / "wan_2.1_vae.safetensors"))
 
 
 def build_tiny_model_set(folder, layout: str = "upstream", fp8_scaled: bool = False, spec: TinySpec = TinySpec()) -> Path:
@@ -247,7 +247,7 @@ LORA_FORMATS = ("lightx2v", "lora_ab", "lora_ab_prefixed", "diffusers", "kohya")
 
 def tiny_lora_tensors(spec: TinySpec = TinySpec(), fmt: str = "lightx2v", rank: int = 4, seed: int = 0,
                       alpha: float = 2.0, norms: bool = True, head: bool = True, amount: float = 0.05) -> Dict[str, torch.Tensor]:
-    """A random LoRA for the tiny experts, spelled as one of LORA_FORMATS (see wan22.lora):
+    """A random LoRA for the tiny experts, spelled as one of LORA_FORMATS (see wan22.runtime.lora):
     every linear layer of the blocks and the head gets lora_down/up (+ alpha where the format has it) and a
     bias delta (the head too, with `head`); with `norms`, the lightx2v format also carries `diff` for the
     cross-attention norms."""
@@ -268,7 +268,7 @@ def tiny_lora_tensors(spec: TinySpec = TinySpec(), fmt: str = "lightx2v", rank: 
     tensors: Dict[str, torch.Tensor] = {}
     for module, (out_features, in_features) in layers.items():
         down, up, bias = rand(rank, in_features), rand(out_features, rank), rand(out_features)
-        diffusers_module = convert.upstream_to_diffusers_transformer(module + ".weight")[: -len(".weight")]
+        diffusers_module = key_maps.upstream_to_diffusers_transformer(module + ".weight")[: -len(".weight")]
         if fmt == "lightx2v":
             base = "diffusion_model." + module
             tensors.update({f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up,
@@ -362,7 +362,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     print(build_tiny_model_set(args.folder, args.layout, args.fp8_scaled))
     if args.loras:
-        from .lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
+        from ..request.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
 
         for seed, name in enumerate((LIGHTX2V_HIGH, LIGHTX2V_LOW)):
             print(write_tiny_lora(Path(args.folder) / "loras" / name, seed=seed))

@@ -19,10 +19,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .convert import FP8_MARKER, FP8_SCALE_SUFFIX, KeyMap, dequantize_fp8
-from .fp8 import FP8, FP8_DTYPES, ScaledFP8Linear, quantize
-from .placement import move
-from .errors import CheckpointError
+from .key_maps import FP8_MARKER, FP8_SCALE_SUFFIX, KeyMap, dequantize_fp8
+from ..runtime.fp8 import FP8, FP8_DTYPES, ScaledFP8Linear, quantize
+from ..memory.placement import move
+from ..request.errors import CheckpointError
 
 TensorGetter = Callable[[], torch.Tensor]
 

@@ -1,4 +1,4 @@
-"""Generation parameters with upstream Wan2.2 I2V-A14B defaults (from wan22.spec), validated before any heavy work."""
+"""Generation parameters with upstream Wan2.2 I2V-A14B defaults (from wan22.request.spec), validated before any heavy work."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +15,7 @@ _FIELDS = ("size", "frame_num", "sample_steps", "sample_shift", "sample_solver",
 
 @dataclasses.dataclass(frozen=True)
 class GenerationParams:
-    """What one image-to-video run needs besides the image and the prompts (defaults: wan22.spec).
+    """What one image-to-video run needs besides the image and the prompts (defaults: wan22.request.spec).
 
     guide_scale is ordered (low_noise, high_noise) as upstream's `sample_guide_scale`.
     """
@@ -32,7 +32,7 @@ class GenerationParams:
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> "GenerationParams":
-        """From canonical parameter values (wan22.spec names); missing ones keep their defaults."""
+        """From canonical parameter values (wan22.request.spec names); missing ones keep their defaults."""
         defaults = cls()
         guide = (values.get("guide_scale_low", defaults.guide_scale[0]), values.get("guide_scale_high", defaults.guide_scale[1]))
         return cls(guide_scale=guide, **{k: values[k] for k in _FIELDS if k in values})

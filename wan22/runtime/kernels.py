@@ -15,7 +15,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .errors import InvalidParameter
+from ..request.errors import InvalidParameter
 
 # ours -> (diffusers AttentionBackendName value, the module it needs, the least compute capability)
 BACKENDS = {

@@ -2,7 +2,7 @@
 
 `LIMITS` are read wherever a request is checked (node, CLI, worker), so one limit holds on every surface;
 the worker's own settings are declared the same way in ``runpod_worker.config``. The docs tables of both are
-generated from these declarations (``python -m scripts.generate``).
+generated from these declarations (``python -m scripts.regenerate``).
 """
 from __future__ import annotations
 

@@ -396,7 +396,7 @@ def _read_capped(response, field: str, max_bytes: int, deadline: float, too_slow
 
 # --------------------------------------------------------------------------------------------- entry
 def read_image_bytes(kind: str, value: str, field: str, limits: Limits, trusted: bool = False) -> bytes:
-    """The raw bytes of an image source; kind is url | base64 | path (wan22.spec.image_source)."""
+    """The raw bytes of an image source; kind is url | base64 | path (wan22.request.spec.image_source)."""
     if kind == "url":
         check_url_syntax(value, field)
         return fetch_url(value, field, max_bytes=limits.max_image_bytes, timeout_s=limits.url_timeout_s,

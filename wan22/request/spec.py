@@ -3,11 +3,11 @@
 Every surface reads `PARAMS`: the node inputs and their validation (``nodes/``), the CLI flags
 (``headless.cli``, ``python -m wan22``), the runner's normalisation (``headless.run``), the worker's request
 validation (``runpod_worker.validation``), the workflow targets (``headless.workflow``), the engine's defaults
-(``wan22.params``, ``wan22.pipeline``) and the generated workflows and docs tables (``scripts/generate.py``).
+(``wan22.request.params``, ``wan22.pipeline``) and the generated workflows and docs tables (``scripts/regenerate.py``).
 A new parameter is one entry here plus the engine code that uses it.
 
 Values are checked by :func:`check`; :func:`normalize` maps a request (any spelling) to canonical names and
-raises one :class:`~wan22.errors.InvalidParameter` listing every problem, each naming the field as the caller
+raises one :class:`~wan22.request.errors.InvalidParameter` listing every problem, each naming the field as the caller
 spelled it.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .errors import InvalidParameter
+from .extension_models import check_model_name
 from .lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW, MAX_LORAS, MAX_STRENGTH, parse_entries
 from .settings import Limits
 
@@ -55,7 +56,7 @@ class Param:
     """One parameter. `kind`: int | float | bool | text | choice | size | guide (one number or a pair for both
     experts) | image (a path or an http(s) URL).
 
-    `kind` loras: a list of {name, expert, strength} (wan22.lora_files).
+    `kind` loras: a list of {name, expert, strength} (wan22.request.lora_files).
     `node`: the node class with an input of this name (`also`: others with the same input). `refused`: surface -> why that surface does not take it
     (any other surface does). `flag`: the CLI has ``--name`` (and ``--alias``) for it. `only`: the only value
     this runner supports (seed flags for several GPUs), with `why`. `upstream_flag`: upstream generate.py's
@@ -393,8 +394,6 @@ def _check_kind(p: Param, value: Any, limits: Optional[Limits]) -> Any:
         source = " (WAN_MAX_PROMPT_CHARS)" if p.max_chars is None else ""
         raise bad(f"is {len(value)} characters long; the limit is {limit}{source}")
     if p.name_only and value:
-        from .prompt_extend import check_model_name
-
         check_model_name(value)
     return value
 

@@ -4,7 +4,7 @@ from importlib import resources
 
 
 def load_json(name: str):
-    # __name__, not "wan22.configs": inside ComfyUI this package is a subpackage of the node pack
+    # __name__, not "wan22.checkpoints.configs": inside ComfyUI this package is a subpackage of the node pack
     return json.loads(resources.files(__name__).joinpath(name).read_text())
 
 
