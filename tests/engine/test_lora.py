@@ -51,12 +51,17 @@ def expected_deltas(strength: float, fmt: str):
 
 
 def weights_of(model):
-    """Every parameter as the model computes with it (linear layers with their adapters), fp32."""
+    """Every parameter as the model computes with it (linear layers with their adapters, parametrized tensors
+    with their deltas), fp32."""
     out = {}
     for name, module in model.named_modules():
-        for pname, param in module.named_parameters(recurse=False):
+        if ".parametrizations." in f".{name}.":
+            continue  # the base tensor under a parametrization: read below as the module sees it
+        names = [n for n, p in module._parameters.items() if p is not None] + list(getattr(module, "parametrizations", {}))
+        for pname in names:
             full = f"{name}.{pname}" if name else pname
-            out[full] = effective_weight(module) if pname == "weight" and hasattr(module, ADAPTER) else param.detach().float().clone()
+            value = effective_weight(module) if pname == "weight" and hasattr(module, ADAPTER) else getattr(module, pname)
+            out[full] = value.detach().float().clone()
     return out
 
 
@@ -95,6 +100,7 @@ def test_equal_to_diffusers_load_lora_weights_and_fuse(pipe, tmp_path, fmt):
     reference.fuse_lora(lora_scale=1.0)
     reference.unload_lora()
 
+    base = weights_of(pipe.high_noise_model)
     pipe.with_loras([LoraChoice(path, 1.0, 0.0)]).sync_loras()
     ours = weights_of(pipe.high_noise_model)
     theirs = {name: p.detach().float() for name, p in reference.named_parameters()}
@@ -102,7 +108,7 @@ def test_equal_to_diffusers_load_lora_weights_and_fuse(pipe, tmp_path, fmt):
     changed = 0
     for name, value in theirs.items():
         assert torch.allclose(ours[name], value, atol=1e-5), name
-        changed += not torch.equal(value, pipe.high_noise_model.get_parameter(name).float())
+        changed += not torch.equal(value, base[name])
     assert changed >= 20
     pipe.with_loras([]).sync_loras()
 
@@ -237,8 +243,8 @@ def test_recipe_runs_two_steps_per_expert_with_no_unconditional_pass(pipe, test_
 
 
 def test_adapters_are_built_on_the_device_the_expert_is_on(pipe, tmp_path):
-    """In full or offload mode an expert may be on the GPU when its LoRAs change: nothing goes through the host.
-    The meta device stands in for the GPU here."""
+    """In full or offload mode an expert may be on the GPU when its LoRAs change: what a LoRA adds ends up where
+    the expert is. The meta device stands in for the GPU here."""
     import copy
 
     from wan22.runtime.lora import apply_loras, read_lora
@@ -246,7 +252,33 @@ def test_adapters_are_built_on_the_device_the_expert_is_on(pipe, tmp_path):
     model = copy.deepcopy(pipe.high_noise_model).to("meta")
     lora = read_lora(write_tiny_lora(tmp_path / "m.safetensors"), model)
     applied = apply_loras(model, [(lora, 1.0)], torch.float32, ("key",))
-    assert len(applied.adapters) == 21 and len(applied.saved) == 21 + 4  # 20 block linears + head; biases, norm3
+    assert len(applied.adapters) == 21 and len(applied.deltas) == 21 + 4  # 20 block linears + head; biases, norm3
     assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"meta"}
     applied.remove()
     assert not any(hasattr(m, ADAPTER) for m in model.modules())
+
+
+def test_a_strength_changed_on_the_device_survives_an_eviction(pipe, tmp_path):
+    """The lightx2v LoRAs carry small deltas (bias diff_b, norm diff) besides the low-rank ones. Applied at 1.0,
+    moved to the device, changed to 0.5 there, then evicted: the host must compute with base + 0.5 x delta, as the
+    pipeline reports, not with the 1.0 a stale host master would bring back. The meta device stands in for the GPU
+    (a copy out of it would raise: everything must come back from a host master)."""
+    import copy
+
+    from wan22.memory import placement
+    from wan22.runtime.lora import apply_loras, read_lora
+
+    model = copy.deepcopy(pipe.high_noise_model)
+    base = weights_of(model)
+    lora = read_lora(write_tiny_lora(tmp_path / "e.safetensors", fmt="lightx2v", rank=RANK, alpha=ALPHA), model)
+    applied = apply_loras(model, [(lora, 1.0)], torch.float32, ("at 1.0",))
+    placement.move(model, "meta")
+    applied.remove()
+    applied = apply_loras(model, [(lora, 0.5)], torch.float32, ("at 0.5",))
+    placement.move(model, "cpu")
+    deltas = expected_deltas(0.5, "lightx2v")
+    assert sum(1 for name in deltas if not name.endswith("weight")) >= 20  # the bias and norm deltas are in play
+    for name, value in weights_of(model).items():
+        assert torch.allclose(value, base[name] + deltas.get(name, 0), atol=1e-6), name
+    applied.remove()
+    assert all(torch.equal(value, base[name]) for name, value in weights_of(model).items())

@@ -1,11 +1,11 @@
 """The memory plan (wan22.memory.planner), streamed blocks (wan22.memory.placement) and the full-size simulation
 (wan22/testing/simulated_machine.py) that proves the plans without a GPU."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from shared_fixtures import COMFYUI_T5_KEYS, UPSTREAM_KEYS, require_fixture
 from wan22.memory import planner
 from wan22.request.errors import MemoryPlanError
 from wan22.request.params import GenerationParams
@@ -13,7 +13,6 @@ from wan22.pipeline import LoadOptions, load_pipeline
 from wan22.memory.streaming import streamed
 
 GIB = planner.GIB
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"
 # an A14B expert in bf16 (40 blocks of 0.665 GiB), T5 and VAE, as loaded
 A14B = planner.Sizes(expert=int(26.67 * GIB), expert_blocks=int(26.60 * GIB), block=int(0.665 * GIB), num_blocks=40,
                     t5=int(12.46 * GIB), vae=int(0.47 * GIB), dim=5120)
@@ -70,11 +69,15 @@ def test_a_plan_that_cannot_fit_says_why_with_numbers():
 
 
 # ------------------------------------------------------------------------------------------ full size, simulated
+def _require_manifests():
+    """The simulated machine's model set is written from the full-size key manifests: missing, the test fails."""
+    return require_fixture("reference", UPSTREAM_KEYS, COMFYUI_T5_KEYS)
+
+
 def _simulate(**kwargs):
     from wan22.testing.simulated_machine import simulate
 
-    if not (REFERENCE / "wan22_i2v_a14b_upstream_keys.json").is_file():
-        pytest.skip("the full-size key manifests of ../shared/reference are not here")
+    _require_manifests()
     result = simulate(host_gib=128, frame_num=81, **kwargs)
     assert result["simulated"] is True and result["error"] is None, result
     return result
@@ -94,7 +97,7 @@ def test_24_gb_plans_fit_at_full_size(size, weight_dtype, mode):
 def test_simulation_reproduces_todays_default_peak():
     """Honesty check: offload + bf16 at 720p is one expert plus one forward's activations, computed here from the
     key manifest and the architecture, not from the code under test."""
-    manifest = json.loads((REFERENCE / "wan22_i2v_a14b_upstream_keys.json").read_text())["transformer"]
+    manifest = json.loads((_require_manifests() / UPSTREAM_KEYS).read_text())["transformer"]
     params = sum(torch.Size(shape).numel() for shape in manifest.values())
     kept_fp32 = sum(torch.Size(shape).numel() for key, shape in manifest.items()
                     if key.startswith(("time_embedding", "time_projection")) or "modulation" in key or "norm" in key)
@@ -110,6 +113,7 @@ def test_simulation_reproduces_todays_default_peak():
 def test_out_of_memory_leaves_nothing_on_the_gpu_and_the_next_run_works():
     from wan22.testing.simulated_machine import simulate
 
+    _require_manifests()
     result = simulate(gpu_gib=24, host_gib=128, size="832*480", frame_num=81, weight_dtype="fp8_e4m3fn_scaled",
                       fail_at="denoise")
     assert result["error"].startswith("GpuOutOfMemory: out of GPU memory while denoising")
@@ -148,7 +152,7 @@ def test_an_expert_leaving_the_accelerator_gets_its_host_master_back_without_a_c
     placement.move(expert, "cpu")  # would raise "Cannot copy out of meta tensor" had it copied
     assert all(p is before[name] for name, p in expert.named_parameters())
     assert all(b is buffers[name] for name, b in expert.named_buffers())
-    assert all(not module.__dict__.get(placement.HOST_MASTERS) for module in expert.modules())  # nothing held twice
+    assert all(placement.host_master(t) is None for t in (*expert.parameters(), *expert.buffers()))  # nothing held twice
 
 
 def test_fp32_residual_plans_its_larger_activations():

@@ -14,38 +14,46 @@ def tensor_to(tensor: torch.Tensor, device: torch.device, non_blocking: bool = F
     return tensor if tensor.device == device else tensor.to(device, non_blocking=non_blocking)
 
 
-HOST_MASTERS = "_wan22_host_masters"
+HOST_MASTER = "_wan22_host_master"
+
+
+def host_master(tensor: torch.Tensor):
+    """The host tensor a device copy was made from (None: the device copy is the only one, e.g. a tensor replaced
+    or created on the device since)."""
+    return getattr(tensor, HOST_MASTER, None)
 
 
 def move(module: nn.Module, device, non_blocking: bool = False) -> nn.Module:
     """Every parameter and buffer of `module` onto `device` (a no-op for those already there).
 
-    Onto an accelerator, the host tensors stay behind as the master copy (pinned, once, where CUDA is there, so
-    the next copy in is faster); back onto the host, the master is put back and the device copy dropped: no
-    device-to-host copy of an expert, ever. Weights are never written in place (LoRAs are hooks), so the master
-    is current; a tensor that changed shape or dtype meanwhile is copied back instead."""
+    Onto an accelerator, each device copy carries its host tensor as its master (pinned, once, where CUDA is
+    there, so the next copy in is faster); back onto the host, the master is put back and the device copy
+    dropped: no device-to-host copy of a weight that was only moved. The master belongs to the device tensor,
+    not to the module's slot: a tensor replaced on the device (a new object) has none and is copied back, and a
+    parameter that changes owner (a parametrization taking it, wan22.runtime.lora) keeps its master."""
     device = torch.device(device)
     pin = cuda_ready(device)
     for sub in module.modules():
-        masters = sub.__dict__.setdefault(HOST_MASTERS, {})
         for kind, table in (("param", sub._parameters), ("buffer", sub._buffers)):
             for name, tensor in list(table.items()):
                 if tensor is None or tensor.device == device:
                     continue
-                key = (kind, name)
                 if device.type == "cpu":
-                    master = masters.pop(key, None)
+                    master = host_master(tensor)
                     if master is not None and master.shape == tensor.shape and master.dtype == tensor.dtype:
                         table[name] = master
                         continue
                     moved = tensor.data.to(device)
+                    master = None
                 else:
-                    if tensor.device.type == "cpu":
-                        if pin and not tensor.is_pinned():
-                            tensor = nn.Parameter(tensor.data.pin_memory(), requires_grad=False) if kind == "param" else tensor.pin_memory()
-                        masters[key] = tensor
-                    moved = tensor_to(tensor.data, device, non_blocking or pin)
-                table[name] = nn.Parameter(moved, requires_grad=False) if kind == "param" else moved
+                    master = host_master(tensor) if tensor.device.type != "cpu" else tensor
+                    if master is not None and pin and not master.is_pinned():
+                        master = nn.Parameter(master.data.pin_memory(), requires_grad=False) if kind == "param" else master.pin_memory()
+                    moved = tensor_to(master if master is not None else tensor.data, device, non_blocking or pin)
+                moved = nn.Parameter(moved, requires_grad=False) if kind == "param" else moved
+                if master is not None:
+                    setattr(moved, HOST_MASTER, master)
+                table[name] = moved
     return module
 
 

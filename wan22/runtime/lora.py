@@ -14,7 +14,10 @@ Applying: each linear layer with a low-rank (or full) delta gets a child `LoraAd
 with the layer: offload, block streaming) and a forward hook adding ``x @ (s·scale·up·down)ᵀ``: the base
 weights are never rewritten, so an fp8 expert keeps its fp8 weights exactly and the LoRA runs in the compute
 dtype at full precision; changing LoRAs or strengths swaps adapters without touching the base weights. Small
-deltas of other tensors (biases, norms, modulation) are added in place and the originals kept to restore.
+deltas of other tensors (biases, norms, modulation) are parametrizations (`AddDelta`, torch.nn.utils.parametrize):
+the tensor the layer sees is base + delta, computed as it runs, and the base is never written either. So a host
+master kept by wan22.memory.placement is always current, and an eviction cannot undo a LoRA change. Everything
+a LoRA adds is made on the host and moved to where its layer is, so it has a host master too.
 A strength of 0 applies nothing.
 """
 from __future__ import annotations
@@ -28,6 +31,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
+
+from ..memory.placement import move
 
 from ..checkpoints import key_maps
 from ..request.errors import Wan22Error
@@ -239,6 +245,17 @@ def _add_adapter_output(module: nn.Module, args, output):
     return output + getattr(module, ADAPTER)(args[0])
 
 
+class AddDelta(nn.Module):
+    """A parametrization: the tensor plus a LoRA delta (fp32), rounded to the tensor's dtype as the layer runs."""
+
+    def __init__(self, delta: torch.Tensor):
+        super().__init__()
+        self.register_buffer("delta", delta)
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return (original.float() + self.delta).to(original.dtype)
+
+
 @dataclasses.dataclass
 class Applied:
     """The LoRAs an expert carries now, and how to take them off."""
@@ -246,7 +263,7 @@ class Applied:
     key: tuple
     hooks: list
     adapters: List[nn.Module]  # the layers given an adapter
-    saved: Dict[Tuple[nn.Module, str], torch.Tensor]  # (module, parameter name) -> original value
+    deltas: List[Tuple[nn.Module, str]]  # (module, tensor name) given an AddDelta parametrization
     report: List[dict]
 
     def remove(self) -> None:
@@ -254,16 +271,16 @@ class Applied:
             hook.remove()
         for layer in self.adapters:
             delattr(layer, ADAPTER)
-        for (module, name), original in self.saved.items():
-            module._parameters[name] = nn.Parameter(original.to(module._parameters[name].device), requires_grad=False)
-        self.hooks, self.adapters, self.saved = [], [], {}
+        for module, name in self.deltas:
+            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        self.hooks, self.adapters, self.deltas = [], [], []
 
 
 def apply_loras(model: nn.Module, loras: Sequence[Tuple[LoraFile, float]], dtype: torch.dtype, key: tuple) -> Applied:
     """Put `loras` ((file, strength) pairs; strength 0 skipped) on `model`, on the device each layer is on
     (not while its blocks are streamed: the streamer's host copies would not see them).
 
-    Returns what was applied; `Applied.remove()` restores the model exactly."""
+    Returns what was applied; `Applied.remove()` restores the model exactly (the same tensors)."""
     modules = dict(model.named_modules())
     low_rank: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
     full: Dict[str, torch.Tensor] = {}
@@ -295,21 +312,20 @@ def apply_loras(model: nn.Module, loras: Sequence[Tuple[LoraFile, float]], dtype
         report.append({"name": lora.name, "strength": strength, "layers": len(lora.patches),
                        "unmatched_keys": list(lora.unmatched)})
 
-    applied = Applied(key, [], [], {}, report)
+    applied = Applied(key, [], [], [], report)
     for target in sorted(set(low_rank) | set(full)):
         layer = modules[target]
         pairs = low_rank.get(target, [])
         down = torch.cat([d for d, _ in pairs]) if pairs else None
         up = torch.cat([u for _, u in pairs], dim=1) if pairs else None
-        device = layer.weight.device  # where the expert is now (host, or the GPU in full/offload mode)
-        layer.add_module(ADAPTER, LoraAdapter(down.to(device) if down is not None else None, up.to(device) if up is not None else None,
-                                              full[target].to(device, dtype) if target in full else None))
+        adapter = LoraAdapter(down, up, full[target].to(dtype) if target in full else None)
+        layer.add_module(ADAPTER, move(adapter, layer.weight.device))  # where the expert is now: host, or the GPU
         applied.adapters.append(layer)
         applied.hooks.append(layer.register_forward_hook(_add_adapter_output))
     for (module, name), delta in in_place.items():
-        original = module._parameters[name].data
-        applied.saved[(module, name)] = original.clone()
-        module._parameters[name] = nn.Parameter((original.float() + delta.to(original.device)).to(original.dtype), requires_grad=False)
+        device = getattr(module, name).device
+        parametrize.register_parametrization(module, name, move(AddDelta(delta.cpu()), device))
+        applied.deltas.append((module, name))
     return applied
 
 
