@@ -224,13 +224,13 @@ def execute(client: ComfyClient, prompt: dict, *, timeout: Optional[float] = Non
 
 
 def _cancel_quietly(client: ComfyClient, prompt_id: str, settle_s: float) -> None:
-    with client.grace(settle_s + 3.0):  # past a deadline too, but bounded: the server may be hung
-        try:
-            client.cancel(prompt_id)
-        except Exception:
-            return
-        if settle_s > 0:
-            client.wait_until_settled(prompt_id, settle_s)
+    late = client.grace(settle_s + 3.0)  # past a deadline too, but bounded: the server may be hung
+    try:
+        late.cancel(prompt_id)
+    except Exception:
+        return
+    if settle_s > 0:
+        late.wait_until_settled(prompt_id, settle_s)
 
 
 def collect_result(entry: dict, prompt: dict) -> Tuple[Optional[dict], Dict[str, Any]]:
@@ -284,11 +284,10 @@ def run_checked(values: Mapping[str, Any], server: Union[str, ComfyClient, None]
     """:func:`run` for parameters already checked (canonical names); `image` an image already read."""
     hooks = hooks or Hooks()
     own_client = not isinstance(server, ComfyClient)
-    client = server if isinstance(server, ComfyClient) else ComfyClient(server)
+    given = server if isinstance(server, ComfyClient) else ComfyClient(server)
     started = time.monotonic()
-    saved_deadline = client.deadline
-    if timeout is not None:  # every call, the upload and the download included, ends by then
-        client.deadline = started + timeout if saved_deadline is None else min(saved_deadline, started + timeout)
+    # every call, the upload and the download included, ends by then
+    client = given.bounded(None if timeout is None else started + timeout)
     try:
         object_info = client.object_info()
         prompt = load_workflow(workflow, object_info=object_info)
@@ -328,6 +327,5 @@ def run_checked(values: Mapping[str, Any], server: Union[str, ComfyClient, None]
                       subfolder=video["subfolder"], cached=cached, timings=timings, cached_nodes=cached_types,
                       info=info)
     finally:
-        client.deadline = saved_deadline
         if own_client:
-            client.close()
+            given.close()
