@@ -384,3 +384,22 @@ def test_client_views_bound_their_calls_and_leave_the_client_alone(slow_server):
     assert state["hits"]["/object_info"] == 1
     with pytest.raises(AttributeError):
         client.deadline = time.monotonic() + 1  # noqa: the deadline is not a setting to change
+
+
+def test_callbacks_are_given_one_way_only():
+    """run, run_checked and execute take their callbacks in `hooks=Hooks(...)`; anything else fails before any
+    server is contacted, rather than being ignored."""
+    from headless.client import ComfyClient
+    from headless.run import Hooks, execute, run, run_checked
+
+    unreachable = "http://127.0.0.1:1"
+    with pytest.raises(TypeError, match="on_progress"):
+        run({"prompt": "a cat"}, unreachable, on_progress=print)
+    with pytest.raises(TypeError, match="on_queued"):
+        run({"prompt": "a cat"}, unreachable, hooks=Hooks(), on_queued=print)
+    with pytest.raises(TypeError):
+        run({"prompt": "a cat"}, unreachable, None, None, print)  # the old positional on_progress
+    with pytest.raises(TypeError, match="on_node"):
+        run_checked({"prompt": "a cat"}, unreachable, on_node=print)
+    with pytest.raises(TypeError, match="on_progress"):
+        execute(ComfyClient(unreachable), {}, on_progress=print)
