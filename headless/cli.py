@@ -178,7 +178,7 @@ def _describe_error(exc: BaseException, server=None) -> str:
 def _run_job(args, client: ComfyClient, params: Dict[str, Any], workflow, out, overrides, label="",
              job: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Run one job; `job` gets its prompt_id once queued (so a failure record can name the prompt)."""
-    from .run import run
+    from .run import Hooks, run
 
     job = {} if job is None else job
 
@@ -186,9 +186,10 @@ def _run_job(args, client: ComfyClient, params: Dict[str, Any], workflow, out, o
         raise InvalidParameter("image", "required with the shipped workflow (--image PATH_OR_URL)")
     bar = None if args.quiet else ProgressBar(sys.stderr, label=label)
     try:
-        result = run(params, server=client, workflow=workflow, out=out, on_progress=bar, timeout=args.timeout,
-                     overrides=overrides, on_queued=lambda prompt_id: job.update(prompt_id=prompt_id),
-                     on_node=bar.node if bar is not None else None)
+        hooks = Hooks(on_progress=bar, on_queued=lambda prompt_id: job.update(prompt_id=prompt_id),
+                      on_node=bar.node if bar is not None else None)
+        result = run(params, server=client, workflow=workflow, out=out, timeout=args.timeout, overrides=overrides,
+                     hooks=hooks)
     finally:
         if bar is not None:
             bar.close()

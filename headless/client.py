@@ -13,7 +13,7 @@ Facts about the server it relies on (ComfyUI ``server.py`` / ``execution.py``):
 """
 from __future__ import annotations
 
-import contextlib
+import copy
 import json
 import os
 import re
@@ -22,7 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 from urllib.parse import urlencode, urlsplit
 
 import requests
@@ -106,37 +106,80 @@ def format_node_errors(node_errors: Any, prompt: Optional[dict] = None) -> List[
     return lines
 
 
+class _Shared:
+    """What a client and its bounded views have in common: the websocket, the cached /object_info and what the
+    last wait saw (the views of one client are one client to the server: one client_id)."""
+
+    def __init__(self) -> None:
+        self.ws = None
+        self.ws_lock = threading.Lock()
+        self.object_info: Optional[dict] = None
+        self.last_cached_nodes: List[str] = []
+        self.last_node_errors: dict = {}
+        self.ws_reconnects = 0
+        self.history_polls = 0
+
+
 class ComfyClient:
     """Talks to one ComfyUI server.
 
     ``timeout`` is the per-request HTTP timeout in seconds; :meth:`wait` takes its own overall timeout.
     ``deadline`` (a time.monotonic() value, or None) bounds every call: no request waits past it, and one
     that would raises WaitTimeout, so a server that stops answering cannot hold a job past its time limit.
+    It is fixed for the life of the client: :meth:`bounded` and :meth:`grace` give a view with another one.
     """
 
     def __init__(self, base_url: Optional[str] = None, client_id: Optional[str] = None, timeout: float = 30.0,
-                 session: Optional[requests.Session] = None):
+                 session: Optional[requests.Session] = None, deadline: Optional[float] = None):
         self.base_url = normalize_url(base_url or default_server_url())
         self.client_id = client_id or uuid.uuid4().hex
         self.timeout = timeout
         self.session = session or requests.Session()
-        self._ws = None
-        self._ws_lock = threading.Lock()
-        self._object_info: Optional[dict] = None
-        self.last_cached_nodes: List[str] = []
-        self.ws_reconnects = 0
-        self.history_polls = 0
-        self.deadline: Optional[float] = None
+        self._shared = _Shared()
+        self._deadline = deadline
 
-    @contextlib.contextmanager
-    def grace(self, seconds: float) -> Iterator[None]:
-        """Calls made inside get `seconds` past the deadline (taking a prompt off the server after a timeout)."""
-        saved = self.deadline
-        self.deadline = None if saved is None else max(saved, time.monotonic()) + seconds
-        try:
-            yield
-        finally:
-            self.deadline = saved
+    @property
+    def deadline(self) -> Optional[float]:
+        return self._deadline
+
+    def bounded(self, deadline: Optional[float]) -> "ComfyClient":
+        """A view of this client whose calls end by `deadline` too (the earlier of the two; None: this client).
+
+        A view shares the HTTP session, the client id, the websocket and the cached /object_info with this
+        client; this client keeps its own deadline, and closing either closes the websocket of both."""
+        if deadline is None:
+            return self
+        return self._view(deadline if self._deadline is None else min(self._deadline, deadline))
+
+    def grace(self, seconds: float) -> "ComfyClient":
+        """A view of this client with `seconds` past its deadline (from now, once it has passed): for taking a
+        prompt off the server after a timeout. A client without a deadline is its own grace view."""
+        if self._deadline is None:
+            return self
+        return self._view(max(self._deadline, time.monotonic()) + seconds)
+
+    def _view(self, deadline: float) -> "ComfyClient":
+        view = copy.copy(self)
+        view._deadline = deadline
+        return view
+
+    @property
+    def last_cached_nodes(self) -> List[str]:
+        """The nodes the server answered from its cache in the last prompt waited for (execution_cached)."""
+        return self._shared.last_cached_nodes
+
+    @property
+    def last_node_errors(self) -> dict:
+        """The node_errors of the last prompt the server accepted (outputs it left out)."""
+        return self._shared.last_node_errors
+
+    @property
+    def ws_reconnects(self) -> int:
+        return self._shared.ws_reconnects
+
+    @property
+    def history_polls(self) -> int:
+        return self._shared.history_polls
 
     # ------------------------------------------------------------------ HTTP
     def _request(self, method: str, path: str, *, timeout: Optional[float] = None, **kwargs) -> requests.Response:
@@ -202,9 +245,9 @@ class ComfyClient:
         return data if isinstance(data, dict) and isinstance(data.get("alive"), bool) else None
 
     def object_info(self, refresh: bool = False) -> dict:
-        if self._object_info is None or refresh:
-            self._object_info = self._json("GET", "/object_info", timeout=max(self.timeout, 60))
-        return self._object_info
+        if self._shared.object_info is None or refresh:
+            self._shared.object_info = self._json("GET", "/object_info", timeout=max(self.timeout, 60))
+        return self._shared.object_info
 
     def queue(self) -> dict:
         return self._json("GET", "/queue")
@@ -289,8 +332,8 @@ class ComfyClient:
         """Open the websocket (before queueing, so no event is missed). Returns False if it cannot."""
         import websocket  # websocket-client
 
-        with self._ws_lock:
-            if self._ws is not None:
+        with self._shared.ws_lock:
+            if self._shared.ws is not None:
                 return True
             if self.deadline is not None:
                 timeout = min(timeout, max(0.1, self.deadline - time.monotonic()))
@@ -298,12 +341,12 @@ class ComfyClient:
                 ws = websocket.create_connection(self._ws_url(), timeout=timeout)
             except Exception:
                 return False
-            self._ws = ws
+            self._shared.ws = ws
             return True
 
     def close(self) -> None:
-        with self._ws_lock:
-            ws, self._ws = self._ws, None
+        with self._shared.ws_lock:
+            ws, self._shared.ws = self._shared.ws, None
         if ws is not None:
             try:
                 ws.close()
@@ -312,7 +355,7 @@ class ComfyClient:
 
     def drop_websocket(self) -> None:
         """Cut the websocket abruptly, as a proxy would (used by tests; :meth:`wait` recovers)."""
-        ws = self._ws
+        ws = self._shared.ws
         if ws is not None and getattr(ws, "sock", None) is not None:
             import socket as _socket
             try:
@@ -363,7 +406,7 @@ class ComfyClient:
         except ValueError:
             data = None
         if resp.status_code == 200 and isinstance(data, dict) and data.get("prompt_id"):
-            self.last_node_errors = data.get("node_errors") or {}
+            self._shared.last_node_errors = data.get("node_errors") or {}
             return data["prompt_id"]
         if isinstance(data, dict) and ("error" in data or "node_errors" in data):
             error = data.get("error")
@@ -477,7 +520,7 @@ class _PromptWatch:
 
     def history_due(self) -> bool:
         """After a terminal event, always while the socket is down, and every 10 s as a safety net."""
-        return self.hint_at is not None or self.client._ws is None or time.monotonic() - self.last_poll >= 10.0
+        return self.hint_at is not None or self.client._shared.ws is None or time.monotonic() - self.last_poll >= 10.0
 
     def settling(self) -> bool:
         """A terminal event came less than 10 s ago and the history does not show the prompt yet."""
@@ -488,7 +531,7 @@ class _PromptWatch:
 
     def poll_history(self) -> Optional[dict]:
         self.last_poll = time.monotonic()
-        self.client.history_polls += 1
+        self.client._shared.history_polls += 1
         entry = self.client.history(self.prompt_id)
         if entry is not None or self.hint_at is not None:
             return entry
@@ -503,12 +546,12 @@ class _PromptWatch:
 
     def socket(self):
         """The websocket, reconnecting at most every 2 s while it is down (then polling resumes at once)."""
-        ws = self.client._ws
+        ws = self.client._shared.ws
         if ws is None and time.monotonic() - self.last_connect_try >= 2.0:
             self.last_connect_try = time.monotonic()
             if self.client.connect(timeout=5.0):
-                self.client.ws_reconnects += 1
-                return self.client._ws
+                self.client._shared.ws_reconnects += 1
+                return self.client._shared.ws
             self.last_poll = 0.0
         return ws
 
@@ -525,9 +568,9 @@ class _PromptWatch:
             return
         except Exception:
             # dropped (proxy, restart, test): fall back to polling and reconnect soon
-            with self.client._ws_lock:
-                if self.client._ws is ws:
-                    self.client._ws = None
+            with self.client._shared.ws_lock:
+                if self.client._shared.ws is ws:
+                    self.client._shared.ws = None
             try:
                 ws.close()
             except Exception:
@@ -554,7 +597,7 @@ class _PromptWatch:
             if self.on_progress is not None:
                 self.on_progress(Progress(int(data.get("value", 0)), int(data.get("max", 0) or 0), data.get("node"), pid))
         elif kind == "execution_cached":
-            self.client.last_cached_nodes = list(data.get("nodes") or [])
+            self.client._shared.last_cached_nodes = list(data.get("nodes") or [])
         elif kind == "executing" and data.get("node") is None and pid == self.prompt_id:
             self.hint_at = time.monotonic()
         elif kind in TERMINAL_EVENTS and pid == self.prompt_id:

@@ -1,14 +1,16 @@
 """One code path from parameters to an MP4: the CLI, the RunPod worker's request mode and the Python API.
 
-    from headless.run import run
+    from headless.run import Hooks, run
     result = run({"image": "in.png", "prompt": "a cat", "frame_num": 33}, server="http://127.0.0.1:8188",
-                 out="cat.mp4")
+                 out="cat.mp4", hooks=Hooks(on_progress=print))
     print(result.output_path, result.seed, result.frames)
 
 :func:`run` checks the parameters (wan22.request.spec), then :func:`run_checked` fills the workflow, puts the image in,
 :func:`execute`\\ s the prompt (queue, wait with a deadline and a cancel event, progress) and downloads the MP4.
-:class:`Hooks` carry what a caller adds around that: the worker's records, RunPod progress, per-job upload
-names and clean-up of the files a job leaves in ComfyUI's folders.
+:class:`Hooks` carry what a caller adds around that, and are the one way to give each of these its callbacks:
+the CLI's progress bar, the worker's records, RunPod progress, per-job upload names and clean-up of the files
+a job leaves in ComfyUI's folders. The job's time limit is the `timeout` argument and the deadline of the
+ComfyClient passed in (ComfyClient.bounded); the run never changes the client it is given.
 """
 from __future__ import annotations
 
@@ -224,13 +226,13 @@ def execute(client: ComfyClient, prompt: dict, *, timeout: Optional[float] = Non
 
 
 def _cancel_quietly(client: ComfyClient, prompt_id: str, settle_s: float) -> None:
-    with client.grace(settle_s + 3.0):  # past a deadline too, but bounded: the server may be hung
-        try:
-            client.cancel(prompt_id)
-        except Exception:
-            return
-        if settle_s > 0:
-            client.wait_until_settled(prompt_id, settle_s)
+    late = client.grace(settle_s + 3.0)  # past a deadline too, but bounded: the server may be hung
+    try:
+        late.cancel(prompt_id)
+    except Exception:
+        return
+    if settle_s > 0:
+        late.wait_until_settled(prompt_id, settle_s)
 
 
 def collect_result(entry: dict, prompt: dict) -> Tuple[Optional[dict], Dict[str, Any]]:
@@ -255,21 +257,20 @@ def collect_result(entry: dict, prompt: dict) -> Tuple[Optional[dict], Dict[str,
 
 # ============================================================================================ the whole run
 def run(params: Dict[str, Any], server: Union[str, ComfyClient, None] = None,
-        workflow: Union[str, Path, dict, None] = None, out: Union[str, Path, None] = None,
-        on_progress: Optional[Callable[[Progress], None]] = None, timeout: Optional[float] = None,
-        overrides: Iterable = (), download: bool = True, on_queued: Optional[Callable[[str], None]] = None,
-        hooks: Optional[Hooks] = None, on_node: Optional[Callable[[str, str], None]] = None) -> Result:
+        workflow: Union[str, Path, dict, None] = None, out: Union[str, Path, None] = None, *,
+        timeout: Optional[float] = None, overrides: Iterable = (), download: bool = True,
+        hooks: Optional[Hooks] = None) -> Result:
     """Run one image-to-video job on a ComfyUI server and download the MP4.
 
     params: the seed's parameter names and aliases (wan22.request.spec; docs/parameters.md). server: URL or a
     ComfyClient (default ``$COMFYUI_URL`` or http://127.0.0.1:8188). workflow: API/UI file or dict (default:
     the shipped API workflow). out: file or folder for the MP4 (default: the server's file name in the current
-    folder). overrides: ``NODE_OR_TITLE.input=VALUE`` strings. timeout: seconds for the whole job. Ctrl-C
-    interrupts the server's job, then re-raises. Raises InvalidParameter for bad parameters and the errors of
-    headless.errors.
+    folder). overrides: ``NODE_OR_TITLE.input=VALUE`` strings. timeout: seconds for the whole job (a client
+    with an earlier deadline of its own keeps it). hooks: the callbacks (progress, queued, node...), as for every
+    step of the run path. Ctrl-C interrupts the server's job, then re-raises. Raises InvalidParameter for bad
+    parameters and the errors of headless.errors.
     """
     request = spec.normalize(params or {}, "cli")
-    hooks = hooks or Hooks(on_progress=on_progress, on_queued=on_queued, on_node=on_node)
     result = run_checked(request.values, server, workflow, out, timeout=timeout, overrides=overrides,
                          download=download, hooks=hooks, label=request.label)
     result.warnings[:0] = request.warnings
@@ -284,11 +285,10 @@ def run_checked(values: Mapping[str, Any], server: Union[str, ComfyClient, None]
     """:func:`run` for parameters already checked (canonical names); `image` an image already read."""
     hooks = hooks or Hooks()
     own_client = not isinstance(server, ComfyClient)
-    client = server if isinstance(server, ComfyClient) else ComfyClient(server)
+    given = server if isinstance(server, ComfyClient) else ComfyClient(server)
     started = time.monotonic()
-    saved_deadline = client.deadline
-    if timeout is not None:  # every call, the upload and the download included, ends by then
-        client.deadline = started + timeout if saved_deadline is None else min(saved_deadline, started + timeout)
+    # every call, the upload and the download included, ends by then
+    client = given.bounded(None if timeout is None else started + timeout)
     try:
         object_info = client.object_info()
         prompt = load_workflow(workflow, object_info=object_info)
@@ -328,6 +328,5 @@ def run_checked(values: Mapping[str, Any], server: Union[str, ComfyClient, None]
                       subfolder=video["subfolder"], cached=cached, timings=timings, cached_nodes=cached_types,
                       info=info)
     finally:
-        client.deadline = saved_deadline
         if own_client:
-            client.close()
+            given.close()

@@ -152,8 +152,7 @@ class ComfyBackend:
         hooks = Hooks(on_queued=queued, on_running=on_running, on_progress=on_progress, on_server_file=server_file,
                       upload_name=lambda png: f"wan22_worker_{tag}_{uuid.uuid4().hex[:8]}.png",
                       cancel=token.event, settle_s=self.settle_s)
-        client = ComfyClient(url, timeout=30)
-        client.deadline = deadline
+        client = ComfyClient(url, timeout=30, deadline=deadline)
         try:
             with self.supervisor.track(token):
                 try:
@@ -255,8 +254,7 @@ class ComfyBackend:
         """What a prompt that failed, was interrupted or timed out saved before it ended (its history lists the
         outputs of the nodes that ran); [] when ComfyUI cannot say."""
         try:
-            with client.grace(5.0):  # past the job's deadline too, briefly
-                entry = client.history(prompt_id) if prompt_id else None
+            entry = client.grace(5.0).history(prompt_id) if prompt_id else None  # past the job's deadline too, briefly
         except Exception:  # noqa: BLE001 - a dead ComfyUI: nothing to ask, its restart keeps the folder
             return []
         return [comfy_file(self.server, "output", f["subfolder"], f["filename"])

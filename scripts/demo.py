@@ -43,7 +43,7 @@ def tiny_models(cache: Path) -> Path:
 
 def main(argv=None) -> int:
     from headless.cli import ProgressBar
-    from headless.run import run
+    from headless.run import Hooks, run
     from headless.server import start_comfyui
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         print(f"ComfyUI at {server.url} (log {server.log_path})", flush=True)
         result = run({"image": str(image), "prompt": args.prompt, "size": args.size, "frame_num": args.frame_num,
                       "sample_steps": args.steps, "seed": args.seed}, server=server.url, out=out,
-                     on_progress=ProgressBar(), timeout=1800)
+                     hooks=Hooks(on_progress=ProgressBar()), timeout=1800)
     finally:
         server.stop()
     print(json.dumps(result.to_dict(), indent=2))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from headless.client import ComfyClient
-from headless.run import run
+from headless.run import Hooks, run
 
 from wan22.video import read_mp4
 
@@ -74,7 +74,7 @@ def test_websocket_killed_mid_run_completes(comfy_url, input_image, tmp_path):
             client.drop_websocket()
 
     result = run({**TINY_PARAMS, "sample_steps": 4, "image": str(input_image), "seed": time.time_ns() % 10**6},
-                 server=client, out=tmp_path / "ws.mp4", on_progress=hook, timeout=600)
+                 server=client, out=tmp_path / "ws.mp4", hooks=Hooks(on_progress=hook), timeout=600)
     assert killed, "no progress event arrived"
     assert client.history_polls >= 1
     assert Path(result.output_path).is_file() and result.frames == 5

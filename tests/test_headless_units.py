@@ -302,3 +302,99 @@ def test_one_rule_for_cpu_or_gpu(monkeypatch):
                    "torch sees no GPU, so ComfyUI runs with --cpu (pass --gpu or COMFYUI_CPU=0 to insist)")
     cpu, why = resolve_cpu(None, "/nonexistent/python")  # an interpreter that cannot say: the CPU, and why
     assert cpu is True and "torch sees no GPU" in why
+
+
+@pytest.fixture
+def slow_server():
+    """A local HTTP server that answers every GET after `delay` seconds (a ComfyUI that is slow to answer),
+    counting the requests per path."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    state = {"delay": 0.6, "hits": {}}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            state["hits"][self.path] = state["hits"].get(self.path, 0) + 1
+            import time
+            time.sleep(state["delay"])
+            body = json.dumps({"path": self.path}).encode()
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:  # the client gave up at its deadline
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_client_views_bound_their_calls_and_leave_the_client_alone(slow_server):
+    """A deadline is passed, never set: bounded() and grace() are views with their own deadline, used alternately
+    here, and the client they came from keeps none."""
+    import time
+
+    from headless.client import ComfyClient
+    from headless.errors import WaitTimeout
+
+    url, state = slow_server
+    client = ComfyClient(url, timeout=10)
+    soon = client.bounded(time.monotonic() + 0.3)
+    later = client.bounded(time.monotonic() + 30)
+    assert client.deadline is None and soon.deadline < later.deadline
+    assert soon.bounded(time.monotonic() + 100).deadline == soon.deadline  # the earlier deadline wins
+    assert client.bounded(None) is client
+
+    t0 = time.monotonic()
+    with pytest.raises(WaitTimeout):
+        soon.system_stats()  # the server answers after 0.6 s: past this view's deadline
+    assert time.monotonic() - t0 < 0.55
+    assert later.system_stats() == {"path": "/system_stats"}  # the other view is not cut short
+    assert client.system_stats() == {"path": "/system_stats"}  # nor the client itself
+    with pytest.raises(WaitTimeout, match="before GET /system_stats could be sent"):
+        soon.system_stats()  # its deadline has passed: nothing is sent
+    assert soon.grace(5.0).system_stats() == {"path": "/system_stats"}  # a grace view gets 5 s past it
+    with pytest.raises(WaitTimeout):
+        soon.system_stats()  # and the view it came from keeps its own deadline
+    assert client.grace(5.0) is client  # no deadline: nothing to extend
+    assert state["hits"]["/system_stats"] == 4  # the two calls past the deadline sent nothing
+
+    # one client to the server: the views share its id, session and cached /object_info
+    assert later.client_id == client.client_id and later.session is client.session
+    state["delay"] = 0
+    assert later.object_info() is client.object_info() is client.bounded(time.monotonic() + 5).object_info()
+    assert state["hits"]["/object_info"] == 1
+    with pytest.raises(AttributeError):
+        client.deadline = time.monotonic() + 1  # noqa: the deadline is not a setting to change
+
+
+def test_callbacks_are_given_one_way_only():
+    """run, run_checked and execute take their callbacks in `hooks=Hooks(...)`; anything else fails before any
+    server is contacted, rather than being ignored."""
+    from headless.client import ComfyClient
+    from headless.run import Hooks, execute, run, run_checked
+
+    unreachable = "http://127.0.0.1:1"
+    with pytest.raises(TypeError, match="on_progress"):
+        run({"prompt": "a cat"}, unreachable, on_progress=print)
+    with pytest.raises(TypeError, match="on_queued"):
+        run({"prompt": "a cat"}, unreachable, hooks=Hooks(), on_queued=print)
+    with pytest.raises(TypeError):
+        run({"prompt": "a cat"}, unreachable, None, None, print)  # the old positional on_progress
+    with pytest.raises(TypeError, match="on_node"):
+        run_checked({"prompt": "a cat"}, unreachable, on_node=print)
+    with pytest.raises(TypeError, match="on_progress"):
+        execute(ComfyClient(unreachable), {}, on_progress=print)
