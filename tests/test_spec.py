@@ -24,15 +24,15 @@ def source_files():
 
 
 def test_generated_workflows_and_docs_match_the_spec():
-    from scripts import generate
+    from scripts import regenerate
 
-    assert generate.stale() == [], "run python -m scripts.regenerate"
+    assert regenerate.stale() == [], "run python -m scripts.regenerate"
     # the check sees a change: a workflow default edited by hand is stale
     api = REPO / "workflows" / "api" / "wan22_i2v_a14b.json"
     edited = json.loads(api.read_text())
     edited["4"]["inputs"]["sample_steps"] = 41
-    assert generate.outputs()[api] != json.dumps(edited, indent=2, ensure_ascii=False) + "\n"
-    table = generate.outputs()[REPO / "docs" / "parameters.md"]
+    assert regenerate.outputs()[api] != json.dumps(edited, indent=2, ensure_ascii=False) + "\n"
+    table = regenerate.outputs()[REPO / "docs" / "parameters.md"]
     assert "| `frame_num` | `num_frames` | `81` | 4n+1, integer 1..1001 | `Wan22ImageToVideo` |" in table
 
 
