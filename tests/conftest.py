@@ -4,7 +4,10 @@ this repository linked into its ``custom_nodes`` (plus tests/headless_test_nodes
 ``WAN_CKPT_DIR``, logs in the session's tmp folder (copied to tests/_artifacts), stopped at session end.
 
 Without a ComfyUI folder the tests that need it are skipped, unless ``WAN22_REQUIRE_COMFYUI=1``
-(``make test`` / CI) turns that into a failure.
+(``make test`` / CI) turns that into a failure: a machine without ComfyUI is a machine, not a missing fixture.
+
+The shared fixtures (../shared/reference, ../shared/parity) are read through tests/shared_fixtures.py's
+``require_fixture``: a missing one always fails, naming what is missing and where it was looked for.
 """
 from __future__ import annotations
 

@@ -2,17 +2,14 @@
 that every key of the real checkpoints (../shared/reference manifests) lands on a parameter of the
 same shape, and that no parameter is left unfilled."""
 import json
-import os
-from pathlib import Path
 
 import pytest
 
+from shared_fixtures import COMFYUI_T5_KEYS, UPSTREAM_KEYS, require_fixture
 from wan22.checkpoints import key_maps, modules
 from wan22.checkpoints.configs import load_config
 from wan22.checkpoints.tensors import _parameter_owners
 
-REPO = Path(__file__).resolve().parents[2]
-REFERENCE = Path(os.environ.get("WAN22_REFERENCE", REPO.parent / "shared" / "reference"))
 UPSTREAM_A14B_CONFIG = {  # high_noise_model/config.json of Wan-AI/Wan2.2-I2V-A14B
     "_class_name": "WanModel", "dim": 5120, "eps": 1e-06, "ffn_dim": 13824, "freq_dim": 256, "in_dim": 36,
     "model_type": "i2v", "num_heads": 40, "num_layers": 40, "out_dim": 16, "text_len": 512,
@@ -21,9 +18,7 @@ UPSTREAM_A14B_CONFIG = {  # high_noise_model/config.json of Wan-AI/Wan2.2-I2V-A1
 
 @pytest.fixture(scope="module")
 def manifest():
-    path = REFERENCE / "wan22_i2v_a14b_upstream_keys.json"
-    assert path.is_file(), f"reference manifest missing: {path}"
-    return json.loads(path.read_text())
+    return json.loads((require_fixture("reference", UPSTREAM_KEYS) / UPSTREAM_KEYS).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +93,7 @@ def test_upstream_t5_keys(manifest):
 
 
 def test_comfyui_t5_keys():
-    data = json.loads((REFERENCE / "comfyui_umt5_xxl_keys.json").read_text())["text_encoder"]
+    data = json.loads((require_fixture("reference", COMFYUI_T5_KEYS) / COMFYUI_T5_KEYS).read_text())["text_encoder"]
     shapes = {k: tuple(v) for k, v in data.items()}
     model = modules.build_t5_encoder(modules.t5_config_from_shapes(shapes, "manifest", hf_names=True))
     shapes[key_maps.COMFY_TOKENIZER_KEY] = (4548313,)
