@@ -2,23 +2,36 @@
 
     python -m wan22 --model-dir /workspace/models --image in.png --prompt "..." --out out.mp4
 
-Its flags are the spec's (wan22.request.spec), as the CLI's.
+from . import prompt_extend
+from .pipeline import LOAD_FIELDS, CancelCheck, LoadOptions, StepCallback, VideoResult, load_pipeline
+from .request import spec
+from .request.errors import InvalidParameter, Wan22Error
+from .request.intake import open_image, read_image
+from .request.lora_files import LORA_SUFFIXES, LoraEntry, lora_dirs, resolve_lora
+from .request.model_sets import ModelSet, default_model_root, discover_model_set
+from .request.params import GenerationParams
+from .runtime.lora import LoraChoice
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Sequence
 
-from .request.model_sets import default_model_root, discover_model_set
+from . import prompt_extend
+from .pipeline import LOAD_FIELDS, CancelCheck, LoadOptions, StepCallback, VideoResult, load_pipeline
 from .request import spec
 from .request.errors import InvalidParameter, Wan22Error
-from .request.intake import open_image
+from .request.intake import open_image, read_image
+from .request.lora_files import LORA_SUFFIXES, LoraEntry, lora_dirs, resolve_lora
+from .request.model_sets import ModelSet, default_model_root, discover_model_set
 from .request.params import GenerationParams
-from .pipeline import CancelCheck, LoadOptions, StepCallback, VideoResult, load_pipeline
+from .runtime.lora import LoraChoice
 from .video import write_mp4
 
 
@@ -30,21 +43,28 @@ class Mp4Result:
     width: int
     height: int
     timings: dict
+    loras: list = dataclasses.field(default_factory=list)  # what each LoRA did (Wan22I2VPipeline.sync_loras)
 
 
 def generate_mp4(image, prompt: str, out: Path, params: GenerationParams = GenerationParams(), negative_prompt: str = "",
                  model_dir=None, options: LoadOptions = LoadOptions(), pipeline=None,
-                 on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None) -> Mp4Result:
-    """Validate, load (unless `pipeline` is given), generate and write the MP4 atomically."""
+                 on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None,
+                 loras: Optional[Sequence[LoraChoice]] = None) -> Mp4Result:
+    """Validate, load (unless `pipeline` is given), generate and write the MP4 atomically.
+
+    model_dir: a model folder or a ModelSet (default WAN_CKPT_DIR). loras: the LoRAs of this run (LoraChoice);
+    None keeps the pipeline's own (none for a pipeline loaded here)."""
     params = params.validated()
     options = options.validated()
     picture = open_image(image) if not hasattr(image, "convert") else image
     timings = {}
     if pipeline is None:
-        model_set = discover_model_set(model_dir or default_model_root())
+        model_set = model_dir if isinstance(model_dir, ModelSet) else discover_model_set(model_dir or default_model_root())
         start = time.perf_counter()
         pipeline = load_pipeline(model_set, options)
         timings["load_s"] = time.perf_counter() - start
+    if loras is not None:
+        pipeline = pipeline.with_loras(loras)
     start = time.perf_counter()
     embeds = pipeline.encode_prompt(prompt, negative_prompt)
     timings["encode_prompt_s"] = time.perf_counter() - start
@@ -53,27 +73,110 @@ def generate_mp4(image, prompt: str, out: Path, params: GenerationParams = Gener
     start = time.perf_counter()
     path = write_mp4(result.frames, out, fps=params.fps)
     timings["write_s"] = time.perf_counter() - start
-    return Mp4Result(path, result.seed, result.num_frames, result.width, result.height, timings)
+    return Mp4Result(path, result.seed, result.num_frames, result.width, result.height, timings, list(result.loras))
 
 
-ENGINE_IGNORES = ("image_url", "image_base64", "image_path", "filename_prefix", "model_set", "model_path")
+# ============================================================================================ python -m wan22
+# What the engine reads of a normalized request (spec names): the image, the prompts, GenerationParams, LoadOptions,
+# the LoRAs and the prompt extension. A flag is offered only for these and for what spec.normalize turns into
+# them (EXPANDED): every flag python -m wan22 offers works, the others are not offered.
+GENERATION_READS = ("guide_scale_low", "guide_scale_high",
+                    *(f.name for f in dataclasses.fields(GenerationParams) if f.name != "guide_scale"))
+ENGINE_READS = frozenset((*spec.IMAGE_FIELDS, "prompt", "negative_prompt", *GENERATION_READS, *LOAD_FIELDS, "loras",
+                          "use_prompt_extend", *spec.EXTENSION_OPTIONS))
+EXPANDED = ("sample_guide_scale", "preset")  # normalize fills guide_scale_low/high, and the preset's parameters
+# the runner's CLI parameters the engine has no use for, with what to give instead (--help, docs/parameters.md)
+NOT_OFFERED = {"filename_prefix": "names a file in ComfyUI's output folder; use --out",
+               "model_set": "names a model set ComfyUI lists; use --model-dir",
+               "model_path": "use --model-dir"}
+NO_LORA = "give a .safetensors file name relative to one of them, or a path to one"
+
+
+def engine_params() -> List[spec.Param]:
+    """The spec's CLI parameters python -m wan22 offers flags for."""
+    return [p for p in spec.cli_params() if p.name in ENGINE_READS or p.name in EXPANDED]
+
+
+def lora_folders(model_root: Path) -> List[Path]:
+    """Where LoRA names are looked up: WAN_LORA_DIRS when set, else <model dir>/loras (no ComfyUI folders here)."""
+    return lora_dirs() if os.environ.get("WAN_LORA_DIRS", "").strip() else [Path(model_root) / "loras"]
+
+
+def find_lora(name: str, folders: Sequence[Path], field: str, hint: str = "") -> Path:
+    """A name relative to a LoRA folder (the first that has it), else a path to a .safetensors file on this machine.
+    The error names the field and every folder it looked in."""
+    try:
+        return resolve_lora(name, folders, field)
+    except InvalidParameter:
+        pass
+    local = Path(name).expanduser()
+    if local.is_file():
+        if local.suffix.lower() not in LORA_SUFFIXES:
+            raise InvalidParameter(field, f"{name!r} must be a .safetensors file")
+        return local.resolve()
+    where = "WAN_LORA_DIRS" if os.environ.get("WAN_LORA_DIRS", "").strip() else "<model dir>/loras; WAN_LORA_DIRS sets others"
+    shown = ", ".join(str(f) for f in folders) or "none"
+    raise InvalidParameter(field, f"no LoRA file {name!r} in {shown} ({where}), and no such file; {NO_LORA}{hint}")
+
+
+def lora_choices(entries, folders: Sequence[Path], preset: str = "") -> List[LoraChoice]:
+    """The request's `loras` entries ({name, expert, strength}) as LoraChoice, every file found (all problems at once).
+    `preset`: the preset that filled them in (messages say so)."""
+    origin = f" (from --preset {preset})" if preset else ""
+    hint = f"; --preset {preset} needs the step-distilled LoRAs there (docs/lora.md)" if preset else ""
+    choices, problems = [], []
+    for index, raw in enumerate(entries):
+        entry = LoraEntry(**raw)
+        try:
+            path = find_lora(entry.name, folders, f"loras[{index}].name{origin}", hint)
+        except InvalidParameter as exc:
+            problems += exc.problems
+            continue
+        choices.append(LoraChoice(path, entry.strength_high, entry.strength_low, entry.name))
+    if problems:
+        raise InvalidParameter.from_problems(problems)
+    return choices
+
+
+def extend_prompt(picture, prompt: str, seed: int, values, model_root: Path, device: str) -> prompt_extend.Extension:
+    """--use-prompt-extend: upstream's extension with the run's seed, the model looked up under the model dir."""
+    given = {name: values.get(name, spec.default(name)) for name in spec.EXTENSION_OPTIONS}
+    extension = prompt_extend.extend(picture, prompt, seed, given["prompt_extend_method"], given["prompt_extend_model"],
+                                     given["prompt_extend_target_lang"], given["prompt_extend_strict"],
+                                     roots=[model_root], device=device)
+    gc.collect()  # the vision-language model goes before the experts load
+    return extension
+
+
+EPILOG = ("Not offered here (flags of wan22-i2v): " + "; ".join(f"--{n.replace('_', '-')} ({why})" for n, why in NOT_OFFERED.items())
+          + ". LoRA names (--lora, --preset 4step) are looked up in WAN_LORA_DIRS, else <model dir>/loras; a path to a "
+            ".safetensors file works too. --use-prompt-extend looks for the Qwen2.5-VL folder under the model dir "
+            "(<dir>, <dir>/prompt_extend, <dir>/LLM) and prints the prompt it wrote. Exit codes: 0 success, 2 bad "
+            "input or a failed run, 130 interrupted.")
 
 
 def main(argv=None) -> int:
-    flags = [p for p in spec.cli_params() if p.name not in ENGINE_IGNORES]
-    parser = argparse.ArgumentParser(prog="python -m wan22", description="Wan2.2 I2V-A14B straight from the engine (no ComfyUI).")
+    flags = engine_params()
+    parser = argparse.ArgumentParser(prog="python -m wan22", description="Wan2.2 I2V-A14B straight from the engine (no ComfyUI).",
+                                     epilog=EPILOG)
     parser.add_argument("--model-dir", default=None, help="model set folder (default: $WAN_CKPT_DIR, /workspace/models, /runpod-volume)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     spec.add_flags(parser, flags)
     args = parser.parse_args(argv)
-    try:
+    try:  # everything that can be checked before a model loads
         request = spec.normalize(spec.flag_values(args, flags), "cli")
-        if "image_path" not in request.values:
-            raise InvalidParameter("image", "required: --image PATH (a local file)")
         values = request.values
-        params = GenerationParams.from_values(values)
-        options = LoadOptions.from_values(values, device=args.device)
+        source = spec.image_source(values)
+        if source is None:
+            raise InvalidParameter("image", "required: --image PATH_OR_URL (or --image-base64)")
+        params = GenerationParams.from_values(values).validated().with_resolved_seed()  # one seed: extension and video
+        options = LoadOptions.from_values(values, device=args.device).validated()
+        kind, value = source
+        picture = read_image(kind, value, request.label(f"image_{kind}"), trusted=True).picture
+        model_set = discover_model_set(args.model_dir or default_model_root())
+        preset = spec.check("preset", args.preset) if request.label("loras") == "preset" else ""
+        loras = lora_choices(values.get("loras", []), lora_folders(model_set.root), preset)
     except Wan22Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -84,14 +187,24 @@ def main(argv=None) -> int:
         end = "" if step < total and sys.stderr.isatty() else "\n"
         print(f"\rstep {step}/{total}" if sys.stderr.isatty() else f"step {step}/{total}", end=end, file=sys.stderr, flush=True)
 
+    prompt = values.get("prompt", spec.default("prompt"))
     try:
-        result = generate_mp4(values["image_path"], values.get("prompt", spec.default("prompt")), args.out, params,
-                              values.get("negative_prompt", ""), args.model_dir, options, on_step=progress)
+        if values.get("use_prompt_extend"):
+            extension = extend_prompt(picture, prompt, params.seed, values, model_set.root, str(options.torch_device))
+            where = f", {extension.device}" if extension.device else ""
+            print(f"prompt extension: {extension.status} ({extension.method}, {extension.model}{where})", file=sys.stderr)
+            print(f"prompt: {extension.prompt}", file=sys.stderr)
+            prompt = extension.prompt
+        result = generate_mp4(picture, prompt, args.out, params, values.get("negative_prompt", ""), model_set, options,
+                              on_step=progress, loras=loras)
     except Wan22Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    for lora in result.loras:
+        print(f"lora: {lora['name']} (high {lora['strength_high']:g}, low {lora['strength_low']:g}): {lora['layers']} layers"
+              + (f", {len(lora['unmatched_keys'])} keys matched no layer" if lora["unmatched_keys"] else ""), file=sys.stderr)
     print(f"{result.path} seed={result.seed} frames={result.frames} {result.width}x{result.height}")
     return 0
