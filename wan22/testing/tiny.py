@@ -353,7 +353,7 @@ def build_tiny_qwen_vl(folder, seed: int = 0) -> Path:
 def main(argv=None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write a tiny random-weight Wan2.2 I2V model set.")
+    parser = argparse.ArgumentParser(prog="python -m wan22.testing.tiny", description="Write a tiny random-weight Wan2.2 I2V model set.")
     parser.add_argument("folder")
     parser.add_argument("--layout", choices=LAYOUTS, default="upstream")
     parser.add_argument("--fp8-scaled", action="store_true", help="comfyui layout: fp8_scaled files")
