@@ -1,10 +1,17 @@
-"""ComfyUI nodes of the pack: thin adapters; the work happens in ../wan22."""
+"""ComfyUI nodes of the pack: thin adapters; the work happens in ../wan22.
+
+The pack's one piece of process state is `warm_models.WARM` (the models kept loaded between prompts); importing a
+node module changes nothing outside it. What this package does to the running ComfyUI is done here, once, at the end:
+WARM is released when ComfyUI unloads all models (POST /free, ComfyUI making room), and GET /wan22/prompt_thread.
+"""
+from . import comfy_bridge
 from .io_nodes import Wan22LoadImage, Wan22SaveVideo
 from .lora_nodes import Wan22LoraLoader
 from .model_nodes import Wan22ModelLoader, Wan22TextEncode
 from .prompt_extend_nodes import Wan22PromptExtend
 from .prompt_thread_route import register as _register_prompt_thread_route
 from .sampler_nodes import Wan22ImageToVideo
+from .warm_models import WARM
 
 NODE_CLASS_MAPPINGS = {
     "Wan22ModelLoader": Wan22ModelLoader,
@@ -26,4 +33,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan22LoadImage": "Wan2.2 Load Image (URL / base64 / path)",
 }
 
+WARM.release_on_unload_all_models(comfy_bridge.model_management)
 _register_prompt_thread_route()

@@ -1,4 +1,5 @@
-"""The few ComfyUI services the nodes use, in one place (progress, interrupt, device, folders)."""
+"""The few ComfyUI services the nodes use, in one place (progress, interrupt, device, folders, model management;
+nodes/__init__.py hooks WARM into `model_management.unload_all_models`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,27 +30,6 @@ def make_room() -> None:
     if getattr(device, "type", "") == "cuda":
         model_management.free_memory(model_management.get_total_memory(device), device)
         model_management.soft_empty_cache()
-
-
-def call_on_unload_all_models(callback) -> None:
-    """Run `callback` whenever ComfyUI unloads all models (POST /free with unload_models, or memory pressure).
-
-    Our pipelines are not ComfyUI ModelPatchers, so ComfyUI's model management does not know them; this
-    wraps its unload_all_models (looked up as a module attribute by ComfyUI's main loop) once.
-    """
-    original = model_management.unload_all_models
-    if getattr(original, "_wan22_wrapped", False):
-        original._wan22_callbacks.append(callback)
-        return
-
-    def unload_all_models(*args, **kwargs):
-        for hook in unload_all_models._wan22_callbacks:
-            hook()
-        return original(*args, **kwargs)
-
-    unload_all_models._wan22_wrapped = True
-    unload_all_models._wan22_callbacks = [callback]
-    model_management.unload_all_models = unload_all_models
 
 
 def raise_if_interrupted() -> bool:

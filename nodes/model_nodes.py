@@ -1,9 +1,6 @@
 """Model loader and text encoder nodes: thin adapters over wan22.pipeline."""
 from __future__ import annotations
 
-import gc
-import logging
-
 from ..wan22.request.model_sets import CKPT_FOLDER, default_model_root, discover_model_set, list_model_sets
 from ..wan22.runtime import kernels
 from ..wan22.request import spec
@@ -11,48 +8,10 @@ from ..wan22.request.errors import InvalidParameter
 from ..wan22.pipeline import LoadOptions, load_pipeline
 from . import comfy_bridge
 from .spec_inputs import node_inputs, spec_validator
+from .warm_models import WARM
 
 CATEGORY = "Wan2.2 I2V"
 DEFAULT_MODEL_SET = spec.DEFAULT_MODEL_SET
-log = logging.getLogger("wan22")
-
-
-class LoadedModels:
-    """The one model set held in memory (two 14B experts leave no room for a second one).
-
-    ComfyUI's own output cache already skips the loader when its inputs are unchanged, but it forgets
-    outputs of node ids missing from the next prompt (another graph, the worker's raw workflows). This
-    keeps the set across those prompts; it is released when another set is loaded or on POST /free.
-    """
-
-    key = None
-    pipeline = None
-    loads = 0
-    releases: dict = {}  # key -> how many times a pipeline of that key was released
-
-    @classmethod
-    def get(cls, key, load):
-        if cls.pipeline is not None and cls.key == key:
-            return cls.pipeline
-        cls.release()
-        comfy_bridge.free_comfy_models()
-        cls.loads += 1
-        log.warning("Wan22: loading %s (load #%d)", key[0], cls.loads)
-        cls.pipeline, cls.key = load(), key
-        log.warning("Wan22: loaded in %s", ", ".join(f"{part} {s:.1f} s" for part, s in cls.pipeline.load_timings.items()))
-        return cls.pipeline
-
-    @classmethod
-    def release(cls):
-        if cls.pipeline is not None:
-            log.warning("Wan22: releasing %s", cls.key[0])
-            cls.pipeline.release()
-            cls.releases[cls.key] = cls.releases.get(cls.key, 0) + 1
-        cls.pipeline = cls.key = None
-        gc.collect()
-
-
-comfy_bridge.call_on_unload_all_models(LoadedModels.release)
 
 
 def model_set_choices():
@@ -108,13 +67,18 @@ class Wan22ModelLoader:
         # once this key's pipeline was released (/free, another set loaded), ComfyUI's cached output is an
         # empty shell: the release count changes, so the loader runs again
         try:
-            return LoadedModels.releases.get(cls._key(**inputs)[2], 0)
+            return WARM.releases_of(cls._key(**inputs)[2])
         except Exception:  # a bad folder: let load() raise the error with its message
             return float("nan")
 
     def load(self, **inputs):
         found, options, key = self._key(**inputs)
-        return (LoadedModels.get(key, lambda: load_pipeline(found, options)).with_options(options),)
+
+        def load_fresh():  # WARM released what it held: ComfyUI's own models leave too, before the two experts come
+            comfy_bridge.free_comfy_models()
+            return load_pipeline(found, options)
+
+        return (WARM.pipeline_for(key, load_fresh).with_options(options),)
 
 
 class Wan22TextEncode:

@@ -6,35 +6,18 @@ from ..wan22.request import spec
 from ..wan22.request.model_sets import default_model_root
 from ..wan22.request.errors import InvalidParameter
 from . import comfy_bridge
-from .model_nodes import CATEGORY, LoadedModels
+from .model_nodes import CATEGORY
 from .sampler_nodes import tensor_to_pil
 from .spec_inputs import node_inputs, spec_validator
+from .warm_models import WARM
 
 
-class Expanders:
-    """Local Qwen2.5-VL models, loaded once per folder and kept in RAM (until POST /free); on the GPU only while
-    they write."""
-
-    loaded: dict = {}
-
-    @classmethod
-    def get(cls, folder):
-        key = str(folder)
-        if key not in cls.loaded:
-            cls.loaded[key] = prompt_extend.LocalQwenExpander(folder, "cpu")
-        expander = cls.loaded[key]
-        device = comfy_bridge.torch_device()
-        if device != "cpu" and not expander.fits(device) and LoadedModels.pipeline is not None:
-            LoadedModels.pipeline.leave_gpu()  # experts kept in full mode make way: seconds to bring back, not
-                                               # the minutes a 7B model takes to write on the CPU
-        return expander
-
-    @classmethod
-    def release(cls):
-        cls.loaded.clear()
-
-
-comfy_bridge.call_on_unload_all_models(Expanders.release)  # POST /free, or ComfyUI making room
+def local_expander(folder):
+    """The local Qwen2.5-VL of `folder`, kept warm in RAM by WARM (until POST /free); on the GPU only while it writes,
+    and then only after ComfyUI's models (comfy_bridge.make_room) and, if it still does not fit, our experts left."""
+    expander = WARM.expander_for(folder, lambda path: prompt_extend.LocalQwenExpander(path, "cpu"))
+    WARM.make_room_for(expander, comfy_bridge.torch_device())
+    return expander
 
 
 def model_roots():
@@ -75,5 +58,5 @@ class Wan22PromptExtend:
         result = prompt_extend.extend(
             tensor_to_pil(image), prompt or spec.default("prompt"), seed, prompt_extend_method, prompt_extend_model,
             prompt_extend_target_lang, prompt_extend_strict,
-            roots=model_roots(), local=Expanders.get, device=comfy_bridge.torch_device())
+            roots=model_roots(), local=local_expander, device=comfy_bridge.torch_device())
         return {"ui": {"wan22_prompt_extend": [result.as_dict()]}, "result": (result.prompt,)}

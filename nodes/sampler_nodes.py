@@ -8,8 +8,9 @@ from PIL import Image
 from ..wan22.request import spec
 from ..wan22.request.params import GenerationParams
 from . import comfy_bridge
-from .model_nodes import CATEGORY, LoadedModels
+from .model_nodes import CATEGORY
 from .spec_inputs import node_inputs, spec_validator
+from .warm_models import WARM
 
 
 def tensor_to_pil(image: torch.Tensor) -> Image.Image:
@@ -50,6 +51,6 @@ class Wan22ImageToVideo:
                                 should_cancel=comfy_bridge.raise_if_interrupted)
         frames = result.frames.float().div(255.0)
         info = {"seed": result.seed, "frames": result.num_frames, "width": result.width, "height": result.height,
-                "model_loads": LoadedModels.loads, "timings": {k: round(v, 3) for k, v in result.timings.items()},
+                "model_loads": WARM.loads, "timings": {k: round(v, 3) for k, v in result.timings.items()},
                 "memory": result.plan, "loras": result.loras, "kernels": result.kernels}
         return {"ui": {"wan22": [info]}, "result": (frames, result.seed)}

@@ -123,3 +123,19 @@ def test_each_installed_release_runs_once_per_unload():
     model_management.unload_all_models()
     assert calls == [first, second, "comfyui"]
 
+
+def test_node_modules_change_nothing_when_imported():
+    """Hooks into the running ComfyUI are installed by nodes/__init__.py, once; a node module's top level only
+    defines (no bare calls such as the old `call_on_unload_all_models(...)` at import)."""
+    import ast
+
+    bad = []
+    for path in sorted(WARM_FILE.parent.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+                bad.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert bad == []
+    init = (WARM_FILE.parent / "__init__.py").read_text(encoding="utf-8")
+    assert init.count("WARM.release_on_unload_all_models(") == 1
