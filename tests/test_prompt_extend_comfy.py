@@ -74,3 +74,23 @@ def test_the_shipped_prompt_extend_workflow_runs_and_reports(comfy_url, input_im
               "--out", str(tmp_path / "off.mp4"), "--json")
     assert off.returncode == 0, off.stderr
     assert "prompt_extend" not in json.loads(off.stdout.strip().splitlines()[-1])["info"]  # the node was taken out
+
+
+def test_free_releases_the_warm_prompt_extension_model(comfy_url, comfy_client, comfy_server, input_image, qwen_folder,
+                                                      tmp_path):
+    """The local Qwen2.5-VL stays in RAM between prompts (nodes/warm_models.py WARM); POST /free with unload_models
+    releases it with the experts: ComfyUI's unload_all_models, hooked once from nodes/__init__.py."""
+    proc = cli("--server", comfy_url, "--image", str(input_image), "--prompt", "a boat", *TINY, "--seed", "21",
+               "--use-prompt-extend", "--out", str(tmp_path / "warm.mp4"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    log = lambda: comfy_server.log_path.read_text(errors="replace")
+    released = lambda: log().count("Wan22: prompt extension: releasing 1 model(s)")
+    pipelines = lambda: log().count("Wan22: releasing ")
+    assert cf.wait_queue_empty(comfy_client, timeout=120)  # ComfyUI acts on /free between prompts
+    before, pipelines_before = released(), pipelines()
+    comfy_client.free(unload_models=True, free_memory=False)
+    deadline = time.monotonic() + 60
+    while released() == before and time.monotonic() < deadline:
+        time.sleep(0.2)  # the flag is acted on by ComfyUI's queue loop
+    assert released() == before + 1, comfy_server.log_tail(30)
+    assert pipelines() == pipelines_before + 1  # the experts went in the same release, once
