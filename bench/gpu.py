@@ -359,7 +359,7 @@ def memory_sweep(args, device, sizes, names, frames) -> dict:
                     with torch.no_grad():
                         pipe.denoise(noise, y, PromptEmbeds(context, context_null, "p", "n"), params, on_step=clock.tick,
                                      plan=plan)
-                    pipe._evict()
+                    pipe.residency.evict()
                     entry["step_s"] = [round(t, 3) for t in clock.steps()]
                     if device.type == "cuda":
                         entry["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)

@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .runtime import kernels, lora as lora_mod
-from .memory import placement, planner, streaming
+from .memory import placement, planner
+from .memory.residency import EXPERTS, Residency
+from .runtime.kernels import RunKernels
+from .runtime.lora_state import LoraState
 from .checkpoints import modules
 from .request import spec
 from .request.model_sets import ModelSet, discover_model_set
@@ -23,7 +26,7 @@ from .request.errors import GenerationCancelled, GpuOutOfMemory, InvalidParamete
 from .request.params import GenerationParams, image_size_for_area
 from .request.spec import UPSTREAM_NEGATIVE_PROMPT
 from .runtime.schedule import NUM_TRAIN_TIMESTEPS, make_schedule
-from .runtime.fp8 import FP8_DTYPES, fp8_layers
+from .runtime.fp8 import FP8_DTYPES
 from .request.lora_files import MAX_LORAS
 from .runtime.text_encoder import HuggingFaceTokenizer, PromptEmbeds, PromptEncoder, SentencePieceTokenizer, pad_context
 
@@ -295,47 +298,42 @@ def out_of_memory_guard(pipe: "Wan22I2VPipeline", stage: str):
         traceback.clear_frames(exc.__traceback__)
         exc.__traceback__ = None
         del exc
-        pipe._evict()
+        pipe.residency.evict()
         plan = pipe.last_plan.describe() if pipe.last_plan is not None else f"memory_mode {pipe.options.memory_mode}"
         raise GpuOutOfMemory(
             f"out of GPU memory while {stage} ({first_line}); the plan was: {plan}. Nothing is left on the GPU. "
             f"Try memory_mode stream, weight_dtype fp8_e4m3fn_scaled, a smaller size or fewer frames") from None
 
 
-class _Shared:
-    """What the views of one loaded model set share: whether it was released, what is on the GPU, which
-    LoRAs the experts carry (and the files they came from)."""
-
-    def __init__(self) -> None:
-        self.released = False
-        self.on_gpu: set = set()
-        self.streamer: Optional[streaming.BlockStreamer] = None
-        self.lora_files: Dict[tuple, lora_mod.LoraFile] = {}
-        self.applied: Dict[str, lora_mod.Applied] = {}
-        self.compiled_for: set = set()  # (tokens, batch) the compiled blocks have run at
-        self.copies_in_flight: Dict[str, object] = {}  # expert -> the CUDA event its prefetch records
-
-
-EXPERTS = ("high_noise_model", "low_noise_model")
-
-
 class Wan22I2VPipeline:
+    """The stages of one image-to-video run (encode_prompt, prepare_image/conditioning, prepare_noise, denoise,
+    decode; generate runs them all) over a loaded model set, with this view's options and LoRAs.
+
+    Views of the same loaded models (with_options, with_loras) share the modules and the objects that own their
+    state: `residency` (where each module is: wan22.memory.residency), `lora_state` (which LoRAs the experts
+    carry: wan22.runtime.lora_state) and the shapes the compiled blocks have run at. A run's kernel settings are
+    set for that run only (wan22.runtime.kernels.RunKernels)."""
+
     def __init__(self, high_noise_model, low_noise_model, prompt_encoder: PromptEncoder, vae, options: LoadOptions,
-                 model_set: Optional[ModelSet] = None, shared: Optional[_Shared] = None, loras: tuple = ()):
+                 model_set: Optional[ModelSet] = None, loras: tuple = (), shared: Optional["Wan22I2VPipeline"] = None):
         self.high_noise_model, self.low_noise_model = high_noise_model, low_noise_model
         self.prompt_encoder, self.vae, self.options, self.model_set = prompt_encoder, vae, options, model_set
         self.device = options.torch_device
-        self.load_timings: Dict[str, float] = {}  # seconds per part, filled by load_pipeline
-        self._shared = shared or _Shared()
+        self.loras: Tuple[lora_mod.LoraChoice, ...] = tuple(loras)
         self.last_plan: Optional[planner.Plan] = None
         self.last_kernels: Dict[str, object] = {}  # what the latest denoise ran with (wan22.runtime.kernels)
-        self.loras: Tuple[lora_mod.LoraChoice, ...] = tuple(loras)
+        if shared is None:
+            self.load_timings: Dict[str, float] = {}  # seconds per part, filled by load_pipeline
+            self.residency = Residency(self._modules, self.device)
+            self.lora_state = LoraState(self._experts, options.torch_dtype, self.residency.host_only)
+            self.compiled_for: set = set()  # (tokens, batch) the compiled blocks have run at
+        else:
+            self.load_timings, self.residency = shared.load_timings, shared.residency
+            self.lora_state, self.compiled_for = shared.lora_state, shared.compiled_for
 
     def _view(self, options: LoadOptions, loras: tuple) -> "Wan22I2VPipeline":
-        view = Wan22I2VPipeline(self.high_noise_model, self.low_noise_model, self.prompt_encoder, self.vae, options,
-                                self.model_set, self._shared, loras)
-        view.load_timings = self.load_timings
-        return view
+        return Wan22I2VPipeline(self.high_noise_model, self.low_noise_model, self.prompt_encoder, self.vae, options,
+                                self.model_set, loras, shared=self)
 
     def with_options(self, options: LoadOptions) -> "Wan22I2VPipeline":
         """The same loaded models with other placement and speed options (memory_mode, offload_model, t5_cpu,
@@ -354,41 +352,39 @@ class Wan22I2VPipeline:
 
     @property
     def released(self) -> bool:
-        return self._shared.released
+        return self.residency.released
 
     def leave_gpu(self) -> None:
         """Every model off the GPU, for another model's turn (prompt extension): the host masters stay, so this
         copies nothing back; the next run places them again."""
-        self._evict()
+        self.residency.evict()
 
     def release(self) -> None:
         """Free every weight now (modules go to the meta device); the pipeline cannot be used afterwards."""
-        self._evict()
-        self._shared.applied.clear()
-        self._shared.lora_files.clear()
-        for module in self._modules().values():
-            module.to("meta")
-        self._shared.released = True
-        placement.empty_cache(self.device)
+        self.lora_state.clear()
+        self.residency.release()
 
     def _check_usable(self) -> None:
         if self.released:
             raise RuntimeError("these Wan2.2 models were released (another model set was loaded, or /free); run the loader again")
 
-    # ------------------------------------------------------------------ placement (wan22.memory.planner, wan22.memory.placement)
     def _modules(self) -> Dict[str, torch.nn.Module]:
         modules = {"high_noise_model": self.high_noise_model, "low_noise_model": self.low_noise_model,
                    "text_encoder": self.prompt_encoder.model if self.prompt_encoder is not None else None, "vae": self.vae}
         return {name: module for name, module in modules.items() if module is not None}
 
+    def _experts(self) -> Dict[str, torch.nn.Module]:
+        return {"high_noise_model": self.high_noise_model, "low_noise_model": self.low_noise_model}
+
+    # ------------------------------------------------------------------ the memory plan (wan22.memory)
     def sizes(self) -> planner.Sizes:
         expert = self.high_noise_model
         blocks = [placement.module_bytes(b) for b in expert.blocks]
         text = self.prompt_encoder.model if self.prompt_encoder is not None else None
         return planner.Sizes(expert=placement.module_bytes(expert), expert_blocks=sum(blocks), block=max(blocks),
-                            num_blocks=len(blocks), t5=placement.module_bytes(text) if text is not None else 0,
-                            vae=placement.module_bytes(self.vae) if self.vae is not None else 0,
-                            dim=expert.config.num_attention_heads * expert.config.attention_head_dim)
+                             num_blocks=len(blocks), t5=placement.module_bytes(text) if text is not None else 0,
+                             vae=placement.module_bytes(self.vae) if self.vae is not None else 0,
+                             dim=expert.config.num_attention_heads * expert.config.attention_head_dim)
 
     def budget(self) -> planner.Budget:
         """What a run may use: the GPU's free memory plus what our own models hold there now (full mode keeps
@@ -396,8 +392,8 @@ class Wan22I2VPipeline:
         detected = planner.Budget.detect(self.device)
         gpu = detected.gpu_bytes
         if gpu is not None:
-            gpu += sum(placement.module_bytes(self._modules()[name]) for name in self._shared.on_gpu)
-        if self.options.gpu_memory_gib is not None and self._gpu():
+            gpu += self.residency.resident_bytes()
+        if self.options.gpu_memory_gib is not None and self.residency.gpu:
             cap = int(self.options.gpu_memory_gib * planner.GIB)
             gpu = cap if gpu is None else min(gpu, cap)
         return planner.Budget(gpu, detected.host_bytes)
@@ -410,93 +406,21 @@ class Wan22I2VPipeline:
             width, height = spec.parse_size(params.size)
         request = planner.Request(width, height, params.frame_num)
         return planner.make_plan(self.sizes(), request, self.budget(), self.options.memory_mode, self.options.t5_cpu,
-                                self.options.offload_model, self.options.cfg_batch, self.options.fp32_residual)
-
-    def _gpu(self) -> bool:
-        return self.device.type != "cpu"
-
-    def _to_gpu(self, name: str) -> None:
-        if self._gpu() and name not in self._shared.on_gpu:
-            placement.move(self._modules()[name], self.device)
-            self._shared.on_gpu.add(name)
-
-    def _prefetch(self, name: str) -> None:
-        """Start copying `name` onto the GPU now (a side stream where CUDA is there), for the next step."""
-        if self._gpu() and name not in self._shared.on_gpu:
-            self._shared.copies_in_flight[name] = placement.move_async(self._modules()[name], self.device)
-            self._shared.on_gpu.add(name)
-
-    def _evict(self, keep=()) -> None:
-        """Everything but `keep` back to host memory (a streamed expert included)."""
-        if self._shared.streamer is not None:
-            self._shared.streamer.detach()
-            self._shared.streamer = None
-        for name in list(self._shared.on_gpu):
-            if name not in keep:
-                placement.move(self._modules()[name], "cpu")
-                self._shared.on_gpu.discard(name)
-        placement.empty_cache(self.device)
-
-    def _activate_expert(self, name: str, plan: planner.Plan) -> torch.nn.Module:
-        model = self._modules()[name]
-        if not self._gpu():
-            return model
-        if plan.mode == "full":
-            self._evict(keep=EXPERTS + ("vae",))  # the full plan counts the VAE resident too
-            for expert in EXPERTS:
-                self._to_gpu(expert)
-        elif plan.mode == "offload":
-            self._evict(keep=(name,))
-            self._to_gpu(name)
-            placement.wait_for(self._shared.copies_in_flight.pop(name, None), model)
-        elif self._shared.streamer is None or self._shared.streamer.model is not model:
-            self._evict()
-            self._shared.streamer = streaming.BlockStreamer(model, self.device, plan.resident_blocks).attach()
-        return model
+                                 self.options.offload_model, self.options.cfg_batch, self.options.fp32_residual)
 
     def _place_vae(self, plan: planner.Plan) -> None:
-        """The VAE runs with no expert on the GPU (except in full mode), tiled when the plan says so."""
-        if self._gpu():
-            self._evict(keep=EXPERTS + ("vae",) if plan.mode == "full" else ("vae",))
-            self._to_gpu("vae")
+        """The VAE on the GPU as the plan says, tiled when it says so."""
+        self.residency.place_vae(plan)
         if plan.vae_tiling:
             self.vae.enable_tiling()
         else:
             self.vae.disable_tiling()
 
-    # ------------------------------------------------------------------ LoRAs (wan22.runtime.lora)
-    def _lora_file(self, path: Path) -> lora_mod.LoraFile:
-        key = lora_mod.file_key(path)
-        if key not in self._shared.lora_files:
-            self._shared.lora_files[key] = lora_mod.read_lora(path, self.high_noise_model)
-            lora_mod.warn_unmatched(self._shared.lora_files[key])
-        return self._shared.lora_files[key]
-
+    # ------------------------------------------------------------------ LoRAs (wan22.runtime.lora_state)
     def sync_loras(self) -> list:
         """Make the experts carry this view's LoRAs (adapters swapped where the experts are; the base weights
         are not read again). Returns what each LoRA did: name, strengths, layers, unmatched keys."""
-        files = {choice: self._lora_file(choice.path) for choice in self.loras}
-        for expert in EXPERTS:
-            wanted = [(files[c], c.strength(expert)) for c in self.loras if c.strength(expert) != 0]
-            key = tuple((lora_mod.file_key(f.path), s) for f, s in wanted)
-            current = self._shared.applied.get(expert)
-            if (current.key if current else ()) == key:
-                continue
-            if self._shared.streamer is not None:
-                self._evict()  # a streamed expert's blocks live in the streamer's host copies: set up on the host
-            if current is not None:
-                current.remove()
-                del self._shared.applied[expert]
-            if wanted:
-                start = time.perf_counter()
-                self._shared.applied[expert] = lora_mod.apply_loras(self._modules()[expert], wanted, self.options.torch_dtype, key)
-                log.info("Wan22: %s: applied %s in %.2f s", expert, ", ".join(f"{f.name} x{s:g}" for f, s in wanted),
-                         time.perf_counter() - start)
-        in_use = {lora_mod.file_key(f.path) for f in files.values()}
-        for key in [k for k in self._shared.lora_files if k not in in_use]:
-            del self._shared.lora_files[key]
-        return [{"name": c.name, "strength_high": c.strength_high, "strength_low": c.strength_low,
-                 "layers": len(files[c].patches), "unmatched_keys": list(files[c].unmatched)} for c in self.loras]
+        return self.lora_state.sync(self.loras)
 
     # ------------------------------------------------------------------ stage 1: prompts
     @torch.no_grad()
@@ -505,21 +429,21 @@ class Wan22I2VPipeline:
         spec.check("negative_prompt", negative_prompt or "")
         self._check_usable()
         negative = negative_prompt or UPSTREAM_NEGATIVE_PROMPT  # upstream: "" means the default
-        device = self.device if not self.options.t5_cpu and self._gpu() else torch.device("cpu")
+        device = self.device if not self.options.t5_cpu and self.residency.gpu else torch.device("cpu")
         # cached embeddings (the negative prompt, a repeated prompt) need no encoder on the GPU
         on_gpu = device.type != "cpu" and bool(self.prompt_encoder.missing([prompt, negative], device))
         if on_gpu:
             budget = self.budget().gpu_bytes  # our resident models included
-            resident = sum(placement.module_bytes(self._modules()[n]) for n in self._shared.on_gpu)
+            resident = self.residency.resident_bytes()
             if budget is not None and planner.usable_gpu_bytes(budget) < resident + placement.module_bytes(self.prompt_encoder.model):
-                self._evict()  # T5 first, the experts come back for the denoising
-            self._to_gpu("text_encoder")
+                self.residency.evict()  # T5 first, the experts come back for the denoising
+            self.residency.to_gpu("text_encoder")
         try:
             with out_of_memory_guard(self, "encoding the prompt"):
                 context, context_null = self.prompt_encoder.encode([prompt, negative], device=device)
         finally:
             if on_gpu:
-                self._evict(keep=EXPERTS)  # T5 leaves the GPU after encoding, as upstream with offload
+                self.residency.evict(keep=EXPERTS)  # T5 leaves the GPU after encoding, as upstream with offload
         return PromptEmbeds(context.float().cpu(), context_null.float().cpu(), prompt, negative)
 
     # ------------------------------------------------------------------ stage 2: image and conditioning
@@ -589,47 +513,51 @@ class Wan22I2VPipeline:
                 on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None,
                 trace: Optional[Callable[[StepTrace], None]] = None, plan: Optional[planner.Plan] = None) -> torch.Tensor:
         plan = plan or self.plan(params)
-        schedule = make_schedule(params.sample_solver, params.sample_steps, params.sample_shift)
-        boundary_timestep = params.boundary * NUM_TRAIN_TIMESTEPS
-        context, context_null = pad_context([embeds.context]), pad_context([embeds.context_null])
-        y = y.to(self.device)
-        latent = noise.to(self.device)
-        self.last_kernels = self._set_kernels(plan, latent)
+        run_kernels = RunKernels.choose(self.options.attention_backend, self.options.compile, self.options.fp8_matmul, self.device)
+        self.last_kernels = self._kernels_report(run_kernels, plan, noise)
         checks = BlockChecks(should_cancel)
         try:
-            steps = len(schedule.values)
-            last_high = max((i for i, v in enumerate(schedule.values) if v >= boundary_timestep), default=None)
-            if on_step:
-                on_step(0, steps)  # sampling has begun (after loading and encoding): progress shows it at once
-            for index, value in enumerate(schedule.values):
-                checks.step = index + 1
-                if should_cancel and should_cancel():
-                    raise GenerationCancelled(f"cancelled before step {index + 1} of {steps}")
-                timestep = schedule.timesteps[index]
-                high = value >= boundary_timestep
-                model = checks.watch(self._activate_expert(EXPERTS[0] if high else EXPERTS[1], plan))
-                if plan.prefetch and index == last_high and index + 1 < steps:
-                    self._prefetch(EXPERTS[1])  # comes in while this step runs
-                guide = params.guide_scale[1] if high else params.guide_scale[0]
-                if guide == 1.0:
-                    prediction = self._predict(model, latent, timestep, y, context)[0]
-                else:
-                    if plan.cfg_batch:
-                        cond, uncond = self._predict(model, latent, timestep, y, torch.cat([context, context_null]))
-                    else:
-                        cond = self._predict(model, latent, timestep, y, context)[0]
-                        uncond = self._predict(model, latent, timestep, y, context_null)[0]
-                    prediction = uncond + guide * (cond - uncond)
-                latent = schedule.solver.step(prediction[None], timestep, latent[None], return_dict=False)[0][0]
-                if trace:
-                    trace(StepTrace(index, value, EXPERTS[0] if high else EXPERTS[1], guide, prediction.cpu(), latent.cpu()))
-                if on_step:
-                    on_step(index + 1, steps)
+            with run_kernels.applied(self._experts().values()):
+                return self._steps(noise.to(self.device), y.to(self.device), embeds, params, plan, checks, on_step, should_cancel, trace)
         finally:
             checks.remove()
             # also after a failed or cancelled step: an offloaded or streamed expert must not stay on the GPU
             if plan.mode in ("offload", "stream"):
-                self._evict()
+                self.residency.evict()
+
+    def _steps(self, latent, y, embeds: PromptEmbeds, params: GenerationParams, plan: planner.Plan, checks: "BlockChecks",
+               on_step, should_cancel, trace) -> torch.Tensor:
+        schedule = make_schedule(params.sample_solver, params.sample_steps, params.sample_shift)
+        boundary_timestep = params.boundary * NUM_TRAIN_TIMESTEPS
+        context, context_null = pad_context([embeds.context]), pad_context([embeds.context_null])
+        steps = len(schedule.values)
+        last_high = max((i for i, v in enumerate(schedule.values) if v >= boundary_timestep), default=None)
+        if on_step:
+            on_step(0, steps)  # sampling has begun (after loading and encoding): progress shows it at once
+        for index, value in enumerate(schedule.values):
+            checks.step = index + 1
+            if should_cancel and should_cancel():
+                raise GenerationCancelled(f"cancelled before step {index + 1} of {steps}")
+            timestep = schedule.timesteps[index]
+            expert = EXPERTS[0] if value >= boundary_timestep else EXPERTS[1]
+            model = checks.watch(self.residency.activate_expert(expert, plan))
+            if plan.prefetch and index == last_high and index + 1 < steps:
+                self.residency.prefetch(EXPERTS[1])  # comes in while this step runs
+            guide = params.guide_scale[1] if expert == EXPERTS[0] else params.guide_scale[0]
+            if guide == 1.0:
+                prediction = self._predict(model, latent, timestep, y, context)[0]
+            else:
+                if plan.cfg_batch:
+                    cond, uncond = self._predict(model, latent, timestep, y, torch.cat([context, context_null]))
+                else:
+                    cond = self._predict(model, latent, timestep, y, context)[0]
+                    uncond = self._predict(model, latent, timestep, y, context_null)[0]
+                prediction = uncond + guide * (cond - uncond)
+            latent = schedule.solver.step(prediction[None], timestep, latent[None], return_dict=False)[0][0]
+            if trace:
+                trace(StepTrace(index, value, expert, guide, prediction.cpu(), latent.cpu()))
+            if on_step:
+                on_step(index + 1, steps)
         return latent
 
     # ------------------------------------------------------------------ stage 5: decode
@@ -649,10 +577,6 @@ class Wan22I2VPipeline:
         loras = self.sync_loras()
         plan = self.last_plan = self.plan(params, image)
         log.info("Wan22 memory plan: %s", plan.describe())
-        for _, layer in fp8_layers(self.high_noise_model):
-            layer.fast = self.options.fp8_matmul
-        for _, layer in fp8_layers(self.low_noise_model):
-            layer.fast = self.options.fp8_matmul
         timings = {}
         start = time.perf_counter()
         try:
@@ -673,24 +597,18 @@ class Wan22I2VPipeline:
             timings["decode_s"] = time.perf_counter() - start
         finally:
             if plan.mode != "full":
-                self._evict()
+                self.residency.evict()
         return VideoResult(frames=video_to_uint8(video), video=video, latent=latent.cpu(), seed=params.seed,
                            timings=timings, plan=plan.as_dict(), loras=loras, kernels=self.last_kernels)
 
-    def _set_kernels(self, plan: planner.Plan, latent: torch.Tensor) -> Dict[str, object]:
-        """Point both experts at this run's attention kernel and compile setting; say what this run uses."""
-        backend, why = kernels.resolve(self.options.attention_backend, kernels.device_capability(self.device))
-        compiled = self.options.compile == "blocks"
-        for expert in (self.high_noise_model, self.low_noise_model):
-            kernels.apply(expert, backend)
-            if kernels.compile_blocks(expert, compiled):
-                self._shared.compiled_for.clear()  # compiled anew (or eager again): every shape compiles again
+    def _kernels_report(self, run_kernels: RunKernels, plan: planner.Plan, latent: torch.Tensor) -> Dict[str, object]:
+        """What this run computes with; whether the compiled blocks meet its shape for the first time."""
         frames, height, width = latent.shape[1:]
         shape = (frames * (height // PATCH[1]) * (width // PATCH[2]), 2 if plan.cfg_batch else 1)
-        first_at_shape = compiled and shape not in self._shared.compiled_for
-        if compiled:
-            self._shared.compiled_for.add(shape)
-        return {"attention_backend": backend, "attention_why": why, "compile": self.options.compile,
+        first_at_shape = run_kernels.compiled and shape not in self.compiled_for
+        if run_kernels.compiled:
+            self.compiled_for.add(shape)
+        return {"attention_backend": run_kernels.backend, "attention_why": run_kernels.why, "compile": self.options.compile,
                 "compiles_this_run": first_at_shape, "cfg_batch": plan.cfg_batch, "fp32_residual": self.options.fp32_residual}
 
     @contextlib.contextmanager

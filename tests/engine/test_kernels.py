@@ -145,3 +145,28 @@ def test_fp32_residual_runs_diffusers_blocks_upstreams_way(tiny_models, test_ima
     assert torch.bfloat16 in seen and torch.float32 in seen
     assert plain.kernels["fp32_residual"] is False and upstream.kernels["fp32_residual"] is True
     assert (upstream.latent - reference).norm() < (plain.latent - reference).norm()
+
+
+def test_a_runs_kernel_settings_last_only_as_long_as_the_run(tiny_models, test_image):
+    """Views of one loaded model set share the experts: fp8 GEMMs and compiled blocks asked for by one view are
+    what its run computes with, and are gone when it ends, so another view's run, or a stage called directly,
+    sees the experts as they were."""
+    from wan22.runtime.fp8 import fp8_layers
+
+    pipe = load_pipeline(tiny_models("comfyui_fp8"), LoadOptions(dtype="fp32", device="cpu"))
+    fast = pipe.with_options(LoadOptions(dtype="fp32", device="cpu", fp8_matmul=True, compile="blocks"))
+    layer = dict(fp8_layers(pipe.high_noise_model))["blocks.0.attn1.to_q"]
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(
+        (module.fast, "forward" in pipe.high_noise_model.blocks[0].__dict__)))
+    try:
+        embeds = pipe.encode_prompt("a cat on a wall")
+        torch._dynamo.reset()
+        fast.generate(test_image, embeds, PARAMS)
+        during_fast, seen[:] = set(seen), []
+        assert not layer.fast and "forward" not in pipe.high_noise_model.blocks[0].__dict__  # as before the run
+        pipe.generate(test_image, embeds, PARAMS)
+        during_plain = set(seen)
+    finally:
+        handle.remove()
+    assert during_fast == {(True, True)} and during_plain == {(False, False)}

@@ -9,6 +9,7 @@ PyTorch's SDPA). `sage` (8-bit attention) changes the numerics, so it is only us
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 from typing import Callable, Optional, Tuple
@@ -16,6 +17,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ..request.errors import InvalidParameter
+from .fp8 import fp8_layers
 
 # ours -> (diffusers AttentionBackendName value, the module it needs, the least compute capability)
 BACKENDS = {
@@ -88,7 +90,8 @@ def apply(model: torch.nn.Module, backend: str) -> None:
 def compile_blocks(model: torch.nn.Module, on: bool) -> bool:
     """torch.compile the forward of each repeated block (diffusers' `_repeated_blocks`: WanTransformerBlock), as
     diffusers' compile_repeated_blocks does, but the forward only: the cancel check before each block stays an
-    eager hook, so adding it per run recompiles nothing. One compile per input shape (a new size compiles again).
+    eager hook, so adding it per run recompiles nothing. One compile per input shape (a new size compiles again);
+    the compiled forward is kept on the block, so turning compile off and on again recompiles nothing either.
     Returns whether anything changed."""
     if bool(getattr(model, "_wan22_compiled", False)) == on:
         return False
@@ -98,11 +101,48 @@ def compile_blocks(model: torch.nn.Module, on: bool) -> bool:
         raise ValueError(f"{type(model).__name__} names no repeated blocks to compile")
     for block in blocks:
         if on:
-            block.forward = torch.compile(block.forward, dynamic=False)
+            if "_wan22_compiled_forward" not in block.__dict__:
+                block._wan22_compiled_forward = torch.compile(block.forward, dynamic=False)
+            block.forward = block._wan22_compiled_forward
         else:
             del block.forward  # the class's forward again
     model._wan22_compiled = on
     return True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKernels:
+    """How one run's experts compute: the attention kernel, compiled blocks and fp8 GEMMs of its view's options.
+    The experts are shared by every view of the loaded models, so `applied` sets them for the run only and puts
+    back what was there: a run never changes what another view sees."""
+
+    backend: str
+    why: str
+    compiled: bool
+    fp8_matmul: bool
+
+    @classmethod
+    def choose(cls, attention_backend: str, compile: str, fp8_matmul: bool, device) -> "RunKernels":
+        backend, why = resolve(attention_backend, device_capability(device))
+        return cls(backend, why, compile == "blocks", fp8_matmul)
+
+    @contextlib.contextmanager
+    def applied(self, experts):
+        before = [(model, getattr(model, "_wan22_attention_backend", "native"), bool(getattr(model, "_wan22_compiled", False)),
+                   [(layer, layer.fast) for _, layer in fp8_layers(model)]) for model in experts]
+        try:
+            for model in experts:
+                apply(model, self.backend)
+                compile_blocks(model, self.compiled)
+                for _, layer in fp8_layers(model):
+                    layer.fast = self.fp8_matmul
+            yield self
+        finally:
+            for model, backend, compiled, fast in before:
+                apply(model, backend)
+                compile_blocks(model, compiled)
+                for layer, value in fast:
+                    layer.fast = value
 
 
 @contextlib.contextmanager

@@ -1,0 +1,102 @@
+"""Which of a loaded model set's modules is on the GPU: the one owner of moves, prefetches, evictions and block
+streaming (diffusers keeps this outside its pipelines too, as hooks: hooks/group_offloading.py).
+
+Every view of a loaded model set (Wan22I2VPipeline.with_options / with_loras) shares one `Residency`: the modules
+are the same objects, so where they are is one fact. A memory plan (wan22.memory.planner) says what a run needs
+resident; the stages ask for it (`activate_expert`, `place_vae`, `to_gpu`) and `evict` puts everything back on
+its host master (wan22.memory.placement: nothing is copied back).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from . import placement, streaming
+from .planner import Plan
+
+EXPERTS = ("high_noise_model", "low_noise_model")
+
+
+class Residency:
+    def __init__(self, modules: Callable[[], Dict[str, nn.Module]], device):
+        """`modules`: name -> module (high_noise_model, low_noise_model, text_encoder, vae), read on each use."""
+        self._modules = modules
+        self.device = torch.device(device)
+        self.on_gpu: set = set()
+        self.streamer: Optional[streaming.BlockStreamer] = None
+        self.copies_in_flight: Dict[str, object] = {}  # expert -> the CUDA event its prefetch records
+        self.released = False
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.type != "cpu"
+
+    def module(self, name: str) -> nn.Module:
+        return self._modules()[name]
+
+    def resident_bytes(self) -> int:
+        """What our models hold on the GPU now (full mode keeps the experts there across runs)."""
+        return sum(placement.module_bytes(self.module(name)) for name in self.on_gpu)
+
+    def to_gpu(self, name: str) -> None:
+        if self.gpu and name not in self.on_gpu:
+            placement.move(self.module(name), self.device)
+            self.on_gpu.add(name)
+
+    def prefetch(self, name: str) -> None:
+        """Start copying `name` onto the GPU now (a side stream where CUDA is there), for the next step."""
+        if self.gpu and name not in self.on_gpu:
+            self.copies_in_flight[name] = placement.move_async(self.module(name), self.device)
+            self.on_gpu.add(name)
+
+    def evict(self, keep=()) -> None:
+        """Everything but `keep` back to host memory (a streamed expert included)."""
+        if self.streamer is not None:
+            self.streamer.detach()
+            self.streamer = None
+        for name in list(self.on_gpu):
+            if name not in keep:
+                placement.move(self.module(name), "cpu")
+                self.on_gpu.discard(name)
+        placement.empty_cache(self.device)
+
+    def activate_expert(self, name: str, plan: Plan) -> nn.Module:
+        """The expert `name` ready to run as `plan` places it: both resident (full), alone (offload), or its
+        blocks streamed (stream)."""
+        model = self.module(name)
+        if not self.gpu:
+            return model
+        if plan.mode == "full":
+            self.evict(keep=EXPERTS + ("vae",))  # the full plan counts the VAE resident too
+            for expert in EXPERTS:
+                self.to_gpu(expert)
+        elif plan.mode == "offload":
+            self.evict(keep=(name,))
+            self.to_gpu(name)
+            placement.wait_for(self.copies_in_flight.pop(name, None), model)
+        elif self.streamer is None or self.streamer.model is not model:
+            self.evict()
+            self.streamer = streaming.BlockStreamer(model, self.device, plan.resident_blocks).attach()
+        return model
+
+    def place_vae(self, plan: Plan) -> None:
+        """The VAE runs with no expert on the GPU, except in full mode."""
+        if self.gpu:
+            self.evict(keep=EXPERTS + ("vae",) if plan.mode == "full" else ("vae",))
+            self.to_gpu("vae")
+
+    def host_only(self) -> None:
+        """Before a change to the experts' tensors while their blocks are streamed (the streamer's host copies
+        would not see it): everything back on the host."""
+        if self.streamer is not None:
+            self.evict()
+
+    def release(self) -> None:
+        """Free every weight now (modules go to the meta device); nothing can run on them afterwards."""
+        self.evict()
+        for module in self._modules().values():
+            module.to("meta")
+        self.released = True
+        placement.empty_cache(self.device)
