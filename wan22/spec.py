@@ -164,7 +164,6 @@ _GUIDE = dict(low=0.0, high=100.0, widget={"step": 0.1})
 _WORKER_NO_MODEL = "a worker reads models only from its WAN_CKPT_DIR"
 _WORKER_NAMES_FILES = "the worker names its outputs; use save_file"
 _USE_LORAS = "give loras: [{name, expert, strength}]"
-_WORKER_OPERATOR = "the worker's operator sets it ({}), so that no request makes a warm worker reload its models"
 
 PARAMS: Tuple[Param, ...] = (
     # --- the image (exactly one source)
@@ -231,15 +230,15 @@ PARAMS: Tuple[Param, ...] = (
           node=LOADER, upstream_flag="--convert_model_dtype", upstream_switch=True, feeds="storage", operator="WAN_CONVERT_MODEL_DTYPE"),
     Param("weight_dtype", "choice", "auto", "How the experts' weights are stored: auto keeps an fp8_scaled file in fp8 and stores others in dtype; fp8_e4m3fn_scaled halves bf16 (quantized per tensor on load).",
           choices=("auto", "bf16", "fp16", "fp8_e4m3fn_scaled"), spellings={"fp8": "fp8_e4m3fn_scaled", "fp8_scaled": "fp8_e4m3fn_scaled"},
-          node=LOADER, feeds="storage", operator="WAN_WEIGHT_DTYPE", refused={"worker": _WORKER_OPERATOR.format("WAN_WEIGHT_DTYPE")}),
+          node=LOADER, feeds="storage", operator="WAN_WEIGHT_DTYPE"),
     Param("memory_mode", "choice", "auto", "Where the models live on the GPU: auto picks full, offload or stream from the free memory and the request (docs/memory.md).",
-          choices=("auto", "full", "offload", "stream"), node=LOADER, feeds="placement", operator="WAN_MEMORY_MODE", refused={"worker": _WORKER_OPERATOR.format("WAN_MEMORY_MODE")}),
+          choices=("auto", "full", "offload", "stream"), node=LOADER, feeds="placement", operator="WAN_MEMORY_MODE"),
     Param("fp8_matmul", "bool", False, "fp8 weights: multiply in fp8 (torch._scaled_mm) on GPUs that have it (compute capability 8.9+); otherwise they are upcast per layer.",
-          node=LOADER, feeds="kernels", operator="WAN_FP8_MATMUL", refused={"worker": _WORKER_OPERATOR.format("WAN_FP8_MATMUL")}),
+          node=LOADER, feeds="kernels", operator="WAN_FP8_MATMUL"),
     Param("attention_backend", "choice", "auto", "The experts' attention kernel: auto takes the fastest one installed for the GPU (FlashAttention-3 on Hopper, cuDNN on Hopper and Blackwell, FlashAttention-2, else PyTorch SDPA); sage (8-bit) changes the numerics, so it runs only when asked for. The CPU runs native.",
           choices=("auto", "native", "cudnn", "flash", "flash3", "sage"), node=LOADER, feeds="kernels"),
     Param("compile", "choice", "off", "blocks: torch.compile the experts' transformer blocks; the first run at each size compiles (minutes), later runs are faster.",
-          choices=("off", "blocks"), node=LOADER, feeds="kernels", operator="WAN_COMPILE", refused={"worker": _WORKER_OPERATOR.format("WAN_COMPILE")}),
+          choices=("off", "blocks"), node=LOADER, feeds="kernels", operator="WAN_COMPILE"),
     Param("cfg_batch", "bool", False, "Run the conditional and unconditional passes as one batch of two where the memory plan has room for twice the activations (faster on a GPU, the same video); otherwise two passes, as upstream.",
           node=LOADER, feeds="kernels"),
     Param("fp32_residual", "bool", False, "Keep the experts' residual stream in fp32 between sub-layers, as upstream does (diffusers' blocks round it to bf16 after each): 9 % less bf16 error at 8 blocks (bench/fidelity.py), more activation memory.",
