@@ -58,8 +58,8 @@ class Wan22ModelLoader:
     def _key(model_set, model_path, **options):
         found = resolve_model_set(model_set, model_path)
         options = LoadOptions.from_values(options, device=comfy_bridge.torch_device()).validated()
-        # placement and speed options (memory_mode, offload_model, t5_cpu, fp8_matmul, attention_backend, compile,
-        # cfg_batch, fp32_residual) reuse the loaded models
+        # only the storage options (the spec's feeds="storage") are in the key: placement and kernel options reuse
+        # the loaded models
         return found, options, (found.name, options.storage_key)
 
     @classmethod

@@ -107,7 +107,7 @@ def warm_up(backend: ComfyBackend, cfg: WorkerConfig) -> None:
     img.save(buf, format="PNG")
     req = validate_generate_params({"image_base64": "unused", "prompt": "warm-up", "size": cfg.preload_size,
                                     "frame_num": 5, "sample_steps": 1, "seed": 0}, limits=cfg.limits,
-                                   operator=cfg.loader_values())
+                                   operator=cfg.operator)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="wan22-warmup-") as tmp:
         backend.run_request(req.values, check_image(buf.getvalue(), "warm-up image", cfg.limits.max_image_pixels),

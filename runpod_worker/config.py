@@ -1,16 +1,17 @@
 """Every environment variable the worker reads, declared once (`WORKER_SETTINGS`) and read into one object.
 
 `WorkerConfig.from_env()` is called at start-up and once per job (so tests and operators can change settings
-between jobs). The request limits that every surface shares (prompt length, image size, URLs, input folders,
-unknown parameters) are wan22.request.settings' `LIMIT_SETTINGS`, held in `WorkerConfig.limits`. docs/runpod.md's table
-is generated from both declarations.
+between jobs). The operator-owned parameters (wan22.request.spec's `operator`) have settings generated from their spec
+entries (`OPERATOR_SETTINGS`), held in `WorkerConfig.operator`. The request limits that every surface shares
+(prompt length, image size, URLs, input folders, unknown parameters) are wan22.request.settings' `LIMIT_SETTINGS`, held in
+`WorkerConfig.limits`. docs/runpod.md's table is generated from both declarations.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from pathlib import Path
-from typing import List, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 from wan22.request import spec
 from wan22.request.lora_files import lora_dirs
@@ -18,7 +19,20 @@ from wan22.request.settings import MIB, Limits, Setting, read_settings
 
 VOLUME = "/runpod-volume"
 
-WORKER_SETTINGS: Tuple[Setting, ...] = (
+
+def operator_setting(p: spec.Param) -> Setting:
+    """The environment variable of an operator-owned parameter (spec `operator`): its kind, choices and default."""
+    kinds = {"bool": "flag", "choice": "choice"}
+    if p.kind not in kinds:
+        raise TypeError(f"parameter {p.name}: an operator setting reads only {' or '.join(kinds)} values, not {p.kind}")
+    return Setting(p.operator, p.name, kinds[p.kind], p.default, f"{p.doc} Every job uses it: a request's or a raw "
+                   f"workflow's `{p.name}` is replaced by it, with a warning", choices=p.choices)
+
+
+# how the models are stored, placed and run: the operator's, so that no job makes a warm worker reload them
+OPERATOR_SETTINGS: Tuple[Setting, ...] = tuple(operator_setting(p) for p in spec.operator_params())
+
+OWN_SETTINGS: Tuple[Setting, ...] = (
     Setting("WAN_CKPT_DIR", "ckpt_dir", "text", "", "the model set the loader node reads (inside ComfyUI); a folder that does not exist falls back to /runpod-volume when that is mounted",
             shown_default="unset: /workspace/models, else /runpod-volume"),
     Setting("RUNPOD_MAX_CONCURRENCY", "max_concurrency", "int", 1, "jobs one worker takes at once (`concurrency_modifier`); ComfyUI runs them one after another", low=1),
@@ -30,7 +44,7 @@ WORKER_SETTINGS: Tuple[Setting, ...] = (
     Setting("WAN_MAX_OUTPUTS", "max_outputs", "int", 64, "most files one raw job may save; a job that saves more fails saying so and keeps none", low=1),
     Setting("WAN_MAX_OUTPUT_MB", "max_output_bytes", "float", 2048.0, "most bytes one raw job's saved files may hold together; past it the job fails and keeps none", low=0.01, scale=MIB),
     Setting("WAN_PRELOAD", "preload", "flag", False, "one tiny warm-up generation at start so the first job finds the models loaded"),
-    Setting("WAN_PRELOAD_SIZE", "preload_size", "text", "64*64", "size of that warm-up"),
+    Setting("WAN_PRELOAD_SIZE", "preload_size", "text", "64*64", "size of that warm-up (with `WAN_COMPILE=blocks`: the size your jobs use, so that it compiles for them)"),
     Setting("WAN_PRELOAD_TIMEOUT_S", "preload_timeout_s", "float", 1800.0, "time limit of that warm-up", low=1),
     Setting("WAN_COMFY_START_TIMEOUT_S", "comfy_start_timeout_s", "float", 300.0, "how long start-up (and each restart) waits for ComfyUI", low=1),
     Setting("WAN_COMFY_HANG_S", "comfy_hang_s", "float", 120.0, "ComfyUI giving no answer to the worker's liveness call for this long is hung: the job in flight fails saying so, ComfyUI is killed and restarted", low=5),
@@ -54,21 +68,8 @@ WORKER_SETTINGS: Tuple[Setting, ...] = (
     Setting("WAN_LORA_DIRS", "lora_dirs", "list", (), "colon-separated folders a request's `loras` names are looked up in (relative names only; the LoRA node lists the same folders)",
             shown_default="`<model root>/loras` and ComfyUI's `models/loras`"),
     Setting("WAN_LOG_LEVEL", "log_level", "choice", "info", "the worker's log level", choices=("debug", "info", "warning", "error")),
-    # how the models are stored and placed: the operator's, so that no request makes a warm worker reload
-    Setting("WAN_DTYPE", "dtype", "choice", spec.default("dtype"), "compute dtype of the experts and T5 (a request's `dtype` is ignored with a warning)",
-            choices=spec.SPEC["dtype"].choices),
-    Setting("WAN_WEIGHT_DTYPE", "weight_dtype", "choice", spec.default("weight_dtype"), "storage of the experts' weights; `fp8_e4m3fn_scaled` halves them (docs/memory.md)",
-            choices=spec.SPEC["weight_dtype"].choices),
-    Setting("WAN_MEMORY_MODE", "memory_mode", "choice", spec.default("memory_mode"), "where the models live on the GPU (docs/memory.md); a request's `offload_model: false` still asks for `full`",
-            choices=spec.SPEC["memory_mode"].choices),
-    Setting("WAN_FP8_MATMUL", "fp8_matmul", "flag", spec.default("fp8_matmul"), "fp8 weights: multiply in fp8 on GPUs of compute capability 8.9+"),
-    Setting("WAN_COMPILE", "compile", "choice", spec.default("compile"), "`blocks`: torch.compile the experts' blocks; the first job at each size compiles (minutes), later ones are faster (WAN_PRELOAD with WAN_PRELOAD_SIZE at the size your jobs use warms it)",
-            choices=spec.SPEC["compile"].choices),
 )
-
-# a request's value for these is replaced by the operator's (with a warning when they differ)
-OPERATOR_PARAMS = ("dtype", "weight_dtype", "memory_mode", "fp8_matmul", "compile")
-FIXED_BY_WORKER = {"convert_model_dtype": True}  # the seed's wrapper default; false would reload fp32 experts
+WORKER_SETTINGS: Tuple[Setting, ...] = OWN_SETTINGS + OPERATOR_SETTINGS
 
 
 def default_output_dir(configured: str = "") -> Path:
@@ -116,15 +117,7 @@ class WorkerConfig:
     workflow: str
     lora_dirs: Tuple[str, ...]
     log_level: str
-    dtype: str
-    weight_dtype: str
-    memory_mode: str
-    fp8_matmul: bool
-    compile: str
-
-    def loader_values(self) -> dict:
-        """The loader inputs the operator decides (see OPERATOR_PARAMS, FIXED_BY_WORKER)."""
-        return {**{name: getattr(self, name) for name in OPERATOR_PARAMS}, **FIXED_BY_WORKER}
+    operator: Mapping[str, Any]  # every operator-owned parameter (OPERATOR_SETTINGS) -> the value each job uses
 
     def lora_folders(self) -> List[Path]:
         """Where a request's LoRA names are looked up: WAN_LORA_DIRS, else <model root>/loras and the
@@ -138,6 +131,6 @@ class WorkerConfig:
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "WorkerConfig":
-        values = read_settings(WORKER_SETTINGS, environ)
+        values = read_settings(OWN_SETTINGS, environ)
         values["output_dir"] = default_output_dir(values["output_dir"])
-        return cls(limits=Limits.from_env(environ), **values)
+        return cls(limits=Limits.from_env(environ), operator=read_settings(OPERATOR_SETTINGS, environ), **values)

@@ -9,7 +9,7 @@ from .errors import JobFailed
 from .records import RUN_INFO, Record
 
 RESPONSE_FIELDS = ("request_id", "status", "output_path", "seed", "frames", "width", "height", "timings", *RUN_INFO,
-                   "warnings")
+                   "warnings", "replaced")
 MB = 1024 * 1024
 
 

@@ -81,7 +81,7 @@ def _handle_job(job: Dict[str, Any], token: Optional[CancelToken] = None) -> Dic
         cfg = config_mod.WorkerConfig.from_env()
         request_id = validate_request_id(job.get("id"), "id (the RunPod job id)")
         parsed = parse_job_input(job.get("input"), limits=cfg.limits, max_workflow_images=cfg.max_workflow_images,
-                                 operator=cfg.loader_values(), lora_folders=cfg.lora_folders())
+                                 operator=cfg.operator, lora_folders=cfg.lora_folders())
         if request_id == LOCAL_TEST_ID and not isinstance(parsed, StatusRequest):
             request_id = f"{LOCAL_TEST_ID}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex}"  # unguessable: see status
             parsed.warnings.append(f"id: every --test_input run without an \"id\" is '{LOCAL_TEST_ID}'; this one "

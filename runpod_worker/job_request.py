@@ -38,7 +38,7 @@ def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, 
     record = Record(cfg.output_dir, request_id, "request", params, out_path)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        record.update(warnings=list(req.warnings), timings={"fetch_s": fetch_s})
+        record.update(warnings=list(req.warnings), replaced=list(req.replaced), timings={"fetch_s": fetch_s})
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(out_path)

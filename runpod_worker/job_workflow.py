@@ -19,7 +19,7 @@ from .delivery import MB, failed_answer, file_items, pick_answer
 from .errors import JobFailed, as_job_failure
 from .progress import ProgressReporter
 from .records import Record
-from .validation import WorkflowRequest
+from .validation import WorkflowRequest, operator_replacements, replaced_warning
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 IMAGE_INPUTS = tuple(p.name for p in spec.node_params(spec.LOAD_IMAGE))
@@ -45,21 +45,19 @@ def sanitize_workflow_sources(workflow: Dict[str, Any], cfg) -> None:
         inputs.update(image_base64=base64.b64encode(checked.png).decode("ascii"), image_url="", image_path="")
 
 
-def apply_operator_settings(workflow: Dict[str, Any], cfg) -> List[str]:
-    """The model loader's operator-owned inputs (WorkerConfig.loader_values: dtype, weight_dtype, memory_mode, ...)
-    set to the operator's values, as in a request: a raw job that changed them would reload the 14B experts for
-    itself and again for the next job. One warning per input replaced."""
-    warnings = []
-    for node_id, node in workflow.items():
-        if node.get("class_type") != spec.LOADER or not isinstance(node.get("inputs"), dict):
+def apply_operator_settings(req: WorkflowRequest, cfg) -> None:
+    """Every input of an operator-owned parameter (wan22.request.spec `operator`) on the nodes that take it set to the
+    operator's value (WorkerConfig.operator), as in a request: a raw job that changed them would reload the 14B experts
+    for itself and again for the next job. Each value replaced goes to `req.replaced`, with a warning."""
+    for node_id, node in req.workflow.items():
+        inputs = node.get("inputs")
+        owned = {p.name: cfg.operator[p.name] for p in spec.operator_params() if node.get("class_type") in (p.node, *p.also)}
+        if not owned or not isinstance(inputs, dict):
             continue
-        for name, fixed in cfg.loader_values().items():
-            given = node["inputs"].get(name, fixed)
-            if given != fixed:
-                warnings.append(f"workflow.{node_id}.inputs.{name}: {given!r} replaced by {fixed!r}: this worker's "
-                                f"models are loaded with the operator's setting; a job that changed it would reload them")
-            node["inputs"][name] = fixed
-    return warnings
+        replaced = operator_replacements(inputs, owned, lambda name: f"workflow.{node_id}.inputs.{name}")
+        inputs.update(owned)
+        req.replaced += replaced
+        req.warnings += [replaced_warning(item) for item in replaced]
 
 
 class OutputFolder:
@@ -121,14 +119,14 @@ def run_workflow_job(job: Dict[str, Any], request_id: str, req: WorkflowRequest,
         check_image(data, item.field, cfg.limits.max_image_pixels, single_frame=True)
         images.append((item.name, data))
     sanitize_workflow_sources(req.workflow, cfg)
-    req.warnings.extend(apply_operator_settings(req.workflow, cfg))
+    apply_operator_settings(req, cfg)
     holder: Dict[str, Record] = {}
 
     def on_queued(prompt_id: str) -> None:
         # queued: from here on the job has a record, and the record ends whatever happens
         record = Record(cfg.output_dir, request_id, "workflow", {"nodes": len(req.workflow), "images": [n for n, _ in images]}, None)
         holder["record"] = record
-        record.write(warnings=list(req.warnings), comfy={"prompt_id": prompt_id})
+        record.write(warnings=list(req.warnings), replaced=list(req.replaced), comfy={"prompt_id": prompt_id})
 
     def on_running() -> None:
         if "record" in holder:

@@ -134,6 +134,7 @@ class Record:
             "fps": None,
             "timings": {},
             "warnings": [],
+            "replaced": [],  # the request's values of operator-owned parameters replaced by the operator's
             "error": None,
             "progress": None,
             **dict.fromkeys(RUN_INFO),

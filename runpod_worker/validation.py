@@ -12,7 +12,7 @@ import dataclasses
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from wan22.request import spec
 from wan22.request.errors import InvalidParameter
@@ -61,6 +61,7 @@ class GenerateRequest:
     save_file: Optional[str]
     return_video: bool
     warnings: List[str]
+    replaced: List[Dict[str, Any]] = dataclasses.field(default_factory=list)  # see operator_replacements
 
     def record_params(self) -> Dict[str, Any]:
         """The parameters as the JSON record and the `status` answer show them."""
@@ -88,6 +89,7 @@ class WorkflowRequest:
     images: List[WorkflowImage]
     return_video: bool
     warnings: List[str]
+    replaced: List[Dict[str, Any]] = dataclasses.field(default_factory=list)  # see operator_replacements
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -112,6 +114,27 @@ def validate_request_id(value: Any, field: str = "request_id") -> str:
             "letter or digit, no '..' and no path separators",
         )
     return value
+
+
+# --------------------------------------------------------------------------------------------- the operator's
+def operator_defaults() -> Dict[str, Any]:
+    """The operator-owned parameters at their defaults: what a worker uses when its operator sets none of them."""
+    return {p.name: p.default for p in spec.operator_params()}
+
+
+def operator_replacements(given: Mapping[str, Any], operator: Mapping[str, Any],
+                          label: Callable[[str], str]) -> List[Dict[str, Any]]:
+    """The one mechanism for operator-owned parameters (wan22.request.spec `operator`), for requests and raw workflows alike:
+    each one `given` (a request's parameters, a raw workflow node's inputs) with another value than the operator's
+    is replaced by it (the caller sets `operator` over `given`). One {field, given, used, setting} per value replaced:
+    the answer's `replaced`, and a warning each (replaced_warning)."""
+    return [{"field": label(name), "given": given[name], "used": used, "setting": spec.SPEC[name].operator}
+            for name, used in operator.items() if name in given and given[name] != used]
+
+
+def replaced_warning(item: Mapping[str, Any]) -> str:
+    return (f"{item['field']}: {item['given']!r} replaced by {item['used']!r}: this worker's operator sets it for every "
+            f"job ({item['setting']}), so that no job makes a warm worker reload its models")
 
 
 # --------------------------------------------------------------------------------------------- extra_args
@@ -174,11 +197,11 @@ def parse_extra_args(value: Any, field: str = "params.extra_args") -> Dict[str, 
 
 # --------------------------------------------------------------------------------------------- request
 def validate_generate_params(params: Any, *, return_video: Any = None, limits: Optional[Limits] = None,
-                             operator: Optional[Dict[str, Any]] = None, lora_folders: Sequence[Path] = ()) -> GenerateRequest:
+                             operator: Optional[Mapping[str, Any]] = None, lora_folders: Sequence[Path] = ()) -> GenerateRequest:
     """Check the seed's `params` object completely (every problem at once): the spec's checks, a required
     image, extra_args, save_file and return_video; each LoRA a relative name of a file in `lora_folders`
-    (WorkerConfig.lora_folders). `operator`: loader values the worker's operator fixes
-    (WorkerConfig.loader_values); a request's different value is ignored with a warning."""
+    (WorkerConfig.lora_folders). `operator`: the operator-owned parameters' values (WorkerConfig.operator; None:
+    their defaults); a request's value of one is checked, then replaced by the operator's (operator_replacements)."""
     if not isinstance(params, dict):
         raise InvalidParameter("params", f"must be an object with the generation parameters, got {type(params).__name__}")
     problems: List[Tuple[str, str]] = []
@@ -215,13 +238,12 @@ def validate_generate_params(params: Any, *, return_video: Any = None, limits: O
     image = ImageSource(kind, value, request.label(f"image_{kind}"))
     generation = spec.run_defaults("worker")
     generation.update({k: v for k, v in values.items() if k in generation or k in ("loras", "use_prompt_extend")})
-    for name, fixed in (operator or {}).items():
-        if name in values and values[name] != fixed:
-            warnings.append(f"{request.label(name)}: {values[name]!r} ignored: this worker's models are loaded with "
-                            f"{name}={fixed!r} (its operator's setting); a request that changed it would reload them")
-        generation[name] = fixed
+    operator = operator_defaults() if operator is None else operator
+    replaced = operator_replacements(values, operator, request.label)
+    generation.update(operator)
+    warnings += [replaced_warning(item) for item in replaced]
     return GenerateRequest(values=generation, image=image, save_file=values.get("save_file") or None,
-                           return_video=return_video, warnings=warnings)
+                           return_video=return_video, warnings=warnings, replaced=replaced)
 
 
 def _return_video(top_level: Any, in_params: Any, request: Optional[spec.Normalized]) -> bool:
@@ -289,7 +311,7 @@ def _action(job_input: Dict[str, Any], warnings: List[str]) -> str:
 
 
 def parse_job_input(job_input: Any, *, limits: Optional[Limits] = None, max_workflow_images: int = 16,
-                    operator: Optional[Dict[str, Any]] = None, lora_folders: Sequence[Path] = ()) -> Parsed:
+                    operator: Optional[Mapping[str, Any]] = None, lora_folders: Sequence[Path] = ()) -> Parsed:
     """Dispatch on `action` (or the presence of `workflow`) and validate the whole input."""
     if not isinstance(job_input, dict):
         raise InvalidParameter("input", f"must be a JSON object, got {type(job_input).__name__}")

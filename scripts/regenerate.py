@@ -120,6 +120,8 @@ def parameters_table() -> str:
     for p in spec.PARAMS:
         cli = (", ".join(_code(f) for f in p.flags) if p.flag else "batch / Python") if p.taken_by("cli") else f"no: {p.refused['cli']}"
         worker = "yes" if p.taken_by("worker") else f"no: {p.refused['worker']}"
+        if p.operator:
+            worker = f"the operator's `{p.operator}` replaces a request's value (with a warning)"
         default = spec.shown_default(p)
         rows.append("| " + " | ".join(_cell(c) for c in (
             _code(p.name), ", ".join(_code(a) for a in p.aliases), default if default.startswith("upstream") or default == "none" else _code(default),

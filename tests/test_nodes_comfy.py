@@ -89,6 +89,22 @@ def test_object_info_declares_every_node(comfy_client):
     assert info["Wan22SaveVideo"]["input"]["required"]["fps"][1]["default"] == 16
 
 
+def test_every_node_parameter_is_an_input_of_its_nodes(comfy_client):
+    """The node surface of wan22.request.spec: each parameter with a node is an input of that node (and of the nodes in its
+    `also`), with the spec's default (a dropdown of files on disk has none when the default is not among them); read
+    from the spec, so a parameter a node's INPUT_TYPES lost shows here."""
+    from wan22 import spec
+
+    info = comfy_client.object_info()
+    lost = []
+    for p in spec.PARAMS:
+        for node in (p.node, *p.also) if p.node else ():
+            declared = info[node]["input"]["required"].get(p.name)
+            if declared is None or declared[1].get("default", p.default) != p.default:
+                lost.append(f"{node}.{p.name}: {declared}")
+    assert lost == []
+
+
 @pytest.mark.parametrize("ui_path", UI_WORKFLOWS + [REPO / folder / name for folder in ("workflows/ui", "example_workflows")
                                                     for name in ("wan22_i2v_a14b_4step_lora.json", "wan22_i2v_a14b_prompt_extend.json")],
                          ids=lambda p: f"{p.parent.name}/{p.stem}")

@@ -127,3 +127,137 @@ def test_runpod_hub_lists_only_declared_settings():
     hub = json.loads((REPO / ".runpod" / "hub.json").read_text())
     keys = [entry["key"] for entry in hub["config"]["env"]]
     assert keys and [k for k in keys if k not in declared] == []
+
+
+# ------------------------------------------------------------------ every parameter reaches what it feeds
+TEXTS = {"image_url": "https://example.com/in.png", "image_path": "/workspace/in.png", "image_base64": "aGk=",
+         "image": "/workspace/in.png", "prompt_extend_model": "QwenVL2.5_3B", "save_file": "clip.mp4",
+         "extra_args": "--sample_steps 3"}
+IMAGE = {"image_url": "https://example.com/in.png"}
+
+
+def other_value(p: spec.Param):
+    """A valid value of `p` that is not its default, as the spec's check returns it (None: `p` takes only one)."""
+    if p.only is not None:
+        return None
+    if p.kind == "bool":
+        candidates = [not p.default]
+    elif p.kind == "choice":
+        candidates = list(p.choices)
+    elif p.kind in ("int", "float"):
+        step = p.every or 1
+        candidates = [p.default + step, p.default - step, (p.low + p.high) / 2 if p.kind == "float" else p.low]
+    else:
+        candidates = [{"size": "832*480", "guide": "2,3", "loras": ["style.safetensors:high:0.5"]}.get(p.kind, TEXTS.get(p.name, "a text"))]
+    for candidate in candidates:
+        try:
+            value = spec.check(p.name, candidate)
+        except Exception:  # noqa: BLE001 - out of range: the next candidate
+            continue
+        if value != spec.check(p.name, p.default) if p.default is not None else True:
+            return value
+    raise AssertionError(f"no value other than the default for {p.name}")
+
+
+def as_text(value) -> str:
+    """`value` as the CLI and the environment spell it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, list):  # loras
+        return ",".join(f"{entry['name']}:{entry['expert']}:{entry['strength']:g}" for entry in value)
+    return str(value)
+
+
+def generation_value(params, name: str):
+    from wan22.request.params import GUIDE_SCALE
+
+    return params.guide_scale[GUIDE_SCALE.index(name)] if name in GUIDE_SCALE else getattr(params, name, None)
+
+
+def unreached() -> list:
+    """Each spec parameter whose value (not its default) does not reach its consumer on a surface it is declared for,
+    as 'name: where'. Read from the spec, not from the engine's lists: a name missing from one of them shows here."""
+    from headless import cli
+    from runpod_worker.config import WorkerConfig
+    from runpod_worker.validation import parse_extra_args, validate_generate_params
+    from wan22.request.params import GenerationParams
+    from wan22.pipeline import LoadOptions
+    from wan22.request.settings import Limits
+
+    limits = Limits.defaults()
+    lost = []
+    for p in spec.PARAMS:
+        value = other_value(p)
+        if value is None:
+            assert p.feeds == "nothing", p.name
+            continue
+        # the engine: GenerationParams, LoadOptions and its storage key
+        if p.feeds == "generation" and generation_value(GenerationParams.from_values({p.name: value}), p.name) != value:
+            lost.append(f"{p.name}: GenerationParams")
+        if p.feeds in ("storage", "placement", "kernels"):
+            options = LoadOptions.from_values({p.name: value})
+            if getattr(options, p.name, None) != value:
+                lost.append(f"{p.name}: LoadOptions")
+            if (options.storage_key != LoadOptions().storage_key) != (p.feeds == "storage"):
+                lost.append(f"{p.name}: the storage key")
+        # the CLI and the worker's request: the value itself, the image source, or what a shorthand expands to
+        for surface in ("cli", "worker"):
+            if not p.taken_by(surface) or p.name == "extra_args":
+                continue
+            if surface == "cli" and p.flag:
+                raw = cli._params_from_args(cli.build_parser().parse_args([p.flags[0], as_text(value)]))
+            else:
+                raw = {p.name: value}
+            values = spec.normalize(raw, surface, limits=limits).values
+            if p.feeds == "request":
+                reached = values != spec.normalize({}, surface, limits=limits).values
+            elif p.feeds == "image":
+                reached = spec.image_source(values) is not None
+            else:
+                reached = values.get(p.name) == value
+            if not reached:
+                lost.append(f"{p.name}: {surface} request")
+        if p.taken_by("worker") and p.node not in (None, spec.LOAD_IMAGE) and not p.operator:
+            if validate_generate_params({**IMAGE, p.name: value}).values.get(p.name) != value:
+                lost.append(f"{p.name}: the worker's workflow values")
+        # the operator's: its setting sets it, and a request's other value is replaced, with a warning
+        if p.operator:
+            cfg = WorkerConfig.from_env({p.operator: as_text(value)})
+            if cfg.operator.get(p.name) != value:
+                lost.append(f"{p.name}: WorkerConfig.operator ({p.operator})")
+            req = validate_generate_params({**IMAGE, p.name: p.default}, operator=cfg.operator)
+            if req.values.get(p.name) != value or [r["field"] for r in req.replaced] != [f"params.{p.name}"]:
+                lost.append(f"{p.name}: replaced in a worker request")
+    if not parse_extra_args(TEXTS["extra_args"]):
+        lost.append("extra_args: the worker's request")
+    return lost
+
+
+def test_every_parameter_reaches_what_it_feeds():
+    assert {p.feeds for p in spec.PARAMS} == set(spec.FEEDS)  # no word of the vocabulary unused
+    assert unreached() == []
+
+
+@pytest.mark.parametrize("module, name, dropped", [
+    ("wan22.request.params", "_FIELDS", "seed"), ("wan22.pipeline", "LOAD_FIELDS", "cfg_batch"),
+    ("wan22.pipeline", "STORAGE_FIELDS", "weight_dtype"), ("runpod_worker.config", "OPERATOR_SETTINGS", "compile")])
+def test_a_parameter_dropped_from_a_derived_list_is_seen(monkeypatch, module, name, dropped):
+    """The check compares with the spec: a list the engine derives from it, losing one name, fails it."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    monkeypatch.setattr(mod, name, tuple(x for x in getattr(mod, name) if getattr(x, "field", x) != dropped))
+    assert [line for line in unreached() if line.startswith(f"{dropped}: ")]
+
+
+def test_a_consumer_without_a_field_for_a_parameter_fails_at_import():
+    from wan22.request.params import _FIELDS, GenerationParams
+
+    with pytest.raises(TypeError, match="GenerationParams does not match wan22.request.spec: no field for motion"):
+        spec.require_fields(GenerationParams, _FIELDS + ("motion",), own=("guide_scale",))
+    with pytest.raises(TypeError, match="fields guide_scale are fed by no parameter"):
+        spec.require_fields(GenerationParams, _FIELDS)
+    with pytest.raises(ValueError, match="feeds='sampler' must be one of image, prompt, generation"):
+        spec.Param("x", "int", 0, "doc", feeds="sampler")

@@ -496,8 +496,9 @@ def test_seed_request_returns_base64_mp4(worker, first_request, tmp_path):
     assert answer["status"] == "COMPLETED", answer
     out = answer["output"]
     for key in ("request_id", "status", "output_path", "video_base64", "seed", "frames", "width", "height",
-                "timings", "warnings"):
+                "timings", "warnings", "replaced"):
         assert key in out, key
+    assert out["replaced"] == []
     assert out["request_id"] == answer["id"] and out["status"] == "COMPLETED"
     assert out["seed"] == 42 and out["frames"] == 5
     assert out["memory"]["mode"] == "cpu" and out["memory"]["resident_blocks"] == out["memory"]["num_blocks"]
@@ -534,7 +535,9 @@ def test_status_returns_same_record_and_video(worker, first_request):
 
 
 def test_second_request_reloads_nothing(worker, first_request, tmp_path):
-    """Aliases + a path image + extra_args + other placement flags (offload_model, t5_cpu): nothing is loaded again."""
+    """Aliases + a path image + extra_args + other placement flags (offload_model, t5_cpu): nothing is loaded again.
+    Operator-owned values (weight_dtype, convert_model_dtype, compile) are replaced by the operator's, each named in
+    a warning and in the answer's `replaced`: they cannot make the warm worker reload either."""
     answer1, seconds1 = first_request
     assert answer1["status"] == "COMPLETED", answer1
     loads_before = worker.comfy_log.read_text(errors="replace").count("Wan22: loading")
@@ -545,12 +548,19 @@ def test_second_request_reloads_nothing(worker, first_request, tmp_path):
     assert raw["status"] == "COMPLETED", raw
     params = {"reference_image_path": str(worker.inputs / "in.png"), "prompt": "a small dog", "base_seed": 7,
               "num_frames": 5, "cfg_scale": 4.0, "size": "64*64", "extra_args": "--sample_steps 2",
-              "offload_model": False, "t5_cpu": False}
+              "offload_model": False, "t5_cpu": False, "weight_dtype": "fp8", "convert_model_dtype": False,
+              "compile": "blocks"}
     answer = worker.runsync({"action": "request", "params": params})
     assert answer["status"] == "COMPLETED", answer
     out = answer["output"]
     assert out["seed"] == 7 and out["frames"] == 5
-    assert out["warnings"] == []
+    assert out["replaced"] == [
+        {"field": "params.convert_model_dtype", "given": False, "used": True, "setting": "WAN_CONVERT_MODEL_DTYPE"},
+        {"field": "params.weight_dtype", "given": "fp8_e4m3fn_scaled", "used": "auto", "setting": "WAN_WEIGHT_DTYPE"},
+        {"field": "params.compile", "given": "blocks", "used": "off", "setting": "WAN_COMPILE"}]
+    assert [w.split(":")[0] for w in out["warnings"]] == [item["field"] for item in out["replaced"]]
+    assert out["warnings"][2].startswith("params.compile: 'blocks' replaced by 'off': this worker's operator sets it")
+    assert out["kernels"]["compile"] == "off"
     record = json.loads((worker.out_dir / f"{answer['id']}.json").read_text())
     assert worker.comfy_log.read_text(errors="replace").count("Wan22: loading") == loads_before
     assert (record["params"]["guide_scale_low"], record["params"]["guide_scale_high"]) == (4.0, 4.0)

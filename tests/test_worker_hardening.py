@@ -170,6 +170,11 @@ def test_a_raw_workflow_runs_with_the_operators_model_settings(worker, image_htt
                                ("compile", "blocks", "off"), ("memory_mode", "offload", "auto")):
         assert f"workflow.{loader}.inputs.{name}: '{given}' replaced by '{fixed}'" in warnings, warnings
     assert "fp8_matmul" not in warnings  # left as the operator has it: nothing to say
+    assert {item["field"]: (item["given"], item["used"], item["setting"]) for item in answer["output"]["replaced"]} == {
+        f"workflow.{loader}.inputs.dtype": ("fp32", "bf16", "WAN_DTYPE"),
+        f"workflow.{loader}.inputs.weight_dtype": ("fp8_e4m3fn_scaled", "auto", "WAN_WEIGHT_DTYPE"),
+        f"workflow.{loader}.inputs.memory_mode": ("offload", "auto", "WAN_MEMORY_MODE"),
+        f"workflow.{loader}.inputs.compile": ("blocks", "off", "WAN_COMPILE")}
     record = json.loads((worker.out_dir / f"{answer['id']}.json").read_text())
     assert record["warnings"] == answer["output"]["warnings"]
 

@@ -85,38 +85,72 @@ def test_unknown_params_are_refused_unless_the_operator_says_warn(monkeypatch):
     assert "webhook_extra: unknown top-level key, ignored" in r.warnings and r.values["frame_num"] == 81
 
 
-def test_storage_options_are_the_operators():
-    """dtype / convert_model_dtype from a request would reload a warm worker: the operator's win, with a warning;
-    offload_model and t5_cpu only place the models, so the request's are used."""
-    operator = config_mod.WorkerConfig.from_env({"WAN_DTYPE": "fp16", "WAN_MEMORY_MODE": "stream"}).loader_values()
+def test_operator_owned_parameters_are_replaced_with_a_warning_and_listed():
+    """dtype, convert_model_dtype, weight_dtype, memory_mode, fp8_matmul and compile are the operator's (spec
+    `operator`): a request's value is checked, then replaced by the operator's, with a warning naming the field, the
+    value sent and the value used, and listed in `replaced`; offload_model and t5_cpu only place the models, so the
+    request's are used."""
+    operator = config_mod.WorkerConfig.from_env({"WAN_DTYPE": "fp16", "WAN_MEMORY_MODE": "stream"}).operator
     r = validate_generate_params({"reference_image_url": "https://x/y.png", "prompt": "p", "dtype": "bf16",
-                                  "convert_model_dtype": False, "offload_model": False, "t5_cpu": False}, operator=operator)
-    assert (r.values["dtype"], r.values["convert_model_dtype"], r.values["memory_mode"]) == ("fp16", True, "stream")
+                                  "convert_model_dtype": False, "offload_model": False, "t5_cpu": False,
+                                  "weight_dtype": "fp8", "memory_mode": "stream"}, operator=operator)
+    assert (r.values["dtype"], r.values["convert_model_dtype"], r.values["weight_dtype"], r.values["memory_mode"]) == (
+        "fp16", True, "auto", "stream")
     assert (r.values["offload_model"], r.values["t5_cpu"]) == (False, False)
+    assert r.replaced == [
+        {"field": "params.dtype", "given": "bf16", "used": "fp16", "setting": "WAN_DTYPE"},
+        {"field": "params.convert_model_dtype", "given": False, "used": True, "setting": "WAN_CONVERT_MODEL_DTYPE"},
+        {"field": "params.weight_dtype", "given": "fp8_e4m3fn_scaled", "used": "auto", "setting": "WAN_WEIGHT_DTYPE"}]
     assert r.warnings == [
-        "params.dtype: 'bf16' ignored: this worker's models are loaded with dtype='fp16' (its operator's setting); "
-        "a request that changed it would reload them",
-        "params.convert_model_dtype: False ignored: this worker's models are loaded with convert_model_dtype=True "
-        "(its operator's setting); a request that changed it would reload them"]
+        "params.dtype: 'bf16' replaced by 'fp16': this worker's operator sets it for every job (WAN_DTYPE), so that "
+        "no job makes a warm worker reload its models",
+        "params.convert_model_dtype: False replaced by True: this worker's operator sets it for every job "
+        "(WAN_CONVERT_MODEL_DTYPE), so that no job makes a warm worker reload its models",
+        "params.weight_dtype: 'fp8_e4m3fn_scaled' replaced by 'auto': this worker's operator sets it for every job "
+        "(WAN_WEIGHT_DTYPE), so that no job makes a warm worker reload its models"]
+    # a bad value is still an error naming the field (checked before it is replaced), every problem at once
     with pytest.raises(InvalidParameter) as exc:
-        validate_generate_params({"reference_image_url": "https://x/y.png", "weight_dtype": "bf16", "memory_mode": "full"},
+        validate_generate_params({"reference_image_url": "https://x/y.png", "weight_dtype": "int8", "memory_mode": "gpu"},
                                  operator=operator)
     assert fields_of(exc.value) == ["params.weight_dtype", "params.memory_mode"]
-    assert "operator sets it (WAN_WEIGHT_DTYPE)" in exc.value.message
+    assert "must be one of auto, bf16, fp16, fp8_e4m3fn_scaled, got 'int8'" in exc.value.message
+    # without the worker's settings (operator=None): the operator's defaults, never the request's
+    r = validate_generate_params({"reference_image_url": "https://x/y.png", "compile": "blocks", "extra_args": "--convert_model_dtype"})
+    assert (r.values["compile"], r.values["convert_model_dtype"]) == ("off", True)
+    assert [item["field"] for item in r.replaced] == ["params.compile"]
 
 
 def test_kernel_options_a_request_may_set_and_compile_is_the_operators():
     """attention_backend and cfg_batch change no weights (a request's own); compile costs minutes per size (WAN_COMPILE)."""
-    operator = config_mod.WorkerConfig.from_env({"WAN_COMPILE": "blocks"}).loader_values()
-    r = validate_generate_params({"reference_image_url": "https://x/y.png", "attention_backend": "cudnn", "cfg_batch": True},
-                                 operator=operator)
+    operator = config_mod.WorkerConfig.from_env({"WAN_COMPILE": "blocks"}).operator
+    r = validate_generate_params({"reference_image_url": "https://x/y.png", "attention_backend": "cudnn", "cfg_batch": True,
+                                  "compile": "off"}, operator=operator)
     assert (r.values["attention_backend"], r.values["cfg_batch"], r.values["compile"]) == ("cudnn", True, "blocks")
+    assert r.replaced == [{"field": "params.compile", "given": "off", "used": "blocks", "setting": "WAN_COMPILE"}]
     with pytest.raises(InvalidParameter) as exc:
         validate_generate_params({"reference_image_url": "https://x/y.png", "compile": "off", "attention_backend": "xformers"},
                                  operator=operator)
-    assert sorted(fields_of(exc.value)) == ["params.attention_backend", "params.compile"]
+    assert fields_of(exc.value) == ["params.attention_backend"]
     assert "must be one of auto, native, cudnn, flash, flash3, sage, got 'xformers'" in exc.value.message
-    assert "operator sets it (WAN_COMPILE)" in exc.value.message
+
+
+def test_a_raw_workflows_operator_owned_inputs_are_replaced_and_listed():
+    """The same mechanism for a raw workflow: every node input of an operator-owned parameter (the loader's) set to the
+    operator's value; the ones that differed listed in `replaced`, with a warning each."""
+    from runpod_worker.job_workflow import apply_operator_settings
+    from runpod_worker.validation import WorkflowRequest
+
+    cfg = config_mod.WorkerConfig.from_env({"WAN_FP8_MATMUL": "1"})
+    workflow = {"1": {"class_type": "Wan22ModelLoader", "inputs": {"dtype": "fp32", "fp8_matmul": True, "compile": "blocks"}},
+                "2": {"class_type": "SaveImage", "inputs": {"dtype": "fp32"}}}
+    req = WorkflowRequest(workflow=workflow, images=[], return_video=True, warnings=[])
+    apply_operator_settings(req, cfg)
+    assert workflow["1"]["inputs"] == dict(cfg.operator)  # fp8_matmul was the operator's already: not listed
+    assert workflow["2"]["inputs"] == {"dtype": "fp32"}  # not an input of an operator-owned parameter
+    assert req.replaced == [{"field": "workflow.1.inputs.dtype", "given": "fp32", "used": "bf16", "setting": "WAN_DTYPE"},
+                            {"field": "workflow.1.inputs.compile", "given": "blocks", "used": "off", "setting": "WAN_COMPILE"}]
+    assert req.warnings[0].startswith("workflow.1.inputs.dtype: 'fp32' replaced by 'bf16': this worker's operator sets "
+                                      "it for every job (WAN_DTYPE)")
 
 
 @pytest.mark.parametrize("key, value", [("model_path", "/etc"), ("model_set", "x"), ("filename_prefix", "../x")])
@@ -302,7 +336,8 @@ def test_every_worker_setting_is_read_and_a_bad_one_is_named():
     assert (cfg.job_timeout_s, cfg.comfyui_cpu, cfg.max_inline_bytes, cfg.extra_node_paths) == (12.0, True, 2 * 2**20, ("/a", "/b"))
     assert cfg.limits.max_image_bytes == 2**20
     fields = {f.name for f in __import__("dataclasses").fields(config_mod.WorkerConfig)}
-    assert fields == {s.field for s in config_mod.WORKER_SETTINGS} | {"limits"}
+    assert fields == {s.field for s in config_mod.OWN_SETTINGS} | {"limits", "operator"}
+    assert set(cfg.operator) == {s.field for s in config_mod.OPERATOR_SETTINGS}
     with pytest.raises(ValueError, match="WAN_JOB_TIMEOUT_S='soon' is not a number"):
         config_mod.WorkerConfig.from_env({"WAN_JOB_TIMEOUT_S": "soon"})
 

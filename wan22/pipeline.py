@@ -36,20 +36,21 @@ VAE_STRIDE = (4, 8, 8)
 PATCH = (1, 2, 2)
 
 
-LOAD_FIELDS = ("dtype", "offload_model", "t5_cpu", "convert_model_dtype", "weight_dtype", "memory_mode", "fp8_matmul",
-               "attention_backend", "compile", "cfg_batch", "fp32_residual")
-STORAGE_FIELDS = ("dtype", "convert_model_dtype", "weight_dtype")  # changing these means loading again
+# the parameters that feed LoadOptions (wan22.request.spec): storage (a change loads again), placement and kernels
+LOAD_FIELDS = spec.fed("storage", "placement", "kernels")
+STORAGE_FIELDS = spec.fed("storage")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadOptions:
-    """Loader options (wan22.request.spec names and defaults) with the meanings of upstream generate.py's flags.
+    """Loader options (wan22.request.spec names and defaults) with the meanings of upstream generate.py's flags: one field
+    per parameter that feeds storage, placement or kernels (LOAD_FIELDS; checked against the spec below).
 
     Storage (a change reloads): dtype (compute), convert_model_dtype (store the experts in dtype rather than
     the checkpoint's own), weight_dtype (auto | bf16 | fp16 | fp8_e4m3fn_scaled). Placement (no reload, see
-    wan22.memory.planner): memory_mode, offload_model (false asks for full), t5_cpu, fp8_matmul; and how the experts run
-    (wan22.runtime.kernels, no reload either): attention_backend, compile, cfg_batch, fp32_residual. gpu_memory_gib caps
-    the GPU memory the plan may use (None: what is free), e.g. to run as a 24 GB card would.
+    wan22.memory.planner): memory_mode, offload_model (false asks for full), t5_cpu; and how the experts compute
+    (wan22.runtime.kernels, no reload either): fp8_matmul, attention_backend, compile, cfg_batch, fp32_residual.
+    gpu_memory_gib caps the GPU memory the plan may use (None: what is free), e.g. to run as a 24 GB card would.
     """
 
     dtype: str = spec.default("dtype")
@@ -111,6 +112,9 @@ class LoadOptions:
         if self.keeps_fp8(model_set) or self.convert_model_dtype or fp8_file:
             return self.torch_dtype
         return None
+
+
+spec.require_fields(LoadOptions, LOAD_FIELDS, own=("device", "gpu_memory_gib"))
 
 
 @dataclasses.dataclass
@@ -336,8 +340,7 @@ class Wan22I2VPipeline:
                                 self.model_set, loras, shared=self)
 
     def with_options(self, options: LoadOptions) -> "Wan22I2VPipeline":
-        """The same loaded models with other placement and speed options (memory_mode, offload_model, t5_cpu,
-        fp8_matmul, attention_backend, compile, cfg_batch, fp32_residual)."""
+        """The same loaded models with other placement and kernel options (the spec's feeds placement, kernels)."""
         options = options.validated()
         if options.storage_key != self.options.storage_key:
             raise ValueError("these options change how the models are stored: load them again")
@@ -376,7 +379,7 @@ class Wan22I2VPipeline:
     def _experts(self) -> Dict[str, torch.nn.Module]:
         return {"high_noise_model": self.high_noise_model, "low_noise_model": self.low_noise_model}
 
-    # ------------------------------------------------------------------ the memory plan (wan22.memory)
+    # ------------------------------------------------------------------ the memory plan (wan22.memory.planner)
     def sizes(self) -> planner.Sizes:
         expert = self.high_noise_model
         blocks = [placement.module_bytes(b) for b in expert.blocks]

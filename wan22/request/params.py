@@ -10,7 +10,9 @@ from .errors import InvalidParameter
 from .spec import MAX_SEED, parse_size
 
 SOLVERS = spec.SPEC["sample_solver"].choices
-_FIELDS = ("size", "frame_num", "sample_steps", "sample_shift", "sample_solver", "seed", "boundary", "fps")
+GUIDE_SCALE = ("guide_scale_low", "guide_scale_high")  # one field, guide_scale, ordered as upstream's pair
+# the parameters that feed GenerationParams (wan22.request.spec), each a field of the same name but the guide scales
+_FIELDS = tuple(name for name in spec.fed("generation") if name not in GUIDE_SCALE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +35,7 @@ class GenerationParams:
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> "GenerationParams":
         """From canonical parameter values (wan22.request.spec names); missing ones keep their defaults."""
-        defaults = cls()
-        guide = (values.get("guide_scale_low", defaults.guide_scale[0]), values.get("guide_scale_high", defaults.guide_scale[1]))
+        guide = tuple(values.get(name, spec.default(name)) for name in GUIDE_SCALE)
         return cls(guide_scale=guide, **{k: values[k] for k in _FIELDS if k in values})
 
     def validated(self) -> "GenerationParams":
@@ -42,7 +43,7 @@ class GenerationParams:
         if not isinstance(self.guide_scale, (tuple, list)) or len(self.guide_scale) != 2:
             raise InvalidParameter("guide_scale", "must be a pair (low_noise, high_noise) of numbers")
         given = {name: getattr(self, name) for name in _FIELDS}
-        given.update(guide_scale_low=self.guide_scale[0], guide_scale_high=self.guide_scale[1])
+        given.update(zip(GUIDE_SCALE, self.guide_scale))
         checked, problems = {}, []
         for name, value in given.items():
             try:
@@ -63,6 +64,9 @@ class GenerationParams:
     def max_area(self) -> int:
         width, height = parse_size(self.size)
         return width * height
+
+
+spec.require_fields(GenerationParams, _FIELDS, own=("guide_scale",))
 
 
 def image_size_for_area(image_height: int, image_width: int, max_area: int, stride: int = 8, patch: int = 2) -> Tuple[int, int, int, int]:

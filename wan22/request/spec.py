@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .errors import InvalidParameter
 from .extension_models import check_model_name
@@ -51,12 +51,32 @@ IMAGE_FIELDS = ("image", "image_url", "image_path", "image_base64")
 SINGLE_GPU = "this runner drives one GPU"
 
 
+# what a parameter feeds (Param.feeds): the consumer each value reaches, whatever the surface
+FEEDS: Dict[str, str] = {
+    "image": "the reference image (wan22.request.intake)",
+    "prompt": "the text encoder",
+    "generation": "GenerationParams (wan22.request.params): the sampler's settings and the MP4's frame rate",
+    "storage": "LoadOptions (wan22.pipeline): how the loaded experts are stored; a change loads them again",
+    "placement": "LoadOptions: where the loaded models live during a run (wan22.memory.planner); no reload",
+    "kernels": "LoadOptions: how the experts compute during a run (wan22.runtime.kernels, fp8); no reload",
+    "model": "which model set the loader reads",
+    "lora": "the LoRAs on the experts (wan22.runtime.lora)",
+    "extension": "the prompt extension (wan22.prompt_extend)",
+    "output": "the saved MP4: its name and how the worker delivers it",
+    "request": "a shorthand the request's normalisation expands into other parameters",
+    "nothing": "accepted only at its one value (options for several GPUs)",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Param:
     """One parameter. `kind`: int | float | bool | text | choice | size | guide (one number or a pair for both
     experts) | image (a path or an http(s) URL).
 
     `kind` loras: a list of {name, expert, strength} (wan22.request.lora_files).
+    `feeds`: what the parameter feeds (one of FEEDS); the engine's field lists are read from it (GenerationParams,
+    LoadOptions and its storage key). `operator`: the worker's environment variable that sets it for every job (a
+    request's or a raw workflow's value is replaced by the operator's, with a warning).
     `node`: the node class with an input of this name (`also`: others with the same input). `refused`: surface -> why that surface does not take it
     (any other surface does). `flag`: the CLI has ``--name`` (and ``--alias``) for it. `only`: the only value
     this runner supports (seed flags for several GPUs), with `why`. `upstream_flag`: upstream generate.py's
@@ -85,6 +105,12 @@ class Param:
     widget: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     bound: str = ""  # for text checked elsewhere too: what bounds it, in words
     name_only: bool = False  # text that names something on the server: never a path (requests come from the network)
+    feeds: str = ""
+    operator: Optional[str] = None
+
+    def __post_init__(self):
+        if self.feeds not in FEEDS:
+            raise ValueError(f"parameter {self.name}: feeds={self.feeds!r} must be one of {', '.join(FEEDS)}")
 
     def taken_by(self, surface: str) -> bool:
         return surface not in self.refused and (surface != "node" or self.node is not None)
@@ -139,111 +165,110 @@ _GUIDE = dict(low=0.0, high=100.0, widget={"step": 0.1})
 _WORKER_NO_MODEL = "a worker reads models only from its WAN_CKPT_DIR"
 _WORKER_NAMES_FILES = "the worker names its outputs; use save_file"
 _USE_LORAS = "give loras: [{name, expert, strength}]"
-_WORKER_OPERATOR = "the worker's operator sets it ({}), so that no request makes a warm worker reload its models"
 
 PARAMS: Tuple[Param, ...] = (
     # --- the image (exactly one source)
     Param("image", "image", None, "Reference image (becomes image_path or image_url).",
-          refused={"node": "the node takes image_url or image_path"}),
+          refused={"node": "the node takes image_url or image_path"}, feeds="image"),
     Param("image_url", "text", "", "Reference image as an http(s) URL (size, time and redirects bounded).",
-          aliases=("reference_image_url",), max_chars=8192, node=LOAD_IMAGE),
+          aliases=("reference_image_url",), max_chars=8192, node=LOAD_IMAGE, feeds="image"),
     Param("image_base64", "text", "", "Reference image as base64 or a data: URI (size bounded).",
           aliases=("reference_image_base64",), max_chars=2**31, node=LOAD_IMAGE, widget={"multiline": True},
-          bound="base64 text, at most WAN_MAX_IMAGE_MB decoded"),
+          bound="base64 text, at most WAN_MAX_IMAGE_MB decoded", feeds="image"),
     Param("image_path", "text", "", "Reference image as a file path (node and worker: absolute, under WAN_INPUT_ROOTS).",
-          aliases=("reference_image_path",), max_chars=4096, node=LOAD_IMAGE),
+          aliases=("reference_image_path",), max_chars=4096, node=LOAD_IMAGE, feeds="image"),
     # --- prompts
     Param("prompt", "text", UPSTREAM_EXAMPLE_PROMPT, "What should happen in the video.",
-          node=TEXT, also=(EXTEND,), upstream_flag="--prompt", widget={"multiline": True}),
+          node=TEXT, also=(EXTEND,), upstream_flag="--prompt", widget={"multiline": True}, feeds="prompt"),
     Param("negative_prompt", "text", UPSTREAM_NEGATIVE_PROMPT, "What to avoid (empty means the default).",
-          aliases=("neg_prompt",), node=TEXT, widget={"multiline": True}),
+          aliases=("neg_prompt",), node=TEXT, widget={"multiline": True}, feeds="prompt"),
     # --- sampling
     Param("size", "size", "1280*720", "Target area W*H (upstream: 1280*720, 720*1280, 832*480, 480*832): the video has the image's aspect ratio at about that area, in multiples of 16, as upstream (e.g. 1232x736 for a 5:3 image at 1280*720), not W x H itself.",
-          node=I2V, upstream_flag="--size"),
+          node=I2V, upstream_flag="--size", feeds="generation"),
     Param("frame_num", "int", 81, "Frames, 4n+1 (81 = 5 s at 16 fps).", aliases=("num_frames",), low=1, high=1001, every=4,
-          node=I2V, upstream_flag="--frame_num", widget={"step": 4}),
-    Param("sample_steps", "int", 40, "Denoising steps (upstream: 40).", low=1, high=1000, node=I2V, upstream_flag="--sample_steps"),
+          node=I2V, upstream_flag="--frame_num", widget={"step": 4}, feeds="generation"),
+    Param("sample_steps", "int", 40, "Denoising steps (upstream: 40).", low=1, high=1000, node=I2V, upstream_flag="--sample_steps", feeds="generation"),
     Param("sample_guide_scale", "guide", 3.5, "Guidance of both experts; a pair is (low_noise, high_noise) as upstream. guide_scale_low/high win.",
-          aliases=("cfg_scale", "guidance_scale"), upstream_flag="--sample_guide_scale", **_GUIDE),
-    Param("guide_scale_low", "float", 3.5, "Guidance of the low-noise expert (1 skips the unconditional pass).", node=I2V, **_GUIDE),
-    Param("guide_scale_high", "float", 3.5, "Guidance of the high-noise expert.", node=I2V, **_GUIDE),
+          aliases=("cfg_scale", "guidance_scale"), upstream_flag="--sample_guide_scale", **_GUIDE, feeds="request"),
+    Param("guide_scale_low", "float", 3.5, "Guidance of the low-noise expert (1 skips the unconditional pass).", node=I2V, **_GUIDE, feeds="generation"),
+    Param("guide_scale_high", "float", 3.5, "Guidance of the high-noise expert.", node=I2V, **_GUIDE, feeds="generation"),
     Param("sample_shift", "float", 5.0, "Flow shift (upstream: 5.0; 3.0 suggested for 480p).", low=0.0, high=100.0, node=I2V,
-          upstream_flag="--sample_shift", widget={"step": 0.1}),
+          upstream_flag="--sample_shift", widget={"step": 0.1}, feeds="generation"),
     Param("sample_solver", "choice", "unipc", "Flow solver (euler: the step-distilled LoRAs' schedule, docs/lora.md).",
           choices=("unipc", "dpm++", "euler"), spellings={"dpmpp": "dpm++", "dpm": "dpm++"},
-          node=I2V, upstream_flag="--sample_solver"),
+          node=I2V, upstream_flag="--sample_solver", feeds="generation"),
     Param("seed", "int", -1, "-1 draws a random seed; the seed used is reported.", aliases=("base_seed",), low=-1, high=MAX_SEED,
-          node=I2V, also=(EXTEND,), upstream_flag="--base_seed", widget={"control_after_generate": True}),
+          node=I2V, also=(EXTEND,), upstream_flag="--base_seed", widget={"control_after_generate": True}, feeds="generation"),
     Param("boundary", "float", 0.9, "Steps with timestep >= boundary*1000 use the high-noise expert (upstream: 0.900).",
-          low=0.0, high=1.0, node=I2V, widget={"step": 0.001}),
+          low=0.0, high=1.0, node=I2V, widget={"step": 0.001}, feeds="generation"),
     # --- LoRAs and the 4-step recipe (docs/lora.md)
     Param("preset", "choice", "none", "4step fills in the step-distilled recipe: 4 euler steps, shift 5, guidance 1 and the two "
-          "lightx2v LoRAs (given parameters win).", choices=("none", "4step"), spellings={"4-step": "4step", "turbo": "4step"}),
+          "lightx2v LoRAs (given parameters win).", choices=("none", "4step"), spellings={"4-step": "4step", "turbo": "4step"}, feeds="request"),
     Param("loras", "loras", (), "LoRAs on the experts: file names under WAN_LORA_DIRS (default <model root>/loras and ComfyUI's loras folders).",
-          aliases=("lora",)),
+          aliases=("lora",), feeds="lora"),
     Param("lora_name", "text", "", "A LoRA file from ComfyUI's loras folders (and WAN_LORA_DIRS).", max_chars=1024, node=LORA,
-          refused={"cli": _USE_LORAS, "worker": _USE_LORAS}, flag=False),
+          refused={"cli": _USE_LORAS, "worker": _USE_LORAS}, flag=False, feeds="lora"),
     Param("strength_high", "float", 1.0, "Strength on the high-noise expert (0: not applied to it).", low=-MAX_STRENGTH, high=MAX_STRENGTH,
-          node=LORA, refused={"cli": _USE_LORAS, "worker": _USE_LORAS}, flag=False, widget={"step": 0.01}),
+          node=LORA, refused={"cli": _USE_LORAS, "worker": _USE_LORAS}, flag=False, widget={"step": 0.01}, feeds="lora"),
     Param("strength_low", "float", 1.0, "Strength on the low-noise expert (0: not applied to it).", low=-MAX_STRENGTH, high=MAX_STRENGTH,
-          node=LORA, refused={"cli": _USE_LORAS, "worker": _USE_LORAS}, flag=False, widget={"step": 0.01}),
+          node=LORA, refused={"cli": _USE_LORAS, "worker": _USE_LORAS}, flag=False, widget={"step": 0.01}, feeds="lora"),
     # --- the video
     Param("filename_prefix", "text", "Wan22/i2v", "Under ComfyUI's output folder; %width% and %height% are replaced.",
-          max_chars=200, node=SAVE, refused={"worker": _WORKER_NAMES_FILES}),
-    Param("fps", "int", 16, "Frames per second of the MP4 (Wan2.2: 16).", low=1, high=120, node=SAVE),
+          max_chars=200, node=SAVE, refused={"worker": _WORKER_NAMES_FILES}, feeds="output"),
+    Param("fps", "int", 16, "Frames per second of the MP4 (Wan2.2: 16).", low=1, high=120, node=SAVE, feeds="generation"),
     # --- models and memory
     Param("model_set", "text", DEFAULT_MODEL_SET, "A model set found under WAN_CKPT_DIR (default /workspace/models, fallback /runpod-volume) or ComfyUI's models folder.",
-          max_chars=4096, node=LOADER, refused={"worker": _WORKER_NO_MODEL}),
+          max_chars=4096, node=LOADER, refused={"worker": _WORKER_NO_MODEL}, feeds="model"),
     Param("model_path", "text", "", "A model folder on the server; overrides model_set when not empty.",
-          max_chars=4096, node=LOADER, refused={"worker": _WORKER_NO_MODEL}),
+          max_chars=4096, node=LOADER, refused={"worker": _WORKER_NO_MODEL}, feeds="model"),
     Param("dtype", "choice", "bf16", "Compute dtype of the experts and T5 (upstream: bf16); the VAE runs in fp32.",
           choices=("bf16", "fp16", "fp32"), spellings={"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"},
-          node=LOADER),
+          node=LOADER, feeds="storage", operator="WAN_DTYPE"),
     Param("offload_model", "bool", True, "Keep both experts in CPU RAM and move only the active one to the GPU (upstream default on one GPU).",
-          node=LOADER, upstream_flag="--offload_model"),
-    Param("t5_cpu", "bool", True, "Encode prompts with T5 on the CPU (saves ~11 GB of VRAM).", node=LOADER, upstream_flag="--t5_cpu", upstream_switch=True),
+          node=LOADER, upstream_flag="--offload_model", feeds="placement"),
+    Param("t5_cpu", "bool", True, "Encode prompts with T5 on the CPU (saves ~11 GB of VRAM).", node=LOADER, upstream_flag="--t5_cpu", upstream_switch=True, feeds="placement"),
     Param("convert_model_dtype", "bool", True, "Store the experts in dtype instead of the checkpoint's own (fp32 upstream shards are 57 GB each).",
-          node=LOADER, upstream_flag="--convert_model_dtype", upstream_switch=True),
+          node=LOADER, upstream_flag="--convert_model_dtype", upstream_switch=True, feeds="storage", operator="WAN_CONVERT_MODEL_DTYPE"),
     Param("weight_dtype", "choice", "auto", "How the experts' weights are stored: auto keeps an fp8_scaled file in fp8 and stores others in dtype; fp8_e4m3fn_scaled halves bf16 (quantized per tensor on load).",
           choices=("auto", "bf16", "fp16", "fp8_e4m3fn_scaled"), spellings={"fp8": "fp8_e4m3fn_scaled", "fp8_scaled": "fp8_e4m3fn_scaled"},
-          node=LOADER, refused={"worker": _WORKER_OPERATOR.format("WAN_WEIGHT_DTYPE")}),
+          node=LOADER, feeds="storage", operator="WAN_WEIGHT_DTYPE"),
     Param("memory_mode", "choice", "auto", "Where the models live on the GPU: auto picks full, offload or stream from the free memory and the request (docs/memory.md).",
-          choices=("auto", "full", "offload", "stream"), node=LOADER, refused={"worker": _WORKER_OPERATOR.format("WAN_MEMORY_MODE")}),
+          choices=("auto", "full", "offload", "stream"), node=LOADER, feeds="placement", operator="WAN_MEMORY_MODE"),
     Param("fp8_matmul", "bool", False, "fp8 weights: multiply in fp8 (torch._scaled_mm) on GPUs that have it (compute capability 8.9+); otherwise they are upcast per layer.",
-          node=LOADER, refused={"worker": _WORKER_OPERATOR.format("WAN_FP8_MATMUL")}),
+          node=LOADER, feeds="kernels", operator="WAN_FP8_MATMUL"),
     Param("attention_backend", "choice", "auto", "The experts' attention kernel: auto takes the fastest one installed for the GPU (FlashAttention-3 on Hopper, cuDNN on Hopper and Blackwell, FlashAttention-2, else PyTorch SDPA); sage (8-bit) changes the numerics, so it runs only when asked for. The CPU runs native.",
-          choices=("auto", "native", "cudnn", "flash", "flash3", "sage"), node=LOADER),
+          choices=("auto", "native", "cudnn", "flash", "flash3", "sage"), node=LOADER, feeds="kernels"),
     Param("compile", "choice", "off", "blocks: torch.compile the experts' transformer blocks; the first run at each size compiles (minutes), later runs are faster.",
-          choices=("off", "blocks"), node=LOADER, refused={"worker": _WORKER_OPERATOR.format("WAN_COMPILE")}),
+          choices=("off", "blocks"), node=LOADER, feeds="kernels", operator="WAN_COMPILE"),
     Param("cfg_batch", "bool", False, "Run the conditional and unconditional passes as one batch of two where the memory plan has room for twice the activations (faster on a GPU, the same video); otherwise two passes, as upstream.",
-          node=LOADER),
+          node=LOADER, feeds="kernels"),
     Param("fp32_residual", "bool", False, "Keep the experts' residual stream in fp32 between sub-layers, as upstream does (diffusers' blocks round it to bf16 after each): 9 % less bf16 error at 8 blocks (bench/fidelity.py), more activation memory.",
-          node=LOADER),
+          node=LOADER, feeds="kernels"),
     # --- seed options that need several GPUs or a prompt-extension model: only the default is accepted
-    Param("t5_fsdp", "bool", False, "FSDP sharding of T5 (several GPUs).", flag=False, only=False, why=SINGLE_GPU, upstream_flag="--t5_fsdp", upstream_switch=True),
-    Param("dit_fsdp", "bool", False, "FSDP sharding of the DiT (several GPUs).", flag=False, only=False, why=SINGLE_GPU, upstream_flag="--dit_fsdp", upstream_switch=True),
+    Param("t5_fsdp", "bool", False, "FSDP sharding of T5 (several GPUs).", flag=False, only=False, why=SINGLE_GPU, upstream_flag="--t5_fsdp", upstream_switch=True, feeds="nothing"),
+    Param("dit_fsdp", "bool", False, "FSDP sharding of the DiT (several GPUs).", flag=False, only=False, why=SINGLE_GPU, upstream_flag="--dit_fsdp", upstream_switch=True, feeds="nothing"),
     Param("ulysses_size", "int", 1, "Ulysses sequence parallelism (several GPUs).", low=1, high=64, flag=False, only=1, why=SINGLE_GPU,
-          upstream_flag="--ulysses_size"),
+          upstream_flag="--ulysses_size", feeds="nothing"),
     Param("use_prompt_extend", "bool", False, "Extend the prompt with a vision-language model that sees the image (upstream's prompt extension); the prompt used and the extension's status are reported (docs/prompt_extend.md).",
-          upstream_flag="--use_prompt_extend", upstream_switch=True),
+          upstream_flag="--use_prompt_extend", upstream_switch=True, feeds="extension"),
     Param("prompt_extend_method", "choice", "local_qwen", "local_qwen: Qwen2.5-VL from a folder under the model roots; dashscope: Alibaba Cloud's API (DASH_API_KEY on the server).",
-          choices=("local_qwen", "dashscope"), node=EXTEND, upstream_flag="--prompt_extend_method"),
+          choices=("local_qwen", "dashscope"), node=EXTEND, upstream_flag="--prompt_extend_method", feeds="extension"),
     Param("prompt_extend_model", "text", "", "QwenVL2.5_7B or QwenVL2.5_3B (folders Qwen2.5-VL-7B/3B-Instruct), another folder name under the model roots, or a DashScope model; empty: QwenVL2.5_7B / qwen-vl-max.",
           max_chars=200, node=EXTEND, upstream_flag="--prompt_extend_model", name_only=True,
-          bound="a model or folder name, at most 200 characters, not a path"),
+          bound="a model or folder name, at most 200 characters, not a path", feeds="extension"),
     Param("prompt_extend_target_lang", "choice", "zh", "Language of the extended prompt (upstream: zh).", choices=("zh", "en"),
-          node=EXTEND, upstream_flag="--prompt_extend_target_lang"),
+          node=EXTEND, upstream_flag="--prompt_extend_target_lang", feeds="extension"),
     Param("prompt_extend_strict", "bool", False, "A failed extension is an error instead of falling back to the original prompt (upstream falls back).",
-          node=EXTEND),
+          node=EXTEND, feeds="extension"),
     # --- the worker's delivery (the seed's request fields)
     Param("save_file", "text", "", "MP4 name inside the worker's output folder (default <request_id>.mp4).", max_chars=1024, flag=False,
           bound="a .mp4 name inside the output folder (up to 3 subfolders; an absolute path must lie in it; no '..', no other request's file)",
-          refused={"cli": "it names the worker's output; use --out"}),
+          refused={"cli": "it names the worker's output; use --out"}, feeds="output"),
     Param("return_video", "bool", True, "Answer with the MP4 as base64 (when small enough).", flag=False,
-          refused={"cli": "the CLI always downloads the MP4; use --out"}),
+          refused={"cli": "the CLI always downloads the MP4; use --out"}, feeds="output"),
     Param("extra_args", "text", "", "Upstream generate.py flags (string or array, at most 50 tokens); they override the parameters.",
           max_chars=20000, flag=False, refused={"cli": "give the parameters themselves"},
-          bound="a string (split like a shell) or an array of strings; --ckpt_dir, --image and --save_file are refused"),
+          bound="a string (split like a shell) or an array of strings; --ckpt_dir, --image and --save_file are refused", feeds="request"),
 )
 
 SPEC: Dict[str, Param] = {p.name: p for p in PARAMS}
@@ -256,7 +281,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
               "loras": [{"name": LIGHTX2V_HIGH, "expert": "high", "strength": 1.0},
                         {"name": LIGHTX2V_LOW, "expert": "low", "strength": 1.0}]},
 }
-EXTENSION_OPTIONS = ("prompt_extend_method", "prompt_extend_model", "prompt_extend_target_lang", "prompt_extend_strict")
 WORKER_FIELDS = ("save_file", "return_video", "extra_args")  # checked by the worker itself
 
 
@@ -269,10 +293,38 @@ def node_params(node: str) -> List[Param]:
     return [p for p in PARAMS if p.node == node or node in p.also]
 
 
+def fed(*feeds: str) -> Tuple[str, ...]:
+    """The names of the parameters that feed any of `feeds` (FEEDS), in declaration order."""
+    unknown = [f for f in feeds if f not in FEEDS]
+    if unknown:
+        raise ValueError(f"unknown feeds {unknown}; known: {', '.join(FEEDS)}")
+    return tuple(p.name for p in PARAMS if p.feeds in feeds)
+
+
+def operator_params() -> List[Param]:
+    """The parameters the worker's operator sets for every job (Param.operator)."""
+    return [p for p in PARAMS if p.operator]
+
+
+def require_fields(consumer: type, names: Iterable[str], own: Iterable[str] = ()) -> None:
+    """Raise TypeError unless the dataclass `consumer` has a field for each parameter in `names` and no other
+    field but `own`: a parameter that feeds it without a field would otherwise be dropped without a word."""
+    fields = [f.name for f in dataclasses.fields(consumer)]
+    missing = [n for n in names if n not in fields]
+    extra = [f for f in fields if f not in set(names) | set(own)]
+    if missing or extra:
+        raise TypeError(f"{consumer.__name__} does not match wan22.request.spec: " + "; ".join(
+            ([f"no field for {', '.join(missing)} (give it one)"] if missing else [])
+            + ([f"fields {', '.join(extra)} are fed by no parameter (fix the parameter's feeds)"] if extra else [])))
+
+
 def run_defaults(surface: str) -> Dict[str, Any]:
     """The node inputs `surface` may set, with their defaults (image sources excluded): what a run on that
     surface uses for what the caller left out."""
     return {p.name: p.default for p in PARAMS if p.node not in (None, LOAD_IMAGE) and p.taken_by(surface)}
+
+
+EXTENSION_OPTIONS = tuple(p.name for p in node_params(EXTEND) if p.feeds == "extension")  # used only when extending
 
 
 # ============================================================================================ checks
