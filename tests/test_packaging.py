@@ -75,7 +75,7 @@ def source_files() -> list[str]:
     try:
         out = subprocess.run(["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard", "-z"],
                              capture_output=True, check=True, timeout=30).stdout.decode()
-        files = [f for f in out.split("\0") if f and (REPO / f).is_file()]
+        files = [f for f in out.split("\0") if f and ((REPO / f).is_file() or (REPO / f).is_symlink())]
         if files:
             return files
     except (OSError, subprocess.SubprocessError):
@@ -91,7 +91,7 @@ def copy_source_tree(dest: Path) -> Path:
     for rel in source_files():
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, target)
+        shutil.copy2(REPO / rel, target, follow_symlinks=False)  # headless/workflows stays a link to workflows/api
     return dest
 
 
@@ -193,7 +193,7 @@ def test_every_third_party_import_of_the_pack_is_declared():
             undeclared[top] = sorted(where)
     assert not undeclared, f"imported but not in requirements.txt: {undeclared}"
     # ftfy is optional: every import of it must be guarded
-    text = (REPO / "wan22" / "text.py").read_text(encoding="utf-8")
+    text = (REPO / "wan22" / "runtime" / "text_encoder.py").read_text(encoding="utf-8")
     if "import ftfy" in text:
         assert "except ImportError" in text
 
@@ -329,7 +329,7 @@ def test_registry_archive_holds_the_pack(tmp_path, monkeypatch):
     names = set(zipfile.ZipFile(archive).namelist())
     required = ["__init__.py", "pyproject.toml", "requirements.txt", "README.md", "nodes/__init__.py",
                 "wan22/__init__.py", "example_workflows/wan22_i2v_a14b.json", icon_path()]
-    required += [str(p.relative_to(REPO)) for p in (REPO / "wan22" / "configs").glob("*.json")]
+    required += [str(p.relative_to(REPO)) for p in (REPO / "wan22" / "checkpoints" / "configs").glob("*.json")]
     missing = [name for name in required if name not in names]
     assert not missing, f"not in the registry archive (git-tracked?): {missing}"
     for module in ("nodes", "wan22"):
