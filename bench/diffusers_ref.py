@@ -49,7 +49,8 @@ def run(reps: int = 3, results_dir=None) -> Dict[str, object]:
 
     from wan22.request.params import GenerationParams
     from wan22.request.spec import UPSTREAM_NEGATIVE_PROMPT
-    from wan22.pipeline import LoadOptions, load_pipeline
+    from wan22.pipeline import LoadOptions
+    from wan22.loader import load_pipeline
 
     image = Image.open(input_image()).convert("RGB")
     width, height = image.size

@@ -21,7 +21,8 @@ def run(reps: int = 3, results_dir=None, full_steps: int = 40) -> Dict[str, obje
 
     from wan22.runtime.lora import LoraChoice
     from wan22.request.params import GenerationParams
-    from wan22.pipeline import LoadOptions, load_pipeline
+    from wan22.pipeline import LoadOptions
+    from wan22.loader import load_pipeline
     from wan22.testing.tiny import write_tiny_lora
 
     folder = tiny_models("upstream")

@@ -57,7 +57,8 @@ def _generation_s(timings: Optional[dict]) -> Optional[float]:
 # ------------------------------------------------------------------------------------------------ a: engine
 class EnginePath:
     def __init__(self, models: Path, image: Path, work: Path):
-        from wan22.pipeline import LoadOptions, load_pipeline
+        from wan22.pipeline import LoadOptions
+        from wan22.loader import load_pipeline
 
         self.image, self.work = image, work
         # the shipped workflow's loader settings

@@ -5,7 +5,8 @@ from ..wan22.request.model_sets import CKPT_FOLDER, default_model_root, discover
 from ..wan22.runtime import kernels
 from ..wan22.request import spec
 from ..wan22.request.errors import InvalidParameter
-from ..wan22.pipeline import LoadOptions, load_pipeline
+from ..wan22.pipeline import LoadOptions
+from ..wan22.loader import load_pipeline
 from . import comfy_bridge
 from .spec_inputs import node_inputs, spec_validator
 from .warm_models import WARM

@@ -2,15 +2,10 @@
 
     python -m wan22 --model-dir /workspace/models --image in.png --prompt "..." --out out.mp4
 
-from . import prompt_extend
-from .pipeline import LOAD_FIELDS, CancelCheck, LoadOptions, StepCallback, VideoResult, load_pipeline
-from .request import spec
-from .request.errors import InvalidParameter, Wan22Error
-from .request.intake import open_image, read_image
-from .request.lora_files import LORA_SUFFIXES, LoraEntry, lora_dirs, resolve_lora
-from .request.model_sets import ModelSet, default_model_root, discover_model_set
-from .request.params import GenerationParams
-from .runtime.lora import LoraChoice
+Its flags are the spec's CLI flags (wan22.request.spec) for what the engine reads (`ENGINE_READS`): every one of them
+works. The CLI parameters of the runner the engine has no use for are not offered (`NOT_OFFERED` says what to
+use instead). LoRAs (`--lora`, `--preset 4step`) are found before the models load, in WAN_LORA_DIRS, else
+<model dir>/loras; `--use-prompt-extend` writes the prompt before the models load and reports it.
 """
 from __future__ import annotations
 
@@ -24,7 +19,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from . import prompt_extend
-from .pipeline import LOAD_FIELDS, CancelCheck, LoadOptions, StepCallback, VideoResult, load_pipeline
+from .pipeline import LOAD_FIELDS, CancelCheck, LoadOptions, StepCallback, VideoResult
+from .loader import load_pipeline
 from .request import spec
 from .request.errors import InvalidParameter, Wan22Error
 from .request.intake import open_image, read_image

@@ -10,7 +10,8 @@ from wan22.generate import generate_mp4
 from wan22.request.intake import open_image
 from wan22.request.params import GenerationParams
 from wan22.request.spec import parse_size
-from wan22.pipeline import LoadOptions, load_pipeline
+from wan22.pipeline import LoadOptions
+from wan22.loader import load_pipeline
 
 
 @pytest.mark.parametrize("field,changes,needle", [

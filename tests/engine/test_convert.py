@@ -10,7 +10,8 @@ from wan22.request.model_sets import discover_model_set
 from wan22.checkpoints.convert import convert_model_set
 from wan22.checkpoints.tensors import SafetensorsFile
 from wan22.request.params import GenerationParams
-from wan22.pipeline import LoadOptions, load_pipeline
+from wan22.pipeline import LoadOptions
+from wan22.loader import load_pipeline
 
 PARAMS = GenerationParams(size="96*64", frame_num=5, sample_steps=3, seed=11)
 

@@ -8,7 +8,8 @@ from wan22.request.errors import CheckpointError
 from wan22.runtime.fp8 import FP8, ScaledFP8Linear, fp8_layers, quantize
 from wan22.checkpoints.tensors import SafetensorsFile
 from wan22.request.params import GenerationParams
-from wan22.pipeline import LoadOptions, load_pipeline
+from wan22.pipeline import LoadOptions
+from wan22.loader import load_pipeline
 from wan22.memory.placement import module_bytes
 
 SMALL = GenerationParams(size="96*64", frame_num=5, sample_steps=3, seed=7)

@@ -20,7 +20,8 @@ from wan22.request import spec
 from wan22.runtime.lora import LoraChoice
 from wan22.request.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
 from wan22.request.params import GenerationParams
-from wan22.pipeline import LOAD_FIELDS, LoadOptions, load_pipeline
+from wan22.pipeline import LOAD_FIELDS, LoadOptions
+from wan22.loader import load_pipeline
 from wan22.testing.tiny import write_tiny_lora
 from wan22.video import read_mp4
 

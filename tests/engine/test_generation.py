@@ -5,7 +5,8 @@ import torch
 from wan22.request.model_sets import discover_model_set, list_model_sets
 from wan22.generate import generate_mp4
 from wan22.request.params import GenerationParams
-from wan22.pipeline import LoadOptions, load_pipeline
+from wan22.pipeline import LoadOptions
+from wan22.loader import load_pipeline
 from wan22.video import read_mp4
 
 PARAMS = GenerationParams(size="96*64", frame_num=9, sample_steps=3, seed=11, fps=16)

@@ -7,7 +7,8 @@ from wan22.runtime import kernels
 from wan22.memory import planner
 from wan22.request.errors import GenerationCancelled, InvalidParameter
 from wan22.request.params import GenerationParams
-from wan22.pipeline import LoadOptions, load_pipeline
+from wan22.pipeline import LoadOptions
+from wan22.loader import load_pipeline
 
 GIB = planner.GIB
 A14B = planner.Sizes(expert=int(26.67 * GIB), expert_blocks=int(26.60 * GIB), block=int(0.665 * GIB), num_blocks=40,

@@ -11,7 +11,8 @@ from wan22.checkpoints import key_maps
 from wan22.request.errors import InvalidParameter
 from wan22.runtime.lora import ADAPTER, LoraChoice, LoraError, effective_weight
 from wan22.request.params import GenerationParams
-from wan22.pipeline import LoadOptions, load_pipeline
+from wan22.pipeline import LoadOptions
+from wan22.loader import load_pipeline
 from wan22.runtime.schedule import make_schedule
 from wan22.testing.tiny import LORA_FORMATS, TinySpec, tiny_lora_tensors, write_tiny_lora
 

@@ -9,7 +9,8 @@ from shared_fixtures import COMFYUI_T5_KEYS, UPSTREAM_KEYS, require_fixture
 from wan22.memory import planner
 from wan22.request.errors import MemoryPlanError
 from wan22.request.params import GenerationParams
-from wan22.pipeline import LoadOptions, load_pipeline
+from wan22.pipeline import LoadOptions
+from wan22.loader import load_pipeline
 from wan22.memory.streaming import streamed
 
 GIB = planner.GIB

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from shared_fixtures import fixture_folder, missing_message, require_fixture
 from wan22.request.params import GenerationParams
-from wan22.pipeline import LoadOptions, load_pipeline
+from wan22.pipeline import LoadOptions
+from wan22.loader import load_pipeline
 
 CASES_ROOT = fixture_folder("parity")
 CASES = sorted(p for p in CASES_ROOT.glob("*") if (p / "case.json").is_file()) if CASES_ROOT.is_dir() else []

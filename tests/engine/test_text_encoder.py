@@ -8,7 +8,8 @@ import torch
 from wan22.checkpoints import modules
 from wan22.runtime import text_encoder
 from wan22.request.model_sets import discover_model_set
-from wan22.pipeline import LoadOptions, UPSTREAM_NEGATIVE_PROMPT, load_pipeline
+from wan22.pipeline import LoadOptions, UPSTREAM_NEGATIVE_PROMPT
+from wan22.loader import load_pipeline
 
 PROMPT = "A small cat walks slowly across the green field at sunset."
 

@@ -227,7 +227,8 @@ def simulate(gpu_gib: float, host_gib: float, size: str, frame_num: int, mode: s
 
     from wan22.request.model_sets import discover_model_set
     from wan22.request.params import GenerationParams
-    from wan22.pipeline import LoadOptions, load_pipeline
+    from wan22.pipeline import LoadOptions
+    from wan22.loader import load_pipeline
 
     fp8 = weight_dtype == "fp8_e4m3fn_scaled"
     with contextlib.ExitStack() as stack:
