@@ -138,12 +138,7 @@ def run_engine(model, device, dtype_name: str, width, height, frames, steps, inp
     params = GenerationParams(size=f"{width}*{height}", frame_num=frames, sample_steps=steps, seed=1)
     clock = Clock(device)
     clock.start()
-    try:
-        pipe.denoise(noise, y, PromptEmbeds(context, context_null, "p", "n"), params, on_step=clock.tick)
-    finally:
-        from wan22.runtime import kernels
-
-        kernels.compile_blocks(model, False)  # the next path runs eager
+    pipe.denoise(noise, y, PromptEmbeds(context, context_null, "p", "n"), params, on_step=clock.tick)  # the next path runs eager: a run's kernels last for the run
     return clock.steps(), pipe.last_kernels
 
 
