@@ -93,7 +93,7 @@ def test_every_node_parameter_is_an_input_of_its_nodes(comfy_client):
     """The node surface of wan22.request.spec: each parameter with a node is an input of that node (and of the nodes in its
     `also`), with the spec's default (a dropdown of files on disk has none when the default is not among them); read
     from the spec, so a parameter a node's INPUT_TYPES lost shows here."""
-    from wan22 import spec
+    from wan22.request import spec
 
     info = comfy_client.object_info()
     lost = []
