@@ -281,7 +281,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
               "loras": [{"name": LIGHTX2V_HIGH, "expert": "high", "strength": 1.0},
                         {"name": LIGHTX2V_LOW, "expert": "low", "strength": 1.0}]},
 }
-WORKER_FIELDS = ("save_file", "return_video", "extra_args")  # checked by the worker itself
 
 
 def default(name: str) -> Any:
