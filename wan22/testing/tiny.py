@@ -350,6 +350,21 @@ def build_tiny_qwen_vl(folder, seed: int = 0) -> Path:
     return folder
 
 
+def write_tiny_4step_loras(folder) -> list:
+    """The two tiny 4-step LoRAs (lightx2v format) under the file names ComfyUI distributes, in `folder`: what
+    ``--preset 4step`` and the shipped 4-step workflow look for."""
+    from ..request.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
+
+    return [write_tiny_lora(Path(folder) / name, seed=seed) for seed, name in enumerate((LIGHTX2V_HIGH, LIGHTX2V_LOW))]
+
+
+def tiny_qwen_vl_folder(model_root) -> Path:
+    """Where prompt extension's default model (QwenVL2.5_7B) is looked up first under a model root."""
+    from ..request.extension_models import DEFAULT_MODELS, LOCAL_FOLDERS
+
+    return Path(model_root) / LOCAL_FOLDERS[DEFAULT_MODELS["local_qwen"]]
+
+
 def main(argv=None) -> None:
     import argparse
 
@@ -359,13 +374,16 @@ def main(argv=None) -> None:
     parser.add_argument("--fp8-scaled", action="store_true", help="comfyui layout: fp8_scaled files")
     parser.add_argument("--loras", action="store_true",
                         help="also write the two tiny 4-step LoRAs (the lightx2v file names) into FOLDER/loras")
+    parser.add_argument("--qwen", action="store_true",
+                        help="also write a tiny random Qwen2.5-VL into FOLDER/Qwen2.5-VL-7B-Instruct, where prompt "
+                             "extension (local_qwen, default model QwenVL2.5_7B) finds it")
     args = parser.parse_args(argv)
     print(build_tiny_model_set(args.folder, args.layout, args.fp8_scaled))
     if args.loras:
-        from ..request.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
-
-        for seed, name in enumerate((LIGHTX2V_HIGH, LIGHTX2V_LOW)):
-            print(write_tiny_lora(Path(args.folder) / "loras" / name, seed=seed))
+        for path in write_tiny_4step_loras(Path(args.folder) / "loras"):
+            print(path)
+    if args.qwen:
+        print(build_tiny_qwen_vl(tiny_qwen_vl_folder(args.folder)))
 
 
 if __name__ == "__main__":
