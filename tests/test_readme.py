@@ -80,9 +80,39 @@ def test_runpod_docs_local_worker_run_writes_its_own_video():
     assert "so it overwrites no earlier run" in log
 
 
+def run_tiny_trial(doc: str, name: str):
+    """A docs block that builds a tiny model set and runs `python -m wan22` on it: its output; the MP4 is checked."""
+    script = doc_block(doc, name)
+    for folder in re.findall(r"wan22\.testing\.tiny (\S+)", script):
+        shutil.rmtree(folder, ignore_errors=True)
+    mp4 = Path(re.search(r"--out (\S+)", script).group(1))
+    mp4.unlink(missing_ok=True)
+    done = run_block(script)
+    from wan22.video import read_mp4
+
+    frames, _ = read_mp4(mp4)
+    assert len(frames) == 5 and frames[0].shape[:2] == (64, 64)
+    return done.stdout + done.stderr
+
+
+def test_lora_docs_tiny_4step_block_runs_the_preset_on_the_tiny_loras():
+    from wan22.request.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
+
+    log = run_tiny_trial("docs/lora.md", "tiny-4step")
+    assert "step 4/4" in log and "step 5/" not in log, log[-2000:]
+    assert re.search(rf"lora: {re.escape(LIGHTX2V_HIGH)} \(high 1, low 0\): \d+ layers", log), log[-2000:]
+    assert re.search(rf"lora: {re.escape(LIGHTX2V_LOW)} \(high 0, low 1\): \d+ layers", log), log[-2000:]
+
+
+def test_prompt_extend_docs_tiny_block_extends_with_the_tiny_qwen():
+    log = run_tiny_trial("docs/prompt_extend.md", "tiny-prompt-extend")
+    assert "prompt extension: extended (local_qwen, QwenVL2.5_7B, cpu)" in log, log[-2000:]
+
+
 DOCS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"(?:<!-- (?P<marker>[^\n]*?) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```", re.S)
-NAMED_BLOCKS = {("README.md", "first-run"), ("docs/runpod.md", "local-worker-run")}  # the tests above
+NAMED_BLOCKS = {("README.md", "first-run"), ("docs/runpod.md", "local-worker-run"),  # the tests above
+                ("docs/lora.md", "tiny-4step"), ("docs/prompt_extend.md", "tiny-prompt-extend")}
 SAMPLER_STARTED = re.compile(r"^(\[[^\]]*\] )?running (Wan2\.2 Image to Video|My Sampler) \(node \w+\)$", re.M)
 
 
