@@ -7,7 +7,6 @@ stopped with SIGINT (Ctrl-C) or SIGTERM (docker stop, RunPod scale-down).
 """
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import comfy_fixture as cf
-from test_worker_e2e import REPO, TINY, free_port, png_bytes, wait_for_api, worker_env
+from test_worker_e2e import REPO, free_port, png_bytes, run_one_job, wait_for_api, worker_env
 
 pytestmark = [pytest.mark.comfy]
 
@@ -39,12 +38,7 @@ def work_dirs(tmpdir: Path) -> list:
 def test_a_test_input_job_leaves_no_work_folder(tiny_upstream, tmp_path):
     cf.need_comfyui()
     env, tmpdir = tempdir_env(tiny_upstream, tmp_path)
-    job = {"input": {"action": "request", "params": {"reference_image_path": str(tmp_path / "inputs" / "in.png"),
-                                                      "prompt": "p", "seed": 1, **TINY}}}
-    proc = subprocess.run([sys.executable, "-m", "runpod_worker", "--test_input", json.dumps(job)], cwd=str(REPO),
-                          env=env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    log = run_one_job(env, tmp_path / "inputs" / "in.png", seed=1)
     assert "wan22-comfyui-" in log, "the worker did not say where its ComfyUI's work folder was"
     assert not work_dirs(tmpdir), f"left in TMPDIR: {work_dirs(tmpdir)}\n{log[-2000:]}"
 
