@@ -5,12 +5,15 @@ test API, `--test_input '{...}'` for one local job); this module adds none, so t
 """
 from __future__ import annotations
 
+import atexit
 import io
 import logging
 import os
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -46,6 +49,23 @@ def _model_folder_report() -> None:
         log.warning("models: no usable model set in %s (WAN_CKPT_DIR): %s", root, exc)
 
 
+_OWN_WORK_DIRS: List[str] = []
+
+
+def _own_work_dir() -> str:
+    """A new `wan22-comfyui-*` temp folder, removed at interpreter exit (atexit) and by remove_own_work_dirs."""
+    work_dir = tempfile.mkdtemp(prefix="wan22-comfyui-")
+    _OWN_WORK_DIRS.append(work_dir)
+    atexit.register(shutil.rmtree, work_dir, True)
+    return work_dir
+
+
+def remove_own_work_dirs() -> None:
+    """Remove the temp work folders this worker made (after its ComfyUI stopped); idempotent."""
+    while _OWN_WORK_DIRS:
+        shutil.rmtree(_OWN_WORK_DIRS.pop(), ignore_errors=True)
+
+
 def start_backend(cfg: WorkerConfig) -> ComfyBackend:
     """Use COMFYUI_URL if set (a ComfyUI someone else runs), else launch one with headless's launcher; either
     way supervised (supervisor.py): a ComfyUI of ours that dies or hangs is restarted."""
@@ -68,10 +88,14 @@ def start_backend(cfg: WorkerConfig) -> ComfyBackend:
     packs: List[Path] = [REPO_ROOT, *(Path(p) for p in cfg.extra_node_paths)]
     comfy_dir = Path(cfg.comfyui_dir) if cfg.comfyui_dir else default_comfyui_dir()
 
+    # WAN_COMFY_WORK_DIR unset: a temp folder of this worker's own, removed however the worker exits (the end of a
+    # --test_input job, Ctrl-C or SIGTERM of the SDK's API, a failed start), as the CLI removes its own. Registered
+    # before start_comfyui registers the server's stop, so at exit the server stops first, then the folder goes.
+    work_dir = cfg.comfy_work_dir or _own_work_dir()
+
     def start(previous=None):
         # a restart reuses the work folder (input/output folders, log) and the CPU/GPU decision of the ComfyUI it
         # replaces: no second probe of torch
-        work_dir = cfg.comfy_work_dir or (previous.work_dir if previous is not None else None)
         return start_comfyui(
             comfyui_dir=comfy_dir, port=cfg.comfyui_port or None, custom_node_paths=packs, work_dir=work_dir,
             cpu=previous.cpu if previous is not None else cfg.comfyui_cpu, listen="127.0.0.1",
@@ -93,8 +117,6 @@ def start_backend(cfg: WorkerConfig) -> ComfyBackend:
 def warm_up(backend: ComfyBackend, cfg: WorkerConfig) -> None:
     """WAN_PRELOAD=1: one tiny generation with the default loader settings, so the first job finds the models
     loaded (ComfyUI keeps the loader's output while its inputs stay the same)."""
-    import tempfile
-
     from PIL import Image
 
     from wan22.request.intake import check_image
@@ -141,6 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     finally:
         backend.supervisor.stop()
+        remove_own_work_dirs()
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ OWN_SETTINGS: Tuple[Setting, ...] = (
     Setting("COMFYUI_CPU", "comfyui_cpu", "flag", None, "1: start ComfyUI with `--cpu`; 0: never; unset: `--cpu` only when torch sees no GPU (the start-up log says which and why)",
             shown_default="unset (auto)"),
     Setting("COMFYUI_PORT", "comfyui_port", "int", 0, "ComfyUI's port on 127.0.0.1", low=0, shown_default="a free port"),
-    Setting("WAN_COMFY_WORK_DIR", "comfy_work_dir", "text", "", "ComfyUI's private input/output/temp folders and `comfyui.log`", shown_default="a temp folder"),
+    Setting("WAN_COMFY_WORK_DIR", "comfy_work_dir", "text", "", "ComfyUI's private input/output/temp folders and `comfyui.log`", shown_default="a temp folder, removed when the worker exits"),
     Setting("WAN_EXTRA_NODE_PATHS", "extra_node_paths", "list", (), "colon-separated extra custom-node packs to load"),
     Setting("WAN22_WORKFLOW", "workflow", "text", "", "the API workflow the `request` action fills (by node class, never by id)",
             shown_default="the shipped workflows/api/wan22_i2v_a14b.json"),

@@ -4,7 +4,8 @@ the archive `comfy node publish` would upload, the node pack's entry point, and 
 never a top-level ``nodes`` package, which would shadow ComfyUI's own ``nodes`` module).
 
 comfy-cli is pinned in requirements/test.txt (``make setup`` installs it); without it the comfy-cli tests skip,
-unless ``WAN22_REQUIRE_COMFYUI=1`` (``make test`` / CI) makes that a failure. No server, no network.
+unless ``WAN22_REQUIRE_COMFYUI=1`` (``make test`` / CI) makes that a failure. No server; the network only to ask
+the package indexes whether the pinned versions exist (those tests skip, saying so, when an index is unreachable).
 """
 from __future__ import annotations
 
@@ -138,7 +139,10 @@ def test_the_image_installs_the_tested_versions():
     args = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.M))
     tested = _pins(REPO / "requirements" / "test.txt")
     assert args["TORCH_VERSION"] == tested["torch"] and args["TORCHVISION_VERSION"] == tested["torchvision"]
-    assert args["TORCHAUDIO_VERSION"] == tested["torch"]
+    # no torchaudio, as in the environments the tests run ComfyUI in: ComfyUI's unpinned torch family is dropped
+    assert "torchaudio" not in tested and not any("TORCHAUDIO" in name for name in args)
+    assert "grep -v -x -E '(torch|torchvision|torchaudio)([<>=!~].*)?' /opt/ComfyUI/requirements.txt" in dockerfile
+    assert "pip install -r /opt/ComfyUI/requirements.txt" not in dockerfile
     assert args["COMFYUI_REF"] == "v0.3.64"  # the newer ComfyUI the suite runs against
     assert "COPY requirements/runtime.txt" in dockerfile and "pip install -r /tmp/runtime.txt" in dockerfile
     runtime = _pins(REPO / "requirements" / "runtime.txt")
@@ -146,6 +150,121 @@ def test_the_image_installs_the_tested_versions():
     assert {"diffusers", "transformers", "runpod", "safetensors"} <= set(runtime)
     loose = re.findall(r'"([A-Za-z0-9_.-]+)(?:[<>=!~]=?)[^"]*"', dockerfile)
     assert not loose, f"the Dockerfile installs packages outside requirements/runtime.txt: {loose}"
+
+
+# --- every pinned version exists on the index it is installed from ------------------------------------------------
+
+PYPI_SIMPLE = "https://pypi.org/simple"
+# ComfyUI's requirements at the image's COMFYUI_REF, where a checkout of that release is here (`make setup`)
+COMFYUI_CURRENT_REQUIREMENTS = REPO / ".comfyui-current" / "requirements.txt"
+
+
+def dockerfile_args() -> dict:
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", (REPO / "runpod_worker" / "Dockerfile").read_text(encoding="utf-8"),
+                           re.M))
+
+
+def exact_pins(path: Path) -> dict:
+    """name -> version of the `name==version` lines of a requirements file (following -r)."""
+    pins = {}
+    for line in requirement_lines(path):
+        req = Requirement(line)
+        specs = list(req.specifier)
+        if len(specs) == 1 and specs[0].operator == "==":
+            pins[normalize(req.name)] = specs[0].version
+    return pins
+
+
+def index_get(url: str, **kwargs):
+    """GET `url`; skip (saying which index) only when it cannot be reached at all."""
+    import requests
+
+    try:
+        return requests.get(url, timeout=30, **kwargs)
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        pytest.skip(f"package index unreachable, pinned versions not checked: {url}: {exc}")
+
+
+def pypi_versions(name: str) -> set:
+    """The versions PyPI serves files for, not counting releases whose files are all yanked (PEP 691/700 JSON)."""
+    from packaging.version import Version
+
+    resp = index_get(f"{PYPI_SIMPLE}/{name}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    assert resp.status_code == 200, f"{name}: not on PyPI ({resp.status_code} from {resp.url})"
+    data = resp.json()
+    files = {}
+    for f in data["files"]:
+        version = _file_version(name, f["filename"])
+        if version is not None:
+            files.setdefault(version, []).append(not f.get("yanked"))
+    listed = {Version(v) for v in data.get("versions", []) if _parses(v)}
+    return {v for v in listed if any(files.get(v, [True]))} or {v for v, ok in files.items() if any(ok)}
+
+
+def _parses(version: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        Version(version)
+        return True
+    except InvalidVersion:
+        return False
+
+
+def _file_version(name: str, filename: str):
+    """The version in a wheel's or sdist's file name (None when it cannot be read)."""
+    from packaging.utils import InvalidSdistFilename, InvalidWheelFilename, parse_sdist_filename, parse_wheel_filename
+
+    try:
+        if filename.endswith(".whl"):
+            return parse_wheel_filename(filename)[1]
+        return parse_sdist_filename(filename)[1]
+    except (InvalidWheelFilename, InvalidSdistFilename):
+        return None
+
+
+def test_every_pinned_version_exists_on_pypi():
+    """requirements/runtime.txt (the image installs it), requirements/test.txt (`make setup`) and ComfyUI's own pins
+    at the image's release: each `==` version is on PyPI, not yanked. A version that does not exist fails the image
+    build and `make setup`."""
+    from packaging.version import Version
+
+    pins = {**exact_pins(REPO / "requirements" / "test.txt"), **exact_pins(REPO / "requirements" / "runtime.txt")}
+    assert {"torch", "torchvision", "diffusers", "runpod"} <= set(pins)
+    if COMFYUI_CURRENT_REQUIREMENTS.is_file() and dockerfile_args()["COMFYUI_REF"] == "v0.3.64":
+        pins.update(exact_pins(COMFYUI_CURRENT_REQUIREMENTS))
+    missing = {}
+    for name, version in sorted(pins.items()):
+        if Version(version) not in pypi_versions(name):
+            missing[name] = version
+    assert not missing, f"pinned, but PyPI serves no such version: {missing}"
+
+
+# the image's Python: Ubuntu 24.04's python3 (3.12); the torch wheels must exist for it
+IMAGE_PYTHON_TAG = "cp312"
+
+
+def test_the_images_torch_pins_exist_on_its_torch_index():
+    """torch and torchvision as the Dockerfile installs them: TORCH_INDEX_URL's simple page lists a Linux x86_64
+    wheel of each pinned version for the image's Python (e.g. torch-2.14.1+cu128-cp312-cp312-manylinux...)."""
+    from urllib.parse import unquote
+
+    args = dockerfile_args()
+    assert args["CUDA_IMAGE"].endswith("ubuntu24.04"), "IMAGE_PYTHON_TAG assumes Ubuntu 24.04's Python 3.12"
+    index = args["TORCH_INDEX_URL"].rstrip("/")
+    local = index.rsplit("/", 1)[-1] if "download.pytorch.org" in index else ""  # cu128 -> the +cu128 builds
+    pins = {"torch" + name[len("TORCH"):-len("_VERSION")].lower(): version for name, version in args.items()
+            if name.startswith("TORCH") and name.endswith("_VERSION")}
+    assert set(pins) == {"torch", "torchvision"}, pins
+    missing = []
+    for name, version in sorted(pins.items()):
+        resp = index_get(f"{index}/{name}/")
+        assert resp.status_code == 200, f"{name}: {resp.status_code} from {resp.url}"
+        want = f"{name}-{version}" + (f"+{local}" if local else "") + f"-{IMAGE_PYTHON_TAG}-{IMAGE_PYTHON_TAG}-"
+        wheels = [unquote(w) for w in re.findall(r'[>/]([^/<>"#]+\.whl)', resp.text)]
+        if not any(w.startswith(want) and w.endswith(("linux_x86_64.whl",)) for w in wheels):
+            missing.append(f"{want}*linux_x86_64.whl")
+    assert not missing, f"{index} has no wheel for: {missing}"
 
 
 def test_pinned_test_requirements_satisfy_the_loose_ones():

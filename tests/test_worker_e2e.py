@@ -155,6 +155,18 @@ def write_worker_loras(folder: Path) -> None:
     write_tiny_lora(folder / "other_size.safetensors", spec=TinySpec(dim=384, ffn_dim=384))
 
 
+def run_one_job(env: dict, image: Path, seed: int, timeout: float = 600) -> str:
+    """`python -m runpod_worker --test_input` (the SDK's one local job): a tiny seed-format request on `image`;
+    asserts it succeeded and returns what the worker printed."""
+    job = {"input": {"action": "request", "params": {"reference_image_path": str(image), "prompt": "p", "seed": seed,
+                                                      **TINY}}}
+    proc = subprocess.run([sys.executable, "-m", "runpod_worker", "--test_input", json.dumps(job)], cwd=str(REPO),
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
 @contextlib.contextmanager
 def running_worker(tmp: Path, tiny_upstream: Path, image_http: dict, extra_env=None, artifact="worker"):
     """The real worker (SDK local API, its own real ComfyUI) on `tmp`: the worker's inputs hold in.png and a link
@@ -672,12 +684,7 @@ def test_worker_on_an_external_comfyui(comfy_url, comfy_server, tiny_upstream, t
     (tmp_path / "inputs").mkdir()
     (tmp_path / "inputs" / "in.png").write_bytes(image_http["data"])
     env = worker_env(tiny_upstream, tmp_path, {"COMFYUI_URL": comfy_url})
-    job = {"input": {"action": "request", "params": {"reference_image_path": str(tmp_path / "inputs" / "in.png"),
-                                                      "prompt": "p", "seed": 8, **TINY}}}
-    proc = subprocess.run([sys.executable, "-m", "runpod_worker", "--test_input", json.dumps(job)], cwd=str(REPO),
-                          env=env, capture_output=True, text=True, timeout=300)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    log = run_one_job(env, tmp_path / "inputs" / "in.png", seed=8, timeout=300)
     assert f"using the ComfyUI at {comfy_url}" in log and "starting ComfyUI" not in log
     [record_path] = (tmp_path / "out").glob("local_test-*.json")  # each --test_input run has its own id
     assert re.fullmatch(r"local_test-\d{8}-\d{6}-[0-9a-f]{32}", record_path.stem)  # unguessable: `status` has no tenants
