@@ -116,6 +116,7 @@ def test_timeout_exit_5_and_job_removed(comfy_url, input_image, tmp_path):
     proc = cli("--server", comfy_url, "--workflow", str(wf), "--image", str(input_image), "--quiet",
                "--timeout", "3", "--set", f"Slow.seed={time.time_ns() % 10**9}")
     assert proc.returncode == 5, proc.stderr
+    assert "did not finish within 3s" in proc.stderr, proc.stderr  # the limit given, not what was left of it
     assert cf.wait_queue_empty(ComfyClient(comfy_url), 15)
 
 
