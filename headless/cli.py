@@ -27,11 +27,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO
 
 from .client import ComfyClient, Progress, default_server_url
-from .errors import HeadlessError, ServerUnreachable
+from .errors import ExecutionFailed, HeadlessError, ServerUnreachable
 from wan22.request import spec
 from wan22.request.errors import InvalidParameter
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_GENERATION, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 130
+# what each exit code means: the `exit_meaning` of a --json failure record
+EXIT_MEANINGS = {EXIT_OK: "success", EXIT_BAD_INPUT: "bad input", EXIT_UNREACHABLE: "server unreachable",
+                 EXIT_GENERATION: "generation error", EXIT_TIMEOUT: "timeout", EXIT_INTERRUPTED: "interrupted"}
 
 PARAM_FLAGS = spec.cli_params()
 JOB_ONLY_KEYS = ("out", "workflow", "set")
@@ -101,7 +104,7 @@ def _fmt_secs(seconds: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = spec.FlagParser(
         prog="wan22-i2v",
         description="Run the Wan2.2 I2V-A14B image-to-video workflow on a ComfyUI server and save the MP4.",
         epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--comfyui-dir", help="ComfyUI folder for --start-server (default $COMFYUI_DIR, else .comfyui in the pack's checkout)")
     s.add_argument("--pack-dir", help="the node pack's checkout for --start-server (default $WAN22_PACK_DIR, else the "
                                       "checkout this command runs from; needed by an installed wan22-i2v)")
-    s.add_argument("--models-dir", help="WAN_CKPT_DIR for --start-server (default: inherited $WAN_CKPT_DIR)")
+    s.add_argument("--models-dir", "--model-dir", dest="models_dir",
+                   help="WAN_CKPT_DIR for --start-server: the folder holding the Wan2.2 I2V-A14B model set (default: "
+                        "inherited $WAN_CKPT_DIR, else /workspace/models); checked before ComfyUI starts")
     device = s.add_mutually_exclusive_group()
     device.add_argument("--gpu", dest="cpu", action="store_false", default=None,
                         help="with --start-server: run ComfyUI on the GPU (default: the GPU when torch sees one, else --cpu)")
@@ -143,9 +148,16 @@ def _status(args, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _model_folder_failed(exc: BaseException) -> bool:
+    """The server's loader found no model set at the folder the request named: the caller's input, not the run."""
+    return isinstance(exc, ExecutionFailed) and str(exc.exception_type or "").endswith(".ModelFolderError")
+
+
 def _error_code(exc: BaseException) -> int:
     if isinstance(exc, (KeyboardInterrupt,)):
         return EXIT_INTERRUPTED
+    if _model_folder_failed(exc):
+        return EXIT_BAD_INPUT
     if isinstance(exc, (InvalidParameter, ValueError)) and not isinstance(exc, HeadlessError):
         return EXIT_BAD_INPUT
     if isinstance(exc, HeadlessError):
@@ -172,6 +184,9 @@ def _describe_error(exc: BaseException, server=None) -> str:
             return f"the ComfyUI this command started exited (code {code}) during the run"
     if isinstance(exc, InvalidParameter):
         return f"bad parameter: {exc}"
+    if _model_folder_failed(exc):
+        return (f"the server's model loader: {exc} (--model-path names a folder on the server's machine; "
+                f"--models-dir sets the folder of the ComfyUI --start-server starts)")
     return str(exc) or type(exc).__name__
 
 
@@ -220,11 +235,62 @@ def _load_batch(path: str) -> List[Any]:
 
 def _emit(args, record: Dict[str, Any]) -> None:
     if args.json:
+        if not record.get("ok") and "exit_code" in record:
+            record = {"exit_meaning": EXIT_MEANINGS.get(record["exit_code"], "error"), **record}
         print(json.dumps(record, sort_keys=True), flush=True)
+
+
+def _fail(args, code: int, message: str, field: Optional[str] = None) -> int:
+    """A run that ends before a job is queued: the message on stderr and, with --json, its one record on stdout."""
+    print(f"error: {message}", file=sys.stderr)
+    _emit(args, {"ok": False, "exit_code": code, "error": message, **({"field": field} if field else {})})
+    return code
+
+
+def _error_field(exc: BaseException) -> Optional[str]:
+    return exc.field if isinstance(exc, InvalidParameter) else None
+
+
+def _model_folder_problem(args) -> Optional[tuple]:
+    """(flag, message) when the model folder the ComfyUI of --start-server would load from is missing or holds no
+    model set: bad input, said before a server starts for it. None when it is fine or not this command's to check
+    (another workflow or model set than the shipped default)."""
+    from wan22.request.errors import ModelFolderError
+    from wan22.request.model_sets import default_model_root, discover_model_set
+
+    given = _params_from_args(args)
+    model_path = str(given.get("model_path") or "").strip()
+    if model_path:
+        flag, folder, what = "--model-path", Path(model_path).expanduser(), "give the folder holding the Wan2.2 " \
+            "I2V-A14B model set, or leave --model-path out to use --models-dir"
+    elif args.models_dir:
+        flag, folder, what = "--models-dir", Path(args.models_dir).expanduser(), "give the folder holding the " \
+            "Wan2.2 I2V-A14B model set"
+    elif args.workflow is None and given.get("model_set") in (None, "", spec.DEFAULT_MODEL_SET):
+        folder = default_model_root()
+        source = "$WAN_CKPT_DIR" if os.environ.get("WAN_CKPT_DIR") else "the default model folder"
+        flag, what = "--models-dir", ("pass --models-dir DIR, the folder holding the Wan2.2 I2V-A14B model set "
+                                      "(or set WAN_CKPT_DIR)")
+        if not folder.is_dir():
+            return flag, f"{flag}: not given, and {source} {folder} does not exist; {what}"
+        what = f"--models-dir not given, so {source} was used; {what}"
+    else:
+        return None
+    if not folder.is_dir():
+        return flag, f"{flag}: {folder} does not exist; {what}"
+    try:
+        discover_model_set(folder)
+    except ModelFolderError as exc:
+        return flag, f"{flag}: {exc}" + ("" if flag != "--models-dir" or args.models_dir else f" ({what})")
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    if "--json" in (sys.argv[1:] if argv is None else argv):  # a usage error is a run too: one record on stdout
+        parser.on_error = lambda message: print(json.dumps({"ok": False, "exit_code": EXIT_BAD_INPUT, "exit_meaning":
+                                                            EXIT_MEANINGS[EXIT_BAD_INPUT], "error": message},
+                                                           sort_keys=True), flush=True)
     args = parser.parse_args(argv)
 
     def _sigterm(signum, frame):
@@ -266,17 +332,11 @@ def _main(args) -> int:
             for item in args.set:
                 parse_set(item)
         except (InvalidParameter, HeadlessError) as exc:
-            print(f"error: {_describe_error(exc)}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-    if args.start_server and args.models_dir:  # a wrong folder is said before a server is started for it
-        from wan22.request.model_sets import discover_model_set
-        from wan22.request.errors import ModelFolderError
-
-        try:
-            discover_model_set(args.models_dir)
-        except ModelFolderError as exc:
-            print(f"error: --models-dir: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            return _fail(args, EXIT_BAD_INPUT, _describe_error(exc), _error_field(exc))
+    if args.start_server:  # a wrong model folder is said before a server is started for it
+        problem = _model_folder_problem(args)
+        if problem is not None:
+            return _fail(args, EXIT_BAD_INPUT, problem[1], problem[0])
 
     server = None
     work_dir = None
@@ -298,8 +358,7 @@ def _main(args) -> int:
                 server = start_comfyui(comfyui_dir, models_dir=args.models_dir, cpu=args.cpu, work_dir=work_dir,
                                        custom_node_paths=packs)
             except ServerStartError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return EXIT_UNREACHABLE
+                return _fail(args, EXIT_UNREACHABLE, str(exc))
             url = server.url
             _status(args, f"ComfyUI ready at {url} on the {'CPU' if server.cpu else 'GPU'}: {server.cpu_reason} "
                           f"(log {server.log_path}, removed at exit)")
@@ -309,18 +368,15 @@ def _main(args) -> int:
         if not client.ping():
             code = _private_server_exit_code(server)
             if code is not None:
-                print(f"error: the ComfyUI this command started exited (code {code}) before the run",
-                      file=sys.stderr)
-            else:
-                print(f"error: ComfyUI server not reachable at {client.base_url} (start one, pass --server URL, "
-                      f"or use --start-server)", file=sys.stderr)
-            return EXIT_UNREACHABLE
+                return _fail(args, EXIT_UNREACHABLE, f"the ComfyUI this command started exited (code {code}) before "
+                                                     f"the run")
+            return _fail(args, EXIT_UNREACHABLE, f"ComfyUI server not reachable at {client.base_url} (start one, "
+                                                 f"pass --server URL, or use --start-server)")
         if args.batch:
             return _main_batch(args, client, server)
         return _main_single(args, client, server)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _fail(args, EXIT_INTERRUPTED, "interrupted")
     finally:
         if server is not None:
             server.stop(remove_work_dir=True)
@@ -341,7 +397,8 @@ def _main_single(args, client: ComfyClient, server=None) -> int:
         code = _error_code(exc)
         message = _describe_error(exc, server)
         print(f"error: {message}", file=sys.stderr)
-        _emit(args, {"ok": False, "exit_code": code, "error": message, **job})
+        _emit(args, {"ok": False, "exit_code": code, "error": message, **job,
+                     **({"field": _error_field(exc)} if _error_field(exc) else {})})
         return code
     record = {"ok": True, **record}
     if args.json:
@@ -358,8 +415,7 @@ def _main_batch(args, client: ComfyClient, server=None) -> int:
     try:
         jobs = _load_batch(args.batch)
     except InvalidParameter as exc:
-        print(f"error: {_describe_error(exc)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _fail(args, EXIT_BAD_INPUT, _describe_error(exc), _error_field(exc))
     defaults = _params_from_args(args)
     first_failure = EXIT_OK
     total = len(jobs)

@@ -439,7 +439,7 @@ class ComfyClient:
                 raise Cancelled(f"prompt {prompt_id} was cancelled by the caller")
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise WaitTimeout(f"prompt {prompt_id} did not finish within {timeout:g}s")
+                raise WaitTimeout(f"prompt {prompt_id} did not finish within {timeout:g}s", prompt_id=prompt_id)
             if watch.history_due():
                 entry = watch.poll_history()
                 if entry is not None:

@@ -132,7 +132,13 @@ class ExecutionInterrupted(HeadlessError):
 
 
 class WaitTimeout(HeadlessError, TimeoutError):
+    """The time limit passed; `prompt_id`: the prompt that did not finish, when one was queued."""
+
     exit_code = 5
+
+    def __init__(self, message: str, prompt_id: Optional[str] = None):
+        self.prompt_id = prompt_id
+        super().__init__(message)
 
 
 class Cancelled(HeadlessError):

@@ -28,7 +28,7 @@ from wan22.request.errors import InvalidParameter
 from wan22.request.intake import CheckedImage, read_image
 
 from .client import ComfyClient, Progress, output_files
-from .errors import Cancelled, ExecutionFailed, ExecutionInterrupted, OutputMissing, WorkflowError
+from .errors import Cancelled, ExecutionFailed, ExecutionInterrupted, OutputMissing, WaitTimeout, WorkflowError
 from .workflow import (PARAM_TARGETS, ROLE_CORE_IMAGE, ROLE_EXTEND, ROLE_I2V, ROLE_IMAGE, ROLE_LORA, ROLE_SAVE,
                        apply_loras, apply_overrides, apply_params, apply_prompt_extend, find_nodes, load_workflow)
 
@@ -304,7 +304,14 @@ def run_checked(values: Mapping[str, Any], server: Union[str, ComfyClient, None]
         prepare_image(client, prompt, values, image, hooks, label)
         seed = resolve_random_seeds(prompt, object_info)
         remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - started))
-        execution = execute(client, prompt, timeout=remaining, hooks=hooks, check_types=False)
+        try:
+            execution = execute(client, prompt, timeout=remaining, hooks=hooks, check_types=False)
+        except WaitTimeout as exc:
+            if timeout is None or exc.prompt_id is None:
+                raise
+            # the wait had what was left of the job's time; the message says the limit the caller gave
+            raise WaitTimeout(f"prompt {exc.prompt_id} did not finish within {timeout:g}s",
+                              prompt_id=exc.prompt_id) from None
         video, info = collect_result(execution.entry, prompt)
         if video is None:
             raise OutputMissing(f"prompt {execution.prompt_id} finished but its outputs list no video "

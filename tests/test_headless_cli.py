@@ -73,6 +73,62 @@ def test_your_image_and_model_folder_are_checked_before_any_server(tmp_path):
     assert "starting ComfyUI" not in proc.stderr and time.monotonic() - started < 20
 
 
+def one_json_record(proc) -> dict:
+    """stdout of a --json run: exactly one JSON object (one line)."""
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, (proc.stdout, proc.stderr)
+    record = json.loads(lines[0])
+    assert isinstance(record, dict) and record["ok"] is False
+    return record
+
+
+def test_json_failures_before_a_job_print_one_record(tmp_path, input_image):
+    """--json: bad input (a parameter, your image file, a mistyped flag) and an unreachable server each print one
+    JSON object on stdout with the exit code, its meaning, the error and the field at fault."""
+    from headless.server import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    proc = cli("--image", str(input_image), "--frame-num", "50", "--server", closed, "--json", timeout=30)
+    record = one_json_record(proc)
+    assert proc.returncode == 2 and record["exit_code"] == 2 and record["exit_meaning"] == "bad input"
+    assert record["field"] == "frame_num" and "frame_num" in record["error"]
+    proc = cli("--image", str(tmp_path / "missing.png"), "--server", closed, "--json", timeout=30)
+    record = one_json_record(proc)
+    assert proc.returncode == 2 and record["exit_code"] == 2 and "missing.png" in record["error"]
+    proc = cli("--image", str(input_image), "--frame-nums", "33", "--json", timeout=30)
+    record = one_json_record(proc)
+    assert proc.returncode == 2 and "did you mean --frame-num" in record["error"]
+    proc = cli("--image", str(input_image), "--server", closed, "--json", timeout=30)
+    record = one_json_record(proc)
+    assert proc.returncode == 3 and record["exit_code"] == 3 and record["exit_meaning"] == "server unreachable"
+    assert "not reachable" in record["error"]
+
+
+def test_a_missing_model_folder_is_bad_input_before_any_server(tmp_path, input_image):
+    """--start-server without --models-dir (and the default folder missing), or --model-path to no folder: exit 2
+    naming the flag and what to pass, at once: no ComfyUI is started."""
+    env = {"TMPDIR": str(tmp_path), "WAN_CKPT_DIR": str(tmp_path / "no-models")}
+    cases = [((), "--models-dir", "pass --models-dir DIR"),
+             (("--models-dir", str(tmp_path / "nope")), "--models-dir", "does not exist"),
+             (("--model-dir", str(tmp_path / "nope")), "--models-dir", "does not exist"),  # the engine's spelling
+             (("--model-path", str(tmp_path / "nope")), "--model-path", "does not exist")]
+    for args, flag, said in cases:
+        started = time.monotonic()
+        proc = cli("--start-server", *args, "--image", str(input_image), "--json", timeout=60, env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"error: {flag}: ") and said in proc.stderr, proc.stderr
+        assert "starting ComfyUI" not in proc.stderr and time.monotonic() - started < 10
+        assert one_json_record(proc)["field"] == flag
+    assert not list(tmp_path.glob("wan22-comfyui-*"))  # no private server's folder was made
+
+
+def test_a_mistyped_flag_gets_a_suggestion_not_the_usage(input_image):
+    proc = cli("--image", str(input_image), "--frame-nums", "33", timeout=30)
+    assert proc.returncode == 2
+    assert "unknown flag --frame-nums; did you mean --frame-num" in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) <= 3 and "usage:" not in proc.stderr
+
+
 def test_run_with_set_and_json(comfy_url, input_image, tmp_path):
     wf = slow_workflow(tmp_path / "wf.json")
     out = tmp_path / "result.png"
@@ -116,6 +172,7 @@ def test_timeout_exit_5_and_job_removed(comfy_url, input_image, tmp_path):
     proc = cli("--server", comfy_url, "--workflow", str(wf), "--image", str(input_image), "--quiet",
                "--timeout", "3", "--set", f"Slow.seed={time.time_ns() % 10**9}")
     assert proc.returncode == 5, proc.stderr
+    assert "did not finish within 3s" in proc.stderr, proc.stderr  # the limit given, not what was left of it
     assert cf.wait_queue_empty(ComfyClient(comfy_url), 15)
 
 
@@ -213,7 +270,8 @@ def test_start_server_error_run_removes_the_work_folder(input_image, tmp_path, t
     assert "ComfyUI ready at" in proc.stderr and "NoSuchNode" in proc.stderr
     assert work_folders_left(tmpdir) == [], proc.stderr
     # a start that fails (no ComfyUI there) leaves nothing either
-    proc = cli("--start-server", "--comfyui-dir", str(tmp_path / "no-comfyui"), *TINY_ARGS, "--image",
+    proc = cli("--start-server", "--comfyui-dir", str(tmp_path / "no-comfyui"), "--models-dir", str(tiny_upstream),
+               *TINY_ARGS, "--image",
                str(input_image), timeout=60, env={"TMPDIR": str(tmpdir)})
     assert proc.returncode == 3 and "No ComfyUI" in proc.stderr, proc.stderr
     assert work_folders_left(tmpdir) == []

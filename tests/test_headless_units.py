@@ -72,7 +72,8 @@ def test_params_aliases_and_guidance():
     ({"t5_cpu": "maybe"}, "t5_cpu", "must be true or false, got 'maybe'"),
     ({"t5_fsdp": True}, "t5_fsdp", "is not supported: this runner drives one GPU; remove it or set it to false"),
     ({"ulysses_size": 2}, "ulysses_size", "is not supported: this runner drives one GPU; remove it or set it to 1"),
-    ({"framenum": 5}, "framenum", "unknown parameter (known: "),
+    ({"framenum": 5}, "framenum", "unknown parameter; did you mean frame_num"),
+    ({"bogus": 5}, "bogus", "unknown parameter (known: "),
     ({"seed": 1, "base_seed": 2}, "base_seed", "conflicts with seed"),
     ({"image": "ftp://x/y.png"}, "image", "must be a path or an http(s) URL"),
     ({"image": "a.png", "image_base64": "AAAA"}, "image_base64", "give exactly one image source; also got image"),
@@ -398,3 +399,19 @@ def test_callbacks_are_given_one_way_only():
         run_checked({"prompt": "a cat"}, unreachable, on_node=print)
     with pytest.raises(TypeError, match="on_progress"):
         execute(ComfyClient(unreachable), {}, on_progress=print)
+
+
+def test_a_model_folder_the_server_cannot_find_is_bad_input_naming_the_flags():
+    """The loader's ModelFolderError (a --model-path to no folder on a running server) is the caller's input: exit 2,
+    its message without the class path, naming --model-path and --models-dir."""
+    from headless import cli
+    from headless.errors import ExecutionFailed
+
+    exc = ExecutionFailed("comfyui-wan22-i2v.wan22.request.errors.ModelFolderError: model folder /nope does not exist",
+                          node_type="Wan22ModelLoader",
+                          exception_type="comfyui-wan22-i2v.wan22.request.errors.ModelFolderError")
+    assert cli._error_code(exc) == 2
+    message = cli._describe_error(exc)
+    assert "model folder /nope does not exist" in message and "--model-path" in message and "--models-dir" in message
+    assert "comfyui-wan22-i2v" not in message
+    assert cli._error_code(ExecutionFailed("boom", exception_type="RuntimeError")) == 4

@@ -78,10 +78,10 @@ def test_unknown_params_are_refused_unless_the_operator_says_warn(monkeypatch):
            "webhook_extra": 1}
     with pytest.raises(InvalidParameter) as exc:
         parse_job_input(job)
-    assert exc.value.field == "params.frame_nmu" and "unknown parameter (known: " in exc.value.why
+    assert exc.value.field == "params.frame_nmu" and exc.value.why.startswith("unknown parameter; did you mean frame_num")
     assert "frame_num" in exc.value.why and "num_frames" in exc.value.why
     r = parse_job_input(job, limits=Limits.from_env({"WAN_UNKNOWN_PARAMS": "warn"}))
-    assert "params.frame_nmu: unknown parameter, ignored" in r.warnings
+    assert "params.frame_nmu: unknown parameter, ignored; did you mean frame_num?" in r.warnings
     assert "webhook_extra: unknown top-level key, ignored" in r.warnings and r.values["frame_num"] == 81
 
 

@@ -9,7 +9,6 @@ use instead). LoRAs (`--lora`, `--preset 4step`) are found before the models loa
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import os
@@ -22,7 +21,7 @@ from . import prompt_extend
 from .pipeline import LOAD_FIELDS, CancelCheck, LoadOptions, StepCallback, VideoResult
 from .loader import load_pipeline
 from .request import spec
-from .request.errors import InvalidParameter, Wan22Error
+from .request.errors import InvalidParameter, ModelFolderError, Wan22Error
 from .request.intake import open_image, read_image
 from .request.lora_files import LORA_SUFFIXES, LoraEntry, lora_dirs, resolve_lora
 from .request.model_sets import ModelSet, default_model_root, discover_model_set
@@ -151,11 +150,27 @@ EPILOG = ("Not offered here (flags of wan22-i2v): " + "; ".join(f"--{n.replace('
             "input or a failed run, 130 interrupted.")
 
 
+def model_folder(given: Optional[str]) -> ModelSet:
+    """The model set of --model-dir (else the default folder); the error names the flag and what to do."""
+    folder = Path(given).expanduser() if given else default_model_root()
+    how = "" if given else (f" (--model-dir was not given, so {'$WAN_CKPT_DIR' if os.environ.get('WAN_CKPT_DIR') else 'the default'} "
+                            f"{folder} is used)")
+    if not folder.is_dir():
+        raise ModelFolderError(f"--model-dir: {folder} does not exist{how}; pass --model-dir DIR, the folder holding the "
+                               f"Wan2.2 I2V-A14B model set")
+    try:
+        return discover_model_set(folder)
+    except ModelFolderError as exc:
+        raise ModelFolderError(f"--model-dir: {exc}{how}") from None
+
+
 def main(argv=None) -> int:
     flags = engine_params()
-    parser = argparse.ArgumentParser(prog="python -m wan22", description="Wan2.2 I2V-A14B straight from the engine (no ComfyUI).",
-                                     epilog=EPILOG)
-    parser.add_argument("--model-dir", default=None, help="model set folder (default: $WAN_CKPT_DIR, /workspace/models, /runpod-volume)")
+    parser = spec.FlagParser(prog="python -m wan22", description="Wan2.2 I2V-A14B straight from the engine (no ComfyUI).",
+                             epilog=EPILOG)
+    parser.add_argument("--model-dir", "--models-dir", dest="model_dir", default=None,
+                        help="model set folder (default: $WAN_CKPT_DIR, /workspace/models, /runpod-volume); "
+                             "--models-dir as wan22-i2v spells it works too")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     spec.add_flags(parser, flags)
@@ -170,7 +185,7 @@ def main(argv=None) -> int:
         options = LoadOptions.from_values(values, device=args.device).validated()
         kind, value = source
         picture = read_image(kind, value, request.label(f"image_{kind}"), trusted=True).picture
-        model_set = discover_model_set(args.model_dir or default_model_root())
+        model_set = model_folder(args.model_dir)
         preset = spec.check("preset", args.preset) if request.label("loras") == "preset" else ""
         loras = lora_choices(values.get("loras", []), lora_folders(model_set.root), preset)
     except Wan22Error as exc:

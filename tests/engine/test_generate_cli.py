@@ -115,10 +115,28 @@ def test_flags_offered_are_what_the_engine_reads():
         assert LoadOptions.from_values({name: "x"}) != LoadOptions(), name
 
 
+def test_a_mistyped_flag_gets_a_suggestion_not_the_usage(image_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        generate.main(["--image", str(image_file), "--out", str(tmp_path / "o.mp4"), "--frame-nums", "33"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "unknown flag --frame-nums; did you mean --frame-num" in err
+    assert len(err.splitlines()) <= 3 and "usage:" not in err
+
+
+def test_a_missing_model_folder_names_the_flag_under_either_spelling(image_file, tmp_path, capsys, monkeypatch):
+    """--model-dir, and wan22-i2v's --models-dir as its alias: a folder that is not there is exit 2 naming the flag."""
+    monkeypatch.setenv("WAN_CKPT_DIR", str(tmp_path / "none"))
+    for args in (["--model-dir", str(tmp_path / "nope")], ["--models-dir", str(tmp_path / "nope")], []):
+        assert generate.main(["--image", str(image_file), "--out", str(tmp_path / "o.mp4"), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --model-dir: ") and "does not exist" in err, err
+        assert "pass --model-dir DIR" in err
+
+
 def test_the_runners_other_flags_are_not_offered(image_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         generate.main(["--image", str(image_file), "--out", str(tmp_path / "o.mp4"), "--filename-prefix", "x"])
-    assert info.value.code == 2 and "unrecognized arguments: --filename-prefix x" in capsys.readouterr().err
+    assert info.value.code == 2 and "unknown flag --filename-prefix" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         generate.main(["--help"])
     shown = capsys.readouterr().out

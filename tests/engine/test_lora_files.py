@@ -38,3 +38,15 @@ def test_lora_names_resolve_only_inside_the_lora_folders(tmp_path):
 def test_cli_lora_text_is_name_expert_strength(text, entry):
     parsed = parse_entry(text, "loras[0]")
     assert (parsed.name, parsed.expert, parsed.strength) == entry
+
+
+@pytest.mark.parametrize("text, said", [
+    ("my_style.safetensors:hgih", "got 'hgih'; did you mean high?"),
+    ("my_style.safetensors:lwo:0.5", "got 'lwo'; did you mean low?"),
+    ("my_style.safetensors:xyz", "got 'xyz'"),
+])
+def test_a_misspelt_expert_is_refused_not_taken_into_the_name(text, said):
+    with pytest.raises(InvalidParameter) as info:
+        parse_entry(text, "loras[0]")
+    assert info.value.field == "loras[0].expert" and "must be one of high|low|both" in info.value.why
+    assert said in info.value.why

@@ -8,6 +8,7 @@ ComfyUI's ``models/loras`` folders, which the caller passes in.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from pathlib import Path, PurePosixPath
@@ -71,6 +72,12 @@ def parse_entry(value: Any, field: str) -> LoraEntry:
             strength = parts.pop()
         if len(parts) > 1 and parts[-1].strip().lower() in EXPERTS:
             expert = parts.pop()
+        elif len(parts) > 1 and parts[-2].strip().lower().endswith(LORA_SUFFIXES) and _a_word(parts[-1]):
+            # `style.safetensors:hgih`: a word after the file's name is a misspelt expert, not part of the name
+            close = difflib.get_close_matches(parts[-1].strip().lower(), EXPERTS, n=1, cutoff=0.5)
+            raise InvalidParameter(f"{field}.expert", f"must be one of {'|'.join(EXPERTS)} in "
+                                                      f"'NAME[:high|low|both][:STRENGTH]', got {parts[-1]!r}"
+                                                      + (f"; did you mean {close[0]}?" if close else ""))
         value = {"name": ":".join(parts), "expert": expert, "strength": strength}
     if not isinstance(value, Mapping):
         raise InvalidParameter(field, f"must be an object {{name, expert, strength}} or 'NAME[:high|low|both][:STRENGTH]', got {type(value).__name__}")
@@ -86,6 +93,11 @@ def parse_entry(value: Any, field: str) -> LoraEntry:
         raise InvalidParameter(f"{field}.expert", f"must be one of {', '.join(EXPERTS)}, got {value.get('expert')!r}")
     strength = _strength(value.get("strength", 1.0), f"{field}.strength")
     return LoraEntry(name.strip(), expert, strength)
+
+
+def _a_word(text: str) -> bool:
+    """A part after a LoRA file's name that is not a path or another file's name (an expert, maybe misspelt)."""
+    return not any(c in text for c in "/\\.") and bool(text.strip())
 
 
 def _looks_numeric(text: str) -> bool:

@@ -12,8 +12,10 @@ spelled it.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
+import difflib
 import math
 import re
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
@@ -463,6 +465,17 @@ class Normalized:
         return self.spelled.get(name, name)
 
 
+def nearest(word: str, names: Iterable[str], n: int = 3) -> List[str]:
+    """The names closest to a mistyped `word`, nearest first (difflib; none when nothing is close)."""
+    return difflib.get_close_matches(word, list(names), n=n, cutoff=0.6)
+
+
+def did_you_mean(word: str, names: Iterable[str], show: Callable[[str], str] = str) -> str:
+    """'; did you mean X?' (or 'X or Y') for a mistyped `word`, '' when no name is close."""
+    close = [show(name) for name in nearest(word, names)]
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
 def normalize(raw: Mapping[str, Any], surface: str, *, limits: Optional[Limits] = None,
               label: Callable[[str], str] = str, overrides: Mapping[str, Tuple[str, Any]] = {}) -> Normalized:
     """Check a request made on `surface` ("cli" or "worker"): every key is a spelling of a parameter that
@@ -484,11 +497,13 @@ def normalize(raw: Mapping[str, Any], surface: str, *, limits: Optional[Limits] 
         name = SPELLINGS.get(str(key).strip())
         field = label(str(key))
         if name is None:
-            known = ", ".join(sorted(s for s, n in SPELLINGS.items() if SPEC[n].taken_by(surface)))
+            names = sorted(s for s, n in SPELLINGS.items() if SPEC[n].taken_by(surface))
+            guess = did_you_mean(str(key).strip(), names)
             if limits.unknown_params == "warn":
-                warnings.append(f"{field}: unknown parameter, ignored")
-            else:
-                problems.append((field, f"unknown parameter (known: {known}; WAN_UNKNOWN_PARAMS=warn ignores unknown names)"))
+                warnings.append(f"{field}: unknown parameter, ignored{guess}")
+            else:  # the nearest names first: the whole list is about 50 names long
+                problems.append((field, f"unknown parameter{guess} (known: {', '.join(names)}; "
+                                        f"WAN_UNKNOWN_PARAMS=warn ignores unknown names)"))
             continue
         if surface in SPEC[name].refused:
             problems.append((field, f"is not accepted here: {SPEC[name].refused[surface]}"))
@@ -574,6 +589,23 @@ def add_flags(parser, params: List[Param]) -> None:
         elif p.kind == "choice":
             kwargs["metavar"] = "{" + ",".join(p.choices) + "}"
         parser.add_argument(*p.flags, **kwargs)
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are short: the problem, the nearest flag for a mistyped one, where --help is;
+    exit 2. `on_error(message)` is called first (e.g. the CLI's --json record)."""
+
+    on_error: Optional[Callable[[str], None]] = None
+
+    def error(self, message: str):  # argparse's: the whole usage (~40 lines) and no suggestion
+        flags = sorted(s for s in self._option_string_actions if s.startswith("--"))
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            given = [word.split("=", 1)[0] for word in unknown.group(1).split() if word.startswith("-")]
+            message = "; ".join(f"unknown flag {word}{did_you_mean(word, flags)}" for word in given) or message
+        if self.on_error is not None:
+            self.on_error(message)
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the flags)\n")
 
 
 def flag_values(args, params: List[Param]) -> Dict[str, Any]:
