@@ -481,3 +481,35 @@ def test_sample_steps_and_seed_take_every_integer(sampler_in_view, browser):
         assert _widget(browser, node, "sample_steps")["value"] == expected, text
     _type_value(browser, node, "seed", "12345")
     assert _widget(browser, node, "seed")["value"] == 12345
+
+
+def test_queue_from_the_editor_with_frame_num_typed_5(sampler_in_view, browser, comfy_server, input_image):
+    """frame_num typed as 5 in the editor and queued as the editor queues: the run makes 5 frames (tiny models)."""
+    from headless.client import ComfyClient
+
+    client = ComfyClient(comfy_server.url)
+    try:
+        image = client.upload_image(input_image, name="wan22_editor_test.png")
+        node = sampler_in_view
+        browser.evaluate("(() => { const w = (t, n) => app.graph._nodes.find(x => x.type === t).widgets.find(x => x.name === n);"
+                         f" w('LoadImage', 'image').value = {json.dumps(image)}; w('{node}', 'size').value = '96*64';"
+                         " return true; })()")
+        _type_value(browser, node, "frame_num", "5")
+        _type_value(browser, node, "sample_steps", "2")
+        assert (_widget(browser, node, "frame_num")["value"], _widget(browser, node, "sample_steps")["value"]) == (5, 2)
+        before = set(_get_json(comfy_server.url + "/history"))
+        browser.evaluate("app.queuePrompt(0, 1).then(() => true)", timeout=60)
+        deadline = time.monotonic() + 30
+        new = set()
+        while not new and time.monotonic() < deadline:
+            queue = _get_json(comfy_server.url + "/queue")
+            new = {item[1] for item in queue["queue_running"] + queue["queue_pending"]}
+            new |= set(_get_json(comfy_server.url + "/history")) - before
+            time.sleep(0.2)
+        assert len(new) == 1, f"the editor queued {len(new)} prompts"
+        entry = client.wait(new.pop(), timeout=300)
+        sampler_id = str(browser.evaluate("app.graph._nodes.find(n => n.type === 'Wan22ImageToVideo').id"))
+        info = entry["outputs"][sampler_id]["wan22"][0]
+        assert (info["frames"], info["width"], info["height"]) == (5, 96, 64)
+    finally:
+        client.close()
