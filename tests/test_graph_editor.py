@@ -513,3 +513,30 @@ def test_queue_from_the_editor_with_frame_num_typed_5(sampler_in_view, browser, 
         assert (info["frames"], info["width"], info["height"]) == (5, 96, 64)
     finally:
         client.close()
+
+
+def test_a_bad_frame_num_is_shown_once_under_its_input(sampler_in_view, browser, comfy_server, input_image):
+    """A workflow whose frame_num is 50, queued from the editor: the error is shown once, under frame_num (the 2024
+    server reported it under each of the sampler's nine spec inputs)."""
+    from headless.client import ComfyClient
+
+    client = ComfyClient(comfy_server.url)
+    try:
+        image = client.upload_image(input_image, name="wan22_editor_test.png")
+    finally:
+        client.close()
+    browser.evaluate("(() => { const w = (t, n) => app.graph._nodes.find(x => x.type === t).widgets.find(x => x.name === n);"
+                     f" w('LoadImage', 'image').value = {json.dumps(image)}; w('{sampler_in_view}', 'frame_num').value = 50;"
+                     " return true; })()")
+    browser.evaluate("app.queuePrompt(0, 1).then(() => true, () => true)", timeout=60)
+    browser.wait_for("!!app.lastNodeErrors && Object.keys(app.lastNodeErrors).length > 0", timeout=20,
+                     what="the server's node errors in the editor")
+    browser.settle(0.5)
+    errors = browser.evaluate("JSON.parse(JSON.stringify(app.lastNodeErrors))")
+    shown = [(e["extra_info"]["input_name"], e["details"]) for node in errors.values() for e in node["errors"]]
+    assert shown == [("frame_num", "frame_num - frame_num: must be 4n+1 (e.g. 5, 33, 49, 81), got 50")], shown
+    text = browser.evaluate(READ_GRAPH_JS)["dialog_text"] or ""
+    assert text.count("must be 4n+1") == 1, f"the editor shows the problem more than once or not at all: {text}"
+    browser.evaluate("(() => { app.ui.dialog.close();"
+                     " document.querySelectorAll('[role=\"dialog\"] .p-dialog-close-button').forEach(b => b.click());"
+                     " return true; })()")
