@@ -540,3 +540,32 @@ def test_a_bad_frame_num_is_shown_once_under_its_input(sampler_in_view, browser,
     browser.evaluate("(() => { app.ui.dialog.close();"
                      " document.querySelectorAll('[role=\"dialog\"] .p-dialog-close-button').forEach(b => b.click());"
                      " return true; })()")
+
+
+def _bring_into_view(browser, node_type: str):
+    browser.evaluate(
+        f"(() => {{ const n = app.graph._nodes.find(n => n.type === {json.dumps(node_type)});"
+        " app.canvas.ds.offset = [200 - n.pos[0], 150 - n.pos[1]];"
+        " app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);"
+        " return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true)))); })()")
+
+
+def test_float_and_fps_widgets_step_and_take_typed_values(sampler_in_view, browser):
+    """The other widgets with a step: the guide scales and the shift (0.1), boundary (0.001), fps (an integer)."""
+    node = sampler_in_view
+    for name, start, step, typed in (("guide_scale_low", 3.5, 0.1, "4.2"), ("sample_shift", 5.0, 0.1, "8.7"),
+                                     ("boundary", 0.9, 0.001, "0.875")):
+        assert _widget(browser, node, name)["value"] == pytest.approx(start), name
+        _click(browser, _widget(browser, node, name)["right"])
+        assert _widget(browser, node, name)["value"] == pytest.approx(start + step), name
+        _click(browser, _widget(browser, node, name)["left"])
+        _click(browser, _widget(browser, node, name)["left"])
+        assert _widget(browser, node, name)["value"] == pytest.approx(start - step), name
+        _type_value(browser, node, name, typed)
+        assert _widget(browser, node, name)["value"] == pytest.approx(float(typed)), name
+    _bring_into_view(browser, "Wan22SaveVideo")
+    assert _widget(browser, "Wan22SaveVideo", "fps")["value"] == 16
+    _click(browser, _widget(browser, "Wan22SaveVideo", "fps")["right"])
+    assert _widget(browser, "Wan22SaveVideo", "fps")["value"] == 17
+    _type_value(browser, "Wan22SaveVideo", "fps", "25")
+    assert _widget(browser, "Wan22SaveVideo", "fps")["value"] == 25
