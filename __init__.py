@@ -1,4 +1,7 @@
 """comfyui-wan22-i2v: Wan2.2 I2V-A14B nodes for ComfyUI (clone into ComfyUI/custom_nodes/)."""
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# web/: a frontend extension (integer widgets that step from their minimum on the 2024 frontend)
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -392,3 +392,180 @@ def test_missing_node_detection_is_not_vacuous(loaded_graph, browser):
                      " document.querySelectorAll('[role=\"dialog\"] .p-dialog-close-button').forEach(b => b.click());"
                      " return true; })()")
 
+
+
+# Widget geometry of one node in page (CSS) pixels: the canvas' client rect plus graph -> canvas offset and scale.
+WIDGET_POINTS_JS = """
+((nodeType, name) => {
+  const node = app.graph._nodes.find(n => n.type === nodeType);
+  const w = node.widgets.find(w => w.name === name);
+  const H = LiteGraph.NODE_WIDGET_HEIGHT || 20;
+  const y = (w.last_y ?? w.y) + H / 2;
+  const rect = app.canvas.canvas.getBoundingClientRect();
+  const toPage = (gx, gy) => { const [cx, cy] = app.canvas.ds.convertOffsetToCanvas([gx, gy]);
+                               return [rect.left + cx, rect.top + cy]; };
+  const [x0, y0] = node.pos;
+  const width = node.size[0];
+  return {left: toPage(x0 + 18, y0 + y), right: toPage(x0 + width - 18, y0 + y), middle: toPage(x0 + width / 2, y0 + y),
+          value: w.value, options: {min: w.options.min, max: w.options.max, step: w.options.step}};
+})
+"""
+
+
+def _click(browser, point, hold: float = 0.05):
+    x, y = point
+    browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+    browser.call("Input.dispatchMouseEvent", type="mousePressed", x=x, y=y, button="left", buttons=1, clickCount=1)
+    time.sleep(hold)
+    browser.call("Input.dispatchMouseEvent", type="mouseReleased", x=x, y=y, button="left", buttons=0, clickCount=1)
+    time.sleep(0.4)  # two clicks further apart than a double click
+
+
+def _widget(browser, node_type: str, name: str) -> dict:
+    return browser.evaluate(f"{WIDGET_POINTS_JS}({json.dumps(node_type)}, {json.dumps(name)})")
+
+
+def _type_value(browser, node_type: str, name: str, text: str):
+    """Click the middle of a number widget (LiteGraph opens its "Value" prompt), replace the text, press Enter."""
+    _click(browser, _widget(browser, node_type, name)["middle"])
+    browser.wait_for("(() => { const i = document.querySelector('.graphdialog input'); return !!i; })()",
+                     timeout=10, what=f"the value prompt of {name}")
+    browser.evaluate("(() => { const i = document.querySelector('.graphdialog input'); i.focus(); i.select();"
+                     " return true; })()")
+    browser.call("Input.insertText", text=text)
+    for kind in ("keyDown", "keyUp"):
+        browser.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13,
+                     nativeVirtualKeyCode=13, **({"text": "\r"} if kind == "keyDown" else {}))
+    time.sleep(0.3)
+
+
+@pytest.fixture()
+def sampler_in_view(loaded_graph, browser):
+    """The shipped UI workflow again, scale 1, with the sampler node near the top left of the canvas."""
+    browser.evaluate(f"app.loadGraphData({json.dumps(loaded_graph['workflow'])}).then(() => true)", timeout=30)
+    browser.settle(0.5)
+    browser.evaluate(
+        "(() => { const n = app.graph._nodes.find(n => n.type === 'Wan22ImageToVideo');"
+        " app.canvas.ds.scale = 1; app.canvas.ds.offset = [200 - n.pos[0], 150 - n.pos[1]];"
+        " app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);"
+        " return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true)))); })()")
+    return "Wan22ImageToVideo"
+
+
+def test_frame_num_arrows_and_typing_reach_every_4n_plus_1(sampler_in_view, browser):
+    """frame_num takes 4n+1 by its arrows (81 -> 85 -> 81 -> 77) and by typing (33), on both frontends: the 2024
+    one rounded every INT to a multiple of its step (84, 80, 32) until web/wan22_widgets.js."""
+    node = sampler_in_view
+    assert _widget(browser, node, "frame_num")["value"] == 81
+    seen = []
+    for side in ("right", "left", "left"):
+        _click(browser, _widget(browser, node, "frame_num")[side])
+        seen.append(_widget(browser, node, "frame_num")["value"])
+    assert seen == [85, 81, 77]
+    for text, expected in (("33", 33), ("5", 5), ("1001", 1001), ("1", 1)):
+        _type_value(browser, node, "frame_num", text)
+        assert _widget(browser, node, "frame_num")["value"] == expected, text
+    assert not browser.page_errors(), browser.page_errors()
+
+
+def test_sample_steps_and_seed_take_every_integer(sampler_in_view, browser):
+    node = sampler_in_view
+    assert _widget(browser, node, "sample_steps")["value"] == 40
+    _click(browser, _widget(browser, node, "sample_steps")["right"])
+    assert _widget(browser, node, "sample_steps")["value"] == 41
+    _click(browser, _widget(browser, node, "sample_steps")["left"])
+    _click(browser, _widget(browser, node, "sample_steps")["left"])
+    assert _widget(browser, node, "sample_steps")["value"] == 39
+    for text, expected in (("7", 7), ("1", 1), ("1000", 1000), ("33", 33)):
+        _type_value(browser, node, "sample_steps", text)
+        assert _widget(browser, node, "sample_steps")["value"] == expected, text
+    _type_value(browser, node, "seed", "12345")
+    assert _widget(browser, node, "seed")["value"] == 12345
+
+
+def test_queue_from_the_editor_with_frame_num_typed_5(sampler_in_view, browser, comfy_server, input_image):
+    """frame_num typed as 5 in the editor and queued as the editor queues: the run makes 5 frames (tiny models)."""
+    from headless.client import ComfyClient
+
+    client = ComfyClient(comfy_server.url)
+    try:
+        image = client.upload_image(input_image, name="wan22_editor_test.png")
+        node = sampler_in_view
+        browser.evaluate("(() => { const w = (t, n) => app.graph._nodes.find(x => x.type === t).widgets.find(x => x.name === n);"
+                         f" w('LoadImage', 'image').value = {json.dumps(image)}; w('{node}', 'size').value = '96*64';"
+                         " return true; })()")
+        _type_value(browser, node, "frame_num", "5")
+        _type_value(browser, node, "sample_steps", "2")
+        assert (_widget(browser, node, "frame_num")["value"], _widget(browser, node, "sample_steps")["value"]) == (5, 2)
+        before = set(_get_json(comfy_server.url + "/history"))
+        browser.evaluate("app.queuePrompt(0, 1).then(() => true)", timeout=60)
+        deadline = time.monotonic() + 30
+        new = set()
+        while not new and time.monotonic() < deadline:
+            queue = _get_json(comfy_server.url + "/queue")
+            new = {item[1] for item in queue["queue_running"] + queue["queue_pending"]}
+            new |= set(_get_json(comfy_server.url + "/history")) - before
+            time.sleep(0.2)
+        assert len(new) == 1, f"the editor queued {len(new)} prompts"
+        entry = client.wait(new.pop(), timeout=300)
+        sampler_id = str(browser.evaluate("app.graph._nodes.find(n => n.type === 'Wan22ImageToVideo').id"))
+        info = entry["outputs"][sampler_id]["wan22"][0]
+        assert (info["frames"], info["width"], info["height"]) == (5, 96, 64)
+    finally:
+        client.close()
+
+
+def test_a_bad_frame_num_is_shown_once_under_its_input(sampler_in_view, browser, comfy_server, input_image):
+    """A workflow whose frame_num is 50, queued from the editor: the error is shown once, under frame_num (the 2024
+    server reported it under each of the sampler's nine spec inputs)."""
+    from headless.client import ComfyClient
+
+    client = ComfyClient(comfy_server.url)
+    try:
+        image = client.upload_image(input_image, name="wan22_editor_test.png")
+    finally:
+        client.close()
+    browser.evaluate("(() => { const w = (t, n) => app.graph._nodes.find(x => x.type === t).widgets.find(x => x.name === n);"
+                     f" w('LoadImage', 'image').value = {json.dumps(image)}; w('{sampler_in_view}', 'frame_num').value = 50;"
+                     " return true; })()")
+    browser.evaluate("app.queuePrompt(0, 1).then(() => true, () => true)", timeout=60)
+    browser.wait_for("!!app.lastNodeErrors && Object.keys(app.lastNodeErrors).length > 0", timeout=20,
+                     what="the server's node errors in the editor")
+    browser.settle(0.5)
+    errors = browser.evaluate("JSON.parse(JSON.stringify(app.lastNodeErrors))")
+    shown = [(e["extra_info"]["input_name"], e["details"]) for node in errors.values() for e in node["errors"]]
+    assert shown == [("frame_num", "frame_num - frame_num: must be 4n+1 (e.g. 5, 33, 49, 81), got 50")], shown
+    text = browser.evaluate(READ_GRAPH_JS)["dialog_text"] or ""
+    assert text.count("must be 4n+1") == 1, f"the editor shows the problem more than once or not at all: {text}"
+    browser.evaluate("(() => { app.ui.dialog.close();"
+                     " document.querySelectorAll('[role=\"dialog\"] .p-dialog-close-button').forEach(b => b.click());"
+                     " return true; })()")
+
+
+def _bring_into_view(browser, node_type: str):
+    browser.evaluate(
+        f"(() => {{ const n = app.graph._nodes.find(n => n.type === {json.dumps(node_type)});"
+        " app.canvas.ds.offset = [200 - n.pos[0], 150 - n.pos[1]];"
+        " app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);"
+        " return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true)))); })()")
+
+
+def test_float_and_fps_widgets_step_and_take_typed_values(sampler_in_view, browser):
+    """The other widgets with a step: the guide scales and the shift (0.1), boundary (0.001), fps (an integer)."""
+    node = sampler_in_view
+    for name, start, step, typed in (("guide_scale_low", 3.5, 0.1, "4.2"), ("sample_shift", 5.0, 0.1, "8.7"),
+                                     ("boundary", 0.9, 0.001, "0.875")):
+        assert _widget(browser, node, name)["value"] == pytest.approx(start), name
+        _click(browser, _widget(browser, node, name)["right"])
+        assert _widget(browser, node, name)["value"] == pytest.approx(start + step), name
+        _click(browser, _widget(browser, node, name)["left"])
+        _click(browser, _widget(browser, node, name)["left"])
+        assert _widget(browser, node, name)["value"] == pytest.approx(start - step), name
+        _type_value(browser, node, name, typed)
+        assert _widget(browser, node, name)["value"] == pytest.approx(float(typed)), name
+    _bring_into_view(browser, "Wan22SaveVideo")
+    assert _widget(browser, "Wan22SaveVideo", "fps")["value"] == 16
+    _click(browser, _widget(browser, "Wan22SaveVideo", "fps")["right"])
+    assert _widget(browser, "Wan22SaveVideo", "fps")["value"] == 17
+    _type_value(browser, "Wan22SaveVideo", "fps", "25")
+    assert _widget(browser, "Wan22SaveVideo", "fps")["value"] == 25

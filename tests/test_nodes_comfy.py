@@ -238,6 +238,37 @@ def test_frame_num_50_is_a_validation_error_naming_the_input(comfy_client, tiny_
     assert info.value.lines == ["node 4 (Wan22ImageToVideo 'Wan2.2 Image to Video'): frame_num: must be 4n+1 (e.g. 5, 33, 49, 81), got 50"]
 
 
+def _node_errors(comfy_url: str, workflow: dict) -> dict:
+    """POST /prompt as the editor does; the server's node_errors (it must refuse the prompt)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(comfy_url + "/prompt", data=json.dumps({"prompt": workflow}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=60)
+    return json.loads(info.value.read())["node_errors"]
+
+
+def test_a_bad_value_is_one_error_under_its_own_input(comfy_url, comfy_client, tiny_models, uploaded_image):
+    """ComfyUI reports a VALIDATE_INPUTS message under every input its signature names (nine times, under
+    size, sample_steps, ... on both servers); the validator names only the inputs at fault."""
+    workflow = shipped(uploaded_image, tiny_models("upstream"), Wan22ImageToVideo__frame_num=50)
+    errors = _node_errors(comfy_url, workflow)
+    sampler = find_node(workflow, "Wan22ImageToVideo")
+    assert list(errors) == [sampler], errors
+    shown = [(e["extra_info"]["input_name"], e["details"]) for e in errors[sampler]["errors"]]
+    assert shown == [("frame_num", "frame_num - frame_num: must be 4n+1 (e.g. 5, 33, 49, 81), got 50")]
+    # two inputs at fault: each is reported once, under its own name
+    workflow = shipped(uploaded_image, tiny_models("upstream"), Wan22ImageToVideo__frame_num=50,
+                       Wan22ImageToVideo__size="96*65")
+    errors = _node_errors(comfy_url, workflow)
+    assert sorted(e["extra_info"]["input_name"] for e in errors[sampler]["errors"]) == ["frame_num", "size"]
+    # and a good prompt still passes the same validator (the signature names every input again)
+    prompt_id = comfy_client.queue_prompt(shipped(uploaded_image, tiny_models("upstream")))
+    comfy_client.wait(prompt_id, timeout=300)
+
+
 def test_missing_model_folder_is_an_execution_error_naming_it(comfy_client, tmp_path, uploaded_image):
     missing = tmp_path / "no_models_here"
     workflow = shipped(uploaded_image, missing, Wan22ImageToVideo__seed=9)
