@@ -96,7 +96,7 @@ def test_cli_lora_flags_and_a_local_path(node_path_video, comfy_client, comfy_se
 
 @pytest.mark.parametrize("flags, needle", [
     (["--lora", "nope.safetensors"], "loras[0].name: 'nope.safetensors' is not one of the server's LoRA files ("),
-    (["--lora", f"{LIGHTX2V_HIGH}:middle:1"], "loras[0].name: 'wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors:middle'"),
+    (["--lora", f"{LIGHTX2V_HIGH}:middle:1"], "loras[0].expert: must be one of high|low|both in 'NAME[:high|low|both][:STRENGTH]', got 'middle'"),
     (["--lora", f"{LIGHTX2V_HIGH}:high:nan"], "loras[0].strength: must be a finite number from -10 to 10, got nan"),
     (["--lora", f"{LIGHTX2V_HIGH}:11"], "loras[0].strength: must be a finite number from -10 to 10, got 11"),
     (["--lora", "x.safetensors"] * 17, "loras: has 17 entries; at most 16 LoRAs are applied at once"),
