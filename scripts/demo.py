@@ -29,18 +29,6 @@ def demo_image(path: Path) -> Path:
     return path
 
 
-def tiny_models(cache: Path) -> Path:
-    folder = cache / "upstream"
-    marker = folder / ".complete"
-    if not marker.is_file():
-        from wan22.testing.tiny import build_tiny_model_set
-
-        print(f"building tiny models in {folder} ...", flush=True)
-        build_tiny_model_set(folder, "upstream")
-        marker.write_text("ok\n")
-    return folder
-
-
 def main(argv=None) -> int:
     from headless.cli import ProgressBar
     from headless.run import Hooks, run
@@ -60,7 +48,12 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     work = out.parent / "comfyui"
     image = Path(args.image) if args.image else demo_image(out.parent / "demo_input.png")
-    models = Path(args.models) if args.models else tiny_models(REPO / ".cache" / "demo_models")
+    if args.models:
+        models = Path(args.models)
+    else:
+        from wan22.testing.tiny import cached_tiny_model_set
+
+        models = cached_tiny_model_set(REPO / ".cache" / "demo_models" / "upstream")
     print("starting ComfyUI ...", flush=True)
     server = start_comfyui(models_dir=models, work_dir=work, log_path=work / "comfyui.log")
     try:

@@ -27,26 +27,15 @@ PINNED = (REPO / ".comfyui", None, "the pinned 2024 ComfyUI")
 CURRENT = (REPO / ".comfyui-current", REPO / ".venv-comfyui-current" / "bin" / "python", "ComfyUI 0.3.64")
 
 
-def tiny_models(folder: Path) -> Path:
-    """The tiny model set and 4-step LoRAs in `folder`, built on first use (a marker says it is complete)."""
-    marker = folder / ".complete"
-    if not marker.is_file():
-        from wan22.testing.tiny import build_tiny_model_set, write_tiny_4step_loras
-
-        print(f"building tiny random-weight models in {folder} (once) ...", flush=True)
-        build_tiny_model_set(folder, "upstream")
-        write_tiny_4step_loras(folder / "loras")
-        marker.write_text("ok\n")
-    return folder
-
-
 def pick_models(given) -> tuple:
     """(folder, what it is) for the server's WAN_CKPT_DIR."""
     if given:
         return Path(given).expanduser().resolve(), "--models-dir"
     if os.environ.get("WAN_CKPT_DIR"):
         return Path(os.environ["WAN_CKPT_DIR"]).expanduser().resolve(), "WAN_CKPT_DIR"
-    return tiny_models(REPO / ".cache" / "ui_models"), "tiny random weights: the workflows run, the videos are noise"
+    from wan22.testing.tiny import cached_tiny_model_set
+
+    return cached_tiny_model_set(REPO / ".cache" / "ui_models", loras=True), "tiny random weights: the workflows run, the videos are noise"
 
 
 def main(argv=None) -> int:

@@ -358,6 +358,20 @@ def write_tiny_4step_loras(folder) -> list:
     return [write_tiny_lora(Path(folder) / name, seed=seed) for seed, name in enumerate((LIGHTX2V_HIGH, LIGHTX2V_LOW))]
 
 
+def cached_tiny_model_set(folder, loras: bool = False) -> Path:
+    """A tiny upstream-layout model set in `folder`, built on first use and kept (a marker says it is complete):
+    make demo's and make ui's. `loras`: with the two tiny 4-step LoRAs in its loras folder."""
+    folder = Path(folder)
+    marker = folder / ".complete"
+    if not marker.is_file():
+        print(f"building tiny random-weight models in {folder} (once) ...", flush=True)
+        build_tiny_model_set(folder, "upstream")
+        if loras:
+            write_tiny_4step_loras(folder / "loras")
+        marker.write_text("ok\n")
+    return folder
+
+
 def tiny_qwen_vl_folder(model_root) -> Path:
     """Where prompt extension's default model (QwenVL2.5_7B) is looked up first under a model root."""
     from ..request.extension_models import DEFAULT_MODELS, LOCAL_FOLDERS
