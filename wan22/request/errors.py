@@ -1,5 +1,12 @@
 """Errors the engine raises for bad input, each naming the field or file at fault."""
+import difflib
 from typing import Callable, Iterable, List, Sequence, Tuple
+
+
+def did_you_mean(word: str, names: Iterable[str], show: Callable[[str], str] = str, n: int = 3, cutoff: float = 0.6) -> str:
+    """'; did you mean X?' (or 'X or Y') for a mistyped `word`, nearest first (difflib), '' when no name is close."""
+    close = [show(name) for name in difflib.get_close_matches(word, list(names), n=n, cutoff=cutoff)]
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 class Wan22Error(Exception):

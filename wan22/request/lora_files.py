@@ -8,14 +8,13 @@ ComfyUI's ``models/loras`` folders, which the caller passes in.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .model_sets import default_model_root
-from .errors import InvalidParameter
+from .errors import InvalidParameter, did_you_mean
 
 EXPERTS = ("high", "low", "both")
 MAX_LORAS = 16
@@ -74,10 +73,9 @@ def parse_entry(value: Any, field: str) -> LoraEntry:
             expert = parts.pop()
         elif len(parts) > 1 and parts[-2].strip().lower().endswith(LORA_SUFFIXES) and _a_word(parts[-1]):
             # `style.safetensors:hgih`: a word after the file's name is a misspelt expert, not part of the name
-            close = difflib.get_close_matches(parts[-1].strip().lower(), EXPERTS, n=1, cutoff=0.5)
             raise InvalidParameter(f"{field}.expert", f"must be one of {'|'.join(EXPERTS)} in "
                                                       f"'NAME[:high|low|both][:STRENGTH]', got {parts[-1]!r}"
-                                                      + (f"; did you mean {close[0]}?" if close else ""))
+                                                      + did_you_mean(parts[-1].strip().lower(), EXPERTS, n=1, cutoff=0.5))
         value = {"name": ":".join(parts), "expert": expert, "strength": strength}
     if not isinstance(value, Mapping):
         raise InvalidParameter(field, f"must be an object {{name, expert, strength}} or 'NAME[:high|low|both][:STRENGTH]', got {type(value).__name__}")

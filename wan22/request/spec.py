@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import difflib
 import math
 import re
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from .errors import InvalidParameter
+from .errors import InvalidParameter, did_you_mean
 from .extension_models import check_model_name
 from .lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW, MAX_LORAS, MAX_STRENGTH, parse_entries
 from .settings import Limits
@@ -463,17 +462,6 @@ class Normalized:
 
     def label(self, name: str) -> str:
         return self.spelled.get(name, name)
-
-
-def nearest(word: str, names: Iterable[str], n: int = 3) -> List[str]:
-    """The names closest to a mistyped `word`, nearest first (difflib; none when nothing is close)."""
-    return difflib.get_close_matches(word, list(names), n=n, cutoff=0.6)
-
-
-def did_you_mean(word: str, names: Iterable[str], show: Callable[[str], str] = str) -> str:
-    """'; did you mean X?' (or 'X or Y') for a mistyped `word`, '' when no name is close."""
-    close = [show(name) for name in nearest(word, names)]
-    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 def normalize(raw: Mapping[str, Any], surface: str, *, limits: Optional[Limits] = None,
