@@ -240,10 +240,15 @@ def _emit(args, record: Dict[str, Any]) -> None:
         print(json.dumps(record, sort_keys=True), flush=True)
 
 
+def _failure(code: int, message: str, field: Optional[str] = None) -> Dict[str, Any]:
+    """The --json record of a failed run (_emit adds what the exit code means)."""
+    return {"ok": False, "exit_code": code, "error": message, **({"field": field} if field else {})}
+
+
 def _fail(args, code: int, message: str, field: Optional[str] = None) -> int:
     """A run that ends before a job is queued: the message on stderr and, with --json, its one record on stdout."""
     print(f"error: {message}", file=sys.stderr)
-    _emit(args, {"ok": False, "exit_code": code, "error": message, **({"field": field} if field else {})})
+    _emit(args, _failure(code, message, field))
     return code
 
 
@@ -288,9 +293,7 @@ def _model_folder_problem(args) -> Optional[tuple]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     if "--json" in (sys.argv[1:] if argv is None else argv):  # a usage error is a run too: one record on stdout
-        parser.on_error = lambda message: print(json.dumps({"ok": False, "exit_code": EXIT_BAD_INPUT, "exit_meaning":
-                                                            EXIT_MEANINGS[EXIT_BAD_INPUT], "error": message},
-                                                           sort_keys=True), flush=True)
+        parser.on_error = lambda message: _emit(argparse.Namespace(json=True), _failure(EXIT_BAD_INPUT, message))
     args = parser.parse_args(argv)
 
     def _sigterm(signum, frame):
@@ -391,14 +394,13 @@ def _main_single(args, client: ComfyClient, server=None) -> int:
         record = _run_job(args, client, params, args.workflow, args.out, args.set, job=job)
     except KeyboardInterrupt:
         print("interrupted: the server's job was interrupted", file=sys.stderr)
-        _emit(args, {"ok": False, "exit_code": EXIT_INTERRUPTED, "error": "interrupted", **job})
+        _emit(args, {**_failure(EXIT_INTERRUPTED, "interrupted"), **job})
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - every error becomes an exit code
         code = _error_code(exc)
         message = _describe_error(exc, server)
         print(f"error: {message}", file=sys.stderr)
-        _emit(args, {"ok": False, "exit_code": code, "error": message, **job,
-                     **({"field": _error_field(exc)} if _error_field(exc) else {})})
+        _emit(args, {**_failure(code, message, _error_field(exc)), **job})
         return code
     record = {"ok": True, **record}
     if args.json:
@@ -440,7 +442,7 @@ def _main_batch(args, client: ComfyClient, server=None) -> int:
             record = {"ok": True, "job": index, "line": line, **record}
         except KeyboardInterrupt:
             print(f"{label}interrupted; stopping the batch", file=sys.stderr)
-            _emit(args, {"ok": False, "job": index, "line": line, "exit_code": EXIT_INTERRUPTED, "error": "interrupted"})
+            _emit(args, {**_failure(EXIT_INTERRUPTED, "interrupted"), "job": index, "line": line})
             return EXIT_INTERRUPTED
         except Exception as exc:  # noqa: BLE001
             code = _error_code(exc)
@@ -449,7 +451,7 @@ def _main_batch(args, client: ComfyClient, server=None) -> int:
             description = _describe_error(exc, server)
             message = description.replace("\n", " | ")
             summary = f"{label}FAILED line {line} (exit {code}): {message}"
-            record = {"ok": False, "job": index, "line": line, "exit_code": code, "error": description,
+            record = {**_failure(code, description), "job": index, "line": line,
                       "seconds": round(time.monotonic() - started, 3)}
             if isinstance(exc, ServerUnreachable):
                 _emit(args, record)
