@@ -75,8 +75,7 @@ def generate_mp4(image, prompt: str, out: Path, params: GenerationParams = Gener
 # What the engine reads of a normalized request (spec names): the image, the prompts, GenerationParams, LoadOptions,
 # the LoRAs and the prompt extension. A flag is offered only for these and for what spec.normalize turns into
 # them (EXPANDED): every flag python -m wan22 offers works, the others are not offered.
-GENERATION_READS = ("guide_scale_low", "guide_scale_high",
-                    *(f.name for f in dataclasses.fields(GenerationParams) if f.name != "guide_scale"))
+GENERATION_READS = spec.fed("generation")  # GenerationParams' fields (the guide scales are its guide_scale pair)
 ENGINE_READS = frozenset((*spec.IMAGE_FIELDS, "prompt", "negative_prompt", *GENERATION_READS, *LOAD_FIELDS, "loras",
                           "use_prompt_extend", *spec.EXTENSION_OPTIONS))
 EXPANDED = ("sample_guide_scale", "preset")  # normalize fills guide_scale_low/high, and the preset's parameters
