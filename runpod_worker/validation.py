@@ -128,8 +128,18 @@ def operator_replacements(given: Mapping[str, Any], operator: Mapping[str, Any],
     each one `given` (a request's parameters, a raw workflow node's inputs) with another value than the operator's
     is replaced by it (the caller sets `operator` over `given`). One {field, given, used, setting} per value replaced:
     the answer's `replaced`, and a warning each (replaced_warning)."""
-    return [{"field": label(name), "given": given[name], "used": used, "setting": spec.SPEC[name].operator}
+    return [{"field": label(name), "given": _echo(given[name]), "used": used, "setting": spec.SPEC[name].operator}
             for name, used in operator.items() if name in given and given[name] != used]
+
+
+def _echo(value: Any) -> Any:
+    """A caller's value as the answer repeats it: bounded (a raw workflow's input is not checked before it is
+    replaced, and may be megabytes long)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str):
+        return value if len(value) <= 60 else value[:57] + "..."
+    return _short(value)
 
 
 def replaced_warning(item: Mapping[str, Any]) -> str:

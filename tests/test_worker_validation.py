@@ -513,3 +513,17 @@ def test_raw_workflows_can_be_turned_off(monkeypatch, tmp_path):
     assert not (tmp_path / "out").exists()
     monkeypatch.setenv("WAN_RAW_WORKFLOWS", "maybe")
     assert "WAN_RAW_WORKFLOWS='maybe' must be" in handle_job({"id": "raw-bad", "input": {"workflow": {}}})["error"]
+
+
+def test_a_replaced_value_is_repeated_bounded():
+    """A raw workflow's operator-owned input is replaced without being checked: the answer repeats at most a short
+    form of it, not the megabytes a hostile workflow may send."""
+    from runpod_worker.validation import operator_replacements, replaced_warning
+
+    given = {"weight_dtype": "x" * 100000, "dtype": {"evil": [1, 2]}, "fp8_matmul": True, "compile": "blocks"}
+    operator = {"weight_dtype": "auto", "dtype": "bf16", "fp8_matmul": False, "compile": "off"}
+    replaced = {item["field"]: item for item in operator_replacements(given, operator, str)}
+    assert replaced["weight_dtype"]["given"] == "x" * 57 + "..."
+    assert replaced["dtype"]["given"] == "{'evil': [1, 2]}"
+    assert replaced["fp8_matmul"]["given"] is True and replaced["compile"]["given"] == "blocks"
+    assert all(len(replaced_warning(item)) < 300 for item in replaced.values())
