@@ -11,13 +11,21 @@ The shared fixtures (../shared/reference, ../shared/parity) are read through tes
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_fixture as cf  # noqa: E402
+import graph_editor  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +98,60 @@ def input_image(tmp_path_factory) -> Path:
     img.putdata([(x * 2, y * 3, (x + y) % 256) for y in range(80) for x in range(120)])
     img.save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def chromium_bin() -> str:
+    path = graph_editor.find_chromium()
+    if path is None:
+        message = "no chromium binary on PATH (Debian: apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("WAN22_REQUIRE_COMFYUI") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_bin, tmp_path_factory):
+    """Headless Chromium with a fresh profile and a DevTools port; yields a CDP client on its page."""
+    profile = Path(tempfile.mkdtemp(prefix="wan22_chromium_"))
+    log_path = tmp_path_factory.mktemp("chromium") / "chromium.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [chromium_bin, *graph_editor.CHROMIUM_FLAGS, "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1",
+         f"--user-data-dir={profile}", "about:blank"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    cdp = None
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 45
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"chromium did not open its DevTools port (rc={proc.poll()}); log:\n"
+                            + log_path.read_text(errors="replace")[-3000:])
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
+            targets = json.load(resp)
+        page = next(t for t in targets if t.get("type") == "page")
+        cdp = graph_editor.CDP(page["webSocketDebuggerUrl"])
+        cdp.call("Page.enable")
+        cdp.call("Runtime.enable")
+        cdp.call("Emulation.setDeviceMetricsOverride", width=graph_editor.VIEWPORT[0], height=graph_editor.VIEWPORT[1],
+                 deviceScaleFactor=1, mobile=False)
+        yield cdp
+    finally:
+        if cdp is not None:
+            cdp.close()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        log.close()
+        shutil.rmtree(profile, ignore_errors=True)

@@ -7,13 +7,9 @@ failure. The screenshot is written to the test's tmp_path and copied to tests/_a
 """
 from __future__ import annotations
 
-import itertools
 import json
-import os
 import shutil
 import struct
-import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +18,8 @@ from pathlib import Path
 import pytest
 
 import comfy_fixture as cf
+from graph_editor import (READ_GRAPH_JS, VIEWPORT, bring_into_view, click, load_workflow, open_editor, type_value,
+                          widget)
 
 pytestmark = [pytest.mark.browser, pytest.mark.comfy]
 
@@ -29,207 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 UI_WORKFLOW = REPO / "workflows" / "ui" / "wan22_i2v_a14b.json"
 EXAMPLE_WORKFLOW = REPO / "example_workflows" / "wan22_i2v_a14b.json"
 EXPECTED_TYPES = ["Wan22ModelLoader", "LoadImage", "Wan22TextEncode", "Wan22ImageToVideo", "Wan22SaveVideo"]
-VIEWPORT = (1920, 1080)
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--no-default-browser-check", "--mute-audio",
-    f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}",
-]
-
-
-def find_chromium() -> str | None:
-    for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-@pytest.fixture(scope="module")
-def chromium_bin() -> str:
-    path = find_chromium()
-    if path is None:
-        message = "no chromium binary on PATH (Debian: apt-get install chromium; .ci/run installs it)"
-        if os.environ.get("WAN22_REQUIRE_COMFYUI") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-class CDP:
-    """A minimal Chrome DevTools Protocol client over one page target's websocket."""
-
-    def __init__(self, ws_url: str, timeout: float = 30.0):
-        import websocket
-
-        self.ws = websocket.create_connection(ws_url, timeout=timeout, suppress_origin=True)
-        self.ids = itertools.count(1)
-        self.events: list[dict] = []
-
-    def call(self, method: str, *, wait: float = 30.0, **params):
-        msg_id = next(self.ids)
-        self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            self.ws.settimeout(max(0.1, deadline - time.monotonic()))
-            msg = json.loads(self.ws.recv())
-            if msg.get("id") == msg_id:
-                if "error" in msg:
-                    raise RuntimeError(f"CDP {method} failed: {msg['error']}")
-                return msg.get("result", {})
-            if "method" in msg:
-                self.events.append(msg)
-        raise TimeoutError(f"CDP {method}: no answer in {wait}s")
-
-    def evaluate(self, expression: str, timeout: float = 30.0):
-        """Evaluate JS in the page (promises awaited) and return its value (JSON-serialisable)."""
-        result = self.call("Runtime.evaluate", wait=timeout + 5, expression=expression, awaitPromise=True,
-                           returnByValue=True, timeout=int(timeout * 1000))
-        if "exceptionDetails" in result:
-            details = result["exceptionDetails"]
-            text = details.get("exception", {}).get("description") or details.get("text")
-            raise RuntimeError(f"JS exception: {text}")
-        return result["result"].get("value")
-
-    def wait_for(self, expression: str, timeout: float, what: str):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                last = self.evaluate(expression, timeout=10)
-            except RuntimeError as exc:  # page still loading
-                last = str(exc)
-            if last is True:
-                return
-            time.sleep(0.25)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-    def page_errors(self) -> list[str]:
-        errors = []
-        for event in self.events:
-            if event["method"] == "Runtime.exceptionThrown":
-                details = event["params"]["exceptionDetails"]
-                errors.append(details.get("exception", {}).get("description") or details.get("text", ""))
-        return errors
-
-    def take_page_errors(self) -> list[str]:
-        """The page errors so far, forgotten afterwards (page_errors() then reports only later ones)."""
-        errors = self.page_errors()
-        self.events = [e for e in self.events if e["method"] != "Runtime.exceptionThrown"]
-        return errors
-
-    def settle(self, seconds: float = 1.0):
-        """Let the page finish what it does after startup (both frontends restore a workflow asynchronously)."""
-        self.evaluate(f"new Promise(r => setTimeout(() => r(true), {int(seconds * 1000)}))", timeout=seconds + 10)
-
-    def close(self):
-        try:
-            self.ws.close()
-        except Exception:
-            pass
-
-
-@pytest.fixture(scope="module")
-def browser(chromium_bin, tmp_path_factory):
-    """Headless Chromium with a fresh profile and a DevTools port; yields a CDP client on its page."""
-    profile = Path(tempfile.mkdtemp(prefix="wan22_chromium_"))
-    log_path = tmp_path_factory.mktemp("chromium") / "chromium.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [chromium_bin, *CHROMIUM_FLAGS, "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1",
-         f"--user-data-dir={profile}", "about:blank"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    cdp = None
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 45
-        while not (port_file.is_file() and port_file.read_text().strip()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"chromium did not open its DevTools port (rc={proc.poll()}); log:\n"
-                            + log_path.read_text(errors="replace")[-3000:])
-            time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
-            targets = json.load(resp)
-        page = next(t for t in targets if t.get("type") == "page")
-        cdp = CDP(page["webSocketDebuggerUrl"])
-        cdp.call("Page.enable")
-        cdp.call("Runtime.enable")
-        cdp.call("Emulation.setDeviceMetricsOverride", width=VIEWPORT[0], height=VIEWPORT[1],
-                 deviceScaleFactor=1, mobile=False)
-        yield cdp
-    finally:
-        if cdp is not None:
-            cdp.close()
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        log.close()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-# Everything the assertions need, read back from the live graph after loadGraphData.
-# Dialogs: the legacy app.ui.dialog (2024 frontend) and the Vue frontend's role="dialog" elements (newer servers).
-READ_GRAPH_JS = """
-(() => {
-  const shown = el => !!el && getComputedStyle(el).display !== 'none' && el.getBoundingClientRect().width > 0;
-  const dialogs = [app.ui.dialog.element, ...document.querySelectorAll('[role="dialog"], [role="alertdialog"]')]
-    .filter(shown);
-  const missing = document.querySelector('.comfy-missing-nodes');
-  return {
-    nodes: app.graph._nodes.map(n => ({
-      id: n.id, type: n.type, title: n.title,
-      registered: n.type in LiteGraph.registered_node_types,
-      has_errors: !!n.has_errors,
-      widgets: (n.widgets || []).map(w => ({name: w.name, value: w.value})),
-      widgets_values: n.serialize().widgets_values || [],
-      inputs: (n.inputs || []).map(i => ({name: i.name, type: i.type, link: i.link, widget: !!i.widget})),
-    })),
-    links: Object.values(app.graph.links || {}).filter(Boolean).map(l =>
-      [l.id, l.origin_id, l.origin_slot, l.target_id, l.target_slot, l.type]),
-    missing_dialog: missing ? missing.innerText : null,
-    dialog_visible: dialogs.length > 0,
-    dialog_text: dialogs.map(d => d.innerText).join('\\n---\\n') || null,
-  };
-})()
-"""
 
 
 @pytest.fixture(scope="module")
 def loaded_graph(browser, comfy_server):
     """The server's page in Chromium with the shipped UI workflow loaded; returns the graph as read back."""
-    if not comfy_server.alive():
-        pytest.fail("the shared ComfyUI server died; log tail:\n" + comfy_server.log_tail())
     workflow = json.loads(UI_WORKFLOW.read_text(encoding="utf-8"))
-    # A returning user whose last workflow was ours: both frontends restore localStorage["workflow"] at startup, so
-    # the newer one skips its first-run "Get Started with a Template" dialog (which would cover the screenshot).
-    browser.call("Page.addScriptToEvaluateOnNewDocument",
-                 source=f"try {{ localStorage.setItem('workflow', {json.dumps(json.dumps(workflow))}); }} catch (e) {{}}")
-    browser.call("Page.navigate", url=comfy_server.url + "/")
-    browser.wait_for(
-        "typeof window.app !== 'undefined' && !!window.app.graph && !!window.app.canvas"
-        " && typeof LiteGraph !== 'undefined' && 'Wan22ImageToVideo' in LiteGraph.registered_node_types",
-        timeout=60, what="ComfyUI's app with the Wan2.2 nodes registered",
-    )
-    browser.settle()
-    # Errors thrown while the frontend itself starts up, before our workflow is loaded (the 1.27 frontend's
-    # settings store throws one on every fresh page), are the frontend's own unless they name our nodes.
-    startup_errors = browser.take_page_errors()
-    ours = [e for e in startup_errors if "Wan22" in e or "wan22" in e]
-    assert not ours, f"page errors naming the Wan2.2 nodes while the app started: {ours}"
-    browser.evaluate(f"app.loadGraphData({json.dumps(workflow)}).then(() => true)", timeout=30)
-    # A fixed view of the whole graph, then a redraw, for the screenshot.
-    browser.evaluate(
-        "(() => { app.canvas.ds.scale = 1; app.canvas.ds.offset = [20, 40];"
-        " app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);"
-        " return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true)))); })()"
-    )
-    return {"workflow": workflow, "graph": browser.evaluate(READ_GRAPH_JS)}
+    return {"workflow": workflow, "graph": open_editor(browser, comfy_server, workflow)}
 
 
 def test_ui_workflow_loads_without_missing_nodes(loaded_graph, browser):
@@ -342,9 +146,7 @@ def test_4step_workflow_loads_with_its_lora_nodes(loaded_graph, browser):
     """The shipped 4-step workflow: its two LoRA nodes resolve (the tiny lightx2v files are in a loras folder of the
     server), the widgets hold the recipe, the links are the file's."""
     workflow = json.loads((REPO / "example_workflows" / "wan22_i2v_a14b_4step_lora.json").read_text(encoding="utf-8"))
-    browser.evaluate(f"app.loadGraphData({json.dumps(workflow)}).then(() => true)", timeout=30)
-    browser.settle()
-    graph = browser.evaluate(READ_GRAPH_JS)
+    graph = load_workflow(browser, workflow)
     assert graph["missing_dialog"] is None and not graph["dialog_visible"], graph["dialog_text"]
     assert sorted(n["type"] for n in graph["nodes"]) == sorted(EXPECTED_TYPES + ["Wan22LoraLoader"] * 2)
     assert all(n["registered"] and not n["has_errors"] for n in graph["nodes"])
@@ -365,9 +167,7 @@ def test_prompt_extend_workflow_loads_with_its_prompt_link(loaded_graph, browser
     """The shipped prompt-extension workflow in the graph editor: the extension node resolves and its STRING
     output feeds the text encoder's prompt (a widget turned into an input), with the file's links and widgets."""
     workflow = json.loads((REPO / "example_workflows" / "wan22_i2v_a14b_prompt_extend.json").read_text(encoding="utf-8"))
-    browser.evaluate(f"app.loadGraphData({json.dumps(workflow)}).then(() => true)", timeout=30)
-    browser.settle()
-    graph = browser.evaluate(READ_GRAPH_JS)
+    graph = load_workflow(browser, workflow)
     assert graph["missing_dialog"] is None and not graph["dialog_visible"], graph["dialog_text"]
     assert sorted(n["type"] for n in graph["nodes"]) == sorted(EXPECTED_TYPES + ["Wan22PromptExtend"])
     assert all(n["registered"] and not n["has_errors"] for n in graph["nodes"])
@@ -394,50 +194,6 @@ def test_missing_node_detection_is_not_vacuous(loaded_graph, browser):
 
 
 
-# Widget geometry of one node in page (CSS) pixels: the canvas' client rect plus graph -> canvas offset and scale.
-WIDGET_POINTS_JS = """
-((nodeType, name) => {
-  const node = app.graph._nodes.find(n => n.type === nodeType);
-  const w = node.widgets.find(w => w.name === name);
-  const H = LiteGraph.NODE_WIDGET_HEIGHT || 20;
-  const y = (w.last_y ?? w.y) + H / 2;
-  const rect = app.canvas.canvas.getBoundingClientRect();
-  const toPage = (gx, gy) => { const [cx, cy] = app.canvas.ds.convertOffsetToCanvas([gx, gy]);
-                               return [rect.left + cx, rect.top + cy]; };
-  const [x0, y0] = node.pos;
-  const width = node.size[0];
-  return {left: toPage(x0 + 18, y0 + y), right: toPage(x0 + width - 18, y0 + y), middle: toPage(x0 + width / 2, y0 + y),
-          value: w.value, options: {min: w.options.min, max: w.options.max, step: w.options.step}};
-})
-"""
-
-
-def _click(browser, point, hold: float = 0.05):
-    x, y = point
-    browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
-    browser.call("Input.dispatchMouseEvent", type="mousePressed", x=x, y=y, button="left", buttons=1, clickCount=1)
-    time.sleep(hold)
-    browser.call("Input.dispatchMouseEvent", type="mouseReleased", x=x, y=y, button="left", buttons=0, clickCount=1)
-    time.sleep(0.4)  # two clicks further apart than a double click
-
-
-def _widget(browser, node_type: str, name: str) -> dict:
-    return browser.evaluate(f"{WIDGET_POINTS_JS}({json.dumps(node_type)}, {json.dumps(name)})")
-
-
-def _type_value(browser, node_type: str, name: str, text: str):
-    """Click the middle of a number widget (LiteGraph opens its "Value" prompt), replace the text, press Enter."""
-    _click(browser, _widget(browser, node_type, name)["middle"])
-    browser.wait_for("(() => { const i = document.querySelector('.graphdialog input'); return !!i; })()",
-                     timeout=10, what=f"the value prompt of {name}")
-    browser.evaluate("(() => { const i = document.querySelector('.graphdialog input'); i.focus(); i.select();"
-                     " return true; })()")
-    browser.call("Input.insertText", text=text)
-    for kind in ("keyDown", "keyUp"):
-        browser.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13,
-                     nativeVirtualKeyCode=13, **({"text": "\r"} if kind == "keyDown" else {}))
-    time.sleep(0.3)
-
 
 @pytest.fixture()
 def sampler_in_view(loaded_graph, browser):
@@ -456,31 +212,31 @@ def test_frame_num_arrows_and_typing_reach_every_4n_plus_1(sampler_in_view, brow
     """frame_num takes 4n+1 by its arrows (81 -> 85 -> 81 -> 77) and by typing (33), on both frontends: the 2024
     one rounded every INT to a multiple of its step (84, 80, 32) until web/wan22_widgets.js."""
     node = sampler_in_view
-    assert _widget(browser, node, "frame_num")["value"] == 81
+    assert widget(browser, node, "frame_num")["value"] == 81
     seen = []
     for side in ("right", "left", "left"):
-        _click(browser, _widget(browser, node, "frame_num")[side])
-        seen.append(_widget(browser, node, "frame_num")["value"])
+        click(browser, widget(browser, node, "frame_num")[side])
+        seen.append(widget(browser, node, "frame_num")["value"])
     assert seen == [85, 81, 77]
     for text, expected in (("33", 33), ("5", 5), ("1001", 1001), ("1", 1)):
-        _type_value(browser, node, "frame_num", text)
-        assert _widget(browser, node, "frame_num")["value"] == expected, text
+        type_value(browser, node, "frame_num", text)
+        assert widget(browser, node, "frame_num")["value"] == expected, text
     assert not browser.page_errors(), browser.page_errors()
 
 
 def test_sample_steps_and_seed_take_every_integer(sampler_in_view, browser):
     node = sampler_in_view
-    assert _widget(browser, node, "sample_steps")["value"] == 40
-    _click(browser, _widget(browser, node, "sample_steps")["right"])
-    assert _widget(browser, node, "sample_steps")["value"] == 41
-    _click(browser, _widget(browser, node, "sample_steps")["left"])
-    _click(browser, _widget(browser, node, "sample_steps")["left"])
-    assert _widget(browser, node, "sample_steps")["value"] == 39
+    assert widget(browser, node, "sample_steps")["value"] == 40
+    click(browser, widget(browser, node, "sample_steps")["right"])
+    assert widget(browser, node, "sample_steps")["value"] == 41
+    click(browser, widget(browser, node, "sample_steps")["left"])
+    click(browser, widget(browser, node, "sample_steps")["left"])
+    assert widget(browser, node, "sample_steps")["value"] == 39
     for text, expected in (("7", 7), ("1", 1), ("1000", 1000), ("33", 33)):
-        _type_value(browser, node, "sample_steps", text)
-        assert _widget(browser, node, "sample_steps")["value"] == expected, text
-    _type_value(browser, node, "seed", "12345")
-    assert _widget(browser, node, "seed")["value"] == 12345
+        type_value(browser, node, "sample_steps", text)
+        assert widget(browser, node, "sample_steps")["value"] == expected, text
+    type_value(browser, node, "seed", "12345")
+    assert widget(browser, node, "seed")["value"] == 12345
 
 
 def test_queue_from_the_editor_with_frame_num_typed_5(sampler_in_view, browser, comfy_server, input_image):
@@ -494,9 +250,9 @@ def test_queue_from_the_editor_with_frame_num_typed_5(sampler_in_view, browser, 
         browser.evaluate("(() => { const w = (t, n) => app.graph._nodes.find(x => x.type === t).widgets.find(x => x.name === n);"
                          f" w('LoadImage', 'image').value = {json.dumps(image)}; w('{node}', 'size').value = '96*64';"
                          " return true; })()")
-        _type_value(browser, node, "frame_num", "5")
-        _type_value(browser, node, "sample_steps", "2")
-        assert (_widget(browser, node, "frame_num")["value"], _widget(browser, node, "sample_steps")["value"]) == (5, 2)
+        type_value(browser, node, "frame_num", "5")
+        type_value(browser, node, "sample_steps", "2")
+        assert (widget(browser, node, "frame_num")["value"], widget(browser, node, "sample_steps")["value"]) == (5, 2)
         before = set(_get_json(comfy_server.url + "/history"))
         browser.evaluate("app.queuePrompt(0, 1).then(() => true)", timeout=60)
         deadline = time.monotonic() + 30
@@ -542,30 +298,23 @@ def test_a_bad_frame_num_is_shown_once_under_its_input(sampler_in_view, browser,
                      " return true; })()")
 
 
-def _bring_into_view(browser, node_type: str):
-    browser.evaluate(
-        f"(() => {{ const n = app.graph._nodes.find(n => n.type === {json.dumps(node_type)});"
-        " app.canvas.ds.offset = [200 - n.pos[0], 150 - n.pos[1]];"
-        " app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);"
-        " return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true)))); })()")
-
 
 def test_float_and_fps_widgets_step_and_take_typed_values(sampler_in_view, browser):
     """The other widgets with a step: the guide scales and the shift (0.1), boundary (0.001), fps (an integer)."""
     node = sampler_in_view
     for name, start, step, typed in (("guide_scale_low", 3.5, 0.1, "4.2"), ("sample_shift", 5.0, 0.1, "8.7"),
                                      ("boundary", 0.9, 0.001, "0.875")):
-        assert _widget(browser, node, name)["value"] == pytest.approx(start), name
-        _click(browser, _widget(browser, node, name)["right"])
-        assert _widget(browser, node, name)["value"] == pytest.approx(start + step), name
-        _click(browser, _widget(browser, node, name)["left"])
-        _click(browser, _widget(browser, node, name)["left"])
-        assert _widget(browser, node, name)["value"] == pytest.approx(start - step), name
-        _type_value(browser, node, name, typed)
-        assert _widget(browser, node, name)["value"] == pytest.approx(float(typed)), name
-    _bring_into_view(browser, "Wan22SaveVideo")
-    assert _widget(browser, "Wan22SaveVideo", "fps")["value"] == 16
-    _click(browser, _widget(browser, "Wan22SaveVideo", "fps")["right"])
-    assert _widget(browser, "Wan22SaveVideo", "fps")["value"] == 17
-    _type_value(browser, "Wan22SaveVideo", "fps", "25")
-    assert _widget(browser, "Wan22SaveVideo", "fps")["value"] == 25
+        assert widget(browser, node, name)["value"] == pytest.approx(start), name
+        click(browser, widget(browser, node, name)["right"])
+        assert widget(browser, node, name)["value"] == pytest.approx(start + step), name
+        click(browser, widget(browser, node, name)["left"])
+        click(browser, widget(browser, node, name)["left"])
+        assert widget(browser, node, name)["value"] == pytest.approx(start - step), name
+        type_value(browser, node, name, typed)
+        assert widget(browser, node, name)["value"] == pytest.approx(float(typed)), name
+    bring_into_view(browser, "Wan22SaveVideo")
+    assert widget(browser, "Wan22SaveVideo", "fps")["value"] == 16
+    click(browser, widget(browser, "Wan22SaveVideo", "fps")["right"])
+    assert widget(browser, "Wan22SaveVideo", "fps")["value"] == 17
+    type_value(browser, "Wan22SaveVideo", "fps", "25")
+    assert widget(browser, "Wan22SaveVideo", "fps")["value"] == 25
