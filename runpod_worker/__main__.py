@@ -149,6 +149,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     backend = start_backend(cfg)
     try:
         handler_mod.set_backend(backend)
+        if backend.on_cpu():
+            from . import cpu_budget
+
+            log.info("ComfyUI computes on the CPU: this host multiplies float32 matrices at %.0f GFLOP/s; a request "
+                     "that cannot finish within WAN_JOB_TIMEOUT_S=%gs at that rate is refused",
+                     cpu_budget.measured_gemm_rate() / 1e9, cfg.job_timeout_s)
         if cfg.preload:
             try:
                 warm_up(backend, cfg)

@@ -113,6 +113,7 @@ class ComfyBackend:
         self.workflow_path = workflow_path or None
         self.settle_s = settle_s
         self._object_info: Optional[dict] = None
+        self._on_cpu: Optional[bool] = None
         self._kept: set = set()  # ComfyUI's copies of the last finished raw job's outputs
         self._kept_lock = threading.Lock()
 
@@ -124,6 +125,21 @@ class ComfyBackend:
     def refresh_needed(self) -> bool:
         """Restarts failed: RunPod should replace this worker (the answer's `refresh_worker`)."""
         return bool(self.supervisor.broken)
+
+    def on_cpu(self) -> bool:
+        """Whether ComfyUI computes on the CPU: the start-up decision of the ComfyUI this worker started, else what
+        the server's /system_stats says of its devices (asked once)."""
+        if self._on_cpu is None:
+            if self.server is not None:
+                self._on_cpu = bool(self.server.cpu)
+            else:
+                client = ComfyClient(self.supervisor.url, timeout=10)
+                try:
+                    devices = client.system_stats().get("devices") or []
+                finally:
+                    client.close()
+                self._on_cpu = bool(devices) and all(d.get("type") == "cpu" for d in devices)
+        return self._on_cpu
 
     # ----------------------------------------------------------------- one job
     @contextlib.contextmanager

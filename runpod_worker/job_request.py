@@ -9,6 +9,7 @@ from typing import Any, Dict
 
 from wan22.request.intake import read_image
 
+from . import cpu_budget
 from .comfy import CancelToken, ComfyBackend
 from .delivery import failed_answer, pick_answer, video_fields
 from .errors import as_job_failure, storage_failure
@@ -19,6 +20,7 @@ from .validation import GenerateRequest
 
 def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, cfg, backend: ComfyBackend,
                     token: CancelToken, started: float) -> Dict[str, Any]:
+    work = cpu_budget.check(req.values, cfg.job_timeout_s, req.assumed) if backend.on_cpu() else None
     out_path = resolve_save_file(cfg.output_dir, req.save_file, request_id)
     if req.save_file:
         reserve_save_file(out_path, req.save_file)
@@ -47,6 +49,7 @@ def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, 
         result = backend.run_request(req.values, image, out_path, token=token, deadline=started + cfg.job_timeout_s,
                                      on_progress=ProgressReporter(job, lambda: record),
                                      on_running=lambda: record.write(status="RUNNING"), tag=request_id)
+        cpu_budget.observe(work, result.timings.get("denoise_s"))
         timings = dict(record.data["timings"], **result.timings, total_s=round(time.monotonic() - started, 3))
         record.write(status="COMPLETED", seed=result.seed, frames=result.frames, width=result.width,
                      height=result.height, fps=req.values["fps"], timings=timings, progress=None,

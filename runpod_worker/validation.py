@@ -34,6 +34,9 @@ EXTRA_ARG_REFUSED = {
     "--save_file": "use the save_file parameter (a name inside the output folder)",
 }
 
+# what a video costs: left out, upstream's defaults (1280*720, 81 frames, 40 steps) are used, and the answer says so
+SHAPE_PARAMS = ("size", "frame_num", "sample_steps")
+
 TOP_LEVEL_KEYS = {
     "request": {"action", "params", "return_video", "request_id"},
     "status": {"action", "request_id", "return_video"},
@@ -62,6 +65,7 @@ class GenerateRequest:
     return_video: bool
     warnings: List[str]
     replaced: List[Dict[str, Any]] = dataclasses.field(default_factory=list)  # see operator_replacements
+    assumed: List[str] = dataclasses.field(default_factory=list)  # SHAPE_PARAMS not given: upstream's defaults
 
     def record_params(self) -> Dict[str, Any]:
         """The parameters as the JSON record and the `status` answer show them."""
@@ -244,6 +248,10 @@ def validate_generate_params(params: Any, *, return_video: Any = None, limits: O
     values, warnings = request.values, list(request.warnings)
     if "prompt" not in values:
         warnings.append("params.prompt: not given; used upstream's example prompt for i2v-A14B")
+    assumed = [name for name in SHAPE_PARAMS if name not in values]
+    if assumed:
+        warnings.append(f"params: {', '.join(assumed)} not given; upstream's defaults were used: "
+                        + ", ".join(f"{name} {spec.SPEC[name].default}" for name in assumed))
     kind, value = spec.image_source(values)
     image = ImageSource(kind, value, request.label(f"image_{kind}"))
     generation = spec.run_defaults("worker")
@@ -253,7 +261,7 @@ def validate_generate_params(params: Any, *, return_video: Any = None, limits: O
     generation.update(operator)
     warnings += [replaced_warning(item) for item in replaced]
     return GenerateRequest(values=generation, image=image, save_file=values.get("save_file") or None,
-                           return_video=return_video, warnings=warnings, replaced=replaced)
+                           return_video=return_video, warnings=warnings, replaced=replaced, assumed=assumed)
 
 
 def _return_video(top_level: Any, in_params: Any, request: Optional[spec.Normalized]) -> bool:

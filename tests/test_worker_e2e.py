@@ -603,6 +603,46 @@ def test_too_large_video_falls_back_to_path_via_test_input(tiny_upstream, tmp_pa
         assert record["status"] == "COMPLETED" and record["seed"] == 3 and record["request_id"] == video.stem
 
 
+def test_a_cpu_worker_refuses_upstreams_defaults_it_cannot_finish(tiny_upstream, tmp_path, image_http):
+    """A request with no action and no size, frame_num or sample_steps means upstream's 1280*720, 81 frames and 40
+    steps: on a CPU worker, with WAN_JOB_TIMEOUT_S=120, that is refused at once with the estimate, and nothing
+    reaches ComfyUI. The estimate, worked out here from the tiny experts' shape (wan22.testing.tiny.TinySpec: 2 blocks
+    of width 256, each token meeting 4 self-attention, 2 cross-attention and 2 feed-forward 256x256 weights):
+    (2 * 8 * 256^2 * 2 * T + 4 * 2 * T^2 * 256) FLOPs per pass, T = 1280*720/256 * 21 = 75600, 2 passes, 40 steps."""
+    tokens = 1280 * 720 // 256 * 21
+    flops = (2 * 8 * 256**2 * 2 * tokens + 4 * 2 * tokens**2 * 256) * 2 * 40
+    cf.need_comfyui()
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "inputs" / "in.png").write_bytes(image_http["data"])
+    env = worker_env(tiny_upstream, tmp_path, {"WAN_JOB_TIMEOUT_S": "120"})
+    job = {"input": {"params": {"reference_image_path": str(tmp_path / "inputs" / "in.png"), "prompt": "p"}}}
+    proc = subprocess.run([str(REPO / "runpod_worker" / "start.sh"), "--test_input", json.dumps(job)], cwd=str(REPO),
+                          env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    [error] = re.findall(r"Handler output: \{'error': \"([^\"]*)\"\}", log) or [log[-3000:]]
+    assert error.startswith("params (size, frame_num, sample_steps): this worker runs on the CPU and cannot finish "
+                            "the job within its time limit: 1280*720 with 81 frames is 75600 video tokens, and 40 "
+                            "steps (with guidance, 2 passes each) are at least "
+                            f"{flops:.2g} floating-point operations"), error
+    rate, hours, minutes = re.search(r"at most (\d+) GFLOP/s \(measured\), so at least (?:(\d+) h )?(\d+) min",
+                                     error).groups()
+    assert abs((int(hours or 0) * 3600 + int(minutes) * 60) - flops / (int(rate) * 1e9)) < 120, error
+    assert "WAN_JOB_TIMEOUT_S is 120 s" in error
+    assert "upstream's defaults were assumed: size 1280*720, frame_num 81, sample_steps 40" in error
+    assert "this host multiplies float32 matrices at" in log
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.mp4"))
+    assert "got prompt" not in (tmp_path / "comfy" / "comfyui.log").read_text(errors="replace")
+
+
+def test_upstream_defaults_a_request_leaves_out_are_named_in_its_warnings(worker, image_http):
+    params = {"reference_image_url": image_http["base"] + "/in.png", "prompt": "p", "seed": 5, "size": TINY["size"],
+              "sample_steps": 1}
+    answer = worker.runsync({"action": "request", "params": params, "return_video": False})
+    out = answer["output"]
+    assert answer["status"] == "COMPLETED" and out["frames"] == 81, answer
+    assert "params: frame_num not given; upstream's defaults were used: frame_num 81" in out["warnings"], out["warnings"]
+
+
 # ------------------------------------------------------------------------------------------------ one policy
 # the same value sent to the CLI, to the node through ComfyUI's /prompt and to the worker: the same refusal
 # with the same words, each naming the field (the worker adds `params.`). Written out here, not computed.

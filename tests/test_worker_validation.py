@@ -51,7 +51,9 @@ def test_seed_example_request_and_defaults():
     assert (v["guide_scale_low"], v["guide_scale_high"]) == (3.5, 3.5)
     assert v["offload_model"] and v["t5_cpu"] and v["convert_model_dtype"] and v["boundary"] == 0.9
     assert r.image.kind == "url" and r.image.field == "params.reference_image_url"
-    assert r.return_video is True and r.warnings == []
+    assert r.return_video is True
+    assert r.warnings == ["params: frame_num, sample_steps not given; upstream's defaults were used: frame_num 81, "
+                          "sample_steps 40"]
 
 
 def test_aliases_map_to_the_same_parameter():
@@ -102,6 +104,8 @@ def test_operator_owned_parameters_are_replaced_with_a_warning_and_listed():
         {"field": "params.convert_model_dtype", "given": False, "used": True, "setting": "WAN_CONVERT_MODEL_DTYPE"},
         {"field": "params.weight_dtype", "given": "fp8_e4m3fn_scaled", "used": "auto", "setting": "WAN_WEIGHT_DTYPE"}]
     assert r.warnings == [
+        "params: size, frame_num, sample_steps not given; upstream's defaults were used: size 1280*720, frame_num 81, "
+        "sample_steps 40",
         "params.dtype: 'bf16' replaced by 'fp16': this worker's operator sets it for every job (WAN_DTYPE), so that "
         "no job makes a warm worker reload its models",
         "params.convert_model_dtype: False replaced by True: this worker's operator sets it for every job "
@@ -216,7 +220,9 @@ def test_image_source_exactly_one():
 def test_unsupported_false_values_are_fine_and_extend_options_warn():
     r = req(dit_fsdp=False, t5_fsdp=False, ulysses_size=1, use_prompt_extend=False, prompt_extend_method="local_qwen")
     assert r.warnings == ["params.prompt_extend_method: ignored because use_prompt_extend is false",
-                          "params.prompt: not given; used upstream's example prompt for i2v-A14B"]
+                          "params.prompt: not given; used upstream's example prompt for i2v-A14B",
+                          "params: size, frame_num, sample_steps not given; upstream's defaults were used: "
+                          "size 1280*720, frame_num 81, sample_steps 40"]
 
 
 # ----------------------------------------------------------------------------------------------- extra_args
