@@ -148,7 +148,7 @@ def server_lora_names(loras: List[Dict[str, Any]], object_info: dict, label: Cal
             same_file = [n for n in names if Path(n).name == local.name] if local.is_file() else []
             if len(same_file) != 1:
                 shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "none"
-                problems.append((f"{label('loras')}[{index}].name",
+                problems.append((label(f"loras[{index}].name"),
                                  f"{name!r} is not one of the server's LoRA files ({shown}); put the file into a LoRA folder "
                                  f"of the server (WAN_LORA_DIRS, else <model root>/loras and ComfyUI's models/loras)"))
                 continue

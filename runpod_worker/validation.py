@@ -235,7 +235,7 @@ def validate_generate_params(params: Any, *, return_video: Any = None, limits: O
         problems.append(("params.reference_image_url", f"a reference image is required: give one of {sources}"))
     for index, entry in enumerate(request.values.get("loras", []) if request is not None else []):
         try:
-            resolve_lora(entry["name"], lora_folders, f"{request.label('loras')}[{index}].name")
+            resolve_lora(entry["name"], lora_folders, request.label(f"loras[{index}].name"))
         except InvalidParameter as exc:
             problems += exc.problems
     try:

@@ -415,3 +415,21 @@ def test_a_model_folder_the_server_cannot_find_is_bad_input_naming_the_flags():
     assert "model folder /nope does not exist" in message and "--model-path" in message and "--models-dir" in message
     assert "comfyui-wan22-i2v" not in message
     assert cli._error_code(ExecutionFailed("boom", exception_type="RuntimeError")) == 4
+
+
+def test_a_presets_loras_the_server_lacks_are_named_with_the_preset():
+    """wan22-i2v --preset 4step against a server without the lightx2v files: each is named as a LoRA of the request
+    with the flag that put it there."""
+    from headless.run import server_lora_names
+    from wan22.request.errors import InvalidParameter
+    from wan22.request.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW
+
+    request = spec.normalize({"preset": "4step"}, "cli")
+    object_info = {"Wan22LoraLoader": {"input": {"required": {"lora_name": [["mine.safetensors"]]}}}}
+    with pytest.raises(InvalidParameter) as info:
+        server_lora_names(request.values["loras"], object_info, request.label)
+    assert [(field, why.split(" is not")[0]) for field, why in info.value.problems] == [
+        ("loras[0].name (from --preset 4step)", repr(LIGHTX2V_HIGH)),
+        ("loras[1].name (from --preset 4step)", repr(LIGHTX2V_LOW))]
+    given = spec.normalize({"preset": "4step", "loras": [{"name": "mine.safetensors"}]}, "cli")
+    assert given.label("loras[0].name") == "loras[0].name"  # given, not filled in: no preset named

@@ -25,6 +25,7 @@ from runpod_worker.validation import (parse_extra_args, parse_job_input, validat
 from wan22.request.errors import InvalidParameter  # noqa: E402
 from wan22.request.settings import Limits  # noqa: E402
 from wan22.request.spec import UPSTREAM_EXAMPLE_PROMPT  # noqa: E402
+from wan22.request.lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW  # noqa: E402
 
 
 def req(**params):
@@ -533,3 +534,15 @@ def test_a_replaced_value_is_repeated_bounded():
     assert replaced["dtype"]["given"] == "{'evil': [1, 2]}"
     assert replaced["fp8_matmul"]["given"] is True and replaced["compile"]["given"] == "blocks"
     assert all(len(replaced_warning(item)) < 300 for item in replaced.values())
+
+
+def test_a_presets_missing_loras_are_named_with_the_preset(tmp_path):
+    """The 4-step preset fills in the two lightx2v LoRAs: missing, each is named as a LoRA of the request with the
+    preset that put it there (not `params.preset[0].name`)."""
+    with pytest.raises(InvalidParameter) as info:
+        validate_generate_params({"reference_image_url": "https://example.com/a.png", "preset": "4step"},
+                                 lora_folders=[tmp_path])
+    fields = [field for field, _ in info.value.problems]
+    assert fields == ["params.loras[0].name (from params.preset 4step)", "params.loras[1].name (from params.preset 4step)"]
+    assert [why.split(" in the LoRA")[0] for _, why in info.value.problems] == [
+        f"no LoRA file {LIGHTX2V_HIGH!r}", f"no LoRA file {LIGHTX2V_LOW!r}"]

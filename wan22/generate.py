@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from . import prompt_extend
 from .pipeline import LOAD_FIELDS, CancelCheck, LoadOptions, StepCallback, VideoResult
@@ -113,16 +113,15 @@ def find_lora(name: str, folders: Sequence[Path], field: str, hint: str = "") ->
     raise InvalidParameter(field, f"no LoRA file {name!r} in {shown} ({where}), and no such file; {NO_LORA}{hint}")
 
 
-def lora_choices(entries, folders: Sequence[Path], preset: str = "") -> List[LoraChoice]:
+def lora_choices(entries, folders: Sequence[Path], label: Callable[[str], str] = str, preset: str = "") -> List[LoraChoice]:
     """The request's `loras` entries ({name, expert, strength}) as LoraChoice, every file found (all problems at once).
-    `preset`: the preset that filled them in (messages say so)."""
-    origin = f" (from --preset {preset})" if preset else ""
+    `label`: the request's field names (spec.Normalized.label); `preset`: the preset that filled them in."""
     hint = f"; --preset {preset} needs the step-distilled LoRAs there (docs/lora.md)" if preset else ""
     choices, problems = [], []
     for index, raw in enumerate(entries):
         entry = LoraEntry(**raw)
         try:
-            path = find_lora(entry.name, folders, f"loras[{index}].name{origin}", hint)
+            path = find_lora(entry.name, folders, label(f"loras[{index}].name"), hint)
         except InvalidParameter as exc:
             problems += exc.problems
             continue
@@ -185,8 +184,8 @@ def main(argv=None) -> int:
         kind, value = source
         picture = read_image(kind, value, request.label(f"image_{kind}"), trusted=True).picture
         model_set = model_folder(args.model_dir)
-        preset = spec.check("preset", args.preset) if request.label("loras") == "preset" else ""
-        loras = lora_choices(values.get("loras", []), lora_folders(model_set.root), preset)
+        preset = spec.check("preset", args.preset) if "loras" in request.filled_by else ""
+        loras = lora_choices(values.get("loras", []), lora_folders(model_set.root), request.label, preset)
     except Wan22Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

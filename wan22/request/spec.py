@@ -459,9 +459,14 @@ class Normalized:
     values: Dict[str, Any]
     spelled: Dict[str, str]
     warnings: List[str]
+    filled_by: Dict[str, str] = dataclasses.field(default_factory=dict)  # name -> the preset that filled it in
 
     def label(self, name: str) -> str:
-        return self.spelled.get(name, name)
+        """The field a message names: `name` (or an item of it, "loras[0].name") as the caller spelled it, and the
+        preset that filled it in when the caller did not give it."""
+        base = re.match(r"\w*", name).group(0)
+        origin = self.filled_by.get(base)
+        return self.spelled.get(base, base) + name[len(base):] + (f" (from {origin})" if origin else "")
 
 
 def normalize(raw: Mapping[str, Any], surface: str, *, limits: Optional[Limits] = None,
@@ -529,16 +534,18 @@ def normalize(raw: Mapping[str, Any], surface: str, *, limits: Optional[Limits] 
         for name, number in (("guide_scale_low", low), ("guide_scale_high", high)):
             if name not in values:
                 values[name], spelled[name] = number, where
+    filled_by: Dict[str, str] = {}
     if "preset" in values:
         preset, where = values.pop("preset"), spelled.pop("preset")
         for name, value in PRESETS[preset].items():
             if name not in values:
-                values[name], spelled[name] = copy.deepcopy(value), where
+                values[name], spelled[name] = copy.deepcopy(value), label(name)
+                filled_by[name] = f"{'--' if surface == 'cli' else ''}{where} {preset}"
     if "image" in values:
         image, where = values.pop("image"), spelled.pop("image")
         name = "image_url" if image.lower().startswith(("http://", "https://")) else "image_path"
         values[name], spelled[name] = (image[7:] if image.lower().startswith("file://") else image), where
-    return Normalized(values, spelled, warnings)
+    return Normalized(values, spelled, warnings, filled_by)
 
 
 def image_source(values: Mapping[str, Any]) -> Optional[Tuple[str, str]]:
