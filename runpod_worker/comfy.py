@@ -136,6 +136,8 @@ class ComfyBackend:
                 client = ComfyClient(self.supervisor.url, timeout=10)
                 try:
                     devices = client.system_stats().get("devices") or []
+                except HeadlessError:  # not answering now: the job finds out, and the next one asks again
+                    return False
                 finally:
                     client.close()
                 self._on_cpu = bool(devices) and all(d.get("type") == "cpu" for d in devices)
