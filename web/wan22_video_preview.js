@@ -59,6 +59,11 @@ function showPreview(node, entry) {
 		}
 	});
 	video.src = viewURL(entry);
+	for (const old of widget.element.querySelectorAll("video")) {
+		old.pause();
+		old.removeAttribute("src"); // the replaced player lets go of its file instead of looping on, detached
+		old.load();
+	}
 	widget.element.replaceChildren(video);
 	fit(node);
 }
