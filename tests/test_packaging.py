@@ -448,6 +448,7 @@ def test_registry_archive_holds_the_pack(tmp_path, monkeypatch):
     names = set(zipfile.ZipFile(archive).namelist())
     required = ["__init__.py", "pyproject.toml", "requirements.txt", "README.md", "nodes/__init__.py",
                 "wan22/__init__.py", "example_workflows/wan22_i2v_a14b.json", icon_path()]
+    required += [str(p.relative_to(REPO)) for p in (REPO / "web").glob("*.js")]  # WEB_DIRECTORY's extensions
     required += [str(p.relative_to(REPO)) for p in (REPO / "wan22" / "checkpoints" / "configs").glob("*.json")]
     missing = [name for name in required if name not in names]
     assert not missing, f"not in the registry archive (git-tracked?): {missing}"
