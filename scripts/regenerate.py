@@ -18,9 +18,10 @@ from wan22.request.settings import LIMIT_SETTINGS, Setting
 
 REPO = Path(__file__).resolve().parents[1]
 
-# the shipped graphs: id, class_type, title, links {input: (from_id, slot, type)}, outputs [(name, type)], position.
-# Widget values are the spec defaults of each node's parameters (the core LoadImage has its own), and for a
-# preset's workflow the preset's values; its LoRAs become a chain of Wan22LoraLoader nodes (ids 6, 7, ...).
+# the shipped graphs: id, class_type, title, links {input: (from_id, slot, type)}, outputs [(name, type)], position
+# (laid out by lay_out), widget values. Widget values are the spec defaults of each node's parameters (the core
+# LoadImage has its own), and for a preset's workflow the preset's values; its LoRAs become a chain of
+# Wan22LoraLoader nodes (ids 6, 7, ...).
 CORE_IMAGE_WIDGETS = [("image", "example.png"), ("upload", "image")]
 LINK_ORDER = {"model": 0, "text": 1, "image": 2, "images": 0, "prompt": 3}
 EXTEND = "extend"  # the variant with a prompt-extension node before the text encoder
@@ -28,34 +29,107 @@ WORKFLOWS = {"none": "wan22_i2v_a14b.json", "4step": "wan22_i2v_a14b_4step_lora.
              EXTEND: "wan22_i2v_a14b_prompt_extend.json"}
 
 
-def graph(preset: str = "none") -> list:
+def _nodes(preset: str) -> list:
+    """The graph of a preset, positions not yet laid out (None)."""
     if preset == EXTEND:
-        nodes = graph("none")
+        nodes = _nodes("none")
         text = next(n for n in nodes if n[1] == spec.TEXT)
         nodes[nodes.index(text)] = (*text[:3], {**text[3], "prompt": (8, 0, "STRING")}, *text[4:])
-        extender = (8, spec.EXTEND, "Wan2.2 Prompt Extend", {"image": (2, 0, "IMAGE")}, [("prompt", "STRING")],
-                    (420, 420), {})
+        extender = (8, spec.EXTEND, "Wan2.2 Prompt Extend", {"image": (2, 0, "IMAGE")}, [("prompt", "STRING")], None, {})
         return nodes[:3] + [extender] + nodes[3:]
     values = spec.PRESETS[preset]
     loras = values.get("loras", [])
     model = (6 + len(loras) - 1, 0, "WAN22_MODEL") if loras else (1, 0, "WAN22_MODEL")  # the last LoRA node
-    nodes = [(1, spec.LOADER, "Wan2.2 Model Loader", {}, [("model", "WAN22_MODEL")], (40, 80), {})]
+    nodes = [(1, spec.LOADER, "Wan2.2 Model Loader", {}, [("model", "WAN22_MODEL")], None, {})]
     for index, lora in enumerate(loras):
         source = (1, 0, "WAN22_MODEL") if index == 0 else (6 + index - 1, 0, "WAN22_MODEL")
         widget_values = {"lora_name": lora["name"], "strength_high": 1.0 if lora["expert"] != "low" else 0.0,
                          "strength_low": 1.0 if lora["expert"] != "high" else 0.0}
-        nodes.append((6 + index, spec.LORA, f"LoRA ({lora['expert']} noise)", {"model": source}, [("model", "WAN22_MODEL")],
-                      (40, 240 + 170 * index), widget_values))
-    image_y = 240 + 170 * len(loras)
+        nodes.append((6 + index, spec.LORA, f"LoRA ({lora['expert']} noise)", {"model": source},
+                      [("model", "WAN22_MODEL")], None, widget_values))
     nodes += [
-        (2, "LoadImage", "Reference Image", {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")], (40, image_y), {}),
-        (3, spec.TEXT, "Wan2.2 Text Encode", {"model": model}, [("text", "WAN22_TEXT")], (420, 80), {}),
+        (2, "LoadImage", "Reference Image", {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")], None, {}),
+        (3, spec.TEXT, "Wan2.2 Text Encode", {"model": model}, [("text", "WAN22_TEXT")], None, {}),
         (4, spec.I2V, "Wan2.2 Image to Video",
          {"model": model, "text": (3, 0, "WAN22_TEXT"), "image": (2, 0, "IMAGE")},
-         [("frames", "IMAGE"), ("seed", "INT")], (820, 80), values),
-        (5, spec.SAVE, "Wan2.2 Save Video", {"images": (4, 0, "IMAGE")}, [("path", "STRING")], (1220, 80), {}),
+         [("frames", "IMAGE"), ("seed", "INT")], None, values),
+        (5, spec.SAVE, "Wan2.2 Save Video", {"images": (4, 0, "IMAGE")}, [("path", "STRING")], None, {}),
     ]
     return nodes
+
+
+def graph(preset: str = "none") -> list:
+    return lay_out(_nodes(preset))
+
+
+# ---------------------------------------------------------------------------------------------- layout
+# What both graph editors render (the 2024 LiteGraph and the 1.27 frontend agree, measured in Chromium by
+# tests/test_graph_editor_layout.py): a node's body is SLOT_ROW px per row of slots (max(inputs, outputs, 1)),
+# +6, then WIDGET_ROW px per widget, +8; the title bar (TITLE px) and the newer frontend's source badge (BADGE px)
+# sit above its pos. A multiline text box is given MULTILINE px (both frontends stretch it to the node) and the
+# LoadImage preview IMAGE_PREVIEW px (the 1.27 frontend's preview widget is 220 px). Widget text is 12 px Arial,
+# or where there is none (Debian's Chromium) DejaVu Sans, which is wider: a combo draws its label from x=35 and its
+# value right-aligned to width-50 (the 1.27 frontend truncates what does not fit), so a value shows whole, clear of
+# the label, when width >= label + value + COMBO_CHROME.
+TITLE, BADGE, SLOT_ROW, WIDGET_ROW, MULTILINE, IMAGE_PREVIEW = 30, 24, 20, 24, 100, 240
+NODE_WIDTH, COMBO_CHROME, GAP_X, GAP_Y, ORIGIN = 360, 100, 60, 20, (40, 80)
+# advance widths in 1/1000 em, the wider of Arial's and DejaVu Sans' rounded up; 1000 for any other character
+GLYPH_WIDTH = {chars: width for width, chars in (
+    (280, "ijl"), (320, ". "), (360, "f-"), (400, "t()"), (420, "rIJ"), (560, "csz_*L"), (600, "kvxy"), (620, "FT"),
+    (640, "abdeghnopqu0123456789"), (690, "ABEKPSVXYZ"), (790, "CDGHNOQRU"))}
+GLYPH_WIDTH = {ch: width for chars, width in GLYPH_WIDTH.items() for ch in chars}
+
+
+def text_width(text: str, px: int = 12) -> float:
+    return sum(GLYPH_WIDTH.get(ch, 1000) for ch in str(text)) * px / 1000
+
+
+def widget_values(class_type: str, values: dict) -> list:
+    """The node's widgets_values: each widget's value, and "fixed" after a seed (its control_after_generate)."""
+    out = []
+    for name, value in widgets(class_type, values):
+        out.append(value)
+        if spec.SPEC.get(name) and spec.SPEC[name].widget.get("control_after_generate"):
+            out.append("fixed")  # keep the seed the workflow says
+    return out
+
+
+def node_size(class_type: str, links: dict, outputs: list, values: dict) -> List[int]:
+    """The [width, height] a node is drawn at (title bar excluded), from its slots and widgets (see above)."""
+    rows = max(len(links), len(outputs), 1)
+    multiline = {p.name for p in spec.node_params(class_type) if p.widget.get("multiline")} if class_type != "LoadImage" else set()
+    height = rows * SLOT_ROW + 6 + 8 + WIDGET_ROW * (len(widget_values(class_type, values)) - len(multiline))
+    height += MULTILINE * len(multiline) + (IMAGE_PREVIEW if class_type == "LoadImage" else 0)
+    width = NODE_WIDTH
+    for name, value in widgets(class_type, values):
+        if isinstance(value, str) and name not in multiline:  # a combo or a one-line text: label and value
+            width = max(width, text_width(name) + text_width(value) + COMBO_CHROME)
+    return [int(-(-width // 10) * 10), int(-(-height // 10) * 10)]
+
+
+def lay_out(nodes: list) -> list:
+    """Columns left to right along the links (a node's column is one past its furthest source's), each column's nodes
+    stacked top to bottom in graph order, every node placed below the drawn box of the one above it (title bar and
+    badge included) and every column right of the widest node of the one before: no node covers another."""
+    column: Dict[int, int] = {}
+    by_id = {n[0]: n for n in nodes}
+
+    def column_of(node_id: int) -> int:
+        if node_id not in column:
+            sources = [src for src, _, _ in by_id[node_id][3].values()]
+            column[node_id] = 1 + max((column_of(src) for src in sources), default=-1)
+        return column[node_id]
+
+    sizes = {n[0]: node_size(n[1], n[3], n[4], n[6]) for n in nodes}
+    x, placed = ORIGIN[0], {}
+    for index in range(1 + max(column_of(n[0]) for n in nodes)):
+        y = ORIGIN[1]
+        members = [n[0] for n in nodes if column_of(n[0]) == index]
+        for node_id in members:
+            placed[node_id] = (x, y)
+            y += sizes[node_id][1] + GAP_Y + TITLE + BADGE
+        x += max(sizes[m][0] for m in members) + GAP_X
+    return [(*n[:5], placed[n[0]], *n[6:]) for n in nodes]
 
 
 def widgets(class_type: str, values: dict):
@@ -84,14 +158,11 @@ def ui_workflow(preset: str = "none") -> dict:
             outputs_links.setdefault((src, slot), []).append(link_id)
     link_by_target = {(link[3], link[4]): link[0] for link in links}
     for order, (node_id, class_type, title, node_links, outputs, pos, preset_values) in enumerate(nodes_in):
-        values = []
-        for name, value in widgets(class_type, preset_values):
-            values.append(value)
-            if spec.SPEC.get(name) and spec.SPEC[name].widget.get("control_after_generate"):
-                values.append("fixed")  # keep the seed the workflow says
+        values = widget_values(class_type, preset_values)
         linked = sorted(node_links, key=LINK_ORDER.get)  # a widget's input fed by a link names its widget
         nodes.append({
-            "id": node_id, "type": class_type, "title": title, "pos": list(pos), "size": [360, 260 if len(values) > 4 else 160],
+            "id": node_id, "type": class_type, "title": title, "pos": list(pos),
+            "size": node_size(class_type, node_links, outputs, preset_values),
             "flags": {}, "order": order, "mode": 0,
             "inputs": [{"name": name, "type": node_links[name][2], "link": link_by_target[(node_id, i)],
                         **({"widget": {"name": name}} if name in dict(widgets(class_type, preset_values)) else {})}
