@@ -4,9 +4,9 @@ Vue frontend requests for a custom node pack's template (ComfyUI's own templates
 Each one is the real graph editor's picture of that workflow: ComfyUI 0.3.64 (.comfyui-current, run by
 .venv-comfyui-current, with its own throwaway user folder) with this checkout as its node pack and the tiny models of
 `make ui`, headless Chromium at 1600x1600 in focus mode with the minimap, the canvas buttons and the canvas info
-hidden, the whole graph fitted and centred, downscaled to a square JPEG. Run it again after the layout of the
-workflows changes (python -m scripts.regenerate); the tests only check the files (tests/test_packaging.py), never
-render them.
+hidden, the whole graph fitted and centred, downscaled to a square JPEG whose comment names the layout it shows
+(drawn_from). Run it again after the layout of the workflows changes (python -m scripts.regenerate): the tests
+only check the files (tests/test_packaging.py: size, format, a graph drawn, that layout), never render them.
 
     .venv/bin/python -m scripts.thumbnails [--size 400] [--quality 85] [--keep-png DIR]
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import io
 import json
 import shutil
@@ -54,6 +55,15 @@ FIT_JS = """
   return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(scale))));
 })
 """
+
+
+def drawn_from(workflow: dict) -> str:
+    """What a thumbnail shows of a workflow, as a JPEG comment: a digest of its nodes' places, sizes, types and titles
+    and its links (not the widget values, unreadable at 400 px). tests/test_packaging.py compares it with the
+    shipped file, so a thumbnail left behind by a layout change fails there."""
+    nodes = sorted([n["id"], n["type"], n.get("title"), list(n["pos"]), list(n["size"])] for n in workflow["nodes"])
+    digest = hashlib.sha256(json.dumps([nodes, sorted(workflow["links"])]).encode()).hexdigest()[:16]
+    return f"wan22 graph {digest}"
 
 
 def launch_chromium(profile: Path, log):
@@ -109,11 +119,12 @@ def render(cdp, workflow: dict):
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def thumbnail(image, size: int, quality: int) -> bytes:
+def thumbnail(image, size: int, quality: int, comment: str) -> bytes:
     from PIL import Image
 
     out = io.BytesIO()
-    image.resize((size, size), Image.LANCZOS).save(out, "JPEG", quality=quality, optimize=True, progressive=True)
+    image.resize((size, size), Image.LANCZOS).save(out, "JPEG", quality=quality, optimize=True, progressive=True,
+                                                   comment=comment)
     return out.getvalue()
 
 
@@ -150,7 +161,7 @@ def main(argv=None) -> int:
                     Path(args.keep_png).mkdir(parents=True, exist_ok=True)
                     image.save(Path(args.keep_png) / name.replace(".json", ".png"))
                 target = REPO / "example_workflows" / name.replace(".json", ".jpg")
-                target.write_bytes(thumbnail(image, args.size, args.quality))
+                target.write_bytes(thumbnail(image, args.size, args.quality, drawn_from(workflow)))
                 print(f"{target.relative_to(REPO)}: {args.size}x{args.size}, {target.stat().st_size} bytes")
             errors = [e for e in cdp.page_errors() if "wan22" in e.lower()]
             if errors:

@@ -404,10 +404,13 @@ def test_tool_comfy_section():
 def test_every_template_has_a_card_and_a_thumbnail():
     """What the template browser shows for example_workflows/ (tests/test_graph_editor_templates.py: in the editor):
     every workflow there has its card (title, description) in web/wan22_templates.json and its thumbnail
-    <name>.jpg (python -m scripts.thumbnails): a 400x400 JPEG under 100 KB with a picture in it."""
+    <name>.jpg (python -m scripts.thumbnails): a 400x400 JPEG under 100 KB with a picture in it, of the workflow's
+    current layout."""
     import json
 
     from PIL import Image
+
+    from scripts.thumbnails import drawn_from
 
     names = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
     assert len(names) == 3, names
@@ -425,11 +428,15 @@ def test_every_template_has_a_card_and_a_thumbnail():
         assert path.stat().st_size < 100_000, (path.name, path.stat().st_size)
         with Image.open(path) as img:
             assert (img.format, img.size, img.mode) == ("JPEG", (400, 400), "RGB"), (path.name, img.format, img.size)
+            shown = img.info.get("comment", b"").decode()
             histogram = img.convert("L").histogram()
         background = max(range(256), key=histogram.__getitem__)
         drawn = sum(n for value, n in enumerate(histogram) if abs(value - background) > 12) / (400 * 400)
         assert drawn > 0.05, f"{path.name}: {drawn:.1%} differs from the background: no graph drawn?"
         assert sum(histogram[120:]) > 100, f"{path.name}: no light text or links: no graph drawn?"
+        workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text(encoding="utf-8"))
+        assert shown == drawn_from(workflow), (f"{path.name} shows another layout of {name}.json ({shown!r}): "
+                                               "run python -m scripts.thumbnails")
     assert len({(REPO / "example_workflows" / f"{n}.jpg").read_bytes() for n in names}) == len(names)
 
 
