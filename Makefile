@@ -25,7 +25,7 @@ CURRENT_DIR   ?= .comfyui-current
 CURRENT_VENV  ?= .venv-comfyui-current
 CURRENT_TESTS ?= tests/test_nodes_comfy.py tests/test_headless_e2e.py tests/test_headless_client.py \
 	tests/test_headless_cli.py tests/test_graph_editor.py tests/test_graph_editor_preview.py tests/test_graph_editor_layout.py \
-	tests/test_lora_comfy.py tests/test_worker_e2e.py \
+	tests/test_graph_editor_templates.py tests/test_lora_comfy.py tests/test_worker_e2e.py \
 	tests/test_worker_interrupt.py tests/test_worker_faults.py tests/test_current_clients.py tests/test_prompt_extend_comfy.py \
 	tests/test_worker_hardening.py tests/test_worker_leaks.py tests/test_worker_tempdir.py
 

@@ -1,5 +1,6 @@
 """Write every generated file from wan22.request.spec and the settings declarations, so none can drift from them:
-the shipped workflows (API and UI format), docs/parameters.md and the generated blocks of the docs.
+the shipped workflows (API and UI format), their template-browser cards (web/wan22_templates.json),
+docs/parameters.md and the generated blocks of the docs.
 
     .venv/bin/python -m scripts.regenerate            # rewrite what is stale
     .venv/bin/python -m scripts.regenerate --check    # exit 1 naming what is stale (a test runs this)
@@ -176,6 +177,43 @@ def ui_workflow(preset: str = "none") -> dict:
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
+# ---------------------------------------------------------------------------------------------- template cards
+# web/wan22_templates.json: the template browser's card of each shipped workflow, in the format of ComfyUI's own
+# templates/index.json (a category with its templates). The Vue frontend reads no title or description for a
+# pack's example_workflows/ (it shows the file name for both); web/wan22_templates.js hands it this category
+# instead. The thumbnail is example_workflows/<name>.jpg, the file the frontend requests for a pack's template
+# (python -m scripts.thumbnails). The frontend turns "-" and "_" of a pack template's description into spaces.
+TEMPLATE_INDEX = "web/wan22_templates.json"
+TEMPLATE_CATEGORY = "Wan2.2 I2V-A14B"
+
+
+def template_cards() -> Dict[str, tuple]:
+    """{preset: (title, description)} of the shipped workflows' template cards, numbers from the spec. A card shows
+    two lines of its description, about 50 characters (the rest on hover)."""
+    d, fast = spec.default, spec.PRESETS["4step"]
+    width, height = d("size").split("*")
+    return {
+        "none": ("Wan2.2 Image to Video (A14B)",
+                 f"{d('frame_num')} frames at {width}x{height}: the upstream {d('sample_steps')} steps."),
+        "4step": ("Wan2.2 Image to Video, 4 steps (LoRA)",
+                  f"lightx2v LoRAs: {fast['sample_steps']} {fast['sample_solver']} steps at guidance "
+                  f"{fast['guide_scale_low']}."),
+        EXTEND: ("Wan2.2 Image to Video with Prompt Extension",
+                 "Qwen2.5 VL or DashScope extends the prompt first."),
+    }
+
+
+def template_index() -> list:
+    templates = []
+    for preset, (title, description) in template_cards().items():
+        assert not set("-_") & set(description), f"the card would show {description!r} with spaces for - and _"
+        assert len(description) <= 50, f"a card shows two lines of {description!r}, cut"
+        templates.append({"name": WORKFLOWS[preset].removesuffix(".json"), "title": title, "description": description,
+                          "mediaType": "image", "mediaSubtype": "jpg"})
+    # moduleName: the pack's folder in custom_nodes, whatever it is named (the extension sets the real one)
+    return [{"moduleName": "comfyui-wan22-i2v", "title": TEMPLATE_CATEGORY, "type": "video", "templates": templates}]
+
+
 # ---------------------------------------------------------------------------------------------- docs
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
@@ -230,6 +268,7 @@ def outputs() -> Dict[Path, str]:
         api, ui = api_workflow(preset), ui_workflow(preset)
         for folder, workflow in (("workflows/api", api), ("workflows/ui", ui), ("example_workflows", ui)):
             files[REPO / folder / name] = json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
+    files[REPO / TEMPLATE_INDEX] = json.dumps(template_index(), indent=2, ensure_ascii=False) + "\n"
     blocks = generated_blocks()
     for doc in DOCS:
         path = REPO / doc

@@ -401,6 +401,45 @@ def test_tool_comfy_section():
     assert "example_workflows" in COMFY["includes"]
 
 
+def test_every_template_has_a_card_and_a_thumbnail():
+    """What the template browser shows for example_workflows/ (tests/test_graph_editor_templates.py: in the editor):
+    every workflow there has its card (title, description) in web/wan22_templates.json and its thumbnail
+    <name>.jpg (python -m scripts.thumbnails): a 400x400 JPEG under 100 KB with a picture in it, of the workflow's
+    current layout."""
+    import json
+
+    from PIL import Image
+
+    from scripts.thumbnails import drawn_from
+
+    names = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+    assert len(names) == 3, names
+    index = json.loads((REPO / "web" / "wan22_templates.json").read_text(encoding="utf-8"))
+    assert len(index) == 1 and index[0]["title"] == COMFY["DisplayName"], index
+    cards = index[0]["templates"]
+    assert sorted(c["name"] for c in cards) == names
+    for card in cards:
+        assert card["title"].strip() and card["title"] != card["name"], card
+        assert 20 <= len(card["description"]) <= 50 and not set("-_") & set(card["description"]), card
+        assert (card["mediaType"], card["mediaSubtype"]) == ("image", "jpg"), card
+    for name in names:
+        path = REPO / "example_workflows" / f"{name}.jpg"
+        assert path.is_file(), f"no thumbnail {path.name}: run python -m scripts.thumbnails"
+        assert path.stat().st_size < 100_000, (path.name, path.stat().st_size)
+        with Image.open(path) as img:
+            assert (img.format, img.size, img.mode) == ("JPEG", (400, 400), "RGB"), (path.name, img.format, img.size)
+            shown = img.info.get("comment", b"").decode()
+            histogram = img.convert("L").histogram()
+        background = max(range(256), key=histogram.__getitem__)
+        drawn = sum(n for value, n in enumerate(histogram) if abs(value - background) > 12) / (400 * 400)
+        assert drawn > 0.05, f"{path.name}: {drawn:.1%} differs from the background: no graph drawn?"
+        assert sum(histogram[120:]) > 100, f"{path.name}: no light text or links: no graph drawn?"
+        workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text(encoding="utf-8"))
+        assert shown == drawn_from(workflow), (f"{path.name} shows another layout of {name}.json ({shown!r}): "
+                                               "run python -m scripts.thumbnails")
+    assert len({(REPO / "example_workflows" / f"{n}.jpg").read_bytes() for n in names}) == len(names)
+
+
 def test_comfy_cli_reads_the_config_as_specified(capsys):
     require_comfy_cli()
     from comfy_cli.registry.config_parser import extract_node_configuration
@@ -447,8 +486,9 @@ def test_registry_archive_holds_the_pack(tmp_path, monkeypatch):
     zip_files(str(archive), includes=COMFY["includes"])
     names = set(zipfile.ZipFile(archive).namelist())
     required = ["__init__.py", "pyproject.toml", "requirements.txt", "README.md", "nodes/__init__.py",
-                "wan22/__init__.py", "example_workflows/wan22_i2v_a14b.json", icon_path()]
+                "wan22/__init__.py", "example_workflows/wan22_i2v_a14b.json", icon_path(), "web/wan22_templates.json"]
     required += [str(p.relative_to(REPO)) for p in (REPO / "web").glob("*.js")]  # WEB_DIRECTORY's extensions
+    required += [f"example_workflows/{p.stem}.jpg" for p in (REPO / "example_workflows").glob("*.json")]
     required += [str(p.relative_to(REPO)) for p in (REPO / "wan22" / "checkpoints" / "configs").glob("*.json")]
     missing = [name for name in required if name not in names]
     assert not missing, f"not in the registry archive (git-tracked?): {missing}"
