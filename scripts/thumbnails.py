@@ -4,9 +4,10 @@ Vue frontend requests for a custom node pack's template (ComfyUI's own templates
 Each one is the real graph editor's picture of that workflow: ComfyUI 0.3.64 (.comfyui-current, run by
 .venv-comfyui-current, with its own throwaway user folder) with this checkout as its node pack and the tiny models of
 `make ui`, headless Chromium at 1600x1600 in focus mode with the minimap, the canvas buttons and the canvas info
-hidden, the whole graph fitted and centred, downscaled to a square JPEG whose comment names the layout it shows
-(drawn_from). Run it again after the layout of the workflows changes (python -m scripts.regenerate): the tests
-only check the files (tests/test_packaging.py: size, format, a graph drawn, that layout), never render them.
+hidden, the graph fitted and centred (a graph too wide for that shown from its left edge), downscaled to a square
+JPEG whose comment names the layout it shows (drawn_from). Run it again after the layout of the workflows changes
+(python -m scripts.regenerate): the tests only check the files (tests/test_packaging.py: size, format, a graph
+drawn, that layout), never render them.
 
     .venv/bin/python -m scripts.thumbnails [--size 400] [--quality 85] [--keep-png DIR]
 """
@@ -33,23 +34,27 @@ sys.path.insert(0, str(REPO / "tests"))
 from scripts.regenerate import WORKFLOWS  # noqa: E402
 
 VIEW = 1600  # CSS pixels of the square page the graph is drawn in, before downscaling
+MIN_SCALE = 0.7  # below it, widgets are unreadable at 400 px
 # what the editor draws over the canvas besides the graph and its DOM widgets (the prompt's text boxes)
 HIDE_CSS = (".comfy-menu-hamburger, .minimap-main-container, .graph-canvas-panel .p-buttongroup,"
             " .p-toast { display: none !important; }")
 
 # Fit every node (with its title bar and the source badge above it) into the square page, centred, never above
-# scale 1, and draw it.
+# scale 1 nor below MIN_SCALE, and draw it. A graph too wide for MIN_SCALE (the 4-step one's LoRA chain) is drawn
+# from its left edge, where it is read from, rather than shrunk to a thin, unreadable strip.
 FIT_JS = """
-((view, margin) => {
+((view, margin, minScale) => {
   const title = LiteGraph.NODE_TITLE_HEIGHT || 30, badge = 24;
   const boxes = app.graph._nodes.map(n => [n.pos[0], n.pos[1] - title - badge, n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
   const x0 = Math.min(...boxes.map(b => b[0])), y0 = Math.min(...boxes.map(b => b[1]));
   const x1 = Math.max(...boxes.map(b => b[2])), y1 = Math.max(...boxes.map(b => b[3]));
-  const scale = Math.min(1, (view - 2 * margin) / (x1 - x0), (view - 2 * margin) / (y1 - y0));
+  const scale = Math.min(1, (view - 2 * margin) / (y1 - y0), Math.max(minScale, (view - 2 * margin) / (x1 - x0)));
+  const fits = (x1 - x0) * scale <= view - 2 * margin;
   app.canvas.show_info = false;
   app.canvas.deselectAll?.();
   app.canvas.ds.scale = scale;
-  app.canvas.ds.offset = [view / (2 * scale) - (x0 + x1) / 2, view / (2 * scale) - (y0 + y1) / 2];
+  app.canvas.ds.offset = [fits ? view / (2 * scale) - (x0 + x1) / 2 : margin / scale - x0,
+                          view / (2 * scale) - (y0 + y1) / 2];
   app.graph.setDirtyCanvas(true, true);
   app.canvas.draw(true, true);
   return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(scale))));
@@ -113,7 +118,7 @@ def render(cdp, workflow: dict):
 
     cdp.evaluate(f"app.loadGraphData({json.dumps(workflow)}).then(() => true)", timeout=30)
     cdp.settle(1.5)  # DOM widgets (the prompt boxes) follow the canvas on the next frames
-    cdp.evaluate(f"{FIT_JS}({VIEW}, 40)")
+    cdp.evaluate(f"{FIT_JS}({VIEW}, 40, {MIN_SCALE})")
     cdp.settle(1.0)
     data = base64.b64decode(cdp.call("Page.captureScreenshot", format="png")["data"])
     return Image.open(io.BytesIO(data)).convert("RGB")
