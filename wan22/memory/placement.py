@@ -5,9 +5,10 @@ same code runs on real tensors and on the fake tensors the memory simulation use
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
+
+from . import pinned_host
 
 
 def tensor_to(tensor: torch.Tensor, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
@@ -26,13 +27,15 @@ def host_master(tensor: torch.Tensor):
 def move(module: nn.Module, device, non_blocking: bool = False) -> nn.Module:
     """Every parameter and buffer of `module` onto `device` (a no-op for those already there).
 
-    Onto an accelerator, each device copy carries its host tensor as its master (pinned, once, where CUDA is
-    there, so the next copy in is faster); back onto the host, the master is put back and the device copy
+    Onto an accelerator, each device copy carries its host tensor as its master (page-locked in place, once,
+    where CUDA is there, so the next copy in is asynchronous: wan22.memory.pinned_host); back onto the host, the master is put back and the device copy
     dropped: no device-to-host copy of a weight that was only moved. The master belongs to the device tensor,
     not to the module's slot: a tensor replaced on the device (a new object) has none and is copied back, and a
     parameter that changes owner (a parametrization taking it, wan22.runtime.lora) keeps its master."""
     device = torch.device(device)
     pin = cuda_ready(device)
+    if device.type != "cpu":
+        pinned_host.pin_module(module, device)
     for sub in module.modules():
         for kind, table in (("param", sub._parameters), ("buffer", sub._buffers)):
             for name, tensor in list(table.items()):
@@ -47,8 +50,6 @@ def move(module: nn.Module, device, non_blocking: bool = False) -> nn.Module:
                     master = None
                 else:
                     master = host_master(tensor) if tensor.device.type != "cpu" else tensor
-                    if master is not None and pin and not master.is_pinned():
-                        master = nn.Parameter(master.data.pin_memory(), requires_grad=False) if kind == "param" else master.pin_memory()
                     moved = tensor_to(master if master is not None else tensor.data, device, non_blocking or pin)
                 moved = nn.Parameter(moved, requires_grad=False) if kind == "param" else moved
                 if master is not None:

@@ -1,5 +1,5 @@
 """Block streaming. `BlockStreamer` runs an expert whose blocks do not all fit the GPU: the first `resident` blocks stay on the
-GPU, the others keep their weights in host memory (pinned when CUDA is there) and are copied in just before
+GPU, the others keep their weights in host memory (page-locked in place when CUDA is there) and are copied in just before
 they run, the next one ahead of time on a side stream, and dropped right after (the host copy is the master:
 nothing is copied back). On a CPU the same hooks swap the parameters for copies, so a streamed run is
 bit-identical to a resident one (tests/engine/test_memory.py).
@@ -12,6 +12,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from .pinned_host import pin_module
 from .placement import tensor_to, cuda_ready, move
 
 
@@ -36,7 +37,8 @@ class BlockStreamer:
             if index < self.resident:
                 continue
             move(block, "cpu")
-            self._master[index] = {name: self._pinned(t) for name, t in self._block_tensors(block)}
+            pin_module(block, self.device)  # in place: the block's own tensors are the masters, no second copy
+            self._master[index] = dict(self._block_tensors(block))
         for name, child in self.model.named_children():
             if name != "blocks":
                 move(child, self.device)
@@ -75,11 +77,6 @@ class BlockStreamer:
             for name, t in sub._buffers.items():
                 if t is not None:
                     yield f"{mod_name}.b.{name}", t
-
-    def _pinned(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self._stream is not None and not tensor.is_pinned():
-            return tensor.pin_memory()
-        return tensor
 
     def _load(self, index: int, tensors: Dict[str, torch.Tensor]) -> None:
         block = self.blocks[index]

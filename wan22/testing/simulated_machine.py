@@ -95,6 +95,8 @@ class StorageTracker(_dispatch_mode_base()):
 
     def __init__(self) -> None:
         super().__init__()
+        self.pinned = 0       # page-locked host bytes now (part of live["cpu"]) and their peak
+        self.pinned_peak = 0
         self.live: Dict[str, int] = collections.Counter()
         self.peak: Dict[str, int] = collections.Counter()
         self.stage_peaks: Dict[str, Dict[str, int]] = {}
@@ -104,15 +106,37 @@ class StorageTracker(_dispatch_mode_base()):
     def stage(self, name: str) -> None:
         self.current = name
 
-    def _count(self, tensor) -> None:
+    def lock(self, nbytes: int) -> None:
+        self.pinned += nbytes
+        self.pinned_peak = max(self.pinned_peak, self.pinned)
+
+    def locked_buffer(self, nbytes: int):
+        """wan22.memory.pinned_host.locked_buffer here: a host buffer counted as page-locked while it lives."""
+        import torch
+
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        entry = self._refs[buffer.untyped_storage()._cdata]
+        if not entry[3]:
+            entry[3] = True
+            self.lock(entry[2])
+        return buffer
+
+    def is_pinned(self, tensor) -> bool:
+        entry = self._refs.get(tensor.untyped_storage()._cdata)
+        return bool(entry and entry[3])
+
+    def _count(self, tensor, nbytes: Optional[int] = None, pinned: bool = False) -> None:
         storage = tensor.untyped_storage()
         key = storage._cdata
         entry = self._refs.get(key)
         if entry is not None:
             entry[0] += 1
         else:
-            self._refs[key] = [1, tensor.device.type, storage.nbytes()]
-            self.live[tensor.device.type] += storage.nbytes()
+            nbytes = storage.nbytes() if nbytes is None else nbytes
+            self._refs[key] = [1, tensor.device.type, nbytes, pinned]
+            self.live[tensor.device.type] += nbytes
+            if pinned:
+                self.lock(nbytes)
             device = tensor.device.type
             self.peak[device] = max(self.peak[device], self.live[device])
             stage = self.stage_peaks.setdefault(self.current, collections.Counter())
@@ -126,11 +150,19 @@ class StorageTracker(_dispatch_mode_base()):
             if entry[0] == 0:
                 del self._refs[key]
                 self.live[entry[1]] -= entry[2]
+                self.pinned -= entry[2] if entry[3] else 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         import torch
         from torch.utils._pytree import tree_flatten
 
+        from wan22.memory.pinned_host import torch_pinned_bytes
+
+        if func is torch.ops.aten._pin_memory.default:
+            # Tensor.pin_memory(): a copy in torch's caching host allocator, at its rounded size
+            out = torch.empty_like(args[0])
+            self._count(out, torch_pinned_bytes(out.untyped_storage().nbytes()), pinned=True)
+            return out
         out = func(*args, **(kwargs or {}))
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor):
@@ -155,12 +187,13 @@ def simulated_machine(gpu_gib: float, host_gib: float) -> Iterator[StorageTracke
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
     from wan22.checkpoints import tensors, modules
-    from wan22.memory import planner
+    from wan22.memory import pinned_host, planner
     from wan22.runtime import schedule
 
     original_read, original_sdpa = tensors.SafetensorsFile.read, F.scaled_dot_product_attention
     original_detect, original_host, original_schedule = planner.Budget.detect, planner.host_available, schedule.make_schedule
     original_tokenizer = modules.comfy_embedded_tokenizer
+    original_pinning = pinned_host.can_pin, pinned_host.locked_buffer, pinned_host.pinned
 
     def read(self, key):
         dtype, shape, _, _ = self.entries[key]
@@ -188,6 +221,9 @@ def simulated_machine(gpu_gib: float, host_gib: float) -> Iterator[StorageTracke
         int(host_gib * GIB)))
     planner.host_available = lambda: int(host_gib * GIB)
     schedule.make_schedule = make_schedule
+
+    pinned_host.can_pin = lambda device: device.type == "cuda"
+    pinned_host.locked_buffer, pinned_host.pinned = tracker.locked_buffer, tracker.is_pinned
     import wan22.pipeline as pipeline_module
 
     pipeline_module.make_schedule = make_schedule
@@ -199,6 +235,7 @@ def simulated_machine(gpu_gib: float, host_gib: float) -> Iterator[StorageTracke
         modules.comfy_embedded_tokenizer = original_tokenizer
         planner.Budget.detect, planner.host_available = original_detect, original_host
         schedule.make_schedule = pipeline_module.make_schedule = original_schedule
+        pinned_host.can_pin, pinned_host.locked_buffer, pinned_host.pinned = original_pinning
 
 
 def _staged(tracker: StorageTracker, pipe) -> None:
@@ -267,6 +304,7 @@ def simulate(gpu_gib: float, host_gib: float, size: str, frame_num: int, mode: s
         result.update(peak_gpu_bytes=tracker.peak.get("cuda", 0), peak_host_bytes=tracker.peak.get("cpu", 0),
                       peak_gpu_gib=round(tracker.peak.get("cuda", 0) / GIB, 2),
                       peak_host_gib=round(tracker.peak.get("cpu", 0) / GIB, 2),
+                      peak_pinned_bytes=tracker.pinned_peak, peak_pinned_gib=round(tracker.pinned_peak / GIB, 2),
                       stages={stage: {d: round(b / GIB, 2) for d, b in peaks.items()} for stage, peaks in tracker.stage_peaks.items()},
                       seconds=round(time.perf_counter() - started, 1))
         del torch
