@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence
 
 from wan22.request.cost import Work, expert_shape, transformer_work
-from wan22.request.errors import InvalidParameter
+from wan22.memory import planner
+from wan22.request.errors import InvalidParameter, MemoryPlanError
 from wan22.request.model_sets import default_model_root, discover_model_set
 
 log = logging.getLogger("runpod_worker")
@@ -61,13 +62,20 @@ def _shape(root: Path):
 
 
 def check(values: Mapping[str, Any], job_timeout_s: float, assumed: Sequence[str] = ()) -> Optional[Work]:
-    """The request's work when it fits the time limit at this host's rate; InvalidParameter when it cannot.
-    None when the model folder cannot be read (the run itself reports that)."""
+    """The request's work when it fits this host's free RAM (MemoryPlanError, as the engine says it, if not) and
+    the time limit at this host's rate (InvalidParameter if not). None when the model folder cannot be read (the
+    run itself reports that)."""
     try:
         work = transformer_work(values, _shape(default_model_root()))
     except (OSError, ValueError) as exc:
         log.warning("no CPU estimate for this job (%s): it runs unchecked", exc)
         return None
+    # what cannot be held at all comes before what takes too long
+    width, height = (int(v) for v in str(values["size"]).split("*"))
+    shortfall = planner.cpu_shortfall(planner.Request(width, height, values["frame_num"]), _shape(default_model_root()).dim,
+                                      planner.host_available(), video=f"a {values['size']} video")
+    if shortfall:
+        raise MemoryPlanError(shortfall)
     rate = host_rate()
     seconds = work.flops / rate
     if seconds <= job_timeout_s:

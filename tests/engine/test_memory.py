@@ -207,3 +207,38 @@ def test_a_cpu_run_is_checked_against_host_ram_before_anything_is_allocated():
         planner.make_plan(A14B, planner.Request(1920, 1088, fits + 4), budget)
     assert "20.0" not in message and "16.0" not in message  # the host's free RAM is the machine's business
     assert planner.make_plan(A14B, planner.Request(1920, 1088, 1001), planner.Budget(None, None)).mode == "cpu"  # unknown
+
+
+VAE_CASES = [(w, h, f, False) for w, h in ((832, 480), (1280, 720)) for f in (17, 49, 81)] + [
+    (832, 480, 17, True), (832, 480, 49, True), (1280, 720, 17, True)]
+
+
+def test_the_plans_vae_memory_is_within_10_percent_of_the_simulation():
+    """Per pixel of a frame plus per pixel-frame: the old per-pixel-frame model was 4x under at 720p, 17 frames."""
+    from wan22.testing.simulated_machine import vae_peaks
+
+    _require_manifests()
+    for (width, height, frames, tiled), simulated in zip(VAE_CASES, vae_peaks(VAE_CASES)):
+        request = planner.Request(width, height, frames)
+        for decode, measured in zip((False, True), simulated):
+            planned = planner.vae_bytes(request, tiled, decode)
+            assert abs(planned - measured) <= 0.10 * measured, (
+                width, height, frames, tiled, "decode" if decode else "encode", planned / GIB, measured / GIB)
+
+
+@pytest.mark.parametrize("size, frames, weight_dtype, gpu_gib, mode", [
+    ("832*480", 17, "bf16", 24, "stream"), ("832*480", 49, "fp8_e4m3fn_scaled", 24, "offload"),
+    ("832*480", 81, "bf16", 80, "full"), ("1280*720", 17, "fp8_e4m3fn_scaled", 32, "offload"),
+    ("1280*720", 49, "bf16", 24, "stream"), ("1280*720", 81, "bf16", 48, "offload")])
+def test_the_plans_peak_agrees_with_the_simulation(size, frames, weight_dtype, gpu_gib, mode):
+    """480p/720p x 17/49/81 frames, every mode auto picks on these cards, both weight storages: the plan's expected
+    peak within 10 % of the simulated one, and never under it by more than the reserve the plan keeps."""
+    from wan22.testing.simulated_machine import simulate
+
+    _require_manifests()
+    result = simulate(gpu_gib=gpu_gib, host_gib=128, size=size, frame_num=frames, weight_dtype=weight_dtype, steps=1)
+    assert result["error"] is None and result["mode"] == mode, result
+    planned, simulated = result["expected_peak_gpu_bytes"], result["peak_gpu_bytes"]
+    reserve = gpu_gib * GIB - planner.usable_gpu_bytes(gpu_gib * GIB)
+    assert abs(planned - simulated) <= 0.10 * simulated, (result["mode"], planned / GIB, simulated / GIB)
+    assert simulated <= planned + reserve, (result["mode"], planned / GIB, simulated / GIB)

@@ -15,7 +15,8 @@ when no expert is on the GPU (except in `full`), tiled when its untiled peak wou
 Activation and VAE figures are estimates from the architecture, checked against the full-size simulation
 (wan22/testing/simulated_machine.py, which runs the real pipeline on fake tensors and measures every live tensor):
 a DiT forward at its peak holds three fp32 and five bf16 copies of the hidden state (tokens x dim);
-the fp32 VAE needs about 260 bytes per output pixel-frame to decode and 180 to encode, untiled.
+the fp32 VAE needs about 19.5 KB per pixel of a frame (or of a tile) to decode and 14.1 KB to encode, plus
+13 bytes per pixel of every frame (vae_bytes).
 """
 from __future__ import annotations
 
@@ -35,8 +36,14 @@ HOST_RESERVE = 4 * GIB          # the process itself, ComfyUI, the OS
 ACTIVATION_BYTES_PER_TOKEN_DIM = 3 * 4 + 5 * 2
 ACTIVATION_MARGIN = 1.10
 FP32_RESIDUAL_EXTRA_BYTES = 16  # fp32_residual: the fp32 residual, its sums and autocast's bf16 copies (measured: +6.4 GiB at 720p, wan22/testing/simulated_machine.py)
-VAE_DECODE_BYTES_PER_PIXEL = 260
-VAE_ENCODE_BYTES_PER_PIXEL = 180
+# The fp32 VAE works frame by frame with a causal cache: its working set scales with a frame's area (H x W), the
+# video it takes or gives with every pixel of every frame. Fitted to the full-size simulation (tests/engine/
+# test_memory.py holds the plan within 10 % of it from 480p/17 frames to 720p/81 frames, tiled and not).
+VAE_DECODE_BYTES_PER_PIXEL = 19_500   # per pixel of one frame (untiled), or of one tile (tiled)
+VAE_ENCODE_BYTES_PER_PIXEL = 14_100
+VAE_BYTES_PER_PIXEL_FRAME = 13        # the video in and out (fp32) and the per-frame caches
+VAE_TILED_BYTES_PER_PIXEL_FRAME = 17  # tiled decode: every tile's frames held until they are blended
+VAE_BLEND_BYTES_PER_PIXEL_FRAME = 56  # tiled decode: the blend of those tiles into the video, at the end
 VAE_TILE = 256  # diffusers' AutoencoderKLWan tile (pixels), used when tiling
 PREFETCH_BLOCKS = 2  # a streamed block running and the next one arriving
 
@@ -111,12 +118,16 @@ def activation_bytes(tokens: int, dim: int, fp32_residual: bool = False) -> int:
 
 
 def vae_bytes(request: Request, tiled: bool, decode: bool) -> int:
+    """The VAE's GPU working memory (besides its weights) to decode or encode `request`'s video."""
+    area, pixel_frames = request.width * request.height, request.pixels
     per_pixel = VAE_DECODE_BYTES_PER_PIXEL if decode else VAE_ENCODE_BYTES_PER_PIXEL
     if not tiled:
-        return request.pixels * per_pixel
-    tile = min(request.width, VAE_TILE) * min(request.height, VAE_TILE) * request.frames
-    # one tile at a time, plus the whole output (decode: fp32 RGB) or input video held while tiling
-    return tile * per_pixel * 2 + request.pixels * 3 * 4
+        return area * per_pixel + pixel_frames * VAE_BYTES_PER_PIXEL_FRAME
+    tile = min(request.width, VAE_TILE) * min(request.height, VAE_TILE)
+    if not decode:
+        return tile * per_pixel + pixel_frames * VAE_BYTES_PER_PIXEL_FRAME
+    return max(tile * per_pixel + pixel_frames * VAE_TILED_BYTES_PER_PIXEL_FRAME,
+               pixel_frames * VAE_BLEND_BYTES_PER_PIXEL_FRAME)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,25 +244,39 @@ def _placement(sizes: Sizes, request: Request, budget: Budget, mode: str, t5_cpu
         f"fewer frames" + ("" if mode in ("auto", "stream") else ", or memory_mode stream or auto"))
 
 
+def cpu_need(request: Request, dim: int, tiled: bool, fp32_residual: bool = False) -> int:
+    """Host RAM a CPU run needs beside the loaded models: the larger of a forward's activations and the VAE's work."""
+    return max(activation_bytes(request.tokens, dim, fp32_residual), vae_bytes(request, tiled, True),
+               vae_bytes(request, tiled, False))
+
+
+def cpu_shortfall(request: Request, dim: int, host_budget: Optional[int], fp32_residual: bool = False,
+                  video: str = "") -> Optional[str]:
+    """None when a CPU run of `request` fits `host_budget` (free host RAM beside the models) tiled, else what to
+    change. `video` names the video in the message (default: its size at the image's aspect ratio)."""
+    usable = None if host_budget is None else host_budget - HOST_RESERVE
+    if usable is None or cpu_need(request, dim, True, fp32_residual) <= usable:
+        return None
+    fitting = next((f for f in range(request.frames - 4, 0, -4)
+                    if cpu_need(Request(request.width, request.height, f), dim, True, fp32_residual) <= usable), None)
+    hint = f"at this size frame_num {fitting} fits" if fitting else "no frame_num fits at this size: use a smaller size"
+    video = video or f"a {request.width}*{request.height} video (the size at the image's aspect ratio)"
+    return (f"size / frame_num: {video} of {request.frames} frames needs about "
+            f"{cpu_need(request, dim, True, fp32_residual) / GIB:.1f} GiB of host RAM on the CPU (activations and the "
+            f"VAE), more than this machine has free beside the models; use a smaller size or fewer frames ({hint})")
+
+
 def _cpu_plan(sizes: Sizes, request: Request, host_budget: Optional[int], host: int, fp32_residual: bool) -> Plan:
     """No GPU: the activations and the VAE's work live in host RAM beside the models (already there, so the budget
     is what is left): checked before anything is allocated, untiled VAE where it fits, else tiled."""
-    def need(req: Request, tiled: bool) -> int:
-        return max(activation_bytes(req.tokens, sizes.dim, fp32_residual), vae_bytes(req, tiled, True),
-                   vae_bytes(req, tiled, False))
-
+    shortfall = cpu_shortfall(request, sizes.dim, host_budget, fp32_residual)
+    if shortfall:
+        raise MemoryPlanError(shortfall)
     usable = None if host_budget is None else host_budget - HOST_RESERVE
-    for tiled in (False, True):
-        if usable is None or need(request, tiled) <= usable:
-            return Plan("cpu", sizes.num_blocks, sizes.num_blocks, False, tiled, 0, host + need(request, tiled), None,
-                        host_budget, "no GPU: everything runs on the CPU")
-    fitting = next((f for f in range(request.frames - 4, 0, -4)
-                    if need(Request(request.width, request.height, f), True) <= usable), None)
-    hint = f"at this size frame_num {fitting} fits" if fitting else "no frame_num fits at this size: use a smaller size"
-    raise MemoryPlanError(
-        f"size / frame_num: a {request.width}*{request.height} video (the size at the image's aspect ratio) of "
-        f"{request.frames} frames needs about {need(request, True) / GIB:.1f} GiB of host RAM on the CPU (activations "
-        f"and the VAE), more than this machine has free beside the models; use a smaller size or fewer frames ({hint})")
+    tiled = usable is not None and cpu_need(request, sizes.dim, False, fp32_residual) > usable
+    return Plan("cpu", sizes.num_blocks, sizes.num_blocks, False, tiled, 0,
+                host + cpu_need(request, sizes.dim, tiled, fp32_residual), None, host_budget,
+                "no GPU: everything runs on the CPU")
 
 
 def usable_gpu_bytes(free: int) -> int:

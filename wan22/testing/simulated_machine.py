@@ -311,6 +311,34 @@ def simulate(gpu_gib: float, host_gib: float, size: str, frame_num: int, mode: s
         return result
 
 
+def vae_peaks(cases) -> list:
+    """The VAE's GPU working memory (peak less its weights) at full size, for each (width, height, frames, tiled):
+    [(encode bytes, decode bytes)], from one loaded model set (the VAE alone is on the GPU)."""
+    import torch
+
+    from wan22.loader import load_pipeline
+    from wan22.pipeline import LoadOptions
+    from wan22.request.model_sets import discover_model_set
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="wan22-vae-") as folder:
+        model_set = discover_model_set(write_model_set(Path(folder), False))
+        with simulated_machine(gpu_gib=1024, host_gib=1024) as tracker:
+            pipe = load_pipeline(model_set, LoadOptions(device="cuda", memory_mode="offload"))
+            pipe.residency.to_gpu("vae")
+            weights = tracker.live.get("cuda", 0)
+            for width, height, frames, tiled in cases:
+                (pipe.vae.enable_tiling if tiled else pipe.vae.disable_tiling)()
+                peaks = []
+                for stage in (lambda: pipe.vae_encode(torch.zeros(3, frames, height, width)),
+                              lambda: pipe.decode(torch.zeros(16, (frames - 1) // 4 + 1, height // 8, width // 8))):
+                    tracker.peak["cuda"] = tracker.live["cuda"]
+                    stage()
+                    peaks.append(tracker.peak["cuda"] - weights)
+                out.append(tuple(peaks))
+    return out
+
+
 def _run(pipe, image, params) -> Optional[str]:
     try:
         embeds = pipe.encode_prompt("a cat walks along the beach at sunset")
