@@ -433,3 +433,14 @@ def test_a_presets_loras_the_server_lacks_are_named_with_the_preset():
         ("loras[1].name (from --preset 4step)", repr(LIGHTX2V_LOW))]
     given = spec.normalize({"preset": "4step", "loras": [{"name": "mine.safetensors"}]}, "cli")
     assert given.label("loras[0].name") == "loras[0].name"  # given, not filled in: no preset named
+
+
+def test_a_gpu_comfyui_is_started_with_expandable_segments_unless_the_caller_chose_an_allocator():
+    from headless.server import gpu_allocator
+
+    assert gpu_allocator({}, []) == ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, ["--disable-cuda-malloc"])
+    # ComfyUI's default backend (cudaMallocAsync) would ignore the setting: it is switched off with it
+    assert gpu_allocator({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}, []) == ({}, [])
+    assert gpu_allocator({"PYTORCH_ALLOC_CONF": "expandable_segments:False"}, []) == ({}, [])
+    assert gpu_allocator({}, ["--cuda-malloc"]) == ({}, [])
+    assert gpu_allocator({"PYTORCH_CUDA_ALLOC_CONF": ""}, [])[1] == ["--disable-cuda-malloc"]
