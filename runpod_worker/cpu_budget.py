@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence
 
 from wan22.request.cost import Work, expert_shape, transformer_work
-from wan22.memory import planner
+from wan22.request import memory_cost
 from wan22.request.errors import InvalidParameter, MemoryPlanError
 from wan22.request.model_sets import default_model_root, discover_model_set
 
@@ -72,8 +72,9 @@ def check(values: Mapping[str, Any], job_timeout_s: float, assumed: Sequence[str
         return None
     # what cannot be held at all comes before what takes too long
     width, height = (int(v) for v in str(values["size"]).split("*"))
-    shortfall = planner.cpu_shortfall(planner.Request(width, height, values["frame_num"]), _shape(default_model_root()).dim,
-                                      planner.host_available(), video=f"a {values['size']} video")
+    request = memory_cost.Request(width, height, values["frame_num"])
+    shortfall = memory_cost.cpu_shortfall(request, _shape(default_model_root()).dim, memory_cost.host_available(),
+                                          video=f"a {values['size']} video")
     if shortfall:
         raise MemoryPlanError(shortfall)
     rate = host_rate()

@@ -28,10 +28,11 @@ def move(module: nn.Module, device, non_blocking: bool = False) -> nn.Module:
     """Every parameter and buffer of `module` onto `device` (a no-op for those already there).
 
     Onto an accelerator, each device copy carries its host tensor as its master (page-locked in place, once,
-    where CUDA is there, so the next copy in is asynchronous: wan22.memory.pinned_host); back onto the host, the master is put back and the device copy
-    dropped: no device-to-host copy of a weight that was only moved. The master belongs to the device tensor,
-    not to the module's slot: a tensor replaced on the device (a new object) has none and is copied back, and a
-    parameter that changes owner (a parametrization taking it, wan22.runtime.lora) keeps its master."""
+    where CUDA is there, so the next copy in is asynchronous: wan22.memory.pinned_host); back onto the host,
+    the master is put back and the device copy dropped: no device-to-host copy of a weight that was only moved.
+    The master belongs to the device tensor, not to the module's slot: a tensor replaced on the device (a new
+    object) has none and is copied back, and a parameter that changes owner (a parametrization taking it,
+    wan22.runtime.lora) keeps its master."""
     device = torch.device(device)
     pin = cuda_ready(device)
     if device.type != "cpu":

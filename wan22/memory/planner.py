@@ -12,11 +12,7 @@ Modes (`memory_mode`):
 `auto` takes the first that fits, in that order; `offload_model=false` asks for `full`. The VAE runs only
 when no expert is on the GPU (except in `full`), tiled when its untiled peak would not fit.
 
-Activation and VAE figures are estimates from the architecture, checked against the full-size simulation
-(wan22/testing/simulated_machine.py, which runs the real pipeline on fake tensors and measures every live tensor):
-a DiT forward at its peak holds three fp32 and five bf16 copies of the hidden state (tokens x dim);
-the fp32 VAE needs about 19.5 KB per pixel of a frame (or of a tile) to decode and 14.1 KB to encode, plus
-13 bytes per pixel of every frame (vae_bytes).
+What a request costs in memory (activations, the VAE, a CPU run's host RAM) is wan22.request.memory_cost.
 """
 from __future__ import annotations
 
@@ -25,27 +21,19 @@ import logging
 from typing import Dict, Optional
 
 from ..request.errors import MemoryPlanError
+from ..request.memory_cost import (  # noqa: F401 - the plan's figures, named here too
+    ACTIVATION_BYTES_PER_TOKEN_DIM, ACTIVATION_MARGIN, FP32_RESIDUAL_EXTRA_BYTES, GIB, HOST_RESERVE, VAE_TILE, Request,
+    activation_bytes, cpu_need, cpu_shortfall, host_available, vae_bytes)
 
 log = logging.getLogger("wan22")
 
-GIB = 1024**3
 MODES = ("auto", "full", "offload", "stream")
 GPU_RESERVE_MIN = 2 * GIB      # CUDA context, allocator fragmentation, cuBLAS workspaces:
 GPU_RESERVE_FRACTION = 0.10    # at least 2 GiB, 10 % of a large card
-HOST_RESERVE = 4 * GIB          # the process itself, ComfyUI, the OS
-ACTIVATION_BYTES_PER_TOKEN_DIM = 3 * 4 + 5 * 2
-ACTIVATION_MARGIN = 1.10
-FP32_RESIDUAL_EXTRA_BYTES = 16  # fp32_residual: the fp32 residual, its sums and autocast's bf16 copies (measured: +6.4 GiB at 720p, wan22/testing/simulated_machine.py)
-# The fp32 VAE works frame by frame with a causal cache: its working set scales with a frame's area (H x W), the
-# video it takes or gives with every pixel of every frame. Fitted to the full-size simulation (tests/engine/
-# test_memory.py holds the plan within 10 % of it from 480p/17 frames to 720p/81 frames, tiled and not).
-VAE_DECODE_BYTES_PER_PIXEL = 19_500   # per pixel of one frame (untiled), or of one tile (tiled)
-VAE_ENCODE_BYTES_PER_PIXEL = 14_100
-VAE_BYTES_PER_PIXEL_FRAME = 13        # the video in and out (fp32) and the per-frame caches
-VAE_TILED_BYTES_PER_PIXEL_FRAME = 17  # tiled decode: every tile's frames held until they are blended
-VAE_BLEND_BYTES_PER_PIXEL_FRAME = 56  # tiled decode: the blend of those tiles into the video, at the end
-VAE_TILE = 256  # diffusers' AutoencoderKLWan tile (pixels), used when tiling
-PREFETCH_BLOCKS = 2  # a streamed block running and the next one arriving
+# streamed blocks on the GPU at once: the one running, the next one arriving, and the one before, whose copy
+# (freed with record_stream) cannot be reused until the compute stream is done with it. The simulation frees it
+# at once and shows two; a real CUDA allocator holds the third (+0.65 GiB in bf16).
+PREFETCH_BLOCKS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,17 +56,6 @@ class Budget:
         return cls(gpu, host_available())
 
 
-def host_available() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     """Bytes of the loaded models: one expert split into its blocks and the rest."""
@@ -94,40 +71,6 @@ class Sizes:
     @property
     def expert_rest(self) -> int:
         return self.expert - self.expert_blocks
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    width: int
-    height: int
-    frames: int
-
-    @property
-    def tokens(self) -> int:
-        """Latent frames x (H/16) x (W/16): the DiT's sequence length."""
-        return ((self.frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
-
-    @property
-    def pixels(self) -> int:
-        return self.width * self.height * self.frames
-
-
-def activation_bytes(tokens: int, dim: int, fp32_residual: bool = False) -> int:
-    per = ACTIVATION_BYTES_PER_TOKEN_DIM + (FP32_RESIDUAL_EXTRA_BYTES if fp32_residual else 0)
-    return int(tokens * dim * per * ACTIVATION_MARGIN)
-
-
-def vae_bytes(request: Request, tiled: bool, decode: bool) -> int:
-    """The VAE's GPU working memory (besides its weights) to decode or encode `request`'s video."""
-    area, pixel_frames = request.width * request.height, request.pixels
-    per_pixel = VAE_DECODE_BYTES_PER_PIXEL if decode else VAE_ENCODE_BYTES_PER_PIXEL
-    if not tiled:
-        return area * per_pixel + pixel_frames * VAE_BYTES_PER_PIXEL_FRAME
-    tile = min(request.width, VAE_TILE) * min(request.height, VAE_TILE)
-    if not decode:
-        return tile * per_pixel + pixel_frames * VAE_BYTES_PER_PIXEL_FRAME
-    return max(tile * per_pixel + pixel_frames * VAE_TILED_BYTES_PER_PIXEL_FRAME,
-               pixel_frames * VAE_BLEND_BYTES_PER_PIXEL_FRAME)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,28 +185,6 @@ def _placement(sizes: Sizes, request: Request, budget: Budget, mode: str, t5_cpu
         f"blocks {sizes.expert_rest / GIB:.1f} GiB, activations {act / GIB:.1f} GiB, {PREFETCH_BLOCKS} streamed blocks "
         f"{PREFETCH_BLOCKS * sizes.block / GIB:.1f} GiB), and {usable / GIB:.1f} GiB are usable; use a smaller size or "
         f"fewer frames" + ("" if mode in ("auto", "stream") else ", or memory_mode stream or auto"))
-
-
-def cpu_need(request: Request, dim: int, tiled: bool, fp32_residual: bool = False) -> int:
-    """Host RAM a CPU run needs beside the loaded models: the larger of a forward's activations and the VAE's work."""
-    return max(activation_bytes(request.tokens, dim, fp32_residual), vae_bytes(request, tiled, True),
-               vae_bytes(request, tiled, False))
-
-
-def cpu_shortfall(request: Request, dim: int, host_budget: Optional[int], fp32_residual: bool = False,
-                  video: str = "") -> Optional[str]:
-    """None when a CPU run of `request` fits `host_budget` (free host RAM beside the models) tiled, else what to
-    change. `video` names the video in the message (default: its size at the image's aspect ratio)."""
-    usable = None if host_budget is None else host_budget - HOST_RESERVE
-    if usable is None or cpu_need(request, dim, True, fp32_residual) <= usable:
-        return None
-    fitting = next((f for f in range(request.frames - 4, 0, -4)
-                    if cpu_need(Request(request.width, request.height, f), dim, True, fp32_residual) <= usable), None)
-    hint = f"at this size frame_num {fitting} fits" if fitting else "no frame_num fits at this size: use a smaller size"
-    video = video or f"a {request.width}*{request.height} video (the size at the image's aspect ratio)"
-    return (f"size / frame_num: {video} of {request.frames} frames needs about "
-            f"{cpu_need(request, dim, True, fp32_residual) / GIB:.1f} GiB of host RAM on the CPU (activations and the "
-            f"VAE), more than this machine has free beside the models; use a smaller size or fewer frames ({hint})")
 
 
 def _cpu_plan(sizes: Sizes, request: Request, host_budget: Optional[int], host: int, fp32_residual: bool) -> Plan:

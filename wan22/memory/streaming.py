@@ -1,8 +1,8 @@
-"""Block streaming. `BlockStreamer` runs an expert whose blocks do not all fit the GPU: the first `resident` blocks stay on the
-GPU, the others keep their weights in host memory (page-locked in place when CUDA is there) and are copied in just before
-they run, the next one ahead of time on a side stream, and dropped right after (the host copy is the master:
-nothing is copied back). On a CPU the same hooks swap the parameters for copies, so a streamed run is
-bit-identical to a resident one (tests/engine/test_memory.py).
+"""Block streaming. `BlockStreamer` runs an expert whose blocks do not all fit the GPU: the first `resident` blocks
+stay on the GPU, the others keep their weights in host memory (page-locked in place when CUDA is there) and are
+copied in just before they run, the next one ahead of time on a side stream, and dropped right after (the host
+copy is the master: nothing is copied back). On a CPU the same hooks swap the parameters for copies, so a streamed
+run is bit-identical to a resident one (tests/engine/test_memory.py).
 """
 from __future__ import annotations
 
