@@ -428,6 +428,25 @@ def main(argv=None) -> int:
     log(f"  {params_n / 1e9:.2f} B parameters, {weights_gb:.2f} GB, built in {build_s:.1f} s")
 
     results: Dict[str, Dict[str, dict]] = {}
+    out = args.out or (RESULTS / ("gpu_smoke.json" if args.smoke else "gpu.json"))
+
+    def snapshot() -> dict:
+        """The result file as it stands: written after every path, so a run killed at its limit loses one path."""
+        data = {"smoke": args.smoke, "device": str(device), "total_s": round(time.perf_counter() - began, 1),
+                "dtype": dtype_name, "blocks_built": blocks,
+                "blocks_scaled_to": A14B_BLOCKS if not args.smoke else blocks, "step_time_scale": scale,
+                "parameters": params_n, "weights_gb": round(weights_gb, 2), "build_s": round(build_s, 2),
+                "build_peak_rss_mb": round(peak_rss_since_reset_mb() - rss0, 1) if device.type == "cpu" else None,
+                "config": {k: v for k, v in config.items() if not k.startswith("_")}, "results": results,
+                "published_h100_s": PUBLISHED_H100_S,
+                "note": ("engine/diffusers: one step = cond + uncond forward (CFG 3.5 on both experts) + the UniPC "
+                         "update; 4step: one forward (guidance 1) with a rank-64 LoRA on every block linear + the "
+                         "euler update; one module stands for both experts; text encoding and VAE are not timed")}
+        if device.type == "cuda":
+            data["gpu"] = torch.cuda.get_device_name(device)
+        data["path"] = str(write_result(out.stem, data, out.parent))
+        return data
+
     whole = None  # the whole pipeline (T5 + VAE around the expert), built at its first use
     began = time.perf_counter() - build_s
     last: Optional[tuple] = None  # (tokens, seconds per step) of the latest run, for the time estimate
@@ -438,11 +457,17 @@ def main(argv=None) -> int:
         tokens = lat_f * (lat_h // 2) * (lat_w // 2)
         results[res] = {"width": width, "height": height, "frames": frames, "tokens": tokens}
         for path in paths:
+            if results[res]:
+                snapshot()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             reset_peak_rss()
             total = args.warmup + args.steps
+            if time.perf_counter() - began > args.max_seconds:
+                results[res][path] = {"error": f"skipped: --max-seconds {args.max_seconds:g} has passed"}
+                log(f"  {path} skipped ({results[res][path]['error']})")
+                continue
             if last is not None:
                 estimate = (last[1] / scale) * (tokens / last[0]) ** 1.5 * (total + 1)
                 if time.perf_counter() - began + estimate > args.max_seconds:
@@ -523,19 +548,7 @@ def main(argv=None) -> int:
         if e.get("step_s") and f.get("step_s"):
             results[res]["40_steps_cfg_over_4step"] = round(e["step_s"] * FULL_STEPS / (f["step_s"] * 4), 2)
 
-    data = {"smoke": args.smoke, "device": str(device), "total_s": round(time.perf_counter() - began, 1), "dtype": dtype_name, "blocks_built": blocks,
-            "blocks_scaled_to": A14B_BLOCKS if not args.smoke else blocks, "step_time_scale": scale,
-            "parameters": params_n, "weights_gb": round(weights_gb, 2), "build_s": round(build_s, 2),
-            "build_peak_rss_mb": round(peak_rss_since_reset_mb() - rss0, 1) if device.type == "cpu" else None,
-            "config": {k: v for k, v in config.items() if not k.startswith("_")}, "results": results,
-            "published_h100_s": PUBLISHED_H100_S,
-            "note": ("engine/diffusers: one step = cond + uncond forward (CFG 3.5 on both experts) + the UniPC update; "
-                     "4step: one forward (guidance 1) with a rank-64 LoRA on every block linear + the euler update; one "
-                     "module stands for both experts; text encoding and VAE are not timed")}
-    if device.type == "cuda":
-        data["gpu"] = torch.cuda.get_device_name(device)
-    out = args.out or (RESULTS / ("gpu_smoke.json" if args.smoke else "gpu.json"))
-    data["path"] = str(write_result(out.stem, data, out.parent))
+    data = snapshot()
 
     print(f"\n==== Wan2.2 I2V-A14B denoising step, {data.get('gpu', device)}, bf16, "
           f"{'smoke size' if args.smoke else f'{blocks}/40 blocks built'} ====")

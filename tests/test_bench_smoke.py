@@ -134,3 +134,18 @@ def test_cpu_benchmarks_quick(smoke_runs):
     ref = json.loads((tmp_path / "quick_diffusers_reference.json").read_text())
     assert ref["summary"]["engine_over_diffusers"] > 0
     assert ref["output"]["engine_shape"] == ref["output"]["diffusers_shape"]
+
+
+def test_gpu_benchmark_writes_its_json_as_it_goes_and_stops_at_max_seconds(tmp_path):
+    """A lent GPU's slot ends with a kill: the result file exists after each path, and past --max-seconds every
+    remaining path is skipped saying so (here all of them: 0 seconds)."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--smoke", "--max-seconds", "0", "--out", str(out),
+                           "--paths", "engine,diffusers", "--backends", ""],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    for res in ("480p", "720p"):
+        assert {p: e["error"] for p, e in results[res].items() if isinstance(e, dict)} == {
+            p: "skipped: --max-seconds 0 has passed" for p in ("engine", "diffusers")}, results[res]
