@@ -313,7 +313,7 @@ def to_fp8(model) -> None:
         setattr(model.get_submodule(parent), child, layer)
 
 
-def memory_sweep(args, device, sizes, names, frames) -> dict:
+def memory_sweep(args, device, sizes, names, frames, out: Optional[Path] = None) -> dict:
     """The memory plan on a real GPU, emulating smaller cards: for each budget (torch's per-process memory
     fraction, and the plan's gpu_memory_gib) and weight storage, the plan the engine picks, its expected peak,
     and the measured peak and step time of `--steps` denoising steps (all on the high-noise expert)."""
@@ -321,10 +321,17 @@ def memory_sweep(args, device, sizes, names, frames) -> dict:
 
     from wan22.request.params import GenerationParams
     from wan22.pipeline import LoadOptions, Wan22I2VPipeline
+    from wan22.memory import pinned_host
     from wan22.runtime.text_encoder import PromptEmbeds
 
     blocks = SMOKE_MODEL["num_layers"] if args.smoke else A14B_BLOCKS
-    model = build_random_expert(model_config(blocks, args.smoke), torch.device("cpu"), torch.bfloat16)
+    # filled on the GPU, then moved to the host the plans start from: random bf16 fills on the host took over
+    # 3 minutes for the 28.6 GB on the H200 machine's 16 cores (2026-12-04: the run hit its limit), on the GPU 18 s
+    log(f"building the expert ({blocks} blocks) on {device}, then moving it to the host")
+    model = build_random_expert(model_config(blocks, args.smoke), device, torch.bfloat16).to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    log("built")
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     budgets = [float(b) for b in args.budgets.split(",")]
     runs = []
@@ -349,19 +356,28 @@ def memory_sweep(args, device, sizes, names, frames) -> dict:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats()
+                    reset_peak_rss()
                     clock = Clock(device)
                     clock.start()
                     with torch.no_grad():
                         pipe.denoise(noise, y, PromptEmbeds(context, context_null, "p", "n"), params, on_step=clock.tick,
                                      plan=plan)
+                    entry["host_locked_gib"] = round(pinned_host.locked_bytes() / 2**30, 2)
                     pipe.residency.evict()
                     entry["step_s"] = [round(t, 3) for t in clock.steps()]
                     if device.type == "cuda":
                         entry["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                        entry["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+                        stats = getattr(torch.cuda, "host_memory_stats", lambda: {})()
+                        entry["torch_pinned_gib"] = round(stats.get("allocated_bytes.current", 0) / 2**30, 2)
                 except Exception as exc:  # noqa: BLE001 - out of memory is a result here
                     entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                entry["out_of_memory"] = "out of memory" in entry.get("error", "").lower()
+                entry["peak_rss_gib"] = round(peak_rss_since_reset_mb() / 1024, 2)
                 log(f"sweep {weights} {budget:g} GiB {res}: {entry}")
                 runs.append(entry)
+                if out is not None:  # after every run: a kill at the slot's limit loses one
+                    write_result(out.stem, {"memory_sweep": runs, "simulated": False}, out.parent)
     if total:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     return {"memory_sweep": runs, "simulated": False}
@@ -389,7 +405,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/gpu[_smoke].json)")
     ap.add_argument("--memory-sweep", action="store_true",
                     help="instead: the memory plan under emulated budgets (--budgets), bf16 and fp8 weights")
-    ap.add_argument("--budgets", default="24,32", help="GiB budgets of --memory-sweep (default 24,32)")
+    ap.add_argument("--budgets", default="23.4,21.9",
+                    help="GiB budgets of --memory-sweep: the free memory of the cards to emulate (default 23.4,21.9: "
+                         "an RTX 4090 and an L4/A10 after the CUDA context)")
     args = ap.parse_args(argv)
 
     import torch
@@ -405,8 +423,8 @@ def main(argv=None) -> int:
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     paths += [f"engine@{b.strip()}" for b in args.backends.split(",") if b.strip() and f"engine@{b.strip()}" not in paths]
     if args.memory_sweep:
-        data = memory_sweep(args, device, sizes, names, frames)
         out = args.out or (RESULTS / ("gpu_memory_smoke.json" if args.smoke else "gpu_memory.json"))
+        data = memory_sweep(args, device, sizes, names, frames, out)
         data["path"] = str(write_result(out.stem, data, out.parent))
         for run in data["memory_sweep"]:
             print(run)

@@ -83,6 +83,7 @@ def test_a_module_is_packed_per_block_into_views_with_the_same_values(locks):
     originals = [weakref.ref(p) for p in model.parameters()]
     unique = {id(t): t for t in (*model.parameters(), *model.buffers())}
     weight_bytes = sum(t.numel() * t.element_size() for t in unique.values())
+    del unique
 
     locked = pinned_host.pin_module(model, torch.device("cuda"))
 
@@ -103,15 +104,18 @@ def test_a_module_is_packed_per_block_into_views_with_the_same_values(locks):
 
 
 def test_each_slab_is_unlocked_when_its_last_view_is_gone(locks):
+    gc.collect()
+    before = pinned_host.locked_bytes()  # what other tests still hold
     model = _expert(blocks=2)
     pinned_host.pin_module(model, torch.device("cuda"))
     assert len(locks.now) == 3
     del model.blocks[0]
     gc.collect()
     assert len(locks.now) == 2
+    assert pinned_host.locked_bytes() - before == sum(locks.now.values())
     model.to("meta")  # what Residency.release does
     gc.collect()
-    assert locks.now == {} and locks.calls == 3
+    assert locks.now == {} and locks.calls == 3 and pinned_host.locked_bytes() == before
 
 
 def test_nothing_is_pinned_without_cuda():

@@ -35,6 +35,14 @@ def pinned(tensor: torch.Tensor) -> bool:
     return tensor.is_pinned()
 
 
+_locked = {"bytes": 0}
+
+
+def locked_bytes() -> int:
+    """Host bytes page-locked by this module now (reports and benchmarks)."""
+    return _locked["bytes"]
+
+
 class _LockedPages(mmap.mmap):
     """Anonymous pages (page-aligned, shared with no other allocation) page-locked for CUDA while they exist:
     torch.frombuffer keeps this object alive as long as any view of it, and it unlocks itself before unmapping."""
@@ -46,12 +54,15 @@ class _LockedPages(mmap.mmap):
         if code != 0:
             raise RuntimeError(f"page-locking {len(self) / 2**20:.0f} MiB of host memory failed (CUDA error {code}): "
                                "the host may cap locked memory (ulimit -l) or be out of RAM")
+        self._cudart = cudart  # the same library unlocks it, also late in the interpreter's shutdown
+        _locked["bytes"] += len(self)
         return self
 
     def __del__(self):
         pointer = getattr(self, "_pointer", None)
         if pointer is not None:
-            torch.cuda.cudart().cudaHostUnregister(pointer)
+            self._cudart.cudaHostUnregister(pointer)
+            _locked["bytes"] -= len(self)
 
 
 def locked_buffer(nbytes: int) -> torch.Tensor:
