@@ -118,6 +118,17 @@ def test_each_slab_is_unlocked_when_its_last_view_is_gone(locks):
     assert locks.now == {} and locks.calls == 3 and pinned_host.locked_bytes() == before
 
 
+def test_a_refused_lock_says_what_to_check_and_leaves_the_module_as_it_was(locks, monkeypatch):
+    monkeypatch.setattr(locks, "cudaHostRegister", lambda pointer, nbytes, flags: 2)  # cudaErrorMemoryAllocation
+    model = _expert(blocks=1)
+    weight = model.blocks[0][0].weight
+    with pytest.raises(RuntimeError, match=r"page-locking \d+ MiB of host memory failed \(CUDA error 2\): the host "
+                                           r"may cap locked memory \(ulimit -l\) or be out of RAM"):
+        pinned_host.pin_module(model, torch.device("cuda"))
+    gc.collect()
+    assert model.blocks[0][0].weight is weight and locks.now == {}
+
+
 def test_nothing_is_pinned_without_cuda():
     model = _expert(blocks=1)
     weight = model.blocks[0][0].weight

@@ -49,12 +49,13 @@ class _LockedPages(mmap.mmap):
 
     def lock(self) -> "_LockedPages":
         cudart = torch.cuda.cudart()
-        self._pointer = torch.frombuffer(self, dtype=torch.uint8).data_ptr()
-        code = int(cudart.cudaHostRegister(self._pointer, len(self), 0))
+        pointer = torch.frombuffer(self, dtype=torch.uint8).data_ptr()
+        code = int(cudart.cudaHostRegister(pointer, len(self), 0))
         if code != 0:
             raise RuntimeError(f"page-locking {len(self) / 2**20:.0f} MiB of host memory failed (CUDA error {code}): "
                                "the host may cap locked memory (ulimit -l) or be out of RAM")
-        self._cudart = cudart  # the same library unlocks it, also late in the interpreter's shutdown
+        # unlocked by the same library that locked it, also late in the interpreter's shutdown
+        self._pointer, self._cudart = pointer, cudart
         _locked["bytes"] += len(self)
         return self
 
