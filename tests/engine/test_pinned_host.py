@@ -129,6 +129,24 @@ def test_a_refused_lock_says_what_to_check_and_leaves_the_module_as_it_was(locks
     assert model.blocks[0][0].weight is weight and locks.now == {}
 
 
+def test_a_module_without_blocks_is_packed_a_bounded_group_at_a_time(locks, monkeypatch):
+    """A T5 has no `blocks`: packed whole it would be held twice (12.5 GiB more, for a moment); in groups of at most
+    GROUP_BYTES the extra memory is one group. Tied tensors stay in one group (packed once)."""
+    model = _expert(blocks=2)
+    flat = nn.Sequential(model.patch, *model.blocks, model.head)
+    flat.tied = model.head  # the same weight under another name
+    before = {k: v.clone() for k, v in flat.state_dict().items()}
+    sizes = {id(t): t.numel() * t.element_size() for t in flat.parameters()}
+    monkeypatch.setattr(pinned_host, "GROUP_BYTES", 3 * 48 * 48 * 2)  # a block's larger linear
+    pinned_host.pin_module(flat, torch.device("cuda"))
+    assert all(torch.equal(v, before[k]) for k, v in flat.state_dict().items())
+    assert len(locks.now) > 3
+    largest = max(sizes.values())
+    assert all(n <= max(pinned_host.GROUP_BYTES, largest) + mmap.PAGESIZE for n in locks.now.values()), locks.now
+    assert flat.tied.weight.data_ptr() == flat[-1].weight.data_ptr()
+    assert all(locks.holds(t) for t in flat.parameters())
+
+
 def test_nothing_is_pinned_without_cuda():
     model = _expert(blocks=1)
     weight = model.blocks[0][0].weight

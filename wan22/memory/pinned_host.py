@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 ALIGN = 64  # each tensor's offset in a slab: what torch's CPU allocator gives its own tensors
+GROUP_BYTES = 1 << 30  # the most one slab packs: packing holds a group twice for a moment
 
 
 def torch_pinned_bytes(nbytes: int) -> int:
@@ -97,15 +98,36 @@ def _host_tables(module: nn.Module) -> Iterator[Tuple[dict, str, bool]]:
                 yield sub._buffers, name, False
 
 
+def _chunks(entries: List[Tuple[dict, str, bool]]) -> Iterator[List[Tuple[dict, str, bool]]]:
+    """`entries` in runs of at most GROUP_BYTES (a larger tensor alone), the names of one tensor kept together."""
+    by_tensor: Dict[int, List[Tuple[dict, str, bool]]] = {}
+    for entry in entries:
+        by_tensor.setdefault(id(entry[0][entry[1]]), []).append(entry)
+    chunk: List[Tuple[dict, str, bool]] = []
+    size = 0
+    for same in by_tensor.values():
+        tensor = same[0][0][same[0][1]]
+        nbytes = tensor.numel() * tensor.element_size()
+        if chunk and size + nbytes > GROUP_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk += same
+        size += nbytes
+    if chunk:
+        yield chunk
+
+
 def pin_module(module: nn.Module, device) -> int:
-    """Page-lock `module`'s host tensors (see the module doc): one buffer per block of `module.blocks` and one for
-    the rest; tensors already pinned are left. Returns the bytes locked now (0 where `can_pin` is not)."""
+    """Page-lock `module`'s host tensors (see the module doc): one buffer per block of `module.blocks` and for the
+    rest, each at most GROUP_BYTES (a T5 without blocks is packed 1 GiB at a time, not held twice whole); tensors
+    already pinned are left. Returns the bytes locked now (0 where `can_pin` is not)."""
     if not can_pin(torch.device(device)):
         return 0
     blocks = list(getattr(module, "blocks", ()))
     in_blocks = {id(t) for block in blocks for t in (*block.parameters(), *block.buffers())}
     groups = [list(_host_tables(block)) for block in blocks]
     groups.append([entry for entry in _host_tables(module) if id(entry[0][entry[1]]) not in in_blocks])
+    groups = [chunk for group in groups for chunk in _chunks(group)]
     locked = 0
     for group in groups:
         todo = [(table, name, is_param) for table, name, is_param in group if not pinned(table[name])]
