@@ -4,7 +4,7 @@ allocation up to a power of two (torch 2.14 `CachingHostAllocator`: `PowerOf2Cei
 whose default is SIZE_MAX): an A14B block's 135 MiB feed-forward weight pins 256 MiB, one bf16 expert 40.8 GiB
 instead of 26.7, and the pageable original stays alive beside the copy.
 
-Here a module's host tensors are packed into one buffer per group (each block of an expert, and the rest), the
+Here a module's host tensors are packed into one buffer per group (each block of an expert, the rest by 1 GiB), the
 module's parameters and buffers become views of it (the originals are freed group by group: the extra memory at any
 moment is one group), and the buffer (anonymous pages of its own) is page-locked where it is with
 `cudaHostRegister`: pinned bytes = the weights' bytes. It is unlocked and freed when its last view is gone.
