@@ -242,3 +242,16 @@ def test_the_plans_peak_agrees_with_the_simulation(size, frames, weight_dtype, g
     reserve = gpu_gib * GIB - planner.usable_gpu_bytes(gpu_gib * GIB)
     assert abs(planned - simulated) <= 0.10 * simulated, (result["mode"], planned / GIB, simulated / GIB)
     assert simulated <= planned + reserve, (result["mode"], planned / GIB, simulated / GIB)
+
+
+def test_a_streamed_expert_gets_every_host_tensor_back_without_a_copy(tiny_models):
+    """The streamer too: its streamed blocks, its resident blocks, its children and the expert's own tensors
+    (scale_shift_table) come back as the same host objects. The meta device stands in for the GPU: a copy out of it
+    would raise."""
+    expert = load_pipeline(tiny_models("upstream"), LoadOptions(dtype="fp32", device="cpu")).high_noise_model
+    assert list(expert._parameters), "the expert has tensors of its own"
+    before = {name: p for name, p in expert.named_parameters()}
+    with streamed(expert, "meta", resident=1):
+        assert {p.device.type for name, p in expert.named_parameters() if not name.startswith("blocks.1.")} == {"meta"}
+    assert all(p is before[name] for name, p in expert.named_parameters()), [
+        name for name, p in expert.named_parameters() if p is not before[name]]

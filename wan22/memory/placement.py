@@ -24,8 +24,9 @@ def host_master(tensor: torch.Tensor):
     return getattr(tensor, HOST_MASTER, None)
 
 
-def move(module: nn.Module, device, non_blocking: bool = False) -> nn.Module:
-    """Every parameter and buffer of `module` onto `device` (a no-op for those already there).
+def move(module: nn.Module, device, non_blocking: bool = False, recurse: bool = True) -> nn.Module:
+    """Every parameter and buffer of `module` (only its own with recurse=False) onto `device` (a no-op for those
+    already there).
 
     Onto an accelerator, each device copy carries its host tensor as its master (page-locked in place, once,
     where CUDA is there, so the next copy in is asynchronous: wan22.memory.pinned_host); back onto the host,
@@ -37,7 +38,7 @@ def move(module: nn.Module, device, non_blocking: bool = False) -> nn.Module:
     pin = cuda_ready(device)
     if device.type != "cpu":
         pinned_host.pin_module(module, device)
-    for sub in module.modules():
+    for sub in module.modules() if recurse else (module,):
         for kind, table in (("param", sub._parameters), ("buffer", sub._buffers)):
             for name, tensor in list(table.items()):
                 if tensor is None or tensor.device == device:

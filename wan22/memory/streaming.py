@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .pinned_host import pin_module
-from .placement import tensor_to, cuda_ready, move
+from .placement import cuda_ready, move
 
 
 class BlockStreamer:
@@ -42,12 +42,7 @@ class BlockStreamer:
         for name, child in self.model.named_children():
             if name != "blocks":
                 move(child, self.device)
-        for param_name, param in list(self.model._parameters.items()):
-            if param is not None:
-                self.model._parameters[param_name] = nn.Parameter(tensor_to(param.data, self.device), requires_grad=False)
-        for buf_name, buf in list(self.model._buffers.items()):
-            if buf is not None:
-                self.model._buffers[buf_name] = tensor_to(buf, self.device)
+        move(self.model, self.device, recurse=False)  # its own tensors (scale_shift_table), with their masters
         for index, block in enumerate(self.blocks[: self.resident]):
             move(block, self.device)
         for index in self._master:
@@ -84,7 +79,10 @@ class BlockStreamer:
             for name in list(sub._parameters):
                 key = f"{mod_name}.p.{name}"
                 if key in tensors:
-                    sub._parameters[name] = nn.Parameter(tensors[key], requires_grad=False)
+                    value = tensors[key]  # a master goes back as itself; a device copy becomes a parameter
+                    if not isinstance(value, nn.Parameter):
+                        value = nn.Parameter(value, requires_grad=False)
+                    sub._parameters[name] = value
             for name in list(sub._buffers):
                 key = f"{mod_name}.b.{name}"
                 if key in tensors:
