@@ -324,6 +324,8 @@ def memory_sweep(args, device, sizes, names, frames, out: Optional[Path] = None)
     from wan22.memory import pinned_host
     from wan22.runtime.text_encoder import PromptEmbeds
 
+    from .host_memory import host_stats
+
     blocks = SMOKE_MODEL["num_layers"] if args.smoke else A14B_BLOCKS
     # filled on the GPU, then moved to the host the plans start from: random bf16 fills on the host took over
     # 3 minutes for the 28.6 GB on the H200 machine's 16 cores (2026-12-04: the run hit its limit), on the GPU 18 s
@@ -368,8 +370,8 @@ def memory_sweep(args, device, sizes, names, frames, out: Optional[Path] = None)
                     if device.type == "cuda":
                         entry["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                         entry["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
-                        stats = getattr(torch.cuda, "host_memory_stats", lambda: {})()
-                        entry["torch_pinned_gib"] = round(stats.get("allocated_bytes.current", 0) / 2**30, 2)
+                        torch_pinned = host_stats(torch).get("allocated_bytes.current", 0)
+                        entry["torch_pinned_gib"] = round(torch_pinned / 2**30, 2)
                 except Exception as exc:  # noqa: BLE001 - out of memory is a result here
                     entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
                 entry["out_of_memory"] = "out of memory" in entry.get("error", "").lower()

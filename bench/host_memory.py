@@ -19,17 +19,13 @@ import argparse
 import time
 from pathlib import Path
 
-from .common import RESULTS, log, write_result
+from .common import RESULTS, _status_kb, log, write_result
 
 GIB = 1024**3
 
 
 def rss_bytes() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return int((_status_kb("VmRSS") or 0) * 1024)
 
 
 def free_and_reserved(torch, device) -> dict:

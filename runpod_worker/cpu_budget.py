@@ -66,14 +66,15 @@ def check(values: Mapping[str, Any], job_timeout_s: float, assumed: Sequence[str
     the time limit at this host's rate (InvalidParameter if not). None when the model folder cannot be read (the
     run itself reports that)."""
     try:
-        work = transformer_work(values, _shape(default_model_root()))
+        shape = _shape(default_model_root())
+        work = transformer_work(values, shape)
     except (OSError, ValueError) as exc:
         log.warning("no CPU estimate for this job (%s): it runs unchecked", exc)
         return None
     # what cannot be held at all comes before what takes too long
     width, height = (int(v) for v in str(values["size"]).split("*"))
     request = memory_cost.Request(width, height, values["frame_num"])
-    shortfall = memory_cost.cpu_shortfall(request, _shape(default_model_root()).dim, memory_cost.host_available(),
+    shortfall = memory_cost.cpu_shortfall(request, shape.dim, memory_cost.host_available(),
                                           video=f"a {values['size']} video")
     if shortfall:
         raise MemoryPlanError(shortfall)
