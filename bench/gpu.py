@@ -31,6 +31,7 @@ whole runs, so the projection (40 x the step time) is a lower bound to compare w
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -327,19 +328,27 @@ def memory_sweep(args, device, sizes, names, frames, out: Optional[Path] = None)
     from .host_memory import host_stats
 
     blocks = SMOKE_MODEL["num_layers"] if args.smoke else A14B_BLOCKS
-    # filled on the GPU, then moved to the host the plans start from: random bf16 fills on the host took over
-    # 3 minutes for the 28.6 GB on the H200 machine's 16 cores (2026-12-04: the run hit its limit), on the GPU 18 s
-    log(f"building the expert ({blocks} blocks) on {device}, then moving it to the host")
-    model = build_random_expert(model_config(blocks, args.smoke), device, torch.bfloat16).to("cpu")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    log("built")
+    if device.type == "cuda" and device.index is None:  # set_per_process_memory_fraction wants an index
+        device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     budgets = [float(b) for b in args.budgets.split(",")]
     runs = []
-    for weights in ("bf16", "fp8_e4m3fn_scaled"):
+    for weights in args.weights.split(","):
+        # built (and quantized) on the GPU, then moved to the host the plans start from: random bf16 fills on the
+        # host took over 3 minutes for the 28.6 GB on the H200 machine's 16 cores (2026-12-04), on the GPU 18 s.
+        # Each storage gets its own expert, so the locked host bytes measured are that storage's alone.
+        model = pipe = None
+        gc.collect()
+        if total:  # the budget emulates the card the plans run on, not the machine that builds the expert
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        log(f"building the {weights} expert ({blocks} blocks) on {device}, then moving it to the host")
+        model = build_random_expert(model_config(blocks, args.smoke), device, torch.bfloat16)
         if weights.startswith("fp8"):
             to_fp8(model)
+        model = model.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        log("built")
         for budget in budgets:
             if total:
                 torch.cuda.set_per_process_memory_fraction(min(1.0, budget * 2**30 / total), device)
@@ -407,6 +416,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/gpu[_smoke].json)")
     ap.add_argument("--memory-sweep", action="store_true",
                     help="instead: the memory plan under emulated budgets (--budgets), bf16 and fp8 weights")
+    ap.add_argument("--weights", default="bf16,fp8_e4m3fn_scaled", help="weight storages of --memory-sweep")
     ap.add_argument("--budgets", default="23.4,21.9",
                     help="GiB budgets of --memory-sweep: the free memory of the cards to emulate (default 23.4,21.9: "
                          "an RTX 4090 and an L4/A10 after the CUDA context)")
