@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from wan22.request import spec
-from wan22.request.settings import LIMIT_SETTINGS, Setting
+from wan22.request.settings import LIMIT_SETTINGS, MEMORY_SETTINGS, Setting
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -248,11 +248,11 @@ def generated_blocks() -> Dict[str, str]:
     from runpod_worker.config import WORKER_SETTINGS
 
     return {"parameters": parameters_table(), "limits": settings_table(list(LIMIT_SETTINGS)),
-            "worker-settings": settings_table(list(WORKER_SETTINGS))}
+            "worker-settings": settings_table(list(WORKER_SETTINGS)), "memory-settings": settings_table(list(MEMORY_SETTINGS))}
 
 
 BLOCK = re.compile(r"(<!-- generated: ([\w-]+) \(python -m scripts.regenerate\) -->\n)(.*?)(<!-- end generated -->)", re.S)
-DOCS = ["docs/parameters.md", "docs/runpod.md"]
+DOCS = ["docs/parameters.md", "docs/runpod.md", "docs/memory.md"]
 
 
 def fill_blocks(text: str, blocks: Dict[str, str]) -> str:

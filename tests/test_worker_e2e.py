@@ -477,6 +477,36 @@ def test_worker_loras_give_the_node_path_video(worker, comfy_server, input_image
     assert record["params"]["sample_solver"] == "euler" and record["params"]["sample_steps"] == 4
 
 
+def test_a_worker_holding_one_expert_in_host_ram_gives_the_same_videos(worker, tiny_upstream, image_http, tmp_path):
+    """WAN_HOST_EXPERTS=one (what `auto` picks on a 64 GiB host with bf16 files): the worker's ComfyUI loads one
+    expert and reads the other back from its file at each switch, LoRAs put back on it; the videos, with and
+    without the 4-step LoRAs, are the default worker's, frame for frame, and the answer says how host RAM was used."""
+    image = base64.b64encode(image_http["data"]).decode()
+    jobs = [{"reference_image_base64": image, "prompt": "a red boat", "seed": 11, "size": "64*64", "frame_num": 5,
+             "preset": "4step"},
+            {"reference_image_base64": image, "prompt": "a red boat", "seed": 12, **TINY}]
+    want = [worker.runsync({"action": "request", "params": params, "return_video": True}) for params in jobs]
+    with running_worker(tmp_path, tiny_upstream, image_http, {"WAN_HOST_EXPERTS": "one"}, "worker_one_expert") as one:
+        got = [one.runsync({"action": "request", "params": params, "return_video": True}) for params in jobs]
+        comfy_log = one.comfy_log.read_text(errors="replace")
+    for answer, reference, index in zip(got, want, range(len(jobs))):
+        assert answer["status"] == "COMPLETED" and reference["status"] == "COMPLETED", (answer, reference)
+        out = answer["output"]
+        assert out["memory"]["host_experts"] == 1 and reference["output"]["memory"]["host_experts"] == 2
+        assert "read from its file at each switch" in out["memory"]["why"]
+        frames = [read_mp4(_written(tmp_path / f"{name}{index}.mp4", a))[0] for name, a in (("one", answer), ("both", reference))]
+        assert frames[0].shape[0] == 5 and frames[0].shape == frames[1].shape and (frames[0] == frames[1]).all()
+    assert got[0]["output"]["loras"] == want[0]["output"]["loras"] and got[0]["output"]["loras"]
+    # the low-noise expert read at the first job's switch, then the high one for the next job, then the low one
+    assert comfy_log.count("read again from its file") == 3, comfy_log[-3000:]
+    assert comfy_log.count("Wan22: loading") == 1
+
+
+def _written(path: Path, answer: dict) -> Path:
+    path.write_bytes(base64.b64decode(answer["output"]["video_base64"]))
+    return path
+
+
 def test_worker_serves_after_bad_inputs(worker, image_http):
     answer = worker.runsync({"workflow": RAW_WORKFLOW,
                              "images": [{"name": "raw_in.png", "image": base64.b64encode(image_http["data"]).decode()}]})

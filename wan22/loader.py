@@ -3,6 +3,7 @@ then the tokenizer, T5, the VAE and both experts read in the layout found (wan22
 LoadOptions say. Where they run is decided per run (wan22.memory)."""
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Union
@@ -12,7 +13,8 @@ import torch
 from .checkpoints import modules
 from .checkpoints.key_maps import FP8_MARKER, FP8_SCALE_SUFFIX
 from .checkpoints.tensors import open_safetensors, safetensors_files
-from .memory import planner
+from .memory import host_experts, planner
+from .memory.residency import EXPERTS
 from .pipeline import LoadOptions, Wan22I2VPipeline
 from .request.model_sets import ModelSet, discover_model_set
 from .runtime.fp8 import FP8_DTYPES
@@ -47,7 +49,8 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
     model_set = source if isinstance(source, ModelSet) else discover_model_set(source)
     load_transformer, load_t5, load_vae = LOADERS[model_set.layout]
     check_safetensors_headers(model_set)
-    planner.check_host_fits(*estimate_host_bytes(model_set, options), planner.host_available())
+    held = planner.host_experts(*estimate_host_bytes(model_set, options), planner.host_available(),
+                                planner.memory_setting("host_experts"))
     fp8 = options.keeps_fp8(model_set)
     expert_dtype = options.expert_dtype(model_set)
     # upstream runs T5 in bf16 whatever the DiT dtype (fp16 overflows in UMT5); fp32 stays fp32
@@ -63,10 +66,18 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
     tokenizer = timed("tokenizer", load_tokenizer, model_set)
     text_model = timed("text_encoder", load_t5, model_set.files["text_encoder"], t5_dtype, "cpu")
     vae = timed("vae", load_vae, model_set.files["vae"], "cpu")
-    high = timed("high_noise_model", load_transformer, model_set.files["high_noise_model"], expert_dtype, "cpu", fp8=fp8)
-    low = timed("low_noise_model", load_transformer, model_set.files["low_noise_model"], expert_dtype, "cpu", fp8=fp8)
+    readers = {name: functools.partial(load_transformer, model_set.files[name], expert_dtype, "cpu", fp8=fp8)
+               for name in EXPERTS}
+    high = timed("high_noise_model", readers["high_noise_model"])
+    if held == 2:
+        low = timed("low_noise_model", readers["low_noise_model"])
+    else:  # parked: read when its turn comes (wan22.memory.host_experts)
+        low = modules.build_transformer(dict(high.config), fp8)
+        host_experts.park(low)
     pipe = Wan22I2VPipeline(high, low, PromptEncoder(tokenizer, text_model, options.torch_device), vae, options, model_set)
     pipe.load_timings = timings
+    if held == 1:
+        pipe.residency.expert_files = host_experts.ExpertFiles(readers)
     return pipe
 
 

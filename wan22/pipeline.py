@@ -231,7 +231,8 @@ class Wan22I2VPipeline:
         if shared is None:
             self.load_timings: Dict[str, float] = {}  # seconds per part, filled by load_pipeline
             self.residency = Residency(self._modules, self.device)
-            self.lora_state = LoraState(self._experts, options.torch_dtype, self.residency.host_only)
+            self.lora_state = LoraState(self._experts, options.torch_dtype, self.residency.host_only, self.residency.parked)
+            self.residency.on_park, self.residency.on_read = self.lora_state.forget, self.lora_state.restore
             self.compiled_for: set = set()  # (tokens, batch) the compiled blocks have run at
         else:
             self.load_timings, self.residency = shared.load_timings, shared.residency
@@ -311,7 +312,8 @@ class Wan22I2VPipeline:
             width, height = spec.parse_size(params.size)
         request = planner.Request(width, height, params.frame_num)
         return planner.make_plan(self.sizes(), request, self.budget(), self.options.memory_mode, self.options.t5_cpu,
-                                 self.options.offload_model, self.options.cfg_batch, self.options.fp32_residual)
+                                 self.options.offload_model, self.options.cfg_batch, self.options.fp32_residual,
+                                 self.residency.host_experts)
 
     def _place_vae(self, plan: planner.Plan) -> None:
         """The VAE on the GPU as the plan says, tiled when it says so."""

@@ -28,8 +28,11 @@ from ..request.memory_cost import (  # noqa: F401 - the plan's figures, named he
 log = logging.getLogger("wan22")
 
 MODES = ("auto", "full", "offload", "stream")
-GPU_RESERVE_MIN = 2 * GIB      # CUDA context, allocator fragmentation, cuBLAS workspaces:
-GPU_RESERVE_FRACTION = 0.10    # at least 2 GiB, 10 % of a large card
+# what torch does not count (CUDA context growth, cuBLAS/cuDNN workspaces, fragmentation): at least 2 GiB, 10 % of
+# a large card, unless the operator says (WAN_GPU_RESERVE_GIB). Measured on an H200 (docs/memory.md): 0.16 GiB
+# unseen after the first matmul and attention; streamed plans peaked 1.0-1.3 GiB under their expected figure.
+GPU_RESERVE_MIN = 2 * GIB
+GPU_RESERVE_FRACTION = 0.10
 # streamed blocks on the GPU at once: the one running, the next one arriving, and the one before, whose copy
 # (freed with record_stream) cannot be reused until the compute stream is done with it. The simulation frees it
 # at once and shows two; a real CUDA allocator holds the third (+0.65 GiB in bf16).
@@ -87,6 +90,7 @@ class Plan:
     why: str
     cfg_batch: bool = False   # cond and uncond in one forward (twice the activations)
     prefetch: bool = False    # offload: the low-noise expert comes in while the last high-noise step runs
+    host_experts: int = 2     # experts held in host RAM (1: the other is read from its file at each switch)
 
     @property
     def host_fits(self) -> Optional[bool]:
@@ -113,12 +117,14 @@ class Plan:
 
 
 def make_plan(sizes: Sizes, request: Request, budget: Budget, mode: str = "auto", t5_cpu: bool = True,
-              offload_model: bool = True, cfg_batch: bool = False, fp32_residual: bool = False) -> Plan:
+              offload_model: bool = True, cfg_batch: bool = False, fp32_residual: bool = False,
+              host_experts: int = 2) -> Plan:
     """Pick the placement for one run. Raises MemoryPlanError (with the numbers) when even streaming cannot fit.
-    cfg_batch: batch CFG's two passes where the chosen placement has room for a second set of activations."""
-    plan = _placement(sizes, request, budget, mode, t5_cpu, offload_model, fp32_residual)
+    cfg_batch: batch CFG's two passes where the chosen placement has room for a second set of activations.
+    host_experts: how many experts host RAM holds (1: no `full`, no prefetch of the expert not in RAM)."""
+    plan = _placement(sizes, request, budget, mode, t5_cpu, offload_model, fp32_residual, host_experts)
     act = activation_bytes(request.tokens, sizes.dim, fp32_residual)
-    if plan.mode == "offload" and 2 * sizes.expert + act <= usable_gpu_bytes(budget.gpu_bytes):
+    if plan.mode == "offload" and host_experts == 2 and 2 * sizes.expert + act <= usable_gpu_bytes(budget.gpu_bytes):
         # the expert switch overlaps the last high-noise step instead of following it
         plan = dataclasses.replace(plan, prefetch=True, peak_gpu_bytes=max(plan.peak_gpu_bytes, 2 * sizes.expert + act))
     if not cfg_batch:
@@ -131,14 +137,21 @@ def make_plan(sizes: Sizes, request: Request, budget: Budget, mode: str = "auto"
 
 
 def _placement(sizes: Sizes, request: Request, budget: Budget, mode: str, t5_cpu: bool, offload_model: bool,
-               fp32_residual: bool) -> Plan:
+               fp32_residual: bool, host_experts: int = 2) -> Plan:
     act = activation_bytes(request.tokens, sizes.dim, fp32_residual)
-    host = _host_peak(sizes)
+    host = _host_peak(sizes, host_experts)
+    reread = "" if host_experts == 2 else (f"; host RAM holds one expert, the other is read from its file at each "
+                                           f"switch ({sizes.expert / GIB:.1f} GiB)")
     if budget.gpu_bytes is None:
-        return _cpu_plan(sizes, request, budget.host_bytes, host, fp32_residual)
+        plan = _cpu_plan(sizes, request, budget.host_bytes, host, fp32_residual)
+        return dataclasses.replace(plan, why=plan.why + reread, host_experts=host_experts)
     usable = usable_gpu_bytes(budget.gpu_bytes)
     if mode == "auto" and not offload_model:
         mode = "full"
+    if mode == "full" and host_experts == 1:
+        raise MemoryPlanError("memory_mode full (or offload_model false) keeps both experts on the GPU, and host RAM "
+                              "holds one expert at a time here: use memory_mode auto, offload or stream, or a machine "
+                              "with more RAM")
 
     def vae_peak(resident_experts: int) -> tuple:
         for tiled in (False, True):
@@ -152,7 +165,7 @@ def _placement(sizes: Sizes, request: Request, budget: Budget, mode: str, t5_cpu
         return t5_gpu, (resident + sizes.t5 + act // 8) if t5_gpu else 0
 
     candidates = []
-    if mode in ("auto", "full"):
+    if mode in ("auto", "full") and host_experts == 2:
         resident = 2 * sizes.expert
         t5_gpu, t5_peak = t5_choice(resident if not t5_cpu else 0)
         tiled, vae_peak_bytes = vae_peak(resident)
@@ -175,6 +188,7 @@ def _placement(sizes: Sizes, request: Request, budget: Budget, mode: str, t5_cpu
         peak = max(fixed + resident * sizes.block, vae_peak_bytes, t5_peak)
         candidates.append(Plan("stream", int(resident), sizes.num_blocks, t5_gpu, tiled, peak, host, budget.gpu_bytes,
                                budget.host_bytes, f"{resident} of {sizes.num_blocks} blocks fit beside the activations"))
+    candidates = [dataclasses.replace(plan, why=plan.why + reread, host_experts=host_experts) for plan in candidates]
     for plan in candidates:
         if plan.peak_gpu_bytes <= usable:
             return plan
@@ -200,23 +214,60 @@ def _cpu_plan(sizes: Sizes, request: Request, host_budget: Optional[int], host: 
                 "no GPU: everything runs on the CPU")
 
 
+def memory_setting(field: str):
+    """The operator's memory setting `field` (wan22.request.settings.MEMORY_SETTINGS), read from the environment."""
+    from ..request.settings import MEMORY_SETTINGS
+
+    return next(s for s in MEMORY_SETTINGS if s.field == field).read()
+
+
+def gpu_reserve_bytes(free: int) -> int:
+    operator = memory_setting("gpu_reserve_gib")
+    if operator is not None:
+        return int(operator * GIB)
+    return max(GPU_RESERVE_MIN, int(free * GPU_RESERVE_FRACTION))
+
+
 def usable_gpu_bytes(free: int) -> int:
-    return max(0, free - max(GPU_RESERVE_MIN, int(free * GPU_RESERVE_FRACTION)))
+    return max(0, free - gpu_reserve_bytes(free))
 
 
-def _host_peak(sizes: Sizes) -> int:
-    # every model is held in host RAM (the GPU gets copies); T5 runs there by default
-    return 2 * sizes.expert + sizes.t5 + sizes.vae
+def _host_peak(sizes: Sizes, host_experts: int = 2) -> int:
+    # the models are held in host RAM (the GPU gets copies); T5 runs there by default. With one expert held,
+    # the other is read back from its file when its turn comes (wan22.memory.host_experts)
+    return host_experts * sizes.expert + sizes.t5 + sizes.vae
+
+
+def host_experts(expert_bytes: int, t5_bytes: int, vae_bytes_: int, host_bytes: Optional[int],
+                 choice: str = "auto", rereadable: bool = True) -> int:
+    """Before loading: how many experts host RAM holds (2, or 1 with the other re-read from its file at each
+    switch), by the operator's `choice` (WAN_HOST_EXPERTS) and the RAM free now; refuses at once, saying what
+    would fit, when even one expert beside T5 and the VAE cannot."""
+    if choice == "both" or not rereadable:
+        wanted = 2
+    elif choice == "one":
+        wanted = 1
+    else:
+        wanted = 2 if host_bytes is None or 2 * expert_bytes + t5_bytes + vae_bytes_ <= host_bytes - HOST_RESERVE else 1
+    need = wanted * expert_bytes + t5_bytes + vae_bytes_
+    if host_bytes is None or need <= host_bytes - HOST_RESERVE:
+        if wanted == 1:
+            log.info("host RAM: one expert at a time (%.1f GiB each, re-read from its file at each switch)",
+                     expert_bytes / GIB)
+        return wanted
+    # how much is free is the machine's business: the log says it, the message that it does not fit
+    log.warning("host RAM: the models need %.1f GiB, %.1f GiB are available (keeping %.0f GiB for the rest)",
+                need / GIB, host_bytes / GIB, HOST_RESERVE / GIB)
+    held = "both experts" if wanted == 2 else "one expert at a time"
+    instead = ("" if wanted == 1 or not rereadable else
+               "; WAN_HOST_EXPERTS=one holds one at a time, reading the other back from its file at each switch")
+    raise MemoryPlanError(
+        f"the models need about {need / GIB:.1f} GiB of host RAM with {held} (an expert {expert_bytes / GIB:.1f} "
+        f"GiB, the text encoder {t5_bytes / GIB:.1f} GiB), more than this machine has free (keeping "
+        f"{HOST_RESERVE / GIB:.0f} GiB for the rest): use fp8 weights (weight_dtype fp8_e4m3fn_scaled halves a bf16 "
+        f"expert; files converted once with wan22.checkpoints.convert load faster) or a machine with more RAM{instead}")
 
 
 def check_host_fits(expert_bytes: int, t5_bytes: int, vae_bytes_: int, host_bytes: Optional[int]) -> None:
-    """Before loading: the models are all held in host RAM; refuse at once when they cannot fit."""
-    need = 2 * expert_bytes + t5_bytes + vae_bytes_
-    if host_bytes is not None and need > host_bytes - HOST_RESERVE:
-        # how much is free is the machine's business: the log says it, the message that it does not fit
-        log.warning("host RAM: the models need %.1f GiB, %.1f GiB are available (keeping %.0f GiB for the rest)",
-                    need / GIB, host_bytes / GIB, HOST_RESERVE / GIB)
-        raise MemoryPlanError(
-            f"the models need about {need / GIB:.1f} GiB of host RAM, more than this machine has free (keeping "
-            f"{HOST_RESERVE / GIB:.0f} GiB for the rest): use weight_dtype fp8_e4m3fn_scaled (half the experts' "
-            f"size) or a machine with more RAM")
+    """Both experts beside T5 and the VAE in host RAM, or the error saying what would fit."""
+    host_experts(expert_bytes, t5_bytes, vae_bytes_, host_bytes, "both")

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
-from . import placement, streaming
+from . import host_experts, placement, streaming
 from .planner import Plan
 
 EXPERTS = ("high_noise_model", "low_noise_model")
@@ -28,6 +28,34 @@ class Residency:
         self.streamer: Optional[streaming.BlockStreamer] = None
         self.copies_in_flight: Dict[str, object] = {}  # expert -> the CUDA event its prefetch records
         self.released = False
+        # host RAM for one expert at a time (wan22.memory.host_experts): set by the loader where it is so
+        self.expert_files: Optional[host_experts.ExpertFiles] = None
+        self.on_park: Callable[[str], None] = lambda name: None   # before an expert is parked (its LoRAs come off)
+        self.on_read: Callable[[str], None] = lambda name: None   # after it is read again (its LoRAs go back on)
+
+    @property
+    def host_experts(self) -> int:
+        """How many experts host RAM holds."""
+        return 2 if self.expert_files is None else 1
+
+    def parked(self, name: str) -> bool:
+        return self.expert_files is not None and host_experts.parked(self.module(name))
+
+    def park(self, name: str) -> None:
+        self.on_park(name)
+        host_experts.park(self.module(name))
+
+    def ensure_host(self, name: str) -> None:
+        """`name` in host RAM: where it is parked, everything leaves the GPU, the other expert is parked and this
+        one read again from its file."""
+        if not self.parked(name):
+            return
+        self.evict()
+        for other in EXPERTS:
+            if other != name and not self.parked(other):
+                self.park(other)
+        self.expert_files.read_into(name, self.module(name))
+        self.on_read(name)
 
     @property
     def gpu(self) -> bool:
@@ -65,6 +93,7 @@ class Residency:
     def activate_expert(self, name: str, plan: Plan) -> nn.Module:
         """The expert `name` ready to run as `plan` places it: both resident (full), alone (offload), or its
         blocks streamed (stream)."""
+        self.ensure_host(name)
         model = self.module(name)
         if not self.gpu:
             return model

@@ -81,6 +81,14 @@ LIMIT_SETTINGS: Tuple[Setting, ...] = (
 )
 
 
+# The operator's word on memory, read by the engine when it loads and plans (the ComfyUI nodes, the CLI's and the
+# worker's ComfyUI): docs/memory.md.
+MEMORY_SETTINGS: Tuple[Setting, ...] = (
+    Setting("WAN_HOST_EXPERTS", "host_experts", "choice", "auto", "how many experts host RAM holds: `both`, `one` (the other is read back from its file when its turn comes, twice per video) or `auto` (both where they fit in the RAM free when loading, else one, else the loader refuses saying what would fit)", choices=("auto", "both", "one")),
+    Setting("WAN_GPU_RESERVE_GIB", "gpu_reserve_gib", "float", None, "GPU memory (GiB) the memory plan leaves free for what torch does not count: CUDA context growth, cuBLAS/cuDNN workspaces, allocator fragmentation", low=0, shown_default="the larger of 2 and 10 % of the free memory"),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """The limits every surface applies to a request (see LIMIT_SETTINGS for their meaning and defaults)."""
