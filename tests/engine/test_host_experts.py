@@ -104,3 +104,32 @@ def test_the_operator_sets_the_gpu_reserve(monkeypatch):
     monkeypatch.setenv("WAN_GPU_RESERVE_GIB", "-1")
     with pytest.raises(ValueError, match="WAN_GPU_RESERVE_GIB='-1' must be at least 0"):
         planner.usable_gpu_bytes(80 * GIB)
+
+
+def _machine(tmp_path, files: dict) -> str:
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return f"{tmp_path}/"
+
+
+@pytest.mark.parametrize("files, free_gib", [
+    ({}, None),
+    ({"proc/meminfo": "MemTotal: 134217728 kB\nMemAvailable: 125829120 kB\n"}, 120),  # a bare 128 GiB host
+    ({"proc/meminfo": "MemAvailable: 125829120 kB\n",  # a container limited to 64 GiB, 6 GiB used, 2 of it cache
+      "sys/fs/cgroup/memory.max": f"{64 * GIB}\n", "sys/fs/cgroup/memory.current": f"{6 * GIB}\n",
+      "sys/fs/cgroup/memory.stat": f"anon {4 * GIB}\ninactive_file {2 * GIB}\n"}, 60),
+    ({"proc/meminfo": "MemAvailable: 125829120 kB\n", "sys/fs/cgroup/memory.max": "max\n",
+      "sys/fs/cgroup/memory.current": f"{6 * GIB}\n"}, 120),  # a cgroup without a limit
+    ({"proc/meminfo": "MemAvailable: 125829120 kB\n",  # cgroup v1
+      "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{32 * GIB}\n",
+      "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{2 * GIB}\n"}, 30),
+    ({"proc/meminfo": f"MemAvailable: {16 * 1024 * 1024} kB\n",  # the host has less free than the limit allows
+      "sys/fs/cgroup/memory.max": f"{64 * GIB}\n", "sys/fs/cgroup/memory.current": "0\n"}, 16),
+])
+def test_free_host_ram_is_the_containers_where_it_has_a_limit(tmp_path, files, free_gib):
+    from wan22.request.memory_cost import host_available
+
+    got = host_available(_machine(tmp_path, files))
+    assert got == (None if free_gib is None else free_gib * GIB)

@@ -63,14 +63,42 @@ def vae_bytes(request: Request, tiled: bool, decode: bool) -> int:
                pixel_frames * VAE_BLEND_BYTES_PER_PIXEL_FRAME)
 
 
-def host_available() -> Optional[int]:
+def host_available(root: str = "/") -> Optional[int]:
+    """Host RAM this process may still take: the machine's MemAvailable, and in a container (RunPod's workers and
+    pods) no more than its memory cgroup's limit less what the cgroup uses (page cache it can drop not counted).
+    None where neither can be read."""
+    figures = [f for f in (_meminfo_available(root), _cgroup_room(root)) if f is not None]
+    return min(figures) if figures else None
+
+
+def _read(path: str) -> Optional[str]:
     try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        with open(path) as handle:
+            return handle.read()
     except OSError:
-        pass
+        return None
+
+
+def _meminfo_available(root: str) -> Optional[int]:
+    for line in (_read(f"{root}proc/meminfo") or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _cgroup_room(root: str) -> Optional[int]:
+    """cgroup v2 (memory.max / memory.current) or v1 (memory.limit_in_bytes / memory.usage_in_bytes)."""
+    for folder, limit_file, usage_file in (("sys/fs/cgroup/", "memory.max", "memory.current"),
+                                           ("sys/fs/cgroup/memory/", "memory.limit_in_bytes", "memory.usage_in_bytes")):
+        limit, usage = _read(f"{root}{folder}{limit_file}"), _read(f"{root}{folder}{usage_file}")
+        if limit is None or usage is None:
+            continue
+        limit = limit.strip()
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # no limit (v1 says so with a huge number)
+            return None
+        stat = dict(line.split()[:2] for line in (_read(f"{root}{folder}memory.stat") or "").splitlines() if len(line.split()) >= 2)
+        reclaimable = int(stat.get("inactive_file", stat.get("total_inactive_file", 0)))
+        return max(0, int(limit) - max(0, int(usage.strip()) - reclaimable))
     return None
 
 
