@@ -394,6 +394,19 @@ def memory_sweep(args, device, sizes, names, frames, out: Optional[Path] = None)
     return {"memory_sweep": runs, "simulated": False}
 
 
+def gpu_at_start(device) -> dict:
+    """The GPU's free and total memory before anything of ours is on it, and the SDPA backends torch may pick."""
+    import torch
+
+    if device.type != "cuda":
+        return {"device": str(device)}
+    free, total = torch.cuda.mem_get_info(device)
+    backends = {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")() for name in ("flash", "mem_efficient", "cudnn", "math")
+                if hasattr(torch.backends.cuda, f"{name}_sdp_enabled")}
+    return {"free_gib": round(free / 2**30, 2), "total_gib": round(total / 2**30, 2), "sdpa_enabled": backends,
+            "capability": list(torch.cuda.get_device_capability(device))}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="CPU-sized run (tiny model, tiny sizes, 5 frames)")
@@ -428,6 +441,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("python -m bench.gpu: no CUDA device here; run it on an H100/H200, or use --smoke on a CPU")
         return 2
+    at_start = gpu_at_start(device)
+    log(f"at start: {at_start}")
     dtype, dtype_name = torch.bfloat16, "bf16"
     frames = args.frames or (5 if args.smoke else 81)
     sizes = SMOKE_RESOLUTIONS if args.smoke else RESOLUTIONS
@@ -437,6 +452,7 @@ def main(argv=None) -> int:
     if args.memory_sweep:
         out = args.out or (RESULTS / ("gpu_memory_smoke.json" if args.smoke else "gpu_memory.json"))
         data = memory_sweep(args, device, sizes, names, frames, out)
+        data["at_start"] = at_start
         data["path"] = str(write_result(out.stem, data, out.parent))
         for run in data["memory_sweep"]:
             print(run)
@@ -474,6 +490,7 @@ def main(argv=None) -> int:
                          "euler update; one module stands for both experts; text encoding and VAE are not timed")}
         if device.type == "cuda":
             data["gpu"] = torch.cuda.get_device_name(device)
+        data["at_start"] = at_start
         data["path"] = str(write_result(out.stem, data, out.parent))
         return data
 

@@ -48,6 +48,8 @@ CPU_CLASSES = (
      "bf16 matmuls slower than with AMX", lambda capped, own: capped["bf16"] < own["bf16"]),
     ("AVX-512 without BF16 (e.g. Intel Ice Lake, Cascade Lake)", "AVX512_CORE", "avx512_bf16",
      "bf16 matmuls slower than fp32", lambda capped, own: capped["bf16"] < capped["fp32"]),
+    ("AVX2, no AVX-512 (e.g. AMD EPYC Zen 2/3, many RunPod hosts)", "AVX2", "avx512_bf16",
+     "bf16 matmuls slower than fp32", lambda capped, own: capped["bf16"] < capped["fp32"]),
 )
 
 
