@@ -7,6 +7,9 @@ subprocess so its peak RSS is its own:
   convert python -m wan22.checkpoints.convert's writer for this expert (fp8_e4m3fn_scaled ComfyUI file), read + quantize + write
   plain   build the model (random init) and cast it to bf16, safetensors load_file of every shard into one state
           dict, .to(bfloat16) of every tensor, rename, load_state_dict
+  both_experts  two experts held in host RAM (the expert loaded twice, as `stream`), as the loader holds them by default
+  one_expert    host RAM for one expert at a time (WAN_HOST_EXPERTS=one, wan22.memory.host_experts): one loaded, the
+          other parked, then two switches (park the one that ran, read the other again from its file)
 
 The expert is a WanTransformer3DModel with the real A14B key names, text_dim 4096 and in/out channels, but fewer
 layers and a narrower width; written shard by shard (upstream's `high_noise_model/` layout: config.json,
@@ -31,7 +34,7 @@ from typing import Dict, List, Optional
 
 from .common import CACHE, REPO, fmt, log, peak_rss_since_reset_mb, ratio, reset_peak_rss, write_result
 
-APPROACHES = ("read", "stream", "fp8", "convert", "plain")
+APPROACHES = ("read", "stream", "fp8", "convert", "plain", "both_experts", "one_expert")
 
 
 # ------------------------------------------------------------------------------------------- synthetic expert
@@ -151,6 +154,30 @@ def _fingerprint(model) -> float:
     return float(total)
 
 
+def _two_experts(folder: Path, one_at_a_time: bool):
+    """Both experts held, or one at a time with two switches (the same file stands for both: a switch reads a whole
+    expert file either way). Returns the expert that ran last and the switches' seconds."""
+    import functools
+
+    import torch
+
+    from wan22.checkpoints.modules import build_transformer, load_transformer_from_upstream_shards
+    from wan22.memory import host_experts
+
+    read = functools.partial(load_transformer_from_upstream_shards, folder, torch.bfloat16, "cpu")
+    high = read()
+    if not one_at_a_time:
+        low = read()
+        return low, {}
+    low = build_transformer(dict(high.config))
+    host_experts.park(low)
+    files = host_experts.ExpertFiles({"high": read, "low": read})
+    for name, into, out in (("low", low, high), ("high", high, low)):
+        host_experts.park(out)
+        files.read_into(name, into)
+    return high, {f"switch_{i + 1}_s": s.seconds for i, s in enumerate(files.switches)}
+
+
 def child(approach: str, folder: Path, warm_up: bool = True) -> dict:
     index = json.loads((folder / "diffusion_pytorch_model.safetensors.index.json").read_text())
     files = [folder / name for name in dict.fromkeys(index["weight_map"].values())]
@@ -203,6 +230,8 @@ def child(approach: str, folder: Path, warm_up: bool = True) -> dict:
             return out
         if approach in ("stream", "fp8"):
             model = load_transformer_from_upstream_shards(folder, torch.bfloat16, "cpu", fp8=approach == "fp8")
+        elif approach in ("both_experts", "one_expert"):
+            model, phases = _two_experts(folder, approach == "one_expert")
         elif approach == "plain":
             from safetensors.torch import load_file
 
@@ -324,6 +353,7 @@ def run(target_gb: float = 2.2, shards: int = 6, dim: int = 1536, ffn: int = 896
             "stream_peak_delta_mb": s.get("peak_rss_delta_mb"), "plain_peak_delta_mb": p.get("peak_rss_delta_mb"),
             "plain_over_stream_peak_delta": ratio(p.get("peak_rss_delta_mb"), s.get("peak_rss_delta_mb")),
             "same_weights": (s.get("fingerprint") == p.get("fingerprint")) if "fingerprint" in s and "fingerprint" in p else None,
+            **_host_experts_summary(r),
         }
     data = {"expert": expert, "fp32_gb": round(expert["bytes"] / 1e9, 3), "bf16_gb": round(expert["bytes"] / 2e9, 3),
             "page_cache_drop": can_drop, "modes": modes, "runs": runs, "summary": summary,
@@ -334,6 +364,17 @@ def run(target_gb: float = 2.2, shards: int = 6, dim: int = 1536, ffn: int = 896
                     "page cache could not be dropped (not root): warm cache only, files read once before"}
     data["path"] = str(write_result("loader", data, results_dir))
     return data
+
+
+def _host_experts_summary(r: Dict[str, dict]) -> dict:
+    both, one = r.get("both_experts", {}), r.get("one_expert", {})
+    switches = [v for k, v in one.get("phases", {}).items() if k.startswith("switch_")]
+    return {"both_experts_peak_delta_mb": both.get("peak_rss_delta_mb"), "one_expert_peak_delta_mb": one.get("peak_rss_delta_mb"),
+            "one_over_both_peak_delta": ratio(one.get("peak_rss_delta_mb"), both.get("peak_rss_delta_mb")),
+            "switch_s": round(max(switches), 3) if switches else None,
+            "switch_over_stream": ratio(max(switches) if switches else None, r.get("stream", {}).get("seconds")),
+            "one_expert_same_weights": (one.get("fingerprint") == r.get("stream", {}).get("fingerprint"))
+            if "fingerprint" in one and "fingerprint" in r.get("stream", {}) else None}
 
 
 def report(data: dict) -> List[str]:
@@ -356,6 +397,10 @@ def report(data: dict) -> List[str]:
         lines.append(f"  [{mode} cache] convert to an fp8_scaled file {fmt(s['convert_s'], ' s', 2)} "
                      f"({fmt(s['convert_over_read'], 'x', 2)} the read; {fmt(s['convert_written_gb'], ' GB', 2)} written), "
                      f"peak RSS +{fmt(s['convert_peak_delta_mb'], ' MiB', 0)}")
+        lines.append(f"  [{mode} cache] host RAM for one expert at a time: peak RSS +{fmt(s['one_expert_peak_delta_mb'], ' MiB', 0)} "
+                     f"with two switches vs +{fmt(s['both_experts_peak_delta_mb'], ' MiB', 0)} holding both "
+                     f"({fmt(s['one_over_both_peak_delta'], 'x', 2)}); a switch {fmt(s['switch_s'], ' s', 2)} "
+                     f"({fmt(s['switch_over_stream'], 'x', 2)} a load), weights read again the same: {s['one_expert_same_weights']}")
     return lines
 
 

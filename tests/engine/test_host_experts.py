@@ -133,3 +133,20 @@ def test_free_host_ram_is_the_containers_where_it_has_a_limit(tmp_path, files, f
 
     got = host_available(_machine(tmp_path, files))
     assert got == (None if free_gib is None else free_gib * GIB)
+
+
+def test_one_expert_at_a_time_holds_about_half_the_host_ram_of_both(tmp_path):
+    """Measured, not simulated: peak RSS of a process holding two bf16 experts against one that holds one at a time
+    and switches twice (bench.loader's children, a 0.3 GB synthetic expert). Parking gives freed memory back to the
+    system; without that, glibc keeps it and the switching process peaked as high as holding both (0.60x vs 1.00x)."""
+    from bench.loader import expert_shape, run_child, upstream_config, write_expert
+
+    shape = expert_shape(0.6, 1536, 8960)
+    write_expert(tmp_path / "expert", upstream_config(1536, 8960, shape["num_layers"]), 3)
+    both, one = (run_child(approach, tmp_path / "expert") for approach in ("both_experts", "one_expert"))
+    assert "error" not in both and "error" not in one, (both, one)
+    expert_mib = shape["parameters"] * 2 / 2**20
+    assert both["peak_rss_delta_mb"] > 1.8 * expert_mib, both
+    assert one["peak_rss_delta_mb"] < 0.7 * both["peak_rss_delta_mb"], (one, both)
+    assert one["fingerprint"] == both["fingerprint"]  # the expert read again is the file's
+    assert len([k for k in one["phases"] if k.startswith("switch_")]) == 2

@@ -8,6 +8,7 @@ the residency (wan22.memory.residency) asks for the switch before an expert runs
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import time
@@ -34,6 +35,16 @@ def park(module: nn.Module) -> None:
                 if tensor is not None and not tensor.is_meta:
                     meta = torch.empty_like(tensor, device="meta")
                     table[name] = nn.Parameter(meta, requires_grad=False) if isinstance(tensor, nn.Parameter) else meta
+    give_back_freed_memory()
+
+
+def give_back_freed_memory() -> None:
+    """glibc keeps freed heap memory (tensors under its mmap threshold, which rises to 32 MiB as big ones are freed)
+    for the process: hand it back to the system, so the expert read next does not come on top of it."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def adopt(target: nn.Module, source: nn.Module) -> None:
