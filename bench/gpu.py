@@ -394,6 +394,52 @@ def memory_sweep(args, device, sizes, names, frames, out: Optional[Path] = None)
     return {"memory_sweep": runs, "simulated": False}
 
 
+def modes_agree(args, device, sizes, names, frames, out: Optional[Path] = None) -> dict:
+    """memory_mode full against stream (planned for the first of --budgets) on one random A14B-shaped expert and the
+    same inputs: the latents after --steps denoising steps, compared bit for bit."""
+    import torch
+
+    from wan22.pipeline import LoadOptions, Wan22I2VPipeline
+    from wan22.request.params import GenerationParams
+    from wan22.runtime.text_encoder import PromptEmbeds
+
+    blocks = SMOKE_MODEL["num_layers"] if args.smoke else A14B_BLOCKS
+    budget = float(args.budgets.split(",")[0])
+    model = build_random_expert(model_config(blocks, args.smoke), device, torch.bfloat16)
+    runs = []
+    for res in names:
+        width, height = sizes[res]
+        noise, y, context, context_null, _ = latent_inputs(width, height, frames)
+        params = GenerationParams(size=f"{width}*{height}", frame_num=frames, sample_steps=args.steps, seed=1, boundary=0.0)
+        entry, latents = {"resolution": res, "steps": args.steps}, {}
+        for mode, cap in (("full", None), ("stream", budget)):
+            pipe = Wan22I2VPipeline(model, model, None, None, LoadOptions(dtype="bf16", device=str(device), memory_mode=mode,
+                                                                         gpu_memory_gib=cap))
+            plan = pipe.plan(params)
+            started = time.perf_counter()
+            with torch.no_grad():
+                latents[mode] = pipe.denoise(noise, y, PromptEmbeds(context, context_null, "p", "n"), params, plan=plan).float().cpu()
+            entry[mode] = {"plan": plan.mode, "resident_blocks": plan.resident_blocks, "budget_gib": cap,
+                           "seconds": round(time.perf_counter() - started, 2)}
+            pipe.residency.evict()
+            model = model.to("cpu")  # stream starts from the host, as a loaded model does
+            placement_empty_cache(device)
+        entry["bitwise_equal"] = torch.equal(latents["full"], latents["stream"])
+        entry["max_abs_diff"] = float((latents["full"] - latents["stream"]).abs().max())
+        log(f"modes {res}: {entry}")
+        runs.append(entry)
+        if out is not None:
+            write_result(out.stem, {"modes_agree": runs, "simulated": False}, out.parent)
+        model = model.to(device)
+    return {"modes_agree": runs, "simulated": False}
+
+
+def placement_empty_cache(device) -> None:
+    from wan22.memory.placement import empty_cache
+
+    empty_cache(device)
+
+
 def gpu_at_start(device) -> dict:
     """The GPU's free and total memory before anything of ours is on it, and the SDPA backends torch may pick."""
     import torch
@@ -430,6 +476,8 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-sweep", action="store_true",
                     help="instead: the memory plan under emulated budgets (--budgets), bf16 and fp8 weights")
     ap.add_argument("--weights", default="bf16,fp8_e4m3fn_scaled", help="weight storages of --memory-sweep")
+    ap.add_argument("--modes-agree", action="store_true",
+                    help="instead: memory_mode full against stream (at the first of --budgets), latents bit for bit")
     ap.add_argument("--budgets", default="23.4,21.9",
                     help="GiB budgets of --memory-sweep: the free memory of the cards to emulate (default 23.4,21.9: "
                          "an RTX 4090 and an L4/A10 after the CUDA context)")
@@ -449,6 +497,12 @@ def main(argv=None) -> int:
     names = [r.strip() for r in args.resolutions.split(",") if r.strip()]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     paths += [f"engine@{b.strip()}" for b in args.backends.split(",") if b.strip() and f"engine@{b.strip()}" not in paths]
+    if args.modes_agree:
+        out = args.out or (RESULTS / ("gpu_modes_smoke.json" if args.smoke else "gpu_modes.json"))
+        data = modes_agree(args, device, sizes, names, frames, out)
+        data["at_start"] = at_start
+        data["path"] = str(write_result(out.stem, data, out.parent))
+        return 0 if all(run["bitwise_equal"] for run in data["modes_agree"]) else 1
     if args.memory_sweep:
         out = args.out or (RESULTS / ("gpu_memory_smoke.json" if args.smoke else "gpu_memory.json"))
         data = memory_sweep(args, device, sizes, names, frames, out)
