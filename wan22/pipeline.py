@@ -311,9 +311,14 @@ class Wan22I2VPipeline:
         else:
             width, height = spec.parse_size(params.size)
         request = planner.Request(width, height, params.frame_num)
-        return planner.make_plan(self.sizes(), request, self.budget(), self.options.memory_mode, self.options.t5_cpu,
+        plan = planner.make_plan(self.sizes(), request, self.budget(), self.options.memory_mode, self.options.t5_cpu,
                                  self.options.offload_model, self.options.cfg_batch, self.options.fp32_residual,
                                  self.residency.host_experts)
+        files = self.residency.expert_files
+        read_s = (files.switches[-1].seconds if files.switches else self.load_timings.get(EXPERTS[0])) if files else None
+        if read_s is not None:  # what a switch costs, as this host last read an expert
+            plan = dataclasses.replace(plan, why=f"{plan.why}; the last read took {read_s:.1f} s")
+        return plan
 
     def _place_vae(self, plan: planner.Plan) -> None:
         """The VAE on the GPU as the plan says, tiled when it says so."""

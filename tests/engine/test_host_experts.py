@@ -52,6 +52,8 @@ def test_one_expert_at_a_time_gives_the_same_video_reading_each_back_from_its_fi
                                                     getattr(both, name).state_dict().values()))
     plan = first.plan
     assert plan["host_experts"] == 1 and "read from its file at each switch" in plan["why"]
+    assert f"the last read took {one.load_timings['high_noise_model']:.1f} s" in plan["why"]  # the load, before a switch
+    assert f"the last read took {one.residency.expert_files.switches[-1].seconds:.1f} s" in one.plan(PARAMS).why
     held_one, held_both = one.plan(PARAMS, test_image), both.plan(PARAMS, test_image)
     assert held_both.peak_host_bytes - held_one.peak_host_bytes == one.sizes().expert
 
