@@ -150,6 +150,15 @@ class StepTrace:
     latent: torch.Tensor  # the latent after the solver step
 
 
+@dataclasses.dataclass
+class Ranks:
+    """This process's part when several ranks make one video: `context` (wan22.parallel.context.RankContext) on
+    every rank, `group` (wan22.parallel.group.RankGroup) on rank 0, which sends each denoise to the others."""
+
+    context: Optional[object] = None
+    group: Optional[object] = None
+
+
 StepCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 
@@ -234,9 +243,10 @@ class Wan22I2VPipeline:
             self.lora_state = LoraState(self._experts, options.torch_dtype, self.residency.host_only, self.residency.parked)
             self.residency.on_park, self.residency.on_read = self.lora_state.forget, self.lora_state.restore
             self.compiled_for: set = set()  # (tokens, batch) the compiled blocks have run at
+            self.ranks = Ranks()  # several ranks for one video (wan22.parallel): none until a group is attached
         else:
             self.load_timings, self.residency = shared.load_timings, shared.residency
-            self.lora_state, self.compiled_for = shared.lora_state, shared.compiled_for
+            self.lora_state, self.compiled_for, self.ranks = shared.lora_state, shared.compiled_for, shared.ranks
 
     def _view(self, options: LoadOptions, loras: tuple) -> "Wan22I2VPipeline":
         return Wan22I2VPipeline(self.high_noise_model, self.low_noise_model, self.prompt_encoder, self.vae, options,
@@ -269,6 +279,14 @@ class Wan22I2VPipeline:
         """Free every weight now (modules go to the meta device); the pipeline cannot be used afterwards."""
         self.lora_state.clear()
         self.residency.release()
+
+    def _lose_ranks(self) -> None:
+        """A rank is gone: the others end, and this process's models are released with them (their experts carry
+        the process group that broke); the next run loads every rank again."""
+        group, self.ranks.group = self.ranks.group, None
+        self.ranks.context = None
+        self.release()
+        group.close()
 
     def _check_usable(self) -> None:
         if self.released:
@@ -311,7 +329,9 @@ class Wan22I2VPipeline:
         else:
             width, height = spec.parse_size(params.size)
         request = planner.Request(width, height, params.frame_num)
-        plan = planner.make_plan(self.sizes(), request, self.budget(), self.options.memory_mode, self.options.t5_cpu,
+        # experts sharded over ranks stay resident (wan22.parallel): the plan is full or nothing
+        mode = "full" if set(EXPERTS) <= self.residency.fixed else self.options.memory_mode
+        plan = planner.make_plan(self.sizes(), request, self.budget(), mode, self.options.t5_cpu,
                                  self.options.offload_model, self.options.cfg_batch, self.options.fp32_residual,
                                  self.residency.host_experts)
         files = self.residency.expert_files
@@ -427,15 +447,33 @@ class Wan22I2VPipeline:
         plan = plan or self.plan(params)
         run_kernels = RunKernels.choose(self.options.attention_backend, self.options.compile, self.options.fp8_matmul, self.device)
         self.last_kernels = self._kernels_report(run_kernels, plan, noise)
-        checks = BlockChecks(should_cancel)
+        # several ranks stop together at a step boundary (a rank stopping inside a block would leave the others
+        # waiting in a collective)
+        checks = BlockChecks(should_cancel if self.ranks.context is None else None)
+        if self.ranks.group is not None:
+            self.ranks.group.send_denoise(noise, y, embeds, params, self.loras)
         try:
             with run_kernels.applied(self._experts().values()):
-                return self._steps(noise.to(self.device), y.to(self.device), embeds, params, plan, checks, on_step, should_cancel, trace)
+                latent = self._steps(noise.to(self.device), y.to(self.device), embeds, params, plan, checks, on_step, should_cancel, trace)
+        except BaseException as exc:
+            if self.ranks.group is not None:
+                self.ranks.group.collect(raise_failure=False)  # this rank's error is the one to say ...
+                lost = self.ranks.group.lost()
+                if lost:  # ... unless a rank is gone: then every rank starts again, from the models up
+                    self._lose_ranks()
+                    raise lost from exc
+            raise
+        else:
+            if self.ranks.group is not None:
+                self.ranks.group.collect()
         finally:
             checks.remove()
             # also after a failed or cancelled step: an offloaded or streamed expert must not stay on the GPU
             if plan.mode in ("offload", "stream"):
                 self.residency.evict()
+            if self.ranks.context is not None:
+                self.ranks.context.after_run(self)
+        return latent
 
     def _steps(self, latent, y, embeds: PromptEmbeds, params: GenerationParams, plan: planner.Plan, checks: "BlockChecks",
                on_step, should_cancel, trace) -> torch.Tensor:
@@ -448,7 +486,10 @@ class Wan22I2VPipeline:
             on_step(0, steps)  # sampling has begun (after loading and encoding): progress shows it at once
         for index, value in enumerate(schedule.values):
             checks.step = index + 1
-            if should_cancel and should_cancel():
+            cancel = bool(should_cancel and should_cancel())
+            if self.ranks.context is not None:
+                cancel = self.ranks.context.any_rank(cancel)
+            if cancel:
                 raise GenerationCancelled(f"cancelled before step {index + 1} of {steps}")
             timestep = schedule.timesteps[index]
             expert = EXPERTS[0] if value >= boundary_timestep else EXPERTS[1]
@@ -459,7 +500,10 @@ class Wan22I2VPipeline:
             if guide == 1.0:
                 prediction = self._predict(model, latent, timestep, y, context)[0]
             else:
-                if plan.cfg_batch:
+                if self.ranks.context is not None:
+                    cond, uncond = self.ranks.context.cfg_pair(
+                        lambda c: self._predict(model, latent, timestep, y, c)[0], context, context_null)
+                elif plan.cfg_batch:
                     cond, uncond = self._predict(model, latent, timestep, y, torch.cat([context, context_null]))
                 else:
                     cond = self._predict(model, latent, timestep, y, context)[0]

@@ -89,7 +89,8 @@ def wait_for(event, module: nn.Module) -> None:
 
 
 def module_bytes(module: nn.Module) -> int:
-    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    """Bytes this process holds for `module` (of a tensor sharded over ranks, its own shard)."""
+    tensors = {id(t): getattr(t, "_local_tensor", t) for t in (*module.parameters(), *module.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

@@ -28,6 +28,7 @@ class Residency:
         self.streamer: Optional[streaming.BlockStreamer] = None
         self.copies_in_flight: Dict[str, object] = {}  # expert -> the CUDA event its prefetch records
         self.released = False
+        self.fixed: set = set()  # modules that stay where they are (experts sharded over ranks: wan22.parallel)
         # host RAM for one expert at a time (wan22.memory.host_experts): set by the loader where it is so
         self.expert_files: Optional[host_experts.ExpertFiles] = None
         self.on_park: Callable[[str], None] = lambda name: None   # before an expert is parked (its LoRAs come off)
@@ -85,7 +86,7 @@ class Residency:
             self.streamer.detach()
             self.streamer = None
         for name in list(self.on_gpu):
-            if name not in keep:
+            if name not in keep and name not in self.fixed:
                 placement.move(self.module(name), "cpu")
                 self.on_gpu.discard(name)
         placement.empty_cache(self.device)
@@ -95,7 +96,7 @@ class Residency:
         blocks streamed (stream)."""
         self.ensure_host(name)
         model = self.module(name)
-        if not self.gpu:
+        if not self.gpu or name in self.fixed:
             return model
         if plan.mode == "full":
             self.evict(keep=EXPERTS + ("vae",))  # the full plan counts the VAE resident too

@@ -1,0 +1,146 @@
+"""Several ranks for one video (wan22.parallel), as processes over gloo on this CPU: every layout gives the
+single-process latents (fp32, tiny weights), LoRAs included; the layout's bad values are refused naming the field."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from wan22.loader import load_pipeline
+from wan22.parallel.group import RankGroup
+from wan22.pipeline import LoadOptions
+from wan22.request.parallel_layout import ParallelLayout
+from wan22.request.params import GenerationParams
+from wan22.runtime.lora import LoraChoice
+from wan22.testing.tiny import write_tiny_lora
+
+FP32_CPU = LoadOptions(dtype="fp32", device="cpu")
+PARAMS = GenerationParams(size="64*64", frame_num=5, sample_steps=4, seed=3, guide_scale=(3.0, 4.0))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models, test_image):
+    pipe = load_pipeline(tiny_models("upstream"), FP32_CPU)
+    embeds = pipe.encode_prompt("a boat", "")
+    resized, lat_h, lat_w = pipe.prepare_image(test_image, PARAMS.max_area)
+    y = pipe.prepare_conditioning(resized, PARAMS.frame_num, lat_h, lat_w)
+    noise = pipe.prepare_noise(PARAMS.seed, PARAMS.frame_num, lat_h, lat_w)
+    return pipe, embeds, noise, y
+
+
+def _denoise_on_ranks(source, layout, noise, y, embeds, loras=()):
+    with _ranks(source, layout) as (pipe, _):
+        steps = []
+        view = pipe.with_loras(loras)
+        view.sync_loras()  # as generate does before denoising
+        latent = view.denoise(noise, y, embeds, PARAMS, on_step=lambda i, n: steps.append(i))
+        return latent, steps, _weight_bytes(pipe.high_noise_model)
+
+
+@pytest.mark.parametrize("layout", [ParallelLayout(ulysses_size=2), ParallelLayout(cfg_parallel=True),
+                                    ParallelLayout(ulysses_size=2, cfg_parallel=True),
+                                    ParallelLayout(ulysses_size=2, dit_fsdp=True)], ids=lambda l: l.describe())
+def test_every_layout_gives_the_single_process_latents(tiny_models, reference, layout):
+    pipe, embeds, noise, y = reference
+    want = pipe.denoise(noise, y, embeds, PARAMS)
+    got, steps, held = _denoise_on_ranks(tiny_models("upstream"), layout, noise, y, embeds)
+    assert (got - want).abs().max().item() < 1e-4, (got - want).abs().max().item()
+    assert steps == [0, 1, 2, 3, 4]  # progress from rank 0
+    whole = _weight_bytes(pipe.high_noise_model)
+    # dit_fsdp: rank 0 holds its shard of each expert's weights (half, give or take a row of an odd-sized tensor)
+    assert held == whole if not layout.dit_fsdp else abs(held - whole / layout.ranks) < 0.02 * whole, (held, whole)
+
+
+def test_the_ranks_carry_the_runs_loras(tiny_models, reference, tmp_path):
+    pipe, embeds, noise, y = reference
+    loras = (LoraChoice(write_tiny_lora(tmp_path / "l.safetensors"), 1.0, 0.5),)
+    want, plain = (_denoise(pipe.with_loras(choice), noise, y, embeds) for choice in (loras, ()))
+    got, _, _ = _denoise_on_ranks(tiny_models("upstream"), ParallelLayout(cfg_parallel=True), noise, y, embeds, loras)
+    assert (got - want).abs().max().item() < 1e-4
+    assert (plain - want).abs().max().item() > 1e-3  # the LoRA changes the result: the check above means something
+
+
+def _weight_bytes(model) -> int:
+    """The parameters' bytes this process holds (of a sharded one, its shard; buffers such as the RoPE tables are
+    not sharded)."""
+    local = [getattr(t, "_local_tensor", t) for t in model.parameters()]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def _denoise(view, noise, y, embeds):
+    view.sync_loras()
+    return view.denoise(noise, y, embeds, PARAMS)
+
+
+@pytest.mark.parametrize("layout, gpus, said", [
+    (ParallelLayout(ulysses_size=3), None, ("ulysses_size", "must divide the model's 40 attention heads (1, 2, 4, 5, 8, 10, 20, 40), got 3")),
+    (ParallelLayout(ulysses_size=8), 4, ("ulysses_size", "this layout needs 8 GPUs (ulysses_size 8 x 1 CFG group) and 4 are here")),
+    (ParallelLayout(ulysses_size=2, cfg_parallel=True), 2, ("cfg_parallel", "this layout needs 4 GPUs (ulysses_size 2 x 2 CFG groups) and 2 are here")),
+    (ParallelLayout(dit_fsdp=True), None, ("dit_fsdp", "shards over several ranks: set ulysses_size 2 or more, or cfg_parallel")),
+])
+def test_a_layout_that_cannot_run_says_what_to_change(layout, gpus, said):
+    assert said in layout.problems(gpus=gpus)
+    assert ParallelLayout(ulysses_size=8).problems(gpus=8) == []
+
+
+@contextlib.contextmanager
+def _ranks(source, layout, timeout_s=120):
+    """Rank 0's pipeline (this process) with the group of the other ranks started; closed afterwards."""
+    pipe = load_pipeline(source, FP32_CPU)
+    group = RankGroup(layout, source, FP32_CPU, timeout_s=timeout_s)
+    group.start(pipe)
+    try:
+        yield pipe, group
+    finally:
+        group.close()
+
+
+def test_a_cancel_on_rank_0_stops_every_rank_at_the_next_step_and_the_group_serves_again(tiny_models, reference):
+    from wan22.request.errors import GenerationCancelled
+
+    pipe0, embeds, noise, y = reference
+    with _ranks(tiny_models("upstream"), ParallelLayout(ulysses_size=2)) as (pipe, group):
+        steps = []
+        with pytest.raises(GenerationCancelled, match="cancelled before step 3 of 4"):
+            pipe.denoise(noise, y, embeds, PARAMS, on_step=lambda i, n: steps.append(i), should_cancel=lambda: len(steps) > 2)
+        assert steps == [0, 1, 2]
+        got = pipe.denoise(noise, y, embeds, PARAMS)  # every rank stopped at the same step: they run the next one
+        assert (got - pipe0.denoise(noise, y, embeds, PARAMS)).abs().max().item() < 1e-4
+        processes = list(group.processes)
+    assert processes and not any(p.is_alive() for p in processes)
+
+
+@pytest.mark.parametrize("layout, signal_name, timeout_s, said", [
+    (ParallelLayout(cfg_parallel=True), "SIGKILL", 60,
+     r"rank 1 of 2 ranks \(ulysses_size 1, cfg_parallel\) ended during the run \(killed by signal 9\)"),
+    (ParallelLayout(ulysses_size=2), "SIGSTOP", 5,
+     r"rank 1 of 2 ranks \(ulysses_size 2\) stopped answering \(nothing within the 5 s collective timeout\)"),
+], ids=["killed", "hung"])
+def test_a_rank_killed_or_hung_mid_run_fails_the_run_naming_it_and_leaves_no_process(tiny_models, reference, layout,
+                                                                                    signal_name, timeout_s, said):
+    """kill -9 is seen at once (the broken collective says so); a stopped rank at the collective timeout. Either
+    way the run fails naming the rank and why, every rank process ends, and rank 0's models are released so the
+    next run loads every rank again."""
+    from wan22.parallel.group import RankFailed
+
+    _, embeds, noise, y = reference
+    steps = []
+    started = time.monotonic()
+    with _ranks(tiny_models("upstream"), layout, timeout_s) as (pipe, group):
+        victim = group.processes[0]
+
+        def strike_at_step_2():
+            if len(steps) == 2 and victim.is_alive():
+                os.kill(victim.pid, getattr(signal, signal_name))
+            return False
+
+        with pytest.raises(RankFailed, match=said + "; the models were released"):
+            pipe.denoise(noise, y, embeds, PARAMS, on_step=lambda i, n: steps.append(i), should_cancel=strike_at_step_2)
+    victim.join(timeout=10)
+    assert time.monotonic() - started < 60 and steps == [0, 1]  # struck before the second step
+    assert pipe.released and pipe.ranks.group is None and not victim.is_alive()
+    assert not torch.distributed.is_initialized()  # the next load starts a fresh group

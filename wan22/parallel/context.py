@@ -1,0 +1,93 @@
+"""One rank's part in a parallel denoise (wan22.request.parallel_layout): the device mesh (cfg x ring x ulysses),
+Ulysses sequence parallelism on the experts through diffusers' context parallelism, the CFG pair split over the
+two halves of the ranks, and the step-boundary agreement that lets rank 0 stop every rank at once."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..request.parallel_layout import ParallelLayout
+
+
+class RankContext:
+    def __init__(self, layout: ParallelLayout, device: torch.device):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.layout, self.device = layout, torch.device(device)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.world != layout.ranks:
+            raise RuntimeError(f"{layout.describe()} needs {layout.ranks} ranks, the process group has {self.world}")
+        self.mesh = init_device_mesh(self.device.type, (layout.cfg_groups, 1, layout.ulysses_size),
+                                     mesh_dim_names=("cfg", "ring", "ulysses"))
+        self.cfg_rank = self.mesh.get_local_rank("cfg")
+        self.cfg_group = self.mesh.get_group("cfg") if layout.cfg_parallel else None
+
+    def prepare(self, pipe) -> None:
+        """`pipe`'s experts ready for this layout: Ulysses (diffusers' context parallelism, once per expert: it
+        refuses a second time), then with dit_fsdp each block and the rest of each expert sharded over all ranks
+        (torch's FSDP2 `fully_shard`: a block's weights are gathered while it runs, then freed). Sharded experts
+        stay where they are sharded, on this rank's device (the residency does not move them)."""
+        experts = pipe._experts()
+        if self.layout.ulysses_size > 1:
+            from diffusers import ContextParallelConfig
+
+            for expert in experts.values():
+                if getattr(expert, "_parallel_config", None) is None:
+                    with _cpu_counts_as_one_device(self.device):
+                        expert.enable_parallelism(config=ContextParallelConfig(
+                            ulysses_degree=self.layout.ulysses_size, mesh=self.mesh))
+        if self.layout.dit_fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            everyone = init_device_mesh(self.device.type, (self.world,), mesh_dim_names=("fsdp",))
+            for name, expert in experts.items():
+                expert.to(self.device)
+                for block in expert.blocks:
+                    fully_shard(block, mesh=everyone)
+                fully_shard(expert, mesh=everyone)
+                pipe.residency.fixed.add(name)
+
+    def after_run(self, pipe) -> None:
+        """Sharded experts back to their shards (FSDP2 keeps a root module's weights gathered after its forward)."""
+        if self.layout.dit_fsdp:
+            for expert in pipe._experts().values():
+                expert.reshard()
+
+    def cfg_pair(self, predict: Callable[[torch.Tensor], torch.Tensor], context: torch.Tensor,
+                 context_null: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond): this rank's CFG group computes one, the other group the other, then they swap."""
+        if self.cfg_group is None:
+            return predict(context), predict(context_null)
+        mine = predict(context if self.cfg_rank == 0 else context_null).contiguous()
+        both = [torch.empty_like(mine) for _ in range(2)]
+        dist.all_gather(both, mine, group=self.cfg_group)
+        return both[0], both[1]
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is set on any rank (every rank calls this at the same point)."""
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device(self.device))
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _cpu_counts_as_one_device(device: torch.device):
+    """diffusers places a rank on device `rank % torch.accelerator.device_count()`, which is 0 without an
+    accelerator: on the CPU, count one."""
+    if device.type != "cpu":
+        yield
+        return
+    original = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: max(1, original())
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = original

@@ -1,0 +1,196 @@
+"""Ranks 1..N-1 of a parallel layout as processes started and driven by rank 0 (the process that loaded the
+models: ComfyUI's, the CLI's, the worker's): each loads the same model set, holds it across runs, and runs every
+denoise rank 0 sends it, in step with rank 0 over torch.distributed (NCCL on GPUs, gloo on the CPU). Commands and
+answers travel on a pipe per rank; only the denoise itself uses collectives, so idle ranks never time out. A rank
+dies with rank 0 (PR_SET_PDEATHSIG), and `close` ends them."""
+from __future__ import annotations
+
+import ctypes
+import datetime
+import logging
+import multiprocessing
+import signal
+import socket
+from pathlib import Path
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from ..request.parallel_layout import ParallelLayout
+from .context import RankContext
+
+log = logging.getLogger("wan22")
+COLLECTIVE_TIMEOUT_S = 600.0
+LOAD_TIMEOUT_S = 1800.0  # a rank loading its models from a network volume
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rank_device(rank: int, device: torch.device) -> torch.device:
+    return torch.device("cuda", rank) if device.type == "cuda" else torch.device("cpu")
+
+
+def _join(rank: int, world: int, port: int, device: torch.device, timeout_s: float) -> None:
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class RankFailed(RuntimeError):
+    """A rank could not start, failed a run, or is gone: the message says which and why."""
+
+
+class RankGroup:
+    def __init__(self, layout: ParallelLayout, source: Union[str, Path], options, timeout_s: float = COLLECTIVE_TIMEOUT_S):
+        """`source`: the model set every rank loads; `options`: wan22.pipeline.LoadOptions (rank 0's device)."""
+        self.layout, self.source, self.options, self.timeout_s = layout, str(source), options, timeout_s
+        self.processes: List[multiprocessing.Process] = []
+        self.pipes: list = []
+        self.pending = False
+        self.hung: set = set()
+
+    def start(self, pipe) -> None:
+        """Start ranks 1..N-1, join the process group as rank 0 and make `pipe` (this process's loaded models) rank
+        0's part; returns once every rank has loaded its models."""
+        device = pipe.device
+        port = _free_port()
+        spawn = multiprocessing.get_context("spawn")
+        for rank in range(1, self.layout.ranks):
+            ours, theirs = spawn.Pipe()
+            process = spawn.Process(target=_rank_main, name=f"wan22-rank-{rank}", daemon=True,
+                                    args=(rank, self.layout, port, self.source, self.options, device, self.timeout_s, theirs))
+            process.start()
+            theirs.close()
+            self.processes.append(process)
+            self.pipes.append(ours)
+        try:
+            _join(0, self.layout.ranks, port, device, self.timeout_s)
+            pipe.ranks.context = RankContext(self.layout, device)
+            pipe.ranks.context.prepare(pipe)
+            for rank, answer in self._answers(LOAD_TIMEOUT_S):
+                if answer[0] != "ready":
+                    raise RankFailed(f"rank {rank} could not load the models: {answer[1]}")
+        except BaseException:
+            self.close()
+            raise
+        pipe.ranks.group = self
+        log.info("Wan22: %s ready", self.layout.describe())
+
+    def send_denoise(self, noise, y, embeds, params, loras) -> None:
+        job = ("denoise", noise.cpu().numpy(), y.cpu().numpy(),
+               (embeds.context.cpu().numpy(), embeds.context_null.cpu().numpy(), embeds.prompt, embeds.negative_prompt),
+               params, tuple(loras))
+        for rank, conn in enumerate(self.pipes, start=1):
+            try:
+                conn.send(job)
+            except (OSError, EOFError) as exc:
+                raise RankFailed(f"rank {rank} is gone ({exc}); load the models again") from None
+        self.pending = True
+
+    def collect(self, raise_failure: bool = True) -> None:
+        """Every rank's answer to the denoise sent; raises RankFailed naming the first that failed (logs it only
+        with `raise_failure` off: rank 0 failed too and says why)."""
+        if not self.pending:
+            return
+        self.pending = False
+        failed = [(rank, answer[1]) for rank, answer in self._answers() if answer[0] != "done"]
+        for rank, why in failed:
+            log.info("Wan22: rank %d: %s", rank, why)
+        if failed and raise_failure:
+            rank, why = failed[0]
+            raise RankFailed(f"rank {rank} failed: {why}")
+
+    def lost(self) -> Optional[RankFailed]:
+        """The error to raise where a rank's process has ended or stopped answering (None: all there)."""
+        for rank, process in enumerate(self.processes, start=1):
+            if not process.is_alive():
+                how = f"killed by signal {-process.exitcode}" if (process.exitcode or 0) < 0 else f"exit code {process.exitcode}"
+                why = f"ended during the run ({how})"
+            elif rank in self.hung:
+                why = f"stopped answering (nothing within the {self.timeout_s:g} s collective timeout)"
+            else:
+                continue
+            return RankFailed(f"rank {rank} of {self.layout.describe()} {why}; the models were released, and the next "
+                              f"run starts every rank again")
+        return None
+
+    def _answers(self, wait_s: Optional[float] = None) -> List[Tuple[int, tuple]]:
+        """Each rank's answer, waiting at most `wait_s` (default: the collective timeout; a rank that does not
+        answer is hung)."""
+        answers = []
+        for rank, conn in enumerate(self.pipes, start=1):
+            try:
+                if conn.poll(self.timeout_s if wait_s is None else wait_s):
+                    answers.append((rank, conn.recv()))
+                    continue
+                self.hung.add(rank)
+                answers.append((rank, ("hung", f"no answer within {self.timeout_s:g} s")))
+            except (OSError, EOFError):
+                code = self.processes[rank - 1].exitcode
+                answers.append((rank, ("gone", f"the process ended (exit code {code})")))
+        return answers
+
+    def close(self) -> None:
+        for conn in self.pipes:
+            try:
+                conn.send(("close",))
+            except (OSError, EOFError):
+                pass
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self.processes, self.pipes = [], []
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _rank_main(rank: int, layout: ParallelLayout, port: int, source: str, options, device: torch.device,
+               timeout_s: float, conn) -> None:
+    import dataclasses
+
+    _die_with_parent()
+    device = rank_device(rank, device)
+    try:
+        from ..loader import load_pipeline
+        from ..runtime.text_encoder import PromptEmbeds
+
+        _join(rank, layout.ranks, port, device, timeout_s)
+        context = RankContext(layout, device)  # with rank 0, before loading: its groups are collectives
+        pipe = load_pipeline(source, dataclasses.replace(options, device=str(device)))
+        pipe.ranks.context = context
+        context.prepare(pipe)
+    except Exception as exc:  # noqa: BLE001 - said to rank 0, which raises it
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            message = conn.recv()
+        except (OSError, EOFError):
+            break
+        if message[0] == "close":
+            break
+        _, noise, y, (context, context_null, prompt, negative), params, loras = message
+        try:
+            embeds = PromptEmbeds(torch.from_numpy(context), torch.from_numpy(context_null), prompt, negative)
+            view = pipe.with_loras(loras)
+            view.sync_loras()
+            view.denoise(torch.from_numpy(noise), torch.from_numpy(y), embeds, params)
+            conn.send(("done", None))
+        except Exception as exc:  # noqa: BLE001 - said to rank 0
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
