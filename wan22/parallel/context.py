@@ -4,7 +4,7 @@ two halves of the ranks, and the step-boundary agreement that lets rank 0 stop e
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -13,15 +13,21 @@ from ..request.parallel_layout import ParallelLayout
 
 
 class RankContext:
-    def __init__(self, layout: ParallelLayout, device: torch.device):
+    def __init__(self, layout: ParallelLayout, device: torch.device, mesh_device_type: Optional[str] = None):
+        """`mesh_device_type`: the mesh's device type where it is not the device's (the memory simulation's fake
+        CUDA device has no CUDA behind it)."""
         from torch.distributed.device_mesh import init_device_mesh
 
         self.layout, self.device = layout, torch.device(device)
+        self.mesh_device_type = mesh_device_type or self.device.type
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.world != layout.ranks:
             raise RuntimeError(f"{layout.describe()} needs {layout.ranks} ranks, the process group has {self.world}")
-        self.mesh = init_device_mesh(self.device.type, (layout.cfg_groups, 1, layout.ulysses_size),
+        self.mesh = init_device_mesh(self.mesh_device_type, (layout.cfg_groups, 1, layout.ulysses_size),
                                      mesh_dim_names=("cfg", "ring", "ulysses"))
+        # every mesh made here, before any model is touched (diffusers flattens ring x ulysses; FSDP shards over all)
+        self.mesh["ring", "ulysses"]._flatten()
+        self.everyone = init_device_mesh(self.mesh_device_type, (self.world,), mesh_dim_names=("fsdp",))
         self.cfg_rank = self.mesh.get_local_rank("cfg")
         self.cfg_group = self.mesh.get_group("cfg") if layout.cfg_parallel else None
 
@@ -36,19 +42,19 @@ class RankContext:
 
             for expert in experts.values():
                 if getattr(expert, "_parallel_config", None) is None:
-                    with _cpu_counts_as_one_device(self.device):
+                    with _no_accelerator_counts_as_one():
                         expert.enable_parallelism(config=ContextParallelConfig(
                             ulysses_degree=self.layout.ulysses_size, mesh=self.mesh))
         if self.layout.dit_fsdp:
-            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
-            everyone = init_device_mesh(self.device.type, (self.world,), mesh_dim_names=("fsdp",))
+            from ..memory import placement
+
             for name, expert in experts.items():
-                expert.to(self.device)
+                placement.move(expert, self.device)
                 for block in expert.blocks:
-                    fully_shard(block, mesh=everyone)
-                fully_shard(expert, mesh=everyone)
+                    fully_shard(block, mesh=self.everyone)
+                fully_shard(expert, mesh=self.everyone)
                 pipe.residency.fixed.add(name)
 
     def after_run(self, pipe) -> None:
@@ -79,13 +85,13 @@ def _collective_device(device: torch.device) -> torch.device:
 
 
 @contextlib.contextmanager
-def _cpu_counts_as_one_device(device: torch.device):
+def _no_accelerator_counts_as_one():
     """diffusers places a rank on device `rank % torch.accelerator.device_count()`, which is 0 without an
-    accelerator: on the CPU, count one."""
-    if device.type != "cpu":
+    accelerator (ranks on the CPU, the memory simulation): count one."""
+    original = torch.accelerator.device_count
+    if original() > 0:
         yield
         return
-    original = torch.accelerator.device_count
     torch.accelerator.device_count = lambda: max(1, original())
     try:
         yield

@@ -36,6 +36,8 @@ def rank_device(rank: int, device: torch.device) -> torch.device:
 
 
 def _join(rank: int, world: int, port: int, device: torch.device, timeout_s: float) -> None:
+    if device.type == "cuda":  # NCCL: one GPU per rank, this rank's is the current one
+        torch.cuda.set_device(device.index or 0)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
 
