@@ -144,3 +144,23 @@ def test_a_rank_killed_or_hung_mid_run_fails_the_run_naming_it_and_leaves_no_pro
     assert time.monotonic() - started < 60 and steps == [0, 1]  # struck before the second step
     assert pipe.released and pipe.ranks.group is None and not victim.is_alive()
     assert not torch.distributed.is_initialized()  # the next load starts a fresh group
+
+
+def test_ulysses_divides_each_ranks_activations_at_full_size():
+    """Rank 0's GPU while denoising 720p/81 frames, simulated at full A14B size with torch's fake process group:
+    both experts resident (53.4 GiB bf16) plus the activations, which Ulysses splits over the ranks (at least an
+    N-th of one GPU's, at most 1 GiB more: the gathered output and the per-token embeddings stay whole); CFG-parallel
+    halves the passes, not a pass's memory."""
+    from shared_fixtures import UPSTREAM_KEYS, require_fixture
+    from wan22.testing.simulated_machine import simulate_ranks
+
+    require_fixture("reference", UPSTREAM_KEYS)
+    gib = 2**30
+    peaks = {(n, cfg): simulate_ranks(ParallelLayout(ulysses_size=n, cfg_parallel=cfg), 79, "1280*720")["peak_gpu_bytes"]
+             for n, cfg in ((1, False), (2, False), (8, False), (8, True))}
+    weights = 2 * 26.67 * gib
+    one = peaks[1, False] - weights
+    for n in (2, 8):
+        share = peaks[n, False] - weights
+        assert one / n <= share <= one / n + gib, (n, share / gib, one / gib)
+    assert abs(peaks[8, True] - peaks[8, False]) < 0.05 * gib

@@ -360,3 +360,47 @@ def _fail_in_first_block(pipe):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
 
     return pipe.high_noise_model.blocks[0].register_forward_pre_hook(boom)
+
+
+def simulate_ranks(layout, gpu_gib: float, size: str, frame_num: int = 81, weight_dtype: str = "bf16",
+                   steps: int = 1) -> dict:
+    """Rank 0's GPU peak while `layout` (wan22.request.parallel_layout) denoises: the full-size expert on the
+    simulated machine, the other ranks a fake process group (torch's, for tests: collectives return at once with
+    the right shapes). Denoising only (T5 and the VAE run on rank 0 as on one GPU). dit_fsdp is not simulated yet:
+    FSDP wants its mesh on the parameters' device, and the fake CUDA device cannot make one."""
+    import torch
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from wan22.loader import load_pipeline
+    from wan22.parallel.context import RankContext
+    from wan22.pipeline import LoadOptions
+    from wan22.request.model_sets import discover_model_set
+    from wan22.request.params import GenerationParams
+    from wan22.runtime.text_encoder import PromptEmbeds
+
+    if layout.dit_fsdp or layout.t5_fsdp:
+        raise NotImplementedError("the memory simulation does not shard yet (dit_fsdp, t5_fsdp)")
+    width, height = (int(v) for v in size.split("*"))
+    lat = ((frame_num - 1) // 4 + 1, height // 8, width // 8)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=layout.ranks)
+    try:
+        context = RankContext(layout, torch.device("cuda"), mesh_device_type="cpu")  # real meshes, before fakes
+        context.any_rank = lambda flag: flag  # a fake collective gives no real answer to read
+        with tempfile.TemporaryDirectory(prefix="wan22-memory-ranks-") as folder:
+            model_set = discover_model_set(write_model_set(Path(folder), weight_dtype == "fp8_e4m3fn_scaled"))
+            with simulated_machine(gpu_gib, 1024) as tracker:
+                pipe = load_pipeline(model_set, LoadOptions(device="cuda", weight_dtype=weight_dtype))
+                pipe.ranks.context = context
+                context.prepare(pipe)
+                params = GenerationParams(size=size, frame_num=frame_num, sample_steps=steps, seed=0)
+                plan = pipe.plan(params)
+                embeds = PromptEmbeds(torch.zeros(120, 4096), torch.zeros(120, 4096), "p", "n")
+                tracker.stage("denoise")
+                pipe.denoise(torch.zeros(16, *lat), torch.zeros(20, *lat), embeds, params, plan=plan)
+                peak = tracker.stage_peaks["denoise"].get("cuda", 0)
+        return {"simulated": True, "layout": layout.describe(), "ranks": layout.ranks, "size": size,
+                "frame_num": frame_num, "weight_dtype": weight_dtype, "mode": plan.mode,
+                "peak_gpu_bytes": peak, "peak_gpu_gib": round(peak / GIB, 2)}
+    finally:
+        dist.destroy_process_group()
