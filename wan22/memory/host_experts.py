@@ -78,5 +78,5 @@ class ExpertFiles:
         switch = Switch(name, time.perf_counter() - start, placement.module_bytes(module))
         self.switches.append(switch)
         log.warning("Wan22: %s read again from its file (%.1f GiB) in %.1f s: host RAM holds one expert at a time",
-                 name, switch.bytes / 2**30, switch.seconds)
+                    name, switch.bytes / 2**30, switch.seconds)
         return switch
