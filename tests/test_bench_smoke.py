@@ -152,3 +152,23 @@ def test_gpu_benchmark_writes_its_json_as_it_goes_and_stops_at_max_seconds(tmp_p
     for res in ("480p", "720p"):
         assert {p: e["error"] for p, e in results[res].items() if isinstance(e, dict)} == {
             p: "skipped: --max-seconds 0 has passed" for p in ("engine", "diffusers")}, results[res]
+
+
+def test_the_multigpu_projection_is_the_measured_gpu_split_plus_the_bytes_moved():
+    """bench.multigpu against a hand computation: 720p/81 frames is 21 x 45 x 80 = 75600 tokens of dim 5120; with
+    ulysses_size 8 each rank sends 7/8 of its 1/8 of a bf16 token x dim tensor in each of 4 all-to-alls per layer,
+    40 layers, 2 passes per CFG step; one rank is the measured GPU itself."""
+    from bench import multigpu
+    from wan22.request.parallel_layout import ParallelLayout
+
+    m = multigpu.measured()
+    assert m.size == "1280*720" and m.cfg_step_s > 0 and m.fixed_s > 0
+    tokens = 21 * 45 * 80
+    by_hand = 40 * 4 * (tokens * 5120 * 2 / 8 * 7 / 8) * 2
+    got = multigpu.transfer_bytes_per_step(ParallelLayout(ulysses_size=8), "1280*720", 81, 2)
+    assert abs(got - by_hand) <= 40 * 4 * 2, (got, by_hand)  # integer division only
+    one = multigpu.project(ParallelLayout(), m, 40, 2, 450.0)
+    assert one["transfer_s_per_step"] == 0 and one["video_s"] == round(40 * m.cfg_step_s + m.fixed_s, 1)
+    eight = multigpu.project(ParallelLayout(ulysses_size=8), m, 40, 2, 450.0)
+    assert eight["compute_s_per_step"] == round(m.cfg_step_s / 8, 3)
+    assert eight["video_s"] == round(40 * (m.cfg_step_s / 8 + by_hand / 450e9) + m.fixed_s, 1)
