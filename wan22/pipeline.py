@@ -370,10 +370,17 @@ class Wan22I2VPipeline:
             if budget is not None and planner.usable_gpu_bytes(budget) < resident + placement.module_bytes(self.prompt_encoder.model):
                 self.residency.evict()  # T5 first, the experts come back for the denoising
             self.residency.to_gpu("text_encoder")
+        sharded = "text_encoder" in self.residency.fixed  # t5_fsdp: every rank encodes with rank 0
+        if sharded and self.ranks.group is not None:
+            self.ranks.group.send_encode(prompt, negative_prompt)
         try:
             with out_of_memory_guard(self, "encoding the prompt"):
                 context, context_null = self.prompt_encoder.encode([prompt, negative], device=device)
         finally:
+            if sharded:
+                if self.ranks.group is not None:
+                    self.ranks.group.collect()
+                self.ranks.context.after_run(self)
             if on_gpu:
                 self.residency.evict(keep=EXPERTS)  # T5 leaves the GPU after encoding, as upstream with offload
         return PromptEmbeds(context.float().cpu(), context_null.float().cpu(), prompt, negative)

@@ -84,6 +84,8 @@ def _denoise(view, noise, y, embeds):
 ])
 def test_a_layout_that_cannot_run_says_what_to_change(layout, gpus, said):
     assert said in layout.problems(gpus=gpus)
+    assert ("t5_fsdp", "shards the text encoder over the GPUs, and t5_cpu keeps it on the CPU: set t5_cpu false, or "
+                       "leave t5_fsdp off") in ParallelLayout(ulysses_size=2, t5_fsdp=True).problems(gpus=2, t5_cpu=True)
     assert ParallelLayout(ulysses_size=8).problems(gpus=8) == []
 
 
@@ -164,3 +166,18 @@ def test_ulysses_divides_each_ranks_activations_at_full_size():
         share = peaks[n, False] - weights
         assert one / n <= share <= one / n + gib, (n, share / gib, one / gib)
     assert abs(peaks[8, True] - peaks[8, False]) < 0.05 * gib
+
+
+def test_t5_fsdp_encodes_on_every_rank_as_one_process_does(tiny_models, reference):
+    """The text encoder sharded over the ranks (each holds half of its weights): rank 0's encode runs with every
+    rank, and gives the single-process embeddings; the next denoise still runs."""
+    pipe0, embeds0, noise, y = reference
+    want = pipe0.encode_prompt("a red boat", "")
+    with _ranks(tiny_models("upstream"), ParallelLayout(cfg_parallel=True, t5_fsdp=True)) as (pipe, _):
+        text = pipe.prompt_encoder.model
+        got = pipe.encode_prompt("a red boat", "")
+        held, whole = _weight_bytes(text), _weight_bytes(pipe0.prompt_encoder.model)
+        latent = pipe.denoise(noise, y, got, PARAMS)
+    assert torch.allclose(got.context, want.context, atol=1e-5) and torch.allclose(got.context_null, want.context_null, atol=1e-5)
+    assert abs(held - whole / 2) < 0.02 * whole, (held, whole)
+    assert (latent - pipe0.denoise(noise, y, want, PARAMS)).abs().max().item() < 1e-4

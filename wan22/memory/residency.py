@@ -70,7 +70,7 @@ class Residency:
         return sum(placement.module_bytes(self.module(name)) for name in self.on_gpu)
 
     def to_gpu(self, name: str) -> None:
-        if self.gpu and name not in self.on_gpu:
+        if self.gpu and name not in self.on_gpu and name not in self.fixed:
             placement.move(self.module(name), self.device)
             self.on_gpu.add(name)
 

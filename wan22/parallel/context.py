@@ -46,22 +46,29 @@ class RankContext:
                         expert.enable_parallelism(config=ContextParallelConfig(
                             ulysses_degree=self.layout.ulysses_size, mesh=self.mesh))
         if self.layout.dit_fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            from ..memory import placement
-
             for name, expert in experts.items():
-                placement.move(expert, self.device)
-                for block in expert.blocks:
-                    fully_shard(block, mesh=self.everyone)
-                fully_shard(expert, mesh=self.everyone)
-                pipe.residency.fixed.add(name)
+                self._shard(pipe, name, expert, expert.blocks)
+        if self.layout.t5_fsdp and pipe.prompt_encoder is not None:
+            text = pipe.prompt_encoder.model
+            self._shard(pipe, "text_encoder", text, getattr(text, "encoder", text).block)
+
+    def _shard(self, pipe, name: str, module, blocks) -> None:
+        """`module` onto this rank's device, each of `blocks` and then the rest sharded over every rank (FSDP2); the
+        residency leaves it there."""
+        from torch.distributed.fsdp import fully_shard
+
+        from ..memory import placement
+
+        placement.move(module, self.device)
+        for block in blocks:
+            fully_shard(block, mesh=self.everyone)
+        fully_shard(module, mesh=self.everyone)
+        pipe.residency.fixed.add(name)
 
     def after_run(self, pipe) -> None:
-        """Sharded experts back to their shards (FSDP2 keeps a root module's weights gathered after its forward)."""
-        if self.layout.dit_fsdp:
-            for expert in pipe._experts().values():
-                expert.reshard()
+        """Sharded modules back to their shards (FSDP2 keeps a root module's weights gathered after its forward)."""
+        for name in pipe.residency.fixed:
+            pipe.residency.module(name).reshard()
 
     def cfg_pair(self, predict: Callable[[torch.Tensor], torch.Tensor], context: torch.Tensor,
                  context_null: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

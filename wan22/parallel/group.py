@@ -89,10 +89,16 @@ class RankGroup:
         pipe.ranks.group = self
         log.info("Wan22: %s ready", self.layout.describe())
 
+    def send_encode(self, prompt: str, negative_prompt) -> None:
+        """t5_fsdp: every rank encodes the same texts with rank 0 (their caches stay alike, so they encode alike)."""
+        self._send(("encode", prompt, negative_prompt))
+
     def send_denoise(self, noise, y, embeds, params, loras) -> None:
-        job = ("denoise", noise.cpu().numpy(), y.cpu().numpy(),
-               (embeds.context.cpu().numpy(), embeds.context_null.cpu().numpy(), embeds.prompt, embeds.negative_prompt),
-               params, tuple(loras))
+        self._send(("denoise", noise.cpu().numpy(), y.cpu().numpy(),
+                    (embeds.context.cpu().numpy(), embeds.context_null.cpu().numpy(), embeds.prompt, embeds.negative_prompt),
+                    params, tuple(loras)))
+
+    def _send(self, job: tuple) -> None:
         for rank, conn in enumerate(self.pipes, start=1):
             try:
                 conn.send(job)
@@ -185,12 +191,15 @@ def _rank_main(rank: int, layout: ParallelLayout, port: int, source: str, option
             break
         if message[0] == "close":
             break
-        _, noise, y, (context, context_null, prompt, negative), params, loras = message
         try:
-            embeds = PromptEmbeds(torch.from_numpy(context), torch.from_numpy(context_null), prompt, negative)
-            view = pipe.with_loras(loras)
-            view.sync_loras()
-            view.denoise(torch.from_numpy(noise), torch.from_numpy(y), embeds, params)
+            if message[0] == "encode":
+                pipe.encode_prompt(message[1], message[2])
+            else:
+                _, noise, y, (context, context_null, prompt, negative), params, loras = message
+                embeds = PromptEmbeds(torch.from_numpy(context), torch.from_numpy(context_null), prompt, negative)
+                view = pipe.with_loras(loras)
+                view.sync_loras()
+                view.denoise(torch.from_numpy(noise), torch.from_numpy(y), embeds, params)
             conn.send(("done", None))
         except Exception as exc:  # noqa: BLE001 - said to rank 0
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
