@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,8 +113,9 @@ def test_a_cancel_on_rank_0_stops_every_rank_at_the_next_step_and_the_group_serv
         assert steps == [0, 1, 2]
         got = pipe.denoise(noise, y, embeds, PARAMS)  # every rank stopped at the same step: they run the next one
         assert (got - pipe0.denoise(noise, y, embeds, PARAMS)).abs().max().item() < 1e-4
-        processes = list(group.processes)
-    assert processes and not any(p.is_alive() for p in processes)
+        running, started = _rank_processes(), [p.pid for p in group.processes]
+    assert running == started and len(running) == 1
+    assert _rank_processes() == []  # closed: no rank outlives the group
 
 
 @pytest.mark.parametrize("layout, signal_name, timeout_s, said", [
@@ -181,3 +183,28 @@ def test_t5_fsdp_encodes_on_every_rank_as_one_process_does(tiny_models, referenc
     assert torch.allclose(got.context, want.context, atol=1e-5) and torch.allclose(got.context_null, want.context_null, atol=1e-5)
     assert abs(held - whole / 2) < 0.02 * whole, (held, whole)
     assert (latent - pipe0.denoise(noise, y, want, PARAMS)).abs().max().item() < 1e-4
+
+
+def test_a_rank_that_cannot_load_fails_the_start_naming_why_and_leaves_no_process(tiny_models, tmp_path):
+    from wan22.parallel.group import RankFailed
+
+    pipe = load_pipeline(tiny_models("upstream"), FP32_CPU)
+    group = RankGroup(ParallelLayout(ulysses_size=2), tmp_path / "no_models_here", FP32_CPU, timeout_s=60)
+    with pytest.raises(RankFailed, match="rank 1 could not load the models: .*no_models_here"):
+        group.start(pipe)
+    assert pipe.ranks.group is None and not torch.distributed.is_initialized()
+    assert _rank_processes() == []
+
+
+def _rank_processes() -> list:
+    """This process's children that are ranks (`python -m wan22.parallel.group N`), still running."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == os.getpid() and b"wan22.parallel.group" in command and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found

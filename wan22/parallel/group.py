@@ -1,16 +1,27 @@
 """Ranks 1..N-1 of a parallel layout as processes started and driven by rank 0 (the process that loaded the
 models: ComfyUI's, the CLI's, the worker's): each loads the same model set, holds it across runs, and runs every
-denoise rank 0 sends it, in step with rank 0 over torch.distributed (NCCL on GPUs, gloo on the CPU). Commands and
-answers travel on a pipe per rank; only the denoise itself uses collectives, so idle ranks never time out. A rank
-dies with rank 0 (PR_SET_PDEATHSIG), and `close` ends them."""
+encode and denoise rank 0 sends it, in step with rank 0 over torch.distributed (NCCL on GPUs, gloo on the CPU).
+
+A rank is `python -m wan22.parallel.group` with this checkout on its path, not a multiprocessing child: inside
+ComfyUI the pack is imported under its folder's name and ComfyUI's main script is not importable again, so
+nothing of rank 0 is pickled by reference. Commands and answers are plain data (numbers, strings, arrays) on an
+authenticated local connection per rank; only the work itself uses collectives, so idle ranks never time out. A
+rank dies with rank 0 (PR_SET_PDEATHSIG), and `close` ends them."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import datetime
 import logging
-import multiprocessing
+import os
+import secrets
 import signal
 import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
@@ -53,30 +64,90 @@ class RankFailed(RuntimeError):
     """A rank could not start, failed a run, or is gone: the message says which and why."""
 
 
+PACK_ROOT = Path(__file__).resolve().parents[2]
+CONNECT_TIMEOUT_S = 120.0
+
+
+class RankProcess:
+    """A rank's process as rank 0 sees it."""
+
+    def __init__(self, popen: subprocess.Popen):
+        self.popen = popen
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def exitcode(self) -> Optional[int]:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        self.popen.kill()
+
+
 class RankGroup:
     def __init__(self, layout: ParallelLayout, source: Union[str, Path], options, timeout_s: float = COLLECTIVE_TIMEOUT_S):
         """`source`: the model set every rank loads; `options`: wan22.pipeline.LoadOptions (rank 0's device)."""
         self.layout, self.source, self.options, self.timeout_s = layout, str(source), options, timeout_s
-        self.processes: List[multiprocessing.Process] = []
+        self.processes: List[RankProcess] = []
         self.pipes: list = []
         self.pending = False
         self.hung: set = set()
+
+    def _spawn(self, device: torch.device, port: int) -> None:
+        """Ranks 1..N-1 started and connected (each says its rank, then gets its setup as plain data)."""
+        key = secrets.token_bytes(32)
+        listener = Listener(("127.0.0.1", 0), authkey=key)
+        env = dict(os.environ, WAN22_RANK_ADDRESS=f"{listener.address[0]}:{listener.address[1]}",
+                   WAN22_RANK_AUTHKEY=key.hex(),
+                   PYTHONPATH=os.pathsep.join([str(PACK_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        for rank in range(1, self.layout.ranks):
+            self.processes.append(RankProcess(subprocess.Popen(
+                [sys.executable, "-m", "wan22.parallel.group", str(rank)], env=env, cwd=str(PACK_ROOT),
+                stdin=subprocess.DEVNULL)))
+        connections: dict = {}
+
+        def accept_all():
+            try:
+                while len(connections) < len(self.processes):
+                    conn = listener.accept()
+                    connections[conn.recv()] = conn
+            except OSError:  # closed below: a rank ended or the time ran out
+                pass
+
+        accepting = threading.Thread(target=accept_all, daemon=True)
+        accepting.start()
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while accepting.is_alive() and time.monotonic() < deadline and all(p.is_alive() for p in self.processes):
+            accepting.join(0.2)
+        listener.close()
+        missing = [rank for rank in range(1, self.layout.ranks) if rank not in connections]
+        if missing:
+            raise RankFailed(f"rank {missing[0]} did not start (its process "
+                             f"{'ended' if not self.processes[missing[0] - 1].is_alive() else 'did not connect'})")
+        setup = {"layout": dataclasses.asdict(self.layout), "port": port, "source": self.source,
+                 "options": dataclasses.asdict(self.options), "device": device.type, "timeout_s": self.timeout_s}
+        for rank in range(1, self.layout.ranks):
+            connections[rank].send(setup)
+            self.pipes.append(connections[rank])
 
     def start(self, pipe) -> None:
         """Start ranks 1..N-1, join the process group as rank 0 and make `pipe` (this process's loaded models) rank
         0's part; returns once every rank has loaded its models."""
         device = pipe.device
         port = _free_port()
-        spawn = multiprocessing.get_context("spawn")
-        for rank in range(1, self.layout.ranks):
-            ours, theirs = spawn.Pipe()
-            process = spawn.Process(target=_rank_main, name=f"wan22-rank-{rank}", daemon=True,
-                                    args=(rank, self.layout, port, self.source, self.options, device, self.timeout_s, theirs))
-            process.start()
-            theirs.close()
-            self.processes.append(process)
-            self.pipes.append(ours)
         try:
+            self._spawn(device, port)
             _join(0, self.layout.ranks, port, device, self.timeout_s)
             pipe.ranks.context = RankContext(self.layout, device)
             pipe.ranks.context.prepare(pipe)
@@ -96,7 +167,8 @@ class RankGroup:
     def send_denoise(self, noise, y, embeds, params, loras) -> None:
         self._send(("denoise", noise.cpu().numpy(), y.cpu().numpy(),
                     (embeds.context.cpu().numpy(), embeds.context_null.cpu().numpy(), embeds.prompt, embeds.negative_prompt),
-                    params, tuple(loras)))
+                    dataclasses.asdict(params),
+                    [(str(c.path), c.strength_high, c.strength_low, c.label) for c in loras]))
 
     def _send(self, job: tuple) -> None:
         for rank, conn in enumerate(self.pipes, start=1):
@@ -165,19 +237,25 @@ class RankGroup:
             dist.destroy_process_group()
 
 
-def _rank_main(rank: int, layout: ParallelLayout, port: int, source: str, options, device: torch.device,
-               timeout_s: float, conn) -> None:
-    import dataclasses
-
+def _rank_main(rank: int) -> None:
+    """A rank's process: connect to rank 0, get the setup, join the group, load, then serve until told to close."""
     _die_with_parent()
-    device = rank_device(rank, device)
+    host, port_text = os.environ["WAN22_RANK_ADDRESS"].rsplit(":", 1)
+    conn = Client((host, int(port_text)), authkey=bytes.fromhex(os.environ.pop("WAN22_RANK_AUTHKEY")))
+    conn.send(rank)
+    setup = conn.recv()
     try:
         from ..loader import load_pipeline
+        from ..pipeline import LoadOptions
+        from ..request.params import GenerationParams
+        from ..runtime.lora import LoraChoice
         from ..runtime.text_encoder import PromptEmbeds
 
-        _join(rank, layout.ranks, port, device, timeout_s)
+        layout, timeout_s = ParallelLayout(**setup["layout"]), setup["timeout_s"]
+        device = rank_device(rank, torch.device(setup["device"]))
+        _join(rank, layout.ranks, setup["port"], device, timeout_s)
         context = RankContext(layout, device)  # with rank 0, before loading: its groups are collectives
-        pipe = load_pipeline(source, dataclasses.replace(options, device=str(device)))
+        pipe = load_pipeline(setup["source"], LoadOptions(**{**setup["options"], "device": str(device)}))
         pipe.ranks.context = context
         context.prepare(pipe)
     except Exception as exc:  # noqa: BLE001 - said to rank 0, which raises it
@@ -197,11 +275,16 @@ def _rank_main(rank: int, layout: ParallelLayout, port: int, source: str, option
             else:
                 _, noise, y, (context, context_null, prompt, negative), params, loras = message
                 embeds = PromptEmbeds(torch.from_numpy(context), torch.from_numpy(context_null), prompt, negative)
-                view = pipe.with_loras(loras)
+                view = pipe.with_loras([LoraChoice(Path(path), high, low, label) for path, high, low, label in loras])
                 view.sync_loras()
+                params = GenerationParams(**{**params, "guide_scale": tuple(params["guide_scale"])})
                 view.denoise(torch.from_numpy(noise), torch.from_numpy(y), embeds, params)
             conn.send(("done", None))
         except Exception as exc:  # noqa: BLE001 - said to rank 0
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _rank_main(int(sys.argv[1]))
