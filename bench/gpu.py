@@ -399,6 +399,7 @@ def modes_agree(args, device, sizes, names, frames, out: Optional[Path] = None) 
     same inputs: the latents after --steps denoising steps, compared bit for bit."""
     import torch
 
+    from wan22.memory.placement import empty_cache
     from wan22.pipeline import LoadOptions, Wan22I2VPipeline
     from wan22.request.params import GenerationParams
     from wan22.runtime.text_encoder import PromptEmbeds
@@ -423,7 +424,7 @@ def modes_agree(args, device, sizes, names, frames, out: Optional[Path] = None) 
                            "seconds": round(time.perf_counter() - started, 2)}
             pipe.residency.evict()
             model = model.to("cpu")  # stream starts from the host, as a loaded model does
-            placement_empty_cache(device)
+            empty_cache(device)
         entry["bitwise_equal"] = torch.equal(latents["full"], latents["stream"])
         entry["max_abs_diff"] = float((latents["full"] - latents["stream"]).abs().max())
         log(f"modes {res}: {entry}")
@@ -432,12 +433,6 @@ def modes_agree(args, device, sizes, names, frames, out: Optional[Path] = None) 
             write_result(out.stem, {"modes_agree": runs, "simulated": False}, out.parent)
         model = model.to(device)
     return {"modes_agree": runs, "simulated": False}
-
-
-def placement_empty_cache(device) -> None:
-    from wan22.memory.placement import empty_cache
-
-    empty_cache(device)
 
 
 def gpu_at_start(device) -> dict:

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,9 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from wan22.request import processes
+from wan22.request.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_NAME = "comfyui-wan22-i2v"
@@ -94,12 +96,6 @@ def resolve_cpu(cpu: Optional[bool], python: str, cwd: Optional[os.PathLike] = N
     if gpu_visible(python, cwd=cwd):
         return False, "torch sees a GPU"
     return True, "torch sees no GPU, so ComfyUI runs with --cpu (pass --gpu or COMFYUI_CPU=0 to insist)"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -186,17 +182,6 @@ class ComfyServer:
 
     def __repr__(self) -> str:
         return f"<ComfyServer {self.url} pid={self.process.pid} alive={self.alive()}>"
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: SIGTERM the server when the process that started it dies (no orphaned ComfyUI after a crash)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float) -> None:
@@ -357,7 +342,8 @@ def start_comfyui(
             log_fh.flush()
             proc = subprocess.Popen(cmd, cwd=str(comfyui_dir), env=env, stdout=log_fh, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                    preexec_fn=_die_with_parent if (die_with_parent and sys.platform.startswith("linux")) else None)
+                                    # SIGTERM the server when the process that started it dies: no orphaned ComfyUI
+                                    preexec_fn=processes.die_with_parent if (die_with_parent and sys.platform.startswith("linux")) else None)
         host = "127.0.0.1" if listen in ("0.0.0.0", "") else listen
         url = f"http://{host}:{use_port}"
         server = ComfyServer(proc, url, use_port, work, log, out_dir, in_dir, comfyui_dir,

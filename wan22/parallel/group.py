@@ -9,14 +9,12 @@ authenticated local connection per rank; only the work itself uses collectives, 
 rank dies with rank 0 (PR_SET_PDEATHSIG), and `close` ends them."""
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import datetime
 import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,17 +27,14 @@ import torch
 import torch.distributed as dist
 
 from ..request.parallel_layout import ParallelLayout
+from ..request.processes import die_with_parent, free_port
 from .context import RankContext
 
 log = logging.getLogger("wan22")
 COLLECTIVE_TIMEOUT_S = 600.0
 LOAD_TIMEOUT_S = 1800.0  # a rank loading its models from a network volume
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+CONNECT_TIMEOUT_S = 120.0
+PACK_ROOT = Path(__file__).resolve().parents[2]
 
 
 def rank_device(rank: int, device: torch.device) -> torch.device:
@@ -53,19 +48,8 @@ def _join(rank: int, world: int, port: int, device: torch.device, timeout_s: flo
                             rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class RankFailed(RuntimeError):
     """A rank could not start, failed a run, or is gone: the message says which and why."""
-
-
-PACK_ROOT = Path(__file__).resolve().parents[2]
-CONNECT_TIMEOUT_S = 120.0
 
 
 class RankProcess:
@@ -145,7 +129,7 @@ class RankGroup:
         """Start ranks 1..N-1, join the process group as rank 0 and make `pipe` (this process's loaded models) rank
         0's part; returns once every rank has loaded its models."""
         device = pipe.device
-        port = _free_port()
+        port = free_port()
         try:
             self._spawn(device, port)
             _join(0, self.layout.ranks, port, device, self.timeout_s)
@@ -208,14 +192,15 @@ class RankGroup:
     def _answers(self, wait_s: Optional[float] = None) -> List[Tuple[int, tuple]]:
         """Each rank's answer, waiting at most `wait_s` (default: the collective timeout; a rank that does not
         answer is hung)."""
+        wait_s = self.timeout_s if wait_s is None else wait_s
         answers = []
         for rank, conn in enumerate(self.pipes, start=1):
             try:
-                if conn.poll(self.timeout_s if wait_s is None else wait_s):
+                if conn.poll(wait_s):
                     answers.append((rank, conn.recv()))
                     continue
                 self.hung.add(rank)
-                answers.append((rank, ("hung", f"no answer within {self.timeout_s:g} s")))
+                answers.append((rank, ("hung", f"no answer within {wait_s:g} s")))
             except (OSError, EOFError):
                 code = self.processes[rank - 1].exitcode
                 answers.append((rank, ("gone", f"the process ended (exit code {code})")))
@@ -239,7 +224,7 @@ class RankGroup:
 
 def _rank_main(rank: int) -> None:
     """A rank's process: connect to rank 0, get the setup, join the group, load, then serve until told to close."""
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)
     host, port_text = os.environ["WAN22_RANK_ADDRESS"].rsplit(":", 1)
     conn = Client((host, int(port_text)), authkey=bytes.fromhex(os.environ.pop("WAN22_RANK_AUTHKEY")))
     conn.send(rank)
