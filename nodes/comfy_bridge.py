@@ -16,6 +16,13 @@ def torch_device() -> str:
     return str(model_management.get_torch_device())
 
 
+def gpu_count():
+    """The GPUs ranks of a parallel layout can use (None on the CPU, where ranks are processes)."""
+    import torch
+
+    return torch.cuda.device_count() if torch_device().startswith("cuda") else None
+
+
 def free_comfy_models() -> None:
     """Make room before loading two 14B experts: ComfyUI's own models leave VRAM first."""
     model_management.unload_all_models()

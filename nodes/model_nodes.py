@@ -5,6 +5,7 @@ from ..wan22.request.model_sets import CKPT_FOLDER, default_model_root, discover
 from ..wan22.runtime import kernels
 from ..wan22.request import spec
 from ..wan22.request.errors import InvalidParameter
+from ..wan22.request.parallel_layout import ParallelLayout
 from ..wan22.pipeline import LoadOptions
 from ..wan22.loader import load_pipeline
 from . import comfy_bridge
@@ -34,12 +35,14 @@ def resolve_model_set(model_set: str, model_path: str):
 
 
 def runnable_here(values) -> list:
-    """The loader options this server's device cannot run (an attention kernel that is not installed)."""
+    """The loader options this server cannot run: an attention kernel that is not installed, a layout that needs
+    more GPUs than it has or does not divide the heads."""
+    problems = ParallelLayout.from_values(values).problems(gpus=comfy_bridge.gpu_count())
     try:
         kernels.resolve(values.get("attention_backend") or "auto", kernels.device_capability(comfy_bridge.torch_device()))
     except InvalidParameter as exc:
-        return exc.problems
-    return []
+        problems += exc.problems
+    return problems
 
 
 class Wan22ModelLoader:

@@ -36,6 +36,7 @@ class WarmModels:
 
     def pipeline_for(self, key: Hashable, load: Callable[[], Any]) -> Any:
         """The held pipeline when it has this key; else everything held is released, then `load()` is held."""
+        self._count_released()
         if self.pipeline is not None and self.key == key:
             return self.pipeline
         self.release()
@@ -47,7 +48,15 @@ class WarmModels:
         return self.pipeline
 
     def releases_of(self, key: Hashable) -> int:
+        self._count_released()
         return self.releases.get(key, 0)
+
+    def _count_released(self) -> None:
+        """A held pipeline that released itself (a rank of its layout was lost: wan22.parallel) is let go and
+        counted, so that the loader runs again."""
+        if self.pipeline is not None and getattr(self.pipeline, "released", False):
+            log.warning("Wan22: %s was released during a run; the next prompt loads it again", self.key[0])
+            self.release()
 
     def expander_for(self, folder: Any, load: Callable[[Any], Any]) -> Any:
         """The prompt-extension model of `folder`, loaded by `load(folder)` the first time."""

@@ -15,6 +15,7 @@ from typing import Any, List, Mapping, Optional, Tuple
 
 from wan22.request import spec
 from wan22.request.lora_files import lora_dirs
+from wan22.request.parallel_layout import ParallelLayout
 from wan22.request.settings import MIB, Limits, Setting, read_settings
 
 VOLUME = "/runpod-volume"
@@ -22,17 +23,20 @@ VOLUME = "/runpod-volume"
 
 def operator_setting(p: spec.Param) -> Setting:
     """The environment variable of an operator-owned parameter (spec `operator`): its kind, choices and default."""
-    kinds = {"bool": "flag", "choice": "choice"}
+    kinds = {"bool": "flag", "choice": "choice", "int": "int"}
     if p.kind not in kinds:
         raise TypeError(f"parameter {p.name}: an operator setting reads only {' or '.join(kinds)} values, not {p.kind}")
     return Setting(p.operator, p.name, kinds[p.kind], p.default, f"{p.doc} Every job uses it: a request's or a raw "
-                   f"workflow's `{p.name}` is replaced by it, with a warning", choices=p.choices)
+                   f"workflow's `{p.name}` is replaced by it, with a warning", choices=p.choices, low=p.low)
 
 
 # how the models are stored, placed and run: the operator's, so that no job makes a warm worker reload them
 OPERATOR_SETTINGS: Tuple[Setting, ...] = tuple(operator_setting(p) for p in spec.operator_params())
 
 OWN_SETTINGS: Tuple[Setting, ...] = (
+    Setting("WAN_GPUS", "gpus", "int", None, "how many GPUs make each video (docs/multigpu.md): without `WAN_ULYSSES_SIZE`, "
+            "ulysses_size is this (half of it with `WAN_CFG_PARALLEL`); with it, the layout must use exactly this many. On a "
+            "machine without GPUs the ranks are CPU processes", low=1, shown_default="unset: the layout's"),
     Setting("WAN_CKPT_DIR", "ckpt_dir", "text", "", "the model set the loader node reads (inside ComfyUI); a folder that does not exist falls back to /runpod-volume when that is mounted",
             shown_default="unset: /workspace/models, else /runpod-volume"),
     Setting("RUNPOD_MAX_CONCURRENCY", "max_concurrency", "int", 1, "jobs one worker takes at once (`concurrency_modifier`); ComfyUI runs them one after another", low=1),
@@ -117,6 +121,7 @@ class WorkerConfig:
     workflow: str
     lora_dirs: Tuple[str, ...]
     log_level: str
+    gpus: int
     operator: Mapping[str, Any]  # every operator-owned parameter (OPERATOR_SETTINGS) -> the value each job uses
 
     def lora_folders(self) -> List[Path]:
@@ -133,4 +138,25 @@ class WorkerConfig:
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "WorkerConfig":
         values = read_settings(OWN_SETTINGS, environ)
         values["output_dir"] = default_output_dir(values["output_dir"])
-        return cls(limits=Limits.from_env(environ), operator=read_settings(OPERATOR_SETTINGS, environ), **values)
+        values["gpus"], operator = gpu_layout(read_settings(OPERATOR_SETTINGS, environ), values["gpus"], environ)
+        return cls(limits=Limits.from_env(environ), operator=operator, **values)
+
+
+def gpu_layout(operator: Mapping[str, Any], gpus: Optional[int],
+               environ: Optional[Mapping[str, str]] = None) -> Tuple[int, Mapping[str, Any]]:
+    """(GPUs per video, the operator's values with the layout WAN_GPUS asks for: WAN_ULYSSES_SIZE from it when
+    not set); raises ValueError naming the variables when the layout cannot run on that many GPUs."""
+    environ = os.environ if environ is None else environ
+    operator = dict(operator)
+    cfg_groups = 2 if operator["cfg_parallel"] else 1
+    if gpus is not None and not (environ.get("WAN_ULYSSES_SIZE") or "").strip():
+        if gpus % cfg_groups:
+            raise ValueError(f"WAN_GPUS={gpus} with WAN_CFG_PARALLEL needs an even number of GPUs")
+        operator["ulysses_size"] = gpus // cfg_groups
+    layout = ParallelLayout.from_values(operator)
+    if gpus is not None and layout.ranks != gpus:
+        raise ValueError(f"the layout ({layout.describe()}) uses {layout.ranks} GPUs and WAN_GPUS={gpus}: set WAN_GPUS "
+                         f"to {layout.ranks}, or leave WAN_ULYSSES_SIZE unset")
+    for field, why in layout.problems():
+        raise ValueError(f"environment variable {spec.SPEC[field].operator}: {field} {why}")
+    return layout.ranks, operator

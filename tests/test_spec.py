@@ -137,9 +137,7 @@ IMAGE = {"image_url": "https://example.com/in.png"}
 
 
 def other_value(p: spec.Param):
-    """A valid value of `p` that is not its default, as the spec's check returns it (None: `p` takes only one)."""
-    if p.only is not None:
-        return None
+    """A valid value of `p` that is not its default, as the spec's check returns it."""
     if p.kind == "bool":
         candidates = [not p.default]
     elif p.kind == "choice":
@@ -176,6 +174,10 @@ def generation_value(params, name: str):
     return params.guide_scale[GUIDE_SCALE.index(name)] if name in GUIDE_SCALE else getattr(params, name, None)
 
 
+SHARDING = ("dit_fsdp", "t5_fsdp")
+SHARDS_NEED_RANKS = {"ulysses_size": 2}  # what a sharding flag is given with: it shards over several ranks
+
+
 def unreached() -> list:
     """Each spec parameter whose value (not its default) does not reach its consumer on a surface it is declared for,
     as 'name: where'. Read from the spec, not from the engine's lists: a name missing from one of them shows here."""
@@ -190,26 +192,25 @@ def unreached() -> list:
     lost = []
     for p in spec.PARAMS:
         value = other_value(p)
-        if value is None:
-            assert p.feeds == "nothing", p.name
-            continue
+        partners = SHARDS_NEED_RANKS if p.name in SHARDING else {}
         # the engine: GenerationParams, LoadOptions and its storage key
         if p.feeds == "generation" and generation_value(GenerationParams.from_values({p.name: value}), p.name) != value:
             lost.append(f"{p.name}: GenerationParams")
-        if p.feeds in ("storage", "placement", "kernels"):
+        if p.feeds in ("storage", "placement", "kernels", "layout"):
             options = LoadOptions.from_values({p.name: value})
-            if getattr(options, p.name, None) != value:
+            if getattr(options, p.name, None) != value or (p.feeds == "layout" and getattr(options.layout, p.name) != value):
                 lost.append(f"{p.name}: LoadOptions")
-            if (options.storage_key != LoadOptions().storage_key) != (p.feeds == "storage"):
+            if (options.storage_key != LoadOptions().storage_key) != (p.feeds in ("storage", "layout")):
                 lost.append(f"{p.name}: the storage key")
         # the CLI and the worker's request: the value itself, the image source, or what a shorthand expands to
         for surface in ("cli", "worker"):
             if not p.taken_by(surface) or p.name == "extra_args":
                 continue
             if surface == "cli" and p.flag:
-                raw = cli._params_from_args(cli.build_parser().parse_args([p.flags[0], as_text(value)]))
+                flags = [f for name, v in partners.items() for f in (spec.SPEC[name].flags[0], as_text(v))]
+                raw = cli._params_from_args(cli.build_parser().parse_args([p.flags[0], as_text(value), *flags]))
             else:
-                raw = {p.name: value}
+                raw = {p.name: value, **partners}
             values = spec.normalize(raw, surface, limits=limits).values
             if p.feeds == "request":
                 reached = values != spec.normalize({}, surface, limits=limits).values
@@ -224,10 +225,10 @@ def unreached() -> list:
                 lost.append(f"{p.name}: the worker's workflow values")
         # the operator's: its setting sets it, and a request's other value is replaced, with a warning
         if p.operator:
-            cfg = WorkerConfig.from_env({p.operator: as_text(value)})
+            cfg = WorkerConfig.from_env({p.operator: as_text(value), **{spec.SPEC[n].operator: as_text(v) for n, v in partners.items()}})
             if cfg.operator.get(p.name) != value:
                 lost.append(f"{p.name}: WorkerConfig.operator ({p.operator})")
-            req = validate_generate_params({**IMAGE, p.name: p.default}, operator=cfg.operator)
+            req = validate_generate_params({**IMAGE, p.name: p.default, **partners}, operator=cfg.operator)
             if req.values.get(p.name) != value or [r["field"] for r in req.replaced] != [f"params.{p.name}"]:
                 lost.append(f"{p.name}: replaced in a worker request")
     if not parse_extra_args(TEXTS["extra_args"]):

@@ -188,9 +188,8 @@ def test_model_and_file_names_never_come_from_the_network(key, value):
     ({"dtype": "int8"}, "params.dtype"),
     ({"boundary": 2}, "params.boundary"),
     ({"prompt": 12}, "params.prompt"),
-    ({"dit_fsdp": True}, "params.dit_fsdp"),
-    ({"t5_fsdp": "true"}, "params.t5_fsdp"),
-    ({"ulysses_size": 2}, "params.ulysses_size"),
+    ({"t5_fsdp": "maybe"}, "params.t5_fsdp"),
+    ({"ulysses_size": 0}, "params.ulysses_size"),
     ({"use_prompt_extend": "maybe"}, "params.use_prompt_extend"),
     ({"use_prompt_extend": True, "prompt_extend_target_lang": "fr"}, "params.prompt_extend_target_lang"),
     ({"use_prompt_extend": True, "prompt_extend_model": "/runpod-volume/models"}, "params.prompt_extend_model"),
@@ -205,7 +204,7 @@ def test_each_bad_value_names_its_field(params, field):
 
 def test_all_problems_reported_together():
     with pytest.raises(InvalidParameter) as exc:
-        req(frame_num=6, sample_solver="x", dit_fsdp=True)
+        req(frame_num=6, sample_solver="x", dit_fsdp="x")
     assert {"params.frame_num", "params.sample_solver", "params.dit_fsdp"} <= set(fields_of(exc.value))
 
 
@@ -216,6 +215,44 @@ def test_image_source_exactly_one():
     with pytest.raises(InvalidParameter) as exc:
         validate_generate_params({"reference_image_url": "https://a/b.png", "reference_image_path": "/workspace/a.png"})
     assert exc.value.field == "params.reference_image_path"
+
+
+def test_a_requests_layout_runs_when_it_is_the_workers_and_is_replaced_saying_what_ran_when_not():
+    """The seed's several-GPU flags: the worker's GPUs are laid out by its operator (WAN_GPUS and the layout
+    variables); a request that asks for the same layout runs without a word, another one runs the operator's."""
+    from runpod_worker.config import WorkerConfig
+
+    two = WorkerConfig.from_env({"WAN_GPUS": "2", "WAN_DIT_FSDP": "1"}).operator
+    assert (two["ulysses_size"], two["cfg_parallel"], two["dit_fsdp"], two["t5_fsdp"]) == (2, False, True, False)
+    same = validate_generate_params({"reference_image_url": "https://a/b.png", "ulysses_size": 2, "dit_fsdp": True}, operator=two)
+    assert (same.values["ulysses_size"], same.values["dit_fsdp"]) == (2, True) and not same.replaced
+    other = validate_generate_params({"reference_image_url": "https://a/b.png", "extra_args": "--ulysses_size 8 --t5_fsdp"},
+                                     operator=two)
+    assert (other.values["ulysses_size"], other.values["t5_fsdp"]) == (2, False)
+    assert [(r["field"], r["given"], r["used"], r["setting"]) for r in other.replaced] == [
+        ("params.extra_args (--ulysses_size)", 8, 2, "WAN_ULYSSES_SIZE"), ("params.extra_args (--t5_fsdp)", True, False, "WAN_T5_FSDP")]
+    single = validate_generate_params({"reference_image_url": "https://a/b.png", "dit_fsdp": True})  # a lone flag: no error either
+    assert single.values["dit_fsdp"] is False and single.replaced[0]["field"] == "params.dit_fsdp"
+
+
+@pytest.mark.parametrize("environ, said", [
+    ({"WAN_GPUS": "4", "WAN_CFG_PARALLEL": "1"}, None),
+    ({"WAN_GPUS": "3", "WAN_CFG_PARALLEL": "1"}, "WAN_GPUS=3 with WAN_CFG_PARALLEL needs an even number of GPUs"),
+    ({"WAN_GPUS": "3"}, "environment variable WAN_ULYSSES_SIZE: ulysses_size must divide the model's 40 attention heads"),
+    ({"WAN_GPUS": "2", "WAN_ULYSSES_SIZE": "4"}, "the layout (4 ranks (ulysses_size 4)) uses 4 GPUs and WAN_GPUS=2: set WAN_GPUS to 4"),
+    ({"WAN_DIT_FSDP": "1"}, "environment variable WAN_DIT_FSDP: dit_fsdp shards over several ranks"),
+    ({"WAN_GPUS": "0"}, "WAN_GPUS='0' must be at least 1"),
+])
+def test_the_operators_gpu_layout_is_checked_when_the_worker_starts(environ, said):
+    from runpod_worker.config import WorkerConfig
+
+    if said is None:
+        operator = WorkerConfig.from_env(environ).operator
+        assert (operator["ulysses_size"], operator["cfg_parallel"]) == (2, True)
+        return
+    with pytest.raises(ValueError) as exc:
+        WorkerConfig.from_env(environ)
+    assert said in str(exc.value)
 
 
 def test_unsupported_false_values_are_fine_and_extend_options_warn():
@@ -246,8 +283,7 @@ def test_extra_args_string_and_array_override_with_warning():
     ("--lora /x", "not an upstream generate.py flag"),
     ("sample_steps 3", "not a flag"),
     ("--frame_num 6", "4n+1"),
-    ("--dit_fsdp", "drives one GPU"),
-    ("--ulysses_size 8", "drives one GPU"),
+    ("--ulysses_size 0", "must be from 1 to 40"),
     ("--task t2v-A14B", "i2v-A14B"),
     ("--prompt 'unterminated", "cannot be split"),
     (42, "string or an array"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -49,7 +49,7 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
     model_set = source if isinstance(source, ModelSet) else discover_model_set(source)
     load_transformer, load_t5, load_vae = LOADERS[model_set.layout]
     check_safetensors_headers(model_set)
-    held = planner.host_experts(*estimate_host_bytes(model_set, options), planner.host_available(),
+    held = planner.host_experts(*estimate_host_bytes(model_set, options), _host_share(options),
                                 planner.memory_setting("host_experts"))
     fp8 = options.keeps_fp8(model_set)
     expert_dtype = options.expert_dtype(model_set)
@@ -78,7 +78,29 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
     pipe.load_timings = timings
     if held == 1:
         pipe.residency.expert_files = host_experts.ExpertFiles(readers)
+    if options.layout.parallel and options.rank == 0:
+        _start_ranks(pipe, model_set, options)
     return pipe
+
+
+def _host_share(options: LoadOptions) -> Optional[int]:
+    """The host RAM this process may plan with: ranks 1..N-1 load at once, after rank 0, sharing what it left."""
+    available = planner.host_available()
+    if available is None or options.rank == 0:
+        return available
+    return available // (options.layout.ranks - 1)
+
+
+def _start_ranks(pipe: Wan22I2VPipeline, model_set: ModelSet, options: LoadOptions) -> None:
+    """This process is rank 0 of a parallel layout: the other ranks start, each loading the same model set
+    (wan22.parallel.group); if one cannot, every weight is released and RankFailed says why."""
+    from .parallel.group import RankGroup
+
+    try:
+        RankGroup(model_set, options).start(pipe)
+    except BaseException:
+        pipe.release()
+        raise
 
 
 def estimate_host_bytes(model_set: ModelSet, options: LoadOptions) -> tuple:

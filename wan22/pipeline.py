@@ -21,6 +21,7 @@ from .runtime.lora_state import LoraState
 from .request import spec
 from .request.model_sets import ModelSet
 from .request.errors import GenerationCancelled, GpuOutOfMemory, InvalidParameter
+from .request.parallel_layout import ParallelLayout
 from .request.params import GenerationParams, image_size_for_area
 from .request.spec import UPSTREAM_NEGATIVE_PROMPT
 from .runtime.schedule import NUM_TRAIN_TIMESTEPS, make_schedule
@@ -34,8 +35,8 @@ PATCH = (1, 2, 2)
 
 
 # the parameters that feed LoadOptions (wan22.request.spec): storage (a change loads again), placement and kernels
-LOAD_FIELDS = spec.fed("storage", "placement", "kernels")
-STORAGE_FIELDS = spec.fed("storage")
+LOAD_FIELDS = spec.fed("storage", "placement", "kernels", "layout")
+STORAGE_FIELDS = spec.fed("storage", "layout")  # a layout change starts the ranks again, each loading
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,8 @@ class LoadOptions:
     wan22.memory.planner): memory_mode, offload_model (false asks for full), t5_cpu; and how the experts compute
     (wan22.runtime.kernels, no reload either): fp8_matmul, attention_backend, compile, cfg_batch, fp32_residual.
     gpu_memory_gib caps the GPU memory the plan may use (None: what is free), e.g. to run as a 24 GB card would.
+    Several ranks for one video (wan22.parallel; a change loads again): ulysses_size, cfg_parallel, dit_fsdp,
+    t5_fsdp; `rank` is this process's (0: the one that starts the others).
     """
 
     dtype: str = spec.default("dtype")
@@ -61,8 +64,13 @@ class LoadOptions:
     compile: str = spec.default("compile")
     cfg_batch: bool = spec.default("cfg_batch")
     fp32_residual: bool = spec.default("fp32_residual")
+    ulysses_size: int = spec.default("ulysses_size")
+    cfg_parallel: bool = spec.default("cfg_parallel")
+    dit_fsdp: bool = spec.default("dit_fsdp")
+    t5_fsdp: bool = spec.default("t5_fsdp")
     device: Optional[str] = None  # cuda when available, else cpu
     gpu_memory_gib: Optional[float] = None
+    rank: int = 0
 
     @classmethod
     def from_values(cls, values, device: Optional[str] = None) -> "LoadOptions":
@@ -77,6 +85,8 @@ class LoadOptions:
             except InvalidParameter as exc:
                 problems += exc.problems
         if not problems:
+            problems += ParallelLayout.from_values(checked).problems(gpus=self.gpus_here())
+        if not problems:
             try:  # an installed kernel for this device, before anything is loaded
                 kernels.resolve(checked["attention_backend"], kernels.device_capability(self.torch_device))
             except InvalidParameter as exc:
@@ -84,6 +94,14 @@ class LoadOptions:
         if problems:
             raise InvalidParameter.from_problems(problems)
         return dataclasses.replace(self, **checked)
+
+    @property
+    def layout(self) -> ParallelLayout:
+        return ParallelLayout.from_values(dataclasses.asdict(self))
+
+    def gpus_here(self) -> Optional[int]:
+        """The GPUs ranks can use (None on the CPU, where ranks are processes)."""
+        return torch.cuda.device_count() if self.torch_device.type == "cuda" else None
 
     @property
     def storage_key(self) -> tuple:
@@ -111,7 +129,7 @@ class LoadOptions:
         return None
 
 
-spec.require_fields(LoadOptions, LOAD_FIELDS, own=("device", "gpu_memory_gib"))
+spec.require_fields(LoadOptions, LOAD_FIELDS, own=("device", "gpu_memory_gib", "rank"))
 
 
 @dataclasses.dataclass
@@ -276,17 +294,13 @@ class Wan22I2VPipeline:
         self.residency.evict()
 
     def release(self) -> None:
-        """Free every weight now (modules go to the meta device); the pipeline cannot be used afterwards."""
+        """Free every weight now (modules go to the meta device), the other ranks' too (their processes end); the
+        pipeline cannot be used afterwards."""
+        group, self.ranks.group, self.ranks.context = self.ranks.group, None, None
         self.lora_state.clear()
         self.residency.release()
-
-    def _lose_ranks(self) -> None:
-        """A rank is gone: the others end, and this process's models are released with them (their experts carry
-        the process group that broke); the next run loads every rank again."""
-        group, self.ranks.group = self.ranks.group, None
-        self.ranks.context = None
-        self.release()
-        group.close()
+        if group is not None:
+            group.close()
 
     def _check_usable(self) -> None:
         if self.released:
@@ -361,7 +375,8 @@ class Wan22I2VPipeline:
         spec.check("negative_prompt", negative_prompt or "")
         self._check_usable()
         negative = negative_prompt or UPSTREAM_NEGATIVE_PROMPT  # upstream: "" means the default
-        device = self.device if not self.options.t5_cpu and self.residency.gpu else torch.device("cpu")
+        sharded = "text_encoder" in self.residency.fixed  # t5_fsdp: on the ranks' GPUs, every rank encoding with rank 0
+        device = self.device if (sharded or not self.options.t5_cpu) and self.residency.gpu else torch.device("cpu")
         # cached embeddings (the negative prompt, a repeated prompt) need no encoder on the GPU
         on_gpu = device.type != "cpu" and bool(self.prompt_encoder.missing([prompt, negative], device))
         if on_gpu:
@@ -370,7 +385,6 @@ class Wan22I2VPipeline:
             if budget is not None and planner.usable_gpu_bytes(budget) < resident + placement.module_bytes(self.prompt_encoder.model):
                 self.residency.evict()  # T5 first, the experts come back for the denoising
             self.residency.to_gpu("text_encoder")
-        sharded = "text_encoder" in self.residency.fixed  # t5_fsdp: every rank encodes with rank 0
         if sharded and self.ranks.group is not None:
             self.ranks.group.send_encode(prompt, negative_prompt)
         try:
@@ -467,7 +481,7 @@ class Wan22I2VPipeline:
                 self.ranks.group.collect(raise_failure=False)  # this rank's error is the one to say ...
                 lost = self.ranks.group.lost()
                 if lost:  # ... unless a rank is gone: then every rank starts again, from the models up
-                    self._lose_ranks()
+                    self.release()  # their experts carry the process group that broke: every rank loads again
                     raise lost from exc
             raise
         else:

@@ -3,6 +3,7 @@ single-process latents (fp32, tiny weights), LoRAs included; the layout's bad va
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import time
@@ -14,6 +15,7 @@ import torch
 from wan22.loader import load_pipeline
 from wan22.parallel.group import RankGroup
 from wan22.pipeline import LoadOptions
+from wan22.request.model_sets import discover_model_set
 from wan22.request.parallel_layout import ParallelLayout
 from wan22.request.params import GenerationParams
 from wan22.runtime.lora import LoraChoice
@@ -85,21 +87,25 @@ def _denoise(view, noise, y, embeds):
 ])
 def test_a_layout_that_cannot_run_says_what_to_change(layout, gpus, said):
     assert said in layout.problems(gpus=gpus)
-    assert ("t5_fsdp", "shards the text encoder over the GPUs, and t5_cpu keeps it on the CPU: set t5_cpu false, or "
-                       "leave t5_fsdp off") in ParallelLayout(ulysses_size=2, t5_fsdp=True).problems(gpus=2, t5_cpu=True)
     assert ParallelLayout(ulysses_size=8).problems(gpus=8) == []
 
 
 @contextlib.contextmanager
 def _ranks(source, layout, timeout_s=120):
-    """Rank 0's pipeline (this process) with the group of the other ranks started; closed afterwards."""
-    pipe = load_pipeline(source, FP32_CPU)
-    group = RankGroup(layout, source, FP32_CPU, timeout_s=timeout_s)
-    group.start(pipe)
+    """Rank 0's pipeline (this process), loaded with `layout`: the other ranks started by the load; all released
+    afterwards."""
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, {"WAN22_COLLECTIVE_TIMEOUT_S": str(timeout_s)}):
+        pipe = load_pipeline(source, _with_layout(layout))
     try:
-        yield pipe, group
+        yield pipe, pipe.ranks.group
     finally:
-        group.close()
+        pipe.release()
+
+
+def _with_layout(layout) -> LoadOptions:
+    return dataclasses.replace(FP32_CPU, **dataclasses.asdict(layout))
 
 
 def test_a_cancel_on_rank_0_stops_every_rank_at_the_next_step_and_the_group_serves_again(tiny_models, reference):
@@ -188,10 +194,12 @@ def test_t5_fsdp_encodes_on_every_rank_as_one_process_does(tiny_models, referenc
 def test_a_rank_that_cannot_load_fails_the_start_naming_why_and_leaves_no_process(tiny_models, tmp_path):
     from wan22.parallel.group import RankFailed
 
-    pipe = load_pipeline(tiny_models("upstream"), FP32_CPU)
-    group = RankGroup(ParallelLayout(ulysses_size=2), tmp_path / "no_models_here", FP32_CPU, timeout_s=60)
+    options = _with_layout(ParallelLayout(ulysses_size=2))
+    found = discover_model_set(tiny_models("upstream"))
+    pipe = load_pipeline(found, FP32_CPU)
+    elsewhere = dataclasses.replace(found, files={part: tmp_path / "no_models_here" / path.name for part, path in found.files.items()})
     with pytest.raises(RankFailed, match="rank 1 could not load the models: .*no_models_here"):
-        group.start(pipe)
+        RankGroup(elsewhere, options, timeout_s=60).start(pipe)
     assert pipe.ranks.group is None and not torch.distributed.is_initialized()
     assert _rank_processes() == []
 

@@ -21,12 +21,12 @@ import threading
 import time
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..request.parallel_layout import ParallelLayout
+from ..request.model_sets import ModelSet
 from ..request.processes import die_with_parent, free_port
 from .context import RankContext
 
@@ -80,9 +80,11 @@ class RankProcess:
 
 
 class RankGroup:
-    def __init__(self, layout: ParallelLayout, source: Union[str, Path], options, timeout_s: float = COLLECTIVE_TIMEOUT_S):
-        """`source`: the model set every rank loads; `options`: wan22.pipeline.LoadOptions (rank 0's device)."""
-        self.layout, self.source, self.options, self.timeout_s = layout, str(source), options, timeout_s
+    def __init__(self, model_set: ModelSet, options, timeout_s: Optional[float] = None):
+        """`model_set`: what every rank loads; `options`: rank 0's wan22.pipeline.LoadOptions (its layout and device).
+        `timeout_s`: the collective timeout (default WAN22_COLLECTIVE_TIMEOUT_S, else COLLECTIVE_TIMEOUT_S)."""
+        self.layout, self.model_set, self.options = options.layout, model_set, options
+        self.timeout_s = timeout_s if timeout_s is not None else float(os.environ.get("WAN22_COLLECTIVE_TIMEOUT_S") or COLLECTIVE_TIMEOUT_S)
         self.processes: List[RankProcess] = []
         self.pipes: list = []
         self.pending = False
@@ -119,8 +121,10 @@ class RankGroup:
         if missing:
             raise RankFailed(f"rank {missing[0]} did not start (its process "
                              f"{'ended' if not self.processes[missing[0] - 1].is_alive() else 'did not connect'})")
-        setup = {"layout": dataclasses.asdict(self.layout), "port": port, "source": self.source,
-                 "options": dataclasses.asdict(self.options), "device": device.type, "timeout_s": self.timeout_s}
+        model_set = {"layout": self.model_set.layout, "root": str(self.model_set.root), "variant": self.model_set.variant,
+                     "files": {part: str(path) for part, path in self.model_set.files.items()}}
+        setup = {"port": port, "model_set": model_set, "options": dataclasses.asdict(self.options),
+                 "device": device.type, "timeout_s": self.timeout_s}
         for rank in range(1, self.layout.ranks):
             connections[rank].send(setup)
             self.pipes.append(connections[rank])
@@ -236,11 +240,14 @@ def _rank_main(rank: int) -> None:
         from ..runtime.lora import LoraChoice
         from ..runtime.text_encoder import PromptEmbeds
 
-        layout, timeout_s = ParallelLayout(**setup["layout"]), setup["timeout_s"]
         device = rank_device(rank, torch.device(setup["device"]))
-        _join(rank, layout.ranks, setup["port"], device, timeout_s)
-        context = RankContext(layout, device)  # with rank 0, before loading: its groups are collectives
-        pipe = load_pipeline(setup["source"], LoadOptions(**{**setup["options"], "device": str(device)}))
+        options = LoadOptions(**{**setup["options"], "device": str(device), "rank": rank})
+        _join(rank, options.layout.ranks, setup["port"], device, setup["timeout_s"])
+        context = RankContext(options.layout, device)  # with rank 0, before loading: its groups are collectives
+        found = setup["model_set"]
+        model_set = ModelSet(found["layout"], Path(found["root"]), {part: Path(path) for part, path in found["files"].items()},
+                             found["variant"])
+        pipe = load_pipeline(model_set, options)
         pipe.ranks.context = context
         context.prepare(pipe)
     except Exception as exc:  # noqa: BLE001 - said to rank 0, which raises it

@@ -26,6 +26,11 @@ class ParallelLayout:
     dit_fsdp: bool = False
     t5_fsdp: bool = False
 
+    @classmethod
+    def from_values(cls, values) -> "ParallelLayout":
+        """From parameter values (wan22.request.spec names); missing (or None) ones keep their defaults."""
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if values.get(f.name) is not None})
+
     @property
     def cfg_groups(self) -> int:
         return 2 if self.cfg_parallel else 1
@@ -38,9 +43,9 @@ class ParallelLayout:
     def parallel(self) -> bool:
         return self.ranks > 1
 
-    def problems(self, heads: int = A14B_HEADS, gpus: Optional[int] = None, t5_cpu: bool = False) -> List[Tuple[str, str]]:
+    def problems(self, heads: int = A14B_HEADS, gpus: Optional[int] = None) -> List[Tuple[str, str]]:
         """(field, what to change) for every way this layout cannot run: on `heads` attention heads, with `gpus`
-        GPUs (None: not known yet, or the CPU, where ranks are processes), T5 on the CPU or not (`t5_cpu`)."""
+        GPUs (None: not known yet, or the CPU, where ranks are processes)."""
         out = []
         if self.ulysses_size < 1:
             out.append(("ulysses_size", f"must be at least 1, got {self.ulysses_size}"))
@@ -48,13 +53,10 @@ class ParallelLayout:
             divisors = [d for d in range(1, heads + 1) if heads % d == 0]
             out.append(("ulysses_size", f"must divide the model's {heads} attention heads ({', '.join(map(str, divisors))}), "
                                         f"got {self.ulysses_size}"))
-        if gpus is not None and self.ranks > gpus:
+        if gpus is not None and self.parallel and self.ranks > gpus:
             out.append(("ulysses_size" if not self.cfg_parallel else "cfg_parallel",
                         f"this layout needs {self.ranks} GPUs (ulysses_size {self.ulysses_size} x "
                         f"{self.cfg_groups} CFG group{'s' if self.cfg_groups > 1 else ''}) and {gpus} are here"))
-        if self.t5_fsdp and t5_cpu and gpus:
-            out.append(("t5_fsdp", "shards the text encoder over the GPUs, and t5_cpu keeps it on the CPU: set t5_cpu "
-                                    "false, or leave t5_fsdp off"))
         for field in ("dit_fsdp", "t5_fsdp"):
             if getattr(self, field) and self.ranks < 2:
                 out.append((field, "shards over several ranks: set ulysses_size 2 or more, or cfg_parallel"))

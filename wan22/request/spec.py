@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .errors import InvalidParameter, did_you_mean
 from .extension_models import check_model_name
+from .parallel_layout import ParallelLayout
 from .lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW, MAX_LORAS, MAX_STRENGTH, parse_entries
 from .settings import Limits
 
@@ -49,7 +50,6 @@ LORA = "Wan22LoraLoader"
 EXTEND = "Wan22PromptExtend"
 SURFACES = ("node", "cli", "worker")
 IMAGE_FIELDS = ("image", "image_url", "image_path", "image_base64")
-SINGLE_GPU = "this runner drives one GPU"
 
 
 # what a parameter feeds (Param.feeds): the consumer each value reaches, whatever the surface
@@ -65,7 +65,7 @@ FEEDS: Dict[str, str] = {
     "extension": "the prompt extension (wan22.prompt_extend)",
     "output": "the saved MP4: its name and how the worker delivers it",
     "request": "a shorthand the request's normalisation expands into other parameters",
-    "nothing": "accepted only at its one value (options for several GPUs)",
+    "layout": "ParallelLayout (wan22.request.parallel_layout): how many ranks make one video and what they shard; a change starts them again and loads",
 }
 
 
@@ -79,9 +79,8 @@ class Param:
     LoadOptions and its storage key). `operator`: the worker's environment variable that sets it for every job (a
     request's or a raw workflow's value is replaced by the operator's, with a warning).
     `node`: the node class with an input of this name (`also`: others with the same input). `refused`: surface -> why that surface does not take it
-    (any other surface does). `flag`: the CLI has ``--name`` (and ``--alias``) for it. `only`: the only value
-    this runner supports (seed flags for several GPUs), with `why`. `upstream_flag`: upstream generate.py's
-    flag, accepted in the worker's ``extra_args``. `widget`: extra ComfyUI widget options.
+    (any other surface does). `flag`: the CLI has ``--name`` (and ``--alias``) for it. `upstream_flag`: upstream
+    generate.py's flag, accepted in the worker's ``extra_args``. `widget`: extra ComfyUI widget options.
     """
 
     name: str
@@ -99,8 +98,6 @@ class Param:
     also: Tuple[str, ...] = ()  # other node classes with the same input (the extension's seed)
     refused: Mapping[str, str] = dataclasses.field(default_factory=dict)
     flag: bool = True
-    only: Any = None
-    why: str = ""
     upstream_flag: Optional[str] = None
     upstream_switch: bool = False  # the upstream flag is store_true (takes no value)
     widget: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -123,8 +120,6 @@ class Param:
     @property
     def allowed(self) -> str:
         """What the check accepts, in words (the docs table and --help)."""
-        if self.only is not None:
-            return f"only {_show(self.only)} ({self.why})"
         if self.kind == "int":
             text = f"integer {_num(self.low)}..{_num(self.high)}"
             return f"{self.every}n+1, " + text if self.every else text
@@ -245,11 +240,17 @@ PARAMS: Tuple[Param, ...] = (
           node=LOADER, feeds="kernels"),
     Param("fp32_residual", "bool", False, "Keep the experts' residual stream in fp32 between sub-layers, as upstream does (diffusers' blocks round it to bf16 after each): 9 % less bf16 error at 8 blocks (bench/fidelity.py), more activation memory.",
           node=LOADER, feeds="kernels"),
-    # --- seed options that need several GPUs or a prompt-extension model: only the default is accepted
-    Param("t5_fsdp", "bool", False, "FSDP sharding of T5 (several GPUs).", flag=False, only=False, why=SINGLE_GPU, upstream_flag="--t5_fsdp", upstream_switch=True, feeds="nothing"),
-    Param("dit_fsdp", "bool", False, "FSDP sharding of the DiT (several GPUs).", flag=False, only=False, why=SINGLE_GPU, upstream_flag="--dit_fsdp", upstream_switch=True, feeds="nothing"),
-    Param("ulysses_size", "int", 1, "Ulysses sequence parallelism (several GPUs).", low=1, high=64, flag=False, only=1, why=SINGLE_GPU,
-          upstream_flag="--ulysses_size", feeds="nothing"),
+    # --- several GPUs for one video (docs/multigpu.md): the seed's flags with upstream's meanings, plus cfg_parallel
+    Param("ulysses_size", "int", 1, "Ulysses sequence parallelism: the video's tokens split over this many GPUs (ranks), attention "
+          "exchanging heads by all-to-all; it divides the 40 heads (1, 2, 4, 5, 8, 10, 20, 40).", low=1, high=40,
+          node=LOADER, upstream_flag="--ulysses_size", feeds="layout", operator="WAN_ULYSSES_SIZE"),
+    Param("cfg_parallel", "bool", False, "The conditional and unconditional passes on two halves of the GPUs (twice the ranks "
+          "of ulysses_size), where guidance is not 1.", node=LOADER, feeds="layout", operator="WAN_CFG_PARALLEL"),
+    Param("dit_fsdp", "bool", False, "Each expert's weights sharded over the ranks (FSDP), a block's gathered only while it runs: "
+          "both experts stay resident on GPUs too small for one.", node=LOADER, upstream_flag="--dit_fsdp", upstream_switch=True,
+          feeds="layout", operator="WAN_DIT_FSDP"),
+    Param("t5_fsdp", "bool", False, "The text encoder sharded over the ranks' GPUs (FSDP); t5_cpu does not apply then.",
+          node=LOADER, upstream_flag="--t5_fsdp", upstream_switch=True, feeds="layout", operator="WAN_T5_FSDP"),
     Param("use_prompt_extend", "bool", False, "Extend the prompt with a vision-language model that sees the image (upstream's prompt extension); the prompt used and the extension's status are reported (docs/prompt_extend.md).",
           upstream_flag="--use_prompt_extend", upstream_switch=True, feeds="extension"),
     Param("prompt_extend_method", "choice", "local_qwen", "local_qwen: Qwen2.5-VL from a folder under the model roots; dashscope: Alibaba Cloud's API (DASH_API_KEY on the server).",
@@ -383,10 +384,7 @@ def parse_size(value: Any) -> Tuple[int, int]:
 def check(name: str, value: Any, limits: Optional[Limits] = None) -> Any:
     """The canonical value of parameter `name`, or InvalidParameter(name, why)."""
     p = SPEC[name]
-    checked = _check_kind(p, value, limits)
-    if p.only is not None and checked != p.only:
-        raise InvalidParameter(name, f"is not supported: {p.why}; remove it or set it to {_show(p.only)}")
-    return checked
+    return _check_kind(p, value, limits)
 
 
 def _check_kind(p: Param, value: Any, limits: Optional[Limits]) -> Any:
@@ -523,6 +521,9 @@ def normalize(raw: Mapping[str, Any], surface: str, *, limits: Optional[Limits] 
     images = [n for n in IMAGE_FIELDS if n in values]
     if len(images) > 1:
         problems.append((spelled[images[1]], f"give exactly one image source; also got {spelled[images[0]]}"))
+    if surface != "worker":  # the worker runs its operator's layout (runpod_worker.validation.operator_replacements)
+        layout = ParallelLayout.from_values(values)
+        problems += [(spelled.get(field, label(field)), why) for field, why in layout.problems()]
     if not values.get("use_prompt_extend"):
         warnings += [f"{spelled[n]}: ignored because use_prompt_extend is false" for n in EXTENSION_OPTIONS if values.get(n)]
     if problems:
