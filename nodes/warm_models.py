@@ -78,7 +78,7 @@ class WarmModels:
         if self.pipeline is not None:
             log.warning("Wan22: releasing %s", self.key[0])
             self.pipeline.release()
-            self.releases[self.key] = self.releases_of(self.key) + 1
+            self.releases[self.key] = self.releases.get(self.key, 0) + 1
         if self.expanders:
             log.warning("Wan22: prompt extension: releasing %d model(s)", len(self.expanders))
         self.pipeline = self.key = None

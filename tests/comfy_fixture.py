@@ -146,3 +146,17 @@ def loopback_http(routes: dict):
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+
+
+def rank_processes(parent: Optional[int] = None) -> list:
+    """The running rank processes (`python -m wan22.parallel.rank N`) whose parent is `parent` (None: any)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if b"wan22.parallel.rank" in command and fields[0] != "Z" and parent in (None, int(fields[1])):
+            found.append(int(entry.name))
+    return sorted(found)

@@ -502,6 +502,35 @@ def test_a_worker_holding_one_expert_in_host_ram_gives_the_same_videos(worker, t
     assert comfy_log.count("Wan22: loading") == 1
 
 
+def test_a_worker_spreading_each_video_over_two_ranks_gives_the_same_videos(worker, tiny_upstream, image_http, tmp_path):
+    """WAN_GPUS=2 with WAN_DIT_FSDP (no GPU here: two CPU ranks over gloo, started by the worker's ComfyUI): the
+    videos are the one-process worker's; a request asking for the worker's layout runs without a word, one asking
+    for another runs the worker's and says so; the rank stays warm across jobs and ends with the worker."""
+    image = base64.b64encode(image_http["data"]).decode()
+    jobs = [{"reference_image_base64": image, "prompt": "a red boat", "seed": 11, **TINY},
+            {"reference_image_base64": image, "prompt": "a red boat", "seed": 12, **TINY}]
+    asks = [{"ulysses_size": 2, "dit_fsdp": True}, {"extra_args": "--ulysses_size 8 --t5_fsdp"}]
+    want = [worker.runsync({"action": "request", "params": params, "return_video": True}) for params in jobs]
+    with running_worker(tmp_path, tiny_upstream, image_http, {"WAN_GPUS": "2", "WAN_DIT_FSDP": "1"}, "worker_two_ranks") as two:
+        got = [two.runsync({"action": "request", "params": {**params, **ask}, "return_video": True})
+               for params, ask in zip(jobs, asks)]
+        ranks = cf.rank_processes(two.comfy_pid())
+        comfy_log = two.comfy_log.read_text(errors="replace")
+    assert len(ranks) == 1 and comfy_log.count("Wan22: loading") == 1  # the warm-up started it; both jobs used it
+    for answer, reference, index in zip(got, want, range(len(jobs))):
+        assert answer["status"] == "COMPLETED" and reference["status"] == "COMPLETED", (answer, reference)
+        frames = [read_mp4(_written(tmp_path / f"{name}{index}.mp4", a))[0].astype(int) for name, a in (("two", answer), ("one", reference))]
+        assert frames[0].shape[0] == 5 and frames[0].shape == frames[1].shape and abs(frames[0] - frames[1]).max() <= 1
+    assert got[0]["output"]["replaced"] == []
+    assert [(r["field"], r["given"], r["used"]) for r in got[1]["output"]["replaced"]] == [
+        ("params.extra_args (--ulysses_size)", 8, 2), ("params.extra_args (--t5_fsdp)", True, False)]
+    assert got[1]["output"]["warnings"][0].startswith("params.extra_args (--ulysses_size): 8 replaced by 2: this worker's operator")
+    deadline = time.monotonic() + 10
+    while cf.rank_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cf.rank_processes() == []  # ended with the worker's ComfyUI
+
+
 def _written(path: Path, answer: dict) -> Path:
     path.write_bytes(base64.b64decode(answer["output"]["video_base64"]))
     return path

@@ -16,6 +16,7 @@ from .checkpoints.tensors import open_safetensors, safetensors_files
 from .memory import host_experts, planner
 from .memory.residency import EXPERTS
 from .pipeline import LoadOptions, Wan22I2VPipeline
+from .request.errors import InvalidParameter
 from .request.model_sets import ModelSet, discover_model_set
 from .runtime.fp8 import FP8_DTYPES
 from .runtime.text_encoder import HuggingFaceTokenizer, PromptEncoder, SentencePieceTokenizer
@@ -97,6 +98,10 @@ def _start_ranks(pipe: Wan22I2VPipeline, model_set: ModelSet, options: LoadOptio
     from .parallel.group import RankGroup
 
     try:
+        heads = pipe.high_noise_model.config.num_attention_heads  # A14B's 40, fewer in the tests' tiny models
+        problems = [(field, why) for field, why in options.layout.problems(heads=heads) if field == "ulysses_size"]
+        if problems:
+            raise InvalidParameter.from_problems(problems)
         RankGroup(model_set, options).start(pipe)
     except BaseException:
         pipe.release()

@@ -7,10 +7,11 @@ import dataclasses
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
+
+import comfy_fixture as cf
 
 from wan22.loader import load_pipeline
 from wan22.parallel.group import RankGroup
@@ -56,6 +57,39 @@ def test_every_layout_gives_the_single_process_latents(tiny_models, reference, l
     whole = _weight_bytes(pipe.high_noise_model)
     # dit_fsdp: rank 0 holds its shard of each expert's weights (half, give or take a row of an odd-sized tensor)
     assert held == whole if not layout.dit_fsdp else abs(held - whole / layout.ranks) < 0.02 * whole, (held, whole)
+
+
+def test_ulysses_4_on_a_model_with_4_heads_gives_the_single_process_latents(tmp_path, reference):
+    """Four ranks, each with a quarter of the tokens and, in attention, one of the 4 heads; the tests' usual tiny
+    model has 2 heads, which ulysses_size 4 cannot divide: refused naming the field, with the divisors."""
+    from wan22.request.errors import InvalidParameter
+    from wan22.testing.tiny import TinySpec, build_tiny_model_set
+
+    _, embeds, noise, y = reference
+    folder = build_tiny_model_set(tmp_path / "four_heads", spec=TinySpec(num_heads=4))
+    want = load_pipeline(folder, FP32_CPU).denoise(noise, y, embeds, PARAMS)
+    got, steps, _ = _denoise_on_ranks(folder, ParallelLayout(ulysses_size=4), noise, y, embeds)
+    assert (got - want).abs().max().item() < 1e-4 and steps == [0, 1, 2, 3, 4]
+    with pytest.raises(InvalidParameter, match=r"ulysses_size: must divide the model's 2 attention heads \(1, 2\), got 4"):
+        load_pipeline(reference[0].model_set, _with_layout(ParallelLayout(ulysses_size=4)))
+    assert _rank_processes() == []
+
+
+def test_a_released_sharded_pipeline_frees_its_shards_while_a_view_of_it_is_still_held(tiny_models, reference):
+    """ComfyUI caches the loader's output (a view of the pipeline) past a release: the shards' memory must not
+    stay with it. Every sharded weight's storage is gone after the release, the view still referenced."""
+    import gc
+    import weakref
+
+    pipe0, embeds, noise, y = reference
+    with _ranks(tiny_models("upstream"), ParallelLayout(ulysses_size=2, dit_fsdp=True, t5_fsdp=True)) as (pipe, _):
+        view = pipe.with_loras(())
+        view.denoise(noise, y, pipe.encode_prompt("a boat", ""), PARAMS)
+        models = (pipe.high_noise_model, pipe.low_noise_model, pipe.prompt_encoder.model)
+        shards = [weakref.ref(p._local_tensor) for model in models for p in model.parameters()]
+        assert shards and all(ref() is not None for ref in shards)
+    gc.collect()
+    assert view.released and [ref for ref in shards if ref() is not None] == []
 
 
 def test_the_ranks_carry_the_runs_loras(tiny_models, reference, tmp_path):
@@ -205,14 +239,5 @@ def test_a_rank_that_cannot_load_fails_the_start_naming_why_and_leaves_no_proces
 
 
 def _rank_processes() -> list:
-    """This process's children that are ranks (`python -m wan22.parallel.group N`), still running."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            command = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == os.getpid() and b"wan22.parallel.group" in command and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
+    """This process's children that are ranks, still running."""
+    return cf.rank_processes(os.getpid())

@@ -126,7 +126,28 @@ class Residency:
     def release(self) -> None:
         """Free every weight now (modules go to the meta device); nothing can run on them afterwards."""
         self.evict()
-        for module in self._modules().values():
-            module.to("meta")
+        for name, module in self._modules().items():
+            if name in self.fixed:  # sharded (FSDP's hooks refuse a move once their process group is gone): dropped
+                _drop_tensors(module)
+            else:
+                module.to("meta")
         self.released = True
         placement.empty_cache(self.device)
+
+
+def _drop_tensors(module: torch.nn.Module) -> None:
+    """Every parameter and buffer of `module` replaced by a meta tensor of its shape, and FSDP's own references to
+    its shards dropped (its per-parameter records hold the padded shard the parameter views): the memory is freed
+    while the module object may still be held (ComfyUI caches the loader's output)."""
+    for sub in module.modules():
+        state = sub._get_fsdp_state() if hasattr(sub, "_get_fsdp_state") else None
+        for group in getattr(state, "_fsdp_param_groups", ()):
+            for record in group.fsdp_params:
+                for key, value in list(vars(record).items()):
+                    if isinstance(value, torch.Tensor) or (isinstance(value, list) and value and isinstance(value[0], torch.Tensor)):
+                        setattr(record, key, None)
+        for table in (sub._parameters, sub._buffers):
+            for key, tensor in table.items():
+                if tensor is not None:
+                    meta = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+                    table[key] = torch.nn.Parameter(meta, requires_grad=False) if table is sub._parameters else meta

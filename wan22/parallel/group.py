@@ -2,9 +2,9 @@
 models: ComfyUI's, the CLI's, the worker's): each loads the same model set, holds it across runs, and runs every
 encode and denoise rank 0 sends it, in step with rank 0 over torch.distributed (NCCL on GPUs, gloo on the CPU).
 
-A rank is `python -m wan22.parallel.group` with this checkout on its path, not a multiprocessing child: inside
-ComfyUI the pack is imported under its folder's name and ComfyUI's main script is not importable again, so
-nothing of rank 0 is pickled by reference. Commands and answers are plain data (numbers, strings, arrays) on an
+A rank is `python -m wan22.parallel.rank N` (its main loop) with this checkout on its path, not a multiprocessing
+child: inside ComfyUI the pack is imported under its folder's name and ComfyUI's main script is not importable again,
+so nothing of rank 0 is pickled by reference. Commands and answers are plain data (numbers, strings, arrays) on an
 authenticated local connection per rank; only the work itself uses collectives, so idle ranks never time out. A
 rank dies with rank 0 (PR_SET_PDEATHSIG), and `close` ends them."""
 from __future__ import annotations
@@ -14,12 +14,11 @@ import datetime
 import logging
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
 import time
-from multiprocessing.connection import Client, Listener
+from multiprocessing.connection import Listener
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -27,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..request.model_sets import ModelSet
-from ..request.processes import die_with_parent, free_port
+from ..request.processes import free_port
 from .context import RankContext
 
 log = logging.getLogger("wan22")
@@ -41,7 +40,7 @@ def rank_device(rank: int, device: torch.device) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else torch.device("cpu")
 
 
-def _join(rank: int, world: int, port: int, device: torch.device, timeout_s: float) -> None:
+def join_group(rank: int, world: int, port: int, device: torch.device, timeout_s: float) -> None:
     if device.type == "cuda":  # NCCL: one GPU per rank, this rank's is the current one
         torch.cuda.set_device(device.index or 0)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
@@ -99,7 +98,7 @@ class RankGroup:
                    PYTHONPATH=os.pathsep.join([str(PACK_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
         for rank in range(1, self.layout.ranks):
             self.processes.append(RankProcess(subprocess.Popen(
-                [sys.executable, "-m", "wan22.parallel.group", str(rank)], env=env, cwd=str(PACK_ROOT),
+                [sys.executable, "-m", "wan22.parallel.rank", str(rank)], env=env, cwd=str(PACK_ROOT),
                 stdin=subprocess.DEVNULL)))
         connections: dict = {}
 
@@ -136,7 +135,7 @@ class RankGroup:
         port = free_port()
         try:
             self._spawn(device, port)
-            _join(0, self.layout.ranks, port, device, self.timeout_s)
+            join_group(0, self.layout.ranks, port, device, self.timeout_s)
             pipe.ranks.context = RankContext(self.layout, device)
             pipe.ranks.context.prepare(pipe)
             for rank, answer in self._answers(LOAD_TIMEOUT_S):
@@ -224,59 +223,3 @@ class RankGroup:
         self.processes, self.pipes = [], []
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _rank_main(rank: int) -> None:
-    """A rank's process: connect to rank 0, get the setup, join the group, load, then serve until told to close."""
-    die_with_parent(signal.SIGKILL)
-    host, port_text = os.environ["WAN22_RANK_ADDRESS"].rsplit(":", 1)
-    conn = Client((host, int(port_text)), authkey=bytes.fromhex(os.environ.pop("WAN22_RANK_AUTHKEY")))
-    conn.send(rank)
-    setup = conn.recv()
-    try:
-        from ..loader import load_pipeline
-        from ..pipeline import LoadOptions
-        from ..request.params import GenerationParams
-        from ..runtime.lora import LoraChoice
-        from ..runtime.text_encoder import PromptEmbeds
-
-        device = rank_device(rank, torch.device(setup["device"]))
-        options = LoadOptions(**{**setup["options"], "device": str(device), "rank": rank})
-        _join(rank, options.layout.ranks, setup["port"], device, setup["timeout_s"])
-        context = RankContext(options.layout, device)  # with rank 0, before loading: its groups are collectives
-        found = setup["model_set"]
-        model_set = ModelSet(found["layout"], Path(found["root"]), {part: Path(path) for part, path in found["files"].items()},
-                             found["variant"])
-        pipe = load_pipeline(model_set, options)
-        pipe.ranks.context = context
-        context.prepare(pipe)
-    except Exception as exc:  # noqa: BLE001 - said to rank 0, which raises it
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        return
-    conn.send(("ready", None))
-    while True:
-        try:
-            message = conn.recv()
-        except (OSError, EOFError):
-            break
-        if message[0] == "close":
-            break
-        try:
-            if message[0] == "encode":
-                pipe.encode_prompt(message[1], message[2])
-            else:
-                _, noise, y, (context, context_null, prompt, negative), params, loras = message
-                embeds = PromptEmbeds(torch.from_numpy(context), torch.from_numpy(context_null), prompt, negative)
-                view = pipe.with_loras([LoraChoice(Path(path), high, low, label) for path, high, low, label in loras])
-                view.sync_loras()
-                params = GenerationParams(**{**params, "guide_scale": tuple(params["guide_scale"])})
-                view.denoise(torch.from_numpy(noise), torch.from_numpy(y), embeds, params)
-            conn.send(("done", None))
-        except Exception as exc:  # noqa: BLE001 - said to rank 0
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    _rank_main(int(sys.argv[1]))
