@@ -27,7 +27,7 @@ CURRENT_TESTS ?= tests/test_nodes_comfy.py tests/test_headless_e2e.py tests/test
 	tests/test_headless_cli.py tests/test_graph_editor.py tests/test_graph_editor_preview.py tests/test_graph_editor_layout.py \
 	tests/test_graph_editor_templates.py tests/test_lora_comfy.py tests/test_worker_e2e.py \
 	tests/test_worker_interrupt.py tests/test_worker_faults.py tests/test_current_clients.py tests/test_prompt_extend_comfy.py \
-	tests/test_worker_hardening.py tests/test_worker_leaks.py tests/test_worker_tempdir.py
+	tests/test_worker_hardening.py tests/test_worker_leaks.py tests/test_worker_tempdir.py tests/test_parallel_comfy.py
 
 setup: system venv deps comfyui setup-current
 

@@ -318,3 +318,41 @@ def test_float_and_fps_widgets_step_and_take_typed_values(sampler_in_view, brows
     assert widget(browser, "Wan22SaveVideo", "fps")["value"] == 17
     type_value(browser, "Wan22SaveVideo", "fps", "25")
     assert widget(browser, "Wan22SaveVideo", "fps")["value"] == 25
+
+
+def test_the_loaders_layout_inputs_step_and_toggle_and_a_layout_that_cannot_run_is_shown_under_its_input(
+        sampler_in_view, browser, comfy_server, input_image):
+    """The loader's several-GPU inputs (docs/multigpu.md): ulysses_size by its arrows and by typing, dit_fsdp by a
+    click; a layout the model cannot take (ulysses_size 3 on 40 heads), queued from the editor, is shown once, under
+    ulysses_size, with the values that would work."""
+    from headless.client import ComfyClient
+
+    node = "Wan22ModelLoader"
+    bring_into_view(browser, node)
+    assert widget(browser, node, "ulysses_size")["value"] == 1
+    click(browser, widget(browser, node, "ulysses_size")["right"])
+    assert widget(browser, node, "ulysses_size")["value"] == 2
+    type_value(browser, node, "ulysses_size", "8")
+    assert widget(browser, node, "ulysses_size")["value"] == 8
+    assert widget(browser, node, "dit_fsdp")["value"] is False
+    click(browser, widget(browser, node, "dit_fsdp")["middle"])
+    assert widget(browser, node, "dit_fsdp")["value"] is True
+    type_value(browser, node, "ulysses_size", "3")
+    client = ComfyClient(comfy_server.url)
+    try:
+        image = client.upload_image(input_image, name="wan22_editor_test.png")
+    finally:
+        client.close()
+    browser.evaluate("(() => { const w = app.graph._nodes.find(x => x.type === 'LoadImage').widgets.find(x => x.name === 'image');"
+                     f" w.value = {json.dumps(image)}; return true; }})()")
+    browser.evaluate("app.queuePrompt(0, 1).then(() => true, () => true)", timeout=60)
+    browser.wait_for("!!app.lastNodeErrors && Object.keys(app.lastNodeErrors).length > 0", timeout=20,
+                     what="the server's node errors in the editor")
+    errors = browser.evaluate("JSON.parse(JSON.stringify(app.lastNodeErrors))")
+    shown = [(e["extra_info"]["input_name"], e["details"]) for node_errors in errors.values() for e in node_errors["errors"]]
+    assert shown == [("ulysses_size", "ulysses_size - ulysses_size: must divide the model's 40 attention heads "
+                                      "(1, 2, 4, 5, 8, 10, 20, 40), got 3")], shown
+    browser.evaluate("(() => { app.ui.dialog.close();"
+                     " document.querySelectorAll('[role=\"dialog\"] .p-dialog-close-button').forEach(b => b.click());"
+                     " return true; })()")
+    assert not browser.page_errors(), browser.page_errors()
