@@ -160,3 +160,21 @@ def rank_processes(parent: Optional[int] = None) -> list:
         if b"wan22.parallel.rank" in command and fields[0] != "Z" and parent in (None, int(fields[1])):
             found.append(int(entry.name))
     return sorted(found)
+
+
+def watch_lines(stream, needle: str):
+    """Read `stream` line by line on a thread: (the lines so far, an event set at the first line holding `needle`,
+    the thread)."""
+    import threading
+
+    lines, seen = [], threading.Event()
+
+    def read():
+        for line in stream:
+            lines.append(line)
+            if needle in line:
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return lines, seen, reader

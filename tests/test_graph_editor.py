@@ -271,32 +271,42 @@ def test_queue_from_the_editor_with_frame_num_typed_5(sampler_in_view, browser, 
         client.close()
 
 
-def test_a_bad_frame_num_is_shown_once_under_its_input(sampler_in_view, browser, comfy_server, input_image):
-    """A workflow whose frame_num is 50, queued from the editor: the error is shown once, under frame_num (the 2024
-    server reported it under each of the sampler's nine spec inputs)."""
+def _upload(comfy_server, input_image) -> str:
     from headless.client import ComfyClient
 
     client = ComfyClient(comfy_server.url)
     try:
-        image = client.upload_image(input_image, name="wan22_editor_test.png")
+        return client.upload_image(input_image, name="wan22_editor_test.png")
     finally:
         client.close()
+
+
+def _queue_and_read_errors(browser, js_setting_widgets: str) -> list:
+    """Set widgets (`w(type, name)` is a widget), queue as the editor does, and return the (input, details) of each
+    node error the server answered; the error dialog is closed afterwards (its text is returned last)."""
     browser.evaluate("(() => { const w = (t, n) => app.graph._nodes.find(x => x.type === t).widgets.find(x => x.name === n);"
-                     f" w('LoadImage', 'image').value = {json.dumps(image)}; w('{sampler_in_view}', 'frame_num').value = 50;"
-                     " return true; })()")
+                     f" {js_setting_widgets}; return true; }})()")
     browser.evaluate("app.queuePrompt(0, 1).then(() => true, () => true)", timeout=60)
     browser.wait_for("!!app.lastNodeErrors && Object.keys(app.lastNodeErrors).length > 0", timeout=20,
                      what="the server's node errors in the editor")
     browser.settle(0.5)
     errors = browser.evaluate("JSON.parse(JSON.stringify(app.lastNodeErrors))")
     shown = [(e["extra_info"]["input_name"], e["details"]) for node in errors.values() for e in node["errors"]]
-    assert shown == [("frame_num", "frame_num - frame_num: must be 4n+1 (e.g. 5, 33, 49, 81), got 50")], shown
     text = browser.evaluate(READ_GRAPH_JS)["dialog_text"] or ""
-    assert text.count("must be 4n+1") == 1, f"the editor shows the problem more than once or not at all: {text}"
     browser.evaluate("(() => { app.ui.dialog.close();"
                      " document.querySelectorAll('[role=\"dialog\"] .p-dialog-close-button').forEach(b => b.click());"
                      " return true; })()")
+    return shown + [text]
 
+
+def test_a_bad_frame_num_is_shown_once_under_its_input(sampler_in_view, browser, comfy_server, input_image):
+    """A workflow whose frame_num is 50, queued from the editor: the error is shown once, under frame_num (the 2024
+    server reported it under each of the sampler's nine spec inputs)."""
+    image = _upload(comfy_server, input_image)
+    *shown, text = _queue_and_read_errors(browser, f"w('LoadImage', 'image').value = {json.dumps(image)};"
+                                                   f" w('{sampler_in_view}', 'frame_num').value = 50")
+    assert shown == [("frame_num", "frame_num - frame_num: must be 4n+1 (e.g. 5, 33, 49, 81), got 50")], shown
+    assert text.count("must be 4n+1") == 1, f"the editor shows the problem more than once or not at all: {text}"
 
 
 def test_float_and_fps_widgets_step_and_take_typed_values(sampler_in_view, browser):
@@ -325,8 +335,6 @@ def test_the_loaders_layout_inputs_step_and_toggle_and_a_layout_that_cannot_run_
     """The loader's several-GPU inputs (docs/multigpu.md): ulysses_size by its arrows and by typing, dit_fsdp by a
     click; a layout the model cannot take (ulysses_size 3 on 40 heads), queued from the editor, is shown once, under
     ulysses_size, with the values that would work."""
-    from headless.client import ComfyClient
-
     node = "Wan22ModelLoader"
     bring_into_view(browser, node)
     assert widget(browser, node, "ulysses_size")["value"] == 1
@@ -338,21 +346,8 @@ def test_the_loaders_layout_inputs_step_and_toggle_and_a_layout_that_cannot_run_
     click(browser, widget(browser, node, "dit_fsdp")["middle"])
     assert widget(browser, node, "dit_fsdp")["value"] is True
     type_value(browser, node, "ulysses_size", "3")
-    client = ComfyClient(comfy_server.url)
-    try:
-        image = client.upload_image(input_image, name="wan22_editor_test.png")
-    finally:
-        client.close()
-    browser.evaluate("(() => { const w = app.graph._nodes.find(x => x.type === 'LoadImage').widgets.find(x => x.name === 'image');"
-                     f" w.value = {json.dumps(image)}; return true; }})()")
-    browser.evaluate("app.queuePrompt(0, 1).then(() => true, () => true)", timeout=60)
-    browser.wait_for("!!app.lastNodeErrors && Object.keys(app.lastNodeErrors).length > 0", timeout=20,
-                     what="the server's node errors in the editor")
-    errors = browser.evaluate("JSON.parse(JSON.stringify(app.lastNodeErrors))")
-    shown = [(e["extra_info"]["input_name"], e["details"]) for node_errors in errors.values() for e in node_errors["errors"]]
+    *shown, text = _queue_and_read_errors(browser, f"w('LoadImage', 'image').value = {json.dumps(_upload(comfy_server, input_image))}")
     assert shown == [("ulysses_size", "ulysses_size - ulysses_size: must divide the model's 40 attention heads "
                                       "(1, 2, 4, 5, 8, 10, 20, 40), got 3")], shown
-    browser.evaluate("(() => { app.ui.dialog.close();"
-                     " document.querySelectorAll('[role=\"dialog\"] .p-dialog-close-button').forEach(b => b.click());"
-                     " return true; })()")
+    assert text.count("must divide") == 1, text
     assert not browser.page_errors(), browser.page_errors()

@@ -98,25 +98,13 @@ def test_batch_with_one_bad_job(comfy_url, input_image, tmp_path):
 
 
 def test_sigint_interrupts_generation(comfy_url, input_image, tmp_path):
-    import threading
-
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "headless", "--server", comfy_url, "--image", str(input_image),
                              "--size", "64*64", "--frame-num", "5", "--sample-steps", "1000",
                              "--seed", str(time.time_ns() % 10**6), "--out", str(tmp_path / "never.mp4"), "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     client = ComfyClient(comfy_url)
-    lines = []
-    sampling = threading.Event()
-
-    def read_stderr():
-        for line in proc.stderr:
-            lines.append(line)
-            if "step " in line:
-                sampling.set()
-
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
+    lines, sampling, reader = cf.watch_lines(proc.stderr, "step ")
     try:
         assert sampling.wait(180), "no progress line from the CLI: " + "".join(lines)
         proc.send_signal(signal.SIGINT)

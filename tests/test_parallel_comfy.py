@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -71,16 +70,7 @@ def test_a_rank_killed_mid_run_fails_that_run_naming_it_and_the_next_run_starts_
     proc = subprocess.Popen([sys.executable, "-m", "headless", "--server", comfy_url, "--image", str(input_image),
                              *slow, *SHARDED, "--out", str(tmp_path / "never.mp4")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    lines, sampling = [], threading.Event()
-
-    def read_stderr():
-        for line in proc.stderr:
-            lines.append(line)
-            if " step " in line:
-                sampling.set()
-
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
+    lines, sampling, reader = cf.watch_lines(proc.stderr, " step ")
     try:
         assert sampling.wait(180), "no progress line from the CLI: " + "".join(lines)
         os.kill(rank, signal.SIGKILL)
