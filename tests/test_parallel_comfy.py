@@ -5,10 +5,14 @@ that run naming it, the next run starts the ranks again; no rank outlives the la
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -61,26 +65,34 @@ def test_a_layout_gives_the_single_process_video_and_its_ranks_end_with_it(comfy
     assert cf.rank_processes(comfy_server.pid) == []
 
 
-def test_a_rank_killed_mid_run_fails_that_run_naming_it_and_the_next_run_starts_the_ranks_again(
-        comfy_server, comfy_url, input_image, tmp_path, single):
-    video(comfy_url, input_image, tmp_path / "warm.mp4", *SHARDED)
-    [rank] = cf.rank_processes(comfy_server.pid)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+@contextlib.contextmanager
+def sampling_on_ranks(comfy_url, input_image, tmp_path):
+    """A long CLI run with the SHARDED layout, yielded once it shows a step: (the process, its stderr lines)."""
     slow = [*RUN[:4], "--sample-steps", "400", *RUN[6:]]
     proc = subprocess.Popen([sys.executable, "-m", "headless", "--server", comfy_url, "--image", str(input_image),
-                             *slow, *SHARDED, "--out", str(tmp_path / "never.mp4")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+                             *slow, *SHARDED, "--out", str(tmp_path / "never.mp4"), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO)
     lines, sampling, reader = cf.watch_lines(proc.stderr, " step ")
     try:
         assert sampling.wait(180), "no progress line from the CLI: " + "".join(lines)
-        os.kill(rank, signal.SIGKILL)
-        proc.wait(timeout=180)
+        yield proc, lines
         reader.join(10)
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert not (tmp_path / "never.mp4").exists()
+
+
+def test_a_rank_killed_mid_run_fails_that_run_naming_it_and_the_next_run_starts_the_ranks_again(
+        comfy_server, comfy_url, input_image, tmp_path, single):
+    video(comfy_url, input_image, tmp_path / "warm.mp4", *SHARDED)
+    [rank] = cf.rank_processes(comfy_server.pid)
+    with sampling_on_ranks(comfy_url, input_image, tmp_path) as (proc, lines):
+        os.kill(rank, signal.SIGKILL)
+        proc.wait(timeout=180)
     said = "".join(lines)
-    assert proc.returncode != 0 and not (tmp_path / "never.mp4").exists(), said[-3000:]
+    assert proc.returncode == 4, said[-3000:]
     assert ("rank 1 of 2 ranks (ulysses_size 2, dit_fsdp, t5_fsdp) ended during the run (killed by signal 9); the "
             "models were released, and the next run starts every rank again") in said, said[-3000:]
     assert cf.rank_processes(comfy_server.pid) == []
@@ -88,6 +100,28 @@ def test_a_rank_killed_mid_run_fails_that_run_naming_it_and_the_next_run_starts_
     [restarted] = cf.rank_processes(comfy_server.pid)
     assert restarted != rank
     video(comfy_url, input_image, tmp_path / "one.mp4")
+    assert cf.rank_processes(comfy_server.pid) == []
+
+
+def test_an_interrupt_stops_every_rank_at_once_the_ranks_stay_and_free_ends_them(comfy_server, comfy_url, input_image,
+                                                                                  tmp_path, single):
+    """Ctrl-C in the CLI (ComfyUI's /interrupt): the run ends within seconds, not at the collective timeout (every
+    rank stops at the same step), and the same ranks serve the next prompt; POST /free with unload_models ends them."""
+    video(comfy_url, input_image, tmp_path / "warm.mp4", *SHARDED)
+    [rank] = cf.rank_processes(comfy_server.pid)
+    with sampling_on_ranks(comfy_url, input_image, tmp_path) as (proc, lines):
+        asked = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    assert proc.returncode == 130 and time.monotonic() - asked < 30, "".join(lines)[-3000:]
+    assert cf.rank_processes(comfy_server.pid) == [rank]
+    same_video(video(comfy_url, input_image, tmp_path / "after.mp4", *SHARDED), single)
+    assert cf.rank_processes(comfy_server.pid) == [rank]
+    urllib.request.urlopen(urllib.request.Request(comfy_url + "/free", data=json.dumps({"unload_models": True}).encode(),
+                                                  headers={"Content-Type": "application/json"}), timeout=10).read()
+    deadline = time.monotonic() + 30  # the prompt thread frees between prompts
+    while cf.rank_processes(comfy_server.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert cf.rank_processes(comfy_server.pid) == []
 
 

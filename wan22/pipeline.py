@@ -496,6 +496,27 @@ class Wan22I2VPipeline:
                 self.ranks.context.after_run(self)
         return latent
 
+    def _call(self, held: list, callback, *args):
+        """`callback(*args)` (progress, the cancel check). With several ranks, an exception it raises (ComfyUI's
+        interrupt comes from both) is held until the next step boundary, where every rank stops together: this rank
+        leaving its loop alone would leave the others waiting in a collective."""
+        if self.ranks.context is None:
+            return callback(*args)
+        try:
+            return callback(*args)
+        except BaseException as exc:  # noqa: BLE001 - raised at the boundary (_cancel_now)
+            held.append(exc)
+            return True
+
+    def _cancel_now(self, should_cancel, held: list) -> bool:
+        """Whether to stop before this step; with several ranks, every rank asks here at every step and they agree."""
+        cancel = bool(should_cancel and self._call(held, should_cancel))
+        if self.ranks.context is not None:
+            cancel = self.ranks.context.any_rank(cancel or bool(held))
+        if held:
+            raise held[0]
+        return cancel
+
     def _steps(self, latent, y, embeds: PromptEmbeds, params: GenerationParams, plan: planner.Plan, checks: "BlockChecks",
                on_step, should_cancel, trace) -> torch.Tensor:
         schedule = make_schedule(params.sample_solver, params.sample_steps, params.sample_shift)
@@ -503,14 +524,12 @@ class Wan22I2VPipeline:
         context, context_null = pad_context([embeds.context]), pad_context([embeds.context_null])
         steps = len(schedule.values)
         last_high = max((i for i, v in enumerate(schedule.values) if v >= boundary_timestep), default=None)
+        held: list = []  # see _call
         if on_step:
-            on_step(0, steps)  # sampling has begun (after loading and encoding): progress shows it at once
+            self._call(held, on_step, 0, steps)  # sampling has begun (after loading and encoding): progress shows it at once
         for index, value in enumerate(schedule.values):
             checks.step = index + 1
-            cancel = bool(should_cancel and should_cancel())
-            if self.ranks.context is not None:
-                cancel = self.ranks.context.any_rank(cancel)
-            if cancel:
+            if self._cancel_now(should_cancel, held):
                 raise GenerationCancelled(f"cancelled before step {index + 1} of {steps}")
             timestep = schedule.timesteps[index]
             expert = EXPERTS[0] if value >= boundary_timestep else EXPERTS[1]
@@ -534,7 +553,9 @@ class Wan22I2VPipeline:
             if trace:
                 trace(StepTrace(index, value, expert, guide, prediction.cpu(), latent.cpu()))
             if on_step:
-                on_step(index + 1, steps)
+                self._call(held, on_step, index + 1, steps)
+        if held:  # after the last step: every rank has left its loop
+            raise held[0]
         return latent
 
     # ------------------------------------------------------------------ stage 5: decode

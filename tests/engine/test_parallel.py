@@ -158,6 +158,32 @@ def test_a_cancel_on_rank_0_stops_every_rank_at_the_next_step_and_the_group_serv
     assert _rank_processes() == []  # closed: no rank outlives the group
 
 
+def test_progress_or_a_cancel_check_raising_on_rank_0_stops_every_rank_at_once(tiny_models, reference):
+    """ComfyUI's interrupt is raised from its progress hook as well as its cancel check: rank 0 leaving its loop
+    alone would leave the other rank in a collective until the timeout. Every rank stops at the next step boundary,
+    the exception reaches the caller within seconds, and the group serves the next run."""
+    class Interrupted(Exception):
+        pass
+
+    def progress(i, n):
+        if i == 2:
+            raise Interrupted("from the progress hook")
+
+    def check():
+        raise Interrupted("from the cancel check")
+
+    pipe0, embeds, noise, y = reference
+    with _ranks(tiny_models("upstream"), ParallelLayout(ulysses_size=2), timeout_s=60) as (pipe, group):
+        for kwargs, said in ((dict(on_step=progress), "progress hook"), (dict(should_cancel=check), "cancel check")):
+            started = time.monotonic()
+            with pytest.raises(Interrupted, match=said):
+                pipe.denoise(noise, y, embeds, PARAMS, **kwargs)
+            assert time.monotonic() - started < 20
+        got = pipe.denoise(noise, y, embeds, PARAMS)
+        assert (got - pipe0.denoise(noise, y, embeds, PARAMS)).abs().max().item() < 1e-4
+        assert all(process.is_alive() for process in group.processes)
+
+
 @pytest.mark.parametrize("layout, signal_name, timeout_s, said", [
     (ParallelLayout(cfg_parallel=True), "SIGKILL", 60,
      r"rank 1 of 2 ranks \(ulysses_size 1, cfg_parallel\) ended during the run \(killed by signal 9\)"),
