@@ -435,6 +435,120 @@ def modes_agree(args, device, sizes, names, frames, out: Optional[Path] = None) 
     return {"modes_agree": runs, "simulated": False}
 
 
+def sharded_agree(args, device, sizes, names, frames, out: Optional[Path] = None) -> dict:
+    """The several-GPU path on this machine's GPUs (one rank per GPU; NCCL, or one gloo rank with --smoke): each
+    rank builds the same random expert, runs it whole (memory_mode full), then the same expert sharded over the ranks
+    with dit_fsdp (and Ulysses over them when there are several: wan22.parallel.RankContext, as a rank of the pack
+    runs it); rank 0 reports whether the latents agree, the GPU peak while sharding (the expert arrives one block at
+    a time, never whole), what the shards hold, and what is left after the release. On one GPU the layout is a
+    sharding over one rank, which the parameter checks do not offer: it runs every line of the code path."""
+    import torch
+
+    world = args.ranks or (torch.cuda.device_count() if device.type == "cuda" else 1)
+    if world == 1:
+        return _sharded_rank(0, 1, _free_port(), args, device.type, sizes, names, frames, out)
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(_sharded_rank_to_queue, args=(world, _free_port(), args, device.type, sizes, names, frames, out, results),
+                       nprocs=world, start_method="spawn")
+    return results.get()
+
+
+def _free_port() -> int:
+    from wan22.request.processes import free_port
+
+    return free_port()
+
+
+def _sharded_rank_to_queue(rank, world, port, args, device_type, sizes, names, frames, out, results) -> None:
+    data = _sharded_rank(rank, world, port, args, device_type, sizes, names, frames, out)
+    if rank == 0:
+        results.put(data)
+
+
+def _sharded_rank(rank, world, port, args, device_type, sizes, names, frames, out) -> dict:
+    import torch
+
+    from wan22.memory.placement import empty_cache
+    from wan22.parallel.context import RankContext
+    from wan22.parallel.group import join_group, rank_device
+    from wan22.pipeline import LoadOptions, Wan22I2VPipeline
+    from wan22.request.parallel_layout import ParallelLayout
+    from wan22.request.params import GenerationParams
+    from wan22.runtime.text_encoder import PromptEmbeds
+
+    device = rank_device(rank, torch.device(device_type))
+    join_group(rank, world, port, device, 600.0)
+    cuda = device.type == "cuda"
+    gib = lambda n: round(n / 2**30, 2)  # noqa: E731
+    blocks = SMOKE_MODEL["num_layers"] if args.smoke else A14B_BLOCKS
+    layout = ParallelLayout(ulysses_size=world, dit_fsdp=True)
+    runs = []
+    try:
+        high = build_random_expert(model_config(blocks, args.smoke), device, torch.bfloat16)
+        low = build_random_expert(model_config(1, args.smoke), device, torch.bfloat16, seed=1)  # unused: boundary 0
+        block_bytes = sum(p.numel() * p.element_size() for p in high.blocks[0].parameters())
+        options = LoadOptions(dtype="bf16", device=str(device), memory_mode="full")
+        references = {}
+        for res in names:
+            width, height = sizes[res]
+            noise, y, context, context_null, _ = latent_inputs(width, height, frames)
+            params = GenerationParams(size=f"{width}*{height}", frame_num=frames, sample_steps=args.steps, seed=1, boundary=0.0)
+            with torch.no_grad():
+                references[res] = Wan22I2VPipeline(high, low, None, None, options).denoise(
+                    noise, y, PromptEmbeds(context, context_null, "p", "n"), params).float().cpu()
+        high.to("cpu"), low.to("cpu")  # as loaded: on the host
+        empty_cache(device)
+        pipe = Wan22I2VPipeline(high, low, None, None, options)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        pipe.ranks.context = RankContext(layout, device)
+        pipe.ranks.context.prepare(pipe)
+        shard = {"seconds": round(time.perf_counter() - started, 1), "block_gib": gib(block_bytes),
+                 "shards_gib": gib(sum(getattr(p, "_local_tensor", p).numel() * p.element_size()
+                                       for m in (high, low) for p in m.parameters()))}
+        if cuda:
+            shard.update(peak_gib=gib(torch.cuda.max_memory_allocated(device)), held_gib=gib(torch.cuda.memory_allocated(device)))
+        for res in names:
+            width, height = sizes[res]
+            noise, y, context, context_null, _ = latent_inputs(width, height, frames)
+            params = GenerationParams(size=f"{width}*{height}", frame_num=frames, sample_steps=args.steps, seed=1, boundary=0.0)
+            plan = pipe.plan(params)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            started = time.perf_counter()
+            with torch.no_grad():
+                latent = pipe.denoise(noise, y, PromptEmbeds(context, context_null, "p", "n"), params).float().cpu()
+            entry = {"resolution": res, "steps": args.steps, "seconds": round(time.perf_counter() - started, 2),
+                     "plan": plan.mode,
+                     "bitwise_equal": torch.equal(latent, references[res]),
+                     "max_abs_diff": float((latent - references[res]).abs().max())}
+            if cuda:
+                entry["peak_gib"] = gib(torch.cuda.max_memory_allocated(device))
+            runs.append(entry)
+            if rank == 0:
+                log(f"sharded {res}: {entry}")
+        pipe.release()
+        del high, low
+        gc.collect()
+        released = gib(torch.cuda.memory_allocated(device)) if cuda else None
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    data = {"sharded": runs, "layout": layout.describe(), "ranks": world, "shard": shard, "after_release_gib": released,
+            "simulated": False}
+    if rank == 0:
+        log(f"sharded: {data}")
+        if out is not None:
+            write_result(out.stem, data, out.parent)
+    return data
+
+
 def gpu_at_start(device) -> dict:
     """The GPU's free and total memory before anything of ours is on it, and the SDPA backends torch may pick."""
     import torch
@@ -473,6 +587,9 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default="bf16,fp8_e4m3fn_scaled", help="weight storages of --memory-sweep")
     ap.add_argument("--modes-agree", action="store_true",
                     help="instead: memory_mode full against stream (at the first of --budgets), latents bit for bit")
+    ap.add_argument("--sharded", action="store_true",
+                    help="the several-GPU path (dit_fsdp, Ulysses over the GPUs) against one process, on this machine's GPUs")
+    ap.add_argument("--ranks", type=int, default=0, help="ranks of --sharded (default: the GPUs here; 1 on the CPU)")
     ap.add_argument("--budgets", default="23.4,21.9",
                     help="GiB budgets of --memory-sweep: the free memory of the cards to emulate (default 23.4,21.9: "
                          "an RTX 4090 and an L4/A10 after the CUDA context)")
@@ -498,6 +615,12 @@ def main(argv=None) -> int:
         data["at_start"] = at_start
         data["path"] = str(write_result(out.stem, data, out.parent))
         return 0 if all(run["bitwise_equal"] for run in data["modes_agree"]) else 1
+    if args.sharded:
+        out = args.out or (RESULTS / ("gpu_sharded_smoke.json" if args.smoke else "gpu_sharded.json"))
+        data = sharded_agree(args, device, sizes, names, frames, out)
+        data["at_start"] = at_start
+        data["path"] = str(write_result(out.stem, data, out.parent))
+        return 0 if all(run["max_abs_diff"] < 1e-2 for run in data["sharded"]) else 1
     if args.memory_sweep:
         out = args.out or (RESULTS / ("gpu_memory_smoke.json" if args.smoke else "gpu_memory.json"))
         data = memory_sweep(args, device, sizes, names, frames, out)

@@ -22,7 +22,7 @@ host_memory() { [ "${GPU_HOST_MEMORY:-1}" = 0 ] || python3 -m bench.host_memory 
 [ "${GPU_BENCH:-1}" != 0 ] || { host_memory; exit; }
 if [ $# -gt 0 ]; then
     host_memory
-    name=gpu; case " $* " in *" --memory-sweep "*) name=gpu_memory ;; *" --modes-agree "*) name=gpu_modes ;; esac
+    name=gpu; case " $* " in *" --memory-sweep "*) name=gpu_memory ;; *" --modes-agree "*) name=gpu_modes ;; *" --sharded "*) name=gpu_sharded ;; esac
     python3 -m bench.gpu --out "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log"
     exit
 fi

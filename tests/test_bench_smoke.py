@@ -23,11 +23,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-    """Both smoke commands, started together (their imports overlap), each awaited with its own output."""
+    """The smoke commands, started together (their imports overlap), each awaited with its own output."""
     tmp = tmp_path_factory.mktemp("bench_smoke")
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
     commands = {"gpu": ["-m", "bench.gpu", "--smoke", "--out", str(tmp / "gpu_smoke.json")],
                 "sweep": ["-m", "bench.gpu", "--smoke", "--memory-sweep", "--steps", "1", "--out", str(tmp / "sweep.json")],
+                "sharded": ["-m", "bench.gpu", "--smoke", "--sharded", "--ranks", "2", "--steps", "2", "--out", str(tmp / "sharded.json")],
                 "cpu": ["-m", "bench", "--quick", "--results", str(tmp)]}
     procs = {name: subprocess.Popen([sys.executable, *args], cwd=str(REPO), env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True) for name, args in commands.items()}
@@ -83,6 +84,16 @@ def test_gpu_memory_sweep_smoke_on_cpu(smoke_runs):
         (w, b, res) for w in ("bf16", "fp8_e4m3fn_scaled") for b in (23.4, 21.9) for res in ("480p", "720p")}
     assert all("error" not in r and r["mode"] == "cpu" and len(r["step_s"]) == 1 for r in runs), runs
     assert all(r["out_of_memory"] is False and r["host_locked_gib"] == 0 and r["peak_rss_gib"] > 0 for r in runs), runs
+
+
+def test_gpu_sharded_smoke_on_two_cpu_ranks(smoke_runs):
+    """bench.gpu --sharded, the lent machine's check of the several-GPU path, on two gloo ranks: the expert sharded
+    and its tokens split over both give the whole expert's latents."""
+    _output(smoke_runs, "sharded")
+    data = json.loads((smoke_runs[0] / "sharded.json").read_text())
+    assert data["layout"] == "2 ranks (ulysses_size 2, dit_fsdp)" and data["ranks"] == 2
+    assert [(r["resolution"], r["plan"]) for r in data["sharded"]] == [("480p", "cpu"), ("720p", "cpu")]
+    assert all(r["max_abs_diff"] < 1e-2 for r in data["sharded"]), data["sharded"]
 
 
 def test_cpu_benchmarks_quick(smoke_runs):

@@ -66,8 +66,10 @@ class Residency:
         return self._modules()[name]
 
     def resident_bytes(self) -> int:
-        """What our models hold on the GPU now (full mode keeps the experts there across runs)."""
-        return sum(placement.module_bytes(self.module(name)) for name in self.on_gpu)
+        """What our models hold on the GPU now (full mode keeps the experts there across runs; sharded ones are
+        always there)."""
+        names = self.on_gpu | (self.fixed if self.gpu else set())
+        return sum(placement.module_bytes(self.module(name)) for name in names)
 
     def to_gpu(self, name: str) -> None:
         if self.gpu and name not in self.on_gpu and name not in self.fixed:

@@ -53,13 +53,11 @@ class RankContext:
             self._shard(pipe, "text_encoder", text, getattr(text, "encoder", text).block)
 
     def _shard(self, pipe, name: str, module, blocks) -> None:
-        """`module` onto this rank's device, each of `blocks` and then the rest sharded over every rank (FSDP2); the
-        residency leaves it there."""
+        """Each of `blocks`, then the rest of `module`, sharded over every rank (FSDP2), which moves each onto the
+        mesh's device as it shards it: one block whole on the GPU at a time, never the expert; the residency leaves
+        it there."""
         from torch.distributed.fsdp import fully_shard
 
-        from ..memory import placement
-
-        placement.move(module, self.device)
         for block in blocks:
             fully_shard(block, mesh=self.everyone)
         fully_shard(module, mesh=self.everyone)
