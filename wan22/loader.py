@@ -50,8 +50,10 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
     model_set = source if isinstance(source, ModelSet) else discover_model_set(source)
     load_transformer, load_t5, load_vae = LOADERS[model_set.layout]
     check_safetensors_headers(model_set)
-    held = planner.host_experts(*estimate_host_bytes(model_set, options), _host_share(options),
-                                planner.memory_setting("host_experts"))
+    expert_bytes, t5_bytes, vae_bytes = estimate_host_bytes(model_set, options)
+    if options.rank == 0 and options.torch_device.type == "cuda":
+        planner.check_shards_fit(expert_bytes, t5_bytes, options.layout, planner.Budget.detect(options.torch_device).gpu_bytes)
+    held = planner.host_experts(expert_bytes, t5_bytes, vae_bytes, _host_share(options), planner.memory_setting("host_experts"))
     fp8 = options.keeps_fp8(model_set)
     expert_dtype = options.expert_dtype(model_set)
     # upstream runs T5 in bf16 whatever the DiT dtype (fp16 overflows in UMT5); fp32 stays fp32

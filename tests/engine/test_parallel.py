@@ -124,6 +124,29 @@ def test_a_layout_that_cannot_run_says_what_to_change(layout, gpus, said):
     assert ParallelLayout(ulysses_size=8).problems(gpus=8) == []
 
 
+@pytest.mark.parametrize("layout, free_gib, said", [
+    (ParallelLayout(ulysses_size=2, dit_fsdp=True), 23.4, "dit_fsdp: both experts sharded over 2 ranks (ulysses_size 2, "
+     "dit_fsdp) hold 26.7 GiB on each GPU (an expert 26.7 GiB), before any activation, and 21.1 GiB are usable: use "
+     "ulysses_size 4 (4 GPUs), or weight_dtype fp8_e4m3fn_scaled (half of bf16)"),
+    (ParallelLayout(ulysses_size=4, cfg_parallel=True, dit_fsdp=True, t5_fsdp=True), 9.0, "hold 8.0 GiB on each GPU "
+     "(an expert 26.7 GiB, T5 10.6 GiB), before any activation, and 7.0 GiB are usable: use ulysses_size 5 (10 GPUs)"),
+    (ParallelLayout(ulysses_size=8, dit_fsdp=True), 23.4, None),  # 8 x 24 GB: 6.7 GiB each
+    (ParallelLayout(ulysses_size=2), 23.4, None),  # not sharded: each GPU plans as one GPU does (streaming)
+])
+def test_a_sharded_layout_that_cannot_hold_its_shards_is_refused_before_loading(layout, free_gib, said):
+    from wan22.memory import planner
+    from wan22.request.errors import MemoryPlanError
+
+    gib = 2**30
+    expert, t5 = int(26.67 * gib), int(10.6 * gib)  # A14B in bf16, UMT5-XXL in bf16
+    if said is None:
+        planner.check_shards_fit(expert, t5, layout, int(free_gib * gib))
+        return
+    with pytest.raises(MemoryPlanError) as exc:
+        planner.check_shards_fit(expert, t5, layout, int(free_gib * gib))
+    assert said in str(exc.value)
+
+
 @contextlib.contextmanager
 def _ranks(source, layout, timeout_s=120):
     """Rank 0's pipeline (this process), loaded with `layout`: the other ranks started by the load; all released
@@ -234,6 +257,22 @@ def test_ulysses_divides_each_ranks_activations_at_full_size():
         share = peaks[n, False] - weights
         assert one / n <= share <= one / n + gib, (n, share / gib, one / gib)
     assert abs(peaks[8, True] - peaks[8, False]) < 0.05 * gib
+
+
+def test_dit_fsdp_keeps_both_experts_resident_within_12_gib_per_gpu_at_8_ranks():
+    """The issue's target, simulated at full size (720p/81 frames, bf16): with 8 ranks and dit_fsdp a GPU holds an
+    eighth of both experts (6.7 GiB) and, while denoising, its share of the activations and the blocks being
+    gathered: at most 12 GiB, so 8 x 24 GB workers never swap an expert. With 2 ranks half of both experts alone is
+    more than a 24 GB card has (the check before loading refuses it)."""
+    from shared_fixtures import UPSTREAM_KEYS, require_fixture
+    from wan22.testing.simulated_machine import simulate_ranks
+
+    require_fixture("reference", UPSTREAM_KEYS)
+    gib, weights = 2**30, 2 * 26.67 * 2**30
+    eight = simulate_ranks(ParallelLayout(ulysses_size=8, dit_fsdp=True), 79, "1280*720")["peak_gpu_bytes"]
+    two = simulate_ranks(ParallelLayout(ulysses_size=2, dit_fsdp=True), 79, "1280*720")["peak_gpu_bytes"]
+    assert weights / 8 + gib < eight <= 12 * gib, eight / gib
+    assert weights / 2 < two and two > 23.4 * gib, two / gib
 
 
 def test_t5_fsdp_encodes_on_every_rank_as_one_process_does(tiny_models, reference):

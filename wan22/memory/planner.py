@@ -271,3 +271,22 @@ def host_experts(expert_bytes: int, t5_bytes: int, vae_bytes_: int, host_bytes: 
 def check_host_fits(expert_bytes: int, t5_bytes: int, vae_bytes_: int, host_bytes: Optional[int]) -> None:
     """Both experts beside T5 and the VAE in host RAM, or the error saying what would fit."""
     host_experts(expert_bytes, t5_bytes, vae_bytes_, host_bytes, "both")
+
+
+def check_shards_fit(expert_bytes: int, t5_bytes: int, layout, free_gpu_bytes: Optional[int]) -> None:
+    """Before loading a layout that shards (wan22.parallel): each GPU holds 1/ranks of both experts with dit_fsdp
+    (and of T5 with t5_fsdp) for as long as they are loaded; where that alone does not fit one GPU's usable memory,
+    MemoryPlanError says what would (more GPUs, fp8 weights)."""
+    if free_gpu_bytes is None or not layout.dit_fsdp:
+        return
+    sharded = 2 * expert_bytes + (t5_bytes if layout.t5_fsdp else 0)
+    held, usable = sharded // layout.ranks, usable_gpu_bytes(free_gpu_bytes)
+    if held <= usable:
+        return
+    fits = [n for n in (2, 4, 5, 8, 10, 20, 40) if sharded // (n * layout.cfg_groups) <= usable]
+    more = f"ulysses_size {fits[0]} ({fits[0] * layout.cfg_groups} GPUs)" if fits else "more GPUs"
+    raise MemoryPlanError(
+        f"dit_fsdp: both experts sharded over {layout.describe()} hold {held / GIB:.1f} GiB on each GPU (an expert "
+        f"{expert_bytes / GIB:.1f} GiB{', T5 ' + format(t5_bytes / GIB, '.1f') + ' GiB' if layout.t5_fsdp else ''}), "
+        f"before any activation, and {usable / GIB:.1f} GiB are usable: use {more}, or weight_dtype fp8_e4m3fn_scaled "
+        f"(half of bf16)")

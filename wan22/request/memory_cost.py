@@ -34,11 +34,12 @@ class Request:
     width: int
     height: int
     frames: int
+    split: int = 1  # ulysses_size: each rank holds this share of the tokens (wan22.parallel)
 
     @property
     def tokens(self) -> int:
-        """Latent frames x (H/16) x (W/16): the DiT's sequence length."""
-        return ((self.frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
+        """Latent frames x (H/16) x (W/16): the DiT's sequence length (a rank's part of it)."""
+        return -(-((self.frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16) // self.split)
 
     @property
     def pixels(self) -> int:

@@ -154,6 +154,7 @@ class StorageTracker(_dispatch_mode_base()):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         import torch
+        from torch.utils._python_dispatch import is_traceable_wrapper_subclass
         from torch.utils._pytree import tree_flatten
 
         from wan22.memory.pinned_host import torch_pinned_bytes
@@ -165,9 +166,23 @@ class StorageTracker(_dispatch_mode_base()):
             return out
         out = func(*args, **(kwargs or {}))
         for item in tree_flatten(out)[0]:
-            if isinstance(item, torch.Tensor):
+            # a wrapper (a DTensor of a sharded expert) owns no memory of its own: its local tensor is counted
+            if isinstance(item, torch.Tensor) and not is_traceable_wrapper_subclass(item):
                 self._count(item)
         return out
+
+    def resized(self, tensor, nbytes: int) -> None:
+        """A storage resized in place (FSDP frees a gathered block's weights with resize_(0) and resizes it back
+        for the next gather): counted at its new size."""
+        entry = self._refs.get(tensor.untyped_storage()._cdata)
+        if entry is None or entry[2] == nbytes:
+            return
+        device = entry[1]
+        self.live[device] += nbytes - entry[2]
+        entry[2] = nbytes
+        self.peak[device] = max(self.peak[device], self.live[device])
+        stage = self.stage_peaks.setdefault(self.current, collections.Counter())
+        stage[device] = max(stage[device], self.live[device])
 
 
 def _flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -364,43 +379,75 @@ def _fail_in_first_block(pipe):
 
 def simulate_ranks(layout, gpu_gib: float, size: str, frame_num: int = 81, weight_dtype: str = "bf16",
                    steps: int = 1) -> dict:
-    """Rank 0's GPU peak while `layout` (wan22.request.parallel_layout) denoises: the full-size expert on the
+    """Rank 0's GPU peak while `layout` (wan22.request.parallel_layout) denoises: the full-size experts on the
     simulated machine, the other ranks a fake process group (torch's, for tests: collectives return at once with
-    the right shapes). Denoising only (T5 and the VAE run on rank 0 as on one GPU). dit_fsdp is not simulated yet:
-    FSDP wants its mesh on the parameters' device, and the fake CUDA device cannot make one."""
+    the right shapes). Denoising only (T5 and the VAE run on rank 0 as on one GPU).
+
+    With dit_fsdp the ranks run on the fake host device: FSDP wants its mesh on the parameters' device, and the fake
+    CUDA device cannot make one. The GPU peak is then what the denoise added over what was live before it, plus
+    what stays on a GPU all along (the shards of the experts, of T5 with t5_fsdp, and the VAE, as the full plan
+    keeps it); FSDP's frees and re-gathers (storages resized in place) are counted."""
     import torch
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from wan22.loader import load_pipeline
+    from wan22.memory import placement
     from wan22.parallel.context import RankContext
     from wan22.pipeline import LoadOptions
     from wan22.request.model_sets import discover_model_set
     from wan22.request.params import GenerationParams
     from wan22.runtime.text_encoder import PromptEmbeds
 
-    if layout.dit_fsdp or layout.t5_fsdp:
-        raise NotImplementedError("the memory simulation does not shard yet (dit_fsdp, t5_fsdp)")
     width, height = (int(v) for v in size.split("*"))
     lat = ((frame_num - 1) // 4 + 1, height // 8, width // 8)
+    device = "cpu" if layout.dit_fsdp else "cuda"
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=layout.ranks)
     try:
-        context = RankContext(layout, torch.device("cuda"), mesh_device_type="cpu")  # real meshes, before fakes
+        context = RankContext(layout, torch.device(device), mesh_device_type="cpu")  # real meshes, before fakes
         context.any_rank = lambda flag: flag  # a fake collective gives no real answer to read
         with tempfile.TemporaryDirectory(prefix="wan22-memory-ranks-") as folder:
             model_set = discover_model_set(write_model_set(Path(folder), weight_dtype == "fp8_e4m3fn_scaled"))
-            with simulated_machine(gpu_gib, 1024) as tracker:
-                pipe = load_pipeline(model_set, LoadOptions(device="cuda", weight_dtype=weight_dtype))
+            with simulated_machine(gpu_gib, 1024) as tracker, _fsdp_frees_counted(tracker):
+                pipe = load_pipeline(model_set, LoadOptions(device=device, weight_dtype=weight_dtype))
                 pipe.ranks.context = context
                 context.prepare(pipe)
                 params = GenerationParams(size=size, frame_num=frame_num, sample_steps=steps, seed=0)
                 plan = pipe.plan(params)
                 embeds = PromptEmbeds(torch.zeros(120, 4096), torch.zeros(120, 4096), "p", "n")
+                before = tracker.live[device]
                 tracker.stage("denoise")
                 pipe.denoise(torch.zeros(16, *lat), torch.zeros(20, *lat), embeds, params, plan=plan)
-                peak = tracker.stage_peaks["denoise"].get("cuda", 0)
+                peak = tracker.stage_peaks["denoise"].get(device, 0)
+                if layout.dit_fsdp:
+                    kept = [pipe.residency.module(name) for name in pipe.residency.fixed] + [pipe.vae]
+                    peak = peak - before + sum(placement.module_bytes(module) for module in kept)
         return {"simulated": True, "layout": layout.describe(), "ranks": layout.ranks, "size": size,
-                "frame_num": frame_num, "weight_dtype": weight_dtype, "mode": plan.mode,
+                "frame_num": frame_num, "weight_dtype": weight_dtype, "mode": "full" if layout.dit_fsdp else plan.mode,
                 "peak_gpu_bytes": peak, "peak_gpu_gib": round(peak / GIB, 2)}
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _fsdp_frees_counted(tracker: StorageTracker):
+    """FSDP frees a gathered block's weights by resizing their storage to 0 and gathers into it again later: the
+    tracker sees no op for either, so both are reported to it."""
+    import torch.distributed.fsdp._fully_shard._fsdp_param as fsdp_param
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as fsdp_group
+
+    free, alloc = fsdp_param.free_storage, fsdp_param.alloc_storage
+
+    def freed(tensor):
+        free(tensor)
+        tracker.resized(tensor, 0)
+
+    def allocated(tensor):
+        alloc(tensor)
+        tracker.resized(tensor, tensor.numel() * tensor.itemsize)
+
+    fsdp_param.free_storage, fsdp_param.alloc_storage, fsdp_group.alloc_storage = freed, allocated, allocated
+    try:
+        yield
+    finally:
+        fsdp_param.free_storage, fsdp_param.alloc_storage, fsdp_group.alloc_storage = free, alloc, alloc
