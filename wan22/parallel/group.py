@@ -120,9 +120,7 @@ class RankGroup:
         if missing:
             raise RankFailed(f"rank {missing[0]} did not start (its process "
                              f"{'ended' if not self.processes[missing[0] - 1].is_alive() else 'did not connect'})")
-        model_set = {"layout": self.model_set.layout, "root": str(self.model_set.root), "variant": self.model_set.variant,
-                     "files": {part: str(path) for part, path in self.model_set.files.items()}}
-        setup = {"port": port, "model_set": model_set, "options": dataclasses.asdict(self.options),
+        setup = {"port": port, "model_set": self.model_set.as_plain(), "options": dataclasses.asdict(self.options),
                  "device": device.type, "timeout_s": self.timeout_s}
         for rank in range(1, self.layout.ranks):
             connections[rank].send(setup)

@@ -28,10 +28,7 @@ def _load(rank: int, setup: dict):
     options = LoadOptions(**{**setup["options"], "device": str(device), "rank": rank})
     join_group(rank, options.layout.ranks, setup["port"], device, setup["timeout_s"])
     context = RankContext(options.layout, device)  # with rank 0, before loading: its groups are collectives
-    found = setup["model_set"]
-    model_set = ModelSet(found["layout"], Path(found["root"]), {part: Path(path) for part, path in found["files"].items()},
-                         found["variant"])
-    pipe = load_pipeline(model_set, options)
+    pipe = load_pipeline(ModelSet.from_plain(setup["model_set"]), options)
     pipe.ranks.context = context
     context.prepare(pipe)
     return pipe

@@ -54,6 +54,16 @@ class ModelSet:
     def name(self) -> str:
         return f"{self.root} [{self.layout}{' ' + self.variant if self.variant else ''}]"
 
+    def as_plain(self) -> dict:
+        """Strings only (what a rank process is sent: wan22.parallel); from_plain reads it back."""
+        return {"layout": self.layout, "root": str(self.root), "variant": self.variant,
+                "files": {part: str(path) for part, path in self.files.items()}}
+
+    @classmethod
+    def from_plain(cls, plain: dict) -> "ModelSet":
+        return cls(plain["layout"], Path(plain["root"]), {part: Path(path) for part, path in plain["files"].items()},
+                   plain["variant"])
+
 
 def default_model_root() -> Path:
     """`$WAN_CKPT_DIR` (default /workspace/models); when that folder is missing and /runpod-volume exists,
