@@ -383,8 +383,8 @@ class Wan22I2VPipeline:
         negative = negative_prompt or UPSTREAM_NEGATIVE_PROMPT  # upstream: "" means the default
         sharded = "text_encoder" in self.residency.fixed  # t5_fsdp: on the ranks' GPUs, every rank encoding with rank 0
         device = self.device if (sharded or not self.options.t5_cpu) and self.residency.gpu else torch.device("cpu")
-        # cached embeddings (the negative prompt, a repeated prompt) need no encoder on the GPU
-        on_gpu = device.type != "cpu" and bool(self.prompt_encoder.missing([prompt, negative], device))
+        # cached embeddings (the negative prompt, a repeated prompt) need no encoder on the GPU; a sharded one stays there
+        on_gpu = not sharded and device.type != "cpu" and bool(self.prompt_encoder.missing([prompt, negative], device))
         if on_gpu:
             budget = self.budget().gpu_bytes  # our resident models included
             resident = self.residency.resident_bytes()
