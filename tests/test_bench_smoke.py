@@ -173,13 +173,44 @@ def test_the_multigpu_projection_is_the_measured_gpu_split_plus_the_bytes_moved(
     from wan22.request.parallel_layout import ParallelLayout
 
     m = multigpu.measured()
-    assert m.size == "1280*720" and m.cfg_step_s > 0 and m.fixed_s > 0
+    assert m.size == "1280*720" and m.cfg_step_s > 0 and m.t5_s > 0 and m.vae_s > 0
     tokens = 21 * 45 * 80
     by_hand = 40 * 4 * (tokens * 5120 * 2 / 8 * 7 / 8) * 2
     got = multigpu.transfer_bytes_per_step(ParallelLayout(ulysses_size=8), "1280*720", 81, 2)
     assert abs(got - by_hand) <= 40 * 4 * 2, (got, by_hand)  # integer division only
     one = multigpu.project(ParallelLayout(), m, 40, 2, 450.0)
-    assert one["transfer_s_per_step"] == 0 and one["video_s"] == round(40 * m.cfg_step_s + m.fixed_s, 1)
+    assert one["transfer_s_per_step"] == 0 and one["video_s"] == round(40 * m.cfg_step_s + m.t5_s + m.vae_s, 1)
     eight = multigpu.project(ParallelLayout(ulysses_size=8), m, 40, 2, 450.0)
     assert eight["compute_s_per_step"] == round(m.cfg_step_s / 8, 3)
-    assert eight["video_s"] == round(40 * (m.cfg_step_s / 8 + by_hand / 450e9) + m.fixed_s, 1)
+    assert eight["video_s"] == round(40 * (m.cfg_step_s / 8 + by_hand / 450e9) + m.t5_s + m.vae_s, 1)
+
+
+def test_the_multigpu_flops_and_t5_bytes_follow_the_full_size_manifests():
+    """bench.multigpu's FLOP and byte counts against the full-size key manifests (../shared/reference): T5's bf16
+    weights are its matrices' elements x 2; an expert pass is 2 FLOPs per multiply-add of every block's linear
+    layers over the video tokens (cross-attention's keys and values over the 512 text tokens) plus self- and
+    cross-attention's scores and sums. With t5_fsdp, T5 costs its FLOPs at the measured rate plus the gather of
+    7/8 of its weights, in place of the measured T5 (which moved it to the GPU and back)."""
+    from shared_fixtures import COMFYUI_T5_KEYS, UPSTREAM_KEYS, require_fixture
+
+    from bench import multigpu
+    from wan22.request.parallel_layout import ParallelLayout
+
+    folder = require_fixture("reference", COMFYUI_T5_KEYS, UPSTREAM_KEYS)
+    t5 = json.loads((folder / COMFYUI_T5_KEYS).read_text())["text_encoder"]
+    matrices = sum(shape[0] * shape[1] for shape in t5.values() if len(shape) == 2)  # the embedding included
+    assert abs(multigpu.t5_bytes() - 2 * matrices) <= 0.001 * 2 * matrices, (multigpu.t5_bytes(), 2 * matrices)
+    expert = json.loads((folder / UPSTREAM_KEYS).read_text())["transformer"]
+    linear = {name: shape for name, shape in expert.items() if name.startswith("blocks.") and len(shape) == 2}
+    tokens, text, blocks = 75600, 512, len({name.split(".")[1] for name in linear})
+    over_text = sum(r * c for n, (r, c) in linear.items() if ".cross_attn.k." in n or ".cross_attn.v." in n)
+    over_video = sum(r * c for r, c in linear.values()) - over_text
+    dim = expert["blocks.0.self_attn.q.weight"][0]
+    by_hand = 2 * (tokens * over_video + text * over_text) + blocks * 2 * (2 * tokens * tokens * dim + 2 * tokens * text * dim)
+    assert multigpu.expert_pass_flops(tokens) == by_hand
+    m = multigpu.measured()
+    layout = ParallelLayout(ulysses_size=8, t5_fsdp=True)
+    gather = 2 * matrices * 7 / 8 / 450e9
+    expected = m.vae_s + multigpu.t5_flops() / (2 * by_hand / m.cfg_step_s) + gather
+    assert abs(multigpu.fixed_s(layout, m, 450.0) - expected) < 0.01 * expected
+    assert multigpu.fixed_s(ParallelLayout(ulysses_size=8), m, 450.0) == m.t5_s + m.vae_s
