@@ -20,7 +20,7 @@ from .runtime.kernels import RunKernels
 from .runtime.lora_state import LoraState
 from .request import spec
 from .request.model_sets import ModelSet
-from .request.errors import GenerationCancelled, GpuOutOfMemory, InvalidParameter, MemoryPlanError
+from .request.errors import GenerationCancelled, GpuOutOfMemory, InvalidParameter
 from .request.parallel_layout import ParallelLayout
 from .request.params import GenerationParams, image_size_for_area
 from .request.spec import UPSTREAM_NEGATIVE_PROMPT
@@ -344,16 +344,9 @@ class Wan22I2VPipeline:
             width, height = spec.parse_size(params.size)
         split = self.options.ulysses_size if self.ranks.context is not None else 1
         request = planner.Request(width, height, params.frame_num, split)
-        sharded = set(EXPERTS) <= self.residency.fixed  # experts sharded over ranks stay resident: full or nothing
-        try:
-            plan = planner.make_plan(self.sizes(), request, self.budget(), "full" if sharded else self.options.memory_mode,
-                                     self.options.t5_cpu, self.options.offload_model, self.options.cfg_batch,
-                                     self.options.fp32_residual, self.residency.host_experts)
-        except MemoryPlanError as exc:
-            if not sharded:
-                raise
-            raise MemoryPlanError(f"{exc.args[0].split('; use ')[0]}; the experts are sharded over the GPUs (dit_fsdp) "
-                                  f"and stay resident: use more GPUs (ulysses_size), a smaller size or fewer frames") from None
+        plan = planner.make_plan(self.sizes(), request, self.budget(), self.options.memory_mode, self.options.t5_cpu,
+                                 self.options.offload_model, self.options.cfg_batch, self.options.fp32_residual,
+                                 self.residency.host_experts, sharded=set(EXPERTS) <= self.residency.fixed)
         files = self.residency.expert_files
         read_s = (files.switches[-1].seconds if files.switches else self.load_timings.get(EXPERTS[0])) if files else None
         if read_s is not None:  # what a switch costs, as this host last read an expert

@@ -1,5 +1,6 @@
 """The memory plan (wan22.memory.planner), streamed blocks (wan22.memory.placement) and the full-size simulation
 (wan22/testing/simulated_machine.py) that proves the plans without a GPU."""
+import dataclasses
 import json
 
 import pytest
@@ -67,6 +68,22 @@ def test_a_plan_that_cannot_fit_says_why_with_numbers():
         planner.make_plan(A14B, P720, planner.Budget(24 * GIB, 256 * GIB), "offload")
     with pytest.raises(MemoryPlanError, match="need about 66.3 GiB of host RAM with both experts .*more than this machine has free"):
         planner.check_host_fits(A14B.expert, A14B.t5, A14B.vae, 32 * GIB)
+
+
+def test_experts_sharded_over_ranks_plan_full_or_say_what_to_change():
+    """dit_fsdp with 8 ranks: each GPU holds 1/8 of both experts and 1/8 of the tokens' activations, so 720p fits a
+    24 GB card as `full`, whatever memory_mode asks (sharded experts never move); where even that does not fit,
+    the error gives this GPU's numbers and names ulysses_size, not a memory mode."""
+    share = dataclasses.replace(A14B, expert=A14B.expert // 8, expert_blocks=A14B.expert_blocks // 8, block=A14B.block // 8)
+    request = planner.Request(1280, 720, 81, split=8)
+    plan = planner.make_plan(share, request, planner.Budget(24 * GIB, 256 * GIB), "stream", sharded=True)
+    assert plan.mode == "full" and plan.peak_gpu_bytes <= planner.usable_gpu_bytes(24 * GIB)
+    with pytest.raises(MemoryPlanError) as info:
+        planner.make_plan(share, request, planner.Budget(8 * GIB, 256 * GIB), sharded=True)
+    message = str(info.value)
+    assert f"this GPU's shares of both experts {2 * share.expert / GIB:.1f} GiB" in message
+    assert "6.0 GiB are usable" in message and "use more GPUs (ulysses_size), a smaller size or fewer frames" in message
+    assert "memory_mode" not in message
 
 
 # ------------------------------------------------------------------------------------------ full size, simulated

@@ -118,11 +118,14 @@ class Plan:
 
 def make_plan(sizes: Sizes, request: Request, budget: Budget, mode: str = "auto", t5_cpu: bool = True,
               offload_model: bool = True, cfg_batch: bool = False, fp32_residual: bool = False,
-              host_experts: int = 2) -> Plan:
+              host_experts: int = 2, sharded: bool = False) -> Plan:
     """Pick the placement for one run. Raises MemoryPlanError (with the numbers) when even streaming cannot fit.
     cfg_batch: batch CFG's two passes where the chosen placement has room for a second set of activations.
-    host_experts: how many experts host RAM holds (1: no `full`, no prefetch of the expert not in RAM)."""
-    plan = _placement(sizes, request, budget, mode, t5_cpu, offload_model, fp32_residual, host_experts)
+    host_experts: how many experts host RAM holds (1: no `full`, no prefetch of the expert not in RAM).
+    sharded: the experts are sharded over several GPUs (dit_fsdp; `sizes.expert` is this GPU's share) and stay
+    resident: `full` or nothing."""
+    plan = _placement(sizes, request, budget, "full" if sharded else mode, t5_cpu, offload_model, fp32_residual,
+                      host_experts, sharded)
     act = activation_bytes(request.tokens, sizes.dim, fp32_residual)
     if plan.mode == "offload" and host_experts == 2 and 2 * sizes.expert + act <= usable_gpu_bytes(budget.gpu_bytes):
         # the expert switch overlaps the last high-noise step instead of following it
@@ -137,7 +140,7 @@ def make_plan(sizes: Sizes, request: Request, budget: Budget, mode: str = "auto"
 
 
 def _placement(sizes: Sizes, request: Request, budget: Budget, mode: str, t5_cpu: bool, offload_model: bool,
-               fp32_residual: bool, host_experts: int = 2) -> Plan:
+               fp32_residual: bool, host_experts: int = 2, sharded: bool = False) -> Plan:
     act = activation_bytes(request.tokens, sizes.dim, fp32_residual)
     host = _host_peak(sizes, host_experts)
     reread = "" if host_experts == 2 else (f"; host RAM holds one expert, the other is read from its file at each "
@@ -193,6 +196,12 @@ def _placement(sizes: Sizes, request: Request, budget: Budget, mode: str, t5_cpu
         if plan.peak_gpu_bytes <= usable:
             return plan
     best = candidates[-1]
+    if sharded:
+        raise MemoryPlanError(
+            f"{request.width}x{request.height}, {request.frames} frames needs about {best.peak_gpu_bytes / GIB:.1f} GiB "
+            f"on each GPU (this GPU's shares of both experts {2 * sizes.expert / GIB:.1f} GiB, activations for its "
+            f"share of the video {act / GIB:.1f} GiB), and {usable / GIB:.1f} GiB are usable; the experts are sharded "
+            f"over the GPUs (dit_fsdp) and stay resident: use more GPUs (ulysses_size), a smaller size or fewer frames")
     raise MemoryPlanError(
         f"memory_mode {mode}: {request.width}x{request.height}, {request.frames} frames needs about "
         f"{best.peak_gpu_bytes / GIB:.1f} GiB of GPU memory even as '{best.mode}' (an expert's weights outside its "
