@@ -3,10 +3,11 @@ then the tokenizer, T5, the VAE and both experts read in the layout found (wan22
 LoadOptions say. Where they run is decided per run (wan22.memory)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
@@ -43,17 +44,27 @@ def load_tokenizer(model_set: ModelSet):
     return HuggingFaceTokenizer(model_set.files["tokenizer"])
 
 
-def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = LoadOptions()) -> Wan22I2VPipeline:
+def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = LoadOptions(),
+                  prepare_module: Optional[Callable[[str, torch.nn.Module], bool]] = None,
+                  host_bytes: Optional[int] = None) -> Wan22I2VPipeline:
     """Load both experts, the text encoder and the VAE of a model set into host memory, stored as the options
-    say (see LoadOptions); where they run is decided per run by the memory plan (wan22.memory.planner)."""
+    say (see LoadOptions); where they run is decided per run by the memory plan (wan22.memory.planner).
+    Ranks 1..N-1 of a parallel layout load only what they run (runs_here) and pass `prepare_module`
+    (wan22.parallel.context.RankContext): each model ready for the layout as soon as it is read, so that with
+    dit_fsdp a rank holds one expert at a time in host RAM, then only its shards; `host_bytes` is then the host RAM
+    it may plan with (its share of what is free: ranks load together, rank_load_waves), else all that is free."""
     options = options.validated()
     model_set = source if isinstance(source, ModelSet) else discover_model_set(source)
     load_transformer, load_t5, load_vae = LOADERS[model_set.layout]
     check_safetensors_headers(model_set)
+    text_here, vae_here = runs_here(options)
     expert_bytes, t5_bytes, vae_bytes = estimate_host_bytes(model_set, options)
     if options.rank == 0 and options.torch_device.type == "cuda":
         planner.check_shards_fit(expert_bytes, t5_bytes, options.layout, planner.Budget.detect(options.torch_device).gpu_bytes)
-    held = planner.host_experts(expert_bytes, t5_bytes, vae_bytes, _host_share(options), planner.memory_setting("host_experts"))
+    t5_bytes, vae_bytes = t5_bytes if text_here else 0, vae_bytes if vae_here else 0
+    shards_as_read = prepare_module is not None and options.layout.dit_fsdp
+    held = planner.host_experts(expert_bytes, t5_bytes, vae_bytes, host_bytes if host_bytes is not None else planner.host_available(),
+                                "sharded" if shards_as_read else planner.memory_setting("host_experts"))
     fp8 = options.keeps_fp8(model_set)
     expert_dtype = options.expert_dtype(model_set)
     # upstream runs T5 in bf16 whatever the DiT dtype (fp16 overflows in UMT5); fp32 stays fp32
@@ -63,12 +74,18 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
     def timed(name, fn, *args, **kwargs):
         start = time.perf_counter()
         result = fn(*args, **kwargs)
+        if prepare_module is not None and name in ("text_encoder", *EXPERTS):
+            prepare_module(name, result)
         timings[name] = time.perf_counter() - start
         return result
 
-    tokenizer = timed("tokenizer", load_tokenizer, model_set)
-    text_model = timed("text_encoder", load_t5, model_set.files["text_encoder"], t5_dtype, "cpu")
-    vae = timed("vae", load_vae, model_set.files["vae"], "cpu")
+    prompt_encoder = vae = None
+    if text_here:
+        tokenizer = timed("tokenizer", load_tokenizer, model_set)
+        text_model = timed("text_encoder", load_t5, model_set.files["text_encoder"], t5_dtype, "cpu")
+        prompt_encoder = PromptEncoder(tokenizer, text_model, options.torch_device)
+    if vae_here:
+        vae = timed("vae", load_vae, model_set.files["vae"], "cpu")
     readers = {name: functools.partial(load_transformer, model_set.files[name], expert_dtype, "cpu", fp8=fp8)
                for name in EXPERTS}
     high = timed("high_noise_model", readers["high_noise_model"])
@@ -77,7 +94,7 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
     else:  # parked: read when its turn comes (wan22.memory.host_experts)
         low = modules.build_transformer(dict(high.config), fp8)
         host_experts.park(low)
-    pipe = Wan22I2VPipeline(high, low, PromptEncoder(tokenizer, text_model, options.torch_device), vae, options, model_set)
+    pipe = Wan22I2VPipeline(high, low, prompt_encoder, vae, options, model_set)
     pipe.load_timings = timings
     if held == 1:
         pipe.residency.expert_files = host_experts.ExpertFiles(readers)
@@ -86,12 +103,28 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
     return pipe
 
 
-def _host_share(options: LoadOptions) -> Optional[int]:
-    """The host RAM this process may plan with: ranks 1..N-1 load at once, after rank 0, sharing what it left."""
-    available = planner.host_available()
-    if available is None or options.rank == 0:
-        return available
-    return available // (options.layout.ranks - 1)
+def runs_here(options: LoadOptions) -> Tuple[bool, bool]:
+    """(T5, the VAE): whether this process runs them. Rank 0 runs everything; ranks 1..N-1 of a parallel layout only
+    denoise, so they load T5 only with t5_fsdp (they encode with rank 0) and never the VAE (rank 0 encodes the image
+    and decodes): each rank saves the host RAM and the reading of T5 (11.4 GB) and the VAE."""
+    if options.rank == 0:
+        return True, True
+    return options.layout.t5_fsdp, False
+
+
+def rank_load_waves(model_set: ModelSet, options: LoadOptions, available: Optional[int]) -> List[List[int]]:
+    """Ranks 1..N-1 in the groups that load together, from the host RAM `available` now (after rank 0 loaded). A
+    rank sharding as it reads (dit_fsdp) holds one expert (and with t5_fsdp T5) while loading and then only its
+    shards, on its GPU: as many load at once as that fits, the next group after them. Otherwise what a rank reads
+    stays in host RAM, and all load at once, sharing it (each holds one expert where its share is short)."""
+    ranks = list(range(1, options.layout.ranks))
+    if not options.layout.dit_fsdp or available is None:
+        return [ranks]
+    rank_options = dataclasses.replace(options, rank=1)
+    expert, t5, _ = estimate_host_bytes(model_set, rank_options)
+    need = expert + (t5 if runs_here(rank_options)[0] else 0)
+    at_once = max(1, min(len(ranks), (available - planner.HOST_RESERVE) // max(need, 1)))
+    return [ranks[i:i + at_once] for i in range(0, len(ranks), at_once)]
 
 
 def _start_ranks(pipe: Wan22I2VPipeline, model_set: ModelSet, options: LoadOptions) -> None:
@@ -104,7 +137,7 @@ def _start_ranks(pipe: Wan22I2VPipeline, model_set: ModelSet, options: LoadOptio
         problems = [(field, why) for field, why in options.layout.problems(heads=heads) if field == "ulysses_size"]
         if problems:
             raise InvalidParameter.from_problems(problems)
-        RankGroup(model_set, options).start(pipe)
+        RankGroup(model_set, options).start(pipe, lambda available: rank_load_waves(model_set, options, available))
     except BaseException:
         pipe.release()
         raise

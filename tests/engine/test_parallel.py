@@ -75,6 +75,60 @@ def test_ulysses_4_on_a_model_with_4_heads_gives_the_single_process_latents(tmp_
     assert _rank_processes() == []
 
 
+def test_ranks_load_in_groups_that_fit_host_ram_and_give_the_single_process_latents(tiny_models, reference, monkeypatch):
+    """With dit_fsdp a rank holds one expert in host RAM while it reads and shards it, then only its shards: where
+    host RAM has room for one such rank at a time, ranks 1..3 load one after another (rank 0 waits for each), and
+    the four ranks (ulysses 2 x CFG-parallel, sharded) still give the single-process latents."""
+    from wan22 import loader
+    from wan22.memory import planner
+
+    pipe0, embeds, noise, y = reference
+    source = tiny_models("upstream")
+    layout = ParallelLayout(ulysses_size=2, cfg_parallel=True, dit_fsdp=True)
+    expert, _, _ = loader.estimate_host_bytes(pipe0.model_set, _with_layout(layout))
+    room_for = {1: planner.HOST_RESERVE + expert * 3 // 2, 2: planner.HOST_RESERVE + expert * 2, 3: None}
+    assert [loader.rank_load_waves(pipe0.model_set, _with_layout(layout), room_for[n]) for n in (1, 2, 3)] == [
+        [[1], [2], [3]], [[1, 2], [3]], [[1, 2, 3]]]
+    assert loader.rank_load_waves(pipe0.model_set, _with_layout(ParallelLayout(ulysses_size=2, cfg_parallel=True)),
+                                  room_for[1]) == [[1, 2, 3]]  # not sharded: what a rank reads stays, all share
+    waves, real = [], loader.rank_load_waves
+    monkeypatch.setattr(loader, "rank_load_waves", lambda *args: waves.append(real(*args[:2], room_for[1])) or waves[-1])
+    got, steps, held = _denoise_on_ranks(source, layout, noise, y, embeds)
+    assert waves == [[[1], [2], [3]]]
+    assert (got - pipe0.denoise(noise, y, embeds, PARAMS)).abs().max().item() < 1e-4 and steps == [0, 1, 2, 3, 4]
+    whole = _weight_bytes(pipe0.high_noise_model)
+    assert abs(held - whole / 4) < 0.04 * whole, (held, whole)
+
+
+def test_ranks_1_to_n_read_only_what_they_run(tiny_models):
+    """Rank 0 encodes the image and decodes: the other ranks never read the VAE, and T5 only with t5_fsdp (they
+    encode with rank 0 then)."""
+    source = tiny_models("upstream")
+    for layout, text in ((ParallelLayout(ulysses_size=2), False), (ParallelLayout(ulysses_size=2, t5_fsdp=True), True)):
+        pipe = load_pipeline(source, dataclasses.replace(_with_layout(layout), rank=1))
+        assert pipe.vae is None and (pipe.prompt_encoder is not None) == text, layout
+        assert sorted(pipe._modules()) == ["high_noise_model", "low_noise_model"] + (["text_encoder"] if text else [])
+    assert load_pipeline(source, _with_layout(ParallelLayout())).vae is not None
+
+
+def test_a_rank_sharding_as_it_reads_holds_one_expert_at_a_time_at_full_size():
+    """Rank 1 of 8 with dit_fsdp loading the full-size bf16 model set, simulated (torch's fake process group): it
+    reads the two experts only (no T5, no VAE), and shards each as it is read, so it holds at most one expert
+    (26.7 GiB) plus its shards, where reading both first held both (53.3 GiB); afterwards its eighth of both."""
+    from shared_fixtures import UPSTREAM_KEYS, require_fixture
+    from wan22.testing.simulated_machine import simulate_rank_load
+
+    require_fixture("reference", UPSTREAM_KEYS)
+    gib, expert = 2**30, 26.67 * 2**30
+    layout = ParallelLayout(ulysses_size=8, dit_fsdp=True)
+    as_read, all_first = simulate_rank_load(layout), simulate_rank_load(layout, as_read=False)
+    assert as_read["loaded"] == ["high_noise_model", "low_noise_model"]
+    assert expert < as_read["peak_host_bytes"] <= expert + 2 * expert / 8 + gib, as_read["peak_host_gib"]
+    assert all_first["peak_host_bytes"] >= 2 * expert, all_first["peak_host_gib"]
+    for result in (as_read, all_first):
+        assert abs(result["held_host_bytes"] - 2 * expert / 8) < 0.1 * gib, result["held_host_gib"]
+
+
 def test_a_released_sharded_pipeline_frees_its_shards_while_a_view_of_it_is_still_held(tiny_models, reference):
     """ComfyUI caches the loader's output (a view of the pipeline) past a release: the shards' memory must not
     stay with it. Every sharded weight's storage is gone after the release, the view still referenced."""

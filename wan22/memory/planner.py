@@ -251,15 +251,19 @@ def host_experts(expert_bytes: int, t5_bytes: int, vae_bytes_: int, host_bytes: 
                  choice: str = "auto", rereadable: bool = True) -> int:
     """Before loading: how many experts host RAM holds (2, or 1 with the other re-read from its file at each
     switch), by the operator's `choice` (WAN_HOST_EXPERTS) and the RAM free now; refuses at once, saying what
-    would fit, when even one expert beside T5 and the VAE cannot."""
+    would fit, when even one expert beside T5 and the VAE cannot. `choice` "sharded": each expert is sharded over
+    the ranks as it is read (wan22.parallel, dit_fsdp), so host RAM holds one at a time while loading and both are
+    read (2)."""
     if choice == "both" or not rereadable:
         wanted = 2
-    elif choice == "one":
+    elif choice in ("one", "sharded"):
         wanted = 1
     else:
         wanted = 2 if host_bytes is None or 2 * expert_bytes + t5_bytes + vae_bytes_ <= host_bytes - HOST_RESERVE else 1
     need = wanted * expert_bytes + t5_bytes + vae_bytes_
     if host_bytes is None or need <= host_bytes - HOST_RESERVE:
+        if choice == "sharded":
+            return 2
         if wanted == 1:
             log.info("host RAM: one expert at a time (%.1f GiB each, re-read from its file at each switch)",
                      expert_bytes / GIB)
@@ -267,7 +271,8 @@ def host_experts(expert_bytes: int, t5_bytes: int, vae_bytes_: int, host_bytes: 
     # how much is free is the machine's business: the log says it, the message that it does not fit
     log.warning("host RAM: the models need %.1f GiB, %.1f GiB are available (keeping %.0f GiB for the rest)",
                 need / GIB, host_bytes / GIB, HOST_RESERVE / GIB)
-    held = "both experts" if wanted == 2 else "one expert at a time"
+    held = ("both experts" if wanted == 2 else "one expert at a time, each sharded as it is read" if choice == "sharded"
+            else "one expert at a time")
     instead = ("" if wanted == 1 or not rereadable else
                "; WAN_HOST_EXPERTS=one holds one at a time, reading the other back from its file at each switch")
     raise MemoryPlanError(

@@ -32,36 +32,39 @@ class RankContext:
         self.cfg_group = self.mesh.get_group("cfg") if layout.cfg_parallel else None
 
     def prepare(self, pipe) -> None:
-        """`pipe`'s experts ready for this layout: Ulysses (diffusers' context parallelism, once per expert: it
-        refuses a second time), then with dit_fsdp each block and the rest of each expert sharded over all ranks
-        (torch's FSDP2 `fully_shard`: a block's weights are gathered while it runs, then freed). Sharded experts
-        stay where they are sharded, on this rank's device (the residency does not move them)."""
-        experts = pipe._experts()
-        if self.layout.ulysses_size > 1:
-            from diffusers import ContextParallelConfig
-
-            for expert in experts.values():
-                if getattr(expert, "_parallel_config", None) is None:
-                    with _no_accelerator_counts_as_one():
-                        expert.enable_parallelism(config=ContextParallelConfig(
-                            ulysses_degree=self.layout.ulysses_size, mesh=self.mesh))
-        if self.layout.dit_fsdp:
-            for name, expert in experts.items():
-                self._shard(pipe, name, expert, expert.blocks)
+        """`pipe`'s experts (and with t5_fsdp its text encoder) ready for this layout (prepare_module), and the
+        sharded ones fixed where they are, on this rank's device (the residency does not move them)."""
+        modules = dict(pipe._experts())
         if self.layout.t5_fsdp and pipe.prompt_encoder is not None:
-            text = pipe.prompt_encoder.model
-            self._shard(pipe, "text_encoder", text, getattr(text, "encoder", text).block)
+            modules["text_encoder"] = pipe.prompt_encoder.model
+        for name, module in modules.items():
+            if self.prepare_module(name, module):
+                pipe.residency.fixed.add(name)
 
-    def _shard(self, pipe, name: str, module, blocks) -> None:
-        """Each of `blocks`, then the rest of `module`, sharded over every rank (FSDP2), which moves each onto the
-        mesh's device as it shards it: one block whole on the GPU at a time, never the expert; the residency leaves
-        it there."""
-        from torch.distributed.fsdp import fully_shard
+    def prepare_module(self, name: str, module) -> bool:
+        """One model ready for this layout, as soon as it is read (a rank then holds its shard, not the whole model,
+        before it reads the next): an expert gets Ulysses (diffusers' context parallelism, once: it refuses a second
+        time), then with dit_fsdp each block and the rest sharded over all ranks (torch's FSDP2 `fully_shard`, which
+        moves each block onto the mesh's device as it shards it: one block whole on the GPU at a time, never the
+        expert; a block's weights are gathered while it runs, then freed); with t5_fsdp the text encoder is sharded
+        per UMT5 block. Returns whether `module` is sharded (it then stays where it is)."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
-        for block in blocks:
-            fully_shard(block, mesh=self.everyone)
-        fully_shard(module, mesh=self.everyone)
-        pipe.residency.fixed.add(name)
+        if name == "text_encoder":
+            sharded, blocks = self.layout.t5_fsdp, getattr(module, "encoder", module).block
+        else:
+            if self.layout.ulysses_size > 1 and getattr(module, "_parallel_config", None) is None:
+                from diffusers import ContextParallelConfig
+
+                with _no_accelerator_counts_as_one():
+                    module.enable_parallelism(config=ContextParallelConfig(ulysses_degree=self.layout.ulysses_size,
+                                                                           mesh=self.mesh))
+            sharded, blocks = self.layout.dit_fsdp, module.blocks
+        if sharded and not isinstance(module, FSDPModule):
+            for block in blocks:
+                fully_shard(block, mesh=self.everyone)
+            fully_shard(module, mesh=self.everyone)
+        return sharded
 
     def after_run(self, pipe) -> None:
         """Sharded modules back to their shards (FSDP2 keeps a root module's weights gathered after its forward)."""

@@ -1,6 +1,7 @@
 """Ranks 1..N-1 of a parallel layout as processes started and driven by rank 0 (the process that loaded the
-models: ComfyUI's, the CLI's, the worker's): each loads the same model set, holds it across runs, and runs every
-encode and denoise rank 0 sends it, in step with rank 0 over torch.distributed (NCCL on GPUs, gloo on the CPU).
+models: ComfyUI's, the CLI's, the worker's): each loads what it runs of the same model set (the experts, T5 with
+t5_fsdp), in groups that fit host RAM, holds it across runs, and runs every encode and denoise rank 0 sends it, in
+step with rank 0 over torch.distributed (NCCL on GPUs, gloo on the CPU).
 
 A rank is `python -m wan22.parallel.rank N` (its main loop) with this checkout on its path, not a multiprocessing
 child: inside ComfyUI the pack is imported under its folder's name and ComfyUI's main script is not importable again,
@@ -20,7 +21,7 @@ import threading
 import time
 from multiprocessing.connection import Listener
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -126,9 +127,10 @@ class RankGroup:
             connections[rank].send(setup)
             self.pipes.append(connections[rank])
 
-    def start(self, pipe) -> None:
+    def start(self, pipe, load_waves: Optional[Callable[[Optional[int]], List[List[int]]]] = None) -> None:
         """Start ranks 1..N-1, join the process group as rank 0 and make `pipe` (this process's loaded models) rank
-        0's part; returns once every rank has loaded its models."""
+        0's part; returns once every rank has loaded its models. `load_waves(free host bytes)`: the groups of ranks
+        that load together (wan22.loader.rank_load_waves; default: all at once)."""
         device = pipe.device
         port = free_port()
         try:
@@ -136,14 +138,26 @@ class RankGroup:
             join_group(0, self.layout.ranks, port, device, self.timeout_s)
             pipe.ranks.context = RankContext(self.layout, device)
             pipe.ranks.context.prepare(pipe)
-            for rank, answer in self._answers(LOAD_TIMEOUT_S):
-                if answer[0] != "ready":
-                    raise RankFailed(f"rank {rank} could not load the models: {answer[1]}")
+            self._load_ranks(load_waves or (lambda available: [list(range(1, self.layout.ranks))]))
         except BaseException:
             self.close()
             raise
         pipe.ranks.group = self
         log.info("Wan22: %s ready", self.layout.describe())
+
+    def _load_ranks(self, load_waves: Callable[[Optional[int]], List[List[int]]]) -> None:
+        """Ranks 1..N-1 load their models group by group, each rank planning with its share of the host RAM free
+        when its group starts."""
+        from ..memory import planner
+
+        for wave in load_waves(planner.host_available()):
+            available = planner.host_available()
+            share = None if available is None else available // len(wave)
+            for rank in wave:
+                self._send_to(rank, ("load", share))
+            for rank, answer in self._answers(LOAD_TIMEOUT_S, wave):
+                if answer[0] != "ready":
+                    raise RankFailed(f"rank {rank} could not load the models: {answer[1]}")
 
     def send_encode(self, prompt: str, negative_prompt) -> None:
         """t5_fsdp: every rank encodes the same texts with rank 0 (their caches stay alike, so they encode alike)."""
@@ -156,12 +170,15 @@ class RankGroup:
                     [(str(c.path), c.strength_high, c.strength_low, c.label) for c in loras]))
 
     def _send(self, job: tuple) -> None:
-        for rank, conn in enumerate(self.pipes, start=1):
-            try:
-                conn.send(job)
-            except (OSError, EOFError) as exc:
-                raise RankFailed(f"rank {rank} is gone ({exc}); load the models again") from None
+        for rank in range(1, self.layout.ranks):
+            self._send_to(rank, job)
         self.pending = True
+
+    def _send_to(self, rank: int, job: tuple) -> None:
+        try:
+            self.pipes[rank - 1].send(job)
+        except (OSError, EOFError) as exc:
+            raise RankFailed(f"rank {rank} is gone ({exc}); load the models again") from None
 
     def collect(self, raise_failure: bool = True) -> None:
         """Every rank's answer to the denoise sent; raises RankFailed naming the first that failed (logs it only
@@ -190,12 +207,13 @@ class RankGroup:
                               f"run starts every rank again")
         return None
 
-    def _answers(self, wait_s: Optional[float] = None) -> List[Tuple[int, tuple]]:
-        """Each rank's answer, waiting at most `wait_s` (default: the collective timeout; a rank that does not
-        answer is hung)."""
+    def _answers(self, wait_s: Optional[float] = None, ranks: Optional[List[int]] = None) -> List[Tuple[int, tuple]]:
+        """Each rank's answer (of `ranks`, default all), waiting at most `wait_s` (default: the collective timeout;
+        a rank that does not answer is hung)."""
         wait_s = self.timeout_s if wait_s is None else wait_s
         answers = []
-        for rank, conn in enumerate(self.pipes, start=1):
+        for rank in ranks or range(1, self.layout.ranks):
+            conn = self.pipes[rank - 1]
             try:
                 if conn.poll(wait_s):
                     answers.append((rank, conn.recv()))

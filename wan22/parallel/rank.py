@@ -1,6 +1,8 @@
 """A rank's process (ranks 1..N-1 of a parallel layout; wan22.parallel.group starts it as
-`python -m wan22.parallel.rank N`): connect to rank 0, get the setup as plain data, join the process group, load
-the same model set, then run each encode and denoise rank 0 sends until told to close (or rank 0 is gone)."""
+`python -m wan22.parallel.rank N`): connect to rank 0, get the setup as plain data, join the process group, wait for
+its turn to load (ranks load in groups that fit host RAM), load what it runs of the same model set (the experts,
+T5 with t5_fsdp; each made ready for the layout as it is read), then run each encode and denoise rank 0 sends
+until told to close (or rank 0 is gone)."""
 from __future__ import annotations
 
 import os
@@ -23,14 +25,17 @@ from .context import RankContext
 from .group import join_group, rank_device
 
 
-def _load(rank: int, setup: dict):
+def _load(rank: int, setup: dict, conn):
     device = rank_device(rank, torch.device(setup["device"]))
     options = LoadOptions(**{**setup["options"], "device": str(device), "rank": rank})
     join_group(rank, options.layout.ranks, setup["port"], device, setup["timeout_s"])
     context = RankContext(options.layout, device)  # with rank 0, before loading: its groups are collectives
-    pipe = load_pipeline(ModelSet.from_plain(setup["model_set"]), options)
+    turn = conn.recv()  # ("load", this rank's share of the host RAM): its turn (RankGroup._load_ranks); or close
+    if turn[0] != "load":
+        return None
+    pipe = load_pipeline(ModelSet.from_plain(setup["model_set"]), options, context.prepare_module, turn[1])
     pipe.ranks.context = context
-    context.prepare(pipe)
+    context.prepare(pipe)  # what prepare_module sharded stays where it is
     return pipe
 
 
@@ -52,9 +57,12 @@ def main(rank: int) -> None:
     conn = Client((host, int(port_text)), authkey=bytes.fromhex(os.environ.pop("WAN22_RANK_AUTHKEY")))
     conn.send(rank)
     try:
-        pipe = _load(rank, conn.recv())
+        pipe = _load(rank, conn.recv(), conn)
     except Exception as exc:  # noqa: BLE001 - said to rank 0, which raises it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    if pipe is None:  # closed before its turn to load
+        dist.destroy_process_group()
         return
     conn.send(("ready", None))
     while True:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
@@ -425,6 +426,38 @@ def simulate_ranks(layout, gpu_gib: float, size: str, frame_num: int = 81, weigh
         return {"simulated": True, "layout": layout.describe(), "ranks": layout.ranks, "size": size,
                 "frame_num": frame_num, "weight_dtype": weight_dtype, "mode": "full" if layout.dit_fsdp else plan.mode,
                 "peak_gpu_bytes": peak, "peak_gpu_gib": round(peak / GIB, 2)}
+    finally:
+        dist.destroy_process_group()
+
+
+def simulate_rank_load(layout, rank: int = 1, weight_dtype: str = "bf16", as_read: bool = True) -> dict:
+    """Host RAM of rank `rank` (1..N-1) loading the full-size model set for `layout`, simulated with torch's fake
+    process group: what it reads (wan22.loader.runs_here) and, with `as_read`, each model made ready for the
+    layout as soon as it is read (RankContext.prepare_module, as wan22.parallel.rank does); without, all read
+    first and prepared after. The ranks' device is the fake host one (FSDP wants its mesh on the parameters'
+    device), so the shards count as host bytes here: peak_host_bytes is the most held at once."""
+    import torch
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from wan22.loader import load_pipeline
+    from wan22.parallel.context import RankContext
+    from wan22.pipeline import LoadOptions
+    from wan22.request.model_sets import discover_model_set
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.ranks)
+    try:
+        context = RankContext(layout, torch.device("cpu"))
+        options = LoadOptions(device="cpu", weight_dtype=weight_dtype, rank=rank, **dataclasses.asdict(layout))
+        with tempfile.TemporaryDirectory(prefix="wan22-memory-rank-load-") as folder:
+            model_set = discover_model_set(write_model_set(Path(folder), weight_dtype == "fp8_e4m3fn_scaled"))
+            with simulated_machine(24, 1024) as tracker:
+                pipe = load_pipeline(model_set, options, context.prepare_module if as_read else None)
+                context.prepare(pipe)
+                held = tracker.live["cpu"]
+        return {"simulated": True, "layout": layout.describe(), "rank": rank, "as_read": as_read,
+                "loaded": sorted(pipe._modules()), "peak_host_bytes": tracker.peak["cpu"], "held_host_bytes": held,
+                "peak_host_gib": round(tracker.peak["cpu"] / GIB, 2), "held_host_gib": round(held / GIB, 2)}
     finally:
         dist.destroy_process_group()
 
