@@ -129,6 +129,32 @@ def test_runpod_hub_lists_only_declared_settings():
     assert keys and [k for k in keys if k not in declared] == []
 
 
+def test_runpod_hub_presets_are_layouts_the_worker_runs_on_the_cards_they_name():
+    """Each preset of the hub listing (the several-GPU variants) sets only listed variables, starts a worker whose
+    videos use WAN_GPUS GPUs, and where it shards the experts (dit_fsdp) the shards of two bf16 experts and T5
+    fit the smallest card its name gives (checked as the worker checks before loading)."""
+    import re
+
+    from runpod_worker.config import WorkerConfig
+    from wan22.memory import planner
+    from wan22.request.parallel_layout import ParallelLayout
+
+    hub = json.loads((REPO / ".runpod" / "hub.json").read_text())
+    keys = {entry["key"] for entry in hub["config"]["env"]}
+    presets = hub["config"]["presets"]
+    assert {p["defaults"]["WAN_GPUS"] for p in presets} == {1, 2, 4, 8}
+    for preset in presets:
+        defaults = preset["defaults"]
+        assert set(defaults) <= keys, preset["name"]
+        config = WorkerConfig.from_env({key: str(value).lower() for key, value in defaults.items()})
+        layout = ParallelLayout.from_values(config.operator)
+        assert config.gpus == layout.ranks == defaults["WAN_GPUS"], preset["name"]
+        assert (layout.dit_fsdp, layout.t5_fsdp) == (bool(defaults.get("WAN_DIT_FSDP")), bool(defaults.get("WAN_T5_FSDP")))
+        if layout.dit_fsdp:
+            card_gb = int(re.search(r"(\d+)(?:-\d+)? GB cards", preset["name"]).group(1))
+            planner.check_shards_fit(int(26.67 * planner.GIB), int(10.6 * planner.GIB), layout, int(card_gb * 1e9 * 0.97))
+
+
 # ------------------------------------------------------------------ every parameter reaches what it feeds
 TEXTS = {"image_url": "https://example.com/in.png", "image_path": "/workspace/in.png", "image_base64": "aGk=",
          "image": "/workspace/in.png", "prompt_extend_model": "QwenVL2.5_3B", "save_file": "clip.mp4",
