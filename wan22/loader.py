@@ -17,7 +17,6 @@ from .checkpoints.tensors import open_safetensors, safetensors_files
 from .memory import host_experts, planner
 from .memory.residency import EXPERTS
 from .pipeline import LoadOptions, Wan22I2VPipeline
-from .request.errors import InvalidParameter
 from .request.model_sets import ModelSet, discover_model_set
 from .runtime.fp8 import FP8_DTYPES
 from .runtime.text_encoder import HuggingFaceTokenizer, PromptEncoder, SentencePieceTokenizer
@@ -49,26 +48,30 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
                   host_bytes: Optional[int] = None) -> Wan22I2VPipeline:
     """Load both experts, the text encoder and the VAE of a model set into host memory, stored as the options
     say (see LoadOptions); where they run is decided per run by the memory plan (wan22.memory.planner).
-    Ranks 1..N-1 of a parallel layout load only what they run (runs_here) and pass `prepare_module`
-    (wan22.parallel.context.RankContext): each model ready for the layout as soon as it is read, so that with
-    dit_fsdp a rank holds one expert at a time in host RAM, then only its shards; `host_bytes` is then the host RAM
-    it may plan with (its share of what is free: ranks load together, rank_load_waves), else all that is free."""
+
+    A parallel layout (wan22.parallel): rank 0 (this call, options.rank 0) starts the other ranks first, reads its
+    models making each ready for the layout as it is read (RankContext.prepare_module: with dit_fsdp a rank holds
+    one expert at a time in host RAM, then only its shards), then has the other ranks load. They call this with
+    their rank, their `prepare_module` and `host_bytes`, their share of the host RAM free (else all that is free),
+    and read only what they run (runs_here)."""
     options = options.validated()
     model_set = source if isinstance(source, ModelSet) else discover_model_set(source)
-    load_transformer, load_t5, load_vae = LOADERS[model_set.layout]
     check_safetensors_headers(model_set)
     text_here, vae_here = runs_here(options)
     expert_bytes, t5_bytes, vae_bytes = estimate_host_bytes(model_set, options)
     if options.rank == 0 and options.torch_device.type == "cuda":
         planner.check_shards_fit(expert_bytes, t5_bytes, options.layout, planner.Budget.detect(options.torch_device).gpu_bytes)
-    t5_bytes, vae_bytes = t5_bytes if text_here else 0, vae_bytes if vae_here else 0
-    shards_as_read = prepare_module is not None and options.layout.dit_fsdp
-    held = planner.host_experts(expert_bytes, t5_bytes, vae_bytes, host_bytes if host_bytes is not None else planner.host_available(),
+    starts_ranks = options.rank == 0 and options.layout.parallel
+    shards_as_read = (prepare_module is not None or starts_ranks) and options.layout.dit_fsdp
+    held = planner.host_experts(expert_bytes, t5_bytes if text_here else 0, vae_bytes if vae_here else 0,
+                                host_bytes if host_bytes is not None else planner.host_available(),
                                 "sharded" if shards_as_read else planner.memory_setting("host_experts"))
-    fp8 = options.keeps_fp8(model_set)
-    expert_dtype = options.expert_dtype(model_set)
-    # upstream runs T5 in bf16 whatever the DiT dtype (fp16 overflows in UMT5); fp32 stays fp32
-    t5_dtype = torch.float32 if options.torch_dtype == torch.float32 else torch.bfloat16
+    group = None
+    if starts_ranks:  # the ranks first, so that this process's models too are made ready for the layout as read
+        from .parallel.group import RankGroup
+
+        group = RankGroup(model_set, options)
+        prepare_module = group.join(options.torch_device).prepare_module
     timings = {}
 
     def timed(name, fn, *args, **kwargs):
@@ -79,6 +82,25 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
         timings[name] = time.perf_counter() - start
         return result
 
+    try:
+        pipe = _read(model_set, options, held, text_here, vae_here, timed)
+    except BaseException:
+        if group is not None:
+            group.close()
+        raise
+    pipe.load_timings = timings
+    if group is not None:
+        _attach_ranks(pipe, group, model_set, options)
+    return pipe
+
+
+def _read(model_set: ModelSet, options: LoadOptions, held: int, text_here: bool, vae_here: bool, timed) -> Wan22I2VPipeline:
+    """The models read (each through `timed`) into a pipeline."""
+    load_transformer, load_t5, load_vae = LOADERS[model_set.layout]
+    fp8 = options.keeps_fp8(model_set)
+    expert_dtype = options.expert_dtype(model_set)
+    # upstream runs T5 in bf16 whatever the DiT dtype (fp16 overflows in UMT5); fp32 stays fp32
+    t5_dtype = torch.float32 if options.torch_dtype == torch.float32 else torch.bfloat16
     prompt_encoder = vae = None
     if text_here:
         tokenizer = timed("tokenizer", load_tokenizer, model_set)
@@ -95,11 +117,8 @@ def load_pipeline(source: Union[str, Path, ModelSet], options: LoadOptions = Loa
         low = modules.build_transformer(dict(high.config), fp8)
         host_experts.park(low)
     pipe = Wan22I2VPipeline(high, low, prompt_encoder, vae, options, model_set)
-    pipe.load_timings = timings
     if held == 1:
         pipe.residency.expert_files = host_experts.ExpertFiles(readers)
-    if options.layout.parallel and options.rank == 0:
-        _start_ranks(pipe, model_set, options)
     return pipe
 
 
@@ -127,18 +146,13 @@ def rank_load_waves(model_set: ModelSet, options: LoadOptions, available: Option
     return [ranks[i:i + at_once] for i in range(0, len(ranks), at_once)]
 
 
-def _start_ranks(pipe: Wan22I2VPipeline, model_set: ModelSet, options: LoadOptions) -> None:
-    """This process is rank 0 of a parallel layout: the other ranks start, each loading the same model set
-    (wan22.parallel.group); if one cannot, every weight is released and RankFailed says why."""
-    from .parallel.group import RankGroup
-
+def _attach_ranks(pipe: Wan22I2VPipeline, group, model_set: ModelSet, options: LoadOptions) -> None:
+    """This process is rank 0 of a parallel layout, its models read: the other ranks load theirs (in groups that fit
+    host RAM); if one cannot, every weight is released and RankFailed says why."""
     try:
-        heads = pipe.high_noise_model.config.num_attention_heads  # A14B's 40, fewer in the tests' tiny models
-        problems = [(field, why) for field, why in options.layout.problems(heads=heads) if field == "ulysses_size"]
-        if problems:
-            raise InvalidParameter.from_problems(problems)
-        RankGroup(model_set, options).start(pipe, lambda available: rank_load_waves(model_set, options, available))
+        group.attach(pipe, lambda available: rank_load_waves(model_set, options, available))
     except BaseException:
+        group.close()
         pipe.release()
         raise
 

@@ -100,6 +100,19 @@ def test_ranks_load_in_groups_that_fit_host_ram_and_give_the_single_process_late
     assert abs(held - whole / 4) < 0.04 * whole, (held, whole)
 
 
+def test_sharded_experts_are_read_one_at_a_time_on_every_rank_even_where_host_ram_holds_one(tiny_models, reference,
+                                                                                              monkeypatch):
+    """With dit_fsdp every rank, rank 0 too, shards each expert as it reads it: host RAM never holds both, so where
+    the operator says it holds one (WAN_HOST_EXPERTS=one), the experts are still both read and sharded (none parked
+    to be read again at each switch), and the latents are the single-process ones."""
+    pipe0, embeds, noise, y = reference
+    monkeypatch.setenv("WAN_HOST_EXPERTS", "one")
+    with _ranks(tiny_models("upstream"), ParallelLayout(ulysses_size=2, dit_fsdp=True)) as (pipe, _):
+        assert pipe.residency.host_experts == 2 and pipe.residency.fixed == {"high_noise_model", "low_noise_model"}
+        latent = pipe.denoise(noise, y, embeds, PARAMS)
+    assert (latent - pipe0.denoise(noise, y, embeds, PARAMS)).abs().max().item() < 1e-4
+
+
 def test_ranks_1_to_n_read_only_what_they_run(tiny_models):
     """Rank 0 encodes the image and decodes: the other ranks never read the VAE, and T5 only with t5_fsdp (they
     encode with rank 0 then)."""

@@ -9,6 +9,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from ..request.errors import InvalidParameter
 from ..request.parallel_layout import ParallelLayout
 
 
@@ -53,6 +54,10 @@ class RankContext:
         if name == "text_encoder":
             sharded, blocks = self.layout.t5_fsdp, getattr(module, "encoder", module).block
         else:
+            heads = module.config.num_attention_heads  # A14B's 40, fewer in the tests' tiny models
+            problems = [(field, why) for field, why in self.layout.problems(heads=heads) if field == "ulysses_size"]
+            if problems:
+                raise InvalidParameter.from_problems(problems)
             if self.layout.ulysses_size > 1 and getattr(module, "_parallel_config", None) is None:
                 from diffusers import ContextParallelConfig
 

@@ -89,6 +89,7 @@ class RankGroup:
         self.pipes: list = []
         self.pending = False
         self.hung: set = set()
+        self.context: Optional[RankContext] = None
 
     def _spawn(self, device: torch.device, port: int) -> None:
         """Ranks 1..N-1 started and connected (each says its rank, then gets its setup as plain data)."""
@@ -128,16 +129,31 @@ class RankGroup:
             self.pipes.append(connections[rank])
 
     def start(self, pipe, load_waves: Optional[Callable[[Optional[int]], List[List[int]]]] = None) -> None:
-        """Start ranks 1..N-1, join the process group as rank 0 and make `pipe` (this process's loaded models) rank
-        0's part; returns once every rank has loaded its models. `load_waves(free host bytes)`: the groups of ranks
-        that load together (wan22.loader.rank_load_waves; default: all at once)."""
-        device = pipe.device
+        """join, then attach `pipe` (this process's loaded models)."""
+        self.join(pipe.device)
+        self.attach(pipe, load_waves)
+
+    def join(self, device: torch.device) -> RankContext:
+        """Start ranks 1..N-1 and join the process group with them as rank 0; returns rank 0's RankContext, for
+        its models to be made ready as they are read (RankContext.prepare_module). The ranks wait to load."""
+        self.device = torch.device(device)
         port = free_port()
         try:
-            self._spawn(device, port)
-            join_group(0, self.layout.ranks, port, device, self.timeout_s)
-            pipe.ranks.context = RankContext(self.layout, device)
-            pipe.ranks.context.prepare(pipe)
+            self._spawn(self.device, port)
+            join_group(0, self.layout.ranks, port, self.device, self.timeout_s)
+            self.context = RankContext(self.layout, self.device)
+        except BaseException:
+            self.close()
+            raise
+        return self.context
+
+    def attach(self, pipe, load_waves: Optional[Callable[[Optional[int]], List[List[int]]]] = None) -> None:
+        """Make `pipe` rank 0's part and have ranks 1..N-1 load their models; returns once every rank has.
+        `load_waves(free host bytes)`: the groups of ranks that load together (wan22.loader.rank_load_waves;
+        default: all at once)."""
+        try:
+            pipe.ranks.context = self.context
+            self.context.prepare(pipe)
             self._load_ranks(load_waves or (lambda available: [list(range(1, self.layout.ranks))]))
         except BaseException:
             self.close()
