@@ -401,21 +401,32 @@ class Wan22I2VPipeline:
     # ------------------------------------------------------------------ stage 2: image and conditioning
     def prepare_image(self, image: Image.Image, max_area: int):
         """Upstream's max-area resize: returns the resized image in [-1, 1] [3, h, w] and the latent size."""
-        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-        img = torch.from_numpy(array).permute(2, 0, 1).sub(0.5).div(0.5)
+        img = _image_tensor(image)
         lat_h, lat_w, h, w = image_size_for_area(img.shape[1], img.shape[2], max_area, VAE_STRIDE[1], PATCH[1])
         resized = F.interpolate(img[None], size=(h, w), mode="bicubic")[0]
         return resized, lat_h, lat_w
 
+    @staticmethod
+    def prepare_last_image(image: Image.Image, height: int, width: int) -> torch.Tensor:
+        """First-last frame: the end image at the first image's size (resized to it, as diffusers' Wan pipeline
+        resizes both to the video's), in [-1, 1] [3, h, w]."""
+        return F.interpolate(_image_tensor(image)[None], size=(height, width), mode="bicubic")[0]
+
     @torch.no_grad()
-    def prepare_conditioning(self, resized: torch.Tensor, frame_num: int, lat_h: int, lat_w: int) -> torch.Tensor:
-        """y = [4-channel first-frame mask, VAE latent of (image, F-1 zero frames)]: [20, lat_f, lat_h, lat_w]."""
+    def prepare_conditioning(self, resized: torch.Tensor, frame_num: int, lat_h: int, lat_w: int,
+                             last: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """y = [4-channel mask of the given frames, VAE latent of (image, zero frames)]: [20, lat_f, lat_h, lat_w].
+        With `last` (first-last frame, as diffusers' WanImageToVideoPipeline(last_image=...)) the video encoded is
+        (image, F-2 zero frames, last) and the mask marks the last frame too."""
         h, w = resized.shape[1:]
         mask = torch.ones(1, frame_num, lat_h, lat_w)
         mask[:, 1:] = 0
+        ends = [last[:, None]] if last is not None else []
+        if ends:
+            mask[:, -1] = 1
         mask = torch.cat([mask[:, 0:1].repeat_interleave(VAE_STRIDE[0], dim=1), mask[:, 1:]], dim=1)
         mask = mask.view(1, mask.shape[1] // VAE_STRIDE[0], VAE_STRIDE[0], lat_h, lat_w).transpose(1, 2)[0]
-        video = torch.cat([resized[:, None], torch.zeros(3, frame_num - 1, h, w)], dim=1)
+        video = torch.cat([resized[:, None], torch.zeros(3, frame_num - 1 - len(ends), h, w), *ends], dim=1)
         latent = self.vae_encode(video)
         return torch.cat([mask.to(latent), latent])
 
@@ -568,7 +579,9 @@ class Wan22I2VPipeline:
 
     # ------------------------------------------------------------------ all stages
     def generate(self, image: Image.Image, embeds: PromptEmbeds, params: GenerationParams,
-                 on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None) -> VideoResult:
+                 on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None,
+                 last_image: Optional[Image.Image] = None) -> VideoResult:
+        """The video from `image` (its first frame) and, with `last_image`, to that end frame."""
         params = params.validated().with_resolved_seed()
         self._check_usable()
         loras = self.sync_loras()
@@ -579,8 +592,9 @@ class Wan22I2VPipeline:
         try:
             with out_of_memory_guard(self, "encoding the image"), self._vae_checks(should_cancel, "encoding the image"):
                 resized, lat_h, lat_w = self.prepare_image(image, params.max_area)
+                last = None if last_image is None else self.prepare_last_image(last_image, *resized.shape[1:])
                 self._place_vae(plan)
-                y = self.prepare_conditioning(resized, params.frame_num, lat_h, lat_w)
+                y = self.prepare_conditioning(resized, params.frame_num, lat_h, lat_w, last)
             noise = self.prepare_noise(params.seed, params.frame_num, lat_h, lat_w)
             timings["prepare_s"] = time.perf_counter() - start
             start = time.perf_counter()
@@ -616,6 +630,12 @@ class Wan22I2VPipeline:
             yield
         finally:
             checks.remove()
+
+
+def _image_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB in [-1, 1], [3, H, W]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).sub(0.5).div(0.5)
 
 
 def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
