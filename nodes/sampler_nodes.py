@@ -28,7 +28,11 @@ class Wan22ImageToVideo:
                 "text": ("WAN22_TEXT",),
                 "image": ("IMAGE", {"tooltip": "The first frame; only its aspect ratio is kept (max-area resize, as upstream)."}),
                 **node_inputs(spec.I2V),
-            }
+            },
+            "optional": {
+                "last_image": ("IMAGE", {"tooltip": "First-last frame: the video's last frame (resized to the first "
+                                                    "frame's size). Leave unconnected for image-to-video."}),
+            },
         }
 
     RETURN_TYPES = ("IMAGE", "INT")
@@ -43,12 +47,13 @@ class Wan22ImageToVideo:
         # seed -1 draws a new one each run: never reuse a cached result
         return float("nan") if seed == -1 else seed
 
-    def sample(self, model, text, image, **values):
+    def sample(self, model, text, image, last_image=None, **values):
         params = GenerationParams.from_values(values)
         comfy_bridge.make_room()
         result = model.generate(tensor_to_pil(image), text, params,
                                 on_step=comfy_bridge.progress_reporter(params.sample_steps),
-                                should_cancel=comfy_bridge.raise_if_interrupted)
+                                should_cancel=comfy_bridge.raise_if_interrupted,
+                                last_image=None if last_image is None else tensor_to_pil(last_image))
         frames = result.frames.float().div(255.0)
         info = {"seed": result.seed, "frames": result.num_frames, "width": result.width, "height": result.height,
                 "model_loads": WARM.loads, "timings": {k: round(v, 3) for k, v in result.timings.items()},

@@ -7,12 +7,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from headless.client import ComfyClient
 from headless.errors import ExecutionFailed, ExecutionInterrupted, PromptRejected
 from headless.workflow import find_node, ui_to_api
-from wan22.video import read_mp4
+from wan22.video import read_mp4, write_mp4
 import comfy_fixture as cf
 
 pytestmark = pytest.mark.comfy
@@ -312,6 +313,42 @@ def test_load_image_node_from_base64_and_path(comfy_client, comfy_server, tiny_m
     workflow[loader_id]["inputs"]["image_path"] = "/etc/hostname"
     with pytest.raises(ExecutionFailed, match="image_path.*outside the allowed input folders"):
         run(comfy_client, workflow)
+
+
+def test_a_last_image_makes_the_engines_first_last_frame_video(comfy_client, comfy_server, tiny_models, uploaded_image,
+                                                                tmp_path):
+    """The sampler's optional last_image (a second LoadImage): ComfyUI's video is the engine's first-last-frame
+    video of the same images, prompts and seed (fp32: a pixel may round the other way, no more), unlike the video
+    without it; unconnected, the sampler makes image-to-video as before."""
+    from PIL import Image
+
+    from wan22.loader import load_pipeline
+    from wan22.pipeline import LoadOptions
+    from wan22.request.params import GenerationParams
+
+    end_path = tmp_path / "end.png"
+    Image.new("RGB", (60, 90), (30, 200, 60)).save(end_path)
+    end_name = comfy_client.upload_image(end_path, name="wan22_last_image_test.png")
+    workflow = shipped(uploaded_image, tiny_models("upstream"), Wan22ModelLoader__dtype="fp32", Wan22ImageToVideo__seed=7)
+    plain = copy.deepcopy(workflow)
+    workflow["90"] = {"class_type": "LoadImage", "inputs": {"image": end_name}}
+    workflow[find_node(workflow, "Wan22ImageToVideo")]["inputs"]["last_image"] = ["90", 0]
+    got = read_mp4(saved_video(run(comfy_client, workflow)[1], workflow, comfy_server))[0]
+    without = read_mp4(saved_video(run(comfy_client, plain)[1], plain, comfy_server))[0]
+
+    loader = workflow[find_node(workflow, "Wan22ModelLoader")]["inputs"]
+    engine = load_pipeline(tiny_models("upstream"), LoadOptions.from_values(loader, device="cpu"))
+    text = workflow[find_node(workflow, "Wan22TextEncode")]["inputs"]
+    embeds = engine.encode_prompt(text["prompt"], text["negative_prompt"])
+    params = GenerationParams.from_values(workflow[find_node(workflow, "Wan22ImageToVideo")]["inputs"])
+    first = Image.open(Path(comfy_server.input_dir) / uploaded_image).convert("RGB")
+    frames = engine.generate(first, embeds, params, last_image=Image.open(end_path)).frames
+    fps = workflow[find_node(workflow, "Wan22SaveVideo")]["inputs"]["fps"]
+    want = read_mp4(write_mp4(frames, tmp_path / "engine.mp4", fps=fps))[0].astype(int)  # the same encoding
+    assert got.shape == want.shape == (5, 64, 96, 3)
+    got = got.astype(int)
+    assert np.abs(got - want).max() <= 1 and (got != want).mean() < 0.01, (np.abs(got - want).max(), (got != want).mean())
+    assert np.abs(without.astype(int) - want).mean() > 1
 
 
 def test_save_video_refuses_prefix_outside_output(comfy_client, tiny_models, uploaded_image, comfy_server):
