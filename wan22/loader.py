@@ -150,9 +150,8 @@ def _attach_ranks(pipe: Wan22I2VPipeline, group, model_set: ModelSet, options: L
     """This process is rank 0 of a parallel layout, its models read: the other ranks load theirs (in groups that fit
     host RAM); if one cannot, every weight is released and RankFailed says why."""
     try:
-        group.attach(pipe, lambda available: rank_load_waves(model_set, options, available))
+        group.attach(pipe, lambda available: rank_load_waves(model_set, options, available))  # closes it on failure
     except BaseException:
-        group.close()
         pipe.release()
         raise
 

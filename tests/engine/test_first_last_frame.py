@@ -8,6 +8,7 @@ from PIL import Image
 
 from wan22.loader import load_pipeline
 from wan22.pipeline import LoadOptions
+from wan22.request.errors import InvalidParameter
 from wan22.request.params import GenerationParams
 from wan22.runtime.schedule import make_schedule
 from wan22.runtime.text_encoder import pad_context
@@ -104,3 +105,5 @@ def test_generate_takes_an_end_image_of_another_size(engine, images):
     assert tuple(result.frames.shape) == (9, 64, 96, 3)
     plain = engine.generate(first, embeds, params)
     assert (result.latent - plain.latent).abs().max().item() > 1e-2
+    with pytest.raises(InvalidParameter, match="frame_num: a first and a last frame need at least 5 frames, got 1"):
+        engine.generate(first, embeds, GenerationParams(size="96*64", frame_num=1, sample_steps=2), last_image=last)
