@@ -29,10 +29,7 @@ class Wan22ImageToVideo:
                 "image": ("IMAGE", {"tooltip": "The first frame; only its aspect ratio is kept (max-area resize, as upstream)."}),
                 **node_inputs(spec.I2V),
             },
-            "optional": {
-                "last_image": ("IMAGE", {"tooltip": "First-last frame: the video's last frame (resized to the first "
-                                                    "frame's size). Leave unconnected for image-to-video."}),
-            },
+            "optional": {name: ("IMAGE", {"tooltip": tip}) for name, tip in spec.OPTIONAL_IMAGES[spec.I2V]},
         }
 
     RETURN_TYPES = ("IMAGE", "INT")

@@ -97,7 +97,7 @@ def widget_values(class_type: str, values: dict) -> list:
 
 def node_size(class_type: str, links: dict, outputs: list, values: dict) -> List[int]:
     """The [width, height] a node is drawn at (title bar excluded), from its slots and widgets (see above)."""
-    rows = max(len(links), len(outputs), 1)
+    rows = max(len(links) + len(spec.OPTIONAL_IMAGES.get(class_type, ())), len(outputs), 1)
     multiline = {p.name for p in spec.node_params(class_type) if p.widget.get("multiline")} if class_type != "LoadImage" else set()
     height = rows * SLOT_ROW + 6 + 8 + WIDGET_ROW * (len(widget_values(class_type, values)) - len(multiline))
     height += MULTILINE * len(multiline) + (IMAGE_PREVIEW if class_type == "LoadImage" else 0)
@@ -167,7 +167,8 @@ def ui_workflow(preset: str = "none") -> dict:
             "flags": {}, "order": order, "mode": 0,
             "inputs": [{"name": name, "type": node_links[name][2], "link": link_by_target[(node_id, i)],
                         **({"widget": {"name": name}} if name in dict(widgets(class_type, preset_values)) else {})}
-                       for i, name in enumerate(linked)],
+                       for i, name in enumerate(linked)]
+                      + [{"name": name, "type": "IMAGE", "link": None} for name, _ in spec.OPTIONAL_IMAGES.get(class_type, ())],
             "outputs": [{"name": name, "type": kind, "links": outputs_links.get((node_id, slot), []), "slot_index": slot}
                         for slot, (name, kind) in enumerate(outputs)],
             "properties": {"Node name for S&R": class_type},

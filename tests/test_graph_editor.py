@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import comfy_fixture as cf
+from wan22.request import spec
 from graph_editor import (READ_GRAPH_JS, VIEWPORT, bring_into_view, click, load_workflow, open_editor, type_value,
                           widget)
 
@@ -48,11 +49,13 @@ def test_ui_workflow_loads_without_missing_nodes(loaded_graph, browser):
     errored = [n["type"] for n in graph["nodes"] if n["has_errors"]]
     assert not errored, f"nodes flagged has_errors: {errored}"
     assert not browser.page_errors(), f"uncaught page errors: {browser.page_errors()}"
-    # the same wiring as the file: every link, no input left unconnected
+    # the same wiring as the file: every link, no input left unconnected but the optional ones (last_image)
     assert sorted(map(tuple, graph["links"])) == sorted(map(tuple, workflow["links"]))
     # (the newer frontend gives every widget an input slot too: those stay unlinked and keep their widget value)
     for node in graph["nodes"]:
-        assert all(i["link"] is not None for i in node["inputs"] if not i["widget"]), (node["type"], node["inputs"])
+        optional = {name for name, _ in spec.OPTIONAL_IMAGES.get(node["type"], ())}
+        unlinked = [i["name"] for i in node["inputs"] if not i["widget"] and i["link"] is None]
+        assert set(unlinked) == optional, (node["type"], node["inputs"])
 
 
 def test_widget_values_match_the_workflow(loaded_graph):

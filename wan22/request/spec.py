@@ -50,6 +50,12 @@ LORA = "Wan22LoraLoader"
 EXTEND = "Wan22PromptExtend"
 SURFACES = ("node", "cli", "worker")
 IMAGE_FIELDS = ("image", "image_url", "image_path", "image_base64")
+# optional IMAGE inputs of a node (name, tooltip): the node declares them from here, and the shipped graphs leave
+# them unlinked (scripts/regenerate.py draws their slots)
+OPTIONAL_IMAGES: Dict[str, Tuple[Tuple[str, str], ...]] = {
+    I2V: (("last_image", "First-last frame: the video's last frame (resized to the first frame's size). Leave "
+                         "unconnected for image-to-video."),),
+}
 
 
 # what a parameter feeds (Param.feeds): the consumer each value reaches, whatever the surface
