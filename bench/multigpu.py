@@ -29,6 +29,7 @@ from typing import Dict, List
 from wan22.checkpoints.configs import load_config
 from wan22.request.cost import video_tokens
 from wan22.request.parallel_layout import ParallelLayout
+from wan22.runtime.text_encoder import TEXT_LEN  # every prompt is padded to it
 
 from .common import REPO, write_result
 
@@ -37,7 +38,6 @@ LINKS_GBPS = {"NVLink 4 (H100 SXM)": 450.0, "PCIe 5 x16 (RTX 5090)": 50.0, "PCIe
 UPSTREAM_720P_H100_S = {1: 1055.9, 4: 290.4, 8: 159.0}
 A14B = {"layers": 40, "dim": 5120, "block_bytes": int(0.665 * 2**30)}
 LATENT_CHANNELS = 16
-TEXT_LEN = 512  # every prompt is padded to 512 tokens (wan22.runtime.text_encoder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +142,7 @@ def run(results_dir=None) -> dict:
         rows.append({"layout": layout.describe(), "ranks": layout.ranks, "h100_nvlink": {
                          "40_steps": project(layout, m, 40, 2, nvlink), "4_step_recipe": project(layout, m, 4, 1, nvlink)},
                      "upstream_h100_s": UPSTREAM_720P_H100_S.get(layout.ranks),
-                     "pcie_transfer_s_per_cfg_step": {link: round(transfer_bytes_per_step(layout, m.size, 81, 2) / (gbps * 1e9), 2)
+                     "pcie_transfer_s_per_cfg_step": {link: round(transfer_bytes_per_step(layout, m.size, m.frame_num, 2) / (gbps * 1e9), 2)
                                                       for link, gbps in LINKS_GBPS.items() if link.startswith("PCIe")}})
     measured_figures = {**dataclasses.asdict(m), "flops_per_s": round(m.flops_per_s / 1e12, 1) * 1e12}
     data = {"projected": True, "measured_from": str(MEASURED.relative_to(REPO)), "measured": measured_figures,
