@@ -197,7 +197,7 @@ def _run_job(args, client: ComfyClient, params: Dict[str, Any], workflow, out, o
 
     job = {} if job is None else job
 
-    if workflow is None and not any(spec.SPELLINGS.get(k) in spec.IMAGE_FIELDS for k, v in params.items() if v):
+    if workflow is None and not any(spec.SPELLINGS.get(k) in spec.IMAGE_SOURCES["image"] for k, v in params.items() if v):
         raise InvalidParameter("image", "required with the shipped workflow (--image PATH_OR_URL)")
     bar = None if args.quiet else ProgressBar(sys.stderr, label=label)
     try:
@@ -323,13 +323,14 @@ def _main(args) -> int:
         try:
             params = _params_from_args(args)
             request = spec.normalize(params, "cli")
-            source = spec.image_source(request.values)
-            if args.workflow is None and source is None:
+            if args.workflow is None and spec.image_source(request.values) is None:
                 raise InvalidParameter("image", "required with the shipped workflow (--image PATH_OR_URL)")
-            if source is not None and source[0] == "path":  # your file, named, before anything reaches a server
-                from wan22.request.intake import read_image
+            for role in spec.IMAGE_ROLES:  # your files, named, before anything reaches a server
+                source = spec.image_source(request.values, role)
+                if source is not None and source[0] == "path":
+                    from wan22.request.intake import read_image
 
-                read_image("path", source[1], f"{request.label('image_path')} {source[1]!r}", trusted=True)
+                    read_image("path", source[1], f"{request.label(f'{role}_path')} {source[1]!r}", trusted=True)
             from .workflow import parse_set
 
             for item in args.set:

@@ -5,7 +5,7 @@
                  out="cat.mp4", hooks=Hooks(on_progress=print))
     print(result.output_path, result.seed, result.frames)
 
-:func:`run` checks the parameters (wan22.request.spec), then :func:`run_checked` fills the workflow, puts the image in,
+:func:`run` checks the parameters (wan22.request.spec), then :func:`run_checked` fills the workflow, puts the images in,
 :func:`execute`\\ s the prompt (queue, wait with a deadline and a cancel event, progress) and downloads the MP4.
 :class:`Hooks` carry what a caller adds around that, and are the one way to give each of these its callbacks:
 the CLI's progress bar, the worker's records, RunPod progress, per-job upload names and clean-up of the files
@@ -29,10 +29,11 @@ from wan22.request.intake import CheckedImage, read_image
 
 from .client import ComfyClient, Progress, output_files
 from .errors import Cancelled, ExecutionFailed, ExecutionInterrupted, OutputMissing, WaitTimeout, WorkflowError
-from .workflow import (PARAM_TARGETS, ROLE_CORE_IMAGE, ROLE_EXTEND, ROLE_I2V, ROLE_IMAGE, ROLE_LORA, ROLE_SAVE,
-                       apply_loras, apply_overrides, apply_params, apply_prompt_extend, find_nodes, load_workflow)
+from .workflow import (PARAM_TARGETS, ROLE_CORE_IMAGE, ROLE_EXTEND, ROLE_I2V, ROLE_LORA, ROLE_SAVE,
+                       add_last_image_loader, apply_loras, apply_overrides, apply_params, apply_prompt_extend,
+                       find_nodes, image_loaders, load_workflow)
 
-__all__ = ["run", "run_checked", "execute", "Hooks", "Execution", "Result", "prepare_image", "collect_result",
+__all__ = ["run", "run_checked", "execute", "Hooks", "Execution", "Result", "prepare_images", "collect_result",
            "resolve_random_seeds", "VIDEO_EXTENSIONS"]
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".gif", ".avi")
@@ -92,43 +93,52 @@ class Result:
         return asdict(self)
 
 
-# ============================================================================================ image
-def prepare_image(client: ComfyClient, prompt: dict, values: Mapping[str, Any], image: Optional[CheckedImage] = None,
-                  hooks: Optional[Hooks] = None, label: Callable[[str], str] = str) -> Optional[str]:
-    """Put the image into the workflow: upload it for core ``LoadImage`` nodes, or fill ``Wan22LoadImage``
-    (a URL stays a URL, for the server to fetch; anything else goes as base64 of the checked PNG).
+# ============================================================================================ images
+def prepare_images(client: ComfyClient, prompt: dict, values: Mapping[str, Any],
+                   images: Optional[Mapping[str, CheckedImage]] = None, hooks: Optional[Hooks] = None,
+                   label: Callable[[str], str] = str) -> None:
+    """Put the reference image, and the end image when there is one, into the workflow's loaders
+    (headless.workflow.image_loaders: the end image's are those feeding the sampler's last_image); a loader is
+    added for an end image the workflow has none for.
 
-    `image` is an image already read and checked (the worker's); otherwise the image source in `values` is
-    read here as the CLI's user's own (any local path, private URLs allowed). Returns what was set."""
+    `images` ({role: image}, spec.IMAGE_ROLES) are images already read and checked (the worker's): then nothing
+    is read from `values`. Otherwise the sources in `values` are read here as the CLI's user's own (any local
+    path, private URLs allowed)."""
     hooks = hooks or Hooks()
-    source = spec.image_source(values)
-    if image is None and source is None:
-        return None
-    core = [nid for nid in find_nodes(prompt, ROLE_CORE_IMAGE) if prompt[nid].get("class_type") == ROLE_CORE_IMAGE]
-    ours = [nid for nid in find_nodes(prompt, ROLE_IMAGE) if prompt[nid].get("class_type") == ROLE_IMAGE]
-    if not core and not ours:
-        raise WorkflowError("the workflow has no image input node (LoadImage or Wan22LoadImage) for the image")
+    loaders = image_loaders(prompt)
+    for role in spec.IMAGE_ROLES:
+        source = spec.image_source(values, role) if images is None else None
+        image = (images or {}).get(role)
+        if image is None and source is None:
+            continue
+        if not loaders[role]:
+            if role == "image":
+                raise WorkflowError("the workflow has no image input node (LoadImage or Wan22LoadImage) for the image")
+            like = prompt[loaders["image"][0]]["class_type"] if loaders["image"] else ROLE_CORE_IMAGE
+            loaders[role] = [add_last_image_loader(prompt, like)]
+        uploads = any(prompt[n]["class_type"] == ROLE_CORE_IMAGE for n in loaders[role])
+        if image is None and (uploads or source[0] != "url"):  # a URL stays a URL for the server to fetch
+            image = read_image(source[0], source[1], label(f"{role}_{source[0]}"), trusted=True)
+        _fill_loaders(client, prompt, loaders[role], image, source, hooks)
 
-    def checked() -> CheckedImage:
-        kind, value = source
-        return read_image(kind, value, label(f"image_{kind}"), trusted=True)
 
-    if core:
-        png = (image or checked()).png
-        uploaded = client.upload_image(png, hooks.upload_name(png))
-        if hooks.on_server_file:
-            hooks.on_server_file("input", "", uploaded)
-        for nid in core:
-            prompt[nid].setdefault("inputs", {})["image"] = uploaded
-        return uploaded
-    inputs = {"image_url": "", "image_base64": "", "image_path": ""}
-    if image is None and source[0] == "url":
-        inputs["image_url"] = source[1]
-    else:
-        inputs["image_base64"] = base64.b64encode((image or checked()).png).decode("ascii")
-    for nid in ours:
-        prompt[nid].setdefault("inputs", {}).update(inputs)
-    return "image_url" if inputs["image_url"] else "image_base64"
+def _fill_loaders(client: ComfyClient, prompt: dict, nodes: List[str], image: Optional[CheckedImage],
+                  source: Optional[Tuple[str, str]], hooks: Hooks) -> None:
+    """A core LoadImage gets the PNG uploaded; a Wan22LoadImage the URL (for the server to fetch) when there is
+    no image read here, else the PNG as base64."""
+    uploaded = None
+    for nid in nodes:
+        inputs = prompt[nid].setdefault("inputs", {})
+        if prompt[nid]["class_type"] == ROLE_CORE_IMAGE:
+            if uploaded is None:
+                uploaded = client.upload_image(image.png, hooks.upload_name(image.png))
+                if hooks.on_server_file:
+                    hooks.on_server_file("input", "", uploaded)
+            inputs["image"] = uploaded
+        elif image is None:
+            inputs.update(image_url=source[1], image_base64="", image_path="")
+        else:
+            inputs.update(image_url="", image_base64=base64.b64encode(image.png).decode("ascii"), image_path="")
 
 
 # ============================================================================================ LoRAs
@@ -280,9 +290,10 @@ def run(params: Dict[str, Any], server: Union[str, ComfyClient, None] = None,
 def run_checked(values: Mapping[str, Any], server: Union[str, ComfyClient, None] = None,
                 workflow: Union[str, Path, dict, None] = None, out: Union[str, Path, None] = None, *,
                 timeout: Optional[float] = None, overrides: Iterable = (), download: bool = True,
-                image: Optional[CheckedImage] = None, hooks: Optional[Hooks] = None,
+                images: Optional[Mapping[str, CheckedImage]] = None, hooks: Optional[Hooks] = None,
                 label: Callable[[str], str] = str) -> Result:
-    """:func:`run` for parameters already checked (canonical names); `image` an image already read."""
+    """:func:`run` for parameters already checked (canonical names); `images` the images already read, by role
+    (prepare_images)."""
     hooks = hooks or Hooks()
     own_client = not isinstance(server, ComfyClient)
     given = server if isinstance(server, ComfyClient) else ComfyClient(server)
@@ -301,7 +312,7 @@ def run_checked(values: Mapping[str, Any], server: Union[str, ComfyClient, None]
             apply_loras(prompt, server_lora_names(values["loras"], object_info, label))
         apply_overrides(prompt, overrides, object_info)
         client.check_node_types(prompt)
-        prepare_image(client, prompt, values, image, hooks, label)
+        prepare_images(client, prompt, values, images, hooks, label)
         seed = resolve_random_seeds(prompt, object_info)
         remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - started))
         try:

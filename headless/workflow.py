@@ -9,7 +9,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from wan22.request import spec
 
@@ -25,7 +25,7 @@ ROLE_EXTEND = spec.EXTEND
 ROLE_CORE_IMAGE = "LoadImage"
 
 # parameter -> (node role, input name): every node input of the spec except the image sources, which
-# headless.run.prepare_image puts in (an upload for a core LoadImage, or Wan22LoadImage's inputs)
+# headless.run.prepare_images puts in (an upload for a core LoadImage, or Wan22LoadImage's inputs)
 PARAM_TARGETS: Dict[str, Tuple[str, str]] = {
     p.name: (p.node, p.name) for p in spec.PARAMS if p.node not in (None, ROLE_IMAGE, ROLE_LORA)}
 
@@ -270,13 +270,51 @@ def _fed_by(workflow: dict, nid: str, name: str, sources: Iterable[str]) -> bool
     return isinstance(value, list) and len(value) == 2 and str(value[0]) in set(sources)
 
 
+def upstream_of(workflow: dict, nid: str, name: str) -> Set[str]:
+    """The ids of the nodes input `name` of node `nid` reads from, directly or through other nodes."""
+    seen: Set[str] = set()
+    todo = [(workflow.get(nid, {}).get("inputs") or {}).get(name)]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, list) and len(value) == 2 and str(value[0]) in workflow and str(value[0]) not in seen:
+            seen.add(str(value[0]))
+            todo += list((workflow[str(value[0])].get("inputs") or {}).values())
+    return seen
+
+
+def image_loaders(workflow: dict) -> Dict[str, List[str]]:
+    """The image-loading nodes (LoadImage, Wan22LoadImage) by the role they feed (spec.IMAGE_ROLES): `last_image`
+    those that feed a sampler's last_image input and not its image; `image` every other."""
+    loaders = [nid for nid, node in workflow.items() if node.get("class_type") in (ROLE_CORE_IMAGE, ROLE_IMAGE)]
+    ends: Set[str] = set()
+    for sampler in find_nodes(workflow, ROLE_I2V):
+        ends |= upstream_of(workflow, sampler, "last_image") - upstream_of(workflow, sampler, "image")
+    return {"image": [n for n in loaders if n not in ends], "last_image": [n for n in loaders if n in ends]}
+
+
+def add_last_image_loader(workflow: dict, class_type: str) -> str:
+    """A new `class_type` loader linked to every sampler's last_image input, in place; returns its id. Raises
+    WorkflowError when a sampler's last_image is already connected (to a node that is not an end-image loader
+    of its own: image_loaders found none)."""
+    taken = [s for s in find_nodes(workflow, ROLE_I2V) if (workflow[s].get("inputs") or {}).get("last_image") is not None]
+    if taken:
+        raise WorkflowError(f"the sampler's last_image input (node {taken[0]}) is connected to a node that is not a "
+                            f"loader of its own (the reference image's, or another node); give the end image its own "
+                            f"LoadImage node, or leave last_image unconnected")
+    nid = str(_next_id(workflow))
+    workflow[nid] = {"class_type": class_type, "_meta": {"title": "End image (last_image)"}, "inputs": {}}
+    for sampler in find_nodes(workflow, ROLE_I2V):
+        workflow[sampler].setdefault("inputs", {})["last_image"] = [nid, 0]
+    return nid
+
+
 def apply_params(workflow: dict, params: Dict[str, Any], object_info: Optional[dict] = None) -> dict:
     """Fill canonical parameters (wan22.request.spec names) into the nodes that take them, in place; returns it.
 
     A parameter that `also` goes to other nodes (the seed, and the prompt of a prompt-extension node) is set
     there too; an input fed by such a node (the text encoder's prompt, from the extension) keeps its link.
     The image sources are not handled here (they need an upload or the Wan22LoadImage node; see
-    :func:`headless.run.prepare_image`). Raises WorkflowError when a parameter's node is missing.
+    :func:`headless.run.prepare_images`). Raises WorkflowError when a parameter's node is missing.
     """
     for key, value in params.items():
         if key in spec.IMAGE_FIELDS:

@@ -132,7 +132,7 @@ def warm_up(backend: ComfyBackend, cfg: WorkerConfig) -> None:
                                    operator=cfg.operator)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="wan22-warmup-") as tmp:
-        backend.run_request(req.values, check_image(buf.getvalue(), "warm-up image", cfg.limits.max_image_pixels),
+        backend.run_request(req.values, {"image": check_image(buf.getvalue(), "warm-up image", cfg.limits.max_image_pixels)},
                             Path(tmp) / "warmup.mp4", token=CancelToken(), deadline=time.monotonic() + cfg.preload_timeout_s,
                             on_progress=lambda p: None, on_running=lambda: None, tag="warmup")
     log.info("warm-up done in %.1fs: models are loaded", time.monotonic() - started)

@@ -214,14 +214,15 @@ class ComfyBackend:
         return namespaced(load_workflow(self.workflow_path, object_info=self._node_specs(client)), NODE_PREFIX)
 
     # ----------------------------------------------------------------- the seed's request
-    def run_request(self, values: Dict[str, Any], image: CheckedImage, out_path: Path, *, token: CancelToken,
-                    deadline: float, on_progress: Callable[[Progress], None], on_running: Callable[[], None],
-                    tag: str) -> Result:
-        """The shipped workflow filled with `values` (wan22.request.spec names) and `image`, run, its MP4 downloaded."""
+    def run_request(self, values: Dict[str, Any], images: Dict[str, CheckedImage], out_path: Path, *,
+                    token: CancelToken, deadline: float, on_progress: Callable[[Progress], None],
+                    on_running: Callable[[], None], tag: str) -> Result:
+        """The shipped workflow filled with `values` (wan22.request.spec names) and `images` (by role: the
+        reference image, and the end image when given), run, its MP4 downloaded."""
         with self._session(token, deadline, on_progress, on_running, tag=tag) as (client, hooks, left):
             values = dict(values, filename_prefix=f"wan22_worker/{tag}")
             result = run_checked(values, client, self._shipped_workflow(client), out_path, timeout=left,
-                                 image=image, hooks=hooks)
+                                 images=images, hooks=hooks)
             if not result.filename.lower().endswith(VIDEO_EXTENSIONS):
                 with contextlib.suppress(OSError):
                     os.unlink(out_path)

@@ -15,7 +15,7 @@ from .delivery import failed_answer, pick_answer, video_fields
 from .errors import as_job_failure, storage_failure
 from .progress import ProgressReporter
 from .records import RUN_INFO, Record, reserve_save_file, resolve_save_file
-from .validation import GenerateRequest
+from .validation import RECORD_NAMES, GenerateRequest
 
 
 def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, cfg, backend: ComfyBackend,
@@ -26,7 +26,8 @@ def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, 
         reserve_save_file(out_path, req.save_file)
     t_fetch = time.monotonic()
     try:
-        image = read_image(req.image.kind, req.image.value, req.image.field, cfg.limits)
+        images = {role: read_image(source.kind, source.value, source.field, cfg.limits)
+                  for role, source in req.images.items()}
     except BaseException:
         if req.save_file:
             with contextlib.suppress(OSError):
@@ -36,7 +37,8 @@ def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, 
 
     # the request is valid: from here on it has a record, and the record ends whatever happens
     params = req.record_params()
-    params["reference_image"].update({"width": image.width, "height": image.height, "format": image.format})
+    for role, image in images.items():
+        params[RECORD_NAMES[role]].update({"width": image.width, "height": image.height, "format": image.format})
     record = Record(cfg.output_dir, request_id, "request", params, out_path)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +48,7 @@ def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, 
             os.unlink(out_path)
         return {"error": str(storage_failure(exc))}
     try:
-        result = backend.run_request(req.values, image, out_path, token=token, deadline=started + cfg.job_timeout_s,
+        result = backend.run_request(req.values, images, out_path, token=token, deadline=started + cfg.job_timeout_s,
                                      on_progress=ProgressReporter(job, lambda: record),
                                      on_running=lambda: record.write(status="RUNNING"), tag=request_id)
         cpu_budget.observe(work, result.timings.get("denoise_s"))

@@ -36,6 +36,7 @@ EXTRA_ARG_REFUSED = {
 
 # what a video costs: left out, upstream's defaults (1280*720, 81 frames, 40 steps) are used, and the answer says so
 SHAPE_PARAMS = ("size", "frame_num", "sample_steps")
+RECORD_NAMES = {"image": "reference_image", "last_image": "last_image"}  # an image's key in the record's params
 
 TOP_LEVEL_KEYS = {
     "request": {"action", "params", "return_video", "request_id"},
@@ -60,7 +61,7 @@ class ImageSource:
 @dataclasses.dataclass
 class GenerateRequest:
     values: Dict[str, Any]  # every node input a request may set (wan22.request.spec names), defaults filled in
-    image: ImageSource
+    images: Dict[str, ImageSource]  # by role (spec.IMAGE_ROLES): the reference image, and the end image if given
     save_file: Optional[str]
     return_video: bool
     warnings: List[str]
@@ -69,7 +70,8 @@ class GenerateRequest:
 
     def record_params(self) -> Dict[str, Any]:
         """The parameters as the JSON record and the `status` answer show them."""
-        return {"reference_image": self.image.describe(), **self.values, "save_file": self.save_file,
+        return {**{RECORD_NAMES[role]: image.describe() for role, image in self.images.items()}, **self.values,
+                "save_file": self.save_file,
                 "return_video": self.return_video}
 
 
@@ -231,7 +233,7 @@ def validate_generate_params(params: Any, *, return_video: Any = None, limits: O
         problems += exc.problems
         request = None
     if request is not None and spec.image_source(request.values) is None:
-        sources = ", ".join(spec.SPEC[name].aliases[0] for name in spec.IMAGE_FIELDS[1:])
+        sources = ", ".join(spec.SPEC[name].aliases[0] for name in spec.IMAGE_SOURCES["image"][1:])
         problems.append(("params.reference_image_url", f"a reference image is required: give one of {sources}"))
     for index, entry in enumerate(request.values.get("loras", []) if request is not None else []):
         try:
@@ -252,15 +254,18 @@ def validate_generate_params(params: Any, *, return_video: Any = None, limits: O
     if assumed:
         warnings.append(f"params: {', '.join(assumed)} not given; upstream's defaults were used: "
                         + ", ".join(f"{name} {spec.SPEC[name].default}" for name in assumed))
-    kind, value = spec.image_source(values)
-    image = ImageSource(kind, value, request.label(f"image_{kind}"))
+    images = {}
+    for role in spec.IMAGE_ROLES:
+        source = spec.image_source(values, role)
+        if source is not None:
+            images[role] = ImageSource(*source, field=request.label(f"{role}_{source[0]}"))
     generation = spec.run_defaults("worker")
     generation.update({k: v for k, v in values.items() if k in generation or k in ("loras", "use_prompt_extend")})
     operator = operator_defaults() if operator is None else operator
     replaced = operator_replacements(values, operator, request.label)
     generation.update(operator)
     warnings += [replaced_warning(item) for item in replaced]
-    return GenerateRequest(values=generation, image=image, save_file=values.get("save_file") or None,
+    return GenerateRequest(values=generation, images=images, save_file=values.get("save_file") or None,
                            return_video=return_video, warnings=warnings, replaced=replaced, assumed=assumed)
 
 

@@ -175,6 +175,46 @@ def test_cli_refuses_a_broken_image_before_the_server(comfy_url, image_url, tmp_
     assert proc.returncode == 2 and "image: answered HTTP 404" in proc.stderr, proc.stderr
 
 
+def test_cli_last_image_reaches_the_samplers_last_image(comfy_url, input_image, tmp_path):
+    """--last-image: the shipped workflow gets a loader wired to the sampler's last_image, and the video is that of
+    a workflow wired so by hand (the node path, tested against the engine in test_nodes_comfy); in a workflow with
+    its own end-image loader, that one is found by its link and filled (a URL here), and the reference image goes
+    only to the other loader. A missing end image is exit 2 naming it, before any server work."""
+    import copy
+
+    from PIL import Image
+
+    end = tmp_path / "end.png"
+    Image.new("RGB", (60, 90), (30, 200, 60)).save(end)
+    client = ComfyClient(comfy_url)
+    wired = json.loads(cf.SHIPPED_API_WORKFLOW.read_text())
+    sampler = next(nid for nid, node in wired.items() if node["class_type"] == "Wan22ImageToVideo")
+    wired["90"] = {"class_type": "LoadImage", "inputs": {"image": client.upload_image(end, name="wan22_end_test.png")}}
+    wired[sampler]["inputs"]["last_image"] = ["90", 0]
+    params = {"image": str(input_image), "prompt": "a small cat", "seed": 17, **TINY_PARAMS}
+    by_hand = run(params, server=client, workflow=copy.deepcopy(wired), out=tmp_path / "by_hand.mp4")
+    want = read_mp4(by_hand.output_path)[0]
+    plain = read_mp4(run(params, server=client, out=tmp_path / "plain.mp4").output_path)[0]
+    assert want.shape == plain.shape and abs(want.astype(int) - plain.astype(int)).mean() > 1
+
+    flags = ["--server", comfy_url, "--image", str(input_image), "--prompt", "a small cat", "--seed", "17", *TINY]
+    proc = cli(*flags, "--last-image", str(end), "--out", str(tmp_path / "added.mp4"))
+    assert proc.returncode == 0, proc.stderr
+    assert (read_mp4(tmp_path / "added.mp4")[0] == want).all()
+
+    wired["90"]["inputs"]["image"] = client.upload_image(input_image, name="wan22_not_the_end.png")  # replaced by the flag
+    (tmp_path / "wired.json").write_text(json.dumps(wired))
+    data = end.read_bytes()
+    with cf.loopback_http({"/end.png": lambda h: cf.reply(h, 200, data, "image/png")}) as base:
+        proc = cli(*flags, "--workflow", str(tmp_path / "wired.json"), "--last-image", base + "/end.png",
+                   "--out", str(tmp_path / "filled.mp4"))
+    assert proc.returncode == 0, proc.stderr
+    assert (read_mp4(tmp_path / "filled.mp4")[0] == want).all()
+
+    proc = cli("--server", "http://127.0.0.1:9", "--image", str(input_image), "--last-image", str(tmp_path / "no.png"), *TINY)
+    assert proc.returncode == 2 and "last_image" in proc.stderr and "no.png" in proc.stderr, proc.stderr
+
+
 def test_cli_memory_options_reach_the_loader(comfy_url, input_image, tmp_path):
     """--weight-dtype fp8 (a spelling of fp8_e4m3fn_scaled) and --memory-mode stream: the run reports its plan."""
     out = tmp_path / "fp8.mp4"

@@ -157,7 +157,8 @@ def test_runpod_hub_presets_are_layouts_the_worker_runs_on_the_cards_they_name()
 
 # ------------------------------------------------------------------ every parameter reaches what it feeds
 TEXTS = {"image_url": "https://example.com/in.png", "image_path": "/workspace/in.png", "image_base64": "aGk=",
-         "image": "/workspace/in.png", "prompt_extend_model": "QwenVL2.5_3B", "save_file": "clip.mp4",
+         "image": "/workspace/in.png", "last_image_url": "https://example.com/end.png", "last_image_base64": "aGk=",
+         "last_image_path": "/workspace/end.png", "last_image": "https://example.com/end.png", "prompt_extend_model": "QwenVL2.5_3B", "save_file": "clip.mp4",
          "extra_args": "--sample_steps 3"}
 IMAGE = {"image_url": "https://example.com/in.png"}
 
@@ -240,12 +241,15 @@ def unreached() -> list:
             values = spec.normalize(raw, surface, limits=limits).values
             if p.feeds == "request":
                 reached = values != spec.normalize({}, surface, limits=limits).values
-            elif p.feeds == "image":
-                reached = spec.image_source(values) is not None
+            elif p.feeds in spec.IMAGE_ROLES:
+                reached = spec.image_source(values, p.feeds) is not None
             else:
                 reached = values.get(p.name) == value
             if not reached:
                 lost.append(f"{p.name}: {surface} request")
+        if p.taken_by("worker") and p.feeds in spec.IMAGE_ROLES:
+            if p.feeds not in validate_generate_params({**(IMAGE if p.feeds != "image" else {}), p.name: value}).images:
+                lost.append(f"{p.name}: the worker's images")
         if p.taken_by("worker") and p.node not in (None, spec.LOAD_IMAGE) and not p.operator:
             if validate_generate_params({**IMAGE, p.name: value}).values.get(p.name) != value:
                 lost.append(f"{p.name}: the worker's workflow values")
@@ -286,5 +290,5 @@ def test_a_consumer_without_a_field_for_a_parameter_fails_at_import():
         spec.require_fields(GenerationParams, _FIELDS + ("motion",), own=("guide_scale",))
     with pytest.raises(TypeError, match="fields guide_scale are fed by no parameter"):
         spec.require_fields(GenerationParams, _FIELDS)
-    with pytest.raises(ValueError, match="feeds='sampler' must be one of image, prompt, generation"):
+    with pytest.raises(ValueError, match="feeds='sampler' must be one of image, last_image, prompt, generation"):
         spec.Param("x", "int", 0, "doc", feeds="sampler")

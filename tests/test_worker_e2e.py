@@ -414,6 +414,20 @@ BAD_CASES = [
     ("lora-too-many", lambda c: _request(reference_image_base64=_b64(c), loras=[LIGHTX2V_HIGH] * 17),
      "params.loras", "has 17 entries; at most 16 LoRAs are applied at once"),
     ("preset", lambda c: _request(reference_image_base64=_b64(c), preset="8step"), "params.preset", "must be one of none, 4step"),
+    # the end image (first-last frame): the reference image's intake and bounds
+    ("last-image-two", lambda c: _request(reference_image_base64=_b64(c), last_image_url=c["image_http"]["base"] + "/in.png",
+                                          last_image_base64=_b64(c)), "params.last_image_base64", "at most one last_image source"),
+    ("last-image-path-outside", lambda c: _request(reference_image_base64=_b64(c), last_image_path="/etc/passwd"),
+     "params.last_image_path", "outside"),
+    ("last-image-shorthand-relative", lambda c: _request(reference_image_base64=_b64(c), last_image="in.png"),
+     "params.last_image", "absolute"),
+    ("last-image-metadata", lambda c: _request(reference_image_base64=_b64(c), last_image_url="http://169.254.169.254/latest/meta-data/"),
+     "params.last_image_url", "non-public"),
+    ("last-image-not-image", lambda c: _request(reference_image_base64=_b64(c), last_image_url=c["image_http"]["base"] + "/page.html"),
+     "params.last_image_url", "not an image"),
+    ("last-image-one-frame", lambda c: _request(reference_image_base64=_b64(c), last_image_base64=_b64(c), frame_num=1),
+     "params.frame_num", "a first and a last frame need at least 5 frames, got 1"),
+    ("last-image-alone", lambda c: _request(last_image_base64=_b64(c)), "params.reference_image_url", "a reference image is required"),
     ("raw-unknown-node", lambda c: {"workflow": {"1": {"class_type": "NoSuchNodeType", "inputs": {}}}}, "NoSuchNodeType", "unknown node type"),
 ]
 
@@ -535,6 +549,47 @@ def test_a_worker_spreading_each_video_over_two_ranks_gives_the_same_videos(work
 def _written(path: Path, answer: dict) -> Path:
     path.write_bytes(base64.b64decode(answer["output"]["video_base64"]))
     return path
+
+
+def test_a_last_image_request_is_the_runners_first_last_frame_video(worker, comfy_server, input_image, image_http, tmp_path):
+    """params.last_image_base64 on the worker, --last-image's run() on another ComfyUI (the same tiny models): the
+    same frames; the record names the end image (never its base64) and its size."""
+    from headless.run import run
+    from PIL import Image
+
+    end = tmp_path / "end.png"
+    Image.new("RGB", (60, 90), (30, 200, 60)).save(end)
+    params = {"prompt": "a red boat", "seed": 23, **TINY}
+    node_out = run({"image": str(input_image), "last_image": str(end), **params}, server=comfy_server.url,
+                   out=tmp_path / "runner.mp4").output_path
+    answer = worker.runsync({"action": "request", "return_video": True, "params": {
+        "reference_image_base64": _b64({"image_http": image_http}), **params,
+        "last_image_base64": base64.b64encode(end.read_bytes()).decode()}})
+    assert answer["status"] == "COMPLETED", answer
+    got = read_mp4(_written(tmp_path / "worker.mp4", answer))[0]
+    assert got.shape[0] == 5 and (got == read_mp4(node_out)[0]).all()
+    record = json.loads((worker.out_dir / f"{answer['id']}.json").read_text())
+    assert record["params"]["last_image"] == {"kind": "base64", "chars": len(base64.b64encode(end.read_bytes())),
+                                              "width": 60, "height": 90, "format": "PNG"}
+
+
+def test_a_raw_workflow_wiring_last_image_under_five_frames_fails_and_the_worker_serves(worker, image_http):
+    """A raw workflow (the shipped graph, a second LoadImage on the sampler's last_image, frame_num 1): the job
+    fails naming frame_num, and the next job runs."""
+    workflow = json.loads(cf.SHIPPED_API_WORKFLOW.read_text())
+    sampler = next(nid for nid, node in workflow.items() if node["class_type"] == "Wan22ImageToVideo")
+    for nid, node in workflow.items():
+        if node["class_type"] == "LoadImage":
+            node["inputs"]["image"] = "raw_in.png"
+    workflow["90"] = {"class_type": "LoadImage", "inputs": {"image": "raw_in.png"}}
+    workflow[sampler]["inputs"].update(last_image=["90", 0], frame_num=1, size="64*64", sample_steps=2)
+    answer = worker.runsync({"workflow": workflow, "images": [{"name": "raw_in.png", "image": _b64({"image_http": image_http})}]})
+    assert answer["status"] == "FAILED", answer
+    assert "frame_num: a first and a last frame need at least 5 frames, got 1" in answer["error"], answer
+    workflow[sampler]["inputs"]["frame_num"] = 5
+    answer = worker.runsync({"workflow": workflow, "images": [{"name": "raw_in.png", "image": _b64({"image_http": image_http})}]})
+    assert answer["status"] == "COMPLETED", answer
+    assert [item["filename"].endswith(".mp4") for item in answer["output"]["images"]] == [True]
 
 
 def test_worker_serves_after_bad_inputs(worker, image_http):

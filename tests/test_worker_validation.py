@@ -51,7 +51,7 @@ def test_seed_example_request_and_defaults():
     assert (v["frame_num"], v["sample_steps"], v["sample_shift"], v["sample_solver"]) == (81, 40, 5.0, "unipc")
     assert (v["guide_scale_low"], v["guide_scale_high"]) == (3.5, 3.5)
     assert v["offload_model"] and v["t5_cpu"] and v["convert_model_dtype"] and v["boundary"] == 0.9
-    assert r.image.kind == "url" and r.image.field == "params.reference_image_url"
+    assert r.images["image"].kind == "url" and r.images["image"].field == "params.reference_image_url"
     assert r.return_video is True
     assert r.warnings == ["params: frame_num, sample_steps not given; upstream's defaults were used: frame_num 81, "
                           "sample_steps 40"]
@@ -215,6 +215,26 @@ def test_image_source_exactly_one():
     with pytest.raises(InvalidParameter) as exc:
         validate_generate_params({"reference_image_url": "https://a/b.png", "reference_image_path": "/workspace/a.png"})
     assert exc.value.field == "params.reference_image_path"
+
+
+def test_the_end_image_is_an_image_of_its_own_never_a_workflow_value():
+    """last_image in any one form becomes the request's end image, checked before anything runs; it never enters
+    the workflow values (the worker reads it with the untrusted intake; headless would read values as trusted)."""
+    given = validate_generate_params({"reference_image_url": "https://a/b.png", "last_image_base64": "aGk=", "frame_num": 9})
+    assert (given.images["last_image"].kind, given.images["last_image"].field) == ("base64", "params.last_image_base64")
+    assert not [k for k in given.values if k.startswith("last_image")]
+    assert given.record_params()["last_image"] == {"kind": "base64", "chars": 4}  # never the payload
+    shorthand = validate_generate_params({"reference_image_url": "https://a/b.png", "last_image": "/workspace/end.png"})
+    assert (shorthand.images["last_image"].kind, shorthand.images["last_image"].value) == ("path", "/workspace/end.png")
+    assert "last_image" not in validate_generate_params({"reference_image_url": "https://a/b.png"}).images
+    with pytest.raises(InvalidParameter) as exc:
+        validate_generate_params({"reference_image_url": "https://a/b.png", "last_image_url": "https://a/c.png",
+                                  "last_image_path": "/workspace/c.png", "frame_num": 1})
+    assert dict(exc.value.problems) == {
+        "params.last_image_path": "give at most one last_image source; also got params.last_image_url",
+        "params.frame_num": "a first and a last frame need at least 5 frames, got 1"}
+    with pytest.raises(InvalidParameter, match="params.reference_image_url: a reference image is required"):
+        validate_generate_params({"last_image_url": "https://a/c.png"})  # an end image is not the reference image
 
 
 def test_a_requests_layout_runs_when_it_is_the_workers_and_is_replaced_saying_what_ran_when_not():

@@ -44,14 +44,14 @@ class Mp4Result:
 def generate_mp4(image, prompt: str, out: Path, params: GenerationParams = GenerationParams(), negative_prompt: str = "",
                  model_dir=None, options: LoadOptions = LoadOptions(), pipeline=None,
                  on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None,
-                 loras: Optional[Sequence[LoraChoice]] = None) -> Mp4Result:
+                 loras: Optional[Sequence[LoraChoice]] = None, last_image=None) -> Mp4Result:
     """Validate, load (unless `pipeline` is given), generate and write the MP4 atomically.
 
     model_dir: a model folder or a ModelSet (default WAN_CKPT_DIR). loras: the LoRAs of this run (LoraChoice);
-    None keeps the pipeline's own (none for a pipeline loaded here)."""
+    None keeps the pipeline's own (none for a pipeline loaded here). last_image: the end frame (first-last frame)."""
     params = params.validated()
     options = options.validated()
-    picture = open_image(image) if not hasattr(image, "convert") else image
+    picture, last = (None if x is None else open_image(x) if not hasattr(x, "convert") else x for x in (image, last_image))
     timings = {}
     if pipeline is None:
         model_set = model_dir if isinstance(model_dir, ModelSet) else discover_model_set(model_dir or default_model_root())
@@ -63,7 +63,8 @@ def generate_mp4(image, prompt: str, out: Path, params: GenerationParams = Gener
     start = time.perf_counter()
     embeds = pipeline.encode_prompt(prompt, negative_prompt)
     timings["encode_prompt_s"] = time.perf_counter() - start
-    result: VideoResult = pipeline.generate(picture, embeds, params, on_step=on_step, should_cancel=should_cancel)
+    result: VideoResult = pipeline.generate(picture, embeds, params, on_step=on_step, should_cancel=should_cancel,
+                                            last_image=last)
     timings.update(result.timings)
     start = time.perf_counter()
     path = write_mp4(result.frames, out, fps=params.fps)
@@ -162,6 +163,15 @@ def model_folder(given: Optional[str]) -> ModelSet:
         raise ModelFolderError(f"--model-dir: {exc}{how}") from None
 
 
+def own_image(values, role: str, label=str):
+    """The request's `role` image (spec.IMAGE_ROLES), read as the caller's own file or URL; None when not given."""
+    source = spec.image_source(values, role)
+    if source is None:
+        return None
+    kind, value = source
+    return read_image(kind, value, label(f"{role}_{kind}"), trusted=True).picture
+
+
 def main(argv=None) -> int:
     flags = engine_params()
     parser = spec.FlagParser(prog="python -m wan22", description="Wan2.2 I2V-A14B straight from the engine (no ComfyUI).",
@@ -176,13 +186,11 @@ def main(argv=None) -> int:
     try:  # everything that can be checked before a model loads
         request = spec.normalize(spec.flag_values(args, flags), "cli")
         values = request.values
-        source = spec.image_source(values)
-        if source is None:
+        if spec.image_source(values) is None:
             raise InvalidParameter("image", "required: --image PATH_OR_URL (or --image-base64)")
         params = GenerationParams.from_values(values).validated().with_resolved_seed()  # one seed: extension and video
         options = LoadOptions.from_values(values, device=args.device).validated()
-        kind, value = source
-        picture = read_image(kind, value, request.label(f"image_{kind}"), trusted=True).picture
+        picture, last_image = (own_image(values, role, request.label) for role in spec.IMAGE_ROLES)
         model_set = model_folder(args.model_dir)
         preset = spec.check("preset", args.preset) if "loras" in request.filled_by else ""
         loras = lora_choices(values.get("loras", []), lora_folders(model_set.root), request.label, preset)
@@ -205,7 +213,7 @@ def main(argv=None) -> int:
             print(f"prompt: {extension.prompt}", file=sys.stderr)
             prompt = extension.prompt
         result = generate_mp4(picture, prompt, args.out, params, values.get("negative_prompt", ""), model_set, options,
-                              on_step=progress, loras=loras)
+                              on_step=progress, loras=loras, last_image=last_image)
     except Wan22Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -583,8 +583,9 @@ class Wan22I2VPipeline:
                  last_image: Optional[Image.Image] = None) -> VideoResult:
         """The video from `image` (its first frame) and, with `last_image`, to that end frame."""
         params = params.validated().with_resolved_seed()
-        if last_image is not None and params.frame_num < 5:
-            raise InvalidParameter("frame_num", f"a first and a last frame need at least 5 frames, got {params.frame_num}")
+        if last_image is not None and params.frame_num < spec.MIN_FIRST_LAST_FRAMES:
+            raise InvalidParameter("frame_num", f"a first and a last frame need at least {spec.MIN_FIRST_LAST_FRAMES} "
+                                                f"frames, got {params.frame_num}")
         self._check_usable()
         loras = self.sync_loras()
         plan = self.last_plan = self.plan(params, image)

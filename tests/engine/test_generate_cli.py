@@ -158,6 +158,29 @@ def test_every_image_source_gives_the_same_picture(tiny_models, image_file, tmp_
     assert len(seen) == 5 and all(np.array_equal(np.asarray(p), np.asarray(test_image)) for p in seen)
 
 
+def test_last_image_makes_the_pipelines_first_last_frame_video(tiny_models, image_file, tmp_path, pipe, test_image,
+                                                                written):
+    """--last-image (any of its sources) is the pipeline's generate(last_image=...); one frame with it is exit 2,
+    naming frame_num, before a model loads."""
+    from PIL import Image
+
+    end = tmp_path / "end.png"
+    Image.new("RGB", (60, 90), (30, 200, 60)).save(end)
+    encoded = base64.b64encode(end.read_bytes()).decode()
+    for flags in (["--last-image", end], ["--last-image-base64", encoded]):
+        code, _, err = run("--model-dir", tiny_models("upstream"), "--image", image_file, *flags,
+                           "--out", tmp_path / "fl.mp4", *TINY)
+        assert code == 0, err
+    embeds = pipe.encode_prompt(PROMPT, "")
+    params = GenerationParams.from_values(spec.normalize({"size": "96*64", "frame_num": 5, "seed": SEED}, "cli").values)
+    want = pipe.generate(test_image, embeds, params, last_image=Image.open(end)).frames
+    assert torch.equal(written[0], want) and torch.equal(written[1], want)
+    assert not torch.equal(want, pipe.generate(test_image, embeds, params).frames)
+    code, _, err = run("--model-dir", tiny_models("upstream"), "--image", image_file, "--last-image", end,
+                       "--out", tmp_path / "one.mp4", *TINY, "--frame-num", "1")
+    assert code == 2 and "frame_num: a first and a last frame need at least 5 frames, got 1" in err
+
+
 # ---------------------------------------------------------------------------------------------- LoRAs
 def test_preset_4step_applies_the_lightx2v_loras(lora_root, image_file, tmp_path, pipe, test_image, written):
     code, out, err = run("--model-dir", lora_root, "--image", image_file, "--out", tmp_path / "turbo.mp4", "--preset", "4step", *TINY)

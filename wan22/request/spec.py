@@ -49,7 +49,9 @@ LOADER, TEXT, I2V, SAVE, LOAD_IMAGE = "Wan22ModelLoader", "Wan22TextEncode", "Wa
 LORA = "Wan22LoraLoader"
 EXTEND = "Wan22PromptExtend"
 SURFACES = ("node", "cli", "worker")
-IMAGE_FIELDS = ("image", "image_url", "image_path", "image_base64")
+# what an image source feeds: the reference image (exactly one source) and first-last frame's end image (at most one)
+IMAGE_ROLES = ("image", "last_image")
+MIN_FIRST_LAST_FRAMES = 5  # a first and a last frame need two latent frames: frame_num 5 or more
 # optional IMAGE inputs of a node (name, tooltip): the node declares them from here, and the shipped graphs leave
 # them unlinked (scripts/regenerate.py draws their slots)
 OPTIONAL_IMAGES: Dict[str, Tuple[Tuple[str, str], ...]] = {
@@ -61,6 +63,7 @@ OPTIONAL_IMAGES: Dict[str, Tuple[Tuple[str, str], ...]] = {
 # what a parameter feeds (Param.feeds): the consumer each value reaches, whatever the surface
 FEEDS: Dict[str, str] = {
     "image": "the reference image (wan22.request.intake)",
+    "last_image": "first-last frame's end image (wan22.request.intake): the sampler's last_image input",
     "prompt": "the text encoder",
     "generation": "GenerationParams (wan22.request.params): the sampler's settings and the MP4's frame rate",
     "storage": "LoadOptions (wan22.pipeline): how the loaded experts are stored; a change loads them again",
@@ -167,6 +170,7 @@ _GUIDE = dict(low=0.0, high=100.0, widget={"step": 0.1})
 _WORKER_NO_MODEL = "a worker reads models only from its WAN_CKPT_DIR"
 _WORKER_NAMES_FILES = "the worker names its outputs; use save_file"
 _USE_LORAS = "give loras: [{name, expert, strength}]"
+_LAST_IMAGE_NODE = "connect an image (e.g. a Wan22LoadImage) to the sampler's last_image input"
 
 PARAMS: Tuple[Param, ...] = (
     # --- the image (exactly one source)
@@ -179,6 +183,15 @@ PARAMS: Tuple[Param, ...] = (
           bound="base64 text, at most WAN_MAX_IMAGE_MB decoded", feeds="image"),
     Param("image_path", "text", "", "Reference image as a file path (node and worker: absolute, under WAN_INPUT_ROOTS).",
           aliases=("reference_image_path",), max_chars=4096, node=LOAD_IMAGE, feeds="image"),
+    # --- first-last frame: the end image (at most one source; the node has an IMAGE input, spec.OPTIONAL_IMAGES)
+    Param("last_image", "image", None, "End image: the video's last frame (first-last frame; becomes last_image_path "
+          "or last_image_url).", refused={"node": _LAST_IMAGE_NODE}, feeds="last_image"),
+    Param("last_image_url", "text", "", "End image as an http(s) URL (the reference image's bounds).",
+          max_chars=8192, refused={"node": _LAST_IMAGE_NODE}, feeds="last_image"),
+    Param("last_image_base64", "text", "", "End image as base64 or a data: URI (size bounded).", max_chars=2**31,
+          refused={"node": _LAST_IMAGE_NODE}, bound="base64 text, at most WAN_MAX_IMAGE_MB decoded", feeds="last_image"),
+    Param("last_image_path", "text", "", "End image as a file path (worker: absolute, under WAN_INPUT_ROOTS).",
+          max_chars=4096, refused={"node": _LAST_IMAGE_NODE}, feeds="last_image"),
     # --- prompts
     Param("prompt", "text", UPSTREAM_EXAMPLE_PROMPT, "What should happen in the video.",
           node=TEXT, also=(EXTEND,), upstream_flag="--prompt", widget={"multiline": True}, feeds="prompt"),
@@ -306,6 +319,11 @@ def fed(*feeds: str) -> Tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown feeds {unknown}; known: {', '.join(FEEDS)}")
     return tuple(p.name for p in PARAMS if p.feeds in feeds)
+
+
+# each role's sources, the shorthand (a path or a URL) first
+IMAGE_SOURCES: Dict[str, Tuple[str, ...]] = {role: fed(role) for role in IMAGE_ROLES}
+IMAGE_FIELDS = tuple(name for sources in IMAGE_SOURCES.values() for name in sources)
 
 
 def operator_params() -> List[Param]:
@@ -524,9 +542,14 @@ def normalize(raw: Mapping[str, Any], surface: str, *, limits: Optional[Limits] 
             # keep the part of the field below the parameter: params.loras[1].strength
             problems.extend((field + (f[len(name):] if f.startswith(name) else ""), why) for f, why in exc.problems)
 
-    images = [n for n in IMAGE_FIELDS if n in values]
-    if len(images) > 1:
-        problems.append((spelled[images[1]], f"give exactly one image source; also got {spelled[images[0]]}"))
+    for role, sources in IMAGE_SOURCES.items():
+        images = [n for n in sources if n in values]
+        if len(images) > 1:
+            how = "exactly one image source" if role == "image" else "at most one last_image source"
+            problems.append((spelled[images[1]], f"give {how}; also got {spelled[images[0]]}"))
+    if any(n in values for n in IMAGE_SOURCES["last_image"]) and values.get("frame_num", MIN_FIRST_LAST_FRAMES) < MIN_FIRST_LAST_FRAMES:
+        problems.append((spelled["frame_num"], f"a first and a last frame need at least {MIN_FIRST_LAST_FRAMES} frames, "
+                                               f"got {values['frame_num']}"))
     if surface != "worker":  # the worker runs its operator's layout (runpod_worker.validation.operator_replacements)
         layout = ParallelLayout.from_values(values)
         problems += [(spelled.get(field, label(field)), why) for field, why in layout.problems()]
@@ -548,18 +571,19 @@ def normalize(raw: Mapping[str, Any], surface: str, *, limits: Optional[Limits] 
             if name not in values:
                 values[name], spelled[name] = copy.deepcopy(value), label(name)
                 filled_by[name] = f"{'--' if surface == 'cli' else ''}{where} {preset}"
-    if "image" in values:
-        image, where = values.pop("image"), spelled.pop("image")
-        name = "image_url" if image.lower().startswith(("http://", "https://")) else "image_path"
-        values[name], spelled[name] = (image[7:] if image.lower().startswith("file://") else image), where
+    for role in IMAGE_ROLES:
+        if role in values:
+            image, where = values.pop(role), spelled.pop(role)
+            name = f"{role}_url" if image.lower().startswith(("http://", "https://")) else f"{role}_path"
+            values[name], spelled[name] = (image[7:] if image.lower().startswith("file://") else image), where
     return Normalized(values, spelled, warnings, filled_by)
 
 
-def image_source(values: Mapping[str, Any]) -> Optional[Tuple[str, str]]:
-    """(kind, value) of the normalized request's image: kind is url | path | base64."""
-    for name in ("image_url", "image_path", "image_base64"):
-        if values.get(name):
-            return name.split("_", 1)[1], values[name]
+def image_source(values: Mapping[str, Any], role: str = "image") -> Optional[Tuple[str, str]]:
+    """(kind, value) of the normalized request's `role` image (IMAGE_ROLES): kind is url | path | base64."""
+    for kind in ("url", "path", "base64"):
+        if values.get(f"{role}_{kind}"):
+            return kind, values[f"{role}_{kind}"]
     return None
 
 
