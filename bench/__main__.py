@@ -12,6 +12,8 @@
   t5          one request's prompt encoding at full UMT5-XXL width (2 of 24 blocks, scaled): ours (real tokens only,
               cached negative prompt, the CPU's fast dtype) vs upstream's way (padded to 512, bf16), on this CPU and
               on the CPU classes it can emulate (oneDNN capped below AMX, below BF16)
+  long_video  a chain of 3 tiny clips vs the same clips one by one; colour matching of a 720p/81-frame clip as a
+              share of a clip's time measured on the H200; the colour drift of a chain without and with matching
 
 Prints the ratios and writes bench/results/<name>.json (plus summary.json). Benchmarks report; they never fail
 because a machine is slow. `--quick` is the smoke-test size (tiny loader, one repetition, no servers).
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from .common import RESULTS, log, machine_info, write_result
 
-BENCHMARKS = ("loader", "diffusers", "lora", "paths", "t5", "fidelity")
+BENCHMARKS = ("loader", "diffusers", "lora", "paths", "t5", "fidelity", "long_video")
 
 
 def main(argv=None) -> int:
@@ -98,6 +100,12 @@ def main(argv=None) -> int:
                 data = t5.run(blocks=1 if args.quick else 2, results_dir=results_dir, quick=args.quick)
                 lines += t5.report(data)
                 summary["t5_encode"] = data["summary"]
+            elif name == "long_video":
+                from . import long_video
+
+                data = long_video.run(reps=min(reps, 3), results_dir=results_dir, quick=args.quick)
+                lines += long_video.report(data)
+                summary["long_video"] = data["summary"]
             elif name == "fidelity":
                 from . import fidelity
 

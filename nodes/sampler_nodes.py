@@ -19,6 +19,13 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[..., :3])
 
 
+def _video_frames_problems(values):
+    """The chain's frame rules (spec.video_frames_problems), once both inputs are widgets."""
+    if values.get("frame_num") is None or values.get("segments") is None:
+        return []
+    return spec.video_frames_problems(values["frame_num"], values["segments"])
+
+
 class Wan22ImageToVideo:
     @classmethod
     def INPUT_TYPES(cls):
@@ -37,7 +44,7 @@ class Wan22ImageToVideo:
     FUNCTION = "sample"
     CATEGORY = CATEGORY
     DESCRIPTION = "Wan2.2 I2V-A14B sampling with both experts, exactly as upstream generate.py."
-    VALIDATE_INPUTS = spec_validator(spec.I2V)
+    VALIDATE_INPUTS = spec_validator(spec.I2V, also=_video_frames_problems)
 
     @classmethod
     def IS_CHANGED(cls, seed=None, **_):
@@ -48,11 +55,12 @@ class Wan22ImageToVideo:
         params = GenerationParams.from_values(values)
         comfy_bridge.make_room()
         result = model.generate(tensor_to_pil(image), text, params,
-                                on_step=comfy_bridge.progress_reporter(params.sample_steps),
+                                on_step=comfy_bridge.progress_reporter(params.sample_steps * params.segments),
                                 should_cancel=comfy_bridge.raise_if_interrupted,
                                 last_image=None if last_image is None else tensor_to_pil(last_image))
         frames = result.frames.float().div(255.0)
         info = {"seed": result.seed, "frames": result.num_frames, "width": result.width, "height": result.height,
                 "model_loads": WARM.loads, "timings": {k: round(v, 3) for k, v in result.timings.items()},
-                "memory": result.plan, "loras": result.loras, "kernels": result.kernels}
+                "memory": result.plan, "loras": result.loras, "kernels": result.kernels, "segments": result.segments}
         return {"ui": {"wan22": [info]}, "result": (frames, result.seed)}
+

@@ -22,7 +22,7 @@ from wan22.request.model_sets import default_model_root, discover_model_set
 log = logging.getLogger("runpod_worker")
 GEMM_N = 1024
 GEMM_SECONDS = 0.3  # how long the measurement multiplies (the best of its runs counts)
-SHAPE_FIELDS = "params (size, frame_num, sample_steps)"
+SHAPE_FIELDS = "params (size, frame_num, sample_steps, segments)"
 
 _observed = {"rate": 0.0}
 _lock = threading.Lock()
@@ -86,11 +86,12 @@ def check(values: Mapping[str, Any], job_timeout_s: float, assumed: Sequence[str
     told: List[str] = [f"{name} {values[name]}" for name in assumed]
     raise InvalidParameter(SHAPE_FIELDS, (
         f"this worker runs on the CPU and cannot finish the job within its time limit: {values['size']} with "
-        f"{values['frame_num']} frames is {work.tokens} video tokens, and {work.steps} steps ({guidance}) are at "
+        f"{values['frame_num']} frames is {work.tokens} video tokens, and {work.steps} steps ({guidance})"
+        + (f" in each of {work.segments} segments" if work.segments > 1 else "") + " are at "
         f"least {work.flops:.2g} floating-point operations; this host does at most {rate / 1e9:.0f} GFLOP/s "
         f"(measured), so at least {duration(seconds)}, and WAN_JOB_TIMEOUT_S is {job_timeout_s:g} s. "
         + (f"Not given, upstream's defaults were assumed: {', '.join(told)}. " if told else "")
-        + "Ask for a smaller size, fewer frames or fewer steps (preset 4step), or send the job to a GPU worker"))
+        + "Ask for a smaller size, fewer frames, steps (preset 4step) or segments, or send the job to a GPU worker"))
 
 
 def duration(seconds: float) -> str:

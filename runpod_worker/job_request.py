@@ -49,7 +49,7 @@ def run_request_job(job: Dict[str, Any], request_id: str, req: GenerateRequest, 
         return {"error": str(storage_failure(exc))}
     try:
         result = backend.run_request(req.values, images, out_path, token=token, deadline=started + cfg.job_timeout_s,
-                                     on_progress=ProgressReporter(job, lambda: record),
+                                     on_progress=ProgressReporter(job, lambda: record, req.values["segments"]),
                                      on_running=lambda: record.write(status="RUNNING"), tag=request_id)
         cpu_budget.observe(work, result.timings.get("denoise_s"))
         timings = dict(record.data["timings"], **result.timings, total_s=round(time.monotonic() - started, 3))

@@ -17,15 +17,20 @@ def on_runpod() -> bool:
 
 
 class ProgressReporter:
-    def __init__(self, job: Dict[str, Any], record: Callable[[], Optional[Record]]):
+    """`segments`: a chained video's clip count (the steps count across them; the answer says the clips done)."""
+
+    def __init__(self, job: Dict[str, Any], record: Callable[[], Optional[Record]], segments: int = 1):
         self.job = job
         self.record = record  # the record may only exist once the prompt is queued (raw mode)
+        self.segments = segments
         self.last_write = 0.0
 
     def __call__(self, p) -> None:
         total = p.max or 0
         payload = {"status": "RUNNING", "step": p.value, "total": total,
                    "percent": round(100.0 * p.value / total, 1) if total else None}
+        if self.segments > 1 and total:
+            payload.update(segments=self.segments, segments_done=p.value * self.segments // total)
         if on_runpod():
             try:
                 import runpod
@@ -38,4 +43,5 @@ class ProgressReporter:
         record = self.record()
         if record is not None and (now - self.last_write > 0.5 or p.value >= total):
             self.last_write = now
-            record.write(status="RUNNING", progress={"step": p.value, "total": total})  # a refused write ends the job
+            progress = {key: payload[key] for key in ("step", "total", "segments", "segments_done") if key in payload}
+            record.write(status="RUNNING", progress=progress)  # a refused write ends the job

@@ -108,7 +108,7 @@ def read_record(output_dir: Path, request_id: str) -> Optional[Dict[str, Any]]:
 
 # what a run's nodes report of it (the sampler's memory plan, kernels and LoRAs, the prompt extension), kept in
 # the record and answered as they are
-RUN_INFO = ("memory", "kernels", "loras", "prompt_extend")
+RUN_INFO = ("memory", "kernels", "loras", "prompt_extend", "segments")
 
 
 class Record:

@@ -148,6 +148,12 @@ def test_cpu_benchmarks_quick(smoke_runs):
     ref = json.loads((tmp_path / "quick_diffusers_reference.json").read_text())
     assert ref["summary"]["engine_over_diffusers"] > 0
     assert ref["output"]["engine_shape"] == ref["output"]["diffusers_shape"]
+    long_video = json.loads((tmp_path / "quick_long_video.json").read_text())
+    assert "long video: a chain of 3 tiny clips" in stdout and "of a 4-step clip" in stdout, stdout
+    assert long_video["chain_s"]["median"] > 0 and long_video["separate_clips_s"]["median"] > 0
+    assert long_video["h200_720p_clip_s"]["4-step recipe"] == 72.2  # the clip measured on the H200, read back
+    drift = long_video["drift_last_clip_shift"]
+    assert drift["with"] < 0.2 * drift["without"], drift  # numerics, not timing: the synthetic chain is deterministic
 
 
 def test_gpu_benchmark_writes_its_json_as_it_goes_and_stops_at_max_seconds(tmp_path):

@@ -215,6 +215,18 @@ def test_cli_last_image_reaches_the_samplers_last_image(comfy_url, input_image, 
     assert proc.returncode == 2 and "last_image" in proc.stderr and "no.png" in proc.stderr, proc.stderr
 
 
+def test_cli_segments_make_one_chained_video_and_over_the_limit_is_exit_2(comfy_url, input_image, tmp_path):
+    out = tmp_path / "long.mp4"
+    proc = cli("--server", comfy_url, "--image", str(input_image), *TINY, "--segments", "2", "--seed", "5",
+               "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["frames"] == 9 and count_frames(out)[0] == 9
+    assert [s["seed"] for s in record["info"]["segments"]] == [5, 6] and "step 4/4" in proc.stderr
+    proc = cli("--server", "http://127.0.0.1:9", "--image", str(input_image), *TINY, "--segments", "9")
+    assert proc.returncode == 2 and "segments: must be from 1 to 8 (WAN_MAX_SEGMENTS), got 9" in proc.stderr, proc.stderr
+
+
 def test_cli_memory_options_reach_the_loader(comfy_url, input_image, tmp_path):
     """--weight-dtype fp8 (a spelling of fp8_e4m3fn_scaled) and --memory-mode stream: the run reports its plan."""
     out = tmp_path / "fp8.mp4"

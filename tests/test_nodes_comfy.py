@@ -351,6 +351,43 @@ def test_a_last_image_makes_the_engines_first_last_frame_video(comfy_client, com
     assert np.abs(without.astype(int) - want).mean() > 1
 
 
+def test_segments_make_the_engines_chained_video_and_the_limits_are_validation_errors(
+        comfy_client, comfy_server, tiny_models, uploaded_image, tmp_path):
+    """segments 2 on the sampler: ComfyUI's video is the engine's chain (9 frames, the join once, colours matched)
+    of the same inputs, its ui info lists both clips' seeds; over the operator's limits the prompt is refused
+    naming the input."""
+    from PIL import Image
+
+    from wan22.loader import load_pipeline
+    from wan22.pipeline import LoadOptions
+    from wan22.request.params import GenerationParams
+
+    workflow = shipped(uploaded_image, tiny_models("upstream"), Wan22ModelLoader__dtype="fp32",
+                       Wan22ImageToVideo__seed=8, Wan22ImageToVideo__segments=2)
+    _, entry = run(comfy_client, workflow)
+    got = read_mp4(saved_video(entry, workflow, comfy_server))[0].astype(int)
+    assert [s["seed"] for s in sampler_info(entry, workflow)["segments"]] == [8, 9]
+
+    loader = workflow[find_node(workflow, "Wan22ModelLoader")]["inputs"]
+    engine = load_pipeline(tiny_models("upstream"), LoadOptions.from_values(loader, device="cpu"))
+    text = workflow[find_node(workflow, "Wan22TextEncode")]["inputs"]
+    params = GenerationParams.from_values(workflow[find_node(workflow, "Wan22ImageToVideo")]["inputs"])
+    first = Image.open(Path(comfy_server.input_dir) / uploaded_image).convert("RGB")
+    frames = engine.generate(first, engine.encode_prompt(text["prompt"], text["negative_prompt"]), params).frames
+    fps = workflow[find_node(workflow, "Wan22SaveVideo")]["inputs"]["fps"]
+    want = read_mp4(write_mp4(frames, tmp_path / "engine.mp4", fps=fps))[0].astype(int)
+    assert got.shape == want.shape == (9, 64, 96, 3)
+    assert np.abs(got - want).max() <= 1 and (got != want).mean() < 0.01, (np.abs(got - want).max(), (got != want).mean())
+
+    for inputs, line in (({"segments": 9}, "segments: must be from 1 to 8 (WAN_MAX_SEGMENTS), got 9"),
+                         ({"segments": 8, "frame_num": 85}, "segments: 8 segments of 85 frames make 673 frames; this "
+                                                             "server's limit is 641 (WAN_MAX_VIDEO_FRAMES)")):
+        bad = shipped(uploaded_image, tiny_models("upstream"), **{f"Wan22ImageToVideo__{k}": v for k, v in inputs.items()})
+        with pytest.raises(PromptRejected) as info:
+            comfy_client.queue_prompt(bad)
+        assert len(info.value.lines) == 1 and line in info.value.lines[0], info.value.lines
+
+
 def test_save_video_refuses_prefix_outside_output(comfy_client, tiny_models, uploaded_image, comfy_server):
     workflow = shipped(uploaded_image, tiny_models("upstream"), Wan22SaveVideo__filename_prefix="../../escape", Wan22ImageToVideo__seed=31)
     with pytest.raises(ExecutionFailed, match="outside the output folder"):

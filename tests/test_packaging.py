@@ -28,7 +28,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 PROJECT = PYPROJECT["project"]
 COMFY = PYPROJECT["tool"]["comfy"]
 RUNTIME_DEPS = {"diffusers", "transformers", "safetensors", "sentencepiece", "tokenizers", "imageio-ffmpeg", "pillow",
-                "numpy", "requests", "websocket-client"}
+                "numpy", "kornia", "requests", "websocket-client"}
 NODE_TYPES = {"Wan22ModelLoader", "Wan22LoraLoader", "Wan22TextEncode", "Wan22PromptExtend", "Wan22ImageToVideo",
               "Wan22SaveVideo", "Wan22LoadImage"}
 # import name -> distribution, for the third-party modules the pack's code imports

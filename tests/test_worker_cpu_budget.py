@@ -75,12 +75,21 @@ def test_a_job_over_the_limit_is_refused_with_its_estimate(tiny_root):
     with pytest.raises(InvalidParameter) as caught:
         cpu_budget.check(values, job_timeout_s=seconds / 2, assumed=["size"])
     message = caught.value.message
-    assert message.startswith("params (size, frame_num, sample_steps): this worker runs on the CPU and cannot finish "
+    assert message.startswith("params (size, frame_num, sample_steps, segments): this worker runs on the CPU and cannot finish "
                               f"the job within its time limit: 832*480 with 33 frames is {work.tokens} video tokens")
     assert f"at least {work.flops:.2g} floating-point operations" in message
     assert f"so at least {cpu_budget.duration(seconds)}" in message
     assert "Not given, upstream's defaults were assumed: size 832*480." in message
     assert cpu_budget.check(values, job_timeout_s=seconds * 1.01) == work
+
+
+def test_a_chained_video_is_its_segments_work(tiny_root):
+    one = cpu_budget.check(_values(size="832*480", frame_num=33, sample_steps=20), job_timeout_s=1e9)
+    three = cpu_budget.check(_values(size="832*480", frame_num=33, sample_steps=20, segments=3), job_timeout_s=1e9)
+    assert three.flops == pytest.approx(3 * one.flops) and (three.tokens, three.steps) == (one.tokens, one.steps)
+    with pytest.raises(InvalidParameter, match=r"20 steps \(with guidance, 2 passes each\) in each of 3 segments are at least"):
+        cpu_budget.check(_values(size="832*480", frame_num=33, sample_steps=20, segments=3),
+                         job_timeout_s=one.flops / cpu_budget.host_rate() * 2)
 
 
 def test_a_faster_finished_job_raises_the_rate(tiny_root):

@@ -428,6 +428,14 @@ BAD_CASES = [
     ("last-image-one-frame", lambda c: _request(reference_image_base64=_b64(c), last_image_base64=_b64(c), frame_num=1),
      "params.frame_num", "a first and a last frame need at least 5 frames, got 1"),
     ("last-image-alone", lambda c: _request(last_image_base64=_b64(c)), "params.reference_image_url", "a reference image is required"),
+    # chained long videos: the operator's limits (WAN_MAX_SEGMENTS 8, WAN_MAX_VIDEO_FRAMES 641 by default)
+    ("segments-over", lambda c: _request(reference_image_base64=_b64(c), segments=9), "params.segments",
+     "must be from 1 to 8 (WAN_MAX_SEGMENTS), got 9"),
+    ("segments-frames-over", lambda c: _request(reference_image_base64=_b64(c), segments=8, frame_num=85), "params.segments",
+     "8 segments of 85 frames make 673 frames; this server's limit is 641 (WAN_MAX_VIDEO_FRAMES)"),
+    ("segments-one-frame", lambda c: _request(reference_image_base64=_b64(c), segments=2, frame_num=1), "params.frame_num",
+     "chained segments need at least 5 frames each"),
+    ("segments-text", lambda c: _request(reference_image_base64=_b64(c), segments="many"), "params.segments", "must be an integer"),
     ("raw-unknown-node", lambda c: {"workflow": {"1": {"class_type": "NoSuchNodeType", "inputs": {}}}}, "NoSuchNodeType", "unknown node type"),
 ]
 
@@ -571,6 +579,19 @@ def test_a_last_image_request_is_the_runners_first_last_frame_video(worker, comf
     record = json.loads((worker.out_dir / f"{answer['id']}.json").read_text())
     assert record["params"]["last_image"] == {"kind": "base64", "chars": len(base64.b64encode(end.read_bytes())),
                                               "width": 60, "height": 90, "format": "PNG"}
+
+
+def test_a_chained_request_is_one_video_of_its_segments_with_progress_across_them(worker, image_http, tmp_path):
+    """params.segments 2: one MP4 of 2 x (5 - 1) + 1 frames; the answer lists each clip's seed; progress counted
+    both clips' steps (the record's progress said how many clips were done)."""
+    answer = worker.runsync({"action": "request", "return_video": True, "params": {
+        "reference_image_base64": _b64({"image_http": image_http}), "prompt": "a red boat", "seed": 31, **TINY,
+        "segments": 2}})
+    assert answer["status"] == "COMPLETED", answer
+    out = answer["output"]
+    assert out["frames"] == 9 and [s["seed"] for s in out["segments"]] == [31, 32]
+    assert read_mp4(_written(tmp_path / "chain.mp4", answer))[0].shape[0] == 9
+    assert re.search(rf"job {re.escape(answer['id'])} progress 4/4", worker.log())
 
 
 def test_a_raw_workflow_wiring_last_image_under_five_frames_fails_and_the_worker_serves(worker, image_http):
@@ -735,7 +756,7 @@ def test_a_cpu_worker_refuses_upstreams_defaults_it_cannot_finish(tiny_upstream,
                           env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     [error] = re.findall(r"Handler output: \{'error': \"([^\"]*)\"\}", log) or [log[-3000:]]
-    assert error.startswith("params (size, frame_num, sample_steps): this worker runs on the CPU and cannot finish "
+    assert error.startswith("params (size, frame_num, sample_steps, segments): this worker runs on the CPU and cannot finish "
                             "the job within its time limit: 1280*720 with 81 frames is 75600 video tokens, and 40 "
                             "steps (with guidance, 2 passes each) are at least "
                             f"{flops:.2g} floating-point operations"), error

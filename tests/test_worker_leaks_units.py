@@ -194,3 +194,22 @@ def test_a_qwen2_5_vl_folder_is_found_past_another_model_of_that_name(tmp_path):
     assert pe.find_local_model("QwenVL2.5_7B", [tmp_path / "a", tmp_path / "b"]) == by_type
     by_arch = _config(tmp_path / "c" / "mine", {"architectures": ["Qwen2_5_VLForConditionalGeneration"]})
     assert pe.find_local_model("mine", [tmp_path / "c"]) == by_arch
+
+
+def test_progress_of_a_chained_video_says_how_many_segments_are_done(tmp_path):
+    """The record (what `status` answers while a job runs) counts the steps across segments and the segments done."""
+    from headless.client import Progress
+    from runpod_worker.progress import ProgressReporter
+    from runpod_worker.records import Record
+
+    record = Record(tmp_path, "chain-1", "request", {}, tmp_path / "chain-1.mp4")
+    report = ProgressReporter({"id": "chain-1"}, lambda: record, segments=3)
+    seen = []
+    for step in (0, 3, 4, 12):
+        report(Progress(value=step, max=12, node="4", prompt_id="p"))
+        seen.append(json.loads((tmp_path / "chain-1.json").read_text())["progress"])
+        report.last_write = 0.0  # every call writes here (the reporter writes at most twice a second)
+    assert seen == [{"step": 0, "total": 12, "segments": 3, "segments_done": 0},
+                    {"step": 3, "total": 12, "segments": 3, "segments_done": 0},
+                    {"step": 4, "total": 12, "segments": 3, "segments_done": 1},
+                    {"step": 12, "total": 12, "segments": 3, "segments_done": 3}]

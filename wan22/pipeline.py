@@ -6,13 +6,14 @@ import dataclasses
 import logging
 import time
 import traceback
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .long_video import generate_chain
 from .runtime import kernels, lora as lora_mod
 from .memory import placement, planner
 from .memory.residency import EXPERTS, Residency
@@ -135,13 +136,14 @@ spec.require_fields(LoadOptions, LOAD_FIELDS, own=("device", "gpu_memory_gib", "
 @dataclasses.dataclass
 class VideoResult:
     frames: torch.Tensor  # uint8 [F, H, W, 3]
-    video: torch.Tensor  # float [3, F, H, W] in [-1, 1], what upstream generate() returns
-    latent: torch.Tensor  # the latent passed to the VAE decoder
+    video: Optional[torch.Tensor]  # float [3, F, H, W] in [-1, 1], what upstream generate() returns; None for a chain
+    latent: torch.Tensor  # the latent passed to the VAE decoder (a chain's: its last clip's)
     seed: int
     timings: Dict[str, float]
     plan: Optional[dict] = None  # the memory plan it ran with (wan22.memory.planner.Plan.as_dict)
     loras: list = dataclasses.field(default_factory=list)  # the LoRAs applied (Wan22I2VPipeline.sync_loras)
     kernels: dict = dataclasses.field(default_factory=dict)  # attention backend, compile, cfg_batch, fp32_residual
+    segments: list = dataclasses.field(default_factory=list)  # a chain's clips (wan22.long_video.Segment.as_dict)
 
     @property
     def num_frames(self) -> int:
@@ -578,11 +580,27 @@ class Wan22I2VPipeline:
         return video.float().clamp_(-1, 1).cpu()
 
     # ------------------------------------------------------------------ all stages
-    def generate(self, image: Image.Image, embeds: PromptEmbeds, params: GenerationParams,
+    def generate(self, image: Image.Image, embeds: Union[PromptEmbeds, Sequence[PromptEmbeds]], params: GenerationParams,
                  on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None,
-                 last_image: Optional[Image.Image] = None) -> VideoResult:
-        """The video from `image` (its first frame) and, with `last_image`, to that end frame."""
+                 last_image: Optional[Image.Image] = None,
+                 on_segment: Optional[Callable[[int, int], None]] = None) -> VideoResult:
+        """The video from `image` (its first frame) and, with `last_image`, to that end frame. With
+        params.segments > 1, that many clips chained (wan22.long_video); `embeds` is then one prompt's embeddings
+        for every clip, or a list of one per clip."""
         params = params.validated().with_resolved_seed()
+        per_clip = list(embeds) if isinstance(embeds, (list, tuple)) else [embeds] * params.segments
+        if len(per_clip) != params.segments:
+            raise InvalidParameter("segment_prompts", f"has {len(per_clip)} prompts for {params.segments} segments: "
+                                                      f"give one per segment")
+        if params.segments == 1:
+            return self.generate_clip(image, per_clip[0], params, on_step, should_cancel, last_image)
+        return generate_chain(self.generate_clip, image, per_clip, params, on_step, should_cancel, last_image, on_segment,
+                              device=self.device)
+
+    def generate_clip(self, image: Image.Image, embeds: PromptEmbeds, params: GenerationParams,
+                      on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None,
+                      last_image: Optional[Image.Image] = None) -> VideoResult:
+        """One clip of params.frame_num frames (params validated, seed resolved)."""
         if last_image is not None and params.frame_num < spec.MIN_FIRST_LAST_FRAMES:
             raise InvalidParameter("frame_num", f"a first and a last frame need at least {spec.MIN_FIRST_LAST_FRAMES} "
                                                 f"frames, got {params.frame_num}")

@@ -107,7 +107,8 @@ def test_flags_offered_are_what_the_engine_reads():
         assert set(preset) <= generate.ENGINE_READS
     # each generation parameter the engine claims to read changes GenerationParams on its own
     other = {"size": "832*480", "frame_num": 33, "sample_steps": 4, "sample_shift": 3.0, "sample_solver": "euler",
-             "seed": 1, "boundary": 0.5, "fps": 8, "guide_scale_low": 1.0, "guide_scale_high": 2.0}
+             "seed": 1, "boundary": 0.5, "fps": 8, "guide_scale_low": 1.0, "guide_scale_high": 2.0, "segments": 2,
+             "color_match": False}
     assert set(other) == set(generate.GENERATION_READS)
     for name, value in other.items():
         assert GenerationParams.from_values({name: value}) != GenerationParams(), name
@@ -179,6 +180,18 @@ def test_last_image_makes_the_pipelines_first_last_frame_video(tiny_models, imag
     code, _, err = run("--model-dir", tiny_models("upstream"), "--image", image_file, "--last-image", end,
                        "--out", tmp_path / "one.mp4", *TINY, "--frame-num", "1")
     assert code == 2 and "frame_num: a first and a last frame need at least 5 frames, got 1" in err
+
+
+def test_segments_chain_clips_into_one_mp4(tiny_models, image_file, tmp_path, pipe, test_image, written):
+    """--segments 2: the pipeline's chained video (9 frames: the join once), progress across both clips."""
+    code, out, err = run("--model-dir", tiny_models("upstream"), "--image", image_file, "--segments", "2",
+                         "--out", tmp_path / "long.mp4", *TINY)
+    assert code == 0, err
+    params = GenerationParams.from_values(spec.normalize({"size": "96*64", "frame_num": 5, "seed": SEED, "segments": 2}, "cli").values)
+    want = pipe.generate(test_image, pipe.encode_prompt(PROMPT, ""), params).frames
+    assert want.shape[0] == 9 and torch.equal(written[0], want)
+    assert "step 80/80" in err and out.strip().endswith(f"seed={SEED} frames=9 96x64")
+    assert read_mp4(tmp_path / "long.mp4")[0].shape == (9, 64, 96, 3)
 
 
 # ---------------------------------------------------------------------------------------------- LoRAs

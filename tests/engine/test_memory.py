@@ -112,6 +112,16 @@ def test_24_gb_plans_fit_at_full_size(size, weight_dtype, mode):
     assert result["gpu_bytes_after_run"] == 0  # offload and stream leave the GPU empty
 
 
+def test_a_chained_videos_gpu_peak_is_one_clips_and_the_host_holds_only_its_frames():
+    """Two 480p clips of 81 frames chained (colour matching on the GPU): the GPU peak is one clip's, and host RAM
+    grows by the second clip's uint8 frames (80 of 832x480x3 bytes), no more."""
+    one = _simulate(gpu_gib=80, size="832*480", steps=1)
+    two = _simulate(gpu_gib=80, size="832*480", steps=1, segments=2)
+    assert two["peak_gpu_bytes"] == one["peak_gpu_bytes"], (one["peak_gpu_gib"], two["peak_gpu_gib"])
+    frames = 80 * 832 * 480 * 3
+    assert 0 < two["peak_host_bytes"] - one["peak_host_bytes"] <= frames * 1.01, (two["peak_host_bytes"] - one["peak_host_bytes"], frames)
+
+
 def test_simulation_reproduces_todays_default_peak():
     """Honesty check: offload + bf16 at 720p is one expert plus one forward's activations, computed here from the
     key manifest and the architecture, not from the code under test."""

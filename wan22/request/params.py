@@ -30,6 +30,8 @@ class GenerationParams:
     sample_solver: str = spec.default("sample_solver")
     seed: int = spec.default("seed")
     boundary: float = spec.default("boundary")
+    segments: int = spec.default("segments")
+    color_match: bool = spec.default("color_match")
     fps: int = spec.default("fps")
 
     @classmethod
@@ -50,6 +52,8 @@ class GenerationParams:
                 checked[name] = spec.check(name, value)
             except InvalidParameter as exc:
                 problems += exc.problems
+        if not problems:
+            problems = spec.video_frames_problems(checked["frame_num"], checked["segments"])
         if problems:
             raise InvalidParameter.from_problems(problems)
         return GenerationParams.from_values(checked)
@@ -59,6 +63,11 @@ class GenerationParams:
         if self.seed >= 0:
             return self
         return dataclasses.replace(self, seed=random.randint(0, MAX_SEED))
+
+    @property
+    def video_frames(self) -> int:
+        """The frames of the whole video, its segments joined."""
+        return spec.video_frames(self.frame_num, self.segments)
 
     @property
     def max_area(self) -> int:

@@ -77,6 +77,8 @@ LIMIT_SETTINGS: Tuple[Setting, ...] = (
     Setting("WAN_URL_TIMEOUT_S", "url_timeout_s", "float", 30.0, "whole-download limit of an image URL (connect, redirects and body)", low=0.1),
     Setting("WAN_URL_MAX_REDIRECTS", "url_max_redirects", "int", 5, "redirects followed for an image URL; each target is checked like the first", low=0),
     Setting("WAN_URL_ALLOW_HOSTS", "url_allow_hosts", "list", (), "comma-separated `host` or `host:port` that an image URL of a node or worker request may resolve to a private address (by default only public addresses are fetched)", sep=","),
+    Setting("WAN_MAX_SEGMENTS", "max_segments", "int", 8, "most `segments` of one chained video (each costs a whole clip's generation time; docs/long_video.md)", low=1),
+    Setting("WAN_MAX_VIDEO_FRAMES", "max_video_frames", "int", 641, "most frames of a chained video (segments above 1), its segments joined: segments x (frame_num - 1) + 1 (host RAM holds them all: 641 frames of 1280x720 are 1.8 GB, 7 GB as ComfyUI's float IMAGE)", low=1),
     Setting("WAN_INPUT_ROOTS", "input_roots", "list", ("/workspace", "/runpod-volume"), "colon-separated folders an `image_path` of a node or worker request may point into (symlinks and `..` resolved first); the node also allows ComfyUI's input folder"),
 )
 
@@ -100,6 +102,8 @@ class Limits:
     url_timeout_s: float
     url_max_redirects: int
     url_allow_hosts: Tuple[str, ...]
+    max_segments: int
+    max_video_frames: int
     input_roots: Tuple[str, ...]
 
     @classmethod

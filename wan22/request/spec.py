@@ -23,7 +23,7 @@ from .errors import InvalidParameter, did_you_mean
 from .extension_models import check_model_name
 from .parallel_layout import ParallelLayout
 from .lora_files import LIGHTX2V_HIGH, LIGHTX2V_LOW, MAX_LORAS, MAX_STRENGTH, parse_entries
-from .settings import Limits
+from .settings import LIMIT_SETTINGS, Limits
 
 # wan/configs/shared_config.py: sample_neg_prompt
 UPSTREAM_NEGATIVE_PROMPT = (
@@ -114,6 +114,11 @@ class Param:
     name_only: bool = False  # text that names something on the server: never a path (requests come from the network)
     feeds: str = ""
     operator: Optional[str] = None
+    limit: Optional[str] = None  # a Limits field (an operator's setting) that lowers `high`
+
+    @property
+    def limit_setting(self) -> Optional[str]:
+        return next(s.name for s in LIMIT_SETTINGS if s.field == self.limit) if self.limit else None
 
     def __post_init__(self):
         if self.feeds not in FEEDS:
@@ -130,7 +135,7 @@ class Param:
     def allowed(self) -> str:
         """What the check accepts, in words (the docs table and --help)."""
         if self.kind == "int":
-            text = f"integer {_num(self.low)}..{_num(self.high)}"
+            text = f"integer {_num(self.low)}..{_num(self.high)}" + (f", at most {self.limit_setting}" if self.limit else "")
             return f"{self.every}n+1, " + text if self.every else text
         if self.kind == "float":
             return f"number {_num(self.low)}..{_num(self.high)}"
@@ -216,6 +221,12 @@ PARAMS: Tuple[Param, ...] = (
           node=I2V, also=(EXTEND,), upstream_flag="--base_seed", widget={"control_after_generate": True}, feeds="generation"),
     Param("boundary", "float", 0.9, "Steps with timestep >= boundary*1000 use the high-noise expert (upstream: 0.900).",
           low=0.0, high=1.0, node=I2V, widget={"step": 0.001}, feeds="generation"),
+    # --- chained long videos (docs/long_video.md)
+    Param("segments", "int", 1, "Clips chained into one video, each starting from the last frame of the one before "
+          "(seed + i for clip i; last_image ends the last): segments x (frame_num - 1) + 1 frames.", low=1, high=64,
+          limit="max_segments", node=I2V, feeds="generation"),
+    Param("color_match", "bool", True, "With segments: match each clip's colours (mean and spread in CIELAB) to the "
+          "first clip's, so that colour and contrast do not drift from clip to clip.", node=I2V, feeds="generation"),
     # --- LoRAs and the 4-step recipe (docs/lora.md)
     Param("preset", "choice", "none", "4step fills in the step-distilled recipe: 4 euler steps, shift 5, guidance 1 and the two "
           "lightx2v LoRAs (given parameters win).", choices=("none", "4step"), spellings={"4-step": "4step", "turbo": "4step"}, feeds="request"),
@@ -321,6 +332,24 @@ def fed(*feeds: str) -> Tuple[str, ...]:
     return tuple(p.name for p in PARAMS if p.feeds in feeds)
 
 
+def video_frames(frame_num: int, segments: int) -> int:
+    """Frames of a video of `segments` clips of `frame_num` frames, each join shown once."""
+    return segments * (frame_num - 1) + 1
+
+
+def video_frames_problems(frame_num: int, segments: int, limits: Optional[Limits] = None) -> List[Tuple[str, str]]:
+    """(field, why) for a chained video the operator's limit or the joins refuse (checked values)."""
+    limits = limits or Limits.from_env()
+    if segments > 1 and frame_num < MIN_FIRST_LAST_FRAMES:
+        return [("frame_num", f"chained segments need at least {MIN_FIRST_LAST_FRAMES} frames each (each starts from "
+                              f"the last frame of the one before), got {frame_num}")]
+    total = video_frames(frame_num, segments)
+    if segments > 1 and total > limits.max_video_frames:
+        return [("segments", f"{segments} segments of {frame_num} frames make {total} frames; this server's limit is "
+                             f"{limits.max_video_frames} (WAN_MAX_VIDEO_FRAMES): use fewer segments or frames")]
+    return []
+
+
 # each role's sources, the shorthand (a path or a URL) first
 IMAGE_SOURCES: Dict[str, Tuple[str, ...]] = {role: fed(role) for role in IMAGE_ROLES}
 IMAGE_FIELDS = tuple(name for sources in IMAGE_SOURCES.values() for name in sources)
@@ -420,8 +449,11 @@ def _check_kind(p: Param, value: Any, limits: Optional[Limits]) -> Any:
         if number is None:
             what = "an integer" if p.kind == "int" else "a number"
             raise bad(f"must be {what} from {_num(p.low)} to {_num(p.high)}, got {_short(value)}")
-        if not p.low <= number <= p.high:
-            raise bad(f"must be from {_num(p.low)} to {_num(p.high)}, got {number if p.kind == 'int' else f'{number:g}'}")
+        high, setting = p.high, ""
+        if p.limit and getattr(limits or Limits.from_env(), p.limit) < high:
+            high, setting = getattr(limits or Limits.from_env(), p.limit), f" ({p.limit_setting})"
+        if not p.low <= number <= high:
+            raise bad(f"must be from {_num(p.low)} to {_num(high)}{setting}, got {number if p.kind == 'int' else f'{number:g}'}")
         if p.every and (number - 1) % p.every:
             raise bad(f"must be {p.every}n+1 (e.g. 5, 33, 49, 81), got {number}")
         return number
@@ -550,6 +582,9 @@ def normalize(raw: Mapping[str, Any], surface: str, *, limits: Optional[Limits] 
     if any(n in values for n in IMAGE_SOURCES["last_image"]) and values.get("frame_num", MIN_FIRST_LAST_FRAMES) < MIN_FIRST_LAST_FRAMES:
         problems.append((spelled["frame_num"], f"a first and a last frame need at least {MIN_FIRST_LAST_FRAMES} frames, "
                                                f"got {values['frame_num']}"))
+    if "frame_num" in values or "segments" in values:
+        problems += [(spelled.get(name, label(name)), why) for name, why in video_frames_problems(
+            values.get("frame_num", default("frame_num")), values.get("segments", default("segments")), limits)]
     if surface != "worker":  # the worker runs its operator's layout (runpod_worker.validation.operator_replacements)
         layout = ParallelLayout.from_values(values)
         problems += [(spelled.get(field, label(field)), why) for field, why in layout.problems()]

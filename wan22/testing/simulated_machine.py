@@ -269,15 +269,18 @@ def _staged(tracker: StorageTracker, pipe) -> None:
 
 def simulate(gpu_gib: float, host_gib: float, size: str, frame_num: int, mode: str = "auto",
              weight_dtype: str = "auto", steps: int = 4, t5_cpu: bool = True, folder: Optional[Path] = None,
-             fail_at: Optional[str] = None, runs: int = 1, **options) -> dict:
+             fail_at: Optional[str] = None, runs: int = 1, segments: int = 1, **options) -> dict:
     """Load and run the full-size pipeline on the simulated machine; returns what was measured.
 
+    `segments`: a chained video of that many clips (wan22.long_video); fake frames have no pixels, so each clip
+    after the first starts from a grey image of the clip's size (the memory is the same).
     `fail_at` ("denoise"): raise a CUDA out-of-memory error inside the first expert forward, to check that the
     run leaves nothing on the GPU, then run again. `runs`: how many runs on the same loaded pipeline (a warm
     server); `modes` lists the plan of each."""
     import torch
     from PIL import Image
 
+    from wan22 import long_video
     from wan22.request.model_sets import discover_model_set
     from wan22.request.params import GenerationParams
     from wan22.pipeline import LoadOptions
@@ -285,6 +288,8 @@ def simulate(gpu_gib: float, host_gib: float, size: str, frame_num: int, mode: s
 
     fp8 = weight_dtype == "fp8_e4m3fn_scaled"
     with contextlib.ExitStack() as stack:
+        grey = lambda frames, index=-1: Image.new("RGB", (frames.shape[2], frames.shape[1]), (90, 120, 160))  # noqa: E731
+        stack.enter_context(_replaced(long_video, "frame_image", grey))
         if folder is None:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wan22-memory-plan-")))
         model_set = discover_model_set(write_model_set(folder, fp8))
@@ -296,7 +301,7 @@ def simulate(gpu_gib: float, host_gib: float, size: str, frame_num: int, mode: s
             options = LoadOptions(device="cuda", memory_mode=mode, weight_dtype=weight_dtype, t5_cpu=t5_cpu, **options)
             pipe = load_pipeline(model_set, options)
             _staged(tracker, pipe)
-            params = GenerationParams(size=size, frame_num=frame_num, sample_steps=steps, seed=0)
+            params = GenerationParams(size=size, frame_num=frame_num, sample_steps=steps, seed=0, segments=segments)
             plan = pipe.plan(params, image)
             result.update(mode=plan.mode, plan=plan.as_dict(), expected_peak_gpu_bytes=plan.peak_gpu_bytes)
             hook = _fail_in_first_block(pipe) if fail_at == "denoise" else None
@@ -325,6 +330,16 @@ def simulate(gpu_gib: float, host_gib: float, size: str, frame_num: int, mode: s
                       seconds=round(time.perf_counter() - started, 1))
         del torch
         return result
+
+
+@contextlib.contextmanager
+def _replaced(owner, name: str, value):
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 
 def vae_peaks(cases) -> list:
