@@ -10,7 +10,7 @@ from .lora_nodes import Wan22LoraLoader
 from .model_nodes import Wan22ModelLoader, Wan22TextEncode
 from .prompt_extend_nodes import Wan22PromptExtend
 from .prompt_thread_route import register as _register_prompt_thread_route
-from .sampler_nodes import Wan22ImageToVideo
+from .sampler_nodes import Wan22ExtendVideo, Wan22ImageToVideo
 from .warm_models import WARM
 
 NODE_CLASS_MAPPINGS = {
@@ -19,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "Wan22TextEncode": Wan22TextEncode,
     "Wan22PromptExtend": Wan22PromptExtend,
     "Wan22ImageToVideo": Wan22ImageToVideo,
+    "Wan22ExtendVideo": Wan22ExtendVideo,
     "Wan22SaveVideo": Wan22SaveVideo,
     "Wan22LoadImage": Wan22LoadImage,
 }
@@ -29,6 +30,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan22TextEncode": "Wan2.2 Text Encode",
     "Wan22PromptExtend": "Wan2.2 Prompt Extend (Qwen2.5-VL / DashScope)",
     "Wan22ImageToVideo": "Wan2.2 Image to Video",
+    "Wan22ExtendVideo": "Wan2.2 Extend Video (one more clip)",
     "Wan22SaveVideo": "Wan2.2 Save Video (MP4)",
     "Wan22LoadImage": "Wan2.2 Load Image (URL / base64 / path)",
 }

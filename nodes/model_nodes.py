@@ -96,6 +96,6 @@ class Wan22TextEncode:
     CATEGORY = CATEGORY
     VALIDATE_INPUTS = spec_validator(spec.TEXT)
 
-    def encode(self, model, prompt, negative_prompt):
+    def encode(self, model, prompt, negative_prompt, segment_prompts=""):
         comfy_bridge.make_room()
-        return (model.encode_prompt(prompt, negative_prompt),)
+        return (model.encode_prompts(prompt, negative_prompt, segment_prompts),)

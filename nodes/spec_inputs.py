@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 from ..wan22.request import spec
 from ..wan22.request.errors import InvalidParameter
 
-COMFY_TYPES = {"int": "INT", "float": "FLOAT", "bool": "BOOLEAN", "text": "STRING", "size": "STRING"}
+COMFY_TYPES = {"int": "INT", "float": "FLOAT", "bool": "BOOLEAN", "text": "STRING", "size": "STRING", "prompts": "STRING"}
 
 
 def node_inputs(node: str, choices: Mapping[str, List[str]] = {}) -> Dict[str, Tuple[Any, dict]]:

@@ -26,8 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 CORE_IMAGE_WIDGETS = [("image", "example.png"), ("upload", "image")]
 LINK_ORDER = {"model": 0, "text": 1, "image": 2, "images": 0, "prompt": 3}
 EXTEND = "extend"  # the variant with a prompt-extension node before the text encoder
+LONG = "long"  # the chained long video: LONG_VIDEO's values on the sampler and the text encoder
 WORKFLOWS = {"none": "wan22_i2v_a14b.json", "4step": "wan22_i2v_a14b_4step_lora.json",
-             EXTEND: "wan22_i2v_a14b_prompt_extend.json"}
+             EXTEND: "wan22_i2v_a14b_prompt_extend.json", LONG: "wan22_i2v_a14b_long_video.json"}
+LONG_VIDEO = {
+    spec.I2V: {"segments": 3},
+    spec.TEXT: {"segment_prompts": "\n".join((
+        "A white cat in sunglasses sits on a surfboard and looks at the camera.",
+        "A wave lifts the surfboard; the cat stands up and keeps its balance.",
+        "The cat rides the wave towards the beach as the sun sets."))},
+}
 
 
 def _nodes(preset: str) -> list:
@@ -38,6 +46,8 @@ def _nodes(preset: str) -> list:
         nodes[nodes.index(text)] = (*text[:3], {**text[3], "prompt": (8, 0, "STRING")}, *text[4:])
         extender = (8, spec.EXTEND, "Wan2.2 Prompt Extend", {"image": (2, 0, "IMAGE")}, [("prompt", "STRING")], None, {})
         return nodes[:3] + [extender] + nodes[3:]
+    if preset == LONG:
+        return [(*n[:6], {**n[6], **LONG_VIDEO.get(n[1], {})}) for n in _nodes("none")]
     values = spec.PRESETS[preset]
     loras = values.get("loras", [])
     model = (6 + len(loras) - 1, 0, "WAN22_MODEL") if loras else (1, 0, "WAN22_MODEL")  # the last LoRA node
@@ -201,6 +211,9 @@ def template_cards() -> Dict[str, tuple]:
                   f"{fast['guide_scale_low']}."),
         EXTEND: ("Wan2.2 Image to Video with Prompt Extension",
                  "Qwen2.5 VL or DashScope extends the prompt first."),
+        LONG: ("Wan2.2 long video: clips chained",
+               f"{LONG_VIDEO[spec.I2V]['segments']} clips of {d('frame_num')} frames, a prompt each: "
+               f"{spec.video_frames(d('frame_num'), LONG_VIDEO[spec.I2V]['segments'])} frames."),
     }
 
 

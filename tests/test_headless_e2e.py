@@ -225,6 +225,24 @@ def test_cli_segments_make_one_chained_video_and_over_the_limit_is_exit_2(comfy_
     assert [s["seed"] for s in record["info"]["segments"]] == [5, 6] and "step 4/4" in proc.stderr
     proc = cli("--server", "http://127.0.0.1:9", "--image", str(input_image), *TINY, "--segments", "9")
     assert proc.returncode == 2 and "segments: must be from 1 to 8 (WAN_MAX_SEGMENTS), got 9" in proc.stderr, proc.stderr
+    # one prompt per clip reaches the text encoder: a video of its own, not the one-prompt chain's
+    proc = cli("--server", comfy_url, "--image", str(input_image), *TINY, "--segments", "2", "--seed", "5",
+               "--segment-prompts", "a boat leaves the harbour", "--segment-prompts", "the boat reaches the open sea",
+               "--out", str(tmp_path / "prompts.mp4"))
+    assert proc.returncode == 0, proc.stderr
+    one, two = read_mp4(out)[0], read_mp4(tmp_path / "prompts.mp4")[0]
+    assert one.shape == two.shape and abs(one.astype(int) - two.astype(int)).mean() > 0.5
+    # the shipped long-video workflow: 3 clips, a prompt each from its text encoder
+    long_video = REPO / "workflows" / "api" / "wan22_i2v_a14b_long_video.json"
+    proc = cli("--server", comfy_url, "--workflow", str(long_video), "--image", str(input_image), *TINY, "--seed", "5",
+               "--out", str(tmp_path / "three.mp4"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["frames"] == 13 and count_frames(tmp_path / "three.mp4")[0] == 13
+    assert [s["seed"] for s in record["info"]["segments"]] == [5, 6, 7] and "step 6/6" in proc.stderr
+    proc = cli("--server", "http://127.0.0.1:9", "--image", str(input_image), *TINY, "--segments", "2",
+               "--segment-prompts", "only one")
+    assert proc.returncode == 2 and "segment_prompts: has 1 prompts for 2 segments" in proc.stderr, proc.stderr
 
 
 def test_cli_memory_options_reach_the_loader(comfy_url, input_image, tmp_path):

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 API_WORKFLOW = REPO / "workflows" / "api" / "wan22_i2v_a14b.json"
 UI_WORKFLOWS = [REPO / "workflows" / "ui" / "wan22_i2v_a14b.json", REPO / "example_workflows" / "wan22_i2v_a14b.json"]
 NODE_TYPES = ["Wan22ModelLoader", "Wan22LoraLoader", "Wan22TextEncode", "Wan22PromptExtend", "Wan22ImageToVideo",
-              "Wan22SaveVideo", "Wan22LoadImage"]
+              "Wan22ExtendVideo", "Wan22SaveVideo", "Wan22LoadImage"]
 SMALL = {"size": "96*64", "frame_num": 5, "sample_steps": 2}
 
 
@@ -107,7 +107,8 @@ def test_every_node_parameter_is_an_input_of_its_nodes(comfy_client):
 
 
 @pytest.mark.parametrize("ui_path", UI_WORKFLOWS + [REPO / folder / name for folder in ("workflows/ui", "example_workflows")
-                                                    for name in ("wan22_i2v_a14b_4step_lora.json", "wan22_i2v_a14b_prompt_extend.json")],
+                                                    for name in ("wan22_i2v_a14b_4step_lora.json", "wan22_i2v_a14b_prompt_extend.json",
+                                                                 "wan22_i2v_a14b_long_video.json")],
                          ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_ui_and_api_workflows_agree(comfy_client, ui_path):
     api = json.loads((API_WORKFLOW.parent / ui_path.name).read_text())
@@ -379,6 +380,17 @@ def test_segments_make_the_engines_chained_video_and_the_limits_are_validation_e
     assert got.shape == want.shape == (9, 64, 96, 3)
     assert np.abs(got - want).max() <= 1 and (got != want).mean() < 0.01, (np.abs(got - want).max(), (got != want).mean())
 
+    # one prompt per clip (the text encoder's segment_prompts, one per line); a count that does not match fails the run
+    prompts = ["a boat leaves the harbour", "the boat reaches the open sea"]
+    workflow[find_node(workflow, "Wan22TextEncode")]["inputs"]["segment_prompts"] = "\n".join(prompts)
+    got = read_mp4(saved_video(run(comfy_client, workflow)[1], workflow, comfy_server))[0].astype(int)
+    frames = engine.generate(first, [engine.encode_prompt(p, text["negative_prompt"]) for p in prompts], params).frames
+    want = read_mp4(write_mp4(frames, tmp_path / "prompts.mp4", fps=fps))[0].astype(int)
+    assert np.abs(got - want).max() <= 1 and (got != want).mean() < 0.01, (np.abs(got - want).max(), (got != want).mean())
+    workflow[find_node(workflow, "Wan22ImageToVideo")]["inputs"]["segments"] = 3
+    with pytest.raises(ExecutionFailed, match="segment_prompts: has 2 prompts for 3 segments"):
+        run(comfy_client, workflow)
+
     for inputs, line in (({"segments": 9}, "segments: must be from 1 to 8 (WAN_MAX_SEGMENTS), got 9"),
                          ({"segments": 8, "frame_num": 85}, "segments: 8 segments of 85 frames make 673 frames; this "
                                                              "server's limit is 641 (WAN_MAX_VIDEO_FRAMES)")):
@@ -386,6 +398,31 @@ def test_segments_make_the_engines_chained_video_and_the_limits_are_validation_e
         with pytest.raises(PromptRejected) as info:
             comfy_client.queue_prompt(bad)
         assert len(info.value.lines) == 1 and line in info.value.lines[0], info.value.lines
+
+
+def test_extend_nodes_chained_after_the_sampler_make_the_samplers_chain(comfy_client, comfy_server, tiny_models,
+                                                                         uploaded_image):
+    """sampler (seed 8) -> extend (seed 9) -> extend (seed 10): the same frames as the sampler's 3 segments of seed 8;
+    a size the video was not made with fails the run, naming size."""
+    chain = shipped(uploaded_image, tiny_models("upstream"), Wan22ImageToVideo__seed=8, Wan22ImageToVideo__segments=3)
+    want = read_mp4(saved_video(run(comfy_client, chain)[1], chain, comfy_server))[0]
+    workflow = shipped(uploaded_image, tiny_models("upstream"), Wan22ImageToVideo__seed=8)
+    sampler = find_node(workflow, "Wan22ImageToVideo")
+    widgets = {k: v for k, v in workflow[sampler]["inputs"].items() if not isinstance(v, list) and k != "segments"}
+    source = [sampler, 0]
+    for node_id, seed in (("91", 9), ("92", 10)):
+        workflow[node_id] = {"class_type": "Wan22ExtendVideo", "inputs": {
+            **widgets, "seed": seed, "model": workflow[sampler]["inputs"]["model"],
+            "text": workflow[sampler]["inputs"]["text"], "frames": source}}
+        source = [node_id, 0]
+    workflow[find_node(workflow, "Wan22SaveVideo")]["inputs"]["images"] = source
+    _, entry = run(comfy_client, workflow)
+    got = read_mp4(saved_video(entry, workflow, comfy_server))[0]
+    assert got.shape == want.shape == (13, 64, 96, 3) and (got == want).all()
+    assert entry["outputs"]["92"]["wan22"][0]["frames"] == 13 and entry["outputs"]["92"]["wan22"][0]["seed"] == 10
+    workflow["92"]["inputs"]["size"] = "832*480"
+    with pytest.raises(ExecutionFailed, match="size: the video is 96x64 and 832\\*480 makes 768x512 clips of it"):
+        run(comfy_client, workflow)
 
 
 def test_save_video_refuses_prefix_outside_output(comfy_client, tiny_models, uploaded_image, comfy_server):

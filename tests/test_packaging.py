@@ -29,7 +29,7 @@ PROJECT = PYPROJECT["project"]
 COMFY = PYPROJECT["tool"]["comfy"]
 RUNTIME_DEPS = {"diffusers", "transformers", "safetensors", "sentencepiece", "tokenizers", "imageio-ffmpeg", "pillow",
                 "numpy", "kornia", "requests", "websocket-client"}
-NODE_TYPES = {"Wan22ModelLoader", "Wan22LoraLoader", "Wan22TextEncode", "Wan22PromptExtend", "Wan22ImageToVideo",
+NODE_TYPES = {"Wan22ModelLoader", "Wan22LoraLoader", "Wan22TextEncode", "Wan22PromptExtend", "Wan22ImageToVideo", "Wan22ExtendVideo",
               "Wan22SaveVideo", "Wan22LoadImage"}
 # import name -> distribution, for the third-party modules the pack's code imports
 IMPORT_TO_DIST = {"PIL": "pillow", "imageio_ffmpeg": "imageio-ffmpeg", "websocket": "websocket-client"}
@@ -413,7 +413,7 @@ def test_every_template_has_a_card_and_a_thumbnail():
     from scripts.thumbnails import drawn_from
 
     names = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
-    assert len(names) == 3, names
+    assert len(names) == 4, names
     index = json.loads((REPO / "web" / "wan22_templates.json").read_text(encoding="utf-8"))
     assert len(index) == 1 and index[0]["title"] == COMFY["DisplayName"], index
     cards = index[0]["templates"]

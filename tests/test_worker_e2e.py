@@ -435,6 +435,12 @@ BAD_CASES = [
      "8 segments of 85 frames make 673 frames; this server's limit is 641 (WAN_MAX_VIDEO_FRAMES)"),
     ("segments-one-frame", lambda c: _request(reference_image_base64=_b64(c), segments=2, frame_num=1), "params.frame_num",
      "chained segments need at least 5 frames each"),
+    ("segment-prompts-count", lambda c: _request(reference_image_base64=_b64(c), segments=2, segment_prompts=["one", "two", "three"]),
+     "params.segment_prompts", "has 3 prompts for 2 segments"),
+    ("segment-prompts-not-text", lambda c: _request(reference_image_base64=_b64(c), segments=2, segment_prompts=[1, 2]),
+     "params.segment_prompts", "must be a list of prompts"),
+    ("segment-prompts-too-long", lambda c: _request(reference_image_base64=_b64(c), segments=2, segment_prompts=["a", "x" * 6000]),
+     "params.segment_prompts[1]", "the limit is 5000"),
     ("segments-text", lambda c: _request(reference_image_base64=_b64(c), segments="many"), "params.segments", "must be an integer"),
     ("raw-unknown-node", lambda c: {"workflow": {"1": {"class_type": "NoSuchNodeType", "inputs": {}}}}, "NoSuchNodeType", "unknown node type"),
 ]
@@ -590,8 +596,17 @@ def test_a_chained_request_is_one_video_of_its_segments_with_progress_across_the
     assert answer["status"] == "COMPLETED", answer
     out = answer["output"]
     assert out["frames"] == 9 and [s["seed"] for s in out["segments"]] == [31, 32]
-    assert read_mp4(_written(tmp_path / "chain.mp4", answer))[0].shape[0] == 9
+    chain = read_mp4(_written(tmp_path / "chain.mp4", answer))[0]
+    assert chain.shape[0] == 9
     assert re.search(rf"job {re.escape(answer['id'])} progress 4/4", worker.log())
+    # a prompt per clip: the first clip is the one-prompt chain's (same prompt, same seed), the second is not
+    answer = worker.runsync({"action": "request", "return_video": True, "params": {
+        "reference_image_base64": _b64({"image_http": image_http}), "seed": 31, **TINY, "segments": 2,
+        "segment_prompts": ["a red boat", "a red boat sinks in a storm"]}})
+    assert answer["status"] == "COMPLETED", answer
+    prompts = read_mp4(_written(tmp_path / "prompts.mp4", answer))[0]
+    first, second = (abs(prompts[part].astype(int) - chain[part].astype(int)).mean() for part in (slice(0, 5), slice(5, 9)))
+    assert second > 0.5 and first < second / 4, (first, second)  # the MP4's encoding blurs the first clip a little
 
 
 def test_a_raw_workflow_wiring_last_image_under_five_frames_fails_and_the_worker_serves(worker, image_http):

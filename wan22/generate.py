@@ -44,11 +44,12 @@ class Mp4Result:
 def generate_mp4(image, prompt: str, out: Path, params: GenerationParams = GenerationParams(), negative_prompt: str = "",
                  model_dir=None, options: LoadOptions = LoadOptions(), pipeline=None,
                  on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None,
-                 loras: Optional[Sequence[LoraChoice]] = None, last_image=None) -> Mp4Result:
+                 loras: Optional[Sequence[LoraChoice]] = None, last_image=None, segment_prompts: str = "") -> Mp4Result:
     """Validate, load (unless `pipeline` is given), generate and write the MP4 atomically.
 
     model_dir: a model folder or a ModelSet (default WAN_CKPT_DIR). loras: the LoRAs of this run (LoraChoice);
-    None keeps the pipeline's own (none for a pipeline loaded here). last_image: the end frame (first-last frame)."""
+    None keeps the pipeline's own (none for a pipeline loaded here). last_image: the end frame (first-last frame).
+    segment_prompts: with params.segments, one prompt per clip (one per line)."""
     params = params.validated()
     options = options.validated()
     picture, last = (None if x is None else open_image(x) if not hasattr(x, "convert") else x for x in (image, last_image))
@@ -61,7 +62,7 @@ def generate_mp4(image, prompt: str, out: Path, params: GenerationParams = Gener
     if loras is not None:
         pipeline = pipeline.with_loras(loras)
     start = time.perf_counter()
-    embeds = pipeline.encode_prompt(prompt, negative_prompt)
+    embeds = pipeline.encode_prompts(prompt, negative_prompt, segment_prompts)
     timings["encode_prompt_s"] = time.perf_counter() - start
     result: VideoResult = pipeline.generate(picture, embeds, params, on_step=on_step, should_cancel=should_cancel,
                                             last_image=last)
@@ -77,7 +78,7 @@ def generate_mp4(image, prompt: str, out: Path, params: GenerationParams = Gener
 # the LoRAs and the prompt extension. A flag is offered only for these and for what spec.normalize turns into
 # them (EXPANDED): every flag python -m wan22 offers works, the others are not offered.
 GENERATION_READS = spec.fed("generation")  # GenerationParams' fields (the guide scales are its guide_scale pair)
-ENGINE_READS = frozenset((*spec.IMAGE_FIELDS, "prompt", "negative_prompt", *GENERATION_READS, *LOAD_FIELDS, "loras",
+ENGINE_READS = frozenset((*spec.IMAGE_FIELDS, *spec.fed("prompt"), *GENERATION_READS, *LOAD_FIELDS, "loras",
                           "use_prompt_extend", *spec.EXTENSION_OPTIONS))
 EXPANDED = ("sample_guide_scale", "preset")  # normalize fills guide_scale_low/high, and the preset's parameters
 # the runner's CLI parameters the engine has no use for, with what to give instead (--help, docs/parameters.md)
@@ -213,7 +214,8 @@ def main(argv=None) -> int:
             print(f"prompt: {extension.prompt}", file=sys.stderr)
             prompt = extension.prompt
         result = generate_mp4(picture, prompt, args.out, params, values.get("negative_prompt", ""), model_set, options,
-                              on_step=progress, loras=loras, last_image=last_image)
+                              on_step=progress, loras=loras, last_image=last_image,
+                              segment_prompts=values.get("segment_prompts", ""))
     except Wan22Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

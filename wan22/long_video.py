@@ -123,3 +123,27 @@ def generate_chain(generate_clip: ClipFn, image: Image.Image, embeds: Sequence, 
     timings["colour_s"] = sum(s.colour_s for s in done)
     return dataclasses.replace(result, frames=video, video=None, seed=params.seed, timings=timings,
                                segments=[s.as_dict() for s in done])
+
+
+def extend_video(generate_clip: ClipFn, video: torch.Tensor, embeds, params: GenerationParams,
+                 on_step: Optional[Callable[[int, int], None]] = None, should_cancel=None,
+                 last_image: Optional[Image.Image] = None, device=None):
+    """`video` (uint8 [F, H, W, 3]) with one more clip of `params.frame_num` frames from its last frame, the join
+    shown once, its colours matched to the video's first clip (its first `frame_num` frames). Returns the clip's
+    VideoResult with the whole video's frames and the clip in `segments`."""
+    from .request.errors import InvalidParameter
+    from .request.params import image_size_for_area
+
+    height, width = video.shape[1:3]
+    clip_h, clip_w = image_size_for_area(height, width, params.max_area)[2:]
+    if (clip_h, clip_w) != (height, width):
+        raise InvalidParameter("size", f"the video is {width}x{height} and {params.size} makes {clip_w}x{clip_h} clips "
+                                       f"of it: give the size the video was made with")
+    result = generate_clip(frame_image(video), embeds, dataclasses.replace(params, segments=1), on_step=on_step,
+                           should_cancel=should_cancel, last_image=last_image)
+    clip, started = result.frames, time.perf_counter()
+    if params.color_match:
+        clip = match_colour(clip, colour_stats(video[:params.frame_num], device), device)
+    segment = Segment(params.seed, clip.shape[0] - 1, dict(result.timings), time.perf_counter() - started)
+    return dataclasses.replace(result, frames=torch.cat([video, clip[1:]]), video=None,
+                               timings={**result.timings, "colour_s": segment.colour_s}, segments=[segment.as_dict()])

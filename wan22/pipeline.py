@@ -6,14 +6,14 @@ import dataclasses
 import logging
 import time
 import traceback
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .long_video import generate_chain
+from .long_video import extend_video, generate_chain
 from .runtime import kernels, lora as lora_mod
 from .memory import placement, planner
 from .memory.residency import EXPERTS, Residency
@@ -371,6 +371,15 @@ class Wan22I2VPipeline:
 
     # ------------------------------------------------------------------ stage 1: prompts
     @torch.no_grad()
+    def encode_prompts(self, prompt: str, negative_prompt: Optional[str] = None,
+                       segment_prompts: str = "") -> Union[PromptEmbeds, List[PromptEmbeds]]:
+        """`prompt`'s embeddings, or with `segment_prompts` (one prompt per line, spec.prompt_lines) one per clip of
+        a chained video: what generate takes."""
+        lines = spec.prompt_lines(spec.check("segment_prompts", segment_prompts or ""))
+        if not lines:
+            return self.encode_prompt(prompt, negative_prompt)
+        return [self.encode_prompt(line, negative_prompt) for line in lines]
+
     def encode_prompt(self, prompt: str, negative_prompt: Optional[str] = None) -> PromptEmbeds:
         spec.check("prompt", prompt)
         spec.check("negative_prompt", negative_prompt or "")
@@ -596,6 +605,15 @@ class Wan22I2VPipeline:
             return self.generate_clip(image, per_clip[0], params, on_step, should_cancel, last_image)
         return generate_chain(self.generate_clip, image, per_clip, params, on_step, should_cancel, last_image, on_segment,
                               device=self.device)
+
+    def extend(self, video: torch.Tensor, embeds: PromptEmbeds, params: GenerationParams,
+               on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None,
+               last_image: Optional[Image.Image] = None) -> VideoResult:
+        """`video` (uint8 frames [F, H, W, 3]) and one more clip from its last frame (wan22.long_video.extend_video)."""
+        params = params.validated().with_resolved_seed()
+        if params.segments != 1:
+            raise InvalidParameter("segments", f"extending adds one clip; got {params.segments}")
+        return extend_video(self.generate_clip, video, embeds, params, on_step, should_cancel, last_image, self.device)
 
     def generate_clip(self, image: Image.Image, embeds: PromptEmbeds, params: GenerationParams,
                       on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None,

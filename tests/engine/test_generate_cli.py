@@ -192,6 +192,14 @@ def test_segments_chain_clips_into_one_mp4(tiny_models, image_file, tmp_path, pi
     assert want.shape[0] == 9 and torch.equal(written[0], want)
     assert "step 80/80" in err and out.strip().endswith(f"seed={SEED} frames=9 96x64")
     assert read_mp4(tmp_path / "long.mp4")[0].shape == (9, 64, 96, 3)
+    prompts = ["a boat leaves the harbour", "the boat reaches the open sea"]
+    code, _, err = run("--model-dir", tiny_models("upstream"), "--image", image_file, "--segments", "2",
+                       "--segment-prompts", prompts[0], "--segment-prompts", prompts[1], "--out", tmp_path / "two.mp4", *TINY)
+    assert code == 0, err
+    assert torch.equal(written[1], pipe.generate(test_image, [pipe.encode_prompt(p, "") for p in prompts], params).frames)
+    code, _, err = run("--model-dir", tiny_models("upstream"), "--image", image_file, "--segments", "3",
+                       "--segment-prompts", prompts[0], "--out", tmp_path / "three.mp4", *TINY)
+    assert code == 2 and "segment_prompts: has 1 prompts for 3 segments" in err, err
 
 
 # ---------------------------------------------------------------------------------------------- LoRAs

@@ -60,11 +60,24 @@ def test_the_end_image_conditions_only_the_last_clip(pipe, embeds, test_image):
 
 def test_one_prompt_per_segment_and_the_count_must_match(pipe, embeds, test_image):
     other = pipe.encode_prompt("a storm over the sea", "")
-    two = pipe.generate(test_image, [embeds, other], chained(segments=2, color_match=False)).frames
+    both = pipe.encode_prompts("unused", "", "a lighthouse in fog\n\n a storm over the sea ")  # one per line
+    assert [torch.equal(e.context, want.context) for e, want in zip(both, (embeds, other))] == [True, True]
+    assert pipe.encode_prompts("a lighthouse in fog", "", "").prompt == "a lighthouse in fog"
+    two = pipe.generate(test_image, both, chained(segments=2, color_match=False)).frames
     second = pipe.generate(frame_image(two[:5]), other, chained(seed=41)).frames
     assert torch.equal(two[5:], second[1:])
     with pytest.raises(InvalidParameter, match="segment_prompts: has 2 prompts for 3 segments"):
         pipe.generate(test_image, [embeds, other], chained(segments=3))
+
+
+def test_extending_a_video_by_one_clip_is_the_chain_of_two(pipe, embeds, test_image):
+    """What the extend node does: a clip from the video's last frame, matched to its first clip, appended once."""
+    first = pipe.generate(test_image, embeds, chained()).frames
+    extended = pipe.extend(first, embeds, chained(seed=41))
+    assert torch.equal(extended.frames, pipe.generate(test_image, embeds, chained(segments=2)).frames)
+    assert extended.frames.shape[0] == 9 and extended.segments[0]["seed"] == 41
+    with pytest.raises(InvalidParameter, match="size: the video is 96x64 and 832\\*480 makes 768x512 clips of it"):
+        pipe.extend(first, embeds, chained(size="832*480"))
 
 
 def test_a_cancel_in_the_second_clip_stops_the_chain(pipe, embeds, test_image):

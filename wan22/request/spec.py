@@ -48,6 +48,7 @@ MAX_SEED = 2**63 - 1
 LOADER, TEXT, I2V, SAVE, LOAD_IMAGE = "Wan22ModelLoader", "Wan22TextEncode", "Wan22ImageToVideo", "Wan22SaveVideo", "Wan22LoadImage"
 LORA = "Wan22LoraLoader"
 EXTEND = "Wan22PromptExtend"
+EXTEND_VIDEO = "Wan22ExtendVideo"
 SURFACES = ("node", "cli", "worker")
 # what an image source feeds: the reference image (exactly one source) and first-last frame's end image (at most one)
 IMAGE_ROLES = ("image", "last_image")
@@ -57,6 +58,8 @@ MIN_FIRST_LAST_FRAMES = 5  # a first and a last frame need two latent frames: fr
 OPTIONAL_IMAGES: Dict[str, Tuple[Tuple[str, str], ...]] = {
     I2V: (("last_image", "First-last frame: the video's last frame (resized to the first frame's size). Leave "
                          "unconnected for image-to-video."),),
+    EXTEND_VIDEO: (("last_image", "The added clip's last frame (resized to the video's size). Leave unconnected to "
+                                  "let the clip end where it goes."),),
 }
 
 
@@ -150,6 +153,9 @@ class Param:
             return f"number {_num(self.low)}..{_num(self.high)}, or a pair [low_noise, high_noise]"
         if self.kind == "image":
             return "a path or an http(s) URL"
+        if self.kind == "prompts":
+            return ("a list of prompts (or one per line; CLI: the flag once per clip), as many as segments, each at most "
+                    "WAN_MAX_PROMPT_CHARS characters")
         if self.kind == "loras":
             return (f"up to {MAX_LORAS} of {{name, expert: high | low | both, strength: -{MAX_STRENGTH:g}..{MAX_STRENGTH:g}}} "
                     f"(CLI: NAME[:high|low|both][:STRENGTH])")
@@ -202,31 +208,33 @@ PARAMS: Tuple[Param, ...] = (
           node=TEXT, also=(EXTEND,), upstream_flag="--prompt", widget={"multiline": True}, feeds="prompt"),
     Param("negative_prompt", "text", UPSTREAM_NEGATIVE_PROMPT, "What to avoid (empty means the default).",
           aliases=("neg_prompt",), node=TEXT, widget={"multiline": True}, feeds="prompt"),
+    Param("segment_prompts", "prompts", "", "With segments: one prompt per clip, in order (a list, or one per line); "
+          "empty: `prompt` for every clip.", node=TEXT, widget={"multiline": True}, feeds="prompt"),
     # --- sampling
     Param("size", "size", "1280*720", "Target area W*H (upstream: 1280*720, 720*1280, 832*480, 480*832): the video has the image's aspect ratio at about that area, in multiples of 16, as upstream (e.g. 1232x736 for a 5:3 image at 1280*720), not W x H itself.",
-          node=I2V, upstream_flag="--size", feeds="generation"),
+          node=I2V, also=(EXTEND_VIDEO,), upstream_flag="--size", feeds="generation"),
     Param("frame_num", "int", 81, "Frames, 4n+1 (81 = 5 s at 16 fps).", aliases=("num_frames",), low=1, high=1001, every=4,
-          node=I2V, upstream_flag="--frame_num", widget={"step": 4}, feeds="generation"),
-    Param("sample_steps", "int", 40, "Denoising steps (upstream: 40).", low=1, high=1000, node=I2V, upstream_flag="--sample_steps", feeds="generation"),
+          node=I2V, also=(EXTEND_VIDEO,), upstream_flag="--frame_num", widget={"step": 4}, feeds="generation"),
+    Param("sample_steps", "int", 40, "Denoising steps (upstream: 40).", low=1, high=1000, node=I2V, also=(EXTEND_VIDEO,), upstream_flag="--sample_steps", feeds="generation"),
     Param("sample_guide_scale", "guide", 3.5, "Guidance of both experts; a pair is (low_noise, high_noise) as upstream. guide_scale_low/high win.",
           aliases=("cfg_scale", "guidance_scale"), upstream_flag="--sample_guide_scale", **_GUIDE, feeds="request"),
-    Param("guide_scale_low", "float", 3.5, "Guidance of the low-noise expert (1 skips the unconditional pass).", node=I2V, **_GUIDE, feeds="generation"),
-    Param("guide_scale_high", "float", 3.5, "Guidance of the high-noise expert.", node=I2V, **_GUIDE, feeds="generation"),
-    Param("sample_shift", "float", 5.0, "Flow shift (upstream: 5.0; 3.0 suggested for 480p).", low=0.0, high=100.0, node=I2V,
+    Param("guide_scale_low", "float", 3.5, "Guidance of the low-noise expert (1 skips the unconditional pass).", node=I2V, also=(EXTEND_VIDEO,), **_GUIDE, feeds="generation"),
+    Param("guide_scale_high", "float", 3.5, "Guidance of the high-noise expert.", node=I2V, also=(EXTEND_VIDEO,), **_GUIDE, feeds="generation"),
+    Param("sample_shift", "float", 5.0, "Flow shift (upstream: 5.0; 3.0 suggested for 480p).", low=0.0, high=100.0, node=I2V, also=(EXTEND_VIDEO,),
           upstream_flag="--sample_shift", widget={"step": 0.1}, feeds="generation"),
     Param("sample_solver", "choice", "unipc", "Flow solver (euler: the step-distilled LoRAs' schedule, docs/lora.md).",
           choices=("unipc", "dpm++", "euler"), spellings={"dpmpp": "dpm++", "dpm": "dpm++"},
-          node=I2V, upstream_flag="--sample_solver", feeds="generation"),
+          node=I2V, also=(EXTEND_VIDEO,), upstream_flag="--sample_solver", feeds="generation"),
     Param("seed", "int", -1, "-1 draws a random seed; the seed used is reported.", aliases=("base_seed",), low=-1, high=MAX_SEED,
-          node=I2V, also=(EXTEND,), upstream_flag="--base_seed", widget={"control_after_generate": True}, feeds="generation"),
+          node=I2V, also=(EXTEND, EXTEND_VIDEO), upstream_flag="--base_seed", widget={"control_after_generate": True}, feeds="generation"),
     Param("boundary", "float", 0.9, "Steps with timestep >= boundary*1000 use the high-noise expert (upstream: 0.900).",
-          low=0.0, high=1.0, node=I2V, widget={"step": 0.001}, feeds="generation"),
+          low=0.0, high=1.0, node=I2V, also=(EXTEND_VIDEO,), widget={"step": 0.001}, feeds="generation"),
     # --- chained long videos (docs/long_video.md)
     Param("segments", "int", 1, "Clips chained into one video, each starting from the last frame of the one before "
           "(seed + i for clip i; last_image ends the last): segments x (frame_num - 1) + 1 frames.", low=1, high=64,
           limit="max_segments", node=I2V, feeds="generation"),
     Param("color_match", "bool", True, "With segments: match each clip's colours (mean and spread in CIELAB) to the "
-          "first clip's, so that colour and contrast do not drift from clip to clip.", node=I2V, feeds="generation"),
+          "first clip's, so that colour and contrast do not drift from clip to clip.", node=I2V, also=(EXTEND_VIDEO,), feeds="generation"),
     # --- LoRAs and the 4-step recipe (docs/lora.md)
     Param("preset", "choice", "none", "4step fills in the step-distilled recipe: 4 euler steps, shift 5, guidance 1 and the two "
           "lightx2v LoRAs (given parameters win).", choices=("none", "4step"), spellings={"4-step": "4step", "turbo": "4step"}, feeds="request"),
@@ -330,6 +338,20 @@ def fed(*feeds: str) -> Tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown feeds {unknown}; known: {', '.join(FEEDS)}")
     return tuple(p.name for p in PARAMS if p.feeds in feeds)
+
+
+def prompt_lines(text: str) -> List[str]:
+    """segment_prompts as the node and the workflows hold it (one prompt per line) -> the prompts; blank lines dropped."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def segment_prompts_problems(text: str, segments: int) -> List[Tuple[str, str]]:
+    """(field, why) when segment_prompts (checked) does not give one prompt per segment."""
+    count = len(prompt_lines(text))
+    if count and count != segments:
+        return [("segment_prompts", f"has {count} prompts for {segments} segments: give one per segment, or none "
+                                    f"(then `prompt` is every segment's)")]
+    return []
 
 
 def video_frames(frame_num: int, segments: int) -> int:
@@ -490,6 +512,17 @@ def _check_kind(p: Param, value: Any, limits: Optional[Limits]) -> Any:
         return text
     if p.kind == "loras":
         return [entry.as_dict() for entry in parse_entries(value, p.name)]
+    if p.kind == "prompts":
+        lines = prompt_lines(value) if isinstance(value, str) else value
+        if not isinstance(lines, (list, tuple)) or not all(isinstance(line, str) for line in lines):
+            raise bad(f"must be a list of prompts (or one prompt per line), got {_short(value)}")
+        if len(lines) > SPEC["segments"].high:
+            raise bad(f"has {len(lines)} prompts; at most {SPEC['segments'].high}")
+        for index, line in enumerate(lines):
+            if "\n" in line.strip():
+                raise InvalidParameter(f"{p.name}[{index}]", "is one prompt per clip: no line breaks inside it")
+            _check_kind(dataclasses.replace(p, name=f"{p.name}[{index}]", kind="text"), line.strip(), limits)
+        return "\n".join(line.strip() for line in lines if line.strip())
     # text
     if not isinstance(value, str):
         raise bad(f"must be a string, got {type(value).__name__}")
@@ -582,6 +615,9 @@ def normalize(raw: Mapping[str, Any], surface: str, *, limits: Optional[Limits] 
     if any(n in values for n in IMAGE_SOURCES["last_image"]) and values.get("frame_num", MIN_FIRST_LAST_FRAMES) < MIN_FIRST_LAST_FRAMES:
         problems.append((spelled["frame_num"], f"a first and a last frame need at least {MIN_FIRST_LAST_FRAMES} frames, "
                                                f"got {values['frame_num']}"))
+    if values.get("segment_prompts"):
+        problems += [(spelled.get(name, label(name)), why) for name, why in segment_prompts_problems(
+            values["segment_prompts"], values.get("segments", default("segments")))]
     if "frame_num" in values or "segments" in values:
         problems += [(spelled.get(name, label(name)), why) for name, why in video_frames_problems(
             values.get("frame_num", default("frame_num")), values.get("segments", default("segments")), limits)]
@@ -647,6 +683,8 @@ def add_flags(parser, params: List[Param]) -> None:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         elif p.kind == "loras":
             kwargs.update(action="append", metavar="NAME_OR_PATH[:high|low|both][:STRENGTH]")
+        elif p.kind == "prompts":
+            kwargs.update(action="append", metavar="PROMPT")
         elif p.kind == "choice":
             kwargs["metavar"] = "{" + ",".join(p.choices) + "}"
         parser.add_argument(*p.flags, **kwargs)
