@@ -31,7 +31,7 @@ from .client import ComfyClient, Progress, output_files
 from .errors import Cancelled, ExecutionFailed, ExecutionInterrupted, OutputMissing, WaitTimeout, WorkflowError
 from .workflow import (PARAM_TARGETS, ROLE_CORE_IMAGE, ROLE_EXTEND, ROLE_I2V, ROLE_LORA, ROLE_SAVE,
                        add_last_image_loader, apply_loras, apply_overrides, apply_params, apply_prompt_extend,
-                       find_nodes, image_loaders, load_workflow)
+                       final_clips, find_nodes, image_loaders, load_workflow)
 
 __all__ = ["run", "run_checked", "execute", "Hooks", "Execution", "Result", "prepare_images", "collect_result",
            "resolve_random_seeds", "VIDEO_EXTENSIONS"]
@@ -246,14 +246,14 @@ def _cancel_quietly(client: ComfyClient, prompt_id: str, settle_s: float) -> Non
 
 
 def collect_result(entry: dict, prompt: dict) -> Tuple[Optional[dict], Dict[str, Any]]:
-    """(the output file to download: the save node's video first, else any other output; the sampler's
-    ``wan22`` info) from a history entry."""
+    """(the output file to download: the save node's video first, else any other output; the ``wan22`` info of
+    the node that made the last clip: the sampler, or the last extend node) from a history entry."""
     save_ids = set(find_nodes(prompt, ROLE_SAVE))
     ranked = sorted(output_files(entry), key=lambda f: (f["node"] not in save_ids, not f["animated"],
                                            not f["filename"].lower().endswith(VIDEO_EXTENSIONS)))
     info: Dict[str, Any] = {}
     outputs = entry.get("outputs") or {}
-    for nid in find_nodes(prompt, ROLE_I2V) + list(outputs):
+    for nid in final_clips(prompt) + list(outputs):
         items = (outputs.get(nid) or {}).get("wan22")
         if isinstance(items, list) and items and isinstance(items[0], dict):
             info = dict(items[0])

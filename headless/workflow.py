@@ -22,6 +22,7 @@ __all__ = ["load_workflow", "is_ui_workflow", "ui_to_api", "find_nodes", "find_n
 ROLE_LOADER, ROLE_TEXT, ROLE_I2V, ROLE_SAVE, ROLE_IMAGE = spec.LOADER, spec.TEXT, spec.I2V, spec.SAVE, spec.LOAD_IMAGE
 ROLE_LORA = spec.LORA
 ROLE_EXTEND = spec.EXTEND
+ROLE_EXTEND_VIDEO = spec.EXTEND_VIDEO
 ROLE_CORE_IMAGE = "LoadImage"
 
 # parameter -> (node role, input name): every node input of the spec except the image sources, which
@@ -284,27 +285,39 @@ def upstream_of(workflow: dict, nid: str, name: str) -> Set[str]:
 
 def image_loaders(workflow: dict) -> Dict[str, List[str]]:
     """The image-loading nodes (LoadImage, Wan22LoadImage) by the role they feed (spec.IMAGE_ROLES): `last_image`
-    those that feed a sampler's last_image input and not its image; `image` every other."""
+    those that feed a node's last_image input (the sampler's, an extend node's) and none of its other inputs;
+    `image` every other."""
     loaders = [nid for nid, node in workflow.items() if node.get("class_type") in (ROLE_CORE_IMAGE, ROLE_IMAGE)]
     ends: Set[str] = set()
-    for sampler in find_nodes(workflow, ROLE_I2V):
-        ends |= upstream_of(workflow, sampler, "last_image") - upstream_of(workflow, sampler, "image")
+    for nid, node in workflow.items():
+        inputs = node.get("inputs") or {}
+        if isinstance(inputs.get("last_image"), list):
+            others = set().union(*(upstream_of(workflow, nid, name) for name in inputs if name != "last_image"))
+            ends |= upstream_of(workflow, nid, "last_image") - others
     return {"image": [n for n in loaders if n not in ends], "last_image": [n for n in loaders if n in ends]}
 
 
+def final_clips(workflow: dict) -> List[str]:
+    """The sampling nodes (the sampler, extend nodes) that make a video's last clip: none extends their frames."""
+    sampling = find_nodes(workflow, ROLE_I2V) + find_nodes(workflow, ROLE_EXTEND_VIDEO)
+    extended = set().union(*(upstream_of(workflow, nid, "frames") for nid in sampling))
+    return [nid for nid in sampling if nid not in extended]
+
+
 def add_last_image_loader(workflow: dict, class_type: str) -> str:
-    """A new `class_type` loader linked to every sampler's last_image input, in place; returns its id. Raises
-    WorkflowError when a sampler's last_image is already connected (to a node that is not an end-image loader
-    of its own: image_loaders found none)."""
-    taken = [s for s in find_nodes(workflow, ROLE_I2V) if (workflow[s].get("inputs") or {}).get("last_image") is not None]
+    """A new `class_type` loader linked to the last_image input of the nodes that make the last clip (final_clips),
+    in place; returns its id. Raises WorkflowError when such an input is already connected (to a node that is not
+    an end-image loader of its own: image_loaders found none)."""
+    finals = final_clips(workflow)
+    taken = [nid for nid in finals if (workflow[nid].get("inputs") or {}).get("last_image") is not None]
     if taken:
-        raise WorkflowError(f"the sampler's last_image input (node {taken[0]}) is connected to a node that is not a "
-                            f"loader of its own (the reference image's, or another node); give the end image its own "
-                            f"LoadImage node, or leave last_image unconnected")
+        raise WorkflowError(f"the last_image input of node {taken[0]} is connected to a node that is not a loader of "
+                            f"its own (the reference image's, or another node); give the end image its own LoadImage "
+                            f"node, or leave last_image unconnected")
     nid = str(_next_id(workflow))
     workflow[nid] = {"class_type": class_type, "_meta": {"title": "End image (last_image)"}, "inputs": {}}
-    for sampler in find_nodes(workflow, ROLE_I2V):
-        workflow[sampler].setdefault("inputs", {})["last_image"] = [nid, 0]
+    for final in finals:
+        workflow[final].setdefault("inputs", {})["last_image"] = [nid, 0]
     return nid
 
 

@@ -245,6 +245,34 @@ def test_cli_segments_make_one_chained_video_and_over_the_limit_is_exit_2(comfy_
     assert proc.returncode == 2 and "segment_prompts: has 1 prompts for 2 segments" in proc.stderr, proc.stderr
 
 
+def test_an_end_image_goes_to_the_clip_that_ends_the_video(comfy_url, input_image, tmp_path):
+    """sampler -> extend -> save with last_image: the runner wires a loader to the extend node (the last clip), as
+    wiring it by hand does, and reports the whole video (the extend node's 9 frames). The request's seed is every
+    sampling node's, as its other generation parameters are."""
+    import copy
+
+    from PIL import Image
+
+    end = tmp_path / "end.png"
+    Image.new("RGB", (60, 90), (30, 200, 60)).save(end)
+    client = ComfyClient(comfy_url)
+    workflow = json.loads(cf.SHIPPED_API_WORKFLOW.read_text())
+    sampler = next(nid for nid, node in workflow.items() if node["class_type"] == "Wan22ImageToVideo")
+    widgets = {k: v for k, v in workflow[sampler]["inputs"].items() if not isinstance(v, list) and k != "segments"}
+    workflow["50"] = {"class_type": "Wan22ExtendVideo", "inputs": {
+        **widgets, **TINY_PARAMS, "seed": 3, "model": workflow[sampler]["inputs"]["model"],
+        "text": workflow[sampler]["inputs"]["text"], "frames": [sampler, 0]}}
+    save = next(nid for nid, node in workflow.items() if node["class_type"] == "Wan22SaveVideo")
+    workflow[save]["inputs"]["images"] = ["50", 0]
+    params = {"image": str(input_image), "prompt": "a small cat", "seed": 2, **TINY_PARAMS}
+    added = run({**params, "last_image": str(end)}, server=client, workflow=copy.deepcopy(workflow), out=tmp_path / "a.mp4")
+    assert added.frames == 9 and added.seed == 2  # the extend node set to 3 in the graph: the request's seed won
+    workflow["90"] = {"class_type": "LoadImage", "inputs": {"image": client.upload_image(end, name="wan22_end_ext.png")}}
+    workflow["50"]["inputs"]["last_image"] = ["90", 0]
+    by_hand = run(params, server=client, workflow=workflow, out=tmp_path / "b.mp4")
+    assert (read_mp4(added.output_path)[0] == read_mp4(by_hand.output_path)[0]).all()
+
+
 def test_cli_memory_options_reach_the_loader(comfy_url, input_image, tmp_path):
     """--weight-dtype fp8 (a spelling of fp8_e4m3fn_scaled) and --memory-mode stream: the run reports its plan."""
     out = tmp_path / "fp8.mp4"

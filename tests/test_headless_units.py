@@ -140,6 +140,27 @@ def test_apply_params_missing_node_is_readable():
     assert "Wan22SaveVideo" in str(info.value)
 
 
+def test_end_image_loaders_are_found_by_their_link_and_one_is_wired_to_the_last_clip():
+    """The shipped graph, an extend node after the sampler: a loader on a last_image input (and on no other input of
+    that node) is an end-image loader, every other one a reference loader; a new end-image loader is wired to the
+    node that makes the last clip; a last_image fed by the reference image's loader is refused."""
+    from headless.workflow import add_last_image_loader, final_clips, image_loaders
+
+    workflow = load_workflow(REPO / "workflows" / "api" / "wan22_i2v_a14b.json")
+    sampler, loader = find_node(workflow, "Wan22ImageToVideo"), find_node(workflow, "LoadImage")
+    assert image_loaders(workflow) == {"image": [loader], "last_image": []} and final_clips(workflow) == [sampler]
+    workflow["50"] = {"class_type": "Wan22ExtendVideo", "inputs": {"frames": [sampler, 0], "text": ["3", 0]}}
+    assert final_clips(workflow) == ["50"]
+    added = add_last_image_loader(workflow, "LoadImage")
+    assert workflow["50"]["inputs"]["last_image"] == [added, 0] and "last_image" not in workflow[sampler]["inputs"]
+    assert image_loaders(workflow) == {"image": [loader], "last_image": [added]}
+    workflow[sampler]["inputs"]["last_image"] = [loader, 0]  # the reference image as the first clip's end too
+    assert image_loaders(workflow)["image"] == [loader]
+    workflow["50"]["inputs"]["last_image"] = [loader, 0]
+    with pytest.raises(WorkflowError, match="the last_image input of node 50 is connected to a node that is not a loader"):
+        add_last_image_loader(workflow, "LoadImage")
+
+
 def test_set_overrides_by_title_class_and_id():
     wf = design_workflow()
     apply_overrides(wf, ["Sampler.sample_steps=3", "Wan22TextEncode.prompt=42", "5.fps=12",

@@ -87,12 +87,10 @@ ClipFn = Callable[..., "object"]  # Wan22I2VPipeline.generate_clip: (image, embe
 
 def generate_chain(generate_clip: ClipFn, image: Image.Image, embeds: Sequence, params: GenerationParams,
                    on_step: Optional[Callable[[int, int], None]] = None, should_cancel=None,
-                   last_image: Optional[Image.Image] = None,
-                   on_segment: Optional[Callable[[int, int], None]] = None, device=None):
+                   last_image: Optional[Image.Image] = None, device=None):
     """`params.segments` clips joined into one video (params validated, seed resolved). `embeds`: one prompt's
-    embeddings per segment. Progress counts the steps of every segment; `on_segment(done, segments)` after each
-    one; colours are matched on `device`. Returns the last clip's VideoResult with the whole video's frames and
-    `segments` filled in."""
+    embeddings per segment. Progress counts the steps of every segment; colours are matched on `device`. Returns
+    the last clip's VideoResult with the whole video's frames and `segments` filled in."""
     steps, count = params.sample_steps, params.segments
     frames: List[torch.Tensor] = []
     done: List[Segment] = []
@@ -116,8 +114,6 @@ def generate_chain(generate_clip: ClipFn, image: Image.Image, embeds: Sequence, 
         start = frame_image(clip)
         if index < count - 1:
             result = None  # its float video and latent: the host holds only the frames between clips
-        if on_segment is not None:
-            on_segment(index + 1, count)
     video = torch.cat(frames)
     timings = {key: sum(s.timings.get(key, 0.0) for s in done) for key in done[0].timings}
     timings["colour_s"] = sum(s.colour_s for s in done)

@@ -370,7 +370,6 @@ class Wan22I2VPipeline:
         return self.lora_state.sync(self.loras)
 
     # ------------------------------------------------------------------ stage 1: prompts
-    @torch.no_grad()
     def encode_prompts(self, prompt: str, negative_prompt: Optional[str] = None,
                        segment_prompts: str = "") -> Union[PromptEmbeds, List[PromptEmbeds]]:
         """`prompt`'s embeddings, or with `segment_prompts` (one prompt per line, spec.prompt_lines) one per clip of
@@ -380,6 +379,7 @@ class Wan22I2VPipeline:
             return self.encode_prompt(prompt, negative_prompt)
         return [self.encode_prompt(line, negative_prompt) for line in lines]
 
+    @torch.no_grad()
     def encode_prompt(self, prompt: str, negative_prompt: Optional[str] = None) -> PromptEmbeds:
         spec.check("prompt", prompt)
         spec.check("negative_prompt", negative_prompt or "")
@@ -591,8 +591,7 @@ class Wan22I2VPipeline:
     # ------------------------------------------------------------------ all stages
     def generate(self, image: Image.Image, embeds: Union[PromptEmbeds, Sequence[PromptEmbeds]], params: GenerationParams,
                  on_step: Optional[StepCallback] = None, should_cancel: Optional[CancelCheck] = None,
-                 last_image: Optional[Image.Image] = None,
-                 on_segment: Optional[Callable[[int, int], None]] = None) -> VideoResult:
+                 last_image: Optional[Image.Image] = None) -> VideoResult:
         """The video from `image` (its first frame) and, with `last_image`, to that end frame. With
         params.segments > 1, that many clips chained (wan22.long_video); `embeds` is then one prompt's embeddings
         for every clip, or a list of one per clip."""
@@ -603,7 +602,7 @@ class Wan22I2VPipeline:
                                                       f"give one per segment")
         if params.segments == 1:
             return self.generate_clip(image, per_clip[0], params, on_step, should_cancel, last_image)
-        return generate_chain(self.generate_clip, image, per_clip, params, on_step, should_cancel, last_image, on_segment,
+        return generate_chain(self.generate_clip, image, per_clip, params, on_step, should_cancel, last_image,
                               device=self.device)
 
     def extend(self, video: torch.Tensor, embeds: PromptEmbeds, params: GenerationParams,
@@ -613,6 +612,9 @@ class Wan22I2VPipeline:
         params = params.validated().with_resolved_seed()
         if params.segments != 1:
             raise InvalidParameter("segments", f"extending adds one clip; got {params.segments}")
+        if params.frame_num < spec.MIN_FIRST_LAST_FRAMES:
+            raise InvalidParameter("frame_num", f"a clip added to a video starts from its last frame: at least "
+                                                f"{spec.MIN_FIRST_LAST_FRAMES} frames, got {params.frame_num}")
         return extend_video(self.generate_clip, video, embeds, params, on_step, should_cancel, last_image, self.device)
 
     def generate_clip(self, image: Image.Image, embeds: PromptEmbeds, params: GenerationParams,

@@ -78,6 +78,8 @@ def test_extending_a_video_by_one_clip_is_the_chain_of_two(pipe, embeds, test_im
     assert extended.frames.shape[0] == 9 and extended.segments[0]["seed"] == 41
     with pytest.raises(InvalidParameter, match="size: the video is 96x64 and 832\\*480 makes 768x512 clips of it"):
         pipe.extend(first, embeds, chained(size="832*480"))
+    with pytest.raises(InvalidParameter, match="frame_num: a clip added to a video starts from its last frame: at least 5"):
+        pipe.extend(first, embeds, chained(frame_num=1))
 
 
 def test_a_cancel_in_the_second_clip_stops_the_chain(pipe, embeds, test_image):
