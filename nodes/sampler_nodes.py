@@ -28,9 +28,6 @@ def _video_frames_problems(values):
     return spec.video_frames_problems(values["frame_num"], values["segments"])
 
 
-OUTPUTS = (("IMAGE", "INT"), ("frames", "seed"))  # RETURN_TYPES, RETURN_NAMES of both sampling nodes
-
-
 def _inputs(node: str, source: str, tooltip: str) -> dict:
     """A sampling node's inputs: the model, the text, its `source` IMAGE, its spec inputs and optional images."""
     return {"required": {"model": ("WAN22_MODEL",), "text": ("WAN22_TEXT",), source: ("IMAGE", {"tooltip": tooltip}),
@@ -43,7 +40,9 @@ class Wan22ImageToVideo:
     def INPUT_TYPES(cls):
         return _inputs(spec.I2V, "image", "The first frame; only its aspect ratio is kept (max-area resize, as upstream).")
 
-    RETURN_TYPES, RETURN_NAMES, CATEGORY = OUTPUTS + (CATEGORY,)
+    RETURN_TYPES = ("IMAGE", "INT")
+    RETURN_NAMES = ("frames", "seed")
+    CATEGORY = CATEGORY
     FUNCTION = "sample"
     DESCRIPTION = "Wan2.2 I2V-A14B sampling with both experts, exactly as upstream generate.py."
     VALIDATE_INPUTS = spec_validator(spec.I2V, also=_video_frames_problems)
@@ -71,7 +70,9 @@ class Wan22ExtendVideo:
     def INPUT_TYPES(cls):
         return _inputs(spec.EXTEND_VIDEO, "frames", "The video so far (the sampler's frames, or another extend node's).")
 
-    RETURN_TYPES, RETURN_NAMES, CATEGORY = OUTPUTS + (CATEGORY,)
+    RETURN_TYPES = ("IMAGE", "INT")
+    RETURN_NAMES = ("frames", "seed")
+    CATEGORY = CATEGORY
     FUNCTION = "extend"
     DESCRIPTION = "Extends a Wan2.2 video by one clip of frame_num frames, from its last frame."
     VALIDATE_INPUTS = spec_validator(spec.EXTEND_VIDEO)
