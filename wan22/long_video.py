@@ -3,8 +3,8 @@ frame of the clip before, each join shown once, colours matched to the first cli
 
 The chain calls one clip's generation (Wan22I2VPipeline.generate_clip) per segment and keeps only the uint8 frames
 between them, on the host, so the GPU holds one clip at a time: a chained video's GPU peak is one clip's. Colour
-matching runs on the pipeline's device, CHUNK_FRAMES frames at a time (on a GPU: a fraction of a percent of a clip's
-time; on this project's 2-core CPU, 17 s for a 720p clip: bench/long_video.py).
+matching runs on the pipeline's device, CHUNK_FRAMES frames at a time (on this project's 2-core CPU, 15.3 s for a
+720p/81-frame clip; on a GPU expected far less, not yet measured: bench/long_video.py).
 """
 from __future__ import annotations
 
@@ -85,6 +85,17 @@ class Segment:
 ClipFn = Callable[..., "object"]  # Wan22I2VPipeline.generate_clip: (image, embeds, params, on_step, should_cancel, last_image)
 
 
+def _clip_from(generate_clip: ClipFn, start: Image.Image, embeds, params: GenerationParams,
+               reference: Optional[ColourStats], device, **run):
+    """One clip of `params` from `start`, its colours matched to `reference` (None: as made): (its VideoResult, its
+    frames, its Segment, which counts the frames it adds after the join)."""
+    result = generate_clip(start, embeds, dataclasses.replace(params, segments=1), **run)
+    clip, started = result.frames, time.perf_counter()
+    if params.color_match and reference is not None:
+        clip = match_colour(clip, reference, device)
+    return result, clip, Segment(params.seed, clip.shape[0] - 1, dict(result.timings), time.perf_counter() - started)
+
+
 def generate_chain(generate_clip: ClipFn, image: Image.Image, embeds: Sequence, params: GenerationParams,
                    on_step: Optional[Callable[[int, int], None]] = None, should_cancel=None,
                    last_image: Optional[Image.Image] = None, device=None):
@@ -97,20 +108,19 @@ def generate_chain(generate_clip: ClipFn, image: Image.Image, embeds: Sequence, 
     reference: Optional[ColourStats] = None
     start, result = image, None
     for index in range(count):
-        clip_params = dataclasses.replace(params, seed=segment_seed(params.seed, index), segments=1)
         progress = None if on_step is None else (lambda step, _total, base=index * steps: on_step(base + step, count * steps))
-        result = generate_clip(start, embeds[index], clip_params, on_step=progress, should_cancel=should_cancel,
-                               last_image=last_image if index == count - 1 else None)
-        clip = result.frames
-        t0 = time.perf_counter()
-        if params.color_match:
-            if reference is None:
+        result, clip, segment = _clip_from(generate_clip, start, embeds[index],
+                                           dataclasses.replace(params, seed=segment_seed(params.seed, index)),
+                                           reference, device, on_step=progress, should_cancel=should_cancel,
+                                           last_image=last_image if index == count - 1 else None)
+        if index == 0:
+            segment.frames += 1  # the first clip's first frame is the video's own
+            if params.color_match:
+                t0 = time.perf_counter()
                 reference = colour_stats(clip, device)
-            else:
-                clip = match_colour(clip, reference, device)
-        colour_s = time.perf_counter() - t0
+                segment.colour_s += time.perf_counter() - t0
         frames.append(clip if index == 0 else clip[1:])
-        done.append(Segment(clip_params.seed, frames[-1].shape[0], dict(result.timings), colour_s))
+        done.append(segment)
         start = frame_image(clip)
         if index < count - 1:
             result = None  # its float video and latent: the host holds only the frames between clips
@@ -135,11 +145,8 @@ def extend_video(generate_clip: ClipFn, video: torch.Tensor, embeds, params: Gen
     if (clip_h, clip_w) != (height, width):
         raise InvalidParameter("size", f"the video is {width}x{height} and {params.size} makes {clip_w}x{clip_h} clips "
                                        f"of it: give the size the video was made with")
-    result = generate_clip(frame_image(video), embeds, dataclasses.replace(params, segments=1), on_step=on_step,
-                           should_cancel=should_cancel, last_image=last_image)
-    clip, started = result.frames, time.perf_counter()
-    if params.color_match:
-        clip = match_colour(clip, colour_stats(video[:params.frame_num], device), device)
-    segment = Segment(params.seed, clip.shape[0] - 1, dict(result.timings), time.perf_counter() - started)
+    reference = colour_stats(video[:params.frame_num], device) if params.color_match else None
+    result, clip, segment = _clip_from(generate_clip, frame_image(video), embeds, params, reference, device,
+                                       on_step=on_step, should_cancel=should_cancel, last_image=last_image)
     return dataclasses.replace(result, frames=torch.cat([video, clip[1:]]), video=None,
                                timings={**result.timings, "colour_s": segment.colour_s}, segments=[segment.as_dict()])

@@ -597,9 +597,10 @@ class Wan22I2VPipeline:
         for every clip, or a list of one per clip."""
         params = params.validated().with_resolved_seed()
         per_clip = list(embeds) if isinstance(embeds, (list, tuple)) else [embeds] * params.segments
-        if len(per_clip) != params.segments:
-            raise InvalidParameter("segment_prompts", f"has {len(per_clip)} prompts for {params.segments} segments: "
-                                                      f"give one per segment")
+        problems = spec.segment_prompts_problems(len(per_clip), params.segments) if per_clip else [
+            ("segment_prompts", "has no prompts: give one per segment")]
+        if problems:
+            raise InvalidParameter.from_problems(problems)
         if params.segments == 1:
             return self.generate_clip(image, per_clip[0], params, on_step, should_cancel, last_image)
         return generate_chain(self.generate_clip, image, per_clip, params, on_step, should_cancel, last_image,

@@ -345,9 +345,8 @@ def prompt_lines(text: str) -> List[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def segment_prompts_problems(text: str, segments: int) -> List[Tuple[str, str]]:
-    """(field, why) when segment_prompts (checked) does not give one prompt per segment."""
-    count = len(prompt_lines(text))
+def segment_prompts_problems(count: int, segments: int) -> List[Tuple[str, str]]:
+    """(field, why) when `count` segment prompts (0: none given) are not one per segment."""
     if count and count != segments:
         return [("segment_prompts", f"has {count} prompts for {segments} segments: give one per segment, or none "
                                     f"(then `prompt` is every segment's)")]
@@ -617,7 +616,7 @@ def normalize(raw: Mapping[str, Any], surface: str, *, limits: Optional[Limits] 
                                                f"got {values['frame_num']}"))
     if values.get("segment_prompts"):
         problems += [(spelled.get(name, label(name)), why) for name, why in segment_prompts_problems(
-            values["segment_prompts"], values.get("segments", default("segments")))]
+            len(prompt_lines(values["segment_prompts"])), values.get("segments", default("segments")))]
     if "frame_num" in values or "segments" in values:
         problems += [(spelled.get(name, label(name)), why) for name, why in video_frames_problems(
             values.get("frame_num", default("frame_num")), values.get("segments", default("segments")), limits)]
