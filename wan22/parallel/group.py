@@ -237,6 +237,9 @@ class RankGroup:
                 self.hung.add(rank)
                 answers.append((rank, ("hung", f"no answer within {wait_s:g} s")))
             except (OSError, EOFError):
+                # its end of the pipe closed as it exited: wait for the exit itself, so that lost() sees it (a
+                # killed process's pipe can read as closed a moment before the exit is reaped)
+                self.processes[rank - 1].join(timeout=10)
                 code = self.processes[rank - 1].exitcode
                 answers.append((rank, ("gone", f"the process ended (exit code {code})")))
         return answers
