@@ -3,7 +3,7 @@
   loader      synthetic upstream-layout expert (fp32 shards, 2.33 GB) -> bf16: streaming loader vs plain state dict
               vs raw read, seconds and peak RSS, each in a fresh subprocess (cold and warm page cache)
   diffusers   the same tiny generation through diffusers' WanImageToVideoPipeline and our engine
-  lora        the same tiny generation at 40 steps + CFG vs the 4-step recipe; applying / changing a LoRA vs
+  lora        the same tiny generation at 40 steps + CFG vs the 4-step recipe vs 4step_motion; applying / changing a LoRA vs
               loading the experts again
   paths       the same tiny generation by the engine, through ComfyUI + shipped workflow (headless client) and
               through the RunPod worker's local API; plus warm vs cold through the worker

@@ -21,11 +21,19 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[..., :3])
 
 
-def _video_frames_problems(values):
-    """The chain's frame rules (spec.video_frames_problems), once both inputs are widgets."""
-    if values.get("frame_num") is None or values.get("segments") is None:
+def _motion_steps_problems(values):
+    """spec.motion_steps_problems, once both inputs are widgets."""
+    if values.get("motion_steps") is None or values.get("sample_steps") is None:
         return []
-    return spec.video_frames_problems(values["frame_num"], values["segments"])
+    return spec.motion_steps_problems(values["motion_steps"], values["sample_steps"])
+
+
+def _sampler_problems(values):
+    """The chain's frame rules (spec.video_frames_problems), once both inputs are widgets, and the motion steps'."""
+    problems = _motion_steps_problems(values)
+    if values.get("frame_num") is None or values.get("segments") is None:
+        return problems
+    return spec.video_frames_problems(values["frame_num"], values["segments"]) + problems
 
 
 def _inputs(node: str, source: str, tooltip: str) -> dict:
@@ -45,7 +53,7 @@ class Wan22ImageToVideo:
     CATEGORY = CATEGORY
     FUNCTION = "sample"
     DESCRIPTION = "Wan2.2 I2V-A14B sampling with both experts, exactly as upstream generate.py."
-    VALIDATE_INPUTS = spec_validator(spec.I2V, also=_video_frames_problems)
+    VALIDATE_INPUTS = spec_validator(spec.I2V, also=_sampler_problems)
 
     @classmethod
     def IS_CHANGED(cls, seed=None, **_):
@@ -75,7 +83,7 @@ class Wan22ExtendVideo:
     CATEGORY = CATEGORY
     FUNCTION = "extend"
     DESCRIPTION = "Extends a Wan2.2 video by one clip of frame_num frames, from its last frame."
-    VALIDATE_INPUTS = spec_validator(spec.EXTEND_VIDEO)
+    VALIDATE_INPUTS = spec_validator(spec.EXTEND_VIDEO, also=_motion_steps_problems)
     IS_CHANGED = Wan22ImageToVideo.IS_CHANGED
 
     def extend(self, model, text, frames, last_image=None, **values):

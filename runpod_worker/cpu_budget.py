@@ -82,7 +82,8 @@ def check(values: Mapping[str, Any], job_timeout_s: float, assumed: Sequence[str
     seconds = work.flops / rate
     if seconds <= job_timeout_s:
         return work
-    guidance = "with guidance, 2 passes each" if work.passes == 2 else "1 pass each"
+    guidance = "with guidance, 2 passes each" if work.passes == 2 else "1 pass each" + (
+        f", 2 in the {work.guided_motion_steps} motion steps" if work.guided_motion_steps else "")
     told: List[str] = [f"{name} {values[name]}" for name in assumed]
     raise InvalidParameter(SHAPE_FIELDS, (
         f"this worker runs on the CPU and cannot finish the job within its time limit: {values['size']} with "

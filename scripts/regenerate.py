@@ -28,6 +28,7 @@ LINK_ORDER = {"model": 0, "text": 1, "image": 2, "images": 0, "prompt": 3}
 EXTEND = "extend"  # the variant with a prompt-extension node before the text encoder
 LONG = "long"  # the chained long video: LONG_VIDEO's values on the sampler and the text encoder
 WORKFLOWS = {"none": "wan22_i2v_a14b.json", "4step": "wan22_i2v_a14b_4step_lora.json",
+             "4step_motion": "wan22_i2v_a14b_4step_motion.json",
              EXTEND: "wan22_i2v_a14b_prompt_extend.json", LONG: "wan22_i2v_a14b_long_video.json"}
 LONG_VIDEO = {
     spec.I2V: {"segments": 3},
@@ -201,7 +202,7 @@ TEMPLATE_CATEGORY = "Wan2.2 I2V-A14B"
 def template_cards() -> Dict[str, tuple]:
     """{preset: (title, description)} of the shipped workflows' template cards, numbers from the spec. A card shows
     two lines of its description, about 50 characters (the rest on hover)."""
-    d, fast = spec.default, spec.PRESETS["4step"]
+    d, fast, motion = spec.default, spec.PRESETS["4step"], spec.PRESETS["4step_motion"]
     width, height = d("size").split("*")
     return {
         "none": ("Wan2.2 Image to Video (A14B)",
@@ -209,6 +210,9 @@ def template_cards() -> Dict[str, tuple]:
         "4step": ("Wan2.2 Image to Video, 4 steps (LoRA)",
                   f"lightx2v LoRAs: {fast['sample_steps']} {fast['sample_solver']} steps at guidance "
                   f"{fast['guide_scale_low']}."),
+        "4step_motion": ("Wan2.2 Image to Video, 4 steps with motion",
+                         f"{motion['sample_steps']} steps: the first {motion['motion_steps']} without LoRAs, "
+                         f"guidance {motion['motion_guide_scale']}."),
         EXTEND: ("Wan2.2 Image to Video with Prompt Extension",
                  "Qwen2.5 VL or DashScope extends the prompt first."),
         LONG: ("Wan2.2 long video: clips chained",

@@ -113,7 +113,7 @@ def test_cpu_benchmarks_quick(smoke_runs):
         assert warm[key] is not None and warm[key] > 0, (key, warm)
     assert "8 steps + CFG" in stdout and "LoRA swap: apply" in stdout, stdout
     lora = json.loads((tmp_path / "quick_lora.json").read_text())["summary"]
-    assert all(lora[key] > 0 for key in ("full_s", "recipe_s", "apply_s", "change_s", "reload_s")), lora
+    assert all(lora[key] > 0 for key in ("full_s", "recipe_s", "motion_s", "apply_s", "change_s", "reload_s")), lora
     assert "T5 encode, one request" in stdout and "embeddings vs the exact encode" in stdout, stdout
     t5 = json.loads((tmp_path / "quick_t5_encode.json").read_text())["summary"]
     assert t5["ours_s"] > 0 and t5["upstream_way_s"] > 0 and t5["speedup"] > 0

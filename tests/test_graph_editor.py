@@ -145,10 +145,13 @@ def test_example_workflow_served_as_template(comfy_server):
         assert isinstance(template.get("nodes"), list), f"template {name!r} is not a UI workflow"
 
 
-def test_4step_workflow_loads_with_its_lora_nodes(loaded_graph, browser):
-    """The shipped 4-step workflow: its two LoRA nodes resolve (the tiny lightx2v files are in a loras folder of the
-    server), the widgets hold the recipe, the links are the file's."""
-    workflow = json.loads((REPO / "example_workflows" / "wan22_i2v_a14b_4step_lora.json").read_text(encoding="utf-8"))
+@pytest.mark.parametrize("name, steps, motion", [("wan22_i2v_a14b_4step_lora", 4, (0, 3.5)),
+                                                  ("wan22_i2v_a14b_4step_motion", 6, (2, 3.5))])
+def test_4step_workflow_loads_with_its_lora_nodes(loaded_graph, browser, name, steps, motion):
+    """The shipped 4-step workflows: their two LoRA nodes resolve (the tiny lightx2v files are in a loras folder of
+    the server), the widgets hold the recipe (the motion one: 6 steps, the first 2 without LoRAs at guidance 3.5),
+    the links are the file's."""
+    workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text(encoding="utf-8"))
     graph = load_workflow(browser, workflow)
     assert graph["missing_dialog"] is None and not graph["dialog_visible"], graph["dialog_text"]
     assert sorted(n["type"] for n in graph["nodes"]) == sorted(EXPECTED_TYPES + ["Wan22LoraLoader"] * 2)
@@ -158,7 +161,8 @@ def test_4step_workflow_loads_with_its_lora_nodes(loaded_graph, browser):
     for wf_node in workflow["nodes"]:
         assert [w["value"] for w in by_id[wf_node["id"]]["widgets"]] == wf_node["widgets_values"], wf_node["type"]
     sampler = {w["name"]: w["value"] for w in next(n for n in graph["nodes"] if n["type"] == "Wan22ImageToVideo")["widgets"]}
-    assert (sampler["sample_steps"], sampler["sample_solver"], sampler["sample_shift"]) == (4, "euler", 5.0)
+    assert (sampler["sample_steps"], sampler["sample_solver"], sampler["sample_shift"]) == (steps, "euler", 5.0)
+    assert (sampler["motion_steps"], sampler["motion_guide_scale"]) == motion
     assert sampler["guide_scale_low"] == sampler["guide_scale_high"] == 1.0
     loras = sorted((w["lora_name"], w["strength_high"], w["strength_low"]) for w in (
         {x["name"]: x["value"] for x in n["widgets"]} for n in graph["nodes"] if n["type"] == "Wan22LoraLoader"))
@@ -211,16 +215,21 @@ def sampler_in_view(loaded_graph, browser):
     return "Wan22ImageToVideo"
 
 
+def arrows(browser, node: str, name: str, sides=("right", "left", "left")) -> list:
+    """Click `name`'s arrows in turn; the value after each click."""
+    seen = []
+    for side in sides:
+        click(browser, widget(browser, node, name)[side])
+        seen.append(widget(browser, node, name)["value"])
+    return seen
+
+
 def test_frame_num_arrows_and_typing_reach_every_4n_plus_1(sampler_in_view, browser):
     """frame_num takes 4n+1 by its arrows (81 -> 85 -> 81 -> 77) and by typing (33), on both frontends: the 2024
     one rounded every INT to a multiple of its step (84, 80, 32) until web/wan22_widgets.js."""
     node = sampler_in_view
     assert widget(browser, node, "frame_num")["value"] == 81
-    seen = []
-    for side in ("right", "left", "left"):
-        click(browser, widget(browser, node, "frame_num")[side])
-        seen.append(widget(browser, node, "frame_num")["value"])
-    assert seen == [85, 81, 77]
+    assert arrows(browser, node, "frame_num") == [85, 81, 77]
     for text, expected in (("33", 33), ("5", 5), ("1001", 1001), ("1", 1)):
         type_value(browser, node, "frame_num", text)
         assert widget(browser, node, "frame_num")["value"] == expected, text
@@ -331,6 +340,29 @@ def test_float_and_fps_widgets_step_and_take_typed_values(sampler_in_view, brows
     assert widget(browser, "Wan22SaveVideo", "fps")["value"] == 17
     type_value(browser, "Wan22SaveVideo", "fps", "25")
     assert widget(browser, "Wan22SaveVideo", "fps")["value"] == 25
+
+
+def test_the_motion_split_steps_and_takes_typed_values_and_too_many_motion_steps_are_shown_under_their_input(
+        sampler_in_view, browser, comfy_server, input_image):
+    """motion_steps by its arrows (0 -> 1 -> 0, never below 0) and by typing; motion_guide_scale by 0.1 and typing;
+    more motion steps than steps, queued from the editor, is shown once, under motion_steps."""
+    node = sampler_in_view
+    assert widget(browser, node, "motion_steps")["value"] == 0
+    assert arrows(browser, node, "motion_steps") == [1, 0, 0]
+    type_value(browser, node, "motion_steps", "2")
+    assert widget(browser, node, "motion_steps")["value"] == 2
+    assert widget(browser, node, "motion_guide_scale")["value"] == pytest.approx(3.5)
+    click(browser, widget(browser, node, "motion_guide_scale")["right"])
+    assert widget(browser, node, "motion_guide_scale")["value"] == pytest.approx(3.6)
+    type_value(browser, node, "motion_guide_scale", "5.5")
+    assert widget(browser, node, "motion_guide_scale")["value"] == pytest.approx(5.5)
+    image = _upload(comfy_server, input_image)
+    *shown, text = _queue_and_read_errors(browser, f"w('LoadImage', 'image').value = {json.dumps(image)};"
+                                                   f" w('{node}', 'sample_steps').value = 2;"
+                                                   f" w('{node}', 'motion_steps').value = 3")
+    want = "motion_steps: runs the first steps without LoRAs: at most sample_steps (2), got 3"
+    assert shown == [("motion_steps", f"motion_steps - {want}")], shown
+    assert text.count("at most sample_steps") == 1, f"the editor shows the problem more than once or not at all: {text}"
 
 
 def test_the_loaders_layout_inputs_step_and_toggle_and_a_layout_that_cannot_run_is_shown_under_its_input(

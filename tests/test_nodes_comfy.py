@@ -108,7 +108,7 @@ def test_every_node_parameter_is_an_input_of_its_nodes(comfy_client):
 
 @pytest.mark.parametrize("ui_path", UI_WORKFLOWS + [REPO / folder / name for folder in ("workflows/ui", "example_workflows")
                                                     for name in ("wan22_i2v_a14b_4step_lora.json", "wan22_i2v_a14b_prompt_extend.json",
-                                                                 "wan22_i2v_a14b_long_video.json")],
+                                                                 "wan22_i2v_a14b_long_video.json", "wan22_i2v_a14b_4step_motion.json")],
                          ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_ui_and_api_workflows_agree(comfy_client, ui_path):
     api = json.loads((API_WORKFLOW.parent / ui_path.name).read_text())

@@ -413,7 +413,7 @@ def test_every_template_has_a_card_and_a_thumbnail():
     from scripts.thumbnails import drawn_from
 
     names = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
-    assert len(names) == 4, names
+    assert len(names) == 5, names
     index = json.loads((REPO / "web" / "wan22_templates.json").read_text(encoding="utf-8"))
     assert len(index) == 1 and index[0]["title"] == COMFY["DisplayName"], index
     cards = index[0]["templates"]

@@ -414,6 +414,10 @@ BAD_CASES = [
     ("lora-too-many", lambda c: _request(reference_image_base64=_b64(c), loras=[LIGHTX2V_HIGH] * 17),
      "params.loras", "has 17 entries; at most 16 LoRAs are applied at once"),
     ("preset", lambda c: _request(reference_image_base64=_b64(c), preset="8step"), "params.preset", "must be one of none, 4step"),
+    ("motion-steps-over", lambda c: _request(reference_image_base64=_b64(c), preset="4step_motion", motion_steps=7),
+     "params.motion_steps", "at most sample_steps (2), got 7"),  # the request's 2 steps win over the preset's 6
+    ("motion-guide-not-number", lambda c: _request(reference_image_base64=_b64(c), motion_guide_scale={"x": 1}),
+     "params.motion_guide_scale", "must be"),
     # the end image (first-last frame): the reference image's intake and bounds
     ("last-image-two", lambda c: _request(reference_image_base64=_b64(c), last_image_url=c["image_http"]["base"] + "/in.png",
                                           last_image_base64=_b64(c)), "params.last_image_base64", "at most one last_image source"),
@@ -505,6 +509,21 @@ def test_worker_loras_give_the_node_path_video(worker, comfy_server, input_image
     record = json.loads((worker.out_dir / f"{answer['id']}.json").read_text())
     assert record["params"]["sample_solver"] == "euler" and record["params"]["sample_steps"] == 4
 
+    # the motion preset: the shipped 4-step motion workflow's video, its 6 steps counted in the status
+    motion_out = tmp_path / "motion_node.mp4"
+    run({"image": str(input_image), "prompt": "a red boat", "seed": seed, "size": "64*64", "frame_num": 5},
+        server=comfy_server.url, workflow=cf.REPO_ROOT / "workflows" / "api" / "wan22_i2v_a14b_4step_motion.json",
+        out=motion_out)
+    answer = worker.runsync({"action": "request", "params": {**{k: v for k, v in params.items() if k in (
+        "reference_image_base64", "prompt", "seed", "size", "frame_num")}, "preset": "4step_motion"}})
+    assert answer["status"] == "COMPLETED", answer
+    record = json.loads((worker.out_dir / f"{answer['id']}.json").read_text())
+    assert (record["params"]["sample_steps"], record["params"]["motion_steps"], record["params"]["motion_guide_scale"]) == (6, 2, 3.5)
+    assert re.search(rf"job {re.escape(answer['id'])} progress 6/6", worker.log())
+    worker_motion = _written(tmp_path / "worker_motion.mp4", answer)
+    assert (read_mp4(worker_motion)[0] == read_mp4(motion_out)[0]).all()
+    assert not (read_mp4(worker_motion)[0] == read_mp4(worker_out)[0]).all()
+
 
 def test_a_worker_holding_one_expert_in_host_ram_gives_the_same_videos(worker, tiny_upstream, image_http, tmp_path):
     """WAN_HOST_EXPERTS=one (what `auto` picks on a 64 GiB host with bf16 files): the worker's ComfyUI loads one
@@ -533,12 +552,15 @@ def test_a_worker_holding_one_expert_in_host_ram_gives_the_same_videos(worker, t
 
 def test_a_worker_spreading_each_video_over_two_ranks_gives_the_same_videos(worker, tiny_upstream, image_http, tmp_path):
     """WAN_GPUS=2 with WAN_DIT_FSDP (no GPU here: two CPU ranks over gloo, started by the worker's ComfyUI): the
-    videos are the one-process worker's; a request asking for the worker's layout runs without a word, one asking
-    for another runs the worker's and says so; the rank stays warm across jobs and ends with the worker."""
+    videos are the one-process worker's, the 4-step motion preset's too (LoRAs on sharded experts, switched off for
+    the motion steps); a request asking for the worker's layout runs without a word, one asking for another runs the
+    worker's and says so; the rank stays warm across jobs and ends with the worker."""
     image = base64.b64encode(image_http["data"]).decode()
     jobs = [{"reference_image_base64": image, "prompt": "a red boat", "seed": 11, **TINY},
-            {"reference_image_base64": image, "prompt": "a red boat", "seed": 12, **TINY}]
-    asks = [{"ulysses_size": 2, "dit_fsdp": True}, {"extra_args": "--ulysses_size 8 --t5_fsdp"}]
+            {"reference_image_base64": image, "prompt": "a red boat", "seed": 12, **TINY},
+            {"reference_image_base64": image, "prompt": "a red boat", "seed": 13, "size": "64*64", "frame_num": 5,
+             "preset": "4step_motion"}]
+    asks = [{"ulysses_size": 2, "dit_fsdp": True}, {"extra_args": "--ulysses_size 8 --t5_fsdp"}, {}]
     want = [worker.runsync({"action": "request", "params": params, "return_video": True}) for params in jobs]
     with running_worker(tmp_path, tiny_upstream, image_http, {"WAN_GPUS": "2", "WAN_DIT_FSDP": "1"}, "worker_two_ranks") as two:
         got = [two.runsync({"action": "request", "params": {**params, **ask}, "return_video": True})
@@ -550,7 +572,7 @@ def test_a_worker_spreading_each_video_over_two_ranks_gives_the_same_videos(work
         assert answer["status"] == "COMPLETED" and reference["status"] == "COMPLETED", (answer, reference)
         frames = [read_mp4(_written(tmp_path / f"{name}{index}.mp4", a))[0].astype(int) for name, a in (("two", answer), ("one", reference))]
         assert frames[0].shape[0] == 5 and frames[0].shape == frames[1].shape and abs(frames[0] - frames[1]).max() <= 1
-    assert got[0]["output"]["replaced"] == []
+    assert got[0]["output"]["replaced"] == [] and got[2]["output"]["loras"] == want[2]["output"]["loras"] != []
     assert [(r["field"], r["given"], r["used"]) for r in got[1]["output"]["replaced"]] == [
         ("params.extra_args (--ulysses_size)", 8, 2), ("params.extra_args (--t5_fsdp)", True, False)]
     assert got[1]["output"]["warnings"][0].startswith("params.extra_args (--ulysses_size): 8 replaced by 2: this worker's operator")

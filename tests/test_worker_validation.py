@@ -602,3 +602,35 @@ def test_a_presets_missing_loras_are_named_with_the_preset(tmp_path):
     assert fields == ["params.loras[0].name (from params.preset 4step)", "params.loras[1].name (from params.preset 4step)"]
     assert [why.split(" in the LoRA")[0] for _, why in info.value.problems] == [
         f"no LoRA file {LIGHTX2V_HIGH!r}", f"no LoRA file {LIGHTX2V_LOW!r}"]
+
+
+def test_the_motion_preset_fills_the_recipe_and_its_split_is_checked_against_the_steps(tmp_path):
+    """4step_motion: the 4-step recipe in 6 steps, the first 2 without LoRAs at guidance 3.5; given values win,
+    and a split of more steps than there are names the field, whichever of the two the preset filled in."""
+    from wan22.testing.tiny import write_tiny_4step_loras
+
+    write_tiny_4step_loras(tmp_path)
+    image = {"reference_image_url": "https://example.com/a.png"}
+    values = validate_generate_params({**image, "preset": "4step_motion"}, lora_folders=[tmp_path]).values
+    assert {k: values[k] for k in ("sample_steps", "motion_steps", "motion_guide_scale", "sample_solver",
+                                   "guide_scale_low", "guide_scale_high")} == {
+        "sample_steps": 6, "motion_steps": 2, "motion_guide_scale": 3.5, "sample_solver": "euler",
+        "guide_scale_low": 1.0, "guide_scale_high": 1.0}
+    assert [l["name"] for l in values["loras"]] == [LIGHTX2V_HIGH, LIGHTX2V_LOW]
+    given = validate_generate_params({**image, "preset": "4-step-motion", "motion_steps": 3, "motion_guide_scale": 5},
+                                     lora_folders=[tmp_path]).values
+    assert (given["motion_steps"], given["motion_guide_scale"], given["sample_steps"]) == (3, 5.0, 6)
+    for params, field in (({"preset": "4step_motion", "motion_steps": 7}, "params.motion_steps"),
+                          ({"preset": "4step_motion", "sample_steps": 1}, "params.motion_steps (from params.preset 4step_motion)"),
+                          ({"motion_steps": 41}, "params.motion_steps")):
+        with pytest.raises(InvalidParameter) as info:
+            validate_generate_params({**image, **params}, lora_folders=[tmp_path])
+        assert [f for f, _ in info.value.problems] == [field], params
+        assert "at most sample_steps (" in str(info.value)
+    for bad, why in ((-1, "from 0 to 1000"), ("two", "must be an integer")):
+        with pytest.raises(InvalidParameter) as info:
+            validate_generate_params({**image, "motion_steps": bad}, lora_folders=[tmp_path])
+        assert fields_of(info.value) == ["params.motion_steps"] and why in str(info.value), str(info.value)
+    with pytest.raises(InvalidParameter) as info:
+        validate_generate_params({**image, "motion_guide_scale": 101}, lora_folders=[tmp_path])
+    assert fields_of(info.value) == ["params.motion_guide_scale"]

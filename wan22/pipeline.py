@@ -168,6 +168,7 @@ class StepTrace:
     guide_scale: float
     prediction: torch.Tensor  # the guided flow prediction passed to the solver
     latent: torch.Tensor  # the latent after the solver step
+    loras: bool = True  # whether the expert's LoRAs acted (off in the motion steps)
 
 
 @dataclasses.dataclass
@@ -548,36 +549,45 @@ class Wan22I2VPipeline:
         held: list = []  # see _call
         if on_step:
             self._call(held, on_step, 0, steps)  # sampling has begun (after loading and encoding): progress shows it at once
-        for index, value in enumerate(schedule.values):
-            checks.step = index + 1
-            if self._cancel_now(should_cancel, held):
-                raise GenerationCancelled(f"cancelled before step {index + 1} of {steps}")
-            timestep = schedule.timesteps[index]
-            expert = EXPERTS[0] if value >= boundary_timestep else EXPERTS[1]
-            model = checks.watch(self.residency.activate_expert(expert, plan))
-            if plan.prefetch and index == last_high and index + 1 < steps:
-                self.residency.prefetch(EXPERTS[1])  # comes in while this step runs
-            guide = params.guide_scale[1] if expert == EXPERTS[0] else params.guide_scale[0]
-            if guide == 1.0:
-                prediction = self._predict(model, latent, timestep, y, context)[0]
-            else:
-                if self.ranks.context is not None:
-                    cond, uncond = self.ranks.context.cfg_pair(
-                        lambda c: self._predict(model, latent, timestep, y, c)[0], context, context_null)
-                elif plan.cfg_batch:
-                    cond, uncond = self._predict(model, latent, timestep, y, torch.cat([context, context_null]))
-                else:
-                    cond = self._predict(model, latent, timestep, y, context)[0]
-                    uncond = self._predict(model, latent, timestep, y, context_null)[0]
-                prediction = uncond + guide * (cond - uncond)
-            latent = schedule.solver.step(prediction[None], timestep, latent[None], return_dict=False)[0][0]
-            if trace:
-                trace(StepTrace(index, value, expert, guide, prediction.cpu(), latent.cpu()))
-            if on_step:
-                self._call(held, on_step, index + 1, steps)
+        try:
+            for index, value in enumerate(schedule.values):
+                checks.step = index + 1
+                if self._cancel_now(should_cancel, held):
+                    raise GenerationCancelled(f"cancelled before step {index + 1} of {steps}")
+                expert = EXPERTS[0] if value >= boundary_timestep else EXPERTS[1]
+                model = checks.watch(self.residency.activate_expert(expert, plan))
+                if plan.prefetch and index == last_high and index + 1 < steps:
+                    self.residency.prefetch(EXPERTS[1])  # comes in while this step runs
+                motion = index < params.motion_steps  # the base model's motion, with real guidance (spec: motion_steps)
+                self.lora_state.enable(expert, not motion)  # after activating: an expert read again has its LoRAs on
+                guide = params.motion_guide_scale if motion else params.guide_scale[1 if expert == EXPERTS[0] else 0]
+                timestep = schedule.timesteps[index]
+                prediction = self._prediction(model, latent, timestep, y, context, context_null, guide, plan)
+                latent = schedule.solver.step(prediction[None], timestep, latent[None], return_dict=False)[0][0]
+                if trace:
+                    trace(StepTrace(index, value, expert, guide, prediction.cpu(), latent.cpu(), not motion))
+                if on_step:
+                    self._call(held, on_step, index + 1, steps)
+        finally:
+            for expert in EXPERTS:
+                self.lora_state.enable(expert, True)
         if held:  # after the last step: every rank has left its loop
             raise held[0]
         return latent
+
+    def _prediction(self, model, latent, timestep, y, context, context_null, guide: float, plan: planner.Plan) -> torch.Tensor:
+        """`model`'s flow prediction at guidance `guide` (1: the conditional pass alone)."""
+        if guide == 1.0:
+            return self._predict(model, latent, timestep, y, context)[0]
+        if self.ranks.context is not None:
+            cond, uncond = self.ranks.context.cfg_pair(
+                lambda c: self._predict(model, latent, timestep, y, c)[0], context, context_null)
+        elif plan.cfg_batch:
+            cond, uncond = self._predict(model, latent, timestep, y, torch.cat([context, context_null]))
+        else:
+            cond = self._predict(model, latent, timestep, y, context)[0]
+            uncond = self._predict(model, latent, timestep, y, context_null)[0]
+        return uncond + guide * (cond - uncond)
 
     # ------------------------------------------------------------------ stage 5: decode
     @torch.no_grad()

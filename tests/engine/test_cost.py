@@ -94,3 +94,8 @@ def test_steps_and_guidance_multiply_the_work():
     assert transformer_work(base, shape).flops == 3 * 2 * per_pass
     assert transformer_work({**base, "guide_scale_low": 1.0}, shape).flops == 3 * per_pass
     assert transformer_work({**base, "guide_scale_low": 1.0, "guide_scale_high": 1.0}, shape).passes == 1
+    # motion steps with guidance take a second pass where the others take one (4step_motion: 6 + 2 passes)
+    motion = {**base, "guide_scale_low": 1.0, "guide_scale_high": 1.0, "motion_steps": 2, "motion_guide_scale": 3.5}
+    assert transformer_work(motion, shape).flops == (3 + 2) * per_pass
+    assert transformer_work({**motion, "motion_guide_scale": 1.0}, shape).flops == 3 * per_pass
+    assert transformer_work({**motion, "guide_scale_high": 2.0, "guide_scale_low": 2.0}, shape).flops == 3 * 2 * per_pass

@@ -3,6 +3,7 @@ apply their LoRAs (the video is the pipeline's with those LoRAs, not the one wit
 there is exit 2 before any model loads, --use-prompt-extend encodes the prompt Qwen2.5-VL wrote and reports it,
 and the runner's flags the engine has no use for are not offered."""
 import base64
+import dataclasses
 import io
 import os
 import subprocess
@@ -108,7 +109,7 @@ def test_flags_offered_are_what_the_engine_reads():
     # each generation parameter the engine claims to read changes GenerationParams on its own
     other = {"size": "832*480", "frame_num": 33, "sample_steps": 4, "sample_shift": 3.0, "sample_solver": "euler",
              "seed": 1, "boundary": 0.5, "fps": 8, "guide_scale_low": 1.0, "guide_scale_high": 2.0, "segments": 2,
-             "color_match": False}
+             "color_match": False, "motion_steps": 2, "motion_guide_scale": 5.0}
     assert set(other) == set(generate.GENERATION_READS)
     for name, value in other.items():
         assert GenerationParams.from_values({name: value}) != GenerationParams(), name
@@ -222,6 +223,28 @@ def test_preset_4step_applies_the_lightx2v_loras(lora_root, image_file, tmp_path
     assert torch.equal(plain, without)     # and the same recipe without them is the plain pipeline's
     frames, fps = read_mp4(tmp_path / "turbo.mp4")
     assert frames.shape == (5, 64, 96, 3) and fps == 16
+
+
+def test_preset_4step_motion_runs_its_first_steps_without_the_loras(lora_root, image_file, tmp_path, pipe, test_image, written):
+    code, out, err = run("--model-dir", lora_root, "--image", image_file, "--out", tmp_path / "motion.mp4",
+                         "--preset", "4step_motion", *TINY)
+    assert code == 0, err
+    assert "step 6/6" in err and f"lora: {LIGHTX2V_HIGH} (high 1, low 0):" in err
+    code, _, err = run("--model-dir", lora_root, "--image", image_file, "--out", tmp_path / "three.mp4",
+                       "--preset", "4step_motion", "--motion-steps", "3", "--motion-guide-scale", "5", *TINY)
+    assert code == 0, err
+    embeds = pipe.encode_prompt(PROMPT, "")
+    view = pipe.with_loras([LoraChoice(lora_root / "loras" / LIGHTX2V_HIGH, 1.0, 0.0),
+                            LoraChoice(lora_root / "loras" / LIGHTX2V_LOW, 0.0, 1.0)])
+    params = recipe_params(preset="4step_motion")
+    assert (params.sample_steps, params.motion_steps, params.motion_guide_scale) == (6, 2, 3.5)
+    assert torch.equal(written[0], view.generate(test_image, embeds, params).frames)
+    three = dataclasses.replace(params, motion_steps=3, motion_guide_scale=5.0)
+    assert torch.equal(written[1], view.generate(test_image, embeds, three).frames)
+    assert not torch.equal(written[0], written[1])
+    code, _, err = run("--model-dir", lora_root, "--image", image_file, "--out", tmp_path / "no.mp4", "--preset",
+                       "4step_motion", "--motion-steps", "7", *TINY)
+    assert code == 2 and "motion_steps: runs the first steps without LoRAs: at most sample_steps (6), got 7" in err, err
 
 
 def test_lora_flag_applies_its_expert_and_strength(lora_root, image_file, tmp_path, pipe, test_image, written):

@@ -1,6 +1,7 @@
 """LoRAs on the tiny experts (wan22.runtime.lora): every format against an independent computation and against
 diffusers' own loader, fp8 experts, strength 0, swapping without a reload, bad files; and the euler schedule
 of the 4-step recipe."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,90 @@ def test_a_strength_changed_on_the_device_survives_an_eviction(pipe, tmp_path):
         assert torch.allclose(value, base[name] + deltas.get(name, 0), atol=1e-6), name
     applied.remove()
     assert all(torch.equal(value, base[name]) for name, value in weights_of(model).items())
+
+
+# ---------------------------------------------------------------------------------------------- motion steps
+MOTION = GenerationParams(size="64*64", frame_num=5, sample_steps=6, sample_solver="euler", sample_shift=5.0,
+                          guide_scale=(1.0, 1.0), seed=5, motion_steps=2, motion_guide_scale=3.5)
+
+
+def _by_hand(pipe, lora_view, noise, y, embeds, params):
+    """The motion recipe written out from the experts' forward, euler as x + (sigma_next - sigma) * v and
+    guidance as uncond + g * (cond - uncond): the first motion_steps steps on the experts with their LoRAs taken
+    off (a sync to none), the rest with them put back; (latent, [(expert, guided)] per step)."""
+    from wan22.runtime.text_encoder import pad_context
+
+    schedule = make_schedule("euler", params.sample_steps, params.sample_shift)
+    context, context_null = pad_context([embeds.context]), pad_context([embeds.context_null])
+    latent, steps = noise.clone(), []
+    for index, timestep in enumerate(schedule.timesteps):
+        motion = index < params.motion_steps
+        (pipe.with_loras([]) if motion else lora_view).sync_loras()
+        name = "high_noise_model" if float(timestep) >= params.boundary * 1000 else "low_noise_model"
+        expert = getattr(pipe, name)
+
+        def flow(text):
+            return expert(hidden_states=torch.cat([latent, y])[None], timestep=timestep.view(1),
+                          encoder_hidden_states=text, return_dict=False)[0][0].float()
+
+        guide = params.motion_guide_scale if motion else params.guide_scale[0 if name == "low_noise_model" else 1]
+        velocity = flow(context) if guide == 1 else flow(context_null) + guide * (flow(context) - flow(context_null))
+        latent = latent + (schedule.sigmas[index + 1] - schedule.sigmas[index]) * velocity
+        steps.append((name, guide != 1))
+    return latent, steps
+
+
+def test_motion_steps_run_the_base_model_with_guidance_then_the_loras_finish(pipe, tmp_path):
+    """4step_motion's shape: 6 euler steps, 3 of them high-noise; the first 2 without the LoRAs at guidance 3.5,
+    the rest with them at guidance 1. The pipeline switches the LoRAs off and on in place; the reference takes
+    them off and puts them back (LoraState.sync), and computes every step by hand."""
+    path = write_tiny_lora(tmp_path / "motion.safetensors", fmt="lightx2v", rank=RANK, alpha=ALPHA)
+    view = pipe.with_loras([LoraChoice(path, 1.0, 1.0)])
+    embeds = pipe.encode_prompt("a dog runs", "")
+    noise = pipe.prepare_noise(5, 5, 8, 8)
+    y = torch.randn(20, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    traces = []
+    view.sync_loras()
+    with_loras = weights_of(pipe.high_noise_model)
+    got = view.denoise(noise, y, embeds, MOTION.validated(), trace=traces.append)
+    assert [(t.expert, t.guide_scale, t.loras) for t in traces] == [
+        ("high_noise_model", 3.5, False)] * 2 + [("high_noise_model", 1.0, True)] + [("low_noise_model", 1.0, True)] * 3
+    after = weights_of(pipe.high_noise_model)
+    assert all(torch.equal(after[name], value) for name, value in with_loras.items())  # the LoRAs act again after the run
+
+    want, steps = _by_hand(pipe, view, noise, y, embeds, MOTION)
+    assert steps == [("high_noise_model", True)] * 2 + [("high_noise_model", False)] + [("low_noise_model", False)] * 3
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    # the motion steps changed the video: without them it is the plain recipe's
+    plain = view.denoise(noise, y, embeds, dataclasses.replace(MOTION, motion_steps=0).validated())
+    assert (plain - got).abs().max() > 1e-2
+    view.sync_loras()
+    assert torch.allclose(plain, _by_hand(pipe, view, noise, y, embeds, dataclasses.replace(MOTION, motion_steps=0))[0], atol=1e-5)
+
+
+def test_motion_steps_with_the_experts_read_again_from_their_files(pipe, tiny_models, tmp_path, test_image, monkeypatch):
+    """One expert in host RAM at a time: the high-noise expert is read again from its file at the second video's
+    first step, its LoRAs put back on as it comes, and the motion steps still run without them. Both videos are
+    those of both experts resident, and motion steps reaching the low-noise expert take its LoRAs off too."""
+    path = write_tiny_lora(tmp_path / "m.safetensors", fmt="lightx2v", rank=RANK, alpha=ALPHA)
+    loras = [LoraChoice(path, 1.0, 1.0)]
+    monkeypatch.setenv("WAN_HOST_EXPERTS", "one")
+    one = load_pipeline(tiny_models("upstream"), FP32_CPU).with_loras(loras)
+    embeds = pipe.encode_prompt("a dog runs", "")
+    for params in (MOTION, dataclasses.replace(MOTION, motion_steps=4)):
+        want = pipe.with_loras(loras).generate(test_image, embeds, params)
+        assert torch.equal(one.generate(test_image, embeds, params).video, want.video)
+    assert [s.expert for s in one.residency.expert_files.switches] == [
+        "low_noise_model", "high_noise_model", "low_noise_model"]
+    assert not torch.equal(want.video, pipe.with_loras(loras).generate(test_image, embeds, MOTION).video)
+
+
+@pytest.mark.parametrize("motion_steps, sample_steps, ok", [(6, 6, True), (7, 6, False), (0, 1, True)])
+def test_motion_steps_are_at_most_the_steps(motion_steps, sample_steps, ok):
+    params = dataclasses.replace(MOTION, motion_steps=motion_steps, sample_steps=sample_steps)
+    if ok:
+        assert params.validated().motion_steps == motion_steps
+        return
+    with pytest.raises(InvalidParameter) as caught:
+        params.validated()
+    assert str(caught.value) == f"motion_steps: runs the first steps without LoRAs: at most sample_steps ({sample_steps}), got {motion_steps}"

@@ -36,12 +36,12 @@ def reference(tiny_models, test_image):
     return pipe, embeds, noise, y
 
 
-def _denoise_on_ranks(source, layout, noise, y, embeds, loras=()):
+def _denoise_on_ranks(source, layout, noise, y, embeds, loras=(), params=PARAMS):
     with _ranks(source, layout) as (pipe, _):
         steps = []
         view = pipe.with_loras(loras)
         view.sync_loras()  # as generate does before denoising
-        latent = view.denoise(noise, y, embeds, PARAMS, on_step=lambda i, n: steps.append(i))
+        latent = view.denoise(noise, y, embeds, params, on_step=lambda i, n: steps.append(i))
         return latent, steps, _weight_bytes(pipe.high_noise_model)
 
 
@@ -159,11 +159,16 @@ def test_a_released_sharded_pipeline_frees_its_shards_while_a_view_of_it_is_stil
     assert view.released and [ref for ref in shards if ref() is not None] == []
 
 
-def test_the_ranks_carry_the_runs_loras(tiny_models, reference, tmp_path):
+@pytest.mark.parametrize("layout", [ParallelLayout(cfg_parallel=True), ParallelLayout(ulysses_size=2),
+                                    ParallelLayout(ulysses_size=2, dit_fsdp=True)], ids=lambda l: l.describe())
+def test_the_ranks_carry_the_runs_loras(tiny_models, reference, tmp_path, layout):
+    """With Ulysses the head's output is gathered from every rank's tokens by a diffusers hook before a LoRA's forward
+    hook sees it: its delta is gathered too (this failed with a shape error until it was). With dit_fsdp the small
+    deltas (biases, norms) go on sharded tensors, which a parametrization cannot wrap (this failed on DTensor)."""
     pipe, embeds, noise, y = reference
     loras = (LoraChoice(write_tiny_lora(tmp_path / "l.safetensors"), 1.0, 0.5),)
     want, plain = (_denoise(pipe.with_loras(choice), noise, y, embeds) for choice in (loras, ()))
-    got, _, _ = _denoise_on_ranks(tiny_models("upstream"), ParallelLayout(cfg_parallel=True), noise, y, embeds, loras)
+    got, _, _ = _denoise_on_ranks(tiny_models("upstream"), layout, noise, y, embeds, loras)
     assert (got - want).abs().max().item() < 1e-4
     assert (plain - want).abs().max().item() > 1e-3  # the LoRA changes the result: the check above means something
 
@@ -175,9 +180,25 @@ def _weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in local)
 
 
-def _denoise(view, noise, y, embeds):
+def _denoise(view, noise, y, embeds, params=PARAMS):
     view.sync_loras()
-    return view.denoise(noise, y, embeds, PARAMS)
+    return view.denoise(noise, y, embeds, params)
+
+
+@pytest.mark.parametrize("layout", [ParallelLayout(cfg_parallel=True), ParallelLayout(ulysses_size=2),
+                                    ParallelLayout(ulysses_size=2, dit_fsdp=True)], ids=lambda l: l.describe())
+def test_the_ranks_run_the_motion_steps_without_the_loras(tiny_models, reference, tmp_path, layout):
+    """4step_motion's shape on several ranks: every rank switches its experts' LoRAs off for the first 2 steps and
+    guides them (cfg_parallel: the two passes on the two ranks there, one pass each after), as one process does."""
+    pipe, embeds, noise, y = reference
+    loras = (LoraChoice(write_tiny_lora(tmp_path / "m.safetensors"), 1.0, 1.0),)
+    motion = GenerationParams(size="64*64", frame_num=5, sample_steps=6, sample_solver="euler", sample_shift=5.0,
+                              guide_scale=(1.0, 1.0), seed=3, motion_steps=2, motion_guide_scale=3.5)
+    want = _denoise(pipe.with_loras(loras), noise, y, embeds, motion)
+    got, steps, _ = _denoise_on_ranks(tiny_models("upstream"), layout, noise, y, embeds, loras, motion)
+    assert (got - want).abs().max().item() < 1e-4 and steps == list(range(7))
+    plain = _denoise(pipe.with_loras(loras), noise, y, embeds, dataclasses.replace(motion, motion_steps=0))
+    assert (plain - want).abs().max().item() > 1e-3  # the motion steps change the result
 
 
 @pytest.mark.parametrize("layout, gpus, said", [

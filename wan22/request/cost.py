@@ -39,6 +39,7 @@ class Work:
     passes: int  # 2 where both experts' guidance needs the unconditional pass too
     flops: float
     segments: int = 1  # chained clips, each `steps` steps of `tokens` tokens
+    guided_motion_steps: int = 0  # motion steps (spec: motion_steps) that take a second pass where `passes` is 1
 
 
 def safetensors_header_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
@@ -88,9 +89,10 @@ def guidance_passes(values: Mapping[str, Any]) -> int:
 
 def transformer_work(values: Mapping[str, Any], shape: ExpertShape) -> Work:
     """The transformer's work for a run with `values` (wan22.request.spec names: size, frame_num, sample_steps,
-    the guide scales and segments: a chain is its clips' work)."""
+    the guide scales, the motion steps and segments: a chain is its clips' work)."""
     tokens = video_tokens(values["size"], values["frame_num"])
     per_pass = 2.0 * shape.token_weights * tokens + 4.0 * shape.layers * float(tokens) ** 2 * shape.dim
     passes, segments = guidance_passes(values), values.get("segments", 1)
-    return Work(tokens=tokens, steps=values["sample_steps"], passes=passes, segments=segments,
-                flops=per_pass * passes * values["sample_steps"] * segments)
+    motion = values.get("motion_steps", 0) if passes == 1 and values.get("motion_guide_scale", 1) != 1 else 0
+    return Work(tokens=tokens, steps=values["sample_steps"], passes=passes, segments=segments, guided_motion_steps=motion,
+                flops=per_pass * (passes * values["sample_steps"] + motion) * segments)

@@ -32,6 +32,8 @@ class GenerationParams:
     boundary: float = spec.default("boundary")
     segments: int = spec.default("segments")
     color_match: bool = spec.default("color_match")
+    motion_steps: int = spec.default("motion_steps")
+    motion_guide_scale: float = spec.default("motion_guide_scale")
     fps: int = spec.default("fps")
 
     @classmethod
@@ -53,7 +55,8 @@ class GenerationParams:
             except InvalidParameter as exc:
                 problems += exc.problems
         if not problems:
-            problems = spec.video_frames_problems(checked["frame_num"], checked["segments"])
+            problems = (spec.video_frames_problems(checked["frame_num"], checked["segments"])
+                        + spec.motion_steps_problems(checked["motion_steps"], checked["sample_steps"]))
         if problems:
             raise InvalidParameter.from_problems(problems)
         return GenerationParams.from_values(checked)

@@ -237,7 +237,15 @@ PARAMS: Tuple[Param, ...] = (
           "first clip's, so that colour and contrast do not drift from clip to clip.", node=I2V, also=(EXTEND_VIDEO,), feeds="generation"),
     # --- LoRAs and the 4-step recipe (docs/lora.md)
     Param("preset", "choice", "none", "4step fills in the step-distilled recipe: 4 euler steps, shift 5, guidance 1 and the two "
-          "lightx2v LoRAs (given parameters win).", choices=("none", "4step"), spellings={"4-step": "4step", "turbo": "4step"}, feeds="request"),
+          "lightx2v LoRAs; 4step_motion the same in 6 steps, the first 2 without LoRAs at guidance 3.5 (more motion; "
+          "given parameters win).", choices=("none", "4step", "4step_motion"),
+          spellings={"4-step": "4step", "turbo": "4step", "4step-motion": "4step_motion", "4-step-motion": "4step_motion"},
+          feeds="request"),
+    Param("motion_steps", "int", 0, "The first N steps run without LoRAs, at guidance motion_guide_scale: with the "
+          "4-step LoRAs, the high-noise expert's first steps draw the base model's motion and the LoRAs finish "
+          "(docs/lora.md).", low=0, high=1000, node=I2V, also=(EXTEND_VIDEO,), feeds="generation"),
+    Param("motion_guide_scale", "float", 3.5, "Guidance of the motion steps (the base model needs real guidance).",
+          node=I2V, also=(EXTEND_VIDEO,), **_GUIDE, feeds="generation"),
     Param("loras", "loras", (), "LoRAs on the experts: file names under WAN_LORA_DIRS (default <model root>/loras and ComfyUI's loras folders).",
           aliases=("lora",), feeds="lora"),
     Param("lora_name", "text", "", "A LoRA file from ComfyUI's loras folders (and WAN_LORA_DIRS).", max_chars=1024, node=LORA,
@@ -321,6 +329,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
               "loras": [{"name": LIGHTX2V_HIGH, "expert": "high", "strength": 1.0},
                         {"name": LIGHTX2V_LOW, "expert": "low", "strength": 1.0}]},
 }
+# the community's fix for the slow motion of the 4-step LoRAs (LightX2V-Wan2.2-Lightning #13, #32): 6 euler steps,
+# 3 of them high-noise (boundary 0.9 at shift 5), the first 2 on the base model with guidance, then the LoRAs
+PRESETS["4step_motion"] = {**PRESETS["4step"], "sample_steps": 6, "motion_steps": 2, "motion_guide_scale": 3.5}
 
 
 def default(name: str) -> Any:
@@ -350,6 +361,14 @@ def segment_prompts_problems(count: int, segments: int) -> List[Tuple[str, str]]
     if count and count != segments:
         return [("segment_prompts", f"has {count} prompts for {segments} segments: give one per segment, or none "
                                     f"(then `prompt` is every segment's)")]
+    return []
+
+
+def motion_steps_problems(motion_steps: int, sample_steps: int) -> List[Tuple[str, str]]:
+    """(field, why) when the motion steps are more than the steps (checked values)."""
+    if motion_steps > sample_steps:
+        return [("motion_steps", f"runs the first steps without LoRAs: at most sample_steps ({sample_steps}), "
+                                 f"got {motion_steps}")]
     return []
 
 
@@ -646,7 +665,12 @@ def normalize(raw: Mapping[str, Any], surface: str, *, limits: Optional[Limits] 
             image, where = values.pop(role), spelled.pop(role)
             name = f"{role}_url" if image.lower().startswith(("http://", "https://")) else f"{role}_path"
             values[name], spelled[name] = (image[7:] if image.lower().startswith("file://") else image), where
-    return Normalized(values, spelled, warnings, filled_by)
+    normalized = Normalized(values, spelled, warnings, filled_by)
+    if "motion_steps" in values:  # after the preset, which may fill either
+        problems = motion_steps_problems(values["motion_steps"], values.get("sample_steps", default("sample_steps")))
+        if problems:
+            raise InvalidParameter.from_problems([(normalized.label(name), why) for name, why in problems])
+    return normalized
 
 
 def image_source(values: Mapping[str, Any], role: str = "image") -> Optional[Tuple[str, str]]:

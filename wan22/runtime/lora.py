@@ -18,7 +18,11 @@ deltas of other tensors (biases, norms, modulation) are parametrizations (`AddDe
 the tensor the layer sees is base + delta, computed as it runs, and the base is never written either. So a host
 master kept by wan22.memory.placement is always current, and an eviction cannot undo a LoRA change. Everything
 a LoRA adds is made on the host and moved to where its layer is, so it has a host master too.
-A strength of 0 applies nothing.
+A strength of 0 applies nothing. Several ranks (wan22.parallel): with Ulysses the head's output is gathered from
+every rank by a diffusers hook before the LoRA's forward hook runs, so the delta is gathered the same way; an
+expert sharded with dit_fsdp has DTensor parameters, which parametrizations cannot wrap: each rank writes its slice
+of a small delta into its shard (`ShardDelta`), keeping the base to restore.
+`Applied.enable(False)` switches an expert's LoRAs off without removing them (the motion steps).
 """
 from __future__ import annotations
 
@@ -231,6 +235,7 @@ class LoraAdapter(nn.Module):
         self.register_buffer("down", down)
         self.register_buffer("up", up)
         self.register_buffer("full", full)
+        self.enabled = True  # off: the layer computes as without the LoRA (Applied.enable)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = 0
@@ -242,7 +247,24 @@ class LoraAdapter(nn.Module):
 
 
 def _add_adapter_output(module: nn.Module, args, output):
-    return output + getattr(module, ADAPTER)(args[0])
+    adapter = getattr(module, ADAPTER)
+    return output + _as_the_layer_answers(module, adapter(args[0])) if adapter.enabled else output
+
+
+def _as_the_layer_answers(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    """`delta` (computed from the layer's input) passed through what diffusers' hooks do to the layer's output
+    before this forward hook sees it: with Ulysses (wan22.parallel), the head's output is gathered from every rank's
+    tokens (context parallelism's gather hook on `proj_out`), so its delta is gathered the same way."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None:
+        return delta
+    from diffusers.hooks.context_parallel import ContextParallelGatherHook
+
+    for name in registry._hook_order:
+        hook = registry.hooks[name]
+        if isinstance(hook, ContextParallelGatherHook):
+            delta = hook.post_forward(module, delta)
+    return delta
 
 
 class AddDelta(nn.Module):
@@ -251,9 +273,39 @@ class AddDelta(nn.Module):
     def __init__(self, delta: torch.Tensor):
         super().__init__()
         self.register_buffer("delta", delta)
+        self.enabled = True
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return original
         return (original.float() + self.delta).to(original.dtype)
+
+
+class ShardDelta:
+    """A LoRA delta on a tensor sharded over the ranks (dit_fsdp: FSDP2 DTensor parameters, which a parametrization
+    cannot wrap: FSDP swaps the module's parameters itself). Such an expert never moves (the residency leaves it where
+    it is sharded), so this rank's shard is written, base + its slice of the delta, and the base is kept to write
+    back: removing or switching off restores it exactly."""
+
+    def __init__(self, tensor, delta: torch.Tensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        self.local = tensor.to_local()
+        self.base = self.local.detach().clone()
+        # each rank chunks the whole delta as FSDP chunks the tensor (no communication)
+        self.delta = distribute_tensor(delta.to(self.local.device), tensor.device_mesh, tensor.placements,
+                                       src_data_rank=None).to_local()
+        self.enable(True)
+
+    def enable(self, on: bool) -> None:
+        with torch.no_grad():
+            self.local.copy_((self.base.float() + self.delta).to(self.base.dtype) if on else self.base)
+
+
+def _is_sharded(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 @dataclasses.dataclass
@@ -265,6 +317,27 @@ class Applied:
     adapters: List[nn.Module]  # the layers given an adapter
     deltas: List[Tuple[nn.Module, str]]  # (module, tensor name) given an AddDelta parametrization
     report: List[dict]
+    shard_deltas: List[ShardDelta] = dataclasses.field(default_factory=list)
+    model: Optional[nn.Module] = None
+
+    def enable(self, on: bool) -> None:
+        """Whether the LoRAs act in the model's forward passes: off, it computes as the base model (the motion
+        steps of the 4-step recipe) while the adapters stay where they are, so switching costs no copy (but of
+        a sharded expert's small deltas)."""
+        for layer in self.adapters:
+            getattr(layer, ADAPTER).enabled = on
+        for module, name in self.deltas:
+            for parametrization in module.parametrizations[name]:
+                parametrization.enabled = on
+        for shard in self.shard_deltas:
+            shard.enable(on)
+        self._regather()
+
+    def _regather(self) -> None:
+        """FSDP keeps the root module's gathered weights after its forward: a written shard shows in the next
+        forward only once they are dropped."""
+        if self.shard_deltas and hasattr(self.model, "reshard"):
+            self.model.reshard()
 
     def remove(self) -> None:
         for hook in self.hooks:
@@ -273,7 +346,10 @@ class Applied:
             delattr(layer, ADAPTER)
         for module, name in self.deltas:
             parametrize.remove_parametrizations(module, name, leave_parametrized=False)
-        self.hooks, self.adapters, self.deltas = [], [], []
+        for shard in self.shard_deltas:
+            shard.enable(False)
+        self._regather()
+        self.hooks, self.adapters, self.deltas, self.shard_deltas = [], [], [], []
 
 
 def apply_loras(model: nn.Module, loras: Sequence[Tuple[LoraFile, float]], dtype: torch.dtype, key: tuple) -> Applied:
@@ -312,7 +388,7 @@ def apply_loras(model: nn.Module, loras: Sequence[Tuple[LoraFile, float]], dtype
         report.append({"name": lora.name, "strength": strength, "layers": len(lora.patches),
                        "unmatched_keys": list(lora.unmatched)})
 
-    applied = Applied(key, [], [], [], report)
+    applied = Applied(key, [], [], [], report, model=model)
     for target in sorted(set(low_rank) | set(full)):
         layer = modules[target]
         pairs = low_rank.get(target, [])
@@ -323,9 +399,13 @@ def apply_loras(model: nn.Module, loras: Sequence[Tuple[LoraFile, float]], dtype
         applied.adapters.append(layer)
         applied.hooks.append(layer.register_forward_hook(_add_adapter_output))
     for (module, name), delta in in_place.items():
-        device = getattr(module, name).device
-        parametrize.register_parametrization(module, name, move(AddDelta(delta.cpu()), device))
+        tensor = getattr(module, name)
+        if _is_sharded(tensor):
+            applied.shard_deltas.append(ShardDelta(tensor, delta))
+            continue
+        parametrize.register_parametrization(module, name, move(AddDelta(delta.cpu()), tensor.device))
         applied.deltas.append((module, name))
+    applied._regather()
     return applied
 
 
@@ -337,7 +417,7 @@ def effective_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> to
     """The weight `layer` computes with, its adapter included (tests, and what fusing would give)."""
     weight = layer.dequantized(dtype) if hasattr(layer, "dequantized") else layer.weight.to(dtype)
     adapter = getattr(layer, ADAPTER, None)
-    if adapter is not None:
+    if adapter is not None and adapter.enabled:
         if adapter.down is not None:
             weight = weight + adapter.up.to(dtype) @ adapter.down.to(dtype)
         if adapter.full is not None:

@@ -63,6 +63,13 @@ class LoraState:
             log.info("Wan22: %s: applied %s in %.2f s", expert, ", ".join(f"{f.name} x{s:g}" for f, s in wanted),
                      time.perf_counter() - start)
 
+    def enable(self, expert: str, on: bool) -> None:
+        """Whether `expert`'s LoRAs act in its next forward passes (off: the base model; a LoRA read again after a
+        park starts on)."""
+        current = self.applied.get(expert)
+        if current is not None:
+            current.enable(on)
+
     def forget(self, expert: str) -> None:
         """Take `expert`'s LoRAs off (before it is parked; restore puts them back)."""
         current = self.applied.pop(expert, None)
