@@ -319,11 +319,15 @@ class Applied:
     report: List[dict]
     shard_deltas: List[ShardDelta] = dataclasses.field(default_factory=list)
     model: Optional[nn.Module] = None
+    enabled: bool = True
 
     def enable(self, on: bool) -> None:
         """Whether the LoRAs act in the model's forward passes: off, it computes as the base model (the motion
         steps of the 4-step recipe) while the adapters stay where they are, so switching costs no copy (but of
         a sharded expert's small deltas)."""
+        if on == self.enabled:
+            return
+        self.enabled = on
         for layer in self.adapters:
             getattr(layer, ADAPTER).enabled = on
         for module, name in self.deltas:
