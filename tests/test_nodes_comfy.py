@@ -423,6 +423,12 @@ def test_extend_nodes_chained_after_the_sampler_make_the_samplers_chain(comfy_cl
     workflow["92"]["inputs"]["size"] = "832*480"
     with pytest.raises(ExecutionFailed, match="size: the video is 96x64 and 832\\*480 makes 768x512 clips of it"):
         run(comfy_client, workflow)
+    steps = workflow["92"]["inputs"]["sample_steps"]
+    workflow["92"]["inputs"]["motion_steps"] = steps + 1
+    with pytest.raises(PromptRejected) as info:
+        comfy_client.queue_prompt(workflow)
+    assert info.value.lines == [f"node 92 (Wan22ExtendVideo): motion_steps: runs the first steps without LoRAs: at most "
+                                f"sample_steps ({steps}), got {steps + 1}"], info.value.lines
 
 
 def test_save_video_refuses_prefix_outside_output(comfy_client, tiny_models, uploaded_image, comfy_server):
