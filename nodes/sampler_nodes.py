@@ -21,19 +21,22 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[..., :3])
 
 
-def _motion_steps_problems(values):
-    """spec.motion_steps_problems, once both inputs are widgets."""
-    if values.get("motion_steps") is None or values.get("sample_steps") is None:
-        return []
-    return spec.motion_steps_problems(values["motion_steps"], values["sample_steps"])
+def _across(rule, *names):
+    """A rule across inputs (a spec function of their values, returning problems), checked once every one of them
+    is a widget: a linked input is None when ComfyUI validates."""
+    def problems(values):
+        if any(values.get(name) is None for name in names):
+            return []
+        return rule(*(values[name] for name in names))
+    return problems
+
+
+_motion_steps_problems = _across(spec.motion_steps_problems, "motion_steps", "sample_steps")
+_video_frames_problems = _across(spec.video_frames_problems, "frame_num", "segments")
 
 
 def _sampler_problems(values):
-    """The chain's frame rules (spec.video_frames_problems), once both inputs are widgets, and the motion steps'."""
-    problems = _motion_steps_problems(values)
-    if values.get("frame_num") is None or values.get("segments") is None:
-        return problems
-    return spec.video_frames_problems(values["frame_num"], values["segments"]) + problems
+    return _video_frames_problems(values) + _motion_steps_problems(values)
 
 
 def _inputs(node: str, source: str, tooltip: str) -> dict:

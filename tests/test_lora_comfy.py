@@ -159,17 +159,12 @@ def test_cli_motion_preset_and_split(motion_video, comfy_client, comfy_url, inpu
 def test_the_motion_split_is_a_validation_error_under_its_input(comfy_url, input_image, tiny_models):
     """A graph (the editor's, or a raw workflow) with more motion steps than steps is refused by the sampler's
     validator, under motion_steps."""
-    import urllib.error
-    import urllib.request
+    from test_nodes_comfy import _node_errors
 
     workflow = json.loads(SHIPPED_MOTION_WORKFLOW.read_text())
     sampler = next(k for k, v in workflow.items() if v["class_type"] == "Wan22ImageToVideo")
     workflow[sampler]["inputs"].update(motion_steps=7, **TINY)
-    request = urllib.request.Request(comfy_url + "/prompt", data=json.dumps({"prompt": workflow}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(request, timeout=60)
-    errors = json.loads(info.value.read())["node_errors"][sampler]["errors"]
+    errors = _node_errors(comfy_url, workflow)[sampler]["errors"]
     assert [(e["extra_info"]["input_name"], e["details"]) for e in errors] == [
         ("motion_steps", "motion_steps - motion_steps: runs the first steps without LoRAs: at most sample_steps (6), got 7")]
 

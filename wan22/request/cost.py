@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Tuple
 
+from . import spec
 from .model_sets import ModelSet
 
 TOKEN_PIXELS = 16 * 16  # the VAE's 8x8 times the patch's 2x2
@@ -93,6 +94,7 @@ def transformer_work(values: Mapping[str, Any], shape: ExpertShape) -> Work:
     tokens = video_tokens(values["size"], values["frame_num"])
     per_pass = 2.0 * shape.token_weights * tokens + 4.0 * shape.layers * float(tokens) ** 2 * shape.dim
     passes, segments = guidance_passes(values), values.get("segments", 1)
-    motion = values.get("motion_steps", 0) if passes == 1 and values.get("motion_guide_scale", 1) != 1 else 0
+    guided = values.get("motion_guide_scale", spec.default("motion_guide_scale")) != 1
+    motion = values.get("motion_steps", spec.default("motion_steps")) if passes == 1 and guided else 0
     return Work(tokens=tokens, steps=values["sample_steps"], passes=passes, segments=segments, guided_motion_steps=motion,
                 flops=per_pass * (passes * values["sample_steps"] + motion) * segments)
